@@ -1,0 +1,33 @@
+"""chatbus: a trio message bus for chat-like streams.
+
+Publishers append durable messages with dense per-stream ids; subscribers get the
+history after a cursor, then every new message live, exactly once and in id order.
+"""
+
+# Layering: _exceptions, _message < _cache, _protocols, _tasks < _merge, _topic
+# < _publisher, _subscriber < _bus < this file. Lower layers never import upper ones.
+# memory and testing sit on _protocols; only postgres imports psycopg or trio_asyncio,
+# and _bus imports it lazily, for postgresql:// URLs.
+
+from ._bus import Bus as Bus
+from ._bus import BusStatistics as BusStatistics
+from ._bus import open_bus as open_bus
+from ._exceptions import BusClosed as BusClosed
+from ._exceptions import BusError as BusError
+from ._exceptions import InvalidMessage as InvalidMessage
+from ._exceptions import InvalidStream as InvalidStream
+from ._exceptions import MessageTooLarge as MessageTooLarge
+from ._exceptions import StoreError as StoreError
+from ._message import MAX_KEY_LENGTH as MAX_KEY_LENGTH
+from ._message import MAX_STREAM_LENGTH as MAX_STREAM_LENGTH
+from ._message import Draft as Draft
+from ._message import Message as Message
+from ._protocols import NoticeHandler as NoticeHandler
+from ._protocols import Notifier as Notifier
+from ._protocols import Store as Store
+from ._publisher import Publisher as Publisher
+from ._publisher import PublisherStatistics as PublisherStatistics
+from ._subscriber import Subscriber as Subscriber
+from ._subscriber import SubscriberStatistics as SubscriberStatistics
+
+__version__ = "0.1.0.dev0"

@@ -1,0 +1,414 @@
+"""The bus: owns the store, the notifier, the listener, the topics and their caches."""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import final
+
+import attrs
+import trio
+
+from ._cache import DurableCache
+from ._exceptions import BusClosed
+from ._merge import MergeState
+from ._message import (
+    DEFAULT_MAX_BODY_BYTES,
+    Message,
+    check_after,
+    check_range,
+    check_stream,
+    make_draft,
+)
+from ._protocols import Notifier, Store
+from ._publisher import Producer, Publisher
+from ._subscriber import Subscriber
+from ._tasks import open_service_nursery
+from ._topic import Topic
+
+#: Most messages one :meth:`Bus.read` call may ask for.
+MAX_READ_LIMIT = 10_000
+#: How long closing a publisher waits for its queued messages to commit.
+_DRAIN_SECONDS = 10.0
+#: How long :meth:`Bus.publish`'s shared per-stream producer idles before it retires.
+_SHARED_PRODUCER_IDLE_SECONDS = 5.0
+
+
+@attrs.frozen(kw_only=True)
+class BusStatistics:
+    """A snapshot of a bus.
+
+    Attributes:
+        streams: Streams with an open publisher or subscription here.
+        subscribers: Open subscriptions.
+        publishers: Running producers (publishers plus ``Bus.publish``'s shared ones).
+        notices: Notices received from the notifier.
+        resyncs: Resync signals received from the notifier (reconnects, overflows).
+        polls: Safety-net polls of the store's stream heads.
+        poll_errors: Polls that failed (retried at the next interval).
+    """
+
+    streams: int
+    subscribers: int
+    publishers: int
+    notices: int
+    resyncs: int
+    polls: int
+    poll_errors: int
+
+
+@attrs.frozen(kw_only=True)
+class _Options:
+    cache_size: int
+    max_batch: int
+    max_pending: int
+    read_batch: int
+    max_body_bytes: int
+    poll_interval: float | None
+
+
+@final
+@attrs.define(eq=False)
+class _Router:
+    """The notifier's handler: turns notices into topic wake-ups, never awaiting."""
+
+    topics: dict[str, Topic]
+    notices: int = 0
+    resyncs: int = 0
+
+    def notice(self, stream: str, last_id: int) -> None:
+        self.notices += 1
+        topic = self.topics.get(stream)
+        if topic is not None:
+            topic.advance(last_id)
+
+    def resync(self) -> None:
+        self.resyncs += 1
+        for topic in self.topics.values():
+            topic.resync()
+
+
+@final
+@attrs.define(eq=False)
+class Bus:
+    """A message bus over one store and one notifier. Made by :func:`open_bus`."""
+
+    _store: Store
+    _notifier: Notifier
+    _options: _Options
+    _nursery: trio.Nursery
+    _topics: dict[str, Topic] = attrs.field(factory=dict, init=False)
+    _router: _Router = attrs.field(init=False)
+    _shared: dict[str, Producer] = attrs.field(factory=dict, init=False)
+    _producers: set[Producer] = attrs.field(factory=set, init=False)
+    _subscribers: set[Subscriber] = attrs.field(factory=set, init=False)
+    _closed: bool = attrs.field(default=False, init=False)
+    _polls: int = attrs.field(default=0, init=False)
+    _poll_errors: int = attrs.field(default=0, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._router = _Router(self._topics)
+
+    @property
+    def store(self) -> Store:
+        """The store this bus appends to and reads from."""
+        return self._store
+
+    @property
+    def notifier(self) -> Notifier:
+        """The notifier this bus listens to."""
+        return self._notifier
+
+    @asynccontextmanager
+    async def open_publisher(
+        self, stream: str, *, max_batch: int | None = None
+    ) -> AsyncIterator[Publisher]:
+        """Open a publisher for ``stream`` with its own producer task.
+
+        Leaving the block stops new publishes, waits (up to 10 s) for the queued ones to
+        commit, then stops the producer.
+
+        Args:
+            stream: The stream to append to.
+            max_batch: Most messages per group commit (default: the bus's).
+
+        Raises:
+            InvalidStream: ``stream`` is not a valid stream name.
+            BusClosed: the bus is closed.
+        """
+        check_stream(stream)
+        if max_batch is None:
+            max_batch = self._options.max_batch
+        check_range("max_batch", max_batch, 1, 100_000)
+        self._check_open()
+        topic = self._acquire(stream)
+        producer = self._new_producer(topic, max_batch)
+        self._producers.add(producer)
+        try:
+            async with open_service_nursery() as nursery:
+                await nursery.start(producer.run)
+                try:
+                    yield Publisher(producer, self._options.max_body_bytes)
+                finally:
+                    producer.stop_accepting("publisher closed")
+                    with trio.move_on_after(_DRAIN_SECONDS, shield=True):
+                        await producer.finished.wait()
+        finally:
+            self._producers.discard(producer)
+            self._release(topic)
+
+    @asynccontextmanager
+    async def open_subscriber(self, stream: str, after: int = 0) -> AsyncIterator[Subscriber]:
+        """Subscribe to ``stream``: its messages after ``after``, then live ones.
+
+        The subscription registers for wake-ups before it reads the store, so nothing
+        committed while it starts is missed; it yields ``after + 1``, ``after + 2``, …
+        exactly once and in order for as long as it is open.
+
+        Args:
+            stream: The stream to follow.
+            after: The cursor: the id of the last message already seen (0 for all).
+
+        Raises:
+            InvalidStream: ``stream`` is not a valid stream name.
+            ValueError: ``after`` is negative.
+            BusClosed: the bus is closed.
+        """
+        check_stream(stream)
+        check_after(after)
+        self._check_open()
+        topic = self._acquire(stream, subscriber=True)
+        subscriber = Subscriber(
+            topic, self._store, MergeState(cursor=after), self._options.read_batch
+        )
+        self._subscribers.add(subscriber)
+        try:
+            async with open_service_nursery() as nursery:
+                await nursery.start(subscriber._run)
+                yield subscriber
+        finally:
+            subscriber._close()
+            self._subscribers.discard(subscriber)
+            self._release(topic, subscriber=True)
+
+    async def publish(self, stream: str, body: object, *, key: str | None = None) -> Message:
+        """Publish one message to ``stream`` without opening a publisher.
+
+        Concurrent calls for one stream share a producer task owned by the bus (it
+        retires after a few idle seconds), so they are group-committed too. See
+        :meth:`Publisher.publish` for arguments and errors.
+        """
+        check_stream(stream)
+        draft = make_draft(body, key, max_body_bytes=self._options.max_body_bytes)
+        while True:
+            self._check_open()
+            producer = self._shared.get(stream)
+            if producer is None:
+                producer = self._new_producer(self._acquire(stream), self._options.max_batch)
+                self._shared[stream] = producer
+                self._nursery.start_soon(
+                    functools.partial(producer.run, idle_timeout=_SHARED_PRODUCER_IDLE_SECONDS)
+                )
+            try:
+                return await producer.submit(draft)
+            except BusClosed:
+                if producer.closed_because == "idle" and not self._closed:
+                    continue  # it retired just now; start a fresh one
+                raise
+
+    async def read(self, stream: str, after: int = 0, limit: int = 100) -> list[Message]:
+        """Return up to ``limit`` committed messages of ``stream`` after ``after``.
+
+        Use it to page through history: pass the last id you got as the next ``after``.
+
+        Raises:
+            InvalidStream: ``stream`` is not a valid stream name.
+            ValueError: ``after`` is negative or ``limit`` is not in 1..10000.
+            BusClosed: the bus is closed.
+            StoreError: the store failed.
+        """
+        check_stream(stream)
+        check_after(after)
+        check_range("limit", limit, 1, MAX_READ_LIMIT)
+        if not isinstance(limit, int):
+            raise TypeError(f"limit must be an int, not {type(limit).__name__}")
+        self._check_open()
+        return await self._store.read(stream, after, limit)
+
+    def statistics(self) -> BusStatistics:
+        """Return a snapshot of this bus's counters."""
+        return BusStatistics(
+            streams=len(self._topics),
+            subscribers=len(self._subscribers),
+            publishers=len(self._producers) + len(self._shared),
+            notices=self._router.notices,
+            resyncs=self._router.resyncs,
+            polls=self._polls,
+            poll_errors=self._poll_errors,
+        )
+
+    async def aclose(self) -> None:
+        """Close the bus (idempotent).
+
+        Open subscriptions end (their iteration stops after what is buffered);
+        publishes not yet committed raise :class:`BusClosed`; later calls raise it too.
+        """
+        self._close()
+        await trio.lowlevel.checkpoint()
+
+    def _close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for subscriber in list(self._subscribers):
+            subscriber._stop()
+        for producer in [*self._producers, *self._shared.values()]:
+            producer.cancel("bus closed")
+        self._nursery.cancel_scope.cancel()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise BusClosed("the bus is closed")
+
+    def _new_producer(self, topic: Topic, max_batch: int) -> Producer:
+        return Producer(
+            topic,
+            self._store,
+            self._notifier,
+            max_batch,
+            self._options.max_pending,
+            on_retire=self._producer_retired,
+        )
+
+    def _producer_retired(self, producer: Producer) -> None:
+        if self._shared.get(producer.topic.name) is producer:
+            del self._shared[producer.topic.name]
+            self._release(producer.topic)
+
+    def _acquire(self, stream: str, *, subscriber: bool = False) -> Topic:
+        topic = self._topics.get(stream)
+        if topic is None:
+            topic = Topic(stream, DurableCache(self._options.cache_size))
+            self._topics[stream] = topic
+        topic.users += 1
+        topic.subscribers += subscriber
+        return topic
+
+    def _release(self, topic: Topic, *, subscriber: bool = False) -> None:
+        topic.users -= 1
+        topic.subscribers -= subscriber
+        if topic.users == 0 and self._topics.get(topic.name) is topic:
+            del self._topics[topic.name]
+
+    async def _poll(self, interval: float) -> None:
+        """Safety net for lost notices: compare stream heads with what we know."""
+        while True:
+            await trio.sleep(interval)
+            streams = [name for name, topic in self._topics.items() if topic.subscribers]
+            if not streams:
+                continue
+            self._polls += 1
+            try:
+                heads = await self._store.heads(streams)
+            except Exception:
+                self._poll_errors += 1
+                continue
+            for name, head in heads.items():
+                topic = self._topics.get(name)
+                if topic is not None:
+                    topic.advance(head)
+
+
+@asynccontextmanager
+async def open_bus(
+    url: str | None = None,
+    *,
+    store: Store | None = None,
+    notifier: Notifier | None = None,
+    cache_size: int = 256,
+    max_batch: int = 256,
+    max_pending: int = 4096,
+    read_batch: int = 256,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    poll_interval: float | None = 1.0,
+) -> AsyncIterator[Bus]:
+    """Open a bus; leaving the block closes it and everything opened on it.
+
+    With no arguments the bus is embedded: an in-memory store and notifier, private to
+    this bus. A ``postgresql://`` URL gives a Postgres store and LISTEN/NOTIFY
+    notifier (needs the ``postgres`` extra). Or pass any ``store`` / ``notifier`` pair;
+    a missing one defaults to the in-memory kind.
+
+    Args:
+        url: ``postgresql://…`` (or ``postgres://…``), or ``memory://``.
+        store: A :class:`~chatbus.Store`; not with ``url``.
+        notifier: A :class:`~chatbus.Notifier`; not with ``url``.
+        cache_size: Recent messages kept per stream for local subscribers (1..1000000).
+        max_batch: Most messages per group commit (1..100000).
+        max_pending: Most publish requests waiting per producer (1..1000000).
+        read_batch: Most messages per store read and per hand-over to a consumer
+            (1..10000); also bounds what a subscription buffers.
+        max_body_bytes: Largest accepted body, as UTF-8 JSON (1..64 MiB).
+        poll_interval: Seconds between safety-net polls of stream heads, which bound
+            the delay a lost notice can cause; None turns polling off.
+
+    Raises:
+        ValueError: an option is out of range or the URL scheme is unknown.
+    """
+    check_range("cache_size", cache_size, 1, 1_000_000)
+    check_range("max_batch", max_batch, 1, 100_000)
+    check_range("max_pending", max_pending, 1, 1_000_000)
+    check_range("read_batch", read_batch, 1, MAX_READ_LIMIT)
+    check_range("max_body_bytes", max_body_bytes, 1, 64 * 1024 * 1024)
+    if poll_interval is not None:
+        check_range("poll_interval", poll_interval, 0.001, 86_400)
+    options = _Options(
+        cache_size=cache_size,
+        max_batch=max_batch,
+        max_pending=max_pending,
+        read_batch=read_batch,
+        max_body_bytes=max_body_bytes,
+        poll_interval=poll_interval,
+    )
+    if url is not None:
+        if store is not None or notifier is not None:
+            raise TypeError("pass either a url or a store/notifier pair, not both")
+        if not isinstance(url, str):
+            raise TypeError(f"url must be a str, not {type(url).__name__}")
+        if url.startswith(("postgresql://", "postgres://")):
+            from . import postgres
+
+            async with (
+                postgres.open_postgres(url) as (pg_store, pg_notifier),
+                _open_bus(pg_store, pg_notifier, options) as bus,
+            ):
+                yield bus
+            return
+        if url != "memory://":
+            scheme = url.partition("://")[0] if "://" in url else url
+            raise ValueError(
+                f"unsupported bus url scheme {scheme!r}: use postgresql:// or memory://"
+            )
+    from .memory import MemoryNotifier, MemoryStore
+
+    async with _open_bus(
+        store if store is not None else MemoryStore(),
+        notifier if notifier is not None else MemoryNotifier(),
+        options,
+    ) as bus:
+        yield bus
+
+
+@asynccontextmanager
+async def _open_bus(store: Store, notifier: Notifier, options: _Options) -> AsyncIterator[Bus]:
+    async with open_service_nursery() as nursery:
+        bus = Bus(store, notifier, options, nursery)
+        try:
+            await nursery.start(notifier.listen, bus._router)
+            if options.poll_interval is not None and not math.isinf(options.poll_interval):
+                nursery.start_soon(bus._poll, options.poll_interval)
+            yield bus
+        finally:
+            bus._close()

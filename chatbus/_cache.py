@@ -1,0 +1,70 @@
+"""DurableCache: a bounded window of one stream's recently committed messages.
+
+Pure state, no I/O. Only committed messages go in (after a local append returns, or
+from a store read), so anything the cache returns is durable. A lookup answers only
+with a run it can prove complete: contiguous from the cursor + 1, which dense ids
+make sufficient. Anything else is the caller's cue to read the store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import final
+
+import attrs
+
+from ._message import Message
+
+
+@final
+@attrs.define(eq=False)
+class DurableCache:
+    """Keeps the messages with the ``capacity`` highest ids seen so far.
+
+    Messages may arrive in any order (two local producers race to fill it, store
+    reads refill older ids); ids at or below :attr:`floor` are ignored.
+    """
+
+    capacity: int
+    _by_id: dict[int, Message] = attrs.field(factory=dict, init=False)
+    #: Every id <= floor has been evicted (or was never kept).
+    floor: int = attrs.field(default=0, init=False)
+    #: The highest id ever put in.
+    top: int = attrs.field(default=0, init=False)
+
+    def put(self, messages: Iterable[Message]) -> None:
+        """Remember committed ``messages``, evicting the lowest ids beyond capacity."""
+        by_id = self._by_id
+        floor = self.floor
+        for message in messages:
+            if message.id > floor:
+                by_id[message.id] = message
+                if message.id > self.top:
+                    self.top = message.id
+        new_floor = self.top - self.capacity
+        if new_floor > floor:
+            if new_floor - floor < len(by_id):
+                for stale in range(floor + 1, new_floor + 1):
+                    by_id.pop(stale, None)
+            else:
+                self._by_id = {i: m for i, m in by_id.items() if i > new_floor}
+            self.floor = new_floor
+
+    def run_after(self, cursor: int, limit: int) -> list[Message]:
+        """Return the messages cursor+1, cursor+2, … up to ``limit``, stopping at a hole.
+
+        An empty list means "cannot prove anything": read the store.
+        """
+        by_id = self._by_id
+        run: list[Message] = []
+        next_id = cursor + 1
+        while len(run) < limit:
+            message = by_id.get(next_id)
+            if message is None:
+                break
+            run.append(message)
+            next_id += 1
+        return run
+
+    def __len__(self) -> int:
+        return len(self._by_id)

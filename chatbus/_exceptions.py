@@ -1,0 +1,42 @@
+"""The exceptions chatbus raises.
+
+Channel semantics reuse trio's own exceptions (``trio.EndOfChannel``,
+``trio.ClosedResourceError``); everything else is a :class:`BusError`.
+"""
+
+from __future__ import annotations
+
+
+class BusError(Exception):
+    """Base class of every error chatbus raises on purpose."""
+
+
+class BusClosed(BusError):
+    """The bus, publisher or subscriber was closed before the operation could finish.
+
+    A publish that fails with this error may or may not have been committed when the
+    message says so; retry it with the same idempotency key to find out safely.
+    """
+
+
+class InvalidStream(BusError, ValueError):
+    """A stream name is not a non-empty string of at most 256 characters without NULs."""
+
+
+class InvalidMessage(BusError, ValueError, TypeError):
+    """A message body or idempotency key cannot be stored.
+
+    It is also a :class:`ValueError` and a :class:`TypeError`, so code written against
+    :func:`json.dumps`'s own errors keeps working.
+    """
+
+
+class MessageTooLarge(BusError, ValueError):
+    """A message body's JSON encoding is larger than the bus's ``max_body_bytes``."""
+
+
+class StoreError(BusError):
+    """The store failed: a database error, a lost connection, a broken invariant.
+
+    The original exception is chained as ``__cause__``.
+    """

@@ -1,0 +1,125 @@
+"""Values: committed messages, drafts waiting to be appended, and input validation."""
+
+from __future__ import annotations
+
+import datetime
+import json
+from typing import Any
+
+import attrs
+
+from ._exceptions import InvalidMessage, InvalidStream, MessageTooLarge
+
+#: Longest accepted stream name, in characters.
+MAX_STREAM_LENGTH = 256
+#: Longest accepted idempotency key, in characters.
+MAX_KEY_LENGTH = 256
+#: Default limit on a body's JSON encoding, in UTF-8 bytes.
+DEFAULT_MAX_BODY_BYTES = 256 * 1024
+
+
+@attrs.frozen(kw_only=True)
+class Message:
+    """A committed message.
+
+    Attributes:
+        stream: The stream (chat, room) the message belongs to.
+        id: Its position in the stream: 1, 2, 3, … with no holes.
+        body: The decoded JSON value that was published. Treat it as read-only: the
+            same object may be handed to every local subscriber.
+        key: The idempotency key it was published with, if any.
+        created_at: When the store committed it (UTC).
+    """
+
+    stream: str
+    id: int
+    body: Any
+    key: str | None
+    created_at: datetime.datetime
+
+    @classmethod
+    def from_row(
+        cls,
+        stream: str,
+        id: int,
+        body: Any,
+        key: str | None,
+        created_at: datetime.datetime,
+    ) -> Message:
+        """Build a message from a store row (``body`` already decoded)."""
+        return cls(stream=stream, id=id, body=body, key=key, created_at=created_at)
+
+
+@attrs.frozen(kw_only=True)
+class Draft:
+    """A validated message waiting to be appended: JSON text plus idempotency key."""
+
+    body_json: str
+    key: str | None
+
+
+@attrs.frozen(kw_only=True)
+class Notice:
+    """A hint that ``stream`` has committed messages up to ``last_id``."""
+
+    stream: str
+    last_id: int
+
+
+def check_stream(stream: object) -> str:
+    """Return ``stream`` if it is a valid stream name, else raise :class:`InvalidStream`."""
+    if not isinstance(stream, str):
+        raise InvalidStream(f"stream name must be a str, not {type(stream).__name__}")
+    if not stream:
+        raise InvalidStream("stream name must not be empty")
+    if len(stream) > MAX_STREAM_LENGTH:
+        raise InvalidStream(
+            f"stream name is {len(stream)} characters long; the limit is {MAX_STREAM_LENGTH}"
+        )
+    _check_text(stream, "stream name", InvalidStream)
+    return stream
+
+
+def check_after(after: object) -> int:
+    """Return ``after`` if it is a valid cursor (an int >= 0)."""
+    if isinstance(after, bool) or not isinstance(after, int):
+        raise TypeError(f"after must be an int, not {type(after).__name__}")
+    if after < 0:
+        raise ValueError(f"after must be >= 0, got {after}")
+    return after
+
+
+def check_range(name: str, value: object, low: float, high: float) -> None:
+    """Raise a ValueError naming ``name`` unless ``low <= value <= high``."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number, not {type(value).__name__}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be between {low} and {high}, got {value}")
+
+
+def make_draft(body: object, key: object, *, max_body_bytes: int) -> Draft:
+    """Validate and encode one message, raising before anything is stored."""
+    if key is not None:
+        if not isinstance(key, str):
+            raise InvalidMessage(f"key must be a str or None, not {type(key).__name__}")
+        if not key or len(key) > MAX_KEY_LENGTH:
+            raise InvalidMessage(f"key must be 1 to {MAX_KEY_LENGTH} characters long")
+        _check_text(key, "key", InvalidMessage)
+    try:
+        body_json = json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        raise InvalidMessage(f"body is not JSON-serialisable: {exc}") from None
+    _check_text(body_json, "body", InvalidMessage)
+    size = len(body_json.encode("utf-8"))
+    if size > max_body_bytes:
+        raise MessageTooLarge(f"body is {size} bytes as JSON; the limit is {max_body_bytes} bytes")
+    return Draft(body_json=body_json, key=key)
+
+
+def _check_text(text: str, what: str, error: type[Exception]) -> None:
+    if "\x00" in text:
+        raise error(f"{what} must not contain NUL characters")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise error(f"{what} is not valid Unicode (lone surrogate)") from None

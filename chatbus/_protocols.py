@@ -1,0 +1,85 @@
+"""The two pluggable parts of a bus: a :class:`Store` and a :class:`Notifier`.
+
+A store is the source of truth; a notifier only carries hints. Any pair that
+satisfies these protocols plugs into :func:`chatbus.open_bus`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import trio
+
+from ._message import Draft, Message
+
+
+class Store(Protocol):
+    """Durable, append-only streams with dense per-stream ids.
+
+    Implementations must guarantee, for every stream:
+
+    * ids are 1, 2, 3, … with no holes, assigned at append time;
+    * commit order equals id order: when id ``n`` is visible to :meth:`read`, every
+      id below ``n`` is visible too;
+    * a batch becomes visible all at once.
+    """
+
+    async def append(self, stream: str, drafts: Sequence[Draft]) -> list[Message]:
+        """Append ``drafts`` to ``stream`` atomically and return one message per draft.
+
+        A draft whose idempotency key was already used in ``stream`` (earlier, or
+        earlier in the same batch) stores nothing new: its slot in the result holds
+        the original message. The result is in draft order.
+
+        Raises:
+            StoreError: the append failed; nothing of the batch was stored.
+        """
+        ...
+
+    async def read(self, stream: str, after: int, limit: int) -> list[Message]:
+        """Return up to ``limit`` messages of ``stream`` with id > ``after``, in id order."""
+        ...
+
+    async def heads(self, streams: Sequence[str]) -> dict[str, int]:
+        """Return the highest committed id of each stream (0 for an empty one)."""
+        ...
+
+
+class NoticeHandler(Protocol):
+    """What a notifier's listener reports to. Both methods are synchronous and cheap."""
+
+    def notice(self, stream: str, last_id: int) -> None:
+        """Stream ``stream`` has committed messages up to ``last_id`` (a hint)."""
+        ...
+
+    def resync(self) -> None:
+        """Notices may have been lost (reconnect, overflow): rescan everything."""
+        ...
+
+
+class Notifier(Protocol):
+    """Carries hints that streams have new messages, between processes or within one."""
+
+    async def notify(self, stream: str, last_id: int) -> None:
+        """Announce that ``stream`` has committed messages up to ``last_id``.
+
+        The bus calls this after every committed batch. A notifier whose paired store
+        already announces inside its append transaction (Postgres NOTIFY) may do
+        nothing here.
+        """
+        ...
+
+    async def listen(
+        self,
+        handler: NoticeHandler,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Report notices to ``handler`` until cancelled.
+
+        Call ``task_status.started()`` only once notices are really being received
+        (for Postgres: after LISTEN is acknowledged), so nothing committed after
+        start-up can be missed. Never await the handler; never stop reading.
+        """
+        ...

@@ -1,0 +1,265 @@
+"""Publisher: one producer task per publisher, group-committing what is waiting."""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Callable
+from typing import final
+
+import attrs
+import trio
+
+from ._exceptions import BusClosed, BusError, StoreError
+from ._message import Draft, Message, make_draft
+from ._protocols import Notifier, Store
+from ._topic import Topic
+
+
+class _Phase(enum.Enum):
+    QUEUED = enum.auto()
+    ABANDONED = enum.auto()  # the caller was cancelled before the producer took it
+    TAKEN = enum.auto()
+
+
+@final
+@attrs.define(eq=False)
+class _Request:
+    draft: Draft
+    phase: _Phase = _Phase.QUEUED
+    done: trio.Event = attrs.field(factory=trio.Event)
+    message: Message | None = None
+    error: BusError | None = None
+
+    def resolve(self, message: Message) -> None:
+        self.message = message
+        self.done.set()
+
+    def fail(self, error: BusError) -> None:
+        if not self.done.is_set():
+            self.error = error
+            self.done.set()
+
+
+@attrs.frozen(kw_only=True)
+class PublisherStatistics:
+    """A snapshot of one publisher's producer.
+
+    Attributes:
+        stream: The stream published to.
+        published: Messages confirmed to callers (including idempotent repeats).
+        batches: Store appends made (one per group commit).
+        mean_batch_size: ``published / batches`` (0.0 before the first batch).
+        largest_batch: The biggest group commit so far.
+        queued: Publish requests waiting for the producer now.
+        failed: Publish requests that raised.
+    """
+
+    stream: str
+    published: int
+    batches: int
+    mean_batch_size: float
+    largest_batch: int
+    queued: int
+    failed: int
+
+
+@final
+@attrs.define(eq=False)
+class Producer:
+    """The task that turns waiting publish requests into group-committed appends."""
+
+    topic: Topic
+    store: Store
+    notifier: Notifier
+    max_batch: int
+    max_pending: int
+    #: Called once when the producer stops taking requests.
+    on_retire: Callable[[Producer], None]
+    _send: trio.MemorySendChannel[_Request] = attrs.field(init=False)
+    _receive: trio.MemoryReceiveChannel[_Request] = attrs.field(init=False)
+    _cancel_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
+    closed_because: str | None = attrs.field(default=None, init=False)
+    published: int = attrs.field(default=0, init=False)
+    batches: int = attrs.field(default=0, init=False)
+    largest_batch: int = attrs.field(default=0, init=False)
+    failed: int = attrs.field(default=0, init=False)
+    #: Set once the producer has stopped and failed whatever it had not committed.
+    finished: trio.Event = attrs.field(factory=trio.Event, init=False)
+    notify_errors: int = attrs.field(default=0, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._send, self._receive = trio.open_memory_channel[_Request](self.max_pending)
+
+    async def submit(self, draft: Draft) -> Message:
+        """Queue ``draft`` and wait until it is committed.
+
+        Raises:
+            BusClosed: the producer stopped before the draft was committed.
+            StoreError: the store failed; nothing of this batch was stored.
+        """
+        request = _Request(draft)
+        try:
+            await self._send.send(request)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            raise BusClosed(self._closed_message()) from None
+        try:
+            await request.done.wait()
+        except BaseException:
+            if request.phase is _Phase.QUEUED:
+                request.phase = _Phase.ABANDONED
+            raise
+        if request.error is not None:
+            self.failed += 1
+            raise request.error
+        assert request.message is not None
+        return request.message
+
+    def stop_accepting(self, reason: str) -> None:
+        """Refuse new requests; the producer still commits the ones already queued."""
+        if self.closed_because is None:
+            self.closed_because = reason
+        self._send.close()
+
+    def cancel(self, reason: str) -> None:
+        """Stop now: requests not yet committed fail with :class:`BusClosed`."""
+        self.stop_accepting(reason)
+        self._cancel_scope.cancel()
+
+    def statistics(self) -> PublisherStatistics:
+        """Return a snapshot of this producer's counters."""
+        return PublisherStatistics(
+            stream=self.topic.name,
+            published=self.published,
+            batches=self.batches,
+            mean_batch_size=self.published / self.batches if self.batches else 0.0,
+            largest_batch=self.largest_batch,
+            queued=self._receive.statistics().current_buffer_used,
+            failed=self.failed,
+        )
+
+    def _closed_message(self) -> str:
+        return f"publisher for stream {self.topic.name!r} is closed ({self.closed_because})"
+
+    async def run(
+        self,
+        *,
+        idle_timeout: float = math.inf,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Commit batches until the channel ends, the task is cancelled or it idles out."""
+        batch: list[_Request] = []
+        with self._cancel_scope:
+            task_status.started()
+            try:
+                while True:
+                    with trio.move_on_after(idle_timeout):
+                        try:
+                            batch.append(await self._receive.receive())
+                        except trio.EndOfChannel:
+                            return
+                    if not batch:
+                        # Idle: retire. No await between the timeout and closing, so no
+                        # request can slip in unseen; later senders get BusClosed.
+                        self.closed_because = "idle"
+                        return
+                    while len(batch) < self.max_batch:
+                        try:
+                            batch.append(self._receive.receive_nowait())
+                        except (trio.WouldBlock, trio.EndOfChannel):
+                            break
+                    await self._commit(batch)
+                    batch = []
+            finally:
+                self._retire(batch)
+
+    def _retire(self, in_flight: list[_Request]) -> None:
+        if self.closed_because is None:
+            self.closed_because = "cancelled"
+        self._receive.close()
+        leftovers = list(in_flight)
+        while True:
+            try:
+                leftovers.append(self._receive.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                break
+        for request in leftovers:
+            maybe = " It may have been committed." if request.phase is _Phase.TAKEN else ""
+            request.fail(BusClosed(self._closed_message() + maybe))
+        self.finished.set()
+        self.on_retire(self)
+
+    async def _commit(self, batch: list[_Request]) -> None:
+        live = [request for request in batch if request.phase is _Phase.QUEUED]
+        if not live:
+            return
+        for request in live:
+            request.phase = _Phase.TAKEN
+        stream = self.topic.name
+        try:
+            messages = await self.store.append(stream, [request.draft for request in live])
+            if len(messages) != len(live):
+                raise StoreError(f"store returned {len(messages)} messages for {len(live)} drafts")
+        except Exception as exc:
+            for request in live:
+                error = StoreError(f"append to stream {stream!r} failed: {exc}")
+                error.__cause__ = exc
+                request.fail(error)
+            return
+        last_id = self.topic.committed(messages)
+        for request, message in zip(live, messages, strict=True):
+            request.resolve(message)
+        self.batches += 1
+        self.published += len(live)
+        self.largest_batch = max(self.largest_batch, len(live))
+        try:
+            await self.notifier.notify(stream, last_id)
+        except Exception:
+            # Committed is committed: a lost hint costs latency (the bus's poll
+            # finds it), never content, so the publish still succeeds.
+            self.notify_errors += 1
+
+
+@final
+@attrs.define(eq=False)
+class Publisher:
+    """Publishes to one stream through its own producer task.
+
+    Made by :meth:`chatbus.Bus.open_publisher`. Concurrent :meth:`publish` calls are
+    group-committed: whatever is waiting when the producer is free goes into one store
+    append, up to the batch limit.
+    """
+
+    _producer: Producer
+    _max_body_bytes: int
+
+    @property
+    def stream(self) -> str:
+        """The stream this publisher appends to."""
+        return self._producer.topic.name
+
+    async def publish(self, body: object, *, key: str | None = None) -> Message:
+        """Append one message and return it once it is committed.
+
+        Args:
+            body: Any JSON-serialisable value.
+            key: An idempotency key. Publishing again with a key already used in this
+                stream stores nothing new and returns the original message, so a
+                retry after an error or a lost reply is safe.
+
+        Returns:
+            The committed message, with its id.
+
+        Raises:
+            InvalidMessage: ``body`` is not JSON-serialisable or ``key`` is not valid.
+            MessageTooLarge: ``body`` encodes to more than the bus's ``max_body_bytes``.
+            BusClosed: the publisher or bus closed first. If the message says it may
+                have been committed, retry with the same key to find out.
+            StoreError: the store failed; nothing of this message was stored.
+        """
+        draft = make_draft(body, key, max_body_bytes=self._max_body_bytes)
+        return await self._producer.submit(draft)
+
+    def statistics(self) -> PublisherStatistics:
+        """Return a snapshot of this publisher's counters."""
+        return self._producer.statistics()

@@ -1,0 +1,119 @@
+"""The embedded in-memory backend: :class:`MemoryStore` and :class:`MemoryNotifier`.
+
+Both live in one process. Several buses may share one store and one notifier, which
+is how the test suite plays "several processes" without a database.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from collections.abc import Sequence
+from typing import final
+
+import attrs
+import trio
+
+from ._message import Draft, Message
+from ._protocols import NoticeHandler
+
+__all__ = ["MemoryNotifier", "MemoryStore"]
+
+
+@final
+@attrs.define(eq=False)
+class _Log:
+    messages: list[Message] = attrs.Factory(list)
+    by_key: dict[str, Message] = attrs.Factory(dict)
+
+
+@final
+@attrs.define(eq=False)
+class MemoryStore:
+    """A :class:`~chatbus.Store` that keeps every stream in a Python list.
+
+    Appends are atomic (no await between assigning ids and making them visible), so ids
+    are dense and commit-ordered. Bodies are decoded from their JSON text, so a
+    subscriber sees exactly what a Postgres store would return.
+    """
+
+    _logs: dict[str, _Log] = attrs.field(factory=dict, init=False)
+
+    async def append(self, stream: str, drafts: Sequence[Draft]) -> list[Message]:
+        """Append ``drafts`` to ``stream``; see :meth:`chatbus.Store.append`."""
+        await trio.lowlevel.checkpoint()
+        log = self._logs.get(stream)
+        if log is None:
+            log = self._logs[stream] = _Log()
+        now = datetime.datetime.now(datetime.UTC)
+        result = []
+        for draft in drafts:
+            existing = log.by_key.get(draft.key) if draft.key is not None else None
+            if existing is not None:
+                result.append(existing)
+                continue
+            message = Message(
+                stream=stream,
+                id=len(log.messages) + 1,
+                body=json.loads(draft.body_json),
+                key=draft.key,
+                created_at=now,
+            )
+            log.messages.append(message)
+            if draft.key is not None:
+                log.by_key[draft.key] = message
+            result.append(message)
+        return result
+
+    async def read(self, stream: str, after: int, limit: int) -> list[Message]:
+        """Return up to ``limit`` messages after ``after``; see :meth:`chatbus.Store.read`."""
+        await trio.lowlevel.checkpoint()
+        return self.read_nowait(stream, after, limit)
+
+    def read_nowait(self, stream: str, after: int, limit: int) -> list[Message]:
+        """The synchronous core of :meth:`read`."""
+        log = self._logs.get(stream)
+        if log is None:
+            return []
+        return log.messages[after : after + limit]
+
+    async def heads(self, streams: Sequence[str]) -> dict[str, int]:
+        """Return each stream's highest id; see :meth:`chatbus.Store.heads`."""
+        await trio.lowlevel.checkpoint()
+        return {stream: self.head_nowait(stream) for stream in streams}
+
+    def head_nowait(self, stream: str) -> int:
+        """The highest committed id of ``stream`` (0 if it is empty)."""
+        log = self._logs.get(stream)
+        return 0 if log is None else len(log.messages)
+
+
+@final
+@attrs.define(eq=False)
+class MemoryNotifier:
+    """A :class:`~chatbus.Notifier` that calls every listening bus's handler directly.
+
+    Delivery is synchronous and never queues, so it cannot lose, reorder or grow.
+    """
+
+    _handlers: set[NoticeHandler] = attrs.field(factory=set, init=False)
+
+    async def notify(self, stream: str, last_id: int) -> None:
+        """Report the notice to every listener now."""
+        for handler in list(self._handlers):
+            handler.notice(stream, last_id)
+        await trio.lowlevel.checkpoint()
+
+    async def listen(
+        self,
+        handler: NoticeHandler,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Register ``handler`` until cancelled."""
+        self._handlers.add(handler)
+        try:
+            task_status.started()
+            await trio.sleep_forever()
+        finally:
+            self._handlers.discard(handler)
