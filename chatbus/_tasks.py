@@ -24,14 +24,24 @@ async def open_service_nursery() -> AsyncIterator[trio.Nursery]:
     """
     manager = trio.open_nursery()
     nursery = await manager.__aenter__()
+    body_failed = False
     try:
         yield nursery
+    except BaseException:
+        body_failed = True
+        raise
     finally:
         nursery.cancel_scope.cancel()
         try:
             await manager.__aexit__(None, None, None)
         except BaseExceptionGroup as group:
-            raise BusError(f"a chatbus background task failed: {group.exceptions[0]!r}") from group
+            _, failures = group.split(trio.Cancelled)
+            if failures is not None:
+                raise BusError(
+                    f"a chatbus background task failed: {failures.exceptions[0]!r}"
+                ) from failures
+            if not body_failed:
+                raise  # only cancellations: trio routes them to their scope
 
 
 @final

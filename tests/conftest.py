@@ -1,0 +1,54 @@
+"""Shared fixtures: the conformance suite runs every guarantee against each backend."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
+
+import attrs
+import pytest
+
+import chatbus
+from chatbus.memory import MemoryNotifier, MemoryStore
+
+
+@attrs.define
+class Backend:
+    """One storage world. Every ``open_bus`` call is a separate "process" on it."""
+
+    name: str
+    open_bus: Callable[..., AbstractAsyncContextManager[chatbus.Bus]]
+    #: Send a raw notice the way another process's notifier would.
+    inject_notice: Callable[[str, int], Any]
+
+
+def _memory_backend() -> Backend:
+    store, notifier = MemoryStore(), MemoryNotifier()
+
+    @asynccontextmanager
+    async def open_bus(**options: Any) -> AsyncIterator[chatbus.Bus]:
+        async with chatbus.open_bus(
+            store=options.pop("store", store), notifier=notifier, **options
+        ) as bus:
+            yield bus
+
+    return Backend("memory", open_bus, notifier.notify)
+
+
+@asynccontextmanager
+async def _backend(name: str) -> AsyncIterator[Backend]:
+    if name == "memory":
+        yield _memory_backend()
+        return
+    import _pg_backend
+
+    async with _pg_backend.postgres_backend() as (open_bus, inject_notice):
+        yield Backend("postgres", open_bus, inject_notice)
+
+
+@pytest.fixture(params=["memory", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
+    """Each backend in turn; Postgres tests get a fresh schema."""
+    async with _backend(request.param) as backend:
+        yield backend

@@ -1,0 +1,161 @@
+"""The guarantees of DESIGN.md §2, run against every backend."""
+
+from __future__ import annotations
+
+import trio
+
+import chatbus
+from helpers import assert_quiet, collect, dense
+
+
+async def test_history_then_live(backend):
+    async with backend.open_bus() as bus:
+        for i in range(1, 6):
+            assert (await bus.publish("room", {"n": i})).id == i
+        async with bus.open_subscriber("room", after=0) as sub:
+            assert await collect(sub, 5) == dense(5)
+            async with bus.open_publisher("room") as pub:
+                for i in range(6, 11):
+                    await pub.publish({"n": i})
+            assert await collect(sub, 5) == dense(10, 6)
+            await assert_quiet(sub)
+
+
+async def test_cursor_resumes_after(backend):
+    async with backend.open_bus() as bus:
+        for i in range(10):
+            await bus.publish("room", i)
+        async with bus.open_subscriber("room", after=7) as sub:
+            got = await sub.receive()
+            assert (got.id, got.body) == (8, 7)
+            assert await collect(sub, 2) == [9, 10]
+            assert sub.cursor == 10
+        async with bus.open_subscriber("room", after=10) as sub:
+            await bus.publish("room", "later")
+            assert await collect(sub, 1) == [11]
+
+
+async def test_message_fields(backend):
+    async with backend.open_bus() as bus:
+        body = {"role": "user", "text": "héllo ☃", "n": [1, 2.5, None, True]}
+        msg = await bus.publish("room", body, key="client-1")
+        assert isinstance(msg, chatbus.Message)
+        assert (msg.stream, msg.id, msg.body, msg.key) == ("room", 1, body, "client-1")
+        assert msg.created_at.utcoffset().total_seconds() == 0
+        [read] = await bus.read("room")
+        assert read == msg
+        async with bus.open_subscriber("room") as sub:
+            assert await sub.receive() == msg
+
+
+async def test_streams_are_independent(backend):
+    async with backend.open_bus() as bus:
+        await bus.publish("a", 1)
+        await bus.publish("b", 1)
+        await bus.publish("a", 2)
+        assert [m.id for m in await bus.read("a")] == [1, 2]
+        assert [m.id for m in await bus.read("b")] == [1]
+
+
+async def test_read_pages_history(backend):
+    async with backend.open_bus() as bus, bus.open_publisher("room") as pub:
+        for i in range(25):
+            await pub.publish(i)
+        pages, after = [], 0
+        while page := await bus.read("room", after=after, limit=10):
+            pages.append([m.id for m in page])
+            after = page[-1].id
+        assert pages == [dense(10), dense(20, 11), dense(25, 21)]
+        assert await bus.read("nothing-here") == []
+
+
+async def test_idempotency_key_returns_original(backend):
+    async with backend.open_bus() as bus, bus.open_publisher("room") as pub:
+        first = await pub.publish({"text": "hi"}, key="k1")
+        again = await pub.publish({"text": "hi (retry)"}, key="k1")
+        via_bus = await bus.publish("room", "other", key="k1")
+        assert first == again == via_bus
+        other = await pub.publish("x", key="k2")
+        assert other.id == 2
+        assert [m.body for m in await bus.read("room")] == [{"text": "hi"}, "x"]
+        # Keys are per stream.
+        assert (await bus.publish("elsewhere", "y", key="k1")).id == 1
+
+
+async def test_concurrent_same_key_commits_once(backend):
+    async with backend.open_bus() as bus, bus.open_publisher("room") as pub:
+        results = []
+
+        async def send(i: int) -> None:
+            results.append(await pub.publish({"try": i}, key="same"))
+
+        async with trio.open_nursery() as nursery:
+            for i in range(20):
+                nursery.start_soon(send, i)
+        assert len({m.id for m in results}) == 1
+        assert len(await bus.read("room")) == 1
+
+
+async def test_racing_publishers_and_subscribers_before_during_after(backend):
+    """Two publishers race on one stream; subscribers opened at any time see 1..n."""
+    n_each, total = 150, 300
+    async with backend.open_bus() as bus:
+        seen: dict[str, list[int]] = {}
+
+        async def subscribe(name: str, task_status=trio.TASK_STATUS_IGNORED) -> None:
+            async with bus.open_subscriber("race", after=0) as sub:
+                task_status.started()
+                seen[name] = await collect(sub, total, seconds=30)
+                await assert_quiet(sub, seconds=0.2)
+
+        async def publish(tag: str) -> None:
+            async with bus.open_publisher("race") as pub:
+                for i in range(n_each):
+                    await pub.publish({"from": tag, "i": i})
+                    if i % 7 == 0:
+                        await trio.sleep(0)
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(subscribe, "before")
+            nursery.start_soon(publish, "a")
+            nursery.start_soon(publish, "b")
+            await trio.sleep(0)
+            await nursery.start(subscribe, "during")
+        async with bus.open_subscriber("race", after=0) as sub:
+            seen["after"] = await collect(sub, total)
+            await assert_quiet(sub, seconds=0.2)
+        for name, ids in seen.items():
+            assert ids == dense(total), name
+        bodies = [m.body for m in await bus.read("race", limit=1000)]
+        for tag in "ab":
+            assert [b["i"] for b in bodies if b["from"] == tag] == list(range(n_each))
+
+
+async def test_other_process_publishes_are_delivered(backend):
+    """A bus sees what another bus (process) on the same store publishes."""
+    async with backend.open_bus() as local, backend.open_bus() as remote:
+        async with local.open_subscriber("room") as sub:
+            for i in range(5):
+                await remote.publish("room", i)
+            assert await collect(sub, 5) == dense(5)
+            await local.publish("room", "mine")
+            await remote.publish("room", "theirs")
+            assert await collect(sub, 2) == [6, 7]
+            await assert_quiet(sub)
+
+
+async def test_many_streams_many_subscribers(backend):
+    async with backend.open_bus() as bus:
+        streams = [f"room-{i}" for i in range(10)]
+        async with trio.open_nursery() as nursery:
+            for stream in streams:
+
+                async def follow(stream: str = stream) -> None:
+                    async with bus.open_subscriber(stream) as sub:
+                        assert await collect(sub, 20) == dense(20)
+
+                nursery.start_soon(follow)
+            await trio.sleep(0.05)
+            for i in range(20):
+                for stream in streams:
+                    await bus.publish(stream, i)
