@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import trio
+import trio.lowlevel
 
 import chatbus
+
 from helpers import assert_quiet, collect, dense
 
 
@@ -113,13 +115,13 @@ async def test_racing_publishers_and_subscribers_before_during_after(backend):
                 for i in range(n_each):
                     await pub.publish({"from": tag, "i": i})
                     if i % 7 == 0:
-                        await trio.sleep(0)
+                        await trio.lowlevel.checkpoint()
 
         async with trio.open_nursery() as nursery:
             await nursery.start(subscribe, "before")
             nursery.start_soon(publish, "a")
             nursery.start_soon(publish, "b")
-            await trio.sleep(0)
+            await trio.lowlevel.checkpoint()
             await nursery.start(subscribe, "during")
         async with bus.open_subscriber("race", after=0) as sub:
             seen["after"] = await collect(sub, total)

@@ -12,6 +12,7 @@ import attrs
 import trio
 
 import chatbus
+
 from helpers import assert_quiet, collect, dense
 
 
