@@ -153,11 +153,14 @@ class Producer:
             task_status.started()
             try:
                 while True:
-                    with trio.move_on_after(idle_timeout):
-                        try:
+                    try:
+                        if math.isinf(idle_timeout):
                             batch.append(await self._receive.receive())
-                        except trio.EndOfChannel:
-                            return
+                        else:
+                            with trio.move_on_after(idle_timeout):
+                                batch.append(await self._receive.receive())
+                    except trio.EndOfChannel:
+                        return
                     if not batch:
                         # Idle: retire. No await between the timeout and closing, so no
                         # request can slip in unseen; later senders get BusClosed.

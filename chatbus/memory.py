@@ -100,9 +100,9 @@ class MemoryNotifier:
 
     async def notify(self, stream: str, last_id: int) -> None:
         """Report the notice to every listener now."""
+        # No checkpoint: this is called on every commit, and delivery is synchronous.
         for handler in list(self._handlers):
             handler.notice(stream, last_id)
-        await trio.lowlevel.checkpoint()
 
     async def listen(
         self,

@@ -1,0 +1,174 @@
+"""Bad input is rejected before anything is stored, and the bus keeps serving."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+import chatbus
+
+from helpers import collect
+
+BAD_STREAMS = [
+    ("", "empty"),
+    (None, "str"),
+    (42, "str"),
+    (b"bytes", "str"),
+    ("x" * (chatbus.MAX_STREAM_LENGTH + 1), "257 characters"),
+    ("nul\x00inside", "NUL"),
+    ("\ud800", "surrogate"),
+]
+
+BAD_BODIES = [
+    (object(), chatbus.InvalidMessage, "JSON-serialisable"),
+    ({1, 2}, chatbus.InvalidMessage, "JSON-serialisable"),
+    (math.nan, chatbus.InvalidMessage, "JSON-serialisable"),
+    ({"text": "\udc80"}, chatbus.InvalidMessage, "surrogate"),
+    ("x" * 2000, chatbus.MessageTooLarge, "limit is 1000 bytes"),
+]
+
+BAD_KEYS = [(7, "str or None"), ("", "1 to 256"), ("k" * 257, "1 to 256"), ("a\x00b", "NUL")]
+
+
+async def check_still_serving(bus: chatbus.Bus, backend) -> None:
+    async with bus.open_subscriber("ok") as sub:
+        msg = await bus.publish("ok", {"fine": True})
+        assert (await sub.receive()) == msg
+    assert [m.body for m in await bus.read("ok")] == [{"fine": True}]
+
+
+@pytest.mark.parametrize(("stream", "names"), BAD_STREAMS)
+async def test_bad_stream_names(backend, stream, names):
+    async with backend.open_bus() as bus:
+        with pytest.raises(chatbus.InvalidStream, match=names):
+            await bus.publish(stream, "x")
+        with pytest.raises(ValueError, match=names):  # InvalidStream is a ValueError
+            await bus.read(stream)
+        with pytest.raises(chatbus.InvalidStream, match=names):
+            async with bus.open_publisher(stream):
+                pass
+        with pytest.raises(chatbus.InvalidStream, match=names):
+            async with bus.open_subscriber(stream):
+                pass
+        await check_still_serving(bus, backend)
+
+
+async def test_longest_stream_name_is_stored_verbatim(backend):
+    name = "ß" * chatbus.MAX_STREAM_LENGTH
+    async with backend.open_bus() as bus:
+        assert (await bus.publish(name, 1)).stream == name
+        assert [m.stream for m in await bus.read(name)] == [name]
+
+
+@pytest.mark.parametrize(("body", "error", "names"), BAD_BODIES)
+async def test_bad_bodies(backend, body, error, names):
+    async with backend.open_bus(max_body_bytes=1000) as bus:
+        async with bus.open_publisher("room") as pub:
+            await pub.publish("before")
+            with pytest.raises(error, match=names):
+                await pub.publish(body)
+            with pytest.raises(error, match=names):
+                await bus.publish("room", body)
+            after = await pub.publish("after")
+        assert after.id == 2  # nothing of the bad one was stored
+        assert [m.body for m in await bus.read("room")] == ["before", "after"]
+        await check_still_serving(bus, backend)
+
+
+async def test_body_exactly_at_the_limit_is_accepted(backend):
+    async with backend.open_bus(max_body_bytes=1000) as bus:
+        body = "é" * 499  # 998 bytes of UTF-8 plus two quotes
+        assert (await bus.publish("room", body)).body == body
+        with pytest.raises(chatbus.MessageTooLarge, match="1001 bytes"):
+            await bus.publish("room", body + "x")
+
+
+def test_invalid_message_is_also_value_and_type_error():
+    assert issubclass(chatbus.InvalidMessage, ValueError)
+    assert issubclass(chatbus.InvalidMessage, TypeError)
+    assert issubclass(chatbus.InvalidStream, ValueError)
+    for error in (chatbus.InvalidMessage, chatbus.InvalidStream, chatbus.MessageTooLarge):
+        assert issubclass(error, chatbus.BusError)
+
+
+@pytest.mark.parametrize(("key", "names"), BAD_KEYS)
+async def test_bad_keys(backend, key, names):
+    async with backend.open_bus() as bus:
+        with pytest.raises(chatbus.InvalidMessage, match=names):
+            await bus.publish("room", "x", key=key)
+        assert await bus.read("room") == []
+        await check_still_serving(bus, backend)
+
+
+@pytest.mark.parametrize(
+    ("after", "error", "names"),
+    [
+        (-1, ValueError, ">= 0"),
+        ("3", TypeError, "int"),
+        (1.5, TypeError, "int"),
+        (True, TypeError, "int"),
+    ],
+)
+async def test_bad_cursor(backend, after, error, names):
+    async with backend.open_bus() as bus:
+        with pytest.raises(error, match=names):
+            async with bus.open_subscriber("room", after=after):
+                pass
+        with pytest.raises(error, match=names):
+            await bus.read("room", after=after)
+        await check_still_serving(bus, backend)
+
+
+@pytest.mark.parametrize("limit", [0, -5, 10_001, 2.5])
+async def test_bad_read_limit(limit):
+    async with chatbus.open_bus() as bus:
+        with pytest.raises((ValueError, TypeError), match="limit"):
+            await bus.read("room", limit=limit)
+
+
+@pytest.mark.parametrize(
+    ("options", "names"),
+    [
+        ({"cache_size": 0}, "cache_size"),
+        ({"max_batch": 0}, "max_batch"),
+        ({"read_batch": 10**6}, "read_batch"),
+        ({"max_body_bytes": -1}, "max_body_bytes"),
+        ({"poll_interval": 0}, "poll_interval"),
+        ({"cache_size": "big"}, "cache_size"),
+    ],
+)
+async def test_bad_bus_options(options, names):
+    with pytest.raises((ValueError, TypeError), match=names):
+        async with chatbus.open_bus(**options):
+            pass
+
+
+async def test_bad_urls():
+    with pytest.raises(ValueError, match="'redis'"):
+        async with chatbus.open_bus("redis://localhost"):
+            pass
+    with pytest.raises(TypeError, match="not both"):
+        async with chatbus.open_bus("memory://", store=chatbus.memory.MemoryStore()):
+            pass
+    async with chatbus.open_bus("memory://") as bus:
+        await bus.publish("s", 1)
+
+
+async def test_failing_store_raises_store_error_and_bus_recovers():
+    class FlakyStore(chatbus.memory.MemoryStore):
+        broken = True
+
+        async def append(self, stream, drafts):
+            if self.broken:
+                raise OSError("disk on fire")
+            return await super().append(stream, drafts)
+
+    store = FlakyStore()
+    async with chatbus.open_bus(store=store) as bus, bus.open_subscriber("s") as sub:
+        with pytest.raises(chatbus.StoreError, match="disk on fire") as info:
+            await bus.publish("s", 1)
+        assert isinstance(info.value.__cause__, OSError)
+        store.broken = False
+        assert (await bus.publish("s", 2)).id == 1
+        assert await collect(sub, 1) == [1]
