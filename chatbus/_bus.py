@@ -11,9 +11,7 @@ from typing import final
 import attrs
 import trio
 
-from ._cache import DurableCache
 from ._exceptions import BusClosed
-from ._merge import MergeState
 from ._message import (
     DEFAULT_MAX_BODY_BYTES,
     Message,
@@ -25,8 +23,8 @@ from ._message import (
 from ._protocols import Notifier, Store
 from ._publisher import Producer, Publisher
 from ._subscriber import Subscriber
-from ._tasks import open_service_nursery
-from ._topic import Topic
+from ._tasks import ServiceNursery
+from ._topic import Topic, Topics
 
 #: Most messages one :meth:`Bus.read` call may ask for.
 MAX_READ_LIMIT = 10_000
@@ -99,17 +97,19 @@ class Bus:
     _notifier: Notifier
     _options: _Options
     _nursery: trio.Nursery
-    _topics: dict[str, Topic] = attrs.field(factory=dict, init=False)
+    _topics: Topics = attrs.field(init=False)
     _router: _Router = attrs.field(init=False)
     _shared: dict[str, Producer] = attrs.field(factory=dict, init=False)
     _producers: set[Producer] = attrs.field(factory=set, init=False)
-    _subscribers: set[Subscriber] = attrs.field(factory=set, init=False)
-    _closed: bool = attrs.field(default=False, init=False)
+    #: Scopes of the bus's own tasks (listener, poll): closing the bus cancels these,
+    #: never the nursery's scope, which also encloses the caller's ``async with`` body.
+    _service_scopes: list[trio.CancelScope] = attrs.field(factory=list, init=False)
     _polls: int = attrs.field(default=0, init=False)
     _poll_errors: int = attrs.field(default=0, init=False)
 
     def __attrs_post_init__(self) -> None:
-        self._router = _Router(self._topics)
+        self._topics = Topics(self._options.cache_size)
+        self._router = _Router(self._topics.by_name)
 
     @property
     def store(self) -> Store:
@@ -142,12 +142,11 @@ class Bus:
         if max_batch is None:
             max_batch = self._options.max_batch
         check_range("max_batch", max_batch, 1, 100_000)
-        self._check_open()
-        topic = self._acquire(stream)
+        topic = self._topics.acquire(stream)
         producer = self._new_producer(topic, max_batch)
         self._producers.add(producer)
         try:
-            async with open_service_nursery() as nursery:
+            async with ServiceNursery() as nursery:
                 await nursery.start(producer.run)
                 try:
                     yield Publisher(producer, self._options.max_body_bytes)
@@ -157,15 +156,15 @@ class Bus:
                         await producer.finished.wait()
         finally:
             self._producers.discard(producer)
-            self._release(topic)
+            self._topics.release(topic)
 
-    @asynccontextmanager
-    async def open_subscriber(self, stream: str, after: int = 0) -> AsyncIterator[Subscriber]:
+    def open_subscriber(self, stream: str, after: int = 0) -> Subscriber:
         """Subscribe to ``stream``: its messages after ``after``, then live ones.
 
-        The subscription registers for wake-ups before it reads the store, so nothing
+        Use the result as ``async with bus.open_subscriber(stream) as sub:``. On entry
+        the subscription registers for wake-ups and then reads the store, so nothing
         committed while it starts is missed; it yields ``after + 1``, ``after + 2``, …
-        exactly once and in order for as long as it is open.
+        exactly once and in order until the block ends or the bus closes.
 
         Args:
             stream: The stream to follow.
@@ -174,24 +173,12 @@ class Bus:
         Raises:
             InvalidStream: ``stream`` is not a valid stream name.
             ValueError: ``after`` is negative.
-            BusClosed: the bus is closed.
+            TypeError: ``after`` is not an int.
+            BusClosed: the bus is closed (on entry).
         """
         check_stream(stream)
         check_after(after)
-        self._check_open()
-        topic = self._acquire(stream, subscriber=True)
-        subscriber = Subscriber(
-            topic, self._store, MergeState(cursor=after), self._options.read_batch
-        )
-        self._subscribers.add(subscriber)
-        try:
-            async with open_service_nursery() as nursery:
-                await nursery.start(subscriber._run)
-                yield subscriber
-        finally:
-            subscriber._close()
-            self._subscribers.discard(subscriber)
-            self._release(topic, subscriber=True)
+        return Subscriber(self._topics, stream, self._store, after, self._options.read_batch)
 
     async def publish(self, stream: str, body: object, *, key: str | None = None) -> Message:
         """Publish one message to ``stream`` without opening a publisher.
@@ -203,10 +190,10 @@ class Bus:
         check_stream(stream)
         draft = make_draft(body, key, max_body_bytes=self._options.max_body_bytes)
         while True:
-            self._check_open()
             producer = self._shared.get(stream)
             if producer is None:
-                producer = self._new_producer(self._acquire(stream), self._options.max_batch)
+                topic = self._topics.acquire(stream)
+                producer = self._new_producer(topic, self._options.max_batch)
                 self._shared[stream] = producer
                 self._nursery.start_soon(
                     functools.partial(producer.run, idle_timeout=_SHARED_PRODUCER_IDLE_SECONDS)
@@ -214,7 +201,7 @@ class Bus:
             try:
                 return await producer.submit(draft)
             except BusClosed:
-                if producer.closed_because == "idle" and not self._closed:
+                if producer.closed_because == "idle" and not self._topics.closed:
                     continue  # it retired just now; start a fresh one
                 raise
 
@@ -234,14 +221,14 @@ class Bus:
         check_range("limit", limit, 1, MAX_READ_LIMIT)
         if not isinstance(limit, int):
             raise TypeError(f"limit must be an int, not {type(limit).__name__}")
-        self._check_open()
+        self._topics.check_open()
         return await self._store.read(stream, after, limit)
 
     def statistics(self) -> BusStatistics:
         """Return a snapshot of this bus's counters."""
         return BusStatistics(
-            streams=len(self._topics),
-            subscribers=len(self._subscribers),
+            streams=len(self._topics.by_name),
+            subscribers=len(self._topics.subscriptions),
             publishers=len(self._producers) + len(self._shared),
             notices=self._router.notices,
             resyncs=self._router.resyncs,
@@ -259,18 +246,15 @@ class Bus:
         await trio.lowlevel.checkpoint()
 
     def _close(self) -> None:
-        if self._closed:
+        if self._topics.closed:
             return
-        self._closed = True
-        for subscriber in list(self._subscribers):
-            subscriber._stop()
+        self._topics.closed = True
+        for subscription in list(self._topics.subscriptions):
+            subscription._stop()
         for producer in [*self._producers, *self._shared.values()]:
             producer.cancel("bus closed")
-        self._nursery.cancel_scope.cancel()
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise BusClosed("the bus is closed")
+        for scope in self._service_scopes:
+            scope.cancel()
 
     def _new_producer(self, topic: Topic, max_batch: int) -> Producer:
         return Producer(
@@ -285,28 +269,29 @@ class Bus:
     def _producer_retired(self, producer: Producer) -> None:
         if self._shared.get(producer.topic.name) is producer:
             del self._shared[producer.topic.name]
-            self._release(producer.topic)
+            self._topics.release(producer.topic)
 
-    def _acquire(self, stream: str, *, subscriber: bool = False) -> Topic:
-        topic = self._topics.get(stream)
-        if topic is None:
-            topic = Topic(stream, DurableCache(self._options.cache_size))
-            self._topics[stream] = topic
-        topic.users += 1
-        topic.subscribers += subscriber
-        return topic
-
-    def _release(self, topic: Topic, *, subscriber: bool = False) -> None:
-        topic.users -= 1
-        topic.subscribers -= subscriber
-        if topic.users == 0 and self._topics.get(topic.name) is topic:
-            del self._topics[topic.name]
+    async def _serve(
+        self,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Run the listener until the bus closes; ready once the notifier is."""
+        with trio.CancelScope() as scope:
+            self._service_scopes.append(scope)
+            await self._notifier.listen(self._router, task_status=task_status)
 
     async def _poll(self, interval: float) -> None:
+        with trio.CancelScope() as scope:
+            self._service_scopes.append(scope)
+            await self._poll_forever(interval)
+
+    async def _poll_forever(self, interval: float) -> None:
         """Safety net for lost notices: compare stream heads with what we know."""
         while True:
             await trio.sleep(interval)
-            streams = [name for name, topic in self._topics.items() if topic.subscribers]
+            topics = self._topics.by_name
+            streams = [name for name, topic in topics.items() if topic.subscribers]
             if not streams:
                 continue
             self._polls += 1
@@ -316,7 +301,7 @@ class Bus:
                 self._poll_errors += 1
                 continue
             for name, head in heads.items():
-                topic = self._topics.get(name)
+                topic = topics.get(name)
                 if topic is not None:
                     topic.advance(head)
 
@@ -403,10 +388,10 @@ async def open_bus(
 
 @asynccontextmanager
 async def _open_bus(store: Store, notifier: Notifier, options: _Options) -> AsyncIterator[Bus]:
-    async with open_service_nursery() as nursery:
+    async with ServiceNursery() as nursery:
         bus = Bus(store, notifier, options, nursery)
         try:
-            await nursery.start(notifier.listen, bus._router)
+            await nursery.start(bus._serve)
             if options.poll_interval is not None and not math.isinf(options.poll_interval):
                 nursery.start_soon(bus._poll, options.poll_interval)
             yield bus

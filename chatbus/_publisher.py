@@ -179,13 +179,14 @@ class Producer:
     def _retire(self, in_flight: list[_Request]) -> None:
         if self.closed_because is None:
             self.closed_because = "cancelled"
-        self._receive.close()
         leftovers = list(in_flight)
         while True:
             try:
                 leftovers.append(self._receive.receive_nowait())
-            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+            except (trio.WouldBlock, trio.EndOfChannel):
                 break
+        # No await since the drain: nothing can slip in before senders see the close.
+        self._receive.close()
         for request in leftovers:
             maybe = " It may have been committed." if request.phase is _Phase.TAKEN else ""
             request.fail(BusClosed(self._closed_message() + maybe))

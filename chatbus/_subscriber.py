@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+from types import TracebackType
 from typing import final
 
 import attrs
@@ -12,8 +13,8 @@ from ._exceptions import StoreError
 from ._merge import MergeState
 from ._message import Message
 from ._protocols import Store
-from ._tasks import Backoff
-from ._topic import Topic
+from ._tasks import Backoff, ServiceNursery
+from ._topic import Topic, Topics
 
 
 @attrs.frozen(kw_only=True)
@@ -54,37 +55,77 @@ class SubscriberStatistics:
 class Subscriber:
     """A live subscription: iterate it to get each message once, in id order.
 
-    Made by :meth:`chatbus.Bus.open_subscriber`. ``async for message in subscriber``
-    yields the stream's messages after the cursor it was opened with, then every new
-    one as it commits; the loop ends when the bus closes. Messages are fetched in
-    bounded batches ahead of the consumer, so a consumer that stops reading costs a
-    bounded amount of memory and slows nobody else.
+    Made by :meth:`chatbus.Bus.open_subscriber` and used as an async context manager.
+    ``async for message in subscriber`` yields the stream's messages after the cursor
+    it was opened with, then every new one as it commits; the loop ends when the bus
+    closes. One merge task per subscription fetches in bounded batches ahead of the
+    consumer, so a consumer that stops reading costs a bounded amount of memory and
+    slows nobody else.
     """
 
-    _topic: Topic
+    _topics: Topics
+    _stream: str
     _store: Store
-    _state: MergeState
+    _after: int
     _read_limit: int
-    _send: trio.MemorySendChannel[list[Message]] = attrs.field(init=False)
-    _receive: trio.MemoryReceiveChannel[list[Message]] = attrs.field(init=False)
-    _pending: collections.deque[Message] = attrs.field(factory=collections.deque, init=False)
+    _state: MergeState = attrs.field(init=False)
+    _topic: Topic | None = attrs.field(default=None, init=False)
+    _service: ServiceNursery | None = attrs.field(default=None, init=False)
+    #: The merge task's own scope: closing the bus stops the task, not the body.
+    _merge_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
+    #: Fetched, not yet received. The merge task adds a run only while it holds fewer
+    #: than ``_read_limit``, so it never holds more than twice that.
+    _buffer: collections.deque[Message] = attrs.field(factory=collections.deque, init=False)
+    #: Set when the consumer waits for messages / the merge task waits for room.
+    _messages_ready: trio.Event | None = attrs.field(default=None, init=False)
+    _room_ready: trio.Event | None = attrs.field(default=None, init=False)
+    #: The merge task has ended (bus closed, or _error); the consumer drains, then ends.
+    _finished: bool = attrs.field(default=False, init=False)
+    _closed: bool = attrs.field(default=False, init=False)
     _error: BaseException | None = attrs.field(default=None, init=False)
-    _cancel_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
-    _seen_resyncs: int = attrs.field(init=False)
+    _seen_resyncs: int = attrs.field(default=0, init=False)
     _received: int = attrs.field(default=0, init=False)
     _store_errors: int = attrs.field(default=0, init=False)
     _last_id: int = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
-        # One batch in the channel plus one in the merge task's hands: bounded.
-        self._send, self._receive = trio.open_memory_channel[list[Message]](1)
-        self._seen_resyncs = self._topic.resyncs
-        self._last_id = self._state.cursor
+        self._state = MergeState(cursor=self._after)
+        self._last_id = self._after
+
+    async def __aenter__(self) -> Subscriber:
+        if self._service is not None:
+            raise RuntimeError("a subscription can be entered only once")
+        # Register for wake-ups first; the merge task's first step reads the store.
+        topic = self._topic = self._topics.acquire(self._stream, self)
+        self._seen_resyncs = topic.resyncs
+        service = self._service = ServiceNursery()
+        nursery = await service.__aenter__()
+        try:
+            await nursery.start(self._run)
+        except BaseException as exc:
+            await self.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        assert self._service is not None
+        assert self._topic is not None
+        try:
+            self._closed = True
+            self._wake_consumer()
+            return await self._service.__aexit__(exc_type, exc, tb)
+        finally:
+            self._topics.release(self._topic, self)
 
     @property
     def stream(self) -> str:
         """The stream this subscription follows."""
-        return self._topic.name
+        return self._stream
 
     @property
     def cursor(self) -> int:
@@ -95,21 +136,26 @@ class Subscriber:
         """Return the next message, waiting for it if need be.
 
         Raises:
-            trio.EndOfChannel: the bus was closed.
+            trio.EndOfChannel: the bus was closed (after what was buffered).
             trio.ClosedResourceError: this subscription was closed.
             StoreError: the store broke an invariant (ids not dense).
         """
-        if self._pending:
+        buffer = self._buffer
+        if buffer and not self._closed:
             await trio.lowlevel.checkpoint_if_cancelled()
-        else:
-            try:
-                batch = await self._receive.receive()
-            except trio.EndOfChannel:
+        while not buffer or self._closed:
+            if self._closed or self._service is None:
+                raise trio.ClosedResourceError("this subscription is not open")
+            if self._finished:
                 if self._error is not None:
-                    raise self._error from None
-                raise
-            self._pending.extend(batch)
-        message = self._pending.popleft()
+                    raise self._error
+                raise trio.EndOfChannel
+            self._messages_ready = trio.Event()
+            await self._messages_ready.wait()
+        message = buffer.popleft()
+        if self._room_ready is not None and len(buffer) < self._read_limit:
+            self._room_ready.set()
+            self._room_ready = None
         self._received += 1
         self._last_id = message.id
         return message
@@ -127,12 +173,12 @@ class Subscriber:
         """Return a snapshot of this subscription's counters."""
         state = self._state
         return SubscriberStatistics(
-            stream=self._topic.name,
+            stream=self._stream,
             cursor=self._last_id,
             fetched=state.cursor,
-            high_water=self._topic.high_water,
+            high_water=0 if self._topic is None else self._topic.high_water,
             delivered=self._received,
-            buffered=state.delivered - self._received,
+            buffered=len(self._buffer),
             duplicates_skipped=state.duplicates_skipped,
             gaps=state.gaps,
             rescans=state.rescans,
@@ -143,23 +189,33 @@ class Subscriber:
 
     def _stop(self) -> None:
         """End the merge task: the consumer drains what is buffered, then the loop ends."""
-        self._cancel_scope.cancel()
+        self._merge_scope.cancel()
 
-    def _close(self) -> None:
-        self._stop()
-        self._receive.close()
+    def _wake_consumer(self) -> None:
+        if self._messages_ready is not None:
+            self._messages_ready.set()
+            self._messages_ready = None
+
+    async def _deliver(self, run: list[Message]) -> None:
+        while len(self._buffer) >= self._read_limit:
+            self._room_ready = trio.Event()
+            await self._room_ready.wait()
+        self._buffer.extend(run)
+        self._wake_consumer()
 
     async def _run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        with self._cancel_scope:
+        with self._merge_scope:
             task_status.started()
             try:
                 await self._merge()
             except Exception as exc:
                 self._error = exc
             finally:
-                self._send.close()
+                self._finished = True
+                self._wake_consumer()
 
     async def _merge(self) -> None:
+        assert self._topic is not None
         topic, state, cache, limit = self._topic, self._state, self._topic.cache, self._read_limit
         backoff = Backoff()
         while True:
@@ -170,7 +226,7 @@ class Subscriber:
                 state.request_rescan()
             run: list[Message] | None = state.from_cache(cache, limit)
             if not run and state.wants_store(topic.high_water):
-                run = await self._read(backoff)
+                run = await self._read(topic, backoff)
                 if run is None:
                     continue
                 if not run and topic.high_water > state.cursor:
@@ -180,19 +236,19 @@ class Subscriber:
                     continue
             if run:
                 backoff.reset()
-                await self._send.send(run)
+                await self._deliver(run)
             else:
                 await changed.wait()
 
-    async def _read(self, backoff: Backoff) -> list[Message] | None:
+    async def _read(self, topic: Topic, backoff: Backoff) -> list[Message] | None:
         """Read the store after the cursor; None after a failed read (already slept)."""
         state = self._state
-        state.begin_read(self._topic.high_water)
+        state.begin_read(topic.high_water)
         try:
-            page = await self._store.read(self._topic.name, state.cursor, self._read_limit)
+            page = await self._store.read(self._stream, state.cursor, self._read_limit)
         except StoreError:
             self._store_errors += 1
             await backoff.sleep()
             return None
-        self._topic.cache.put(page)
+        topic.cache.put(page)
         return state.take(page, self._read_limit)

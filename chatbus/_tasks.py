@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from types import TracebackType
 from typing import final
 
 import attrs
@@ -13,35 +12,45 @@ import trio
 from ._exceptions import BusError
 
 
-@asynccontextmanager
-async def open_service_nursery() -> AsyncIterator[trio.Nursery]:
+@final
+class ServiceNursery:
     """A nursery for background tasks that are cancelled when the body ends.
 
     Unlike a bare ``trio.open_nursery()``, an exception raised by the body passes
     through as itself, not wrapped in an ExceptionGroup: the tasks in here are our
     internals and never fail on purpose. Should one fail anyway, its error surfaces as
-    a single :class:`BusError` chained from the group.
+    a single :class:`BusError` chained from the group. (A class rather than an
+    ``@asynccontextmanager``: one is kept per open subscription, so its size counts.)
     """
-    manager = trio.open_nursery()
-    nursery = await manager.__aenter__()
-    body_failed = False
-    try:
-        yield nursery
-    except BaseException:
-        body_failed = True
-        raise
-    finally:
-        nursery.cancel_scope.cancel()
+
+    __slots__ = ("_manager", "nursery")
+
+    def __init__(self) -> None:
+        self._manager = trio.open_nursery()
+
+    async def __aenter__(self) -> trio.Nursery:
+        self.nursery = await self._manager.__aenter__()
+        return self.nursery
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        self.nursery.cancel_scope.cancel()
         try:
-            await manager.__aexit__(None, None, None)
+            return bool(await self._manager.__aexit__(exc_type, exc, tb))
         except BaseExceptionGroup as group:
-            _, failures = group.split(trio.Cancelled)
+            body, rest = group.split(lambda error: error is exc)
+            failures = None if rest is None else rest.split(trio.Cancelled)[1]
             if failures is not None:
                 raise BusError(
                     f"a chatbus background task failed: {failures.exceptions[0]!r}"
                 ) from failures
-            if not body_failed:
-                raise  # only cancellations: trio routes them to their scope
+            if body is not None:
+                return False  # the body's own exception goes on, unwrapped
+            raise  # only cancellations: trio routes them to their scope
 
 
 @final

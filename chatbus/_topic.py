@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import final
+from typing import Protocol, final
 
 import attrs
 import trio
 
 from ._cache import DurableCache
+from ._exceptions import BusClosed
 from ._message import Message
 
 
@@ -58,3 +59,47 @@ class Topic:
     def _wake(self) -> None:
         self.changed.set()
         self.changed = trio.Event()
+
+
+@final
+@attrs.define(eq=False)
+class Topics:
+    """A bus's routing table: stream name → topic, kept only while something uses it."""
+
+    cache_size: int
+    by_name: dict[str, Topic] = attrs.field(factory=dict, init=False)
+    #: Open subscriptions, to end them when the bus closes.
+    subscriptions: set[Stoppable] = attrs.field(factory=set, init=False)
+    closed: bool = attrs.field(default=False, init=False)
+
+    def check_open(self) -> None:
+        """Raise :class:`BusClosed` if the bus is closed."""
+        if self.closed:
+            raise BusClosed("the bus is closed")
+
+    def acquire(self, stream: str, subscription: Stoppable | None = None) -> Topic:
+        """Return the topic of ``stream`` (made on first use) and count one more user."""
+        self.check_open()
+        topic = self.by_name.get(stream)
+        if topic is None:
+            topic = self.by_name[stream] = Topic(stream, DurableCache(self.cache_size))
+        topic.users += 1
+        if subscription is not None:
+            topic.subscribers += 1
+            self.subscriptions.add(subscription)
+        return topic
+
+    def release(self, topic: Topic, subscription: Stoppable | None = None) -> None:
+        """Count one user less; forget the topic when nothing uses it."""
+        topic.users -= 1
+        if subscription is not None:
+            topic.subscribers -= 1
+            self.subscriptions.discard(subscription)
+        if topic.users == 0 and self.by_name.get(topic.name) is topic:
+            del self.by_name[topic.name]
+
+
+class Stoppable(Protocol):
+    """A subscription, as far as closing the bus is concerned."""
+
+    def _stop(self) -> None: ...

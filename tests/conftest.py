@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 import attrs
 import pytest
+import trio
 
 import chatbus
 from chatbus.memory import MemoryNotifier, MemoryStore
@@ -52,3 +55,30 @@ async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
     """Each backend in turn; Postgres tests get a fresh schema."""
     async with _backend(request.param) as backend:
         yield backend
+
+
+def _must_not_be_cancelled(test: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(test)
+    async def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await test(*args, **kwargs)
+        except trio.Cancelled as exc:
+            raise AssertionError("a Cancelled escaped the test body") from exc
+
+    return run
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Fail tests whose body a stray Cancelled ended early.
+
+    pytest-trio reports such a test as passed, which would let a test that stopped
+    halfway (say, because closing the bus cancelled the caller's own code) look green.
+    """
+    for item in items:
+        test = getattr(item, "obj", None)
+        if (
+            isinstance(item, pytest.Function)
+            and inspect.iscoroutinefunction(test)
+            and not getattr(test, "is_hypothesis_test", False)
+        ):
+            item.obj = _must_not_be_cancelled(test)

@@ -81,6 +81,24 @@ async def test_closing_the_bus_ends_subscriptions_and_fails_publishes():
                 with pytest.raises(chatbus.BusClosed):
                     async with bus.open_publisher("s"):
                         pass
+                results.append("body ran to the end")
+    # Closing the bus ends the subscription's task, never the caller's own code.
+    assert results == ["ended", "body ran to the end"]
+
+
+async def test_closing_the_bus_does_not_cancel_the_callers_code():
+    reached = []
+    with trio.fail_after(5):
+        async with chatbus.open_bus() as bus:
+            async with bus.open_subscriber("s") as sub, bus.open_publisher("s"):
+                await bus.aclose()
+                await trio.sleep(0.01)  # a checkpoint: would raise if we were cancelled
+                with pytest.raises(trio.EndOfChannel):
+                    await sub.receive()
+                reached.append("subscriber body")
+            await trio.sleep(0.01)
+            reached.append("bus body")
+    assert reached == ["subscriber body", "bus body"]
 
 
 class SlowStore(chatbus.memory.MemoryStore):

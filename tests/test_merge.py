@@ -125,7 +125,7 @@ async def test_any_interleaving_yields_each_id_once_in_order(actions, cache_size
                     ids.append(message.id)
 
         await nursery.start(follow, 0)
-        topic, router = bus._topics["s"], bus._router
+        topic, router = bus._topics.by_name["s"], bus._router
         fills: list[list[chatbus.Message]] = []
         notices: list[int] = []
         for action in actions:

@@ -1,0 +1,957 @@
+"""The PostgreSQL backend: :class:`PostgresStore`, :class:`PostgresNotifier` and their opener.
+
+This is the only module of chatbus that imports psycopg, psycopg_pool or trio_asyncio.
+
+How it talks to the server:
+
+* Queries go through psycopg's asyncio API (an ``AsyncConnectionPool``) on a
+  trio-asyncio loop, with **one** crossing from trio into asyncio per logical
+  operation: a whole append transaction is one asyncio coroutine.
+* The LISTEN connection is a dedicated session connection (not from the pool) read
+  with psycopg's public :mod:`psycopg.pq` layer under
+  :func:`trio.lowlevel.wait_readable`: no thread and no asyncio crossing per
+  notification. Its ``application_name`` is ``chatbus-listen``.
+
+What is stored, in schema ``schema`` (default ``chatbus``)::
+
+    streams(stream text PRIMARY KEY, last_id bigint NOT NULL)
+    messages(stream text, id bigint, key text NULL, body json,
+             created_at timestamptz DEFAULT now(), PRIMARY KEY (stream, id))
+    UNIQUE INDEX messages_stream_key ON messages (stream, key) WHERE key IS NOT NULL
+
+``body`` is a ``json`` column (not ``jsonb``): it keeps the exact text that was
+published, including ``\\u0000`` escapes, which ``jsonb`` rejects; bodies are decoded
+with :func:`json.loads` when read. ``streams.last_id`` is the per-stream counter:
+every append bumps it with ``INSERT … ON CONFLICT (stream) DO UPDATE`` in the same
+transaction that inserts the messages, so the row lock serialises the appenders of
+one stream and ids are dense and commit-ordered across any number of processes.
+
+Each append transaction also runs ``pg_notify(channel, payload)`` once, so the
+notification is delivered if and only if the batch commits, in commit order. The
+channel is ``chatbus_`` plus the MD5 of the schema name; the payload is a small JSON
+object ``{"stream": …, "last_id": …}`` (at most a couple of KB, whatever the bodies).
+:meth:`PostgresNotifier.notify` is therefore a no-op.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import hashlib
+import ipaddress
+import json
+import logging
+import random
+import select
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, Final, TypeVar, final
+
+import attrs
+import psycopg
+import psycopg.waiting
+import psycopg_pool
+import trio
+import trio_asyncio
+from psycopg import pq, sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from ._exceptions import StoreError
+from ._message import Draft, Message, check_after, check_range, check_stream
+from ._protocols import NoticeHandler
+
+__all__ = ["PostgresNotifier", "PostgresStore", "channel_for_schema", "open_postgres"]
+
+# trio-asyncio makes asyncio.get_running_loop() find its loop by patching the asyncio
+# module, but psycopg.waiting binds the function at import time. If psycopg was
+# imported before trio_asyncio (anywhere in the process), its async waits would not
+# find the loop ("no running event loop"): hand it the patched function.
+_psycopg_waiting: Any = psycopg.waiting
+if _psycopg_waiting.get_running_loop is not asyncio.get_running_loop:
+    _psycopg_waiting.get_running_loop = asyncio.get_running_loop
+
+logger = logging.getLogger("chatbus.postgres")
+
+_T = TypeVar("_T")
+
+#: ``application_name`` of the LISTEN connection (find it in ``pg_stat_activity``).
+LISTEN_APPLICATION_NAME: Final = "chatbus-listen"
+#: ``application_name`` of pooled connections, unless the DSN sets one.
+POOL_APPLICATION_NAME: Final = "chatbus"
+
+# libpq TCP keepalives: a peer that vanished without a FIN is noticed in about
+# idle + interval * count seconds even when no traffic flows.
+_KEEPALIVES: Final[dict[str, int]] = {
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 3,
+    "keepalives_count": 3,
+}
+
+# Exceptions that mean "the store failed" rather than "chatbus has a bug".
+_DB_ERRORS: Final = (psycopg.Error, OSError)
+
+
+def channel_for_schema(schema: str) -> str:
+    """Return the NOTIFY channel used by the store and notifier of ``schema``.
+
+    Derived deterministically (``chatbus_`` + MD5 of the schema name), so it is a
+    valid identifier of fixed length whatever the schema is called.
+    """
+    return "chatbus_" + hashlib.md5(schema.encode("utf-8")).hexdigest()
+
+
+class _AioRunner:
+    """Typed wrapper around trio-asyncio (which is untyped).
+
+    :meth:`run` is the one trio → asyncio crossing of a logical operation.
+    """
+
+    __slots__ = ("_loop",)
+
+    def __init__(self, loop: Any) -> None:
+        self._loop = loop
+
+    async def run(self, fn: Callable[..., Coroutine[Any, Any, _T]], *args: Any) -> _T:
+        result: _T = await trio_asyncio.aio_as_trio(fn, loop=self._loop)(*args)
+        return result
+
+
+@final
+@attrs.frozen
+class _Queries:
+    """The store's SQL, composed once per schema with :class:`psycopg.sql.Identifier`."""
+
+    append_unkeyed: sql.Composed
+    lock_stream: sql.Composed
+    find_keys: sql.Composed
+    insert_keyed: sql.Composed
+    read: sql.Composed
+    heads: sql.Composed
+
+    @classmethod
+    def for_schema(cls, schema: str) -> _Queries:
+        names = {
+            "streams": sql.Identifier(schema, "streams"),
+            "messages": sql.Identifier(schema, "messages"),
+        }
+        # One statement, one implicit transaction (pool connections are autocommit):
+        # bump the counter (the row lock orders concurrent appenders), insert the
+        # batch with the ids just reserved, and notify once.
+        append_unkeyed = sql.SQL(
+            """
+            WITH bump AS (
+                INSERT INTO {streams} AS st (stream, last_id)
+                VALUES (%(stream)s::text, %(n)s::bigint)
+                ON CONFLICT (stream) DO UPDATE SET last_id = st.last_id + EXCLUDED.last_id
+                RETURNING st.last_id
+            ), ins AS (
+                INSERT INTO {messages} (stream, id, key, body)
+                SELECT %(stream)s::text, bump.last_id - %(n)s::bigint + b.ord, NULL, b.body::json
+                FROM bump, unnest(%(bodies)s::text[]) WITH ORDINALITY AS b(body, ord)
+            )
+            SELECT bump.last_id, now(), pg_notify(
+                %(channel)s::text,
+                json_build_object('stream', %(stream)s::text, 'last_id', bump.last_id)::text
+            ) FROM bump
+            """
+        ).format(**names)
+        # Keyed appends take the row lock first, then look the keys up in a new
+        # statement (a new snapshot, taken after the lock), so concurrent appends with
+        # the same key serialise and the later one finds the earlier one's message.
+        lock_stream = sql.SQL(
+            """
+            INSERT INTO {streams} AS st (stream, last_id) VALUES (%s::text, 0)
+            ON CONFLICT (stream) DO UPDATE SET last_id = st.last_id
+            RETURNING st.last_id
+            """
+        ).format(**names)
+        # One index probe per key, whatever the statistics say.
+        find_keys = sql.SQL(
+            "SELECT m.key, m.id, m.body::text, m.created_at"
+            " FROM unnest(%s::text[]) AS k(key) JOIN {messages} AS m"
+            " ON m.stream = %s::text AND m.key = k.key AND m.key IS NOT NULL"
+        ).format(**names)
+        insert_keyed = sql.SQL(
+            """
+            WITH ins AS (
+                INSERT INTO {messages} (stream, id, key, body)
+                SELECT %(stream)s::text, b.id, b.key, b.body::json
+                FROM unnest(%(ids)s::bigint[], %(keys)s::text[], %(bodies)s::text[])
+                    AS b(id, key, body)
+            ), upd AS (
+                UPDATE {streams} SET last_id = %(last_id)s::bigint WHERE stream = %(stream)s::text
+            )
+            SELECT now(), pg_notify(
+                %(channel)s::text,
+                json_build_object('stream', %(stream)s::text, 'last_id', %(last_id)s::bigint)::text
+            )
+            """
+        ).format(**names)
+        read = sql.SQL(
+            "SELECT id, key, body::text, created_at FROM {messages}"
+            " WHERE stream = %s::text AND id > %s::bigint ORDER BY id LIMIT %s::bigint"
+        ).format(**names)
+        heads = sql.SQL(
+            "SELECT stream, last_id FROM {streams} WHERE stream = ANY(%s::text[])"
+        ).format(**names)
+        return cls(
+            append_unkeyed=append_unkeyed,
+            lock_stream=lock_stream,
+            find_keys=find_keys,
+            insert_keyed=insert_keyed,
+            read=read,
+            heads=heads,
+        )
+
+
+def _plan_keyed_batch(
+    drafts: list[Draft], existing: dict[str, Message]
+) -> tuple[list[Message | int], list[Draft]]:
+    """Split a batch into already-stored messages and new drafts.
+
+    Returns ``slots`` (per draft: the existing message, or the index of the new draft
+    it resolves to) and the new drafts in order. A key used earlier in the stream
+    resolves to the stored message; a key repeated within the batch to its first use.
+    """
+    slots: list[Message | int] = []
+    new: list[Draft] = []
+    first_new_with_key: dict[str, int] = {}
+    for draft in drafts:
+        if draft.key is not None:
+            if (old := existing.get(draft.key)) is not None:
+                slots.append(old)
+                continue
+            if (index := first_new_with_key.get(draft.key)) is not None:
+                slots.append(index)
+                continue
+            first_new_with_key[draft.key] = len(new)
+        slots.append(len(new))
+        new.append(draft)
+    return slots, new
+
+
+def _ddl(schema: str) -> list[sql.Composed]:
+    ident = sql.Identifier(schema)
+    return [
+        sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(ident),
+        sql.SQL(
+            "CREATE TABLE IF NOT EXISTS {} ( stream text PRIMARY KEY, last_id bigint NOT NULL)"
+        ).format(sql.Identifier(schema, "streams")),
+        sql.SQL(
+            "CREATE TABLE IF NOT EXISTS {} ("
+            " stream text NOT NULL,"
+            " id bigint NOT NULL,"
+            " key text,"
+            " body json NOT NULL,"
+            " created_at timestamptz NOT NULL DEFAULT now(),"
+            " PRIMARY KEY (stream, id))"
+        ).format(sql.Identifier(schema, "messages")),
+        sql.SQL(
+            "CREATE UNIQUE INDEX IF NOT EXISTS messages_stream_key"
+            " ON {} (stream, key) WHERE key IS NOT NULL"
+        ).format(sql.Identifier(schema, "messages")),
+    ]
+
+
+def _ddl_lock_key(schema: str) -> int:
+    # A signed 64-bit advisory lock key, fixed per schema.
+    digest = hashlib.md5(b"chatbus-ddl:" + schema.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+def _utc(ts: datetime.datetime) -> datetime.datetime:
+    return ts.astimezone(datetime.UTC)
+
+
+def _store_error(what: str, exc: BaseException) -> StoreError:
+    return StoreError(f"{what} failed: {type(exc).__name__}: {exc}".strip())
+
+
+@final
+@attrs.define(eq=False)
+class PostgresStore:
+    """A :class:`~chatbus.Store` in PostgreSQL. Made by :func:`open_postgres`.
+
+    Safe to use from many trio tasks at once and from many processes at once. Every
+    database or connection error is raised as :class:`~chatbus.StoreError` with the
+    psycopg error as ``__cause__``; a failed append stores nothing.
+    """
+
+    _pool: psycopg_pool.AsyncConnectionPool
+    _aio: _AioRunner
+    _schema: str
+    _channel: str
+    _queries: _Queries
+    _closed: bool = attrs.field(default=False, init=False)
+
+    @property
+    def schema(self) -> str:
+        """The schema holding this store's tables."""
+        return self._schema
+
+    @property
+    def channel(self) -> str:
+        """The NOTIFY channel every append of this store notifies on."""
+        return self._channel
+
+    async def append(self, stream: str, drafts: Sequence[Draft]) -> list[Message]:
+        """Append ``drafts`` to ``stream`` in one transaction; see :meth:`chatbus.Store.append`.
+
+        Raises:
+            InvalidStream: ``stream`` is not a valid stream name.
+            StoreError: the append failed; nothing of the batch was stored.
+        """
+        check_stream(stream)
+        if not drafts:
+            await trio.lowlevel.checkpoint()
+            return []
+        drafts = list(drafts)
+        if all(draft.key is None for draft in drafts):
+            return await self._call("append", self._aio_append_unkeyed, stream, drafts)
+        return await self._call("append", self._aio_append_keyed, stream, drafts)
+
+    async def read(self, stream: str, after: int, limit: int) -> list[Message]:
+        """Return up to ``limit`` messages after ``after``; see :meth:`chatbus.Store.read`.
+
+        Raises:
+            InvalidStream: ``stream`` is not a valid stream name.
+            StoreError: the query failed.
+        """
+        check_stream(stream)
+        check_after(after)
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise ValueError(f"limit must be an int >= 0, got {limit!r}")
+        if limit == 0:
+            await trio.lowlevel.checkpoint()
+            return []
+        return await self._call("read", self._aio_read, stream, after, limit)
+
+    async def heads(self, streams: Sequence[str]) -> dict[str, int]:
+        """Return each stream's highest committed id in one query; see :meth:`chatbus.Store.heads`.
+
+        Raises:
+            InvalidStream: one of ``streams`` is not a valid stream name.
+            StoreError: the query failed.
+        """
+        wanted = list(dict.fromkeys(check_stream(stream) for stream in streams))
+        if not wanted:
+            await trio.lowlevel.checkpoint()
+            return {}
+        found = await self._call("heads", self._aio_heads, wanted)
+        return {stream: found.get(stream, 0) for stream in wanted}
+
+    async def _call(self, what: str, fn: Callable[..., Coroutine[Any, Any, _T]], *args: Any) -> _T:
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            raise StoreError(f"{what} failed: the Postgres store is closed")
+        try:
+            return await self._aio.run(fn, *args)
+        except _DB_ERRORS as exc:
+            raise _store_error(what, exc) from exc
+
+    # ---- asyncio side: each method below is one whole logical operation ----
+
+    async def _aio_append_unkeyed(self, stream: str, drafts: list[Draft]) -> list[Message]:
+        params = {
+            "stream": stream,
+            "n": len(drafts),
+            "bodies": [draft.body_json for draft in drafts],
+            "channel": self._channel,
+        }
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(self._queries.append_unkeyed, params)
+            row = await cur.fetchone()
+        if row is None:  # pragma: no cover - the upsert always returns its row
+            raise psycopg.DataError("counter upsert returned no row")
+        last_id: int = row[0]
+        created_at = _utc(row[1])
+        first = last_id - len(drafts) + 1
+        return [
+            Message.from_row(stream, first + i, json.loads(draft.body_json), None, created_at)
+            for i, draft in enumerate(drafts)
+        ]
+
+    async def _aio_append_keyed(self, stream: str, drafts: list[Draft]) -> list[Message]:
+        q = self._queries
+        keys = list(dict.fromkeys(d.key for d in drafts if d.key is not None))
+        # Pipelined: BEGIN + lock + key lookup travel together, then insert + COMMIT:
+        # two round trips. The server still runs them one after the other, so the
+        # lookup's snapshot is taken after the row lock was granted.
+        async with self._pool.connection() as conn, conn.pipeline():
+            async with conn.transaction():
+                lock = await conn.execute(q.lock_stream, (stream,))
+                found = await conn.execute(q.find_keys, (keys, stream))
+                row = await lock.fetchone()
+                if row is None:  # pragma: no cover
+                    raise psycopg.DataError("counter upsert returned no row")
+                last_id: int = row[0]
+                existing = {
+                    key: Message.from_row(stream, id_, json.loads(body), key, _utc(ts))
+                    for key, id_, body, ts in await found.fetchall()
+                }
+                slots, new = _plan_keyed_batch(drafts, existing)
+                if not new:
+                    return [slot for slot in slots if isinstance(slot, Message)]
+                new_last = last_id + len(new)
+                inserted = await conn.execute(
+                    q.insert_keyed,
+                    {
+                        "stream": stream,
+                        "ids": list(range(last_id + 1, new_last + 1)),
+                        "keys": [d.key for d in new],
+                        "bodies": [d.body_json for d in new],
+                        "last_id": new_last,
+                        "channel": self._channel,
+                    },
+                )
+            # Fetching after the COMMIT was queued: one sync for both.
+            row = await inserted.fetchone()
+        if row is None:  # pragma: no cover
+            raise psycopg.DataError("insert returned no row")
+        created_at = _utc(row[0])
+        fresh = [
+            Message.from_row(stream, last_id + 1 + i, json.loads(d.body_json), d.key, created_at)
+            for i, d in enumerate(new)
+        ]
+        return [fresh[slot] if isinstance(slot, int) else slot for slot in slots]
+
+    async def _aio_read(self, stream: str, after: int, limit: int) -> list[Message]:
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(self._queries.read, (stream, after, limit))
+            rows = await cur.fetchall()
+        return [
+            Message.from_row(stream, id_, json.loads(body), key, _utc(ts))
+            for id_, key, body, ts in rows
+        ]
+
+    async def _aio_heads(self, streams: list[str]) -> dict[str, int]:
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(self._queries.heads, (streams,))
+            rows = await cur.fetchall()
+        return {stream: last_id for stream, last_id in rows}
+
+
+class _ListenLost(Exception):
+    """The LISTEN connection failed or went silent."""
+
+
+@final
+@attrs.define(eq=False)
+class _ListenSession:
+    """One LISTEN connection, driven by hand through :mod:`psycopg.pq`."""
+
+    pgconn: pq.abc.PGconn
+    channel: bytes
+    ping_channel: bytes
+    handler: NoticeHandler
+    sock: int = attrs.field(init=False)
+    query_in_flight: bool = attrs.field(default=False, init=False)
+    ping_token: bytes | None = attrs.field(default=None, init=False)
+    ping_answered: bool = attrs.field(default=False, init=False)
+    notices: int = attrs.field(default=0, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.sock = self.pgconn.socket
+
+    @property
+    def backend_pid(self) -> int:
+        return self.pgconn.backend_pid
+
+    @property
+    def ping_done(self) -> bool:
+        """The last ping came back and its query finished."""
+        return self.ping_answered and not self.query_in_flight
+
+    def close(self) -> None:
+        if self.sock >= 0:
+            # Tell trio before the fd number can be reused by another connection.
+            trio.lowlevel.notify_closing(self.sock)
+            self.sock = -1
+        self.pgconn.finish()
+
+    async def send(self, query: bytes, params: Sequence[bytes] | None = None) -> None:
+        if self.query_in_flight:  # pragma: no cover - callers check
+            raise _ListenLost("a query is already in flight")
+        try:
+            if params is None:
+                self.pgconn.send_query(query)
+            else:
+                self.pgconn.send_query_params(query, params)
+            # Our queries are tiny: they fit in the socket buffer at once.
+            while self.pgconn.flush():
+                await trio.lowlevel.wait_writable(self.sock)
+        except _DB_ERRORS as exc:
+            raise _ListenLost(f"sending failed: {exc}") from exc
+        self.query_in_flight = True
+
+    async def execute(self, query: bytes) -> None:
+        """Send ``query`` and wait until all its results are in."""
+        await self.send(query)
+        while self.query_in_flight:
+            await trio.lowlevel.wait_readable(self.sock)
+            self.pump()
+
+    def pump(self) -> None:
+        """Consume what has arrived: query results, then notifications. Never blocks."""
+        pgconn = self.pgconn
+        try:
+            pgconn.consume_input()
+            while not pgconn.is_busy():
+                result = pgconn.get_result()
+                if result is None:
+                    self.query_in_flight = False
+                    break
+                if result.status not in (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK):
+                    message = result.error_message.decode("utf-8", "replace").strip()
+                    raise _ListenLost(f"query failed: {message}")
+            while (notify := pgconn.notifies()) is not None:
+                self._dispatch(notify)
+        except _DB_ERRORS as exc:
+            raise _ListenLost(str(exc).strip() or type(exc).__name__) from exc
+        if pgconn.status == pq.ConnStatus.BAD:
+            raise _ListenLost("connection is bad")
+
+    def _dispatch(self, notify: pq.PGnotify) -> None:
+        if notify.relname == self.channel:
+            parsed = _parse_payload(notify.extra)
+            if parsed is not None:
+                self.notices += 1
+                self.handler.notice(*parsed)
+        elif notify.relname == self.ping_channel and notify.extra == self.ping_token:
+            self.ping_answered = True
+
+
+def _parse_payload(payload: bytes) -> tuple[str, int] | None:
+    """Decode ``{"stream": str, "last_id": int}``; ``None`` for anything else."""
+    try:
+        data = json.loads(payload)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    stream = data.get("stream")
+    last_id = data.get("last_id")
+    if not isinstance(stream, str) or type(last_id) is not int or last_id < 1:
+        return None
+    try:
+        check_stream(stream)
+    except ValueError:
+        return None
+    return stream, last_id
+
+
+async def _pin_host_address(conninfo: str) -> str:
+    """Resolve a single host name off the event loop and pin it as ``hostaddr``.
+
+    libpq's non-blocking connect still resolves host names synchronously; with
+    ``hostaddr`` set it does not. Several hosts, sockets and addresses are left alone.
+    """
+    params = conninfo_to_dict(conninfo)
+    host = str(params.get("host") or "")
+    if params.get("hostaddr") or not host or "," in host or host.startswith("/"):
+        return conninfo
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    else:
+        return conninfo
+    port = int(str(params.get("port") or 5432))
+    try:
+        infos = await trio.socket.getaddrinfo(host, port, type=trio.socket.SOCK_STREAM)
+    except OSError as exc:
+        raise psycopg.OperationalError(f"could not resolve host {host!r}: {exc}") from exc
+    return make_conninfo(conninfo, hostaddr=str(infos[0][4][0]))
+
+
+async def _connect_pq(conninfo: str, connect_timeout: float) -> pq.abc.PGconn:
+    """Open a raw libpq connection without blocking the trio loop (or a thread).
+
+    Follows libpq's ``PQconnectStart`` / ``PQconnectPoll`` protocol under
+    :func:`trio.lowlevel.wait_readable` / ``wait_writable``; the timeout is ours,
+    since libpq only enforces ``connect_timeout`` in its blocking connect.
+    """
+    conninfo = await _pin_host_address(conninfo)
+    pgconn = pq.PGconn.connect_start(conninfo.encode("utf-8"))
+    try:
+        with trio.move_on_after(connect_timeout) as scope:
+            status = pq.PollingStatus.WRITING
+            while status != pq.PollingStatus.OK:
+                if status == pq.PollingStatus.FAILED or pgconn.status == pq.ConnStatus.BAD:
+                    message = pgconn.get_error_message().strip()
+                    raise psycopg.OperationalError(f"connection failed: {message}")
+                if status == pq.PollingStatus.READING:
+                    await trio.lowlevel.wait_readable(pgconn.socket)
+                else:
+                    await trio.lowlevel.wait_writable(pgconn.socket)
+                status = pq.PollingStatus(pgconn.connect_poll())
+        if scope.cancelled_caught:
+            raise psycopg.OperationalError(f"connection timed out after {connect_timeout} s")
+        pgconn.nonblocking = 1
+    except BaseException:
+        pgconn.finish()
+        raise
+    return pgconn
+
+
+@final
+@attrs.define(eq=False)
+class PostgresNotifier:
+    """A :class:`~chatbus.Notifier` over PostgreSQL LISTEN/NOTIFY. Made by :func:`open_postgres`.
+
+    The notices are sent by :class:`PostgresStore` inside each append transaction,
+    so :meth:`notify` does nothing. :meth:`listen` owns one dedicated session
+    connection (``application_name`` ``chatbus-listen``) and reads it with
+    :mod:`psycopg.pq` under :func:`trio.lowlevel.wait_readable`.
+
+    Liveness: libpq TCP keepalives, plus a self-notify ("ping") on a private channel
+    every ``ping_interval`` seconds that must come back within ``ping_timeout``. A
+    failed or silent connection is replaced (exponential backoff with jitter, up to
+    ``max_backoff`` seconds) and each reconnect ends with ``handler.resync()``.
+    """
+
+    _conninfo: str
+    _channel: str
+    connect_timeout: float = 5.0
+    ping_interval: float = 5.0
+    ping_timeout: float = 5.0
+    min_backoff: float = 0.05
+    max_backoff: float = 5.0
+    _reconnects: int = attrs.field(default=0, init=False)
+    _sessions: set[_ListenSession] = attrs.field(factory=set, init=False)
+
+    @property
+    def channel(self) -> str:
+        """The NOTIFY channel this notifier listens on."""
+        return self._channel
+
+    @property
+    def reconnects(self) -> int:
+        """How many times a LISTEN connection was replaced after a failure."""
+        return self._reconnects
+
+    @property
+    def listen_pids(self) -> frozenset[int]:
+        """Server process ids of the live LISTEN connections (for monitoring and tests)."""
+        return frozenset(session.backend_pid for session in self._sessions)
+
+    async def notify(self, stream: str, last_id: int) -> None:
+        """Do nothing: :class:`PostgresStore` already notified inside the append transaction.
+
+        The NOTIFY is part of the transaction that commits the batch, so it is delivered
+        if and only if the batch commits, in commit order, to every process.
+        """
+        await trio.lowlevel.checkpoint()
+
+    async def listen(
+        self,
+        handler: NoticeHandler,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Report notices to ``handler`` until cancelled; see :meth:`chatbus.Notifier.listen`.
+
+        ``task_status.started()`` is called once LISTEN is acknowledged by the server.
+        After that, connection failures are never raised: the connection is replaced
+        and ``handler.resync()`` is called once LISTEN is acknowledged again.
+
+        Raises:
+            StoreError: the first connection (before ``started()``) failed.
+        """
+        try:
+            session = await self._open_session(handler)
+        except _ListenLost as exc:
+            raise StoreError(f"LISTEN connection failed: {exc}") from exc
+        task_status.started()
+        while True:
+            try:
+                await self._serve(session)
+            except _ListenLost as exc:
+                logger.warning("chatbus LISTEN connection lost (%s); reconnecting", exc)
+            finally:
+                self._sessions.discard(session)
+                session.close()
+            session = await self._reconnect(handler)
+            self._reconnects += 1
+            handler.resync()
+
+    async def _reconnect(self, handler: NoticeHandler) -> _ListenSession:
+        delay = self.min_backoff
+        while True:
+            # Jitter in [delay/2, delay]: processes that lost the server together
+            # do not all come back in the same instant.
+            await trio.sleep(random.uniform(delay / 2, delay))
+            try:
+                return await self._open_session(handler)
+            except _ListenLost as exc:
+                logger.info("chatbus LISTEN reconnect failed (%s)", exc)
+                delay = min(delay * 2, self.max_backoff)
+
+    async def _open_session(self, handler: NoticeHandler) -> _ListenSession:
+        try:
+            pgconn = await _connect_pq(self._conninfo, self.connect_timeout)
+        except _DB_ERRORS as exc:
+            raise _ListenLost(str(exc).strip()) from exc
+        token = random.getrandbits(64)
+        session = _ListenSession(
+            pgconn=pgconn,
+            channel=self._channel.encode("ascii"),
+            ping_channel=f"{self._channel}_ping_{token:016x}".encode("ascii"),
+            handler=handler,
+        )
+        try:
+            listen = sql.SQL("LISTEN {}; LISTEN {}").format(
+                sql.Identifier(self._channel),
+                sql.Identifier(session.ping_channel.decode("ascii")),
+            )
+            with trio.fail_after(self.ping_timeout):
+                await session.execute(listen.as_bytes(None))
+        except BaseException as exc:
+            session.close()
+            if isinstance(exc, trio.TooSlowError):
+                raise _ListenLost("LISTEN was not acknowledged in time") from exc
+            raise
+        self._sessions.add(session)
+        return session
+
+    async def _serve(self, session: _ListenSession) -> None:
+        ping_query = b"SELECT pg_notify($1, $2)"
+        next_ping = trio.current_time() + self.ping_interval
+        ping_deadline: float | None = None
+        serial = 0
+        while True:
+            with trio.move_on_at(next_ping if ping_deadline is None else ping_deadline):
+                await trio.lowlevel.wait_readable(session.sock)
+                session.pump()
+            now = trio.current_time()
+            if ping_deadline is not None:
+                if not session.ping_done and now >= ping_deadline:
+                    session.pump()  # the answer may be waiting, unread, in the socket
+                    if not session.ping_done:
+                        raise _ListenLost(f"no answer to a ping within {self.ping_timeout} s")
+                if session.ping_done:
+                    ping_deadline = None
+                    next_ping = now + self.ping_interval
+            elif now >= next_ping:
+                serial += 1
+                session.ping_token = str(serial).encode("ascii")
+                session.ping_answered = False
+                await session.send(ping_query, [session.ping_channel, session.ping_token])
+                ping_deadline = now + self.ping_timeout
+
+
+async def _check_connection(conn: psycopg.AsyncConnection[Any]) -> None:
+    """Pool check: cheap unless the idle connection's socket has something to say.
+
+    An idle connection should receive nothing. If its socket is readable, the
+    server probably closed it (restart, ``pg_terminate_backend``), so a real round
+    trip decides; otherwise the connection is handed out without one.
+    """
+    if conn.closed or conn.pgconn.status != pq.ConnStatus.OK:
+        raise psycopg.OperationalError("connection is closed")
+    poller = select.poll()
+    poller.register(conn.pgconn.socket, select.POLLIN)
+    if poller.poll(0):
+        await conn.execute("")
+
+
+def _check_schema(schema: object) -> None:
+    if not isinstance(schema, str):
+        raise TypeError(f"schema must be a str, not {type(schema).__name__}")
+    # Postgres truncates identifiers to 63 bytes: two long names could collide.
+    if not schema or "\x00" in schema or len(schema.encode("utf-8", "replace")) > 63:
+        raise ValueError(f"schema must be 1 to 63 bytes of UTF-8 without NULs, got {schema!r}")
+
+
+def _with_defaults(dsn: str, **defaults: Any) -> str:
+    given = conninfo_to_dict(dsn)
+    extra = {name: value for name, value in defaults.items() if name not in given}
+    return make_conninfo(dsn, **extra)
+
+
+@asynccontextmanager
+async def open_postgres(
+    dsn: str,
+    *,
+    schema: str = "chatbus",
+    min_connections: int = 1,
+    max_connections: int = 10,
+    acquire_timeout: float = 5.0,
+    connect_timeout: int = 5,
+    ping_interval: float = 5.0,
+    ping_timeout: float = 5.0,
+    max_backoff: float = 5.0,
+) -> AsyncIterator[tuple[PostgresStore, PostgresNotifier]]:
+    """Open a Postgres store and notifier pair for ``dsn``; close both on exit.
+
+    Works from plain trio code: if no trio-asyncio loop is running in this task, one
+    is opened for the lifetime of the block; otherwise the running one is used.
+    Creates the schema and tables if they do not exist (safe when several processes
+    start at once: the DDL runs under a transaction-scoped advisory lock).
+
+    Example::
+
+        async with chatbus.postgres.open_postgres(dsn) as (store, notifier):
+            async with chatbus.open_bus(store=store, notifier=notifier) as bus:
+                ...
+
+    Args:
+        dsn: A libpq connection string or ``postgresql://`` URL. Keepalives, a
+            ``connect_timeout`` and an ``application_name`` are added unless given.
+        schema: The schema holding the tables; each schema is an independent
+            namespace with its own NOTIFY channel.
+        min_connections: Connections the pool keeps open (1 to 100).
+        max_connections: Most connections the pool opens (``min_connections`` to 1000).
+        acquire_timeout: Seconds an operation waits for a pool connection before it
+            fails with :class:`~chatbus.StoreError` (0.1 to 600). This is what makes
+            a publish fail promptly while the database is unreachable.
+        connect_timeout: libpq ``connect_timeout`` in seconds, unless the DSN sets one
+            (1 to 600).
+        ping_interval: Seconds between LISTEN liveness pings (0.1 to 3600).
+        ping_timeout: Seconds a ping may take before the LISTEN connection is
+            declared dead and replaced (0.1 to 3600).
+        max_backoff: Longest pause between LISTEN reconnect attempts (0.1 to 600).
+
+    Raises:
+        StoreError: the database could not be reached or the schema not created.
+    """
+    _check_schema(schema)
+    check_range("min_connections", min_connections, 1, 100)
+    check_range("max_connections", max_connections, min_connections, 1000)
+    check_range("acquire_timeout", acquire_timeout, 0.1, 600)
+    check_range("connect_timeout", connect_timeout, 1, 600)
+    check_range("ping_interval", ping_interval, 0.1, 3600)
+    check_range("ping_timeout", ping_timeout, 0.1, 3600)
+    check_range("max_backoff", max_backoff, 0.1, 600)
+    try:
+        common = {"connect_timeout": int(connect_timeout), **_KEEPALIVES}
+        pool_conninfo = _with_defaults(dsn, application_name=POOL_APPLICATION_NAME, **common)
+        listen_conninfo = make_conninfo(
+            _with_defaults(dsn, **common),
+            application_name=LISTEN_APPLICATION_NAME,
+            client_encoding="UTF8",
+        )
+    except psycopg.ProgrammingError as exc:
+        raise ValueError(f"invalid Postgres DSN: {exc}") from None
+
+    settings = _PairSettings(
+        pool_conninfo=pool_conninfo,
+        listen_conninfo=listen_conninfo,
+        schema=schema,
+        min_connections=min_connections,
+        max_connections=max_connections,
+        acquire_timeout=acquire_timeout,
+        connect_timeout=connect_timeout,
+        ping_interval=ping_interval,
+        ping_timeout=ping_timeout,
+        max_backoff=max_backoff,
+    )
+    loop = trio_asyncio.current_loop.get()
+    if loop is not None and not loop.is_closed():
+        async with _open_pair(_AioRunner(loop), settings) as pair:
+            yield pair
+        return
+
+    # Our own trio-asyncio loop. Its nurseries wrap whatever passes through them
+    # (our errors and the body's) in ExceptionGroups; a single failure comes out as
+    # itself, the very object that was raised.
+    body_error: BaseException | None = None
+    try:
+        async with (
+            trio_asyncio.open_loop() as loop,
+            _open_pair(_AioRunner(loop), settings) as pair,
+        ):
+            try:
+                yield pair
+            except BaseException as exc:
+                body_error = exc
+                raise
+        return
+    except BaseExceptionGroup as group:
+        sole = _sole_error(group, body_error)
+        if sole is None:
+            raise
+    raise sole
+
+
+def _sole_error(
+    group: BaseExceptionGroup[Any], body_error: BaseException | None
+) -> BaseException | None:
+    """The one exception wrapped (possibly in nested groups) by ``group``, if only one."""
+    node: BaseException = group
+    while isinstance(node, BaseExceptionGroup):
+        if node is body_error:
+            return node
+        if len(node.exceptions) != 1:
+            return None
+        node = node.exceptions[0]
+    return node
+
+
+@final
+@attrs.frozen(kw_only=True)
+class _PairSettings:
+    pool_conninfo: str
+    listen_conninfo: str
+    schema: str
+    min_connections: int
+    max_connections: int
+    acquire_timeout: float
+    connect_timeout: float
+    ping_interval: float
+    ping_timeout: float
+    max_backoff: float
+
+
+@asynccontextmanager
+async def _open_pair(
+    aio: _AioRunner, settings: _PairSettings
+) -> AsyncIterator[tuple[PostgresStore, PostgresNotifier]]:
+    schema = settings.schema
+    channel = channel_for_schema(schema)
+    pool: psycopg_pool.AsyncConnectionPool = psycopg_pool.AsyncConnectionPool(
+        settings.pool_conninfo,
+        kwargs={"autocommit": True},
+        min_size=settings.min_connections,
+        max_size=settings.max_connections,
+        open=False,
+        check=_check_connection,
+        timeout=settings.acquire_timeout,
+        reconnect_timeout=max(60.0, settings.acquire_timeout),
+        name=f"chatbus:{schema}",
+    )
+    store = PostgresStore(pool, aio, schema, channel, _Queries.for_schema(schema))
+    notifier = PostgresNotifier(
+        settings.listen_conninfo,
+        channel,
+        connect_timeout=settings.connect_timeout,
+        ping_interval=settings.ping_interval,
+        ping_timeout=settings.ping_timeout,
+        max_backoff=settings.max_backoff,
+    )
+    try:
+        await aio.run(_aio_open_pool, pool, schema, settings.acquire_timeout)
+    except _DB_ERRORS as exc:
+        with trio.move_on_after(5, shield=True):
+            await aio.run(pool.close, 1.0)
+        raise StoreError(f"opening the Postgres store failed: {exc}") from exc
+    try:
+        yield store, notifier
+    finally:
+        store._closed = True
+        with trio.move_on_after(5, shield=True):
+            try:
+                await aio.run(pool.close, 3.0)
+            except Exception:  # cleanup must not mask the body's error
+                logger.exception("closing the chatbus connection pool failed")
+
+
+async def _aio_open_pool(
+    pool: psycopg_pool.AsyncConnectionPool, schema: str, acquire_timeout: float
+) -> None:
+    await pool.open(wait=True, timeout=acquire_timeout)
+    async with pool.connection() as conn, conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_ddl_lock_key(schema),))
+        for statement in _ddl(schema):
+            await conn.execute(statement)

@@ -1,0 +1,268 @@
+"""Test support for the Postgres backend: a real server, fresh schemas, a TCP proxy.
+
+* :func:`pg_dsn` returns the test server's DSN (env ``CHATBUS_TEST_DSN``, default
+  ``postgresql://postgres@127.0.0.1:5432/test``), or skips the test when the server is
+  unreachable — or fails it when ``CHATBUS_REQUIRE_POSTGRES=1``.
+* :func:`fresh_postgres_pair` yields a ``(PostgresStore, PostgresNotifier)`` pair on a
+  new uniquely named schema that is dropped afterwards, so tests are isolated::
+
+      async with fresh_postgres_pair() as (store, notifier):
+          async with chatbus.open_bus(store=store, notifier=notifier) as bus:
+              ...
+
+* :func:`fresh_schema` yields ``(dsn, schema)`` for tests that open the store
+  themselves or in subprocesses (``open_postgres(dsn, schema=schema)``).
+* :func:`send_raw_notice` sends a notice the way another process's append would.
+* :class:`TcpProxy` sits between a client and the server and can refuse, cut or
+  freeze traffic: the way to make the database "unavailable" or "silent" on demand.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import asynccontextmanager
+from typing import Any, final
+
+import attrs
+import psycopg
+import pytest
+import trio
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from chatbus.postgres import PostgresNotifier, PostgresStore, open_postgres
+
+DEFAULT_TEST_DSN = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+def configured_dsn() -> str:
+    """The DSN tests use: ``$CHATBUS_TEST_DSN`` or the local default."""
+    return os.environ.get("CHATBUS_TEST_DSN") or DEFAULT_TEST_DSN
+
+
+@functools.cache
+def _probe(dsn: str) -> str | None:
+    """``None`` if the server answers, else why not (cached per process)."""
+    try:
+        with psycopg.connect(dsn, connect_timeout=3, autocommit=True) as conn:
+            conn.execute("SELECT 1")
+    except psycopg.Error as exc:
+        return str(exc).strip() or type(exc).__name__
+    return None
+
+
+def pg_dsn() -> str:
+    """Return the test DSN if the server is reachable, else skip (or fail) the test."""
+    dsn = configured_dsn()
+    reason = _probe(dsn)
+    if reason is not None:
+        message = f"PostgreSQL not reachable at {dsn}: {reason}"
+        if os.environ.get("CHATBUS_REQUIRE_POSTGRES") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    return dsn
+
+
+def unique_schema_name(prefix: str = "chatbus_test") -> str:
+    """A fresh schema name, unique across processes and runs."""
+    return f"{prefix}_{uuid.uuid4().hex[:16]}"
+
+
+def admin_execute(query: str | sql.Composable, params: Any = None) -> list[tuple[Any, ...]]:
+    """Run one statement on a short-lived autocommit connection; return its rows."""
+    with psycopg.connect(pg_dsn(), connect_timeout=3, autocommit=True) as conn:
+        cur = conn.execute(query, params)
+        return cur.fetchall() if cur.description is not None else []
+
+
+def drop_schema(schema: str) -> None:
+    """Drop ``schema`` and everything in it."""
+    admin_execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+
+
+async def terminate_backends(pids: Iterable[int]) -> int:
+    """``pg_terminate_backend`` each of ``pids``; return how many were terminated."""
+    wanted = sorted(pids)
+    if not wanted:
+        return 0
+    rows = await trio.to_thread.run_sync(
+        admin_execute,
+        "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM unnest(%s::int[]) AS pid",
+        (wanted,),
+    )
+    return int(rows[0][0])
+
+
+def notice_payload(stream: str, last_id: int) -> str:
+    """The NOTIFY payload a :class:`PostgresStore` append sends."""
+    return json.dumps({"stream": stream, "last_id": last_id})
+
+
+async def send_raw_notice(channel: str, stream: str, last_id: int) -> None:
+    """NOTIFY ``channel`` like another process's append would, without appending.
+
+    ``channel`` is ``store.channel`` (or ``channel_for_schema(schema)``).
+    """
+    await trio.to_thread.run_sync(
+        admin_execute, "SELECT pg_notify(%s, %s)", (channel, notice_payload(stream, last_id))
+    )
+
+
+@asynccontextmanager
+async def fresh_schema() -> AsyncIterator[tuple[str, str]]:
+    """Yield ``(dsn, schema)`` for a new schema name; drop the schema afterwards."""
+    dsn = pg_dsn()
+    schema = unique_schema_name()
+    try:
+        yield dsn, schema
+    finally:
+        with trio.move_on_after(10, shield=True):
+            await trio.to_thread.run_sync(drop_schema, schema)
+
+
+@asynccontextmanager
+async def fresh_postgres_pair(
+    *, dsn: str | None = None, **options: Any
+) -> AsyncIterator[tuple[PostgresStore, PostgresNotifier]]:
+    """Yield a store/notifier pair on a fresh schema that is dropped afterwards.
+
+    Args:
+        dsn: Connect here instead of the test server (e.g. through a
+            :class:`TcpProxy`); the schema is still created and dropped on the
+            test server.
+        **options: Passed to :func:`chatbus.postgres.open_postgres`.
+    """
+    async with fresh_schema() as (default_dsn, schema):
+        async with open_postgres(dsn or default_dsn, schema=schema, **options) as pair:
+            yield pair
+
+
+async def eventually(predicate: Callable[[], bool]) -> None:
+    """Wait until ``predicate()`` holds; bound it with the test's ``trio.fail_after``.
+
+    Polling, because the state watched (a recorder, a set of pids) has no event.
+    """
+    while not predicate():  # noqa: ASYNC110
+        await trio.sleep(0.01)
+
+
+def listen_pids(notifier: PostgresNotifier) -> frozenset[int]:
+    """Server pids of ``notifier``'s LISTEN connections."""
+    return notifier.listen_pids
+
+
+def dsn_via(dsn: str, host: str, port: int) -> str:
+    """``dsn`` with its host and port replaced."""
+    params = conninfo_to_dict(dsn)
+    params.pop("hostaddr", None)
+    return make_conninfo(**{**params, "host": host, "port": str(port)})
+
+
+@final
+@attrs.define(eq=False)
+class TcpProxy:
+    """A TCP forwarder to the test server, run in a trio nursery, for fault injection.
+
+    States: ``open`` (forwards), ``frozen`` (connections stay up but no byte moves:
+    a silent network), ``down`` (refuses new connections and cuts existing ones).
+    Always listens on the same port, so a DSN through it stays valid.
+    """
+
+    target_host: str
+    target_port: int
+    port: int = 0
+    state: str = "down"
+    connections_made: int = 0
+    _nursery: trio.Nursery | None = None
+    _listener_scope: trio.CancelScope | None = None
+    _pair_scopes: set[trio.CancelScope] = attrs.Factory(set)
+    _flowing: trio.Event = attrs.Factory(trio.Event)
+
+    @classmethod
+    def to_dsn(cls, dsn: str) -> TcpProxy:
+        """A proxy to the server ``dsn`` points at (not started)."""
+        params = conninfo_to_dict(dsn)
+        return cls(str(params.get("host") or "127.0.0.1"), int(params.get("port") or 5432))
+
+    def dsn(self, dsn: str) -> str:
+        """``dsn`` rewritten to go through this proxy."""
+        return dsn_via(dsn, "127.0.0.1", self.port)
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        """Start forwarding (on a fresh port), running in ``nursery``."""
+        self._nursery = nursery
+        await self.up()
+
+    async def up(self) -> None:
+        """Accept and forward again (after :meth:`freeze` or :meth:`down`)."""
+        assert self._nursery is not None
+        self._flowing.set()
+        if self.state == "down":
+            await self._nursery.start(self._serve)
+        self.state = "open"
+
+    def freeze(self) -> None:
+        """Keep connections open (and accept new ones) but forward no byte."""
+        if self._flowing.is_set():
+            self._flowing = trio.Event()
+        if self.state == "open":
+            self.state = "frozen"
+
+    def down(self) -> None:
+        """Refuse new connections and cut the existing ones."""
+        if self._listener_scope is not None:
+            self._listener_scope.cancel()
+            self._listener_scope = None
+        for scope in self._pair_scopes:
+            scope.cancel()
+        self.state = "down"
+
+    async def _serve(self, *, task_status: trio.TaskStatus[None]) -> None:
+        listeners = await trio.open_tcp_listeners(self.port, host="127.0.0.1")
+        listener = listeners[0]
+        self.port = listener.socket.getsockname()[1]
+        with trio.CancelScope() as scope:
+            self._listener_scope = scope
+            task_status.started()
+            try:
+                while True:
+                    client = await listener.accept()
+                    self.connections_made += 1
+                    assert self._nursery is not None
+                    self._nursery.start_soon(self._forward, client)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await listener.aclose()
+
+    async def _forward(self, client: trio.SocketStream) -> None:
+        with trio.CancelScope() as scope:
+            self._pair_scopes.add(scope)
+            try:
+                try:
+                    server = await trio.open_tcp_stream(self.target_host, self.target_port)
+                except OSError:
+                    return
+                async with server, trio.open_nursery() as nursery:
+                    nursery.start_soon(self._pipe, client, server, nursery.cancel_scope)
+                    nursery.start_soon(self._pipe, server, client, nursery.cancel_scope)
+            finally:
+                self._pair_scopes.discard(scope)
+                with trio.CancelScope(shield=True):
+                    await client.aclose()
+
+    async def _pipe(
+        self, source: trio.SocketStream, sink: trio.SocketStream, pair: trio.CancelScope
+    ) -> None:
+        try:
+            while data := await source.receive_some(65536):
+                while not self._flowing.is_set():
+                    await self._flowing.wait()
+                await sink.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        # Either side closing ends the pair, as a direct connection would.
+        pair.cancel()
