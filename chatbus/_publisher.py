@@ -200,16 +200,22 @@ class Producer:
         for request in live:
             request.phase = _Phase.TAKEN
         stream = self.topic.name
+        self.topic.appending += 1
         try:
             messages = await self.store.append(stream, [request.draft for request in live])
             if len(messages) != len(live):
                 raise StoreError(f"store returned {len(messages)} messages for {len(live)} drafts")
-        except Exception as exc:
+        except BaseException as exc:
+            self.topic.appending -= 1
+            self.topic.append_failed()
+            if not isinstance(exc, Exception):
+                raise  # cancelled: _retire fails the requests
             for request in live:
                 error = StoreError(f"append to stream {stream!r} failed: {exc}")
                 error.__cause__ = exc
                 request.fail(error)
             return
+        self.topic.appending -= 1
         last_id = self.topic.committed(messages)
         for request, message in zip(live, messages, strict=True):
             request.resolve(message)

@@ -226,6 +226,12 @@ class Subscriber:
                 state.request_rescan()
             run: list[Message] | None = state.from_cache(cache, limit)
             if not run and state.wants_store(topic.high_water):
+                if topic.appending and not state.rescan and cache.top <= state.cursor:
+                    # Nothing missing below what the cache holds, and a local append
+                    # is in flight: the news is most likely its own, and its commit
+                    # will wake us with a fuller cache. A hole found then is read.
+                    await changed.wait()
+                    continue
                 run = await self._read(topic, backoff)
                 if run is None:
                     continue
@@ -241,14 +247,27 @@ class Subscriber:
                 await changed.wait()
 
     async def _read(self, topic: Topic, backoff: Backoff) -> list[Message] | None:
-        """Read the store after the cursor; None after a failed read (already slept)."""
+        """Read the store after the cursor; None means "look again".
+
+        Subscriptions at the same cursor share one read: the others wait for it and
+        then find its page in the cache. After a failed read, this sleeps first.
+        """
         state = self._state
+        cursor = state.cursor
+        shared = topic.reads.get(cursor)
+        if shared is not None:
+            await shared.wait()
+            return None
+        done = topic.reads[cursor] = trio.Event()
         state.begin_read(topic.high_water)
         try:
-            page = await self._store.read(self._stream, state.cursor, self._read_limit)
+            page = await self._store.read(self._stream, cursor, self._read_limit)
         except StoreError:
             self._store_errors += 1
             await backoff.sleep()
             return None
+        finally:
+            del topic.reads[cursor]
+            done.set()
         topic.cache.put(page)
         return state.take(page, self._read_limit)

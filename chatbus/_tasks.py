@@ -42,7 +42,9 @@ class ServiceNursery:
         try:
             return bool(await self._manager.__aexit__(exc_type, exc, tb))
         except BaseExceptionGroup as group:
-            body, rest = group.split(lambda error: error is exc)
+            # trio re-wraps (copies) a group raised by the body, so match its leaves.
+            from_body = {id(leaf) for leaf in _leaves(exc)} if exc is not None else set()
+            body, rest = group.split(lambda error: id(error) in from_body)
             failures = None if rest is None else rest.split(trio.Cancelled)[1]
             if failures is not None:
                 raise BusError(
@@ -51,6 +53,12 @@ class ServiceNursery:
             if body is not None:
                 return False  # the body's own exception goes on, unwrapped
             raise  # only cancellations: trio routes them to their scope
+
+
+def _leaves(error: BaseException) -> list[BaseException]:
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for member in error.exceptions for leaf in _leaves(member)]
+    return [error]
 
 
 @final

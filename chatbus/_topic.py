@@ -34,6 +34,12 @@ class Topic:
     changed: trio.Event = attrs.field(factory=trio.Event)
     subscribers: int = 0
     users: int = 0
+    #: Local appends in flight. Their notice may arrive (from the listener) before
+    #: the append returns; subscriptions then wait for the commit to fill the cache
+    #: rather than all reading back what this process has just written.
+    appending: int = 0
+    #: Store reads in flight, by cursor: subscriptions at the same cursor share one.
+    reads: dict[int, trio.Event] = attrs.field(factory=dict)
 
     def advance(self, last_id: int) -> None:
         """Record that ids up to ``last_id`` exist; wake subscriptions if that is news."""
@@ -48,8 +54,13 @@ class Topic:
         """
         self.cache.put(messages)
         last_id = max(message.id for message in messages)
-        self.advance(last_id)
+        self.high_water = max(self.high_water, last_id)
+        self._wake()  # even if a notice already raised high_water: the cache grew
         return last_id
+
+    def append_failed(self) -> None:
+        """A local append failed: subscriptions waiting for it must look again."""
+        self._wake()
 
     def resync(self) -> None:
         """Make every subscription of this topic rescan from its cursor."""
