@@ -63,6 +63,7 @@ class _Options:
     max_batch: int
     max_pending: int
     read_batch: int
+    max_concurrent_reads: int
     max_body_bytes: int
     poll_interval: float | None
 
@@ -108,7 +109,9 @@ class Bus:
     _poll_errors: int = attrs.field(default=0, init=False)
 
     def __attrs_post_init__(self) -> None:
-        self._topics = Topics(self._options.cache_size)
+        self._topics = Topics(
+            self._options.cache_size, trio.CapacityLimiter(self._options.max_concurrent_reads)
+        )
         self._router = _Router(self._topics.by_name)
 
     @property
@@ -316,6 +319,7 @@ async def open_bus(
     max_batch: int = 256,
     max_pending: int = 4096,
     read_batch: int = 256,
+    max_concurrent_reads: int = 8,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     poll_interval: float | None = 1.0,
 ) -> AsyncIterator[Bus]:
@@ -335,6 +339,8 @@ async def open_bus(
         max_pending: Most publish requests waiting per producer (1..1000000).
         read_batch: Most messages per store read and per hand-over to a consumer
             (1..10000); also bounds what a subscription buffers.
+        max_concurrent_reads: Most store reads in flight at once, over all of this
+            bus's subscriptions (1..1000); keep it below the store's connection count.
         max_body_bytes: Largest accepted body, as UTF-8 JSON (1..64 MiB).
         poll_interval: Seconds between safety-net polls of stream heads, which bound
             the delay a lost notice can cause; None turns polling off.
@@ -346,6 +352,7 @@ async def open_bus(
     check_range("max_batch", max_batch, 1, 100_000)
     check_range("max_pending", max_pending, 1, 1_000_000)
     check_range("read_batch", read_batch, 1, MAX_READ_LIMIT)
+    check_range("max_concurrent_reads", max_concurrent_reads, 1, 1000)
     check_range("max_body_bytes", max_body_bytes, 1, 64 * 1024 * 1024)
     if poll_interval is not None:
         check_range("poll_interval", poll_interval, 0.001, 86_400)
@@ -354,6 +361,7 @@ async def open_bus(
         max_batch=max_batch,
         max_pending=max_pending,
         read_batch=read_batch,
+        max_concurrent_reads=max_concurrent_reads,
         max_body_bytes=max_body_bytes,
         poll_interval=poll_interval,
     )

@@ -261,7 +261,8 @@ class Subscriber:
         done = topic.reads[cursor] = trio.Event()
         state.begin_read(topic.high_water)
         try:
-            page = await self._store.read(self._stream, cursor, self._read_limit)
+            async with self._topics.read_limiter:
+                page = await self._store.read(self._stream, cursor, self._read_limit)
         except StoreError:
             self._store_errors += 1
             await backoff.sleep()

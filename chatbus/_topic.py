@@ -78,6 +78,10 @@ class Topics:
     """A bus's routing table: stream name → topic, kept only while something uses it."""
 
     cache_size: int
+    #: Bounds the store reads of all subscriptions together, so that thousands of
+    #: subscriptions starting at once queue here (cheaply, without timeouts) rather
+    #: than in a connection pool.
+    read_limiter: trio.CapacityLimiter
     by_name: dict[str, Topic] = attrs.field(factory=dict, init=False)
     #: Open subscriptions, to end them when the bus closes.
     subscriptions: set[Stoppable] = attrs.field(factory=set, init=False)
