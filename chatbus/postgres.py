@@ -120,14 +120,19 @@ class _AioRunner:
 @final
 @attrs.frozen
 class _Queries:
-    """The store's SQL, composed once per schema with :class:`psycopg.sql.Identifier`."""
+    """The store's SQL, composed once per schema with :class:`psycopg.sql.Identifier`.
 
-    append_unkeyed: sql.Composed
-    lock_stream: sql.Composed
-    find_keys: sql.Composed
-    insert_keyed: sql.Composed
-    read: sql.Composed
-    heads: sql.Composed
+    Kept as plain strings: psycopg converts a query once (cached by its text) instead
+    of composing it again at every execution; it still encodes each one in the
+    connection's encoding.
+    """
+
+    append_unkeyed: str
+    lock_stream: str
+    find_keys: str
+    insert_keyed: str
+    read: str
+    heads: str
 
     @classmethod
     def for_schema(cls, schema: str) -> _Queries:
@@ -135,6 +140,11 @@ class _Queries:
             "streams": sql.Identifier(schema, "streams"),
             "messages": sql.Identifier(schema, "messages"),
         }
+        # The bodies of a batch travel as ONE text parameter, joined with U+001E
+        # (see _pack_bodies), and are split back server-side; each piece is still
+        # cast to json on its own. Much cheaper on the client than a text[]
+        # parameter, which psycopg escapes element by element.
+        #
         # One statement, one implicit transaction (pool connections are autocommit):
         # bump the counter (the row lock orders concurrent appenders), insert the
         # batch with the ids just reserved, and notify once.
@@ -148,7 +158,9 @@ class _Queries:
             ), ins AS (
                 INSERT INTO {messages} (stream, id, key, body)
                 SELECT %(stream)s::text, bump.last_id - %(n)s::bigint + b.ord, NULL, b.body::json
-                FROM bump, unnest(%(bodies)s::text[]) WITH ORDINALITY AS b(body, ord)
+                FROM bump,
+                    unnest(string_to_array(%(bodies)s::text, chr(30))) WITH ORDINALITY
+                    AS b(body, ord)
             )
             SELECT bump.last_id, now(), pg_notify(
                 %(channel)s::text,
@@ -166,19 +178,21 @@ class _Queries:
             RETURNING st.last_id
             """
         ).format(**names)
-        # One index probe per key, whatever the statistics say.
+        # One index probe per key, whatever the statistics say. Keys (any text but
+        # NUL) travel as a binary text[]: no escaping.
         find_keys = sql.SQL(
             "SELECT m.key, m.id, m.body::text, m.created_at"
-            " FROM unnest(%s::text[]) AS k(key) JOIN {messages} AS m"
+            " FROM unnest(%b::text[]) AS k(key) JOIN {messages} AS m"
             " ON m.stream = %s::text AND m.key = k.key AND m.key IS NOT NULL"
         ).format(**names)
         insert_keyed = sql.SQL(
             """
             WITH ins AS (
                 INSERT INTO {messages} (stream, id, key, body)
-                SELECT %(stream)s::text, b.id, b.key, b.body::json
-                FROM unnest(%(ids)s::bigint[], %(keys)s::text[], %(bodies)s::text[])
-                    AS b(id, key, body)
+                SELECT %(stream)s::text, %(first)s::bigint - 1 + b.ord, b.key, b.body::json
+                FROM unnest(
+                    %(keys)b::text[], string_to_array(%(bodies)s::text, chr(30))
+                ) WITH ORDINALITY AS b(key, body, ord)
             ), upd AS (
                 UPDATE {streams} SET last_id = %(last_id)s::bigint WHERE stream = %(stream)s::text
             )
@@ -193,15 +207,15 @@ class _Queries:
             " WHERE stream = %s::text AND id > %s::bigint ORDER BY id LIMIT %s::bigint"
         ).format(**names)
         heads = sql.SQL(
-            "SELECT stream, last_id FROM {streams} WHERE stream = ANY(%s::text[])"
+            "SELECT stream, last_id FROM {streams} WHERE stream = ANY(%b::text[])"
         ).format(**names)
         return cls(
-            append_unkeyed=append_unkeyed,
-            lock_stream=lock_stream,
-            find_keys=find_keys,
-            insert_keyed=insert_keyed,
-            read=read,
-            heads=heads,
+            append_unkeyed=append_unkeyed.as_string(None),
+            lock_stream=lock_stream.as_string(None),
+            find_keys=find_keys.as_string(None),
+            insert_keyed=insert_keyed.as_string(None),
+            read=read.as_string(None),
+            heads=heads.as_string(None),
         )
 
 
@@ -261,7 +275,8 @@ def _ddl_lock_key(schema: str) -> int:
 
 
 def _utc(ts: datetime.datetime) -> datetime.datetime:
-    return ts.astimezone(datetime.UTC)
+    # Pool sessions run in UTC (see _configure_connection): no conversion needed.
+    return ts if ts.tzinfo is datetime.UTC else ts.astimezone(datetime.UTC)
 
 
 def _store_error(what: str, exc: BaseException) -> StoreError:
@@ -351,85 +366,146 @@ class PostgresStore:
             raise _store_error(what, exc) from exc
 
     # ---- asyncio side: each method below is one whole logical operation ----
+    #
+    # Connections are taken with getconn()/putconn() rather than the connection()
+    # context manager: same checks and same reset on return (the pool rolls back a
+    # connection returned inside a transaction and replaces a broken one), without the
+    # extra commit() round of the connection's own context manager. Pool connections
+    # are autocommit, and the keyed path manages its transaction explicitly.
 
     async def _aio_append_unkeyed(self, stream: str, drafts: list[Draft]) -> list[Message]:
-        params = {
-            "stream": stream,
-            "n": len(drafts),
-            "bodies": [draft.body_json for draft in drafts],
-            "channel": self._channel,
-        }
-        async with self._pool.connection() as conn:
+        packed, bodies = _pack_bodies(drafts)
+        n = len(drafts)
+        params = {"stream": stream, "n": n, "bodies": packed, "channel": self._channel}
+        pool = self._pool
+        conn = await pool.getconn()
+        try:
             cur = await conn.execute(self._queries.append_unkeyed, params)
             row = await cur.fetchone()
+        finally:
+            await pool.putconn(conn)
         if row is None:  # pragma: no cover - the upsert always returns its row
             raise psycopg.DataError("counter upsert returned no row")
         last_id: int = row[0]
         created_at = _utc(row[1])
-        first = last_id - len(drafts) + 1
+        first = last_id - n + 1
         return [
-            Message.from_row(stream, first + i, json.loads(draft.body_json), None, created_at)
-            for i, draft in enumerate(drafts)
+            Message.from_row(stream, first + i, body, None, created_at)
+            for i, body in enumerate(bodies)
         ]
 
     async def _aio_append_keyed(self, stream: str, drafts: list[Draft]) -> list[Message]:
         q = self._queries
         keys = list(dict.fromkeys(d.key for d in drafts if d.key is not None))
-        # Pipelined: BEGIN + lock + key lookup travel together, then insert + COMMIT:
-        # two round trips. The server still runs them one after the other, so the
-        # lookup's snapshot is taken after the row lock was granted.
-        async with self._pool.connection() as conn, conn.pipeline():
-            async with conn.transaction():
-                lock = await conn.execute(q.lock_stream, (stream,))
-                found = await conn.execute(q.find_keys, (keys, stream))
-                row = await lock.fetchone()
-                if row is None:  # pragma: no cover
-                    raise psycopg.DataError("counter upsert returned no row")
-                last_id: int = row[0]
-                existing = {
-                    key: Message.from_row(stream, id_, json.loads(body), key, _utc(ts))
-                    for key, id_, body, ts in await found.fetchall()
-                }
-                slots, new = _plan_keyed_batch(drafts, existing)
-                if not new:
-                    return [slot for slot in slots if isinstance(slot, Message)]
-                new_last = last_id + len(new)
-                inserted = await conn.execute(
-                    q.insert_keyed,
-                    {
-                        "stream": stream,
-                        "ids": list(range(last_id + 1, new_last + 1)),
-                        "keys": [d.key for d in new],
-                        "bodies": [d.body_json for d in new],
-                        "last_id": new_last,
-                        "channel": self._channel,
-                    },
-                )
-            # Fetching after the COMMIT was queued: one sync for both.
-            row = await inserted.fetchone()
+        pool = self._pool
+        conn = await pool.getconn()
+        try:
+            # Pipelined: BEGIN + lock + key lookup travel together, then insert +
+            # COMMIT: two round trips. The server still runs them one after the other,
+            # so the lookup's snapshot is taken after the row lock was granted.
+            async with conn.pipeline():
+                async with conn.transaction():
+                    lock = await conn.execute(q.lock_stream, (stream,))
+                    found = await conn.execute(q.find_keys, (keys, stream))
+                    row = await lock.fetchone()
+                    if row is None:  # pragma: no cover
+                        raise psycopg.DataError("counter upsert returned no row")
+                    last_id: int = row[0]
+                    rows = await found.fetchall()
+                    old_bodies = _decode_bodies([body for _, _, body, _ in rows])
+                    existing = {
+                        key: Message.from_row(stream, id_, body, key, _utc(ts))
+                        for (key, id_, _, ts), body in zip(rows, old_bodies, strict=True)
+                    }
+                    slots, new = _plan_keyed_batch(drafts, existing)
+                    if not new:
+                        return [slot for slot in slots if isinstance(slot, Message)]
+                    # Raising here (a bad body) rolls the transaction back.
+                    packed, bodies = _pack_bodies(new)
+                    new_last = last_id + len(new)
+                    inserted = await conn.execute(
+                        q.insert_keyed,
+                        {
+                            "stream": stream,
+                            "first": last_id + 1,
+                            "keys": [d.key for d in new],
+                            "bodies": packed,
+                            "last_id": new_last,
+                            "channel": self._channel,
+                        },
+                    )
+                # Fetching after the COMMIT was queued: one sync for both.
+                row = await inserted.fetchone()
+        finally:
+            await pool.putconn(conn)
         if row is None:  # pragma: no cover
             raise psycopg.DataError("insert returned no row")
         created_at = _utc(row[0])
         fresh = [
-            Message.from_row(stream, last_id + 1 + i, json.loads(d.body_json), d.key, created_at)
-            for i, d in enumerate(new)
+            Message.from_row(stream, last_id + 1 + i, body, d.key, created_at)
+            for i, (d, body) in enumerate(zip(new, bodies, strict=True))
         ]
         return [fresh[slot] if isinstance(slot, int) else slot for slot in slots]
 
     async def _aio_read(self, stream: str, after: int, limit: int) -> list[Message]:
-        async with self._pool.connection() as conn:
-            cur = await conn.execute(self._queries.read, (stream, after, limit))
+        pool = self._pool
+        conn = await pool.getconn()
+        try:
+            # Binary results: cheaper to load (ids, timestamps); text is the same bytes.
+            cur = await conn.execute(self._queries.read, (stream, after, limit), binary=True)
             rows = await cur.fetchall()
+        finally:
+            await pool.putconn(conn)
+        bodies = _decode_bodies([body for _, _, body, _ in rows])
         return [
-            Message.from_row(stream, id_, json.loads(body), key, _utc(ts))
-            for id_, key, body, ts in rows
+            Message.from_row(stream, id_, body, key, _utc(ts))
+            for (id_, key, _, ts), body in zip(rows, bodies, strict=True)
         ]
 
     async def _aio_heads(self, streams: list[str]) -> dict[str, int]:
-        async with self._pool.connection() as conn:
+        pool = self._pool
+        conn = await pool.getconn()
+        try:
             cur = await conn.execute(self._queries.heads, (streams,))
             rows = await cur.fetchall()
+        finally:
+            await pool.putconn(conn)
         return {stream: last_id for stream, last_id in rows}
+
+
+#: Joins the bodies of a batch into one query parameter. A control character: valid
+#: JSON text never contains it raw (not even inside strings), so splitting on it
+#: server-side gives back exactly the bodies.
+_BODY_SEP: Final = "\x1e"
+
+
+def _pack_bodies(drafts: Sequence[Draft]) -> tuple[str, list[Any]]:
+    """Return the bodies of ``drafts`` joined into one parameter, and decoded.
+
+    One :func:`json.loads` of the whole batch instead of one per body. Raises
+    :class:`psycopg.DataError` (hence :class:`~chatbus.StoreError`), before anything
+    is sent, unless the bodies are exactly ``len(drafts)`` JSON values with no
+    separator inside; the server still casts each piece to ``json`` on its own.
+    """
+    texts = [draft.body_json for draft in drafts]
+    packed = _BODY_SEP.join(texts)
+    try:
+        bodies: list[Any] = json.loads("[" + ",".join(texts) + "]")
+    except (ValueError, RecursionError) as exc:
+        raise psycopg.DataError(f"a message body is not valid JSON: {exc}") from None
+    if len(bodies) != len(texts) or packed.count(_BODY_SEP) != len(texts) - 1:
+        raise psycopg.DataError("a message body is not exactly one JSON value")
+    return packed, bodies
+
+
+def _decode_bodies(texts: list[str]) -> list[Any]:
+    """Decode stored ``json`` bodies (each one valid JSON value) with one :func:`json.loads`."""
+    if not texts:
+        return []
+    bodies: list[Any] = json.loads("[" + ",".join(texts) + "]")
+    if len(bodies) != len(texts):  # pragma: no cover - the json column validated them
+        raise psycopg.DataError("a stored message body is not exactly one JSON value")
+    return bodies
 
 
 class _ListenLost(Exception):
@@ -741,6 +817,15 @@ class PostgresNotifier:
                 ping_deadline = now + self.ping_timeout
 
 
+async def _configure_connection(conn: psycopg.AsyncConnection[Any]) -> None:
+    """Set up each new pool connection: session time zone UTC.
+
+    ``timestamptz`` values then load directly as UTC datetimes (psycopg returns them
+    in the session's time zone), with no zone conversion per row on our side.
+    """
+    await conn.execute("SET TIME ZONE 'UTC'")
+
+
 async def _check_connection(conn: psycopg.AsyncConnection[Any]) -> None:
     """Pool check: cheap unless the idle connection's socket has something to say.
 
@@ -916,6 +1001,7 @@ async def _open_pair(
         min_size=settings.min_connections,
         max_size=settings.max_connections,
         open=False,
+        configure=_configure_connection,
         check=_check_connection,
         timeout=settings.acquire_timeout,
         reconnect_timeout=max(60.0, settings.acquire_timeout),
