@@ -18,6 +18,7 @@ from ._exceptions import InvalidMessage as InvalidMessage
 from ._exceptions import InvalidStream as InvalidStream
 from ._exceptions import MessageTooLarge as MessageTooLarge
 from ._exceptions import StoreError as StoreError
+from ._message import MAX_BODY_DEPTH as MAX_BODY_DEPTH
 from ._message import MAX_KEY_LENGTH as MAX_KEY_LENGTH
 from ._message import MAX_STREAM_LENGTH as MAX_STREAM_LENGTH
 from ._message import Draft as Draft

@@ -16,6 +16,7 @@ from ._message import (
     DEFAULT_MAX_BODY_BYTES,
     Message,
     check_after,
+    check_int_range,
     check_range,
     check_stream,
     make_draft,
@@ -144,7 +145,7 @@ class Bus:
         check_stream(stream)
         if max_batch is None:
             max_batch = self._options.max_batch
-        check_range("max_batch", max_batch, 1, 100_000)
+        check_int_range("max_batch", max_batch, 1, 100_000)
         topic = self._topics.acquire(stream)
         producer = self._new_producer(topic, max_batch)
         self._producers.add(producer)
@@ -221,9 +222,7 @@ class Bus:
         """
         check_stream(stream)
         check_after(after)
-        check_range("limit", limit, 1, MAX_READ_LIMIT)
-        if not isinstance(limit, int):
-            raise TypeError(f"limit must be an int, not {type(limit).__name__}")
+        check_int_range("limit", limit, 1, MAX_READ_LIMIT)
         self._topics.check_open()
         return await self._store.read(stream, after, limit)
 
@@ -348,12 +347,12 @@ async def open_bus(
     Raises:
         ValueError: an option is out of range or the URL scheme is unknown.
     """
-    check_range("cache_size", cache_size, 1, 1_000_000)
-    check_range("max_batch", max_batch, 1, 100_000)
-    check_range("max_pending", max_pending, 1, 1_000_000)
-    check_range("read_batch", read_batch, 1, MAX_READ_LIMIT)
-    check_range("max_concurrent_reads", max_concurrent_reads, 1, 1000)
-    check_range("max_body_bytes", max_body_bytes, 1, 64 * 1024 * 1024)
+    check_int_range("cache_size", cache_size, 1, 1_000_000)
+    check_int_range("max_batch", max_batch, 1, 100_000)
+    check_int_range("max_pending", max_pending, 1, 1_000_000)
+    check_int_range("read_batch", read_batch, 1, MAX_READ_LIMIT)
+    check_int_range("max_concurrent_reads", max_concurrent_reads, 1, 1000)
+    check_int_range("max_body_bytes", max_body_bytes, 1, 64 * 1024 * 1024)
     if poll_interval is not None:
         check_range("poll_interval", poll_interval, 0.001, 86_400)
     options = _Options(

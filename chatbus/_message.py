@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import datetime
+import itertools
 import json
+import re
 from typing import Any
 
 import attrs
@@ -16,6 +18,14 @@ MAX_STREAM_LENGTH = 256
 MAX_KEY_LENGTH = 256
 #: Default limit on a body's JSON encoding, in UTF-8 bytes.
 DEFAULT_MAX_BODY_BYTES = 256 * 1024
+#: Deepest accepted nesting of arrays and objects in a body. Decoding is recursive:
+#: a body that encodes in the caller's stack must decode in any reader's, too.
+MAX_BODY_DEPTH = 100
+#: Largest id a store can hold (PostgreSQL bigint).
+MAX_ID = 2**63 - 1
+
+_STRINGS = re.compile(r'"(?:[^"\\]|\\.)*"')
+_NOT_BRACKETS = re.compile(r"[^\[\]{}]+")
 
 
 @attrs.frozen(kw_only=True)
@@ -84,8 +94,8 @@ def check_after(after: object) -> int:
     """Return ``after`` if it is a valid cursor (an int >= 0)."""
     if isinstance(after, bool) or not isinstance(after, int):
         raise TypeError(f"after must be an int, not {type(after).__name__}")
-    if after < 0:
-        raise ValueError(f"after must be >= 0, got {after}")
+    if not 0 <= after <= MAX_ID:
+        raise ValueError(f"after must be >= 0 and <= {MAX_ID}, got {after}")
     return after
 
 
@@ -95,6 +105,13 @@ def check_range(name: str, value: object, low: float, high: float) -> None:
         raise TypeError(f"{name} must be a number, not {type(value).__name__}")
     if not low <= value <= high:
         raise ValueError(f"{name} must be between {low} and {high}, got {value}")
+
+
+def check_int_range(name: str, value: object, low: int, high: int) -> None:
+    """Like :func:`check_range`, for options that must be whole numbers."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    check_range(name, value, low, high)
 
 
 def make_draft(body: object, key: object, *, max_body_bytes: int) -> Draft:
@@ -109,6 +126,16 @@ def make_draft(body: object, key: object, *, max_body_bytes: int) -> Draft:
         body_json = json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
     except (TypeError, ValueError) as exc:
         raise InvalidMessage(f"body is not JSON-serialisable: {exc}") from None
+    except RecursionError:
+        raise InvalidMessage(
+            f"body is nested too deeply; the limit is {MAX_BODY_DEPTH} levels"
+        ) from None
+    if body_json.count("[") + body_json.count("{") > MAX_BODY_DEPTH:
+        depth = _nesting_depth(body_json)
+        if depth > MAX_BODY_DEPTH:
+            raise InvalidMessage(
+                f"body is nested {depth} levels deep; the limit is {MAX_BODY_DEPTH}"
+            )
     _check_text(body_json, "body", InvalidMessage)
     size = len(body_json.encode("utf-8"))
     if size > max_body_bytes:
@@ -123,3 +150,10 @@ def _check_text(text: str, what: str, error: type[Exception]) -> None:
         text.encode("utf-8")
     except UnicodeEncodeError:
         raise error(f"{what} is not valid Unicode (lone surrogate)") from None
+
+
+def _nesting_depth(body_json: str) -> int:
+    """Deepest nesting of arrays and objects in a JSON text (strings skipped)."""
+    brackets = _NOT_BRACKETS.sub("", _STRINGS.sub("", body_json))
+    steps = (1 if bracket in "[{" else -1 for bracket in brackets)
+    return max(itertools.accumulate(steps, initial=0))

@@ -138,6 +138,7 @@ class Subscriber:
         Raises:
             trio.EndOfChannel: the bus was closed (after what was buffered).
             trio.ClosedResourceError: this subscription was closed.
+            trio.BusyResourceError: another task is already waiting in ``receive``.
             StoreError: the store broke an invariant (ids not dense).
         """
         buffer = self._buffer
@@ -150,8 +151,17 @@ class Subscriber:
                 if self._error is not None:
                     raise self._error
                 raise trio.EndOfChannel
-            self._messages_ready = trio.Event()
-            await self._messages_ready.wait()
+            if self._messages_ready is not None:
+                raise trio.BusyResourceError(
+                    "another task is already waiting on this subscription; "
+                    "a subscription has one consumer (open one per task)"
+                )
+            ready = self._messages_ready = trio.Event()
+            try:
+                await ready.wait()
+            finally:
+                if self._messages_ready is ready:  # cancelled: no longer waiting
+                    self._messages_ready = None
         message = buffer.popleft()
         if self._room_ready is not None and len(buffer) < self._read_limit:
             self._room_ready.set()

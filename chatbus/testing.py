@@ -22,7 +22,7 @@ from typing import final
 import attrs
 import trio
 
-from ._message import Draft, Message, check_range
+from ._message import Draft, Message, check_int_range, check_range
 from ._protocols import NoticeHandler, Notifier, Store
 
 __all__ = ["FaultStatistics", "FaultyNotifier", "LaggingStore"]
@@ -75,7 +75,7 @@ class FaultyNotifier:
         for name in ("drop", "duplicate", "reorder"):
             check_range(name, getattr(self, name), 0.0, 1.0)
         check_range("max_delay", self.max_delay, 0.0, 3600.0)
-        check_range("capacity", self.capacity, 1, 10_000_000)
+        check_int_range("capacity", self.capacity, 1, 10_000_000)
 
     async def notify(self, stream: str, last_id: int) -> None:
         """Pass the notice to the wrapped notifier (faults apply on the listening side)."""

@@ -20,12 +20,22 @@ BAD_STREAMS = [
     ("\ud800", "surrogate"),
 ]
 
+
+def nested(depth: int) -> list[object]:
+    body: list[object] = []
+    for _ in range(depth - 1):
+        body = [body]
+    return body
+
+
 BAD_BODIES = [
     (object(), chatbus.InvalidMessage, "JSON-serialisable"),
     ({1, 2}, chatbus.InvalidMessage, "JSON-serialisable"),
     (math.nan, chatbus.InvalidMessage, "JSON-serialisable"),
     ({"text": "\udc80"}, chatbus.InvalidMessage, "surrogate"),
     ("x" * 2000, chatbus.MessageTooLarge, "limit is 1000 bytes"),
+    (nested(101), chatbus.InvalidMessage, "nested 101 levels deep"),
+    (nested(5000), chatbus.InvalidMessage, "nested too deeply"),
 ]
 
 BAD_KEYS = [(7, "str or None"), ("", "1 to 256"), ("k" * 257, "1 to 256"), ("a\x00b", "NUL")]
@@ -76,6 +86,14 @@ async def test_bad_bodies(backend, body, error, names):
         await check_still_serving(bus, backend)
 
 
+async def test_deep_but_allowed_body_round_trips(backend):
+    async with backend.open_bus() as bus, bus.open_subscriber("room") as sub:
+        body = {"deep": nested(chatbus.MAX_BODY_DEPTH - 1), "text": "[[[[{{{{ not nesting"}
+        await bus.publish("room", body)
+        assert (await sub.receive()).body == body
+        assert (await bus.read("room"))[0].body == body
+
+
 async def test_body_exactly_at_the_limit_is_accepted(backend):
     async with backend.open_bus(max_body_bytes=1000) as bus:
         body = "é" * 499  # 998 bytes of UTF-8 plus two quotes
@@ -108,6 +126,7 @@ async def test_bad_keys(backend, key, names):
         ("3", TypeError, "int"),
         (1.5, TypeError, "int"),
         (True, TypeError, "int"),
+        (2**63, ValueError, "<= 9223372036854775807"),
     ],
 )
 async def test_bad_cursor(backend, after, error, names):
@@ -136,6 +155,11 @@ async def test_bad_read_limit(limit):
         ({"max_body_bytes": -1}, "max_body_bytes"),
         ({"poll_interval": 0}, "poll_interval"),
         ({"cache_size": "big"}, "cache_size"),
+        ({"cache_size": 1.5}, "cache_size must be an int"),
+        ({"max_batch": 2.5}, "max_batch must be an int"),
+        ({"max_pending": 1.5}, "max_pending must be an int"),
+        ({"read_batch": 3.5}, "read_batch must be an int"),
+        ({"max_body_bytes": 10.5}, "max_body_bytes must be an int"),
     ],
 )
 async def test_bad_bus_options(options, names):

@@ -187,3 +187,17 @@ async def test_subscriber_after_close_raises_closed_resource():
         with pytest.raises(trio.ClosedResourceError):
             await sub.receive()
         assert bus.statistics().subscribers == 0
+
+
+async def test_a_second_concurrent_reader_is_refused_not_hung():
+    with trio.fail_after(5):
+        async with chatbus.open_bus() as bus, bus.open_subscriber("s") as sub:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(sub.receive)
+                await trio.testing.wait_all_tasks_blocked()
+                with pytest.raises(trio.BusyResourceError, match="one consumer"):
+                    await sub.receive()
+                nursery.cancel_scope.cancel()
+            # The cancelled waiter is gone: receiving works again.
+            await bus.publish("s", 1)
+            assert (await sub.receive()).id == 1
