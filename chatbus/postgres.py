@@ -31,6 +31,14 @@ notification is delivered if and only if the batch commits, in commit order. The
 channel is ``chatbus_`` plus the MD5 of the schema name; the payload is a small JSON
 object ``{"stream": …, "last_id": …}`` (at most a couple of KB, whatever the bodies).
 :meth:`PostgresNotifier.notify` is therefore a no-op.
+
+Unkeyed appends are group-committed across streams: while ``max_in_flight`` append
+statements are running, further appends (any streams) queue, and the next statement
+carries all of them: one counter bump per stream (rows locked in sorted stream order,
+so concurrent multi-stream statements in different processes cannot deadlock), the
+inserts, one ``pg_notify`` per stream, one round trip. Each caller still gets exactly
+its own batch, with consecutive ids, committed atomically. With nothing running an
+append goes out at once, alone. See :meth:`PostgresStore.statistics`.
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ import json
 import logging
 import random
 import select
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Final, TypeVar, final
@@ -60,7 +69,13 @@ from ._exceptions import StoreError
 from ._message import Draft, Message, check_after, check_range, check_stream
 from ._protocols import NoticeHandler
 
-__all__ = ["PostgresNotifier", "PostgresStore", "channel_for_schema", "open_postgres"]
+__all__ = [
+    "PostgresNotifier",
+    "PostgresStore",
+    "PostgresStoreStatistics",
+    "channel_for_schema",
+    "open_postgres",
+]
 
 # trio-asyncio makes asyncio.get_running_loop() find its loop by patching the asyncio
 # module, but psycopg.waiting binds the function at import time. If psycopg was
@@ -128,6 +143,7 @@ class _Queries:
     """
 
     append_unkeyed: str
+    append_streams: str
     lock_stream: str
     find_keys: str
     insert_keyed: str
@@ -165,6 +181,37 @@ class _Queries:
             SELECT bump.last_id, now(), pg_notify(
                 %(channel)s::text,
                 json_build_object('stream', %(stream)s::text, 'last_id', bump.last_id)::text
+            ) FROM bump
+            """
+        ).format(**names)
+        # Several streams in one statement (coalesced appends): one element per stream
+        # in each array, binary (no escaping; the bodies of a stream are packed as
+        # above). The counter rows are upserted in ORDER BY stream COLLATE "C": the
+        # ModifyTable node takes each row lock as the sorted rows reach it, so every
+        # multi-stream statement, in every process, locks its rows in the same order
+        # and two of them cannot deadlock (a single-stream statement holds one row).
+        # One pg_notify per stream, with that stream's new last id.
+        append_streams = sql.SQL(
+            """
+            WITH input AS MATERIALIZED (
+                SELECT s.stream, s.n, s.packed
+                FROM unnest(%(streams)b::text[], %(counts)b::bigint[], %(bodies)b::text[])
+                    AS s(stream, n, packed)
+            ), bump AS (
+                INSERT INTO {streams} AS st (stream, last_id)
+                SELECT input.stream, input.n FROM input ORDER BY input.stream COLLATE "C"
+                ON CONFLICT (stream) DO UPDATE SET last_id = st.last_id + EXCLUDED.last_id
+                RETURNING st.stream, st.last_id
+            ), ins AS (
+                INSERT INTO {messages} (stream, id, key, body)
+                SELECT bump.stream, bump.last_id - input.n + b.ord, NULL, b.body::json
+                FROM bump JOIN input ON input.stream = bump.stream,
+                    unnest(string_to_array(input.packed, chr(30))) WITH ORDINALITY
+                    AS b(body, ord)
+            )
+            SELECT bump.stream, bump.last_id, now(), pg_notify(
+                %(channel)s::text,
+                json_build_object('stream', bump.stream, 'last_id', bump.last_id)::text
             ) FROM bump
             """
         ).format(**names)
@@ -211,6 +258,7 @@ class _Queries:
         ).format(**names)
         return cls(
             append_unkeyed=append_unkeyed.as_string(None),
+            append_streams=append_streams.as_string(None),
             lock_stream=lock_stream.as_string(None),
             find_keys=find_keys.as_string(None),
             insert_keyed=insert_keyed.as_string(None),
@@ -283,6 +331,60 @@ def _store_error(what: str, exc: BaseException) -> StoreError:
     return StoreError(f"{what} failed: {type(exc).__name__}: {exc}".strip())
 
 
+#: The most drafts, and packed body characters, one coalesced statement carries (an
+#: append bigger than that on its own still goes out, alone).
+_MAX_STATEMENT_DRAFTS: Final = 4096
+#: Default limit on unkeyed append statements running at once (see open_postgres).
+_DEFAULT_MAX_IN_FLIGHT: Final = 3
+_MAX_STATEMENT_CHARS: Final = 8 * 1024 * 1024
+
+
+@attrs.frozen(kw_only=True)
+class PostgresStoreStatistics:
+    """A snapshot of a :class:`PostgresStore`'s unkeyed-append coalescing.
+
+    Attributes:
+        appends: Unkeyed :meth:`~PostgresStore.append` calls that reached the server
+            queue (keyed appends take their own path and are not counted).
+        statements: Unkeyed append statements sent (each one transaction).
+        merged_statements: Statements that carried more than one append.
+        largest_statement: The most appends one statement carried.
+        in_flight: Statements running (or about to be sent) now.
+        pending: Appends waiting for a statement now.
+    """
+
+    appends: int
+    statements: int
+    merged_statements: int
+    largest_statement: int
+    in_flight: int
+    pending: int
+
+
+@final
+@attrs.define(eq=False)
+class _PendingAppend:
+    """One caller's unkeyed append: sent alone, or merged into another caller's statement."""
+
+    stream: str
+    packed: str
+    bodies: list[Any]
+    #: Set when the outcome is in, or when this caller is promoted to send a statement.
+    wake: trio.Event = attrs.field(factory=trio.Event)
+    #: Promoted: holds a reserved in-flight slot and must send the next statement.
+    lead: bool = False
+    #: Part of a statement that was handed to the server: it may commit.
+    sent: bool = False
+    messages: list[Message] | None = None
+    cause: BaseException | None = None
+
+    def outcome(self) -> list[Message]:
+        if self.cause is not None:
+            raise _store_error("append", self.cause) from self.cause
+        assert self.messages is not None
+        return self.messages
+
+
 @final
 @attrs.define(eq=False)
 class PostgresStore:
@@ -298,7 +400,18 @@ class PostgresStore:
     _schema: str
     _channel: str
     _queries: _Queries
+    _max_in_flight: int = 3
+    #: How long a statement carrying other callers' appends may run once sent; its
+    #: leader is shielded from cancellation meanwhile (the others wait for it).
+    _shield_timeout: float = 65.0
     _closed: bool = attrs.field(default=False, init=False)
+    _in_flight: int = attrs.field(default=0, init=False)
+    _pending: deque[_PendingAppend] = attrs.field(factory=deque, init=False)
+    _promoted: bool = attrs.field(default=False, init=False)
+    _appends: int = attrs.field(default=0, init=False)
+    _statements: int = attrs.field(default=0, init=False)
+    _merged_statements: int = attrs.field(default=0, init=False)
+    _largest_statement: int = attrs.field(default=0, init=False)
 
     @property
     def schema(self) -> str:
@@ -323,8 +436,173 @@ class PostgresStore:
             return []
         drafts = list(drafts)
         if all(draft.key is None for draft in drafts):
-            return await self._call("append", self._aio_append_unkeyed, stream, drafts)
+            return await self._append_unkeyed(stream, drafts)
         return await self._call("append", self._aio_append_keyed, stream, drafts)
+
+    @property
+    def max_in_flight(self) -> int:
+        """Most unkeyed append statements running at once; more appends are merged."""
+        return self._max_in_flight
+
+    def statistics(self) -> PostgresStoreStatistics:
+        """Return a snapshot of the unkeyed-append coalescing counters."""
+        return PostgresStoreStatistics(
+            appends=self._appends,
+            statements=self._statements,
+            merged_statements=self._merged_statements,
+            largest_statement=self._largest_statement,
+            in_flight=self._in_flight,
+            pending=len(self._pending),
+        )
+
+    # ---- unkeyed appends: cross-stream group commit ----
+    #
+    # Leader/follower, no background task. An append that finds a free slot (fewer
+    # than max_in_flight statements running, nobody queued) sends its own statement
+    # at once. Otherwise it queues and waits. When a statement completes, the oldest
+    # queued append is promoted: it takes a slot and sends ONE statement with
+    # everything queued (up to the caps), for all streams; the others get their
+    # slices. A queued caller cancelled before its entry was sent is removed and
+    # stores nothing. Every counter row is bumped once per statement, in sorted order
+    # (see _Queries), and a stream's entries get consecutive ids in arrival order.
+
+    async def _append_unkeyed(self, stream: str, drafts: list[Draft]) -> list[Message]:
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            raise StoreError("append failed: the Postgres store is closed")
+        try:
+            # Before merging: a bad body fails its own caller only.
+            packed, bodies = _pack_bodies(drafts)
+        except psycopg.DataError as exc:
+            await trio.lowlevel.checkpoint()
+            raise _store_error("append", exc) from exc
+        entry = _PendingAppend(stream, packed, bodies)
+        self._appends += 1
+        if self._pending or self._in_flight >= self._max_in_flight:
+            self._pending.append(entry)
+            try:
+                await entry.wake.wait()
+            except BaseException:
+                self._abandon(entry)
+                raise
+            if not entry.lead:
+                return entry.outcome()
+        else:
+            self._in_flight += 1
+        await self._lead(entry)
+        return entry.outcome()
+
+    def _abandon(self, entry: _PendingAppend) -> None:
+        """A queued caller was cancelled: drop its entry unless it was already sent."""
+        if entry.sent:
+            return  # it is in a statement that may commit; nothing to undo
+        if entry.lead:
+            entry.lead = False
+            self._promoted = False
+            self._in_flight -= 1
+        if entry in self._pending:  # an unsent entry is always queued
+            self._pending.remove(entry)
+        self._promote()
+
+    def _promote(self) -> None:
+        """Hand a free slot to the oldest queued append, which then sends a statement."""
+        if self._promoted or not self._pending or self._in_flight >= self._max_in_flight:
+            return
+        head = self._pending[0]
+        head.lead = True
+        self._promoted = True
+        self._in_flight += 1
+        head.wake.set()
+
+    async def _lead(self, entry: _PendingAppend) -> None:
+        """Send one statement with ``entry`` and what is queued; one slot is held."""
+        batch = [entry]
+        pending = self._pending
+        if pending and pending[0] is entry:
+            pending.popleft()
+            self._promoted = False
+            drafts = len(entry.bodies)
+            chars = len(entry.packed)
+            while pending:
+                head = pending[0]
+                drafts += len(head.bodies)
+                chars += len(head.packed)
+                if drafts > _MAX_STATEMENT_DRAFTS or chars > _MAX_STATEMENT_CHARS:
+                    break
+                batch.append(pending.popleft())
+        for member in batch:
+            member.sent = True
+        self._promote()  # leftovers over the caps, if a slot is still free
+        self._statements += 1
+        if len(batch) > 1:
+            self._merged_statements += 1
+            self._largest_statement = max(self._largest_statement, len(batch))
+        elif not self._largest_statement:
+            self._largest_statement = 1
+        try:
+            await self._send(batch)
+        finally:
+            self._in_flight -= 1
+            for member in batch:
+                if member.messages is None and member.cause is None:
+                    # The leader stopped half-way (KeyboardInterrupt, a cancelled solo
+                    # send): nobody else may be left waiting without an outcome.
+                    member.cause = psycopg.OperationalError(
+                        "the statement carrying this append was abandoned;"
+                        " it may have been committed"
+                    )
+                if member is not entry:
+                    member.wake.set()
+            self._promote()
+
+    async def _send(self, batch: list[_PendingAppend]) -> None:
+        """Run one statement for ``batch`` and record each member's outcome."""
+        groups: dict[str, list[_PendingAppend]] = {}
+        for member in batch:
+            groups.setdefault(member.stream, []).append(member)
+        request = [
+            (
+                stream,
+                sum(len(member.bodies) for member in members),
+                _BODY_SEP.join(member.packed for member in members),
+            )
+            for stream, members in groups.items()
+        ]
+        try:
+            if len(batch) == 1:
+                # Only this caller's work: cancellable as any single operation.
+                rows = await self._aio.run(self._aio_append_streams, request)
+            else:
+                # Other callers wait for this statement: the leader's cancellation
+                # must not abandon it half-way (it may commit). Bounded all the same.
+                with trio.CancelScope(shield=True) as scope:
+                    scope.deadline = trio.current_time() + self._shield_timeout
+                    rows = await self._aio.run(self._aio_append_streams, request)
+                if scope.cancelled_caught:
+                    raise psycopg.OperationalError(
+                        f"the statement did not finish within {self._shield_timeout} s"
+                        " (it may have been committed)"
+                    )
+        except Exception as exc:
+            for member in batch:
+                member.cause = exc
+            if not isinstance(exc, _DB_ERRORS):
+                raise  # a bug: the leader sees it as is; the others a StoreError
+            return
+        for stream, last_id, created_at in rows:
+            members = groups.pop(stream)
+            first = last_id - sum(len(member.bodies) for member in members) + 1
+            for member in members:
+                member.messages = [
+                    Message.from_row(stream, first + i, body, None, created_at)
+                    for i, body in enumerate(member.bodies)
+                ]
+                first += len(member.bodies)
+        if groups:  # pragma: no cover - every upsert returns its row
+            missing = psycopg.DataError(f"no counter row returned for {len(groups)} streams")
+            for members in groups.values():
+                for member in members:
+                    member.cause = missing
 
     async def read(self, stream: str, after: int, limit: int) -> list[Message]:
         """Return up to ``limit`` messages after ``after``; see :meth:`chatbus.Store.read`.
@@ -373,26 +651,40 @@ class PostgresStore:
     # extra commit() round of the connection's own context manager. Pool connections
     # are autocommit, and the keyed path manages its transaction explicitly.
 
-    async def _aio_append_unkeyed(self, stream: str, drafts: list[Draft]) -> list[Message]:
-        packed, bodies = _pack_bodies(drafts)
-        n = len(drafts)
-        params = {"stream": stream, "n": n, "bodies": packed, "channel": self._channel}
+    async def _aio_append_streams(
+        self, request: list[tuple[str, int, str]]
+    ) -> list[tuple[str, int, datetime.datetime]]:
+        """One statement: per ``(stream, count, packed bodies)``, bump, insert, notify.
+
+        Returns ``(stream, new last id, commit timestamp)`` per stream.
+        """
+        q = self._queries
         pool = self._pool
         conn = await pool.getconn()
         try:
-            cur = await conn.execute(self._queries.append_unkeyed, params)
-            row = await cur.fetchone()
+            if len(request) == 1:
+                ((stream, n, packed),) = request
+                params: dict[str, Any] = {
+                    "stream": stream,
+                    "n": n,
+                    "bodies": packed,
+                    "channel": self._channel,
+                }
+                cur = await conn.execute(q.append_unkeyed, params)
+                row = await cur.fetchone()
+                rows = [] if row is None else [(stream, row[0], row[1])]
+            else:
+                params = {
+                    "streams": [stream for stream, _, _ in request],
+                    "counts": [n for _, n, _ in request],
+                    "bodies": [packed for _, _, packed in request],
+                    "channel": self._channel,
+                }
+                cur = await conn.execute(q.append_streams, params)
+                rows = [(stream, last_id, ts) for stream, last_id, ts, _ in await cur.fetchall()]
         finally:
             await pool.putconn(conn)
-        if row is None:  # pragma: no cover - the upsert always returns its row
-            raise psycopg.DataError("counter upsert returned no row")
-        last_id: int = row[0]
-        created_at = _utc(row[1])
-        first = last_id - n + 1
-        return [
-            Message.from_row(stream, first + i, body, None, created_at)
-            for i, body in enumerate(bodies)
-        ]
+        return [(stream, last_id, _utc(ts)) for stream, last_id, ts in rows]
 
     async def _aio_append_keyed(self, stream: str, drafts: list[Draft]) -> list[Message]:
         q = self._queries
@@ -490,12 +782,19 @@ def _pack_bodies(drafts: Sequence[Draft]) -> tuple[str, list[Any]]:
     texts = [draft.body_json for draft in drafts]
     packed = _BODY_SEP.join(texts)
     try:
-        bodies: list[Any] = json.loads("[" + ",".join(texts) + "]")
+        bodies: list[Any] = json.loads(
+            "[" + ",".join(texts) + "]", parse_constant=_reject_json_constant
+        )
     except (ValueError, RecursionError) as exc:
         raise psycopg.DataError(f"a message body is not valid JSON: {exc}") from None
     if len(bodies) != len(texts) or packed.count(_BODY_SEP) != len(texts) - 1:
         raise psycopg.DataError("a message body is not exactly one JSON value")
     return packed, bodies
+
+
+def _reject_json_constant(name: str) -> Any:
+    # NaN, Infinity, -Infinity: Python's json accepts them, the server's json does not.
+    raise ValueError(f"{name} is not valid JSON")
 
 
 def _decode_bodies(texts: list[str]) -> list[Any]:
@@ -862,6 +1161,7 @@ async def open_postgres(
     schema: str = "chatbus",
     min_connections: int = 1,
     max_connections: int = 10,
+    max_in_flight: int | None = None,
     acquire_timeout: float = 5.0,
     connect_timeout: int = 5,
     ping_interval: float = 5.0,
@@ -888,6 +1188,11 @@ async def open_postgres(
             namespace with its own NOTIFY channel.
         min_connections: Connections the pool keeps open (1 to 100).
         max_connections: Most connections the pool opens (``min_connections`` to 1000).
+        max_in_flight: Most unkeyed append statements running at once (1 to
+            ``max_connections - 1``, so reads always find a connection; 1 when the pool
+            has a single connection). Appends made while that many are running are
+            merged, across streams, into the next statement (group commit). Default:
+            ``min(3, max_connections - 1)``.
         acquire_timeout: Seconds an operation waits for a pool connection before it
             fails with :class:`~chatbus.StoreError` (0.1 to 600). This is what makes
             a publish fail promptly while the database is unreachable.
@@ -904,6 +1209,11 @@ async def open_postgres(
     _check_schema(schema)
     check_range("min_connections", min_connections, 1, 100)
     check_range("max_connections", max_connections, min_connections, 1000)
+    if max_in_flight is None:
+        max_in_flight = max(1, min(_DEFAULT_MAX_IN_FLIGHT, max_connections - 1))
+    elif isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int):
+        raise TypeError(f"max_in_flight must be an int, not {type(max_in_flight).__name__}")
+    check_range("max_in_flight", max_in_flight, 1, max(1, max_connections - 1))
     check_range("acquire_timeout", acquire_timeout, 0.1, 600)
     check_range("connect_timeout", connect_timeout, 1, 600)
     check_range("ping_interval", ping_interval, 0.1, 3600)
@@ -926,6 +1236,7 @@ async def open_postgres(
         schema=schema,
         min_connections=min_connections,
         max_connections=max_connections,
+        max_in_flight=max_in_flight,
         acquire_timeout=acquire_timeout,
         connect_timeout=connect_timeout,
         ping_interval=ping_interval,
@@ -982,6 +1293,7 @@ class _PairSettings:
     schema: str
     min_connections: int
     max_connections: int
+    max_in_flight: int
     acquire_timeout: float
     connect_timeout: float
     ping_interval: float
@@ -1007,7 +1319,16 @@ async def _open_pair(
         reconnect_timeout=max(60.0, settings.acquire_timeout),
         name=f"chatbus:{schema}",
     )
-    store = PostgresStore(pool, aio, schema, channel, _Queries.for_schema(schema))
+    store = PostgresStore(
+        pool,
+        aio,
+        schema,
+        channel,
+        _Queries.for_schema(schema),
+        max_in_flight=settings.max_in_flight,
+        # Long enough for any pool wait (acquire_timeout) plus a slow statement.
+        shield_timeout=settings.acquire_timeout + 60.0,
+    )
     notifier = PostgresNotifier(
         settings.listen_conninfo,
         channel,
