@@ -1339,10 +1339,17 @@ async def _open_pair(
     )
     try:
         await aio.run(_aio_open_pool, pool, schema, settings.acquire_timeout)
-    except _DB_ERRORS as exc:
+    except BaseException as exc:
+        # Cancelled or failed half-way: the pool's workers may be running (and
+        # retrying connections); close it, or the asyncio loop never finishes.
         with trio.move_on_after(5, shield=True):
-            await aio.run(pool.close, 1.0)
-        raise StoreError(f"opening the Postgres store failed: {exc}") from exc
+            try:
+                await aio.run(pool.close, 1.0)
+            except Exception:  # cleanup must not mask the real error
+                logger.exception("closing the chatbus connection pool failed")
+        if isinstance(exc, _DB_ERRORS):
+            raise StoreError(f"opening the Postgres store failed: {exc}") from exc
+        raise
     try:
         yield store, notifier
     finally:

@@ -841,3 +841,14 @@ async def test_max_in_flight_defaults_below_the_pool_size() -> None:
         assert store.max_in_flight == 1
     async with fresh_postgres_pair(min_connections=1, max_connections=1) as (store, _):
         assert store.max_in_flight == 1
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.001, 0.005, 0.02])
+async def test_open_cancelled_half_way_returns_promptly(delay: float) -> None:
+    """A caller's short timeout around open_postgres must not hang the loop's exit."""
+    async with fresh_schema() as (dsn, schema):
+        with trio.fail_after(15):
+            with trio.move_on_after(delay) as scope:
+                async with open_postgres(dsn, schema=schema):
+                    await trio.sleep(1)
+        assert scope.cancelled_caught
