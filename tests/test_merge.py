@@ -91,11 +91,11 @@ class TestMergeState:
         assert state.cursor == 5 and state.cache_hits == 2
 
 
-# One step of the adversary: racing producers commit, their cache fills and notices
-# arrive late, out of order, twice or never; stale notices and resyncs come and go;
-# subscribers run (or not) between any two steps, and more subscribers join.
+# One step of the adversary: racing local and remote producers commit; local cache
+# fills and notices arrive late, out of order, twice or never; stale notices and
+# resyncs come and go; subscribers run (or not) between any two steps; more join.
 _actions = st.one_of(
-    st.tuples(st.just("commit"), st.integers(1, 3)),
+    st.tuples(st.just("commit"), st.integers(1, 3), st.sampled_from(["local", "remote"])),
     st.tuples(st.just("fill"), st.integers(0, 10)),
     st.tuples(st.just("notice"), st.integers(0, 10), st.sampled_from(["once", "twice", "drop"])),
     st.tuples(st.just("stale"), st.integers(0, 30)),
@@ -130,13 +130,18 @@ async def test_any_interleaving_yields_each_id_once_in_order(actions, cache_size
         notices: list[int] = []
         for action in actions:
             match action:
-                case ("commit", k):
+                case ("commit", k, where):
                     committed = await store.append(
                         "s", [chatbus.Draft(body_json="0", key=None)] * k
                     )
-                    fills.append(committed)
+                    if where == "local":
+                        # A local producer's append: in flight until its "fill",
+                        # which may come after its notice, or after later commits.
+                        topic.appending += 1
+                        fills.append(committed)
                     notices.append(committed[-1].id)
                 case ("fill", i) if fills:
+                    topic.appending -= 1
                     topic.committed(fills.pop(i % len(fills)))
                 case ("notice", i, how) if notices:
                     last_id = notices.pop(i % len(notices))
@@ -150,7 +155,11 @@ async def test_any_interleaving_yields_each_id_once_in_order(actions, cache_size
                     await trio.testing.wait_all_tasks_blocked()
                 case ("join", after):
                     await nursery.start(follow, min(after, store.head_nowait("s")))
-        # Whatever was lost, a resync (as after a reconnect, or the bus's poll) ends it.
+        # Local appends return eventually; whatever notice was lost, a resync (as
+        # after a reconnect, or the bus's poll) ends it.
+        while fills:
+            topic.appending -= 1
+            topic.committed(fills.pop())
         router.resync()
         await trio.testing.wait_all_tasks_blocked()
         n = store.head_nowait("s")
