@@ -68,14 +68,6 @@ class Draft:
     key: str | None
 
 
-@attrs.frozen(kw_only=True)
-class Notice:
-    """A hint that ``stream`` has committed messages up to ``last_id``."""
-
-    stream: str
-    last_id: int
-
-
 def check_stream(stream: object) -> str:
     """Return ``stream`` if it is a valid stream name, else raise :class:`InvalidStream`."""
     if not isinstance(stream, str):

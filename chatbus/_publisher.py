@@ -53,6 +53,8 @@ class PublisherStatistics:
         largest_batch: The biggest group commit so far.
         queued: Publish requests waiting for the producer now.
         failed: Publish requests that raised.
+        notify_errors: Committed batches whose notice could not be sent (their
+            publishes still succeeded; the bus's poll finds them).
     """
 
     stream: str
@@ -62,6 +64,7 @@ class PublisherStatistics:
     largest_batch: int
     queued: int
     failed: int
+    notify_errors: int
 
 
 @final
@@ -136,6 +139,7 @@ class Producer:
             largest_batch=self.largest_batch,
             queued=self._receive.statistics().current_buffer_used,
             failed=self.failed,
+            notify_errors=self.notify_errors,
         )
 
     def _closed_message(self) -> str:
@@ -206,7 +210,6 @@ class Producer:
             if len(messages) != len(live):
                 raise StoreError(f"store returned {len(messages)} messages for {len(live)} drafts")
         except BaseException as exc:
-            self.topic.appending -= 1
             self.topic.append_failed()
             if not isinstance(exc, Exception):
                 raise  # cancelled: _retire fails the requests
@@ -215,7 +218,8 @@ class Producer:
                 error.__cause__ = exc
                 request.fail(error)
             return
-        self.topic.appending -= 1
+        finally:
+            self.topic.appending -= 1
         last_id = self.topic.committed(messages)
         for request, message in zip(live, messages, strict=True):
             request.resolve(message)

@@ -68,10 +68,6 @@ class MemoryStore:
     async def read(self, stream: str, after: int, limit: int) -> list[Message]:
         """Return up to ``limit`` messages after ``after``; see :meth:`chatbus.Store.read`."""
         await trio.lowlevel.checkpoint()
-        return self.read_nowait(stream, after, limit)
-
-    def read_nowait(self, stream: str, after: int, limit: int) -> list[Message]:
-        """The synchronous core of :meth:`read`."""
         log = self._logs.get(stream)
         if log is None:
             return []

@@ -196,3 +196,20 @@ async def test_failing_store_raises_store_error_and_bus_recovers():
         store.broken = False
         assert (await bus.publish("s", 2)).id == 1
         assert await collect(sub, 1) == [1]
+
+
+async def test_failing_notify_still_publishes_and_is_counted(autojump_clock):
+    class BrokenNotifier(chatbus.memory.MemoryNotifier):
+        async def notify(self, stream, last_id):
+            raise OSError("notice channel down")
+
+    store = chatbus.memory.MemoryStore()
+    async with (
+        chatbus.open_bus(store=store, notifier=BrokenNotifier()) as bus,
+        chatbus.open_bus(store=store, poll_interval=0.5) as other,
+        other.open_subscriber("s") as sub,
+        bus.open_publisher("s") as pub,
+    ):
+        assert (await pub.publish("committed anyway")).id == 1
+        assert pub.statistics().notify_errors == 1
+        assert await collect(sub, 1) == [1]  # found by the other bus's poll
