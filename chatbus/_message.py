@@ -24,6 +24,8 @@ MAX_BODY_DEPTH = 100
 #: Largest id a store can hold (PostgreSQL bigint).
 MAX_ID = 2**63 - 1
 
+#: One encoder for every body (``json.dumps`` with options builds a new one per call).
+_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 _STRINGS = re.compile(r'"(?:[^"\\]|\\.)*"')
 _NOT_BRACKETS = re.compile(r"[^\[\]{}]+")
 
@@ -115,7 +117,7 @@ def make_draft(body: object, key: object, *, max_body_bytes: int) -> Draft:
             raise InvalidMessage(f"key must be 1 to {MAX_KEY_LENGTH} characters long")
         _check_text(key, "key", InvalidMessage)
     try:
-        body_json = json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        body_json = _ENCODER.encode(body)
     except (TypeError, ValueError) as exc:
         raise InvalidMessage(f"body is not JSON-serialisable: {exc}") from None
     except RecursionError:
@@ -128,8 +130,15 @@ def make_draft(body: object, key: object, *, max_body_bytes: int) -> Draft:
             raise InvalidMessage(
                 f"body is nested {depth} levels deep; the limit is {MAX_BODY_DEPTH}"
             )
-    _check_text(body_json, "body", InvalidMessage)
-    size = len(body_json.encode("utf-8"))
+    if "\x00" in body_json:
+        raise InvalidMessage("body must not contain NUL characters")
+    if body_json.isascii():
+        size = len(body_json)
+    else:
+        try:
+            size = len(body_json.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise InvalidMessage("body is not valid Unicode (lone surrogate)") from None
     if size > max_body_bytes:
         raise MessageTooLarge(f"body is {size} bytes as JSON; the limit is {max_body_bytes} bytes")
     return Draft(body_json=body_json, key=key)

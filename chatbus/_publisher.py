@@ -23,22 +23,57 @@ class _Phase(enum.Enum):
 
 
 @final
-@attrs.define(eq=False)
 class _Request:
-    draft: Draft
-    phase: _Phase = _Phase.QUEUED
-    done: trio.Event = attrs.field(factory=trio.Event)
-    message: Message | None = None
-    error: BusError | None = None
+    """One publish call, from the caller's queueing to its outcome.
+
+    The caller parks its own task (``wait_task_rescheduled``) and the producer
+    reschedules it directly: no Event or parking lot per message, and exactly one
+    trip through the scheduler per publish.
+    """
+
+    __slots__ = ("_waiter", "draft", "error", "finished", "message", "phase")
+
+    def __init__(self, draft: Draft) -> None:
+        self.draft = draft
+        self.phase = _Phase.QUEUED
+        self.message: Message | None = None
+        self.error: BusError | None = None
+        #: The outcome (message or error) is in.
+        self.finished = False
+        #: The caller's task while it is parked waiting for the outcome.
+        self._waiter: trio.lowlevel.Task | None = None
 
     def resolve(self, message: Message) -> None:
         self.message = message
-        self.done.set()
+        self._finish()
 
     def fail(self, error: BusError) -> None:
-        if not self.done.is_set():
+        if not self.finished:
             self.error = error
-            self.done.set()
+            self._finish()
+
+    def _finish(self) -> None:
+        self.finished = True
+        if (task := self._waiter) is not None:
+            self._waiter = None
+            trio.lowlevel.reschedule(task)
+
+    async def wait(self) -> None:
+        """Park until the outcome is in; a cancelled wait abandons a queued request."""
+        if self.finished:
+            # The outcome came in while the caller was blocked sending (it has been
+            # through the scheduler then): only honour a cancellation.
+            await trio.lowlevel.checkpoint_if_cancelled()
+            return
+        self._waiter = trio.lowlevel.current_task()
+
+        def abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
+            self._waiter = None
+            if self.phase is _Phase.QUEUED:
+                self.phase = _Phase.ABANDONED
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
 
 
 @attrs.frozen(kw_only=True)
@@ -101,17 +136,19 @@ class Producer:
             BusClosed: the producer stopped before the draft was committed.
             StoreError: the store failed; nothing of this batch was stored.
         """
+        # A cancel point before queueing (a cancelled caller stores nothing); the
+        # wait below is the schedule point. No extra trip through the scheduler
+        # while the channel has room.
+        await trio.lowlevel.checkpoint_if_cancelled()
         request = _Request(draft)
         try:
-            await self._send.send(request)
+            try:
+                self._send.send_nowait(request)
+            except trio.WouldBlock:
+                await self._send.send(request)  # full: back-pressure, cancellable
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             raise BusClosed(self._closed_message()) from None
-        try:
-            await request.done.wait()
-        except BaseException:
-            if request.phase is _Phase.QUEUED:
-                request.phase = _Phase.ABANDONED
-            raise
+        await request.wait()
         if request.error is not None:
             self.failed += 1
             raise request.error

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import functools
 import hashlib
 import ipaddress
 import json
@@ -65,6 +66,7 @@ import trio_asyncio
 from psycopg import pq, sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from . import _pq
 from ._exceptions import StoreError
 from ._message import Draft, Message, check_after, check_range, check_stream
 from ._protocols import NoticeHandler
@@ -137,18 +139,18 @@ class _AioRunner:
 class _Queries:
     """The store's SQL, composed once per schema with :class:`psycopg.sql.Identifier`.
 
-    Kept as plain strings: psycopg converts a query once (cached by its text) instead
-    of composing it again at every execution; it still encodes each one in the
-    connection's encoding.
+    The statements run by :mod:`chatbus._pq` (``$n`` placeholders, text parameters)
+    are kept as UTF-8 bytes; the keyed ones, run by psycopg, as plain strings (psycopg
+    converts a query once, cached by its text).
     """
 
-    append_unkeyed: str
-    append_streams: str
+    append_unkeyed: bytes
+    append_streams: bytes
     lock_stream: str
     find_keys: str
     insert_keyed: str
-    read: str
-    heads: str
+    read: bytes
+    heads: bytes
 
     @classmethod
     def for_schema(cls, schema: str) -> _Queries:
@@ -168,25 +170,24 @@ class _Queries:
             """
             WITH bump AS (
                 INSERT INTO {streams} AS st (stream, last_id)
-                VALUES (%(stream)s::text, %(n)s::bigint)
+                VALUES ($1::text, $2::bigint)
                 ON CONFLICT (stream) DO UPDATE SET last_id = st.last_id + EXCLUDED.last_id
                 RETURNING st.last_id
             ), ins AS (
                 INSERT INTO {messages} (stream, id, key, body)
-                SELECT %(stream)s::text, bump.last_id - %(n)s::bigint + b.ord, NULL, b.body::json
+                SELECT $1::text, bump.last_id - $2::bigint + b.ord, NULL, b.body::json
                 FROM bump,
-                    unnest(string_to_array(%(bodies)s::text, chr(30))) WITH ORDINALITY
+                    unnest(string_to_array($3::text, chr(30))) WITH ORDINALITY
                     AS b(body, ord)
             )
-            SELECT bump.last_id, now(), pg_notify(
-                %(channel)s::text,
-                json_build_object('stream', %(stream)s::text, 'last_id', bump.last_id)::text
+            SELECT bump.last_id, (extract(epoch FROM now()) * 1000000)::bigint, pg_notify(
+                $4::text, json_build_object('stream', $1::text, 'last_id', bump.last_id)::text
             ) FROM bump
             """
         ).format(**names)
-        # Several streams in one statement (coalesced appends): one element per stream
-        # in each array, binary (no escaping; the bodies of a stream are packed as
-        # above). The counter rows are upserted in ORDER BY stream COLLATE "C": the
+        # Several streams in one statement (coalesced appends): one JSON array of
+        # [stream, count, packed bodies] (the bodies of a stream packed as above).
+        # The counter rows are upserted in ORDER BY stream COLLATE "C": the
         # ModifyTable node takes each row lock as the sorted rows reach it, so every
         # multi-stream statement, in every process, locks its rows in the same order
         # and two of them cannot deadlock (a single-stream statement holds one row).
@@ -194,9 +195,8 @@ class _Queries:
         append_streams = sql.SQL(
             """
             WITH input AS MATERIALIZED (
-                SELECT s.stream, s.n, s.packed
-                FROM unnest(%(streams)b::text[], %(counts)b::bigint[], %(bodies)b::text[])
-                    AS s(stream, n, packed)
+                SELECT s.value->>0 AS stream, (s.value->>1)::bigint AS n, s.value->>2 AS packed
+                FROM json_array_elements($1::json) AS s
             ), bump AS (
                 INSERT INTO {streams} AS st (stream, last_id)
                 SELECT input.stream, input.n FROM input ORDER BY input.stream COLLATE "C"
@@ -209,10 +209,12 @@ class _Queries:
                     unnest(string_to_array(input.packed, chr(30))) WITH ORDINALITY
                     AS b(body, ord)
             )
-            SELECT bump.stream, bump.last_id, now(), pg_notify(
-                %(channel)s::text,
-                json_build_object('stream', bump.stream, 'last_id', bump.last_id)::text
-            ) FROM bump
+            SELECT bump.stream, bump.last_id, (extract(epoch FROM now()) * 1000000)::bigint,
+                pg_notify(
+                    $2::text,
+                    json_build_object('stream', bump.stream, 'last_id', bump.last_id)::text
+                )
+            FROM bump
             """
         ).format(**names)
         # Keyed appends take the row lock first, then look the keys up in a new
@@ -249,21 +251,32 @@ class _Queries:
             )
             """
         ).format(**names)
+        # A page as ONE JSON value, [[id, key, body, created_at µs], …]: one
+        # json.loads decodes ids, keys and bodies together (body is a json column,
+        # embedded verbatim).
         read = sql.SQL(
-            "SELECT id, key, body::text, created_at FROM {messages}"
-            " WHERE stream = %s::text AND id > %s::bigint ORDER BY id LIMIT %s::bigint"
+            """
+            SELECT json_agg(json_build_array(
+                m.id, m.key, m.body, (extract(epoch FROM m.created_at) * 1000000)::bigint
+            ) ORDER BY m.id)
+            FROM (
+                SELECT id, key, body, created_at FROM {messages}
+                WHERE stream = $1::text AND id > $2::bigint ORDER BY id LIMIT $3::bigint
+            ) AS m
+            """
         ).format(**names)
         heads = sql.SQL(
-            "SELECT stream, last_id FROM {streams} WHERE stream = ANY(%b::text[])"
+            "SELECT json_object_agg(st.stream, st.last_id) FROM {streams} AS st"
+            " WHERE st.stream IN (SELECT json_array_elements_text($1::json))"
         ).format(**names)
         return cls(
-            append_unkeyed=append_unkeyed.as_string(None),
-            append_streams=append_streams.as_string(None),
+            append_unkeyed=append_unkeyed.as_string(None).encode("utf-8"),
+            append_streams=append_streams.as_string(None).encode("utf-8"),
             lock_stream=lock_stream.as_string(None),
             find_keys=find_keys.as_string(None),
             insert_keyed=insert_keyed.as_string(None),
-            read=read.as_string(None),
-            heads=heads.as_string(None),
+            read=read.as_string(None).encode("utf-8"),
+            heads=heads.as_string(None).encode("utf-8"),
         )
 
 
@@ -341,7 +354,7 @@ _MAX_STATEMENT_CHARS: Final = 8 * 1024 * 1024
 
 @attrs.frozen(kw_only=True)
 class PostgresStoreStatistics:
-    """A snapshot of a :class:`PostgresStore`'s unkeyed-append coalescing.
+    """A snapshot of a :class:`PostgresStore`'s append coalescing and connections.
 
     Attributes:
         appends: Unkeyed :meth:`~PostgresStore.append` calls that reached the server
@@ -351,6 +364,11 @@ class PostgresStoreStatistics:
         largest_statement: The most appends one statement carried.
         in_flight: Statements running (or about to be sent) now.
         pending: Appends waiting for a statement now.
+        connections: Pool connections the store holds now, busy or idle. It keeps
+            them between operations and gives one back after 10 s unused (checked
+            when the next operation starts), or when it failed or was cancelled.
+        borrows: Connections taken from the pool so far: steady traffic keeps this
+            flat; a climbing count means connections keep failing.
     """
 
     appends: int
@@ -359,6 +377,8 @@ class PostgresStoreStatistics:
     largest_statement: int
     in_flight: int
     pending: int
+    connections: int
+    borrows: int
 
 
 @final
@@ -387,6 +407,146 @@ class _PendingAppend:
 
 @final
 @attrs.define(eq=False)
+class _Lanes:
+    """Pool connections lent to trio, kept between operations.
+
+    The pool (psycopg, through trio-asyncio) makes, configures, checks and replaces
+    connections; taking one from it and giving it back are asyncio crossings, so a
+    connection is borrowed once and then reused from trio for as long as operations
+    keep coming. Single statements run on its ``pgconn`` (:mod:`chatbus._pq`);
+    keyed appends run on it through psycopg, one crossing each. A connection that
+    failed, was cancelled mid-operation, or idled for ``idle_return`` seconds goes
+    back to the pool, which resets or closes it. ``limit`` caps the connections
+    out at once (the pool's ``max_size``); waiting for one is bounded by ``timeout``.
+    """
+
+    _pool: psycopg_pool.AsyncConnectionPool
+    _aio: _AioRunner
+    _limit: int
+    _timeout: float
+    idle_return: float = 10.0
+    _slots: trio.Semaphore = attrs.field(init=False)
+    #: Borrowed, idle, most recently used last: (connection, idle since).
+    _idle: list[tuple[psycopg.AsyncConnection[Any], float]] = attrs.field(factory=list, init=False)
+    _closed: bool = attrs.field(default=False, init=False)
+    #: Connections taken from the pool so far.
+    borrows: int = attrs.field(default=0, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._slots = trio.Semaphore(self._limit)
+
+    @property
+    def held(self) -> int:
+        """Connections out of the pool now: running an operation, or idle here."""
+        return self._limit - self._slots.value + len(self._idle)
+
+    async def acquire(self) -> psycopg.AsyncConnection[Any]:
+        """Return an idle connection, borrowing one from the pool if none is idle."""
+        try:
+            self._slots.acquire_nowait()
+        except trio.WouldBlock:
+            with trio.move_on_after(self._timeout) as scope:
+                await self._slots.acquire()
+            if scope.cancelled_caught:
+                raise psycopg_pool.PoolTimeout(
+                    f"couldn't get a connection after {self._timeout:.2f} sec"
+                ) from None
+        try:
+            idle = self._idle
+            if idle and trio.current_time() - idle[0][1] > self.idle_return:
+                await self._give_back(idle.pop(0)[0])  # unused for a while: the pool's again
+            while idle:
+                conn = idle.pop()[0]
+                if _usable(conn):
+                    return conn
+                await self._give_back(conn)
+            conn = await self._aio.run(self._pool.getconn)
+            self.borrows += 1
+            return conn
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def release(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Take back a connection that is idle and healthy after an operation."""
+        self._slots.release()
+        if self._closed:
+            _close_now(conn)
+        else:
+            self._idle.append((conn, trio.current_time()))
+
+    async def discard(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Give back a connection in an unknown state; the pool resets or closes it.
+
+        Runs even when the caller is being cancelled (bounded by a few seconds).
+        """
+        self._slots.release()
+        with trio.move_on_after(5.0, shield=True) as scope:
+            await self._give_back(conn)
+        if scope.cancelled_caught:  # pragma: no cover - the pool did not answer
+            _close_now(conn)
+
+    async def recover(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Take back a connection whose statement was interrupted (cancelled, failed).
+
+        As psycopg does for its own interrupted queries: ask the server to cancel
+        the statement, wait for it to end, and keep the connection if it is idle
+        again; else give it to the pool to close. Runs even when the caller is being
+        cancelled, bounded by a few seconds.
+        """
+        with trio.move_on_after(5.0, shield=True):
+            pgconn = conn.pgconn
+            if (
+                pgconn.status == pq.ConnStatus.OK
+                and pgconn.transaction_status == pq.TransactionStatus.ACTIVE
+            ):
+                try:
+                    await self._aio.run(functools.partial(conn.cancel_safe, timeout=4.0))
+                    await _pq.drain(pgconn)
+                except _DB_ERRORS:
+                    pass  # not idle after all: discarded below
+            if _usable(conn):
+                self.release(conn)
+                return
+        await self.discard(conn)
+
+    async def aclose(self) -> None:
+        """Give every idle connection back; connections still out close on release."""
+        self._closed = True
+        idle, self._idle = self._idle, []
+        for conn, _ in idle:
+            await self._give_back(conn)
+
+    async def _give_back(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        try:
+            await self._aio.run(self._pool.putconn, conn)
+        except Exception:  # the pool is closing: close it ourselves
+            _close_now(conn)
+
+
+def _usable(conn: psycopg.AsyncConnection[Any]) -> bool:
+    """An idle connection whose socket has nothing to say (else: probably closed)."""
+    pgconn = conn.pgconn
+    if pgconn.status != pq.ConnStatus.OK or pgconn.transaction_status != pq.TransactionStatus.IDLE:
+        return False
+    poller = select.poll()
+    poller.register(pgconn.socket, select.POLLIN)
+    return not poller.poll(0)
+
+
+def _close_now(conn: psycopg.AsyncConnection[Any]) -> None:
+    pgconn = conn.pgconn
+    try:
+        sock = pgconn.socket
+    except psycopg.Error:
+        pass  # already closed
+    else:
+        trio.lowlevel.notify_closing(sock)
+    pgconn.finish()
+
+
+@final
+@attrs.define(eq=False)
 class PostgresStore:
     """A :class:`~chatbus.Store` in PostgreSQL. Made by :func:`open_postgres`.
 
@@ -395,7 +555,7 @@ class PostgresStore:
     psycopg error as ``__cause__``; a failed append stores nothing.
     """
 
-    _pool: psycopg_pool.AsyncConnectionPool
+    _lanes: _Lanes
     _aio: _AioRunner
     _schema: str
     _channel: str
@@ -437,7 +597,20 @@ class PostgresStore:
         drafts = list(drafts)
         if all(draft.key is None for draft in drafts):
             return await self._append_unkeyed(stream, drafts)
-        return await self._call("append", self._aio_append_keyed, stream, drafts)
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            raise StoreError("append failed: the Postgres store is closed")
+        try:
+            conn = await self._lanes.acquire()
+            try:
+                messages = await self._aio.run(self._aio_append_keyed, conn, stream, drafts)
+            except BaseException:
+                await self._lanes.discard(conn)
+                raise
+            self._lanes.release(conn)
+        except _DB_ERRORS as exc:
+            raise _store_error("append", exc) from exc
+        return messages
 
     @property
     def max_in_flight(self) -> int:
@@ -445,7 +618,7 @@ class PostgresStore:
         return self._max_in_flight
 
     def statistics(self) -> PostgresStoreStatistics:
-        """Return a snapshot of the unkeyed-append coalescing counters."""
+        """Return a snapshot of the append coalescing and connection counters."""
         return PostgresStoreStatistics(
             appends=self._appends,
             statements=self._statements,
@@ -453,6 +626,8 @@ class PostgresStore:
             largest_statement=self._largest_statement,
             in_flight=self._in_flight,
             pending=len(self._pending),
+            connections=self._lanes.held,
+            borrows=self._lanes.borrows,
         )
 
     # ---- unkeyed appends: cross-stream group commit ----
@@ -571,13 +746,13 @@ class PostgresStore:
         try:
             if len(batch) == 1:
                 # Only this caller's work: cancellable as any single operation.
-                rows = await self._aio.run(self._aio_append_streams, request)
+                rows = await self._append_statement(request)
             else:
                 # Other callers wait for this statement: the leader's cancellation
                 # must not abandon it half-way (it may commit). Bounded all the same.
                 with trio.CancelScope(shield=True) as scope:
                     scope.deadline = trio.current_time() + self._shield_timeout
-                    rows = await self._aio.run(self._aio_append_streams, request)
+                    rows = await self._append_statement(request)
                 if scope.cancelled_caught:
                     raise psycopg.OperationalError(
                         f"the statement did not finish within {self._shield_timeout} s"
@@ -618,7 +793,16 @@ class PostgresStore:
         if limit == 0:
             await trio.lowlevel.checkpoint()
             return []
-        return await self._call("read", self._aio_read, stream, after, limit)
+        params = [stream.encode("utf-8"), b"%d" % after, b"%d" % limit]
+        result = await self._execute("read", self._queries.read, params)
+        page = result.get_value(0, 0)
+        if page is None:
+            return []
+        to_datetime = _pq.from_epoch_micros
+        return [
+            Message.from_row(stream, id_, body, key, to_datetime(micros))
+            for id_, key, body, micros in json.loads(page)
+        ]
 
     async def heads(self, streams: Sequence[str]) -> dict[str, int]:
         """Return each stream's highest committed id in one query; see :meth:`chatbus.Store.heads`.
@@ -631,105 +815,113 @@ class PostgresStore:
         if not wanted:
             await trio.lowlevel.checkpoint()
             return {}
-        found = await self._call("heads", self._aio_heads, wanted)
-        return {stream: found.get(stream, 0) for stream in wanted}
+        params = [json.dumps(wanted, ensure_ascii=False).encode("utf-8")]
+        result = await self._execute("heads", self._queries.heads, params)
+        found = result.get_value(0, 0)
+        heads: dict[str, int] = {} if found is None else json.loads(found)
+        return {stream: heads.get(stream, 0) for stream in wanted}
 
-    async def _call(self, what: str, fn: Callable[..., Coroutine[Any, Any, _T]], *args: Any) -> _T:
+    async def _execute(self, what: str, query: bytes, params: list[bytes]) -> pq.abc.PGresult:
+        """Run one statement on a lent connection, from trio; errors as StoreError."""
         if self._closed:
             await trio.lowlevel.checkpoint()
             raise StoreError(f"{what} failed: the Postgres store is closed")
         try:
-            return await self._aio.run(fn, *args)
+            return await self._statement(query, params)
         except _DB_ERRORS as exc:
             raise _store_error(what, exc) from exc
 
-    # ---- asyncio side: each method below is one whole logical operation ----
-    #
-    # Connections are taken with getconn()/putconn() rather than the connection()
-    # context manager: same checks and same reset on return (the pool rolls back a
-    # connection returned inside a transaction and replaces a broken one), without the
-    # extra commit() round of the connection's own context manager. Pool connections
-    # are autocommit, and the keyed path manages its transaction explicitly.
+    async def _statement(self, query: bytes, params: list[bytes]) -> pq.abc.PGresult:
+        """Run one statement on a lent connection; psycopg errors pass as they are."""
+        lanes = self._lanes
+        conn = await lanes.acquire()
+        try:
+            result = await _pq.execute(conn.pgconn, query, params)
+        except psycopg.DatabaseError:
+            lanes.release(conn)  # the server refused it: the connection is fine
+            raise
+        except BaseException:
+            await lanes.recover(conn)  # cancelled or lost mid-statement
+            raise
+        lanes.release(conn)
+        return result
 
-    async def _aio_append_streams(
+    async def _append_statement(
         self, request: list[tuple[str, int, str]]
     ) -> list[tuple[str, int, datetime.datetime]]:
         """One statement: per ``(stream, count, packed bodies)``, bump, insert, notify.
 
         Returns ``(stream, new last id, commit timestamp)`` per stream.
         """
-        q = self._queries
-        pool = self._pool
-        conn = await pool.getconn()
-        try:
-            if len(request) == 1:
-                ((stream, n, packed),) = request
-                params: dict[str, Any] = {
-                    "stream": stream,
-                    "n": n,
-                    "bodies": packed,
-                    "channel": self._channel,
-                }
-                cur = await conn.execute(q.append_unkeyed, params)
-                row = await cur.fetchone()
-                rows = [] if row is None else [(stream, row[0], row[1])]
-            else:
-                params = {
-                    "streams": [stream for stream, _, _ in request],
-                    "counts": [n for _, n, _ in request],
-                    "bodies": [packed for _, _, packed in request],
-                    "channel": self._channel,
-                }
-                cur = await conn.execute(q.append_streams, params)
-                rows = [(stream, last_id, ts) for stream, last_id, ts, _ in await cur.fetchall()]
-        finally:
-            await pool.putconn(conn)
-        return [(stream, last_id, _utc(ts)) for stream, last_id, ts in rows]
+        channel = self._channel.encode("utf-8")
+        if len(request) == 1:
+            ((stream, n, packed),) = request
+            params = [stream.encode("utf-8"), b"%d" % n, packed.encode("utf-8"), channel]
+            result = await self._statement(self._queries.append_unkeyed, params)
+            if result.ntuples != 1:  # pragma: no cover - the upsert returns its row
+                return []
+            last_id, micros = _pq.value(result, 0, 0), _pq.value(result, 0, 1)
+            return [(stream, int(last_id), _pq.from_epoch_micros(int(micros)))]
+        document = json.dumps(request, ensure_ascii=False, separators=(",", ":"))
+        result = await self._statement(
+            self._queries.append_streams, [document.encode("utf-8"), channel]
+        )
+        return [
+            (
+                _pq.value(result, row, 0).decode("utf-8"),
+                int(_pq.value(result, row, 1)),
+                _pq.from_epoch_micros(int(_pq.value(result, row, 2))),
+            )
+            for row in range(result.ntuples)
+        ]
 
-    async def _aio_append_keyed(self, stream: str, drafts: list[Draft]) -> list[Message]:
+    # ---- asyncio side: each method below is one whole logical operation ----
+    #
+    # Runs on a connection lent by _Lanes (autocommit); it manages its transaction
+    # explicitly. Should it fail half-way, the lanes give the connection back to the
+    # pool, which rolls back or replaces it.
+
+    async def _aio_append_keyed(
+        self, conn: psycopg.AsyncConnection[Any], stream: str, drafts: list[Draft]
+    ) -> list[Message]:
         q = self._queries
         keys = list(dict.fromkeys(d.key for d in drafts if d.key is not None))
-        pool = self._pool
-        conn = await pool.getconn()
-        try:
-            # Pipelined: BEGIN + lock + key lookup travel together, then insert +
-            # COMMIT: two round trips. The server still runs them one after the other,
-            # so the lookup's snapshot is taken after the row lock was granted.
-            async with conn.pipeline():
-                async with conn.transaction():
-                    lock = await conn.execute(q.lock_stream, (stream,))
-                    found = await conn.execute(q.find_keys, (keys, stream))
-                    row = await lock.fetchone()
-                    if row is None:  # pragma: no cover
-                        raise psycopg.DataError("counter upsert returned no row")
-                    last_id: int = row[0]
-                    rows = await found.fetchall()
-                    old_bodies = _decode_bodies([body for _, _, body, _ in rows])
-                    existing = {
-                        key: Message.from_row(stream, id_, body, key, _utc(ts))
-                        for (key, id_, _, ts), body in zip(rows, old_bodies, strict=True)
-                    }
-                    slots, new = _plan_keyed_batch(drafts, existing)
-                    if not new:
-                        return [slot for slot in slots if isinstance(slot, Message)]
-                    # Raising here (a bad body) rolls the transaction back.
-                    packed, bodies = _pack_bodies(new)
-                    new_last = last_id + len(new)
-                    inserted = await conn.execute(
-                        q.insert_keyed,
-                        {
-                            "stream": stream,
-                            "first": last_id + 1,
-                            "keys": [d.key for d in new],
-                            "bodies": packed,
-                            "last_id": new_last,
-                            "channel": self._channel,
-                        },
-                    )
-                # Fetching after the COMMIT was queued: one sync for both.
-                row = await inserted.fetchone()
-        finally:
-            await pool.putconn(conn)
+        # Pipelined: BEGIN + lock + key lookup travel together, then insert +
+        # COMMIT: two round trips. The server still runs them one after the other,
+        # so the lookup's snapshot is taken after the row lock was granted.
+        async with conn.pipeline():
+            async with conn.transaction():
+                lock = await conn.execute(q.lock_stream, (stream,))
+                found = await conn.execute(q.find_keys, (keys, stream))
+                row = await lock.fetchone()
+                if row is None:  # pragma: no cover
+                    raise psycopg.DataError("counter upsert returned no row")
+                last_id: int = row[0]
+                rows = await found.fetchall()
+                old_bodies = _decode_bodies([body for _, _, body, _ in rows])
+                existing = {
+                    key: Message.from_row(stream, id_, body, key, _utc(ts))
+                    for (key, id_, _, ts), body in zip(rows, old_bodies, strict=True)
+                }
+                slots, new = _plan_keyed_batch(drafts, existing)
+                if not new:
+                    return [slot for slot in slots if isinstance(slot, Message)]
+                # Raising here (a bad body) rolls the transaction back.
+                packed, bodies = _pack_bodies(new)
+                new_last = last_id + len(new)
+                inserted = await conn.execute(
+                    q.insert_keyed,
+                    {
+                        "stream": stream,
+                        "first": last_id + 1,
+                        "keys": [d.key for d in new],
+                        "bodies": packed,
+                        "last_id": new_last,
+                        "channel": self._channel,
+                    },
+                )
+            # Fetching after the COMMIT was queued: one sync for both.
+            row = await inserted.fetchone()
         if row is None:  # pragma: no cover
             raise psycopg.DataError("insert returned no row")
         created_at = _utc(row[0])
@@ -738,31 +930,6 @@ class PostgresStore:
             for i, (d, body) in enumerate(zip(new, bodies, strict=True))
         ]
         return [fresh[slot] if isinstance(slot, int) else slot for slot in slots]
-
-    async def _aio_read(self, stream: str, after: int, limit: int) -> list[Message]:
-        pool = self._pool
-        conn = await pool.getconn()
-        try:
-            # Binary results: cheaper to load (ids, timestamps); text is the same bytes.
-            cur = await conn.execute(self._queries.read, (stream, after, limit), binary=True)
-            rows = await cur.fetchall()
-        finally:
-            await pool.putconn(conn)
-        bodies = _decode_bodies([body for _, _, body, _ in rows])
-        return [
-            Message.from_row(stream, id_, body, key, _utc(ts))
-            for (id_, key, _, ts), body in zip(rows, bodies, strict=True)
-        ]
-
-    async def _aio_heads(self, streams: list[str]) -> dict[str, int]:
-        pool = self._pool
-        conn = await pool.getconn()
-        try:
-            cur = await conn.execute(self._queries.heads, (streams,))
-            rows = await cur.fetchall()
-        finally:
-            await pool.putconn(conn)
-        return {stream: last_id for stream, last_id in rows}
 
 
 #: Joins the bodies of a batch into one query parameter. A control character: valid
@@ -1221,7 +1388,11 @@ async def open_postgres(
     check_range("max_backoff", max_backoff, 0.1, 600)
     try:
         common = {"connect_timeout": int(connect_timeout), **_KEEPALIVES}
-        pool_conninfo = _with_defaults(dsn, application_name=POOL_APPLICATION_NAME, **common)
+        # UTF-8 on every connection: chatbus._pq sends and reads text as UTF-8.
+        pool_conninfo = make_conninfo(
+            _with_defaults(dsn, application_name=POOL_APPLICATION_NAME, **common),
+            client_encoding="UTF8",
+        )
         listen_conninfo = make_conninfo(
             _with_defaults(dsn, **common),
             application_name=LISTEN_APPLICATION_NAME,
@@ -1319,8 +1490,9 @@ async def _open_pair(
         reconnect_timeout=max(60.0, settings.acquire_timeout),
         name=f"chatbus:{schema}",
     )
+    lanes = _Lanes(pool, aio, settings.max_connections, settings.acquire_timeout)
     store = PostgresStore(
-        pool,
+        lanes,
         aio,
         schema,
         channel,
@@ -1356,6 +1528,7 @@ async def _open_pair(
         store._closed = True
         with trio.move_on_after(5, shield=True):
             try:
+                await lanes.aclose()
                 await aio.run(pool.close, 3.0)
             except Exception:  # cleanup must not mask the body's error
                 logger.exception("closing the chatbus connection pool failed")

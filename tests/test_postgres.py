@@ -852,3 +852,99 @@ async def test_open_cancelled_half_way_returns_promptly(delay: float) -> None:
                 async with open_postgres(dsn, schema=schema):
                     await trio.sleep(1)
         assert scope.cancelled_caught
+
+
+# ---------------------------------------------------------------------------------
+# Connections lent to trio (single statements run over psycopg.pq)
+
+
+def app_name_dsn(name: str) -> str:
+    return psycopg.conninfo.make_conninfo(pg_dsn(), application_name=name)
+
+
+def backends_named(name: str) -> list[int]:
+    rows = admin_execute("SELECT pid FROM pg_stat_activity WHERE application_name = %s", (name,))
+    return [int(pid) for (pid,) in rows]
+
+
+async def test_connections_are_kept_between_operations_and_given_back_when_idle() -> None:
+    async with fresh_postgres_pair(max_connections=4) as (store, _):
+        with trio.fail_after(20):
+            for i in range(20):
+                await store.append("s", [draft(i)])
+                await store.read("s", 0, 5)
+                await store.heads(["s"])
+            stats = store.statistics()
+            assert (stats.connections, stats.borrows) == (1, 1)
+
+            store._lanes.idle_return = 0.2
+            await trio.sleep(0.3)
+            await store.read("s", 0, 1)  # gives the stale one back, borrows again
+            stats = store.statistics()
+            assert (stats.connections, stats.borrows) == (1, 2)
+
+
+async def test_idle_connection_killed_by_the_server_is_replaced_transparently() -> None:
+    name = f"chatbus-test-{random.getrandbits(32):08x}"
+    async with fresh_postgres_pair(dsn=app_name_dsn(name), max_connections=4) as (store, _):
+        with trio.fail_after(20):
+            await store.append("s", [draft(1)])
+            assert store.statistics().connections == 1
+            for _ in range(3):
+                # Each kind of operation, on a connection the server closed while it
+                # sat idle here: no StoreError, a fresh connection instead. (About a
+                # second each: the pool's own idle one is dead too, and psycopg_pool
+                # backs off after a failed check.)
+                for operation in (
+                    lambda: store.read("s", 0, 10),
+                    lambda: store.heads(["s"]),
+                    lambda: store.append("s", [draft(2)]),
+                    lambda: store.append("s", [draft(3, key=f"k{random.random()}")]),
+                ):
+                    assert await terminate_backends(backends_named(name)) >= 1
+                    await trio.sleep(0.1)  # let the termination reach the socket
+                    await operation()
+            assert store.statistics().borrows >= 13  # one per killed connection
+            assert [x.id for x in await store.read("s", 0, 100)] == list(range(1, 8))
+
+
+@pytest.mark.parametrize("keyed", [False, True])
+async def test_cancelled_statement_is_cancelled_on_the_server(keyed: bool) -> None:
+    """A statement cancelled mid-flight is cancelled on the server too (as psycopg does),
+    its connection is not reused while busy, and its slot comes back (else the store
+    would run out of connections)."""
+    async with fresh_postgres_pair(max_connections=2, acquire_timeout=1) as (store, _):
+        with trio.fail_after(30):
+            async with row_lock(store.schema, "slow") as lock:
+                for i in range(4):  # more than max_connections: a leaked slot shows
+                    key = f"k{i}" if keyed else None
+                    with trio.move_on_after(0.3) as scope:
+                        await store.append("slow", [draft(i, key)])
+                    assert scope.cancelled_caught, "the row lock did not block the append"
+                    # The next operations run at once, on healthy connections.
+                    assert await store.heads(["other"]) == {"other": i}
+                    [m] = await store.append("other", [draft(i)])
+                    assert m.id == i + 1
+                    assert len(await store.read("other", 0, 10)) == i + 1
+                assert store.statistics().connections <= 2
+                await lock.release()
+            await trio.sleep(0.2)  # a statement still waiting on the lock would run now
+            await store.append("slow", [draft("after")])
+            assert [(x.id, x.body) for x in await store.read("slow", 0, 10)] == [(1, "after")]
+
+
+async def test_waiting_for_a_connection_is_bounded_by_acquire_timeout() -> None:
+    async with fresh_postgres_pair(max_connections=2, acquire_timeout=0.5) as (store, _):
+        with trio.fail_after(20):
+            async with row_lock(store.schema, "slow") as lock, trio.open_nursery() as nursery:
+                # Both connections block on the lock (a keyed append does not merge).
+                for i in range(2):
+                    nursery.start_soon(store.append, "slow", [draft(i, f"k{i}")])
+                await eventually(lambda: store.statistics().connections == 2)
+                started = time.perf_counter()
+                with pytest.raises(chatbus.StoreError, match="PoolTimeout") as info:
+                    await store.read("other", 0, 1)
+                assert 0.4 < time.perf_counter() - started < 3
+                assert isinstance(info.value.__cause__, psycopg.OperationalError)
+                await lock.release()
+            assert len(await store.read("slow", 0, 10)) == 2
