@@ -25,16 +25,35 @@ _OK: Final = (pq.ExecStatus.TUPLES_OK, pq.ExecStatus.COMMAND_OK)
 _EPOCH: Final = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
 
 
-async def execute(pgconn: pq.abc.PGconn, query: bytes, params: Sequence[bytes]) -> pq.abc.PGresult:
+async def execute(
+    pgconn: pq.abc.PGconn, query: bytes, params: Sequence[bytes], *, name: bytes | None = None
+) -> pq.abc.PGresult:
     """Run one statement with text ``params`` and return its result, checked.
+
+    With ``name``, run the statement prepared under that name (see :func:`prepare`)
+    instead of sending ``query``: the server skips parsing and planning it again.
 
     The connection must be idle and non-blocking. It is idle again when this returns
     or raises a server error (:class:`psycopg.Error` subclass by SQLSTATE). Any other
     exception (a lost connection, a cancellation) leaves it in an unknown state:
     the caller must not use it again.
     """
+    if name is None:
+        pgconn.send_query_params(query, params)
+    else:
+        pgconn.send_query_prepared(name, params)
+    return await _result(pgconn)
+
+
+async def prepare(pgconn: pq.abc.PGconn, name: bytes, query: bytes) -> None:
+    """Prepare ``query`` under ``name`` in this session (same contract as :func:`execute`)."""
+    pgconn.send_prepare(name, query)
+    await _result(pgconn)
+
+
+async def _result(pgconn: pq.abc.PGconn) -> pq.abc.PGresult:
+    """Flush what was sent, then wait for and return the first result, checked."""
     sock = pgconn.socket
-    pgconn.send_query_params(query, params)
     while pgconn.flush():
         pgconn.consume_input()  # take what the server sent meanwhile; never blocks
         await trio.lowlevel.wait_writable(sock)

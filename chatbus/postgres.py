@@ -44,6 +44,7 @@ append goes out at once, alone. See :meth:`PostgresStore.statistics`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import functools
 import hashlib
@@ -52,6 +53,7 @@ import json
 import logging
 import random
 import select
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
@@ -59,6 +61,7 @@ from typing import Any, Final, TypeVar, final
 
 import attrs
 import psycopg
+import psycopg.errors
 import psycopg.waiting
 import psycopg_pool
 import trio
@@ -431,6 +434,10 @@ class _Lanes:
     _closed: bool = attrs.field(default=False, init=False)
     #: Connections taken from the pool so far.
     borrows: int = attrs.field(default=0, init=False)
+    #: Names of the statements prepared in each connection's session.
+    _prepared: weakref.WeakKeyDictionary[psycopg.AsyncConnection[Any], set[bytes]] = attrs.field(
+        factory=weakref.WeakKeyDictionary, init=False
+    )
 
     def __attrs_post_init__(self) -> None:
         self._slots = trio.Semaphore(self._limit)
@@ -486,6 +493,24 @@ class _Lanes:
         if scope.cancelled_caught:  # pragma: no cover - the pool did not answer
             _close_now(conn)
 
+    async def prepared(self, conn: psycopg.AsyncConnection[Any], query: bytes) -> bytes:
+        """The name ``query`` is prepared under in ``conn``'s session (prepared now if new).
+
+        The name is derived from the query text (which holds the schema), so it
+        stays valid for as long as the session, also after the connection went back
+        to the pool and was borrowed again.
+        """
+        names = self._prepared.get(conn)
+        if names is None:
+            names = self._prepared[conn] = set()
+        name = _statement_name(query)
+        if name not in names:
+            # Already there if this session was lent to us before.
+            with contextlib.suppress(psycopg.errors.DuplicatePreparedStatement):
+                await _pq.prepare(conn.pgconn, name, query)
+            names.add(name)
+        return name
+
     async def recover(self, conn: psycopg.AsyncConnection[Any]) -> None:
         """Take back a connection whose statement was interrupted (cancelled, failed).
 
@@ -522,6 +547,11 @@ class _Lanes:
             await self._aio.run(self._pool.putconn, conn)
         except Exception:  # the pool is closing: close it ourselves
             _close_now(conn)
+
+
+def _statement_name(query: bytes) -> bytes:
+    """A prepared-statement name for ``query``: ``chatbus_`` and a digest of its text."""
+    return b"chatbus_" + hashlib.blake2b(query, digest_size=12).hexdigest().encode("ascii")
 
 
 def _usable(conn: psycopg.AsyncConnection[Any]) -> bool:
@@ -836,7 +866,8 @@ class PostgresStore:
         lanes = self._lanes
         conn = await lanes.acquire()
         try:
-            result = await _pq.execute(conn.pgconn, query, params)
+            name = await lanes.prepared(conn, query)
+            result = await _pq.execute(conn.pgconn, query, params, name=name)
         except psycopg.DatabaseError:
             lanes.release(conn)  # the server refused it: the connection is fine
             raise
