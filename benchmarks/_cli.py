@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import _pg, fanout, latency, scale, throughput
+from . import _pg, fanout, latency, scale, statement, throughput
 from ._config import BACKENDS, SCENARIOS, Sizes, apply_override, default_dsn, quick_sizes
 from ._report import Row, format_table, write_json
 
@@ -102,6 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows += throughput.memory_throughput(sizes)
         elif scenario == "postgres":
             rows += throughput.postgres_throughput(sizes, args.dsn, pg_problem)
+        elif scenario == "statement":
+            rows += statement.run(sizes, args.dsn, chatbus_pg_problem)
         elif scenario == "latency":
             rows += latency.run(sizes, backends, args.dsn, chatbus_pg_problem)
         elif scenario == "fanout":

@@ -8,7 +8,7 @@ import os
 DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 
 #: Scenario names accepted by ``--only``, in run order.
-SCENARIOS = ("memory", "postgres", "latency", "fanout", "scale")
+SCENARIOS = ("memory", "postgres", "statement", "latency", "fanout", "scale")
 BACKENDS = ("memory", "postgres")
 
 
@@ -39,6 +39,8 @@ class Sizes:
     pg_baseline_single_messages: int = 6_000
     pg_baseline_batch_messages: int = 100_000
     pg_baseline_batch_size: int = 100
+    # statement: one-row reads timed per way of talking to Postgres
+    statement_count: int = 3_000
     # latency
     latency_rate: float = 1_000.0
     latency_seconds: float = 5.0
@@ -63,6 +65,7 @@ def quick_sizes() -> Sizes:
         pg_messages=8_000,
         pg_baseline_single_messages=1_000,
         pg_baseline_batch_messages=40_000,
+        statement_count=1_000,
         latency_seconds=2.0,
         latency_warmup_seconds=0.5,
         fanout_messages=200,

@@ -2,16 +2,15 @@
 
 The store's hot operations (unkeyed appends, reads, heads) are single autocommit
 statements. Running them here, on a pool connection's ``pgconn`` under
-:func:`trio.lowlevel.wait_readable`, costs about a fifth of the CPU of the same
-statement through psycopg's asyncio API and a trio-asyncio crossing (see the
-README's Performance section). Parameters and results travel as text; the store's
-statements return their results as one JSON value or a few scalars, so there is
-nothing to adapt per column.
+:func:`trio.lowlevel.wait_readable`, costs about a third of the client CPU of the
+same statement through psycopg's asyncio API behind a trio-asyncio crossing
+(``python -m benchmarks --only statement``). Parameters and results travel as text;
+the store's statements return a few scalars or one JSON value, so there is nothing
+to adapt per column.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 from collections.abc import Sequence
 from typing import Final
@@ -78,8 +77,16 @@ async def _result(pgconn: pq.abc.PGconn) -> pq.abc.PGresult:
     return first
 
 
+def fully_sent(pgconn: pq.abc.PGconn) -> bool:
+    """Whether all of the statement in flight has left libpq's buffer (never blocks)."""
+    return pgconn.flush() == 0
+
+
 async def drain(pgconn: pq.abc.PGconn) -> None:
-    """Wait for the statement in flight to end (however it ends); discard its results."""
+    """Wait for the statement in flight to end (however it ends); discard its results.
+
+    The statement must have been sent in full (:func:`fully_sent`).
+    """
     sock = pgconn.socket
     while True:
         while pgconn.is_busy():
@@ -90,14 +97,8 @@ async def drain(pgconn: pq.abc.PGconn) -> None:
 
 
 def _error_from(result: pq.abc.PGresult) -> psycopg.Error:
-    """The psycopg exception for a failed result, chosen by its SQLSTATE."""
-    message = result.error_message.decode("utf-8", "replace").strip()
-    sqlstate = result.error_field(pq.DiagnosticField.SQLSTATE)
-    cls: type[psycopg.Error] = psycopg.DatabaseError
-    if sqlstate:
-        with contextlib.suppress(KeyError):
-            cls = psycopg.errors.lookup(sqlstate.decode("ascii"))
-    return cls(message or f"statement failed ({pq.ExecStatus(result.status).name})")
+    """The psycopg exception for a failed result, by SQLSTATE, as psycopg raises it."""
+    return psycopg.errors.error_from_result(result, encoding="utf-8")
 
 
 def value(result: pq.abc.PGresult, row: int, column: int) -> bytes:

@@ -21,6 +21,7 @@ import trio_asyncio
 from psycopg import sql
 
 import chatbus
+import chatbus._pq
 from chatbus._message import Draft, Message, make_draft
 from chatbus.postgres import (
     LISTEN_APPLICATION_NAME,
@@ -948,3 +949,83 @@ async def test_waiting_for_a_connection_is_bounded_by_acquire_timeout() -> None:
                 assert isinstance(info.value.__cause__, psycopg.OperationalError)
                 await lock.release()
             assert len(await store.read("slow", 0, 10)) == 2
+
+
+async def test_prepared_statements_survive_psycopgs_deallocate_all() -> None:
+    """psycopg sends DEALLOCATE ALL when it rolls back after preparing statements of its
+    own (the keyed path prepares after 5 runs); the store's must be prepared again."""
+    async with fresh_postgres_pair(max_connections=1) as (store, _):
+        with trio.fail_after(20):
+            await store.read("s", 0, 10)  # prepares the store's read on the one connection
+            for i in range(8):
+                await store.append("s", [draft(i, f"k{i}")])
+            with pytest.raises(chatbus.StoreError):  # rolled back inside psycopg
+                await store.append("s", [Draft(body_json="NaN", key="bad")])
+            async with row_lock(store.schema, "s") as lock:
+                with trio.move_on_after(0.3):  # cancelled inside its transaction
+                    await store.append("s", [draft("x", "x")])
+                await lock.release()
+            for _ in range(3):
+                assert len(await store.read("s", 0, 10)) == 8
+                assert await store.heads(["s"]) == {"s": 8}
+            [m] = await store.append("s", [draft("unkeyed")])
+            assert m.id == 9
+
+
+async def test_cancelled_callers_do_not_leak_pool_connections() -> None:
+    async with fresh_postgres_pair(max_connections=2, acquire_timeout=1) as (store, _):
+        with trio.fail_after(30):
+            store._lanes.idle_return = 0.05  # every acquire gives an idle one back
+            for _ in range(4):
+                async with trio.open_nursery() as nursery:  # two connections idle here
+                    for _ in range(2):
+                        nursery.start_soon(store.read, "s", 0, 1)
+                await trio.sleep(0.1)
+                with trio.move_on_after(0):  # cancelled while giving one back
+                    await store.read("s", 0, 1)
+            async with trio.open_nursery() as nursery:  # both connections still usable
+                for _ in range(2):
+                    nursery.start_soon(store.read, "s", 0, 1)
+
+
+async def test_statement_cancelled_while_being_sent_returns_promptly() -> None:
+    """A statement still in libpq's send buffer cannot be cancelled on the server (it
+    has not arrived): the connection must go at once, not after a wasted wait."""
+    async with fresh_postgres_pair(max_connections=2) as (store, _):
+        with trio.fail_after(30):
+            await store.append("s", [draft(0)])  # lends a connection, prepares the append
+            big = Draft(body_json='"' + "x" * 50_000_000 + '"', key=None)
+            started = time.perf_counter()
+            with trio.CancelScope() as scope:
+                scope.cancel()  # the first wait is the one for the socket to take more
+                await store.append("s", [big])
+            assert time.perf_counter() - started < 2
+            assert [m.id for m in await store.read("s", 0, 10)] == [1]
+            [m] = await store.append("s", [draft(1)])
+            assert m.id == 2
+
+
+async def test_statement_prepared_again_after_deallocate_all() -> None:
+    async with fresh_postgres_pair(max_connections=1) as (store, _):
+        with trio.fail_after(20):
+            await store.append("s", [draft(0)])
+            await store.read("s", 0, 10)
+            [(conn, _)] = store._lanes._idle  # behind the store's back, as a reset would
+            await chatbus._pq.execute(conn.pgconn, b"DEALLOCATE ALL", [])
+            assert [m.id for m in await store.read("s", 0, 10)] == [1]
+            [m] = await store.append("s", [draft(1)])
+            assert m.id == 2
+
+
+async def test_pages_of_large_bodies_come_in_several_json_values() -> None:
+    async with fresh_postgres_pair(max_connections=2) as (store, _):
+        with trio.fail_after(60):
+            # 35 MiB in all: the page comes as 3 JSON values of at most ~16 MiB (the
+            # grouping keeps each one far below Postgres's 1 GB limit on a string).
+            bodies = [str(i) * (7 * 1024 * 1024) for i in range(5)]
+            for body in bodies:
+                await store.append("big", [make_draft(body, None, max_body_bytes=8 << 20)])
+            await store.append("big", [draft("small")])
+            page = await store.read("big", 0, 100)
+            assert [m.body for m in page] == [*bodies, "small"]
+            assert [m.id for m in await store.read("big", 4, 100)] == [5, 6]
