@@ -172,6 +172,8 @@ class _Queries:
         names = {
             "streams": sql.Identifier(schema, "streams"),
             "messages": sql.Identifier(schema, "messages"),
+            "now_micros": _NOW_MICROS,
+            "created_micros": _CREATED_MICROS,
         }
         # The bodies of a batch travel as ONE text parameter, joined with U+001E
         # (see _pack_bodies), and are split back server-side; each piece is still
@@ -195,7 +197,7 @@ class _Queries:
                     unnest(string_to_array($3::text, chr(30))) WITH ORDINALITY
                     AS b(body, ord)
             )
-            SELECT bump.last_id, (extract(epoch FROM now()) * 1000000)::bigint, pg_notify(
+            SELECT bump.last_id, {now_micros}, pg_notify(
                 $4::text, json_build_object('stream', $1::text, 'last_id', bump.last_id)::text
             ) FROM bump
             """
@@ -224,7 +226,7 @@ class _Queries:
                     unnest(string_to_array(input.packed, chr(30))) WITH ORDINALITY
                     AS b(body, ord)
             )
-            SELECT bump.stream, bump.last_id, (extract(epoch FROM now()) * 1000000)::bigint,
+            SELECT bump.stream, bump.last_id, {now_micros},
                 pg_notify(
                     $2::text,
                     json_build_object('stream', bump.stream, 'last_id', bump.last_id)::text
@@ -276,7 +278,7 @@ class _Queries:
             SELECT json_agg(json_build_array(m.id, m.key, m.body, m.micros) ORDER BY m.id)
             FROM (
                 SELECT id, key, body,
-                    (extract(epoch FROM created_at) * 1000000)::bigint AS micros,
+                    {created_micros} AS micros,
                     sum(octet_length(body::text)) OVER (ORDER BY id) AS running
                 FROM {messages}
                 WHERE stream = $1::text AND id > $2::bigint ORDER BY id LIMIT $3::bigint
@@ -298,6 +300,19 @@ class _Queries:
             read=read.as_string(None).encode("utf-8"),
             heads=heads.as_string(None).encode("utf-8"),
         )
+
+
+#: ``now()`` and ``created_at`` as µs since the epoch, exact on every server version:
+#: whole seconds and the microseconds within the second each fit a double exactly
+#: (``extract`` returns one before PostgreSQL 14).
+_NOW_MICROS: Final = sql.SQL(
+    "(extract(epoch FROM date_trunc('second', now()))::bigint * 1000000"
+    " + extract(microseconds FROM now())::bigint % 1000000)"
+)
+_CREATED_MICROS: Final = sql.SQL(
+    "(extract(epoch FROM date_trunc('second', created_at))::bigint * 1000000"
+    " + extract(microseconds FROM created_at)::bigint % 1000000)"
+)
 
 
 def _plan_keyed_batch(
@@ -435,9 +450,10 @@ class _Lanes:
     connection is borrowed once and then reused from trio for as long as operations
     keep coming. Single statements run on its ``pgconn`` (:mod:`chatbus._pq`);
     keyed appends run on it through psycopg, one crossing each. A connection that
-    failed, was cancelled mid-operation, or idled for ``idle_return`` seconds goes
-    back to the pool, which resets or closes it. ``limit`` caps the connections
-    out at once (the pool's ``max_size``); waiting for one is bounded by ``timeout``.
+    failed, was cancelled mid-operation, idled for ``idle_return`` seconds or has
+    been lent for ``max_lend`` seconds goes back to the pool, which resets, checks or
+    closes it. ``limit`` caps the connections out at once (the pool's ``max_size``);
+    waiting for one is bounded by ``timeout``.
     """
 
     _pool: psycopg_pool.AsyncConnectionPool
@@ -445,12 +461,18 @@ class _Lanes:
     _limit: int
     _timeout: float
     idle_return: float = 10.0
+    #: Seconds a connection stays lent before it goes back to the pool at its next
+    #: use, so the pool's own upkeep (``max_lifetime``, checks) still reaches it.
+    max_lend: float = 300.0
     _slots: trio.Semaphore = attrs.field(init=False)
     #: Borrowed, idle, most recently used last: (connection, idle since).
     _idle: list[tuple[psycopg.AsyncConnection[Any], float]] = attrs.field(factory=list, init=False)
     _closed: bool = attrs.field(default=False, init=False)
     #: Connections taken from the pool so far.
     borrows: int = attrs.field(default=0, init=False)
+    _borrowed_at: weakref.WeakKeyDictionary[psycopg.AsyncConnection[Any], float] = attrs.field(
+        factory=weakref.WeakKeyDictionary, init=False
+    )
     #: Names of the statements prepared in each connection's session.
     _prepared: weakref.WeakKeyDictionary[psycopg.AsyncConnection[Any], set[bytes]] = attrs.field(
         factory=weakref.WeakKeyDictionary, init=False
@@ -485,12 +507,14 @@ class _Lanes:
                 await self._give_back(idle.pop(0)[0])  # unused for a while: the pool's again
             while idle:
                 conn = idle.pop()[0]
-                if _usable(conn):
+                lent_for = trio.current_time() - self._borrowed_at.get(conn, 0.0)
+                if lent_for <= self.max_lend and _usable(conn):
                     return conn
                 await self._give_back(conn)
             remaining = max(0.001, deadline - trio.current_time())
             conn = await self._aio.run(functools.partial(self._pool.getconn, timeout=remaining))
             self.borrows += 1
+            self._borrowed_at[conn] = trio.current_time()
             return conn
         except BaseException:
             self._slots.release()

@@ -884,6 +884,15 @@ async def test_connections_are_kept_between_operations_and_given_back_when_idle(
             stats = store.statistics()
             assert (stats.connections, stats.borrows) == (1, 2)
 
+            store._lanes.idle_return = 10
+            store._lanes.max_lend = 0.5  # busy, but lent long enough: back to the pool
+            for _ in range(8):
+                await store.read("s", 0, 1)
+                await trio.sleep(0.1)
+            stats = store.statistics()
+            assert stats.connections == 1
+            assert stats.borrows in (3, 4)  # 4 only if the machine stalled the loop
+
 
 async def test_idle_connection_killed_by_the_server_is_replaced_transparently() -> None:
     name = f"chatbus-test-{random.getrandbits(32):08x}"
@@ -1029,3 +1038,22 @@ async def test_pages_of_large_bodies_come_in_several_json_values() -> None:
             page = await store.read("big", 0, 100)
             assert [m.body for m in page] == [*bodies, "small"]
             assert [m.id for m in await store.read("big", 4, 100)] == [5, 6]
+
+
+async def test_created_at_is_the_stored_timestamp_to_the_microsecond(store: PostgresStore) -> None:
+    with trio.fail_after(20):
+        returned = []
+        for i in range(50):
+            returned += await store.append("t", [draft(i), draft(i)])  # unkeyed
+            returned += await store.append("t", [draft(i, f"k{i}")])  # keyed (psycopg)
+        rows = admin_execute(
+            sql.SQL("SELECT id, created_at FROM {} WHERE stream = 't'").format(
+                sql.Identifier(store.schema, "messages")
+            )
+        )
+        stored = dict(rows)
+        read = {m.id: m.created_at for m in await store.read("t", 0, 1000)}
+        assert len(stored) == len(read) == len(returned) == 150
+        for message in returned:
+            assert message.created_at == read[message.id] == stored[message.id]
+        assert len({m.created_at.microsecond for m in returned}) > 1  # not truncated
