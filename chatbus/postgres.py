@@ -1,6 +1,7 @@
 """The PostgreSQL backend: :class:`PostgresStore`, :class:`PostgresNotifier` and their opener.
 
-This is the only module of chatbus that imports psycopg, psycopg_pool or trio_asyncio.
+Only this module and :mod:`chatbus._pq` import psycopg; only this one psycopg_pool and
+trio_asyncio.
 
 How it talks to the server:
 
