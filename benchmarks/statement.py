@@ -110,6 +110,10 @@ def run(sizes: Sizes, dsn: str, pg_problem: str | None) -> list[Row]:
         finally:
             _pg.drop_schema(dsn, schema)
     note = f"{statements} one-row reads per run; process CPU (user+sys) per statement"
+    baselines = [
+        ("psycopg via trio-asyncio", aio_samples, note),
+        ("sync psycopg", sync_samples, "same chatbus runs"),
+    ]
     return [
         measured(
             scenario="statement",
@@ -117,20 +121,10 @@ def run(sizes: Sizes, dsn: str, pg_problem: str | None) -> list[Row]:
             metric="client CPU/read",
             unit="us",
             samples=chatbus_samples,
-            baseline_name="psycopg via trio-asyncio",
-            baseline_samples=aio_samples,
+            baseline_name=name,
+            baseline_samples=samples,
             target="report",
-            note=note,
-        ),
-        measured(
-            scenario="statement",
-            backend="postgres",
-            metric="client CPU/read",
-            unit="us",
-            samples=chatbus_samples,
-            baseline_name="sync psycopg",
-            baseline_samples=sync_samples,
-            target="report",
-            note="same chatbus runs",
-        ),
+            note=row_note,
+        )
+        for name, samples, row_note in baselines
     ]

@@ -130,25 +130,20 @@ def make_draft(body: object, key: object, *, max_body_bytes: int) -> Draft:
             raise InvalidMessage(
                 f"body is nested {depth} levels deep; the limit is {MAX_BODY_DEPTH}"
             )
-    if "\x00" in body_json:
-        raise InvalidMessage("body must not contain NUL characters")
-    if body_json.isascii():
-        size = len(body_json)
-    else:
-        try:
-            size = len(body_json.encode("utf-8"))
-        except UnicodeEncodeError:
-            raise InvalidMessage("body is not valid Unicode (lone surrogate)") from None
+    size = _check_text(body_json, "body", InvalidMessage)
     if size > max_body_bytes:
         raise MessageTooLarge(f"body is {size} bytes as JSON; the limit is {max_body_bytes} bytes")
     return Draft(body_json=body_json, key=key)
 
 
-def _check_text(text: str, what: str, error: type[Exception]) -> None:
+def _check_text(text: str, what: str, error: type[Exception]) -> int:
+    """Raise ``error`` if ``text`` has a NUL or a lone surrogate; return its UTF-8 size."""
     if "\x00" in text:
         raise error(f"{what} must not contain NUL characters")
+    if text.isascii():
+        return len(text)
     try:
-        text.encode("utf-8")
+        return len(text.encode("utf-8"))
     except UnicodeEncodeError:
         raise error(f"{what} is not valid Unicode (lone surrogate)") from None
 

@@ -12,6 +12,7 @@ to adapt per column.
 from __future__ import annotations
 
 import datetime
+import select
 from collections.abc import Sequence
 from typing import Final
 
@@ -75,6 +76,28 @@ async def _result(pgconn: pq.abc.PGconn) -> pq.abc.PGresult:
     if first.status not in _OK:
         raise _error_from(first)
     return first
+
+
+def has_input(pgconn: pq.abc.PGconn) -> bool:
+    """Whether the socket has something to read now (never blocks).
+
+    An idle connection should receive nothing: input means the server probably
+    closed it (a restart, ``pg_terminate_backend``).
+    """
+    poller = select.poll()
+    poller.register(pgconn.socket, select.POLLIN)
+    return bool(poller.poll(0))
+
+
+def close(pgconn: pq.abc.PGconn) -> None:
+    """Close the connection, telling trio first (its fd number may be reused at once)."""
+    try:
+        sock = pgconn.socket
+    except psycopg.Error:
+        pass  # already closed
+    else:
+        trio.lowlevel.notify_closing(sock)
+    pgconn.finish()
 
 
 def fully_sent(pgconn: pq.abc.PGconn) -> bool:

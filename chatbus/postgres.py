@@ -65,7 +65,6 @@ import ipaddress
 import json
 import logging
 import random
-import select
 import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
@@ -525,7 +524,7 @@ class _Lanes:
         """Take back a connection that is idle and healthy after an operation."""
         self._slots.release()
         if self._closed:
-            _close_now(conn)
+            _pq.close(conn.pgconn)
         else:
             self._idle.append((conn, trio.current_time()))
 
@@ -556,10 +555,11 @@ class _Lanes:
         return name
 
     def forget_prepared(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        """``conn``'s session may have dropped our prepared statements (``DEALLOCATE ALL``).
+        """``conn``'s session dropped our prepared statements (``DEALLOCATE ALL``).
 
         psycopg sends that when it rolls back a transaction of its own after preparing
-        statements (the keyed path), and a pool reset may too.
+        statements (the keyed path), and a pool reset may too; the store finds out
+        when a statement's name is unknown, forgets, and prepares again.
         """
         self._prepared.pop(conn, None)
 
@@ -603,16 +603,16 @@ class _Lanes:
         A connection neither here nor in the pool would still count towards the pool's
         ``max_size`` for good, so this is shielded (bounded by a few seconds).
         """
-        self.forget_prepared(conn)  # the pool's reset may DEALLOCATE ALL
         with trio.move_on_after(5.0, shield=True) as scope:
             try:
                 await self._aio.run(self._pool.putconn, conn)
             except Exception:  # the pool is closing: close it ourselves
-                _close_now(conn)
+                _pq.close(conn.pgconn)
         if scope.cancelled_caught:  # pragma: no cover - the pool did not answer
-            _close_now(conn)
+            _pq.close(conn.pgconn)
 
 
+@functools.cache
 def _statement_name(query: bytes) -> bytes:
     """A prepared-statement name for ``query``: ``chatbus_`` and a digest of its text."""
     return b"chatbus_" + hashlib.blake2b(query, digest_size=12).hexdigest().encode("ascii")
@@ -621,22 +621,11 @@ def _statement_name(query: bytes) -> bytes:
 def _usable(conn: psycopg.AsyncConnection[Any]) -> bool:
     """An idle connection whose socket has nothing to say (else: probably closed)."""
     pgconn = conn.pgconn
-    if pgconn.status != pq.ConnStatus.OK or pgconn.transaction_status != pq.TransactionStatus.IDLE:
-        return False
-    poller = select.poll()
-    poller.register(pgconn.socket, select.POLLIN)
-    return not poller.poll(0)
-
-
-def _close_now(conn: psycopg.AsyncConnection[Any]) -> None:
-    pgconn = conn.pgconn
-    try:
-        sock = pgconn.socket
-    except psycopg.Error:
-        pass  # already closed
-    else:
-        trio.lowlevel.notify_closing(sock)
-    pgconn.finish()
+    return (
+        pgconn.status == pq.ConnStatus.OK
+        and pgconn.transaction_status == pq.TransactionStatus.IDLE
+        and not _pq.has_input(pgconn)
+    )
 
 
 @final
@@ -699,9 +688,7 @@ class PostgresStore:
             try:
                 messages = await self._aio.run(self._aio_append_keyed, conn, stream, drafts)
             except BaseException:
-                # psycopg's rollback may have run DEALLOCATE ALL; the pool resets
-                # the connection (or replaces it) either way.
-                await self._lanes.discard(conn)
+                await self._lanes.discard(conn)  # the pool rolls back or replaces it
                 raise
             self._lanes.release(conn)
         except _DB_ERRORS as exc:
@@ -1108,11 +1095,8 @@ class _ListenSession:
         return self.ping_answered and not self.query_in_flight
 
     def close(self) -> None:
-        if self.sock >= 0:
-            # Tell trio before the fd number can be reused by another connection.
-            trio.lowlevel.notify_closing(self.sock)
-            self.sock = -1
-        self.pgconn.finish()
+        self.sock = -1
+        _pq.close(self.pgconn)
 
     async def send(self, query: bytes, params: Sequence[bytes] | None = None) -> None:
         if self.query_in_flight:  # pragma: no cover - callers check
@@ -1403,9 +1387,7 @@ async def _check_connection(conn: psycopg.AsyncConnection[Any]) -> None:
     """
     if conn.closed or conn.pgconn.status != pq.ConnStatus.OK:
         raise psycopg.OperationalError("connection is closed")
-    poller = select.poll()
-    poller.register(conn.pgconn.socket, select.POLLIN)
-    if poller.poll(0):
+    if _pq.has_input(conn.pgconn):
         await conn.execute("")
 
 
