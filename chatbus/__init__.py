@@ -4,10 +4,12 @@ Publishers append durable messages with dense per-stream ids; subscribers get th
 history after a cursor, then every new message live, exactly once and in id order.
 """
 
-# Layering: _exceptions, _message < _cache, _protocols, _tasks < _merge, _topic
-# < _publisher, _subscriber < _bus < this file. Lower layers never import upper ones.
-# memory and testing sit on _protocols; only postgres imports psycopg or trio_asyncio,
-# and _bus imports it lazily, for postgresql:// URLs.
+# Layering (a module imports only modules on its left, never its right):
+#   _util, _exceptions, _options < _message < _codec, _cache, _protocols, _tasks
+#   < _coalesce, _listener, _merge, _topic < _publisher, _subscriber < _bus < this file.
+# Backends sit on that: memory, testing and postgres/ import from it; only the
+# postgres/ package imports psycopg, psycopg_pool or trio_asyncio, and _bus loads a
+# backend only by name, from its URL scheme table.
 
 from ._bus import Bus as Bus
 from ._bus import BusStatistics as BusStatistics
@@ -30,5 +32,33 @@ from ._publisher import Publisher as Publisher
 from ._publisher import PublisherStatistics as PublisherStatistics
 from ._subscriber import Subscriber as Subscriber
 from ._subscriber import SubscriberStatistics as SubscriberStatistics
+from ._util import fixup_module_metadata as _fixup_module_metadata
 
 __version__ = "0.1.0.dev0"
+
+__all__ = [
+    "MAX_BODY_DEPTH",
+    "MAX_KEY_LENGTH",
+    "MAX_STREAM_LENGTH",
+    "Bus",
+    "BusClosed",
+    "BusError",
+    "BusStatistics",
+    "Draft",
+    "InvalidMessage",
+    "InvalidStream",
+    "Message",
+    "MessageTooLarge",
+    "NoticeHandler",
+    "Notifier",
+    "Publisher",
+    "PublisherStatistics",
+    "Store",
+    "StoreError",
+    "Subscriber",
+    "SubscriberStatistics",
+    "open_bus",
+]
+
+_fixup_module_metadata(__name__, globals())
+del _fixup_module_metadata

@@ -3,34 +3,25 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from typing import final
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Final, final
 
 import attrs
 import trio
 
 from ._exceptions import BusClosed
-from ._message import (
-    DEFAULT_MAX_BODY_BYTES,
-    Message,
-    check_after,
-    check_int_range,
-    check_range,
-    check_stream,
-    make_draft,
-)
+from ._message import Message, check_after, check_stream, make_draft
+from ._options import DEFAULT_MAX_BODY_BYTES, MAX_READ_LIMIT, BusOptions, check_int_range
 from ._protocols import Notifier, Store
 from ._publisher import Producer, Publisher
 from ._subscriber import Subscriber
 from ._tasks import ServiceNursery
 from ._topic import Topic, Topics
+from ._util import NoPublicConstructor
 
-#: Most messages one :meth:`Bus.read` call may ask for.
-MAX_READ_LIMIT = 10_000
-#: How long closing a publisher waits for its queued messages to commit.
-_DRAIN_SECONDS = 10.0
 #: How long :meth:`Bus.publish`'s shared per-stream producer idles before it retires.
 _SHARED_PRODUCER_IDLE_SECONDS = 5.0
 
@@ -58,17 +49,6 @@ class BusStatistics:
     poll_errors: int
 
 
-@attrs.frozen(kw_only=True)
-class _Options:
-    cache_size: int
-    max_batch: int
-    max_pending: int
-    read_batch: int
-    max_concurrent_reads: int
-    max_body_bytes: int
-    poll_interval: float | None
-
-
 @final
 @attrs.define(eq=False)
 class _Router:
@@ -92,12 +72,12 @@ class _Router:
 
 @final
 @attrs.define(eq=False)
-class Bus:
+class Bus(metaclass=NoPublicConstructor):
     """A message bus over one store and one notifier. Made by :func:`open_bus`."""
 
     _store: Store
     _notifier: Notifier
-    _options: _Options
+    _options: BusOptions
     _nursery: trio.Nursery
     _topics: Topics = attrs.field(init=False)
     _router: _Router = attrs.field(init=False)
@@ -125,13 +105,11 @@ class Bus:
         """The notifier this bus listens to."""
         return self._notifier
 
-    @asynccontextmanager
-    async def open_publisher(
-        self, stream: str, *, max_batch: int | None = None
-    ) -> AsyncIterator[Publisher]:
+    def open_publisher(self, stream: str, *, max_batch: int | None = None) -> Publisher:
         """Open a publisher for ``stream`` with its own producer task.
 
-        Leaving the block stops new publishes, waits (up to 10 s) for the queued ones to
+        Use the result as ``async with bus.open_publisher(stream) as pub:``. Leaving
+        the block stops new publishes, waits (up to 10 s) for the queued ones to
         commit, then stops the producer.
 
         Args:
@@ -140,27 +118,27 @@ class Bus:
 
         Raises:
             InvalidStream: ``stream`` is not a valid stream name.
-            BusClosed: the bus is closed.
+            BusClosed: the bus is closed (on entry).
         """
         check_stream(stream)
         if max_batch is None:
             max_batch = self._options.max_batch
         check_int_range("max_batch", max_batch, 1, 100_000)
-        topic = self._topics.acquire(stream)
-        producer = self._new_producer(topic, max_batch)
+        return Publisher._create(
+            stream,
+            self._options.max_body_bytes,
+            functools.partial(self._start_producer, stream, max_batch),
+            self._stop_producer,
+        )
+
+    def _start_producer(self, stream: str, max_batch: int) -> Producer:
+        producer = self._new_producer(self._topics.acquire(stream), max_batch)
         self._producers.add(producer)
-        try:
-            async with ServiceNursery() as nursery:
-                await nursery.start(producer.run)
-                try:
-                    yield Publisher(producer, self._options.max_body_bytes)
-                finally:
-                    producer.stop_accepting("publisher closed")
-                    with trio.move_on_after(_DRAIN_SECONDS, shield=True):
-                        await producer.finished.wait()
-        finally:
-            self._producers.discard(producer)
-            self._topics.release(topic)
+        return producer
+
+    def _stop_producer(self, producer: Producer) -> None:
+        self._producers.discard(producer)
+        self._topics.release(producer.topic)
 
     def open_subscriber(self, stream: str, after: int = 0) -> Subscriber:
         """Subscribe to ``stream``: its messages after ``after``, then live ones.
@@ -182,7 +160,9 @@ class Bus:
         """
         check_stream(stream)
         check_after(after)
-        return Subscriber(self._topics, stream, self._store, after, self._options.read_batch)
+        return Subscriber._create(
+            self._topics, stream, self._store, after, self._options.read_batch
+        )
 
     async def publish(self, stream: str, body: object, *, key: str | None = None) -> Message:
         """Publish one message to ``stream`` without opening a publisher.
@@ -308,26 +288,50 @@ class Bus:
                     topic.advance(head)
 
 
+_DEFAULTS: Final = BusOptions()
+
+#: ``open_bus`` URL schemes → the module whose ``open_backend(url)`` opens that backend.
+_BACKENDS: Final = {
+    "memory": "chatbus.memory",
+    "postgresql": "chatbus.postgres",
+    "postgres": "chatbus.postgres",
+}
+
+
+def _open_backend(url: str) -> AbstractAsyncContextManager[tuple[Store, Notifier]]:
+    if not isinstance(url, str):
+        raise TypeError(f"url must be a str, not {type(url).__name__}")
+    scheme = url.partition("://")[0] if "://" in url else url
+    module_name = _BACKENDS.get(scheme.lower())
+    if module_name is None:
+        known = ", ".join(f"{name}://" for name in _BACKENDS)
+        raise ValueError(f"unsupported bus url scheme {scheme!r}: use one of {known}")
+    backend = importlib.import_module(module_name)
+    opened: AbstractAsyncContextManager[tuple[Store, Notifier]] = backend.open_backend(url)
+    return opened
+
+
 @asynccontextmanager
 async def open_bus(
     url: str | None = None,
     *,
     store: Store | None = None,
     notifier: Notifier | None = None,
-    cache_size: int = 256,
-    max_batch: int = 256,
-    max_pending: int = 4096,
-    read_batch: int = 256,
-    max_concurrent_reads: int = 8,
+    cache_size: int = _DEFAULTS.cache_size,
+    max_batch: int = _DEFAULTS.max_batch,
+    max_pending: int = _DEFAULTS.max_pending,
+    read_batch: int = _DEFAULTS.read_batch,
+    max_concurrent_reads: int = _DEFAULTS.max_concurrent_reads,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-    poll_interval: float | None = 1.0,
+    poll_interval: float | None = _DEFAULTS.poll_interval,
 ) -> AsyncIterator[Bus]:
     """Open a bus; leaving the block closes it and everything opened on it.
 
     With no arguments the bus is embedded: an in-memory store and notifier, private to
     this bus. A ``postgresql://`` URL gives a Postgres store and LISTEN/NOTIFY
-    notifier (needs the ``postgres`` extra). Or pass any ``store`` / ``notifier`` pair;
-    a missing one defaults to the in-memory kind.
+    notifier (needs the ``postgres`` extra; options such as ``?schema=chat`` ride in
+    the query, see :func:`chatbus.postgres.open_postgres`). Or pass any ``store`` /
+    ``notifier`` pair; a missing one defaults to the in-memory kind.
 
     Args:
         url: ``postgresql://…`` (or ``postgres://…``), or ``memory://``.
@@ -347,15 +351,7 @@ async def open_bus(
     Raises:
         ValueError: an option is out of range or the URL scheme is unknown.
     """
-    check_int_range("cache_size", cache_size, 1, 1_000_000)
-    check_int_range("max_batch", max_batch, 1, 100_000)
-    check_int_range("max_pending", max_pending, 1, 1_000_000)
-    check_int_range("read_batch", read_batch, 1, MAX_READ_LIMIT)
-    check_int_range("max_concurrent_reads", max_concurrent_reads, 1, 1000)
-    check_int_range("max_body_bytes", max_body_bytes, 1, 64 * 1024 * 1024)
-    if poll_interval is not None:
-        check_range("poll_interval", poll_interval, 0.001, 86_400)
-    options = _Options(
+    options = BusOptions(
         cache_size=cache_size,
         max_batch=max_batch,
         max_pending=max_pending,
@@ -367,22 +363,12 @@ async def open_bus(
     if url is not None:
         if store is not None or notifier is not None:
             raise TypeError("pass either a url or a store/notifier pair, not both")
-        if not isinstance(url, str):
-            raise TypeError(f"url must be a str, not {type(url).__name__}")
-        if url.startswith(("postgresql://", "postgres://")):
-            from . import postgres
-
-            async with (
-                postgres.open_postgres(url) as (pg_store, pg_notifier),
-                _open_bus(pg_store, pg_notifier, options) as bus,
-            ):
-                yield bus
-            return
-        if url != "memory://":
-            scheme = url.partition("://")[0] if "://" in url else url
-            raise ValueError(
-                f"unsupported bus url scheme {scheme!r}: use postgresql:// or memory://"
-            )
+        async with (
+            _open_backend(url) as (url_store, url_notifier),
+            _open_bus(url_store, url_notifier, options) as bus,
+        ):
+            yield bus
+        return
     from .memory import MemoryNotifier, MemoryStore
 
     async with _open_bus(
@@ -394,9 +380,9 @@ async def open_bus(
 
 
 @asynccontextmanager
-async def _open_bus(store: Store, notifier: Notifier, options: _Options) -> AsyncIterator[Bus]:
+async def _open_bus(store: Store, notifier: Notifier, options: BusOptions) -> AsyncIterator[Bus]:
     async with ServiceNursery() as nursery:
-        bus = Bus(store, notifier, options, nursery)
+        bus = Bus._create(store, notifier, options, nursery)
         try:
             await nursery.start(bus._serve)
             if options.poll_interval is not None and not math.isinf(options.poll_interval):

@@ -1,7 +1,8 @@
-"""The exceptions chatbus raises.
+"""The exceptions chatbus raises, and the one wording of a store failure.
 
 Channel semantics reuse trio's own exceptions (``trio.EndOfChannel``,
-``trio.ClosedResourceError``); everything else is a :class:`BusError`.
+``trio.ClosedResourceError``); everything else is a :class:`BusError`. Imports
+nothing from chatbus.
 """
 
 from __future__ import annotations
@@ -40,3 +41,16 @@ class StoreError(BusError):
 
     The original exception is chained as ``__cause__``.
     """
+
+
+def store_error(operation: str, cause: BaseException, *, stream: str | None = None) -> StoreError:
+    """The :class:`StoreError` for ``operation`` (``"append"``, ``"read"``, …) failing.
+
+    Every backend words its failures through here, once: ``append on stream 'x'
+    failed: OperationalError: server closed the connection``.
+    """
+    where = "" if stream is None else f" on stream {stream!r}"
+    detail = f"{type(cause).__name__}: {cause}".strip().rstrip(":")
+    error = StoreError(f"{operation}{where} failed: {detail}")
+    error.__cause__ = cause
+    return error

@@ -1,4 +1,8 @@
-"""Values: committed messages, drafts waiting to be appended, and input validation."""
+"""Values: committed messages, drafts waiting to be appended, and their validation.
+
+Owns: :class:`Message`, :class:`Draft`, and the checks of stream names, cursors,
+keys and bodies. Imports only :mod:`chatbus._exceptions` and :mod:`chatbus._options`.
+"""
 
 from __future__ import annotations
 
@@ -16,8 +20,6 @@ from ._exceptions import InvalidMessage, InvalidStream, MessageTooLarge
 MAX_STREAM_LENGTH = 256
 #: Longest accepted idempotency key, in characters.
 MAX_KEY_LENGTH = 256
-#: Default limit on a body's JSON encoding, in UTF-8 bytes.
-DEFAULT_MAX_BODY_BYTES = 256 * 1024
 #: Deepest accepted nesting of arrays and objects in a body. Decoding is recursive:
 #: a body that encodes in the caller's stack must decode in any reader's, too.
 MAX_BODY_DEPTH = 100
@@ -91,21 +93,6 @@ def check_after(after: object) -> int:
     if not 0 <= after <= MAX_ID:
         raise ValueError(f"after must be >= 0 and <= {MAX_ID}, got {after}")
     return after
-
-
-def check_range(name: str, value: object, low: float, high: float) -> None:
-    """Raise a ValueError naming ``name`` unless ``low <= value <= high``."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number, not {type(value).__name__}")
-    if not low <= value <= high:
-        raise ValueError(f"{name} must be between {low} and {high}, got {value}")
-
-
-def check_int_range(name: str, value: object, low: int, high: int) -> None:
-    """Like :func:`check_range`, for options that must be whole numbers."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-    check_range(name, value, low, high)
 
 
 def make_draft(body: object, key: object, *, max_body_bytes: int) -> Draft:

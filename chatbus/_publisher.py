@@ -5,15 +5,21 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Callable
-from typing import final
+from types import TracebackType
+from typing import Final, final
 
 import attrs
 import trio
 
-from ._exceptions import BusClosed, BusError, StoreError
+from ._exceptions import BusClosed, BusError, StoreError, store_error
 from ._message import Draft, Message, make_draft
 from ._protocols import Notifier, Store
+from ._tasks import ServiceNursery
 from ._topic import Topic
+from ._util import NoPublicConstructor
+
+#: How long closing a publisher waits for its queued messages to commit.
+_DRAIN_SECONDS: Final = 10.0
 
 
 class _Phase(enum.Enum):
@@ -251,9 +257,7 @@ class Producer:
             if not isinstance(exc, Exception):
                 raise  # cancelled: _retire fails the requests
             for request in live:
-                error = StoreError(f"append to stream {stream!r} failed: {exc}")
-                error.__cause__ = exc
-                request.fail(error)
+                request.fail(_own_copy(exc, stream))
             return
         finally:
             self.topic.appending -= 1
@@ -271,23 +275,74 @@ class Producer:
             self.notify_errors += 1
 
 
+def _own_copy(exc: Exception, stream: str) -> StoreError:
+    """The error one caller of a failed batch sees: the store's, worded once.
+
+    Each caller raises its own object (one exception raised in many tasks would
+    share, and tangle, its traceback), chained from the same cause.
+    """
+    if isinstance(exc, StoreError):
+        error = StoreError(*exc.args)
+        error.__cause__ = exc.__cause__
+        return error
+    return store_error("append", exc, stream=stream)
+
+
 @final
 @attrs.define(eq=False)
-class Publisher:
+class Publisher(metaclass=NoPublicConstructor):
     """Publishes to one stream through its own producer task.
 
-    Made by :meth:`chatbus.Bus.open_publisher`. Concurrent :meth:`publish` calls are
-    group-committed: whatever is waiting when the producer is free goes into one store
-    append, up to the batch limit.
+    Made by :meth:`chatbus.Bus.open_publisher` and used as an async context manager.
+    Concurrent :meth:`publish` calls are group-committed: whatever is waiting when the
+    producer is free goes into one store append, up to the batch limit.
     """
 
-    _producer: Producer
+    _stream: str
     _max_body_bytes: int
+    _start: Callable[[], Producer]
+    _stop: Callable[[Producer], None]
+    _producer: Producer | None = attrs.field(default=None, init=False)
+    _service: ServiceNursery | None = attrs.field(default=None, init=False)
+
+    async def __aenter__(self) -> Publisher:
+        if self._service is not None:
+            raise RuntimeError("a publisher can be entered only once")
+        producer = self._producer = self._start()
+        service = self._service = ServiceNursery()
+        try:
+            nursery = await service.__aenter__()
+        except BaseException:
+            self._stop(producer)
+            raise
+        try:
+            await nursery.start(producer.run)
+        except BaseException as exc:
+            await self.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        assert self._service is not None
+        assert self._producer is not None
+        producer = self._producer
+        try:
+            producer.stop_accepting("publisher closed")
+            with trio.move_on_after(_DRAIN_SECONDS, shield=True):
+                await producer.finished.wait()
+            return await self._service.__aexit__(exc_type, exc, tb)
+        finally:
+            self._stop(producer)
 
     @property
     def stream(self) -> str:
         """The stream this publisher appends to."""
-        return self._producer.topic.name
+        return self._stream
 
     async def publish(self, body: object, *, key: str | None = None) -> Message:
         """Append one message and return it once it is committed.
@@ -309,8 +364,13 @@ class Publisher:
             StoreError: the store failed; nothing of this message was stored.
         """
         draft = make_draft(body, key, max_body_bytes=self._max_body_bytes)
-        return await self._producer.submit(draft)
+        return await self._entered().submit(draft)
 
     def statistics(self) -> PublisherStatistics:
         """Return a snapshot of this publisher's counters."""
-        return self._producer.statistics()
+        return self._entered().statistics()
+
+    def _entered(self) -> Producer:
+        if self._producer is None:
+            raise RuntimeError("use the publisher as `async with bus.open_publisher(...)`")
+        return self._producer

@@ -15,6 +15,7 @@ from ._message import Message
 from ._protocols import Store
 from ._tasks import Backoff, ServiceNursery
 from ._topic import Topic, Topics
+from ._util import NoPublicConstructor
 
 
 @attrs.frozen(kw_only=True)
@@ -52,7 +53,7 @@ class SubscriberStatistics:
 
 @final
 @attrs.define(eq=False)
-class Subscriber:
+class Subscriber(metaclass=NoPublicConstructor):
     """A live subscription: iterate it to get each message once, in id order.
 
     Made by :meth:`chatbus.Bus.open_subscriber` and used as an async context manager.

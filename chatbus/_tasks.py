@@ -1,15 +1,64 @@
-"""Task plumbing shared by the bus, publishers and subscribers."""
+"""Task plumbing shared by the bus, publishers, subscribers and every backend.
+
+Owns: :class:`ServiceNursery`, the one :class:`Backoff`, the one way of telling a
+body's own exception from our tasks' failures inside an ExceptionGroup
+(:func:`unwrap_group`), and the bound on shielded cleanup (:func:`shielded_cleanup`).
+Imports only :mod:`chatbus._exceptions`.
+"""
 
 from __future__ import annotations
 
 import random
 from types import TracebackType
-from typing import final
+from typing import Final, final
 
 import attrs
 import trio
 
 from ._exceptions import BusError
+
+#: How long cleanup may run shielded from cancellation (closing connections, giving
+#: them back to a pool): long enough for a live server, short enough for a dead one.
+CLEANUP_SECONDS: Final = 5.0
+
+
+def shielded_cleanup(seconds: float = CLEANUP_SECONDS) -> trio.CancelScope:
+    """A scope for cleanup in ``finally``: shielded from cancellation, bounded in time."""
+    return trio.move_on_after(seconds, shield=True)
+
+
+@attrs.frozen
+class Unwrapped:
+    """What a nursery's ExceptionGroup held, sorted by origin (see :func:`unwrap_group`).
+
+    Attributes:
+        from_body: The body's exception is in the group (maybe copied into new groups).
+        failures: What our own tasks raised, cancellations left out; None if nothing.
+    """
+
+    from_body: bool
+    failures: BaseExceptionGroup[BaseException] | None
+
+
+def unwrap_group(
+    group: BaseExceptionGroup[BaseException], body: BaseException | None
+) -> Unwrapped:
+    """Sort the leaves of a nursery's ``group`` into the body's and our tasks' own.
+
+    trio (and trio-asyncio) wrap a body's exception, and copy a group the body raised,
+    into the groups of every nursery it passes; the leaves stay the very objects that
+    were raised, so they are matched by identity.
+    """
+    from_body = {id(leaf) for leaf in _leaves(body)} if body is not None else set()
+    mine, rest = group.split(lambda error: id(error) in from_body)
+    failures = None if rest is None else rest.split(trio.Cancelled)[1]
+    return Unwrapped(from_body=mine is not None, failures=failures)
+
+
+def _leaves(error: BaseException) -> list[BaseException]:
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for member in error.exceptions for leaf in _leaves(member)]
+    return [error]
 
 
 @final
@@ -42,29 +91,24 @@ class ServiceNursery:
         try:
             return bool(await self._manager.__aexit__(exc_type, exc, tb))
         except BaseExceptionGroup as group:
-            # trio re-wraps (copies) a group raised by the body, so match its leaves.
-            from_body = {id(leaf) for leaf in _leaves(exc)} if exc is not None else set()
-            body, rest = group.split(lambda error: id(error) in from_body)
-            failures = None if rest is None else rest.split(trio.Cancelled)[1]
-            if failures is not None:
+            found = unwrap_group(group, exc)
+            if found.failures is not None:
                 raise BusError(
-                    f"a chatbus background task failed: {failures.exceptions[0]!r}"
-                ) from failures
-            if body is not None:
+                    f"a chatbus background task failed: {found.failures.exceptions[0]!r}"
+                ) from found.failures
+            if found.from_body:
                 return False  # the body's own exception goes on, unwrapped
             raise  # only cancellations: trio routes them to their scope
-
-
-def _leaves(error: BaseException) -> list[BaseException]:
-    if isinstance(error, BaseExceptionGroup):
-        return [leaf for member in error.exceptions for leaf in _leaves(member)]
-    return [error]
 
 
 @final
 @attrs.define(eq=False)
 class Backoff:
-    """Exponential backoff with full jitter: first, 2*first, … capped at ``cap``."""
+    """Exponential backoff with jitter: about first, 2*first, … capped at ``cap``.
+
+    Each pause is drawn from [d/2, d] for the current step d, so processes that lost
+    a server together do not all come back in the same instant.
+    """
 
     first: float = 0.001
     cap: float = 1.0

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import datetime
 import json
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from typing import final
 
 import attrs
@@ -17,7 +18,7 @@ import trio
 from ._message import Draft, Message
 from ._protocols import NoticeHandler
 
-__all__ = ["MemoryNotifier", "MemoryStore"]
+__all__ = ["MemoryNotifier", "MemoryStore", "open_backend"]
 
 
 @final
@@ -76,12 +77,15 @@ class MemoryStore:
     async def heads(self, streams: Sequence[str]) -> dict[str, int]:
         """Return each stream's highest id; see :meth:`chatbus.Store.heads`."""
         await trio.lowlevel.checkpoint()
-        return {stream: self.head_nowait(stream) for stream in streams}
+        return {stream: self.last_id(stream) for stream in streams}
 
-    def head_nowait(self, stream: str) -> int:
-        """The highest committed id of ``stream`` (0 if it is empty)."""
+    def last_id(self, stream: str) -> int:
+        """The highest committed id of ``stream`` (0 if it is empty), synchronously."""
         log = self._logs.get(stream)
         return 0 if log is None else len(log.messages)
+
+    #: The former name of :meth:`last_id` (it never raised ``trio.WouldBlock``).
+    head_nowait = last_id
 
 
 @final
@@ -113,3 +117,11 @@ class MemoryNotifier:
             await trio.sleep_forever()
         finally:
             self._handlers.discard(handler)
+
+
+@asynccontextmanager
+async def open_backend(url: str) -> AsyncIterator[tuple[MemoryStore, MemoryNotifier]]:
+    """A fresh store and notifier for ``memory://`` (:func:`chatbus.open_bus`'s table)."""
+    if url != "memory://":
+        raise ValueError(f"a memory bus url is exactly 'memory://', got {url!r}")
+    yield MemoryStore(), MemoryNotifier()

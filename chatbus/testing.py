@@ -22,7 +22,8 @@ from typing import final
 import attrs
 import trio
 
-from ._message import Draft, Message, check_int_range, check_range
+from ._message import Draft, Message
+from ._options import check_int_range, check_range
 from ._protocols import NoticeHandler, Notifier, Store
 
 __all__ = ["FaultStatistics", "FaultyNotifier", "LaggingStore"]

@@ -28,22 +28,32 @@ STREAM = "chat-7"
 ROUNDS = 50
 
 
-class NetworkedStore(MemoryStore):
+class NetworkedStore:
     """Commits at once but answers after a random delay, like a database over a network.
 
     That delay is what lets the later id's post-commit work overtake the earlier one's.
+    A wrapper (any :class:`chatbus.Store` will do), not a subclass: stores are final.
     """
 
+    def __init__(self, inner: chatbus.Store) -> None:
+        self._inner = inner
+
     async def append(self, stream: str, drafts: Sequence[chatbus.Draft]) -> list[chatbus.Message]:
-        committed = await super().append(stream, drafts)
+        committed = await self._inner.append(stream, drafts)
         await trio.sleep(random.uniform(0, 0.003))
         return committed
+
+    async def read(self, stream: str, after: int, limit: int) -> list[chatbus.Message]:
+        return await self._inner.read(stream, after, limit)
+
+    async def heads(self, streams: Sequence[str]) -> dict[str, int]:
+        return await self._inner.heads(streams)
 
 
 async def main() -> None:
     expected = 1 + 2 * ROUNDS
     seen: list[chatbus.Message] = []
-    async with chatbus.open_bus(store=NetworkedStore()) as bus:
+    async with chatbus.open_bus(store=NetworkedStore(MemoryStore())) as bus:
         await bus.publish(STREAM, {"role": "user", "text": "write me a poem"})
         async with (
             bus.open_subscriber(STREAM, after=0) as sub,

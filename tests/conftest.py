@@ -44,9 +44,9 @@ async def _backend(name: str) -> AsyncIterator[Backend]:
     if name == "memory":
         yield _memory_backend()
         return
-    import _pg_backend
+    from support.pg import postgres_backend
 
-    async with _pg_backend.postgres_backend() as (open_bus, inject_notice):
+    async with postgres_backend() as (open_bus, inject_notice):
         yield Backend("postgres", open_bus, inject_notice)
 
 

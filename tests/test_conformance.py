@@ -7,7 +7,7 @@ import trio.lowlevel
 
 import chatbus
 
-from helpers import assert_quiet, collect, dense
+from support import assert_quiet, collect, dense
 
 
 async def test_history_then_live(backend):

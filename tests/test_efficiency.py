@@ -11,7 +11,7 @@ import trio.testing
 import chatbus
 from chatbus.memory import MemoryNotifier, MemoryStore
 
-from helpers import assert_quiet, collect, dense
+from support import assert_quiet, collect, dense
 
 
 @attrs.define(eq=False)

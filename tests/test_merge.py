@@ -148,13 +148,13 @@ async def test_any_interleaving_yields_each_id_once_in_order(actions, cache_size
                     for _ in range({"once": 1, "twice": 2, "drop": 0}[how]):
                         router.notice("s", last_id)
                 case ("stale", i):
-                    router.notice("s", min(i, store.head_nowait("s")))
+                    router.notice("s", min(i, store.last_id("s")))
                 case ("resync",):
                     router.resync()
                 case ("run",):
                     await trio.testing.wait_all_tasks_blocked()
                 case ("join", after):
-                    await nursery.start(follow, min(after, store.head_nowait("s")))
+                    await nursery.start(follow, min(after, store.last_id("s")))
         # Local appends return eventually; whatever notice was lost, a resync (as
         # after a reconnect, or the bus's poll) ends it.
         while fills:
@@ -162,7 +162,7 @@ async def test_any_interleaving_yields_each_id_once_in_order(actions, cache_size
             topic.committed(fills.pop())
         router.resync()
         await trio.testing.wait_all_tasks_blocked()
-        n = store.head_nowait("s")
+        n = store.last_id("s")
         for ids in got.values():
             after, delivered = ids[0], ids[1:]
             assert delivered == list(range(after + 1, n + 1))

@@ -13,7 +13,7 @@ import trio
 
 import chatbus
 
-from helpers import assert_quiet, collect, dense
+from support import assert_quiet, collect, dense
 
 
 @attrs.define(eq=False)

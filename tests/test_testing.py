@@ -10,7 +10,7 @@ import chatbus
 from chatbus.memory import MemoryNotifier, MemoryStore
 from chatbus.testing import FaultyNotifier, LaggingStore
 
-from helpers import assert_quiet, collect, dense
+from support import assert_quiet, collect, dense
 
 
 class Recorder:

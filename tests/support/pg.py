@@ -13,6 +13,8 @@
 * :func:`fresh_schema` yields ``(dsn, schema)`` for tests that open the store
   themselves or in subprocesses (``open_postgres(dsn, schema=schema)``).
 * :func:`send_raw_notice` sends a notice the way another process's append would.
+* :func:`postgres_backend` is the Postgres world of the conformance suite.
+* :class:`Recorder` is a NoticeHandler that remembers; :func:`draft` makes a Draft.
 * :class:`TcpProxy` sits between a client and the server and can refuse, cut or
   freeze traffic: the way to make the database "unavailable" or "silent" on demand.
 """
@@ -20,11 +22,10 @@
 from __future__ import annotations
 
 import functools
-import json
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, final
 
 import attrs
@@ -34,7 +35,10 @@ import trio
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from chatbus.postgres import PostgresNotifier, PostgresStore, open_postgres
+import chatbus
+from chatbus._codec import encode_notice
+from chatbus._message import Draft, Message, make_draft
+from chatbus.postgres import PostgresNotifier, PostgresStore, channel_for_schema, open_postgres
 
 DEFAULT_TEST_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 
@@ -99,7 +103,7 @@ async def terminate_backends(pids: Iterable[int]) -> int:
 
 def notice_payload(stream: str, last_id: int) -> str:
     """The NOTIFY payload a :class:`PostgresStore` append sends."""
-    return json.dumps({"stream": stream, "last_id": last_id})
+    return encode_notice(stream, last_id)
 
 
 async def send_raw_notice(channel: str, stream: str, last_id: int) -> None:
@@ -266,3 +270,97 @@ class TcpProxy:
             pass
         # Either side closing ends the pair, as a direct connection would.
         pair.cancel()
+
+
+def draft(body: object = None, key: str | None = None) -> Draft:
+    return make_draft(body, key, max_body_bytes=1 << 20)
+
+
+@attrs.define(eq=False)
+class Recorder:
+    """A NoticeHandler that remembers everything."""
+
+    notices: list[tuple[str, int]] = attrs.Factory(list)
+    resyncs: int = 0
+
+    def notice(self, stream: str, last_id: int) -> None:
+        self.notices.append((stream, last_id))
+
+    def resync(self) -> None:
+        self.resyncs += 1
+
+    def ids(self, stream: str) -> list[int]:
+        return [last_id for s, last_id in self.notices if s == stream]
+
+
+@asynccontextmanager
+async def postgres_backend() -> AsyncIterator[
+    tuple[Callable[..., AbstractAsyncContextManager[chatbus.Bus]], Callable[[str, int], Any]]
+]:
+    async with fresh_schema() as (dsn, schema):
+
+        @asynccontextmanager
+        async def open_bus(**options: Any) -> AsyncIterator[chatbus.Bus]:
+            """A bus with its own pool and LISTEN connection: another "process"."""
+            async with open_postgres(dsn, schema=schema) as (store, notifier):
+                async with chatbus.open_bus(
+                    store=options.pop("store", store), notifier=notifier, **options
+                ) as bus:
+                    yield bus
+
+        def notify(stream: str, last_id: int) -> None:
+            payload = encode_notice(stream, last_id)
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                conn.execute("SELECT pg_notify(%s, %s)", [channel_for_schema(schema), payload])
+
+        async def inject_notice(stream: str, last_id: int) -> None:
+            await trio.to_thread.run_sync(notify, stream, last_id)
+
+        yield open_bus, inject_notice
+
+
+@final
+class RowLock:
+    """Holds a stream's counter row locked from another session, so appends to it block."""
+
+    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+        self._conn = conn
+
+    async def release(self) -> None:
+        if not self._conn.closed:
+            await trio.to_thread.run_sync(self._conn.close)  # rolls back
+
+
+@asynccontextmanager
+async def row_lock(schema: str, stream: str) -> AsyncIterator[RowLock]:
+    """Lock ``stream``'s counter row until :meth:`RowLock.release` or the block's end."""
+    query = sql.SQL(
+        "INSERT INTO {} AS st (stream, last_id) VALUES (%s, 0)"
+        " ON CONFLICT (stream) DO UPDATE SET last_id = st.last_id"
+    ).format(sql.Identifier(schema, "streams"))
+
+    def lock() -> psycopg.Connection[Any]:
+        conn = psycopg.connect(pg_dsn(), connect_timeout=3)
+        conn.execute(query, (stream,))
+        return conn
+
+    held = RowLock(await trio.to_thread.run_sync(lock))
+    try:
+        yield held
+    finally:
+        # Always, even on failure: a forgotten lock would block the schema's DROP.
+        with trio.CancelScope(shield=True):
+            await held.release()
+
+
+def check_dense(store_returned: list[list[Message]]) -> dict[str, list[int]]:
+    """Each returned batch is contiguous; all ids of each stream are 1..n exactly once."""
+    by_stream: dict[str, list[int]] = {}
+    for messages in store_returned:
+        ids = [m.id for m in messages]
+        assert ids == list(range(ids[0], ids[0] + len(ids))), f"batch not contiguous: {ids}"
+        assert len({m.stream for m in messages}) == 1
+        by_stream.setdefault(messages[0].stream, []).extend(ids)
+    for stream, ids in by_stream.items():
+        assert sorted(ids) == list(range(1, len(ids) + 1)), f"{stream}: ids not dense"
+    return by_stream

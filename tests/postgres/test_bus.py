@@ -20,7 +20,7 @@ import trio
 import chatbus
 from chatbus.postgres import open_postgres
 
-from _pg import (
+from support.pg import (
     TcpProxy,
     eventually,
     fresh_postgres_pair,
@@ -31,7 +31,7 @@ from _pg import (
 
 pytestmark = pytest.mark.postgres
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "postgres_chat.py"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "postgres_chat.py"
 
 # A publisher process: TASKS concurrent tasks share one publisher (so the producer
 # group-commits) and each publishes PER_TASK messages, waiting for each to commit.

@@ -1,4 +1,8 @@
-"""One statement at a time over psycopg's public :mod:`psycopg.pq` layer, in trio.
+"""Raw libpq from trio, over psycopg's public :mod:`psycopg.pq` layer.
+
+Owns: one statement at a time on a connection (:func:`execute`, :func:`prepare`,
+:func:`drain`), a non-blocking connect (:func:`connect`), and the socket helpers
+(:func:`has_input`, :func:`close`). Imports psycopg and trio only.
 
 The store's hot operations (unkeyed appends, reads, heads) are single autocommit
 statements. Running them here, on a pool connection's ``pgconn`` under
@@ -12,6 +16,7 @@ to adapt per column.
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import select
 from collections.abc import Sequence
 from typing import Final
@@ -20,6 +25,7 @@ import psycopg
 import psycopg.errors
 import trio
 from psycopg import pq
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 _OK: Final = (pq.ExecStatus.TUPLES_OK, pq.ExecStatus.COMMAND_OK)
 _EPOCH: Final = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
@@ -135,3 +141,57 @@ def value(result: pq.abc.PGresult, row: int, column: int) -> bytes:
 def from_epoch_micros(value: int) -> datetime.datetime:
     """The UTC datetime ``value`` microseconds after the Unix epoch (exact)."""
     return _EPOCH + datetime.timedelta(microseconds=value)
+
+
+async def _pin_host_address(conninfo: str) -> str:
+    """Resolve a single host name off the event loop and pin it as ``hostaddr``.
+
+    libpq's non-blocking connect still resolves host names synchronously; with
+    ``hostaddr`` set it does not. Several hosts, sockets and addresses are left alone.
+    """
+    params = conninfo_to_dict(conninfo)
+    host = str(params.get("host") or "")
+    if params.get("hostaddr") or not host or "," in host or host.startswith("/"):
+        return conninfo
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    else:
+        return conninfo
+    port = int(str(params.get("port") or 5432))
+    try:
+        infos = await trio.socket.getaddrinfo(host, port, type=trio.socket.SOCK_STREAM)
+    except OSError as exc:
+        raise psycopg.OperationalError(f"could not resolve host {host!r}: {exc}") from exc
+    return make_conninfo(conninfo, hostaddr=str(infos[0][4][0]))
+
+
+async def connect(conninfo: str, connect_timeout: float) -> pq.abc.PGconn:
+    """Open a raw libpq connection without blocking the trio loop (or a thread).
+
+    Follows libpq's ``PQconnectStart`` / ``PQconnectPoll`` protocol under
+    :func:`trio.lowlevel.wait_readable` / ``wait_writable``; the timeout is ours,
+    since libpq only enforces ``connect_timeout`` in its blocking connect.
+    """
+    conninfo = await _pin_host_address(conninfo)
+    pgconn = pq.PGconn.connect_start(conninfo.encode("utf-8"))
+    try:
+        with trio.move_on_after(connect_timeout) as scope:
+            status = pq.PollingStatus.WRITING
+            while status != pq.PollingStatus.OK:
+                if status == pq.PollingStatus.FAILED or pgconn.status == pq.ConnStatus.BAD:
+                    message = pgconn.get_error_message().strip()
+                    raise psycopg.OperationalError(f"connection failed: {message}")
+                if status == pq.PollingStatus.READING:
+                    await trio.lowlevel.wait_readable(pgconn.socket)
+                else:
+                    await trio.lowlevel.wait_writable(pgconn.socket)
+                status = pq.PollingStatus(pgconn.connect_poll())
+        if scope.cancelled_caught:
+            raise psycopg.OperationalError(f"connection timed out after {connect_timeout} s")
+        pgconn.nonblocking = 1
+    except BaseException:
+        pgconn.finish()
+        raise
+    return pgconn

@@ -9,7 +9,7 @@ import trio.testing
 import chatbus
 from chatbus.postgres import open_postgres
 
-from _pg import fresh_schema
+from support.pg import fresh_schema
 
 pytestmark = pytest.mark.postgres
 

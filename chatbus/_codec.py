@@ -1,0 +1,110 @@
+"""Pure encodings every backend shares: batches of bodies, keyed-batch plans, notices.
+
+Owns: how a batch's JSON bodies travel as one text value (:func:`pack_bodies`) and
+are decoded in one go (:func:`decode_bodies`), how a keyed batch splits into stored
+and new messages (:func:`plan_keyed_batch`), and the notice payload
+(``{"stream": …, "last_id": …}``: :func:`encode_notice`, :func:`parse_notice`).
+No I/O; imports only :mod:`chatbus._message`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any, Final
+
+from ._message import Draft, Message, check_stream
+
+#: Joins the bodies of a batch into one value. A control character: valid JSON text
+#: never contains it raw (not even inside strings), so splitting on it gives back
+#: exactly the bodies.
+BODY_SEPARATOR: Final = "\x1e"
+
+
+class BadBody(ValueError):
+    """A draft's body is not exactly one JSON value a server will accept."""
+
+
+def pack_bodies(drafts: Sequence[Draft]) -> tuple[str, list[Any]]:
+    """Return the bodies of ``drafts`` joined into one value, and decoded.
+
+    One :func:`json.loads` of the whole batch instead of one per body. Raises
+    :class:`BadBody` unless the bodies are exactly ``len(drafts)`` JSON values with
+    no separator inside (a server still checks each piece on its own).
+    """
+    texts = [draft.body_json for draft in drafts]
+    packed = BODY_SEPARATOR.join(texts)
+    try:
+        bodies: list[Any] = json.loads(
+            "[" + ",".join(texts) + "]", parse_constant=_reject_json_constant
+        )
+    except (ValueError, RecursionError) as exc:
+        raise BadBody(f"a message body is not valid JSON: {exc}") from None
+    if len(bodies) != len(texts) or packed.count(BODY_SEPARATOR) != len(texts) - 1:
+        raise BadBody("a message body is not exactly one JSON value")
+    return packed, bodies
+
+
+def _reject_json_constant(name: str) -> Any:
+    # NaN, Infinity, -Infinity: Python's json accepts them, a server's json does not.
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def decode_bodies(texts: Sequence[str]) -> list[Any]:
+    """Decode stored bodies (each one valid JSON value) with one :func:`json.loads`."""
+    if not texts:
+        return []
+    bodies: list[Any] = json.loads("[" + ",".join(texts) + "]")
+    if len(bodies) != len(texts):  # pragma: no cover - the store validated them
+        raise BadBody("a stored message body is not exactly one JSON value")
+    return bodies
+
+
+def plan_keyed_batch(
+    drafts: Sequence[Draft], existing: dict[str, Message]
+) -> tuple[list[Message | int], list[Draft]]:
+    """Split a batch into already-stored messages and new drafts.
+
+    Returns ``slots`` (per draft: the existing message, or the index of the new draft
+    it resolves to) and the new drafts in order. A key used earlier in the stream
+    resolves to the stored message; a key repeated within the batch to its first use.
+    """
+    slots: list[Message | int] = []
+    new: list[Draft] = []
+    first_new_with_key: dict[str, int] = {}
+    for draft in drafts:
+        if draft.key is not None:
+            if (old := existing.get(draft.key)) is not None:
+                slots.append(old)
+                continue
+            if (index := first_new_with_key.get(draft.key)) is not None:
+                slots.append(index)
+                continue
+            first_new_with_key[draft.key] = len(new)
+        slots.append(len(new))
+        new.append(draft)
+    return slots, new
+
+
+def encode_notice(stream: str, last_id: int) -> str:
+    """The notice payload: ``{"stream": stream, "last_id": last_id}`` as compact JSON."""
+    return json.dumps({"stream": stream, "last_id": last_id}, ensure_ascii=False)
+
+
+def parse_notice(payload: bytes | str) -> tuple[str, int] | None:
+    """Decode a notice payload; ``None`` for anything that is not a valid notice."""
+    try:
+        data = json.loads(payload)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    stream = data.get("stream")
+    last_id = data.get("last_id")
+    if not isinstance(stream, str) or type(last_id) is not int or last_id < 1:
+        return None
+    try:
+        check_stream(stream)
+    except ValueError:
+        return None
+    return stream, last_id

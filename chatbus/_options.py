@@ -1,0 +1,72 @@
+"""Option checks and the option records they fill.
+
+Owns: range, whole-number and identifier checks with one wording, and the frozen
+records holding a bus's validated options, each default stated once, here.
+Imports nothing from chatbus but :mod:`chatbus._exceptions`'s layer (nothing at all).
+"""
+
+from __future__ import annotations
+
+import attrs
+
+
+def check_range(name: str, value: object, low: float, high: float) -> None:
+    """Raise a ValueError naming ``name`` unless ``low <= value <= high``."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number, not {type(value).__name__}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be between {low} and {high}, got {value}")
+
+
+def check_int_range(name: str, value: object, low: int, high: int) -> None:
+    """Like :func:`check_range`, for options that must be whole numbers."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    check_range(name, value, low, high)
+
+
+def check_identifier(name: str, value: object, *, max_bytes: int) -> str:
+    """Return ``value`` if it is 1 to ``max_bytes`` bytes of valid UTF-8 without NULs.
+
+    For names a server stores as identifiers (a Postgres schema, a key prefix).
+    """
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, not {type(value).__name__}")
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise ValueError(f"{name} is not valid Unicode (lone surrogate): {value!r}") from None
+    if not value or "\x00" in value or size > max_bytes:
+        raise ValueError(
+            f"{name} must be 1 to {max_bytes} bytes of UTF-8 without NULs, got {value!r}"
+        )
+    return value
+
+
+#: Most messages one :meth:`chatbus.Bus.read` call may ask for.
+MAX_READ_LIMIT = 10_000
+#: Default limit on a body's JSON encoding, in UTF-8 bytes.
+DEFAULT_MAX_BODY_BYTES = 256 * 1024
+
+
+@attrs.frozen(kw_only=True)
+class BusOptions:
+    """A bus's tuning knobs, validated (see :func:`chatbus.open_bus` for their meaning)."""
+
+    cache_size: int = 256
+    max_batch: int = 256
+    max_pending: int = 4096
+    read_batch: int = 256
+    max_concurrent_reads: int = 8
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    poll_interval: float | None = 1.0
+
+    def __attrs_post_init__(self) -> None:
+        check_int_range("cache_size", self.cache_size, 1, 1_000_000)
+        check_int_range("max_batch", self.max_batch, 1, 100_000)
+        check_int_range("max_pending", self.max_pending, 1, 1_000_000)
+        check_int_range("read_batch", self.read_batch, 1, MAX_READ_LIMIT)
+        check_int_range("max_concurrent_reads", self.max_concurrent_reads, 1, 1000)
+        check_int_range("max_body_bytes", self.max_body_bytes, 1, 64 * 1024 * 1024)
+        if self.poll_interval is not None:
+            check_range("poll_interval", self.poll_interval, 0.001, 86_400)

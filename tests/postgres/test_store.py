@@ -1,0 +1,289 @@
+"""The Postgres backend against a real server: store.
+
+Every test runs on a fresh schema (see ``tests/support/pg.py``) and is bounded by an
+absolute ``trio.fail_after``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from typing import Any
+
+import psycopg
+import pytest
+import trio
+
+import chatbus
+import chatbus.postgres._pq
+from chatbus._message import Draft
+from chatbus.postgres import (
+    PostgresNotifier,
+    PostgresStore,
+    open_postgres,
+)
+
+from support.pg import (
+    Recorder,
+    draft,
+    eventually,
+    fresh_postgres_pair,
+    pg_dsn,
+)
+
+pytestmark = pytest.mark.postgres
+
+
+async def test_append_read_heads_roundtrip(store: PostgresStore) -> None:
+    with trio.fail_after(10):
+        first = await store.append("s", [draft({"n": 1}), draft([1, 2.5, None, True])])
+        assert [m.id for m in first] == [1, 2]
+        assert [m.body for m in first] == [{"n": 1}, [1, 2.5, None, True]]
+        assert all(m.stream == "s" and m.key is None for m in first)
+        assert first[0].created_at.utcoffset() is not None
+        assert first[0].created_at.utcoffset().total_seconds() == 0  # type: ignore[union-attr]
+        second = await store.append("s", [draft("x")])
+        assert second[0].id == 3
+        assert await store.read("s", 0, 10) == [*first, *second]
+        assert await store.heads(["s", "empty", "s"]) == {"s": 3, "empty": 0}
+        assert await store.heads([]) == {}
+        assert await store.append("s", []) == []
+        assert await store.read("s", 0, 0) == []
+        with pytest.raises(ValueError, match="limit"):
+            await store.read("s", 0, -1)
+
+
+async def test_dense_ids_with_many_concurrent_appenders(store: PostgresStore) -> None:
+    """Many tasks over several pool connections, plus a second store (another "process")."""
+    with trio.fail_after(30):
+        async with open_postgres(pg_dsn(), schema=store.schema, max_connections=8) as (other, _):
+            returned: dict[int, tuple[int, int]] = {}
+
+            async def appender(worker: int, target: PostgresStore) -> None:
+                for seq in range(12):
+                    size = random.randint(1, 3)
+                    batch = [draft({"w": worker, "seq": seq, "i": i}) for i in range(size)]
+                    messages = await target.append("hot", batch)
+                    ids = [m.id for m in messages]
+                    assert ids == list(range(ids[0], ids[0] + size)), "batch ids not contiguous"
+                    for m in messages:
+                        assert m.id not in returned, f"id {m.id} handed out twice"
+                        returned[m.id] = (worker, seq)
+
+            async with trio.open_nursery() as nursery:
+                for worker in range(16):
+                    nursery.start_soon(appender, worker, store if worker % 2 else other)
+
+        total = len(returned)
+        assert sorted(returned) == list(range(1, total + 1))
+        stored = await store.read("hot", 0, 10_000)
+        assert [m.id for m in stored] == list(range(1, total + 1))
+        for m in stored:
+            assert returned[m.id] == (m.body["w"], m.body["seq"])
+        # Each worker's messages are in its own publish order.
+        for worker in range(16):
+            seqs = [m.body["seq"] for m in stored if m.body["w"] == worker]
+            assert seqs == sorted(seqs)
+        assert await store.heads(["hot"]) == {"hot": total}
+
+
+async def test_batch_is_atomic(pair: tuple[PostgresStore, PostgresNotifier]) -> None:
+    """A batch that fails half-way stores nothing, notifies nothing, leaves no id hole."""
+    store, notifier = pair
+    recorder = Recorder()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(notifier.listen, recorder)
+            bad = Draft(body_json="{not json", key=None)
+            for batch in (
+                [draft(1), draft(2), bad],  # unkeyed path: one statement
+                [draft(1, "k1"), bad, draft(3)],  # keyed path: explicit transaction
+            ):
+                with pytest.raises(chatbus.StoreError) as info:
+                    await store.append("atomic", batch)
+                assert isinstance(info.value.__cause__, psycopg.Error)
+                assert await store.read("atomic", 0, 10) == []
+                assert await store.heads(["atomic"]) == {"atomic": 0}
+            messages = await store.append("atomic", [draft("ok"), draft("ok2", "k1")])
+            assert [m.id for m in messages] == [1, 2]
+            await eventually(lambda: recorder.ids("atomic") == [2])
+            await trio.sleep(0.2)
+            assert recorder.ids("atomic") == [2], "a rolled-back batch was notified"
+            nursery.cancel_scope.cancel()
+
+
+async def test_idempotency_keys(store: PostgresStore) -> None:
+    with trio.fail_after(10):
+        [a] = await store.append("idem", [draft("a", "ka")])
+        # Across batches: the original comes back, nothing new is stored.
+        result = await store.append("idem", [draft("changed", "ka")])
+        assert result == [a]
+        # Within a batch: a repeated key returns the first draft's message.
+        result = await store.append(
+            "idem", [draft("b", "kb"), draft(None), draft("b again", "kb"), draft("a?", "ka")]
+        )
+        assert [m.id for m in result] == [2, 3, 2, 1]
+        assert result[0] is result[2] or result[0] == result[2]
+        assert result[2].body == "b"
+        assert result[3] == a
+        # All duplicates: nothing stored, no id consumed.
+        assert await store.append("idem", [draft(0, "ka"), draft(0, "kb")]) == [a, result[0]]
+        [c] = await store.append("idem", [draft("c")])
+        assert c.id == 4
+        # Keys are per stream.
+        [other] = await store.append("idem-2", [draft("x", "ka")])
+        assert other.id == 1
+        assert [m.id for m in await store.read("idem", 0, 100)] == [1, 2, 3, 4]
+
+
+async def test_concurrent_appends_with_the_same_key_store_once(store: PostgresStore) -> None:
+    with trio.fail_after(20):
+        async with open_postgres(pg_dsn(), schema=store.schema, max_connections=8) as (other, _):
+            for round_ in range(5):
+                key = f"client-{round_}"
+                results: list[chatbus.Message] = []
+
+                async def publish(
+                    target: PostgresStore,
+                    n: int,
+                    key: str = key,
+                    results: list[chatbus.Message] = results,
+                ) -> None:
+                    [m] = await target.append("race", [draft({"n": n}, key)])
+                    results.append(m)
+
+                async with trio.open_nursery() as nursery:
+                    for n in range(12):
+                        nursery.start_soon(publish, store if n % 2 else other, n)
+                assert len({(m.id, json.dumps(m.body)) for m in results}) == 1
+        stored = await store.read("race", 0, 100)
+        assert [m.id for m in stored] == [1, 2, 3, 4, 5]
+        assert [m.key for m in stored] == [f"client-{i}" for i in range(5)]
+
+
+async def test_read_paging(store: PostgresStore) -> None:
+    with trio.fail_after(10):
+        await store.append("page", [draft(i) for i in range(1, 251)])
+        seen: list[int] = []
+        after = 0
+        while page := await store.read("page", after, 37):
+            assert len(page) <= 37
+            seen.extend(m.body for m in page)
+            after = page[-1].id
+        assert seen == list(range(1, 251))
+        assert [m.id for m in await store.read("page", 245, 100)] == [246, 247, 248, 249, 250]
+        assert await store.read("page", 250, 10) == []
+        assert await store.read("page", 10_000, 10) == []
+
+
+async def test_heads_of_many_streams_in_one_query(store: PostgresStore) -> None:
+    with trio.fail_after(20):
+        names = [f"room-{i}" for i in range(40)]
+        for i, name in enumerate(names):
+            await store.append(name, [draft(j) for j in range(i % 5 + 1)])
+        wanted = [*names, *(f"absent-{i}" for i in range(10_000))]
+        started = time.perf_counter()
+        heads = await store.heads(wanted)
+        elapsed = time.perf_counter() - started
+        assert heads == {
+            **{name: i % 5 + 1 for i, name in enumerate(names)},
+            **{f"absent-{i}": 0 for i in range(10_000)},
+        }
+        assert elapsed < 2, f"heads() of 10k streams took {elapsed:.2f}s"
+
+
+HOSTILE_STREAMS = [
+    "it's",
+    'say "hi"',
+    "a; DROP TABLE messages; --",
+    "back\\slash\\\\",
+    "$1 %s %(x)s {} {0}",
+    "Ünïcødé ✓",
+    "emoji 🎉👩‍👩‍👧",
+    "tab\tnew\nline\r\x01\x7f",
+    "  spaces  ",
+    "x" * 256,
+    "🎉" * 256,
+    "\u2028\u2029",
+]
+
+
+async def test_hostile_stream_names_round_trip(
+    pair: tuple[PostgresStore, PostgresNotifier],
+) -> None:
+    store, notifier = pair
+    recorder = Recorder()
+    with trio.fail_after(15):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(notifier.listen, recorder)
+            for name in HOSTILE_STREAMS:
+                [m] = await store.append(name, [draft({"stream": name})])
+                assert (m.stream, m.id) == (name, 1)
+                [k] = await store.append(name, [draft(2, key=name)])
+                assert k.id == 2
+                read = await store.read(name, 0, 10)
+                assert [(r.stream, r.body) for r in read] == [(name, {"stream": name}), (name, 2)]
+            assert await store.heads(HOSTILE_STREAMS) == dict.fromkeys(HOSTILE_STREAMS, 2)
+            await eventually(
+                lambda: all(recorder.ids(name)[-1:] == [2] for name in HOSTILE_STREAMS)
+            )
+            nursery.cancel_scope.cancel()
+        for bad in ["", "nul\x00inside", "x" * 257, "\ud800"]:
+            with pytest.raises(chatbus.InvalidStream):
+                await store.append(bad, [draft(1)])
+            with pytest.raises(chatbus.InvalidStream):
+                await store.read(bad, 0, 10)
+            with pytest.raises(chatbus.InvalidStream):
+                await store.heads(["ok", bad])
+
+
+BODIES: list[Any] = [
+    "nul \u0000 inside a string",
+    {"\u0000key": ["\u0000", "a\u0000b"]},
+    "Ünïcødé ✓ 🎉 \u2028",
+    {"nested": {"deep": [[[[[]]]]]}, "n": -0.0, "big": 12345678901234567890},
+    'quote " backslash \\ slash / tab \t',
+    1e300,
+    None,
+    "",
+    {"text": "x" * 200_000},  # far above NOTIFY's 8000-byte payload limit
+]
+
+
+async def test_bodies_round_trip_exactly(store: PostgresStore) -> None:
+    with trio.fail_after(10):
+        appended = await store.append("bodies", [draft(body) for body in BODIES])
+        keyed = await store.append(
+            "bodies", [draft(body, f"k{i}") for i, body in enumerate(BODIES)]
+        )
+        read = await store.read("bodies", 0, 100)
+        expected = [json.dumps(body, sort_keys=True) for body in BODIES]
+        for messages in (appended, keyed, read[: len(BODIES)], read[len(BODIES) :]):
+            assert [json.dumps(m.body, sort_keys=True) for m in messages] == expected
+
+
+async def test_notify_payload_stays_small() -> None:
+    """The payload carries the stream and id only, whatever the body."""
+    with trio.fail_after(10):
+        async with fresh_postgres_pair() as (store, _):
+            conn = await trio.to_thread.run_sync(
+                lambda: psycopg.connect(pg_dsn(), autocommit=True)
+            )
+            try:
+                conn.execute(f'LISTEN "{store.channel}"')
+                longest_stream = "🎉" * 256
+                await store.append(longest_stream, [draft({"text": "é" * 200_000})])
+                await store.append(longest_stream, [draft({"text": "é" * 1000})])
+                escaped = "\x01" * 256  # escapes to \u0001 in JSON: the worst case
+                await store.append(escaped, [draft(1)])
+                payloads = await trio.to_thread.run_sync(
+                    lambda: [n.payload for n in conn.notifies(timeout=1.0, stop_after=3)]
+                )
+            finally:
+                conn.close()
+        assert len(payloads) == 3
+        assert all(len(p.encode()) < 2000 for p in payloads), [len(p) for p in payloads]
+        assert json.loads(payloads[0]) == {"stream": longest_stream, "last_id": 1}
+        assert json.loads(payloads[1]) == {"stream": longest_stream, "last_id": 2}
+        assert json.loads(payloads[2]) == {"stream": escaped, "last_id": 1}
