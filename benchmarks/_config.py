@@ -7,9 +7,10 @@ import os
 
 DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 
-#: Scenario names accepted by ``--only``, in run order.
-SCENARIOS = ("memory", "postgres", "statement", "latency", "fanout", "scale")
-BACKENDS = ("memory", "postgres")
+
+def default_peer_url(peer: str, default: str) -> str:
+    """The URL of ``peer`` from CHATBUS_BENCH_<PEER>_URL, else ``default``."""
+    return os.environ.get(f"CHATBUS_BENCH_{peer.upper()}_URL") or default
 
 
 def default_dsn() -> str:
@@ -39,6 +40,14 @@ class Sizes:
     pg_baseline_single_messages: int = 6_000
     pg_baseline_batch_messages: int = 100_000
     pg_baseline_batch_size: int = 100
+    # pg-keyed: the pg-throughput shape with a key on every publish
+    pg_keyed_messages: int = 20_000
+    #: In the retry variant every n-th publish of a caller repeats its previous key.
+    pg_retry_every: int = 10
+    # peers: the same shape on NATS JetStream and Redis Streams, each in a subprocess
+    peers_messages: int = 20_000
+    #: Most seconds one peer run (subprocess) may take.
+    peers_timeout_seconds: float = 120.0
     # statement: one-row reads timed per way of talking to Postgres
     statement_count: int = 3_000
     # latency
@@ -65,6 +74,9 @@ def quick_sizes() -> Sizes:
         pg_messages=8_000,
         pg_baseline_single_messages=1_000,
         pg_baseline_batch_messages=40_000,
+        pg_keyed_messages=2_000,
+        peers_messages=1_000,
+        peers_timeout_seconds=30.0,
         statement_count=1_000,
         latency_seconds=2.0,
         latency_warmup_seconds=0.5,

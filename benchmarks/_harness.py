@@ -1,44 +1,16 @@
-"""Shared chatbus plumbing: a bus per backend, consumers that count to a target."""
+"""Shared chatbus plumbing: consumers that count to a target, publisher drivers, keys.
+
+Buses come from ``_backends.open_backend_bus``.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from typing import Any
 
 import trio
 
 import chatbus
-
-from . import _pg
-
-
-@asynccontextmanager
-async def open_backend_bus(
-    backend: str, dsn: str, *, schema: str | None = None, **options: Any
-) -> AsyncIterator[chatbus.Bus]:
-    """Open a bus on ``backend``; for Postgres in a fresh schema dropped afterwards.
-
-    Pass ``schema`` to use (and still drop) a given schema, e.g. one a child process
-    will join.
-    """
-    if backend == "memory":
-        async with chatbus.open_bus(**options) as bus:
-            yield bus
-        return
-    from chatbus.postgres import open_postgres
-
-    schema = schema or _pg.scratch_schema("cb")
-    try:
-        async with (
-            open_postgres(dsn, schema=schema) as (store, notifier),
-            chatbus.open_bus(store=store, notifier=notifier, **options) as bus,
-        ):
-            yield bus
-    finally:
-        with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(_pg.drop_schema, dsn, schema)
 
 
 async def count_until(
@@ -65,14 +37,57 @@ async def count_until(
     done.append(time.perf_counter())
 
 
-async def publish_many(publisher: chatbus.Publisher, count: int, tag: int) -> None:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class KeyPlan:
+    """Which idempotency key each publish carries.
+
+    ``keyed=False``: none. ``keyed=True``: a key unique to the caller and index,
+    except that with ``retry_every=n`` every n-th publish of a caller repeats the key
+    (and body) of that caller's previous publish, already committed: a retry after
+    a lost reply, which must return the original message and store nothing.
+    """
+
+    keyed: bool = False
+    retry_every: int = 0
+
+    def source(self, i: int) -> int:
+        """The index whose key and body publish ``i`` carries."""
+        if self.retry_every > 1 and i % self.retry_every == self.retry_every - 1:
+            return i - 1
+        return i
+
+    def new_messages(self, count: int) -> int:
+        """How many of ``count`` publishes of one caller store a new message."""
+        return len({self.source(i) for i in range(count)})
+
+
+NO_KEYS = KeyPlan()
+
+
+async def publish_many(
+    publisher: chatbus.Publisher, count: int, tag: int, keys: KeyPlan = NO_KEYS
+) -> None:
     """Publish ``count`` small chat-like messages, one awaited publish at a time."""
+    if not keys.keyed:
+        for i in range(count):
+            await publisher.publish({"n": tag, "i": i, "text": "hello"})
+        return
+    previous: chatbus.Message | None = None
     for i in range(count):
-        await publisher.publish({"n": tag, "i": i, "text": "hello"})
+        j = keys.source(i)
+        message = await publisher.publish({"n": tag, "i": j, "text": "hello"}, key=f"{tag}-{j}")
+        if j != i and (previous is None or message.id != previous.id):
+            raise AssertionError(f"retry of key {tag}-{j} got id {message.id}, not the original")
+        previous = message
 
 
 async def drive_publishers(
-    bus: chatbus.Bus, streams: list[str], publishers_per_stream: int, callers: int, total: int
+    bus: chatbus.Bus,
+    streams: list[str],
+    publishers_per_stream: int,
+    callers: int,
+    total: int,
+    keys: KeyPlan = NO_KEYS,
 ) -> list[chatbus.PublisherStatistics]:
     """Open publishers and run ``callers`` concurrent publish loops per publisher.
 
@@ -86,7 +101,7 @@ async def drive_publishers(
         async with bus.open_publisher(stream) as publisher:
             async with trio.open_nursery() as nursery:
                 for tag in range(callers):
-                    nursery.start_soon(publish_many, publisher, per_caller, tag)
+                    nursery.start_soon(publish_many, publisher, per_caller, tag, keys)
             stats.append(publisher.statistics())
 
     async with trio.open_nursery() as nursery:

@@ -15,17 +15,13 @@ import time
 
 import trio
 
-import chatbus
-
+from ._backends import open_backend_bus
 from .latency import collect
 
 
 async def _main(dsn: str, schema: str, stream: str) -> None:
-    from chatbus.postgres import open_postgres
-
     async with (
-        open_postgres(dsn, schema=schema) as (store, notifier),
-        chatbus.open_bus(store=store, notifier=notifier) as bus,
+        open_backend_bus("postgres", dsn, schema=schema, drop_schema=False) as bus,
         bus.open_subscriber(stream) as subscriber,
     ):
         sys.stdout.write("ready\n")

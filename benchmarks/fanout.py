@@ -11,9 +11,10 @@ import time
 
 import trio
 
-from . import _harness
-from ._config import Sizes
-from ._report import Row, measured, skipped
+from . import _backends, _harness
+from ._backends import CHATBUS_POSTGRES
+from ._report import Row, measured
+from ._scenario import Context, Scenario
 
 STREAM = "fanout"
 
@@ -22,7 +23,7 @@ async def _run(backend: str, dsn: str, subscribers: int, messages: int, callers:
     per_caller = max(1, messages // callers)
     total = per_caller * callers
     done: list[float] = []
-    async with _harness.open_backend_bus(backend, dsn) as bus:
+    async with _backends.open_backend_bus(backend, dsn) as bus:
         async with trio.open_nursery() as nursery:
             for _ in range(subscribers):
                 await nursery.start(_harness.count_until, bus, STREAM, total, done)
@@ -32,28 +33,34 @@ async def _run(backend: str, dsn: str, subscribers: int, messages: int, callers:
     return total * subscribers / elapsed
 
 
-def run(sizes: Sizes, backends: list[str], dsn: str, pg_problem: str | None) -> list[Row]:
-    """Fan-out rows for each backend in ``backends``."""
-    rows: list[Row] = []
-    for backend in backends:
-        if backend == "postgres" and pg_problem is not None:
-            rows.append(skipped("fanout", backend, pg_problem))
-            continue
-        messages = sizes.fanout_messages if backend == "memory" else sizes.fanout_pg_messages
-        samples = [
-            trio.run(_run, backend, dsn, sizes.fanout_subscribers, messages, sizes.fanout_callers)
-            for _ in range(sizes.repeats)
-        ]
-        rows.append(
-            measured(
-                scenario="fanout",
-                backend=backend,
-                metric="deliveries/s",
-                unit="msg/s",
-                samples=samples,
-                target="report",
-                note=f"1 stream, {sizes.fanout_subscribers} subscribers, {messages} msgs,"
-                f" {sizes.fanout_callers} callers",
-            )
+def run(context: Context, backend: str) -> list[Row]:
+    """The fan-out row for ``backend``."""
+    sizes = context.sizes
+    messages = sizes.fanout_messages if backend == "memory" else sizes.fanout_pg_messages
+    samples = [
+        trio.run(
+            _run, backend, context.dsn, sizes.fanout_subscribers, messages, sizes.fanout_callers
         )
-    return rows
+        for _ in range(sizes.repeats)
+    ]
+    return [
+        measured(
+            scenario="fanout",
+            backend=backend,
+            metric="deliveries/s",
+            unit="msg/s",
+            samples=samples,
+            target="report",
+            note=f"1 stream, {sizes.fanout_subscribers} subscribers, {messages} msgs,"
+            f" {sizes.fanout_callers} callers",
+        )
+    ]
+
+
+SCENARIO = Scenario(
+    name="fanout",
+    label="fanout",
+    needs={"memory": (), "postgres": CHATBUS_POSTGRES},
+    entry=run,
+    summary="one stream, 1,000 subscribers in one process, deliveries/s",
+)

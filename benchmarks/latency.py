@@ -28,9 +28,11 @@ import trio
 
 import chatbus
 
-from . import _harness, _pg
+from . import _backends, _pg
+from ._backends import CHATBUS_POSTGRES
 from ._config import Sizes
-from ._report import Row, measured, percentile, skipped
+from ._report import Row, measured, percentile
+from ._scenario import Context, Scenario
 
 STREAM = "latency"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -55,15 +57,18 @@ async def offer_load(
     warmup: int,
     count: int,
     clock: Callable[[], float],
+    keyed: bool = False,
 ) -> None:
     """Publish ``warmup + count`` messages at ``rate``/s, then an end marker.
 
     Every body holds ``t``, the time on ``clock`` at which publish() was called,
-    and ``s``, the time it was scheduled for.
+    and ``s``, the time it was scheduled for. ``keyed``: each publish carries a
+    unique idempotency key (the end marker too).
     """
 
     async def publish_one(i: int, scheduled: float) -> None:
-        await publisher.publish({"i": i, "t": clock(), "s": scheduled, "warmup": i < warmup})
+        body = {"i": i, "t": clock(), "s": scheduled, "warmup": i < warmup}
+        await publisher.publish(body, key=f"lat-{i}" if keyed else None)
 
     start_trio = trio.current_time() + 0.05
     start_clock = clock() + 0.05
@@ -72,7 +77,7 @@ async def offer_load(
             offset = i / rate
             await trio.sleep_until(start_trio + offset)
             nursery.start_soon(publish_one, i, start_clock + offset)
-    await publisher.publish({"end": True})
+    await publisher.publish({"end": True}, key="lat-end" if keyed else None)
 
 
 @dataclasses.dataclass
@@ -120,12 +125,12 @@ async def _memory_run(sizes: Sizes) -> Collected:
     return result
 
 
-async def _postgres_run(sizes: Sizes, dsn: str) -> Collected:
+async def _postgres_run(sizes: Sizes, dsn: str, keyed: bool) -> Collected:
     rate = sizes.latency_rate
     warmup = int(sizes.latency_warmup_seconds * rate)
     count = int(sizes.latency_seconds * rate)
     schema = _pg.scratch_schema("lat")
-    async with _harness.open_backend_bus("postgres", dsn, schema=schema) as bus:
+    async with _backends.open_backend_bus("postgres", dsn, schema=schema) as bus:
         command = [
             sys.executable,
             "-m",
@@ -150,7 +155,9 @@ async def _postgres_run(sizes: Sizes, dsn: str) -> Collected:
                         raise RuntimeError("latency child exited before subscribing")
                     output += chunk
             async with bus.open_publisher(STREAM) as publisher:
-                await offer_load(publisher, rate=rate, warmup=warmup, count=count, clock=time.time)
+                await offer_load(
+                    publisher, rate=rate, warmup=warmup, count=count, clock=time.time, keyed=keyed
+                )
             with trio.fail_after(60):
                 while True:
                     chunk = await child.stdout.receive_some()
@@ -169,29 +176,48 @@ async def _postgres_run(sizes: Sizes, dsn: str) -> Collected:
     return result
 
 
-def _rows(backend: str, runs: list[Collected], target_ms: float, note: str) -> list[Row]:
+def _rows(
+    backend: str,
+    runs: list[Collected],
+    target_ms: float,
+    note: str,
+    *,
+    prefix: str = "",
+    metrics: Sequence[str] = ("p50", "p90", "p99", "max"),
+    baseline: Sequence[Collected] = (),
+    baseline_name: str = "",
+) -> list[Row]:
+    """Percentile rows of ``runs``; with ``baseline``, each next to the same percentile."""
     per_run = [summarize(run.latencies) for run in runs]
-    lags = [summarize(run.lags) for run in runs]
+    per_baseline = [summarize(run.latencies) for run in baseline]
     rows = []
-    for metric in ("p50", "p90", "p99", "max"):
+    for metric in metrics:
         is_p99 = metric == "p99"
         rows.append(
             measured(
                 scenario="latency",
                 backend=backend,
-                metric=metric,
+                metric=prefix + metric,
                 unit="ms",
                 samples=[summary[metric] for summary in per_run],
+                baseline_name=baseline_name,
+                baseline_samples=[summary[metric] for summary in per_baseline],
                 target=f"<= {target_ms:g} ms" if is_p99 else "",
                 max_value=target_ms if is_p99 else None,
                 note=(
                     f"{note}; median of {len(runs)} runs, {int(per_run[0]['count'])} msgs each"
-                    if metric == "p50"
+                    if metric == metrics[0]
                     else ""
                 ),
             )
         )
-    rows.append(
+    return rows
+
+
+def _side_rows(backend: str, runs: list[Collected]) -> list[Row]:
+    """The load generator's lag and, for Postgres, latency after the transaction start."""
+    lags = [summarize(run.lags) for run in runs]
+    rows = [
         measured(
             scenario="latency",
             backend=backend,
@@ -200,7 +226,7 @@ def _rows(backend: str, runs: list[Collected], target_ms: float, note: str) -> l
             samples=[lag["p99"] for lag in lags],
             note="load generator lateness (publish() call minus schedule), not in the above",
         )
-    )
+    ]
     if backend == "postgres":
         since_commit = [summarize(run.since_commit) for run in runs]
         for metric in ("p50", "p99"):
@@ -219,17 +245,46 @@ def _rows(backend: str, runs: list[Collected], target_ms: float, note: str) -> l
     return rows
 
 
-def run(sizes: Sizes, backends: list[str], dsn: str, pg_problem: str | None) -> list[Row]:
-    """Latency rows for each backend in ``backends``."""
-    rows: list[Row] = []
+def run(context: Context, backend: str) -> list[Row]:
+    """Latency rows for ``backend``; for Postgres, unkeyed and keyed runs interleaved."""
+    sizes = context.sizes
     offered = f"{sizes.latency_rate:g} msg/s offered"
-    if "memory" in backends:
+    if backend == "memory":
         runs = [trio.run(_memory_run, sizes) for _ in range(sizes.repeats)]
-        rows += _rows("memory", runs, 1.0, offered)
-    if "postgres" in backends:
-        if pg_problem is not None:
-            rows.append(skipped("latency", "postgres", pg_problem))
-        else:
-            runs = [trio.run(_postgres_run, sizes, dsn) for _ in range(sizes.repeats)]
-            rows += _rows("postgres", runs, 10.0, offered + ", subscriber in another process")
-    return rows
+        return _rows("memory", runs, 1.0, offered) + _side_rows("memory", runs)
+    unkeyed: list[Collected] = []
+    keyed: list[Collected] = []
+    for _ in range(sizes.repeats):
+        unkeyed.append(trio.run(_postgres_run, sizes, context.dsn, False))
+        keyed.append(trio.run(_postgres_run, sizes, context.dsn, True))
+    offered += ", subscriber in another process"
+    return [
+        *_rows("postgres", unkeyed, 10.0, offered),
+        *_side_rows("postgres", unkeyed),
+        *_rows(
+            "postgres",
+            keyed,
+            10.0,
+            offered + ", a unique key on every publish (runs interleaved with the above)",
+            prefix="keyed ",
+            metrics=("p50", "p99", "max"),
+            baseline=unkeyed,
+            baseline_name="unkeyed",
+        ),
+        measured(
+            scenario="latency",
+            backend="postgres",
+            metric="keyed sender lag p99",
+            unit="ms",
+            samples=[summarize(run.lags)["p99"] for run in keyed],
+        ),
+    ]
+
+
+SCENARIO = Scenario(
+    name="latency",
+    label="latency",
+    needs={"memory": (), "postgres": CHATBUS_POSTGRES},
+    entry=run,
+    summary="publish -> receipt at 1,000 msg/s offered (Postgres: cross-process, also keyed)",
+)

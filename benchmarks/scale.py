@@ -21,9 +21,10 @@ import trio.testing
 
 import chatbus
 
-from . import _harness, _pg
-from ._config import Sizes
-from ._report import Row, measured, skipped
+from . import _backends, _pg
+from ._backends import CHATBUS_POSTGRES
+from ._report import Row, measured
+from ._scenario import Context, Scenario
 
 
 def _rss_bytes() -> int:
@@ -57,7 +58,7 @@ async def _settle(subscribers: list[chatbus.Subscriber], deadline: float) -> int
 
 
 async def _run(backend: str, dsn: str, count: int, settle_deadline: float) -> dict[str, float]:
-    async with _harness.open_backend_bus(backend, dsn) as bus:
+    async with _backends.open_backend_bus(backend, dsn) as bus:
         gc.collect()
         rss_before = _rss_bytes()
         tracemalloc.start()
@@ -90,62 +91,68 @@ async def _run(backend: str, dsn: str, count: int, settle_deadline: float) -> di
         return result
 
 
-def run(sizes: Sizes, backends: list[str], dsn: str, pg_problem: str | None) -> list[Row]:
-    """Scale rows for each backend in ``backends`` (one run each: it is not a rate)."""
+def run(context: Context, backend: str) -> list[Row]:
+    """Scale rows for ``backend`` (one run: it is not a rate)."""
+    sizes = context.sizes
     rows: list[Row] = []
-    for backend in backends:
-        if backend == "postgres" and pg_problem is not None:
-            rows.append(skipped("scale", backend, pg_problem))
-            continue
-        count = sizes.scale_subscriptions if backend == "memory" else sizes.scale_pg_subscriptions
-        result = trio.run(_run, backend, dsn, count, sizes.scale_settle_seconds)
+    count = sizes.scale_subscriptions if backend == "memory" else sizes.scale_pg_subscriptions
+    result = trio.run(_run, backend, context.dsn, count, sizes.scale_settle_seconds)
+    note = (
+        f"{count} idle subscriptions on distinct streams; opened in"
+        f" {result['open_seconds']:.1f} s, started in {result['settle_seconds']:.1f} s"
+    )
+    if result["not_started"]:
         note = (
-            f"{count} idle subscriptions on distinct streams; opened in"
-            f" {result['open_seconds']:.1f} s, started in {result['settle_seconds']:.1f} s"
+            f"{count} idle subscriptions; {int(result['not_started'])} still without a"
+            f" successful start-up read after {sizes.scale_settle_seconds:g} s"
         )
-        if result["not_started"]:
-            note = (
-                f"{count} idle subscriptions; {int(result['not_started'])} still without a"
-                f" successful start-up read after {sizes.scale_settle_seconds:g} s"
-            )
-        if result["store_errors"]:
-            note += f"; {int(result['store_errors'])} failed start-up reads (retried)"
+    if result["store_errors"]:
+        note += f"; {int(result['store_errors'])} failed start-up reads (retried)"
+    rows.append(
+        measured(
+            scenario="scale",
+            backend=backend,
+            metric="bytes/sub (tracemalloc)",
+            unit="B",
+            samples=[result["traced_per_sub"]],
+            target="<= 10 KB",
+            max_value=10_240,
+            note=note,
+            extra=result,
+        )
+    )
+    rows.append(
+        measured(
+            scenario="scale",
+            backend=backend,
+            metric="bytes/sub (RSS delta)",
+            unit="B",
+            samples=[result["rss_per_sub"]],
+            note="allocator-dependent; tracemalloc is the reference",
+        )
+    )
+    if backend == "postgres":
         rows.append(
             measured(
                 scenario="scale",
                 backend=backend,
-                metric="bytes/sub (tracemalloc)",
-                unit="B",
-                samples=[result["traced_per_sub"]],
-                target="<= 10 KB",
-                max_value=10_240,
-                note=note,
-                extra=result,
+                metric="LISTEN connections",
+                unit="conns",
+                samples=[result["listen_connections"]],
+                target="== 1",
+                max_value=1,
+                min_value=1,
+                note=f"this process holds {int(result['all_connections'])} connections"
+                " in all (pool + LISTEN)",
             )
         )
-        rows.append(
-            measured(
-                scenario="scale",
-                backend=backend,
-                metric="bytes/sub (RSS delta)",
-                unit="B",
-                samples=[result["rss_per_sub"]],
-                note="allocator-dependent; tracemalloc is the reference",
-            )
-        )
-        if backend == "postgres":
-            rows.append(
-                measured(
-                    scenario="scale",
-                    backend=backend,
-                    metric="LISTEN connections",
-                    unit="conns",
-                    samples=[result["listen_connections"]],
-                    target="== 1",
-                    max_value=1,
-                    min_value=1,
-                    note=f"this process holds {int(result['all_connections'])} connections"
-                    " in all (pool + LISTEN)",
-                )
-            )
     return rows
+
+
+SCENARIO = Scenario(
+    name="scale",
+    label="scale",
+    needs={"memory": (), "postgres": CHATBUS_POSTGRES},
+    entry=run,
+    summary="10,000 idle subscriptions: bytes each, and connections held",
+)

@@ -26,9 +26,10 @@ from psycopg import sql
 
 import chatbus
 
-from . import _pg
-from ._config import Sizes
-from ._report import Row, measured, skipped
+from . import _backends, _pg
+from ._backends import CHATBUS_POSTGRES
+from ._report import Row, measured
+from ._scenario import Context, Scenario
 
 STREAM = "statement"
 
@@ -55,14 +56,13 @@ def _sync_read(dsn: str, schema: str, statements: int) -> float:
 
 async def _trio_paths(dsn: str, schema: str, statements: int) -> tuple[float, float]:
     """CPU µs per read: chatbus's store, then psycopg's asyncio API via trio-asyncio."""
-    from chatbus.postgres import open_postgres
-
     async with (
         trio_asyncio.open_loop() as loop,
-        open_postgres(dsn, schema=schema) as (store, notifier),
+        _backends.open_postgres_pair(dsn, schema=schema, drop_schema=False) as (store, _),
     ):
-        async with chatbus.open_bus(store=store, notifier=notifier) as bus:
-            await bus.publish(STREAM, {"n": 0, "text": "hello"})
+        await store.append(
+            STREAM, [chatbus.Draft(body_json='{"n": 0, "text": "hello"}', key=None)]
+        )
         for _ in range(20):  # warm up: lend a connection, prepare the statement
             await store.read(STREAM, 0, 1)
         started = time.process_time()
@@ -92,10 +92,9 @@ async def _trio_paths(dsn: str, schema: str, statements: int) -> tuple[float, fl
     return chatbus_cpu, aio_cpu
 
 
-def run(sizes: Sizes, dsn: str, pg_problem: str | None) -> list[Row]:
+def run(context: Context, backend: str) -> list[Row]:
     """CPU per statement: chatbus's read against trio-asyncio psycopg and sync psycopg."""
-    if pg_problem is not None:
-        return [skipped("statement", "postgres", pg_problem)]
+    sizes, dsn = context.sizes, context.dsn
     chatbus_samples: list[float] = []
     aio_samples: list[float] = []
     sync_samples: list[float] = []
@@ -128,3 +127,12 @@ def run(sizes: Sizes, dsn: str, pg_problem: str | None) -> list[Row]:
         )
         for name, samples, row_note in baselines
     ]
+
+
+SCENARIO = Scenario(
+    name="statement",
+    label="statement",
+    needs={"postgres": CHATBUS_POSTGRES},
+    entry=run,
+    summary="client CPU per one-row read: chatbus pq path vs trio-asyncio and sync psycopg",
+)

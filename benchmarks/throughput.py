@@ -3,20 +3,26 @@
 Memory baseline: one bare trio memory channel hop, one producer and one consumer,
 awaited send/receive of the same message count. Postgres baselines: raw psycopg with
 as many connections as chatbus's pool, one message per transaction and 100 per
-transaction (see ``_pg``).
+transaction (see ``_pg``). ``pg-keyed`` is the Postgres workload with an idempotency
+key on every publish (and a variant where some publishes are retries), next to the
+unkeyed chatbus runs and both raw baselines of the same run.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import gc
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 
 import trio
 
-from . import _harness, _pg
+from . import _backends, _harness, _pg
+from ._backends import CHATBUS_POSTGRES
 from ._config import Sizes
-from ._report import Row, measured, skipped
+from ._report import Row, measured
+from ._scenario import Context, Scenario
 
 
 async def _channel_hop(messages: int, buffer: int) -> float:
@@ -54,38 +60,55 @@ async def _chatbus_run(
     subscribers: int,
     callers: int,
     total: int,
+    keys: _harness.KeyPlan = _harness.NO_KEYS,
 ) -> tuple[float, float, float]:
-    """One end-to-end run; returns (deliveries/s, messages/s, mean batch size)."""
+    """One end-to-end run; returns (deliveries/s, publishes/s, publishes per batch).
+
+    Without retries every publish is a new message; with them (``keys``) the
+    subscribers wait for the new messages only, and the rate counts every
+    acknowledged publish.
+    """
     names = [f"chat-{i}" for i in range(streams)]
     per_stream = _harness.per_stream_total(total, streams, publishers, callers)
+    per_caller = per_stream // (publishers * callers)
+    last_id = keys.new_messages(per_caller) * publishers * callers
     done: list[float] = []
-    async with _harness.open_backend_bus(backend, dsn) as bus:
+    async with _backends.open_backend_bus(backend, dsn) as bus:
         async with trio.open_nursery() as nursery:
             for name in names:
                 for _ in range(subscribers):
-                    await nursery.start(_harness.count_until, bus, name, per_stream, done)
+                    await nursery.start(_harness.count_until, bus, name, last_id, done)
             start = time.perf_counter()
             stats = await _harness.drive_publishers(
-                bus, names, publishers, callers, per_stream * streams
+                bus, names, publishers, callers, per_stream * streams, keys
             )
         elapsed = max(done) - start
     messages = per_stream * streams
     batches = sum(s.batches for s in stats)
-    return messages * subscribers / elapsed, messages / elapsed, messages / max(1, batches)
+    deliveries = last_id * streams * subscribers
+    return deliveries / elapsed, messages / elapsed, messages / max(1, batches)
 
 
-def _alternate(repeats: int, *runs: Callable[[], float]) -> list[list[float]]:
-    """Run each callable ``repeats`` times, interleaved (ABAB…), so noise hits all."""
-    samples: list[list[float]] = [[] for _ in runs]
+def interleave(
+    repeats: int, runs: Mapping[str, Callable[[], float | None]]
+) -> dict[str, list[float]]:
+    """Run each named callable ``repeats`` times, interleaved (ABAB…), so noise hits all.
+
+    Returns the samples by name. A run that returns None (its system turned out to
+    be unavailable) adds no sample.
+    """
+    samples: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
-        for index, run in enumerate(runs):
+        for name, run in runs.items():
             gc.collect()
-            samples[index].append(run())
+            if (sample := run()) is not None:
+                samples[name].append(sample)
     return samples
 
 
-def memory_throughput(sizes: Sizes) -> list[Row]:
+def memory_throughput(context: Context, backend: str) -> list[Row]:
     """P publishers -> S subscribers on the in-memory bus vs one bare channel hop."""
+    sizes = context.sizes
     batch_sizes: list[float] = []
     messages_per_s: list[float] = []
 
@@ -105,11 +128,16 @@ def memory_throughput(sizes: Sizes) -> list[Row]:
         messages_per_s.append(messages)
         return deliveries
 
-    baseline, chatbus_rates = _alternate(
+    samples = interleave(
         sizes.repeats,
-        lambda: baseline_channel_rate(sizes.memory_messages, sizes.baseline_channel_buffer),
-        chatbus_run,
+        {
+            "channel hop": lambda: baseline_channel_rate(
+                sizes.memory_messages, sizes.baseline_channel_buffer
+            ),
+            "chatbus": chatbus_run,
+        },
     )
+    baseline, chatbus_rates = samples["channel hop"], samples["chatbus"]
     shape = (
         f"P={sizes.memory_publishers} x {sizes.memory_callers_per_publisher} callers,"
         f" S={sizes.memory_subscribers}, streams={sizes.memory_streams},"
@@ -132,63 +160,158 @@ def memory_throughput(sizes: Sizes) -> list[Row]:
     ]
 
 
-def postgres_throughput(sizes: Sizes, dsn: str, pg_problem: str | None) -> list[Row]:
-    """64 publish() callers over 8 streams vs raw psycopg, 1 and 100 msgs per txn."""
-    if pg_problem is not None:
-        return [skipped("pg-throughput", "postgres", pg_problem)]
-    connections = _pg.chatbus_pool_size()
-    missing = _pg.chatbus_postgres_missing()
-    batch_sizes: list[float] = []
-    streams = sizes.pg_streams
-    callers = max(1, sizes.pg_callers // streams)
+# ---- Postgres: the pg-throughput workload, its raw baselines, the keyed variants ----
 
-    def chatbus_run() -> float:
-        _, messages, batch = trio.run(
-            lambda: _chatbus_run(
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PgShape:
+    """The pg-throughput workload: callers per stream over streams, one publisher each."""
+
+    streams: int
+    callers: int
+    #: Connections of the raw baselines: as many as chatbus's pool.
+    connections: int
+
+    @classmethod
+    def from_sizes(cls, sizes: Sizes) -> PgShape:
+        """64 callers over 8 streams unless ``--set`` says otherwise."""
+        streams = sizes.pg_streams
+        return cls(
+            streams=streams,
+            callers=max(1, sizes.pg_callers // streams),
+            connections=_pg.chatbus_pool_size(),
+        )
+
+    def describe(self, messages: int) -> str:
+        """The workload in a few words, for a row's note."""
+        return (
+            f"{self.streams * self.callers} callers over {self.streams} streams, {messages} msgs"
+        )
+
+
+def median_text(samples: Sequence[float]) -> str:
+    """The (upper) median of ``samples`` with one decimal, for notes."""
+    return f"{sorted(samples)[len(samples) // 2]:.1f}" if samples else "-"
+
+
+def chatbus_pg_run(
+    dsn: str,
+    shape: PgShape,
+    messages: int,
+    batches: list[float],
+    keys: _harness.KeyPlan = _harness.NO_KEYS,
+) -> Callable[[], float]:
+    """One chatbus Postgres run of the workload in a fresh schema; returns publishes/s.
+
+    Each run appends its publishes per batch to ``batches``.
+    """
+
+    def run() -> float:
+        _, rate, batch = trio.run(
+            functools.partial(
+                _chatbus_run,
                 "postgres",
                 dsn,
-                streams=streams,
+                streams=shape.streams,
                 publishers=1,
                 subscribers=1,
-                callers=callers,
-                total=sizes.pg_messages,
+                callers=shape.callers,
+                total=messages,
+                keys=keys,
             )
         )
-        batch_sizes.append(batch)
-        return messages
+        batches.append(batch)
+        return rate
 
-    def single() -> float:
+    return run
+
+
+RAW_SINGLE = "raw 1/txn"
+
+
+def raw_batch_name(sizes: Sizes) -> str:
+    """The batched ceiling's name: ``raw 100/txn``."""
+    return f"raw {sizes.pg_baseline_batch_size}/txn"
+
+
+def raw_pg_runs(sizes: Sizes, dsn: str, shape: PgShape) -> dict[str, Callable[[], float]]:
+    """The raw baselines by name: one message per transaction, and the batched ceiling."""
+
+    def run(messages: int, per_transaction: int) -> float:
         return _pg.raw_throughput(
             dsn,
-            messages=sizes.pg_baseline_single_messages,
-            per_transaction=1,
-            connections=connections,
-            streams=streams,
+            messages=messages,
+            per_transaction=per_transaction,
+            connections=shape.connections,
+            streams=shape.streams,
         )
 
-    def batched() -> float:
-        return _pg.raw_throughput(
-            dsn,
-            messages=sizes.pg_baseline_batch_messages,
-            per_transaction=sizes.pg_baseline_batch_size,
-            connections=connections,
-            streams=streams,
-        )
+    return {
+        RAW_SINGLE: functools.partial(run, sizes.pg_baseline_single_messages, 1),
+        raw_batch_name(sizes): functools.partial(
+            run, sizes.pg_baseline_batch_messages, sizes.pg_baseline_batch_size
+        ),
+    }
 
-    runs: list[Callable[[], float]] = [single, batched]
+
+def compare(
+    *,
+    scenario: str,
+    metric: str,
+    samples: Sequence[float],
+    baselines: Mapping[str, Sequence[float]],
+    note: str,
+    extra: dict[str, object] | None = None,
+) -> list[Row]:
+    """One row per baseline for the same chatbus samples; the note goes on the first."""
+    rows = []
+    for index, (name, baseline_samples) in enumerate(baselines.items()):
+        rows.append(
+            measured(
+                scenario=scenario,
+                backend="postgres",
+                metric=metric,
+                unit="msg/s",
+                samples=samples,
+                baseline_name=name,
+                baseline_samples=baseline_samples,
+                target="report",
+                note=note if index == 0 else "same chatbus runs",
+                extra=extra if index == 0 else None,
+            )
+        )
+    return rows
+
+
+def postgres_throughput(context: Context, backend: str) -> list[Row]:
+    """64 publish() callers over 8 streams vs raw psycopg, 1 and 100 msgs per txn."""
+    sizes = context.sizes
+    shape = PgShape.from_sizes(sizes)
+    missing = context.problem("chatbus.postgres")
+    batches: list[float] = []
+    runs: dict[str, Callable[[], float | None]] = dict(raw_pg_runs(sizes, context.dsn, shape))
     if missing is None:
-        runs.append(chatbus_run)
-    samples = _alternate(sizes.repeats, *runs)
-    single_rates, batch_rates = samples[0], samples[1]
-    chatbus_rates = samples[2] if missing is None else []
+        runs["chatbus"] = chatbus_pg_run(context.dsn, shape, sizes.pg_messages, batches)
+    samples = interleave(sizes.repeats, runs)
+    return _pg_throughput_rows(sizes, shape, samples, batches, missing)
+
+
+def _pg_throughput_rows(
+    sizes: Sizes,
+    shape: PgShape,
+    samples: dict[str, list[float]],
+    batches: list[float],
+    missing: str | None,
+) -> list[Row]:
     note = (
-        f"{streams * callers} callers over {streams} streams, {sizes.pg_messages} msgs,"
-        f" baseline: sync psycopg x {connections} conns"
+        f"{shape.describe(sizes.pg_messages)}, baseline: sync psycopg x {shape.connections} conns"
     )
-    if batch_sizes:
-        note += f"; median batch {sorted(batch_sizes)[len(batch_sizes) // 2]:.1f}"
+    if batches:
+        note += f"; median batch {median_text(batches)}"
     if missing is not None:
         note = f"chatbus skipped: {missing}"
+    chatbus_rates = samples.get("chatbus", [])
+    batch_name = raw_batch_name(sizes)
     return [
         measured(
             scenario="pg-throughput",
@@ -196,12 +319,12 @@ def postgres_throughput(sizes: Sizes, dsn: str, pg_problem: str | None) -> list[
             metric="durable msgs/s",
             unit="msg/s",
             samples=chatbus_rates,
-            baseline_name="raw 1/txn",
-            baseline_samples=single_rates,
+            baseline_name=RAW_SINGLE,
+            baseline_samples=samples[RAW_SINGLE],
             target=">= 5x",
             min_ratio=5.0,
             note=note,
-            extra={"mean_batch": batch_sizes, "connections": connections},
+            extra={"mean_batch": batches, "connections": shape.connections},
         ),
         measured(
             scenario="pg-batch-ceiling",
@@ -209,10 +332,84 @@ def postgres_throughput(sizes: Sizes, dsn: str, pg_problem: str | None) -> list[
             metric="durable msgs/s",
             unit="msg/s",
             samples=chatbus_rates,
-            baseline_name=f"raw {sizes.pg_baseline_batch_size}/txn",
-            baseline_samples=batch_rates,
+            baseline_name=batch_name,
+            baseline_samples=samples[batch_name],
             target=">= 0.3x (aim)",
             min_ratio=0.3,
             note="same chatbus runs as pg-throughput",
         ),
     ]
+
+
+def pg_keyed(context: Context, backend: str) -> list[Row]:
+    """The pg-throughput workload keyed (and with retries) vs unkeyed and both raw baselines."""
+    sizes, dsn = context.sizes, context.dsn
+    shape = PgShape.from_sizes(sizes)
+    retries = _harness.KeyPlan(keyed=True, retry_every=sizes.pg_retry_every)
+    batches: dict[str, list[float]] = {"unkeyed": [], "keyed": [], "retries": []}
+    runs: dict[str, Callable[[], float | None]] = {
+        **raw_pg_runs(sizes, dsn, shape),
+        "unkeyed": chatbus_pg_run(dsn, shape, sizes.pg_keyed_messages, batches["unkeyed"]),
+        "keyed": chatbus_pg_run(
+            dsn, shape, sizes.pg_keyed_messages, batches["keyed"], _harness.KeyPlan(keyed=True)
+        ),
+        "retries": chatbus_pg_run(
+            dsn, shape, sizes.pg_keyed_messages, batches["retries"], retries
+        ),
+    }
+    samples = interleave(sizes.repeats, runs)
+    raw = {name: samples[name] for name in (RAW_SINGLE, raw_batch_name(sizes))}
+    percent = 100 / sizes.pg_retry_every if sizes.pg_retry_every > 1 else 0
+    return [
+        *compare(
+            scenario="pg-keyed",
+            metric="unkeyed msgs/s",
+            samples=samples["unkeyed"],
+            baselines=raw,
+            note=f"{shape.describe(sizes.pg_keyed_messages)}, no keys (the same count as keyed);"
+            f" median batch {median_text(batches['unkeyed'])}",
+            extra={"mean_batch": batches["unkeyed"]},
+        ),
+        *compare(
+            scenario="pg-keyed",
+            metric="keyed msgs/s",
+            samples=samples["keyed"],
+            baselines={"chatbus unkeyed": samples["unkeyed"], **raw},
+            note=f"{shape.describe(sizes.pg_keyed_messages)}, a unique key on every publish;"
+            f" median batch {median_text(batches['keyed'])}",
+            extra={"mean_batch": batches["keyed"]},
+        ),
+        *compare(
+            scenario="pg-keyed",
+            metric="retried publishes/s",
+            samples=samples["retries"],
+            baselines={"chatbus unkeyed": samples["unkeyed"], **raw},
+            note=f"as keyed, but {percent:g} % of publishes repeat the caller's previous key"
+            f" (each checked to return the original id); median batch"
+            f" {median_text(batches['retries'])}",
+            extra={"mean_batch": batches["retries"]},
+        ),
+    ]
+
+
+MEMORY = Scenario(
+    name="memory",
+    label="throughput",
+    needs={"memory": ()},
+    entry=memory_throughput,
+    summary="in-memory bus, 4 publishers x 16 callers -> 4 subscribers vs a channel hop",
+)
+POSTGRES = Scenario(
+    name="postgres",
+    label="pg-throughput",
+    needs={"postgres": ("postgres",)},  # the raw baselines run even without chatbus.postgres
+    entry=postgres_throughput,
+    summary="64 callers over 8 streams, durable, vs raw psycopg 1/txn and 100/txn",
+)
+PG_KEYED = Scenario(
+    name="pg-keyed",
+    label="pg-keyed",
+    needs={"postgres": CHATBUS_POSTGRES},
+    entry=pg_keyed,
+    summary="the postgres workload with a key on every publish (and 10 % retries)",
+)

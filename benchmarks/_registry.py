@@ -1,0 +1,19 @@
+"""Every scenario of the suite, in run order: ``--only`` and ``--list`` read this."""
+
+from __future__ import annotations
+
+from . import fanout, latency, peers, scale, statement, throughput
+from ._scenario import Scenario
+
+SCENARIOS: tuple[Scenario, ...] = (
+    throughput.MEMORY,
+    throughput.POSTGRES,
+    throughput.PG_KEYED,
+    peers.SCENARIO,
+    statement.SCENARIO,
+    latency.SCENARIO,
+    fanout.SCENARIO,
+    scale.SCENARIO,
+)
+
+BY_NAME = {scenario.name: scenario for scenario in SCENARIOS}

@@ -1,0 +1,149 @@
+"""Peers: the pg-throughput workload shape on NATS JetStream and Redis Streams.
+
+Same shape as ``pg-throughput``: 64 callers over 8 streams, each publish
+acknowledged before the caller's next one, one subscriber per stream receiving
+everything; msgs/s from the first publish to the last receipt. Each peer run is a
+subprocess (``benchmarks/_peer_child.py``, asyncio, started without importing this
+package), so no event loop is shared with chatbus. Interleaved in the same rotation:
+the raw psycopg baselines, chatbus Postgres unkeyed and chatbus Postgres keyed; each
+chatbus figure is reported against every one of them.
+
+A peer whose client is not installed or whose server is down is reported as
+``skipped: <reason>`` and left out of the rotation.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from . import _harness
+from ._report import Row, skipped
+from ._scenario import Context, Scenario
+from .throughput import PgShape, chatbus_pg_run, compare, interleave, median_text, raw_pg_runs
+
+CHILD = Path(__file__).resolve().with_name("_peer_child.py")
+
+#: Peer name -> (what it needs, the baseline's name in the table).
+PEERS = {
+    "nats": (("nats-py", "nats"), "NATS JetStream"),
+    "redis": (("redis-py", "redis"), "Redis Streams"),
+}
+
+
+class PeerRun:
+    """Runs one peer's subprocess per call; after one skip, returns None for good."""
+
+    def __init__(self, peer: str, context: Context, shape: PgShape, messages: int) -> None:
+        self.peer = peer
+        self.url = context.peer_urls[peer]
+        self.shape = shape
+        self.per_caller = max(1, messages // (shape.streams * shape.callers))
+        self.timeout = context.sizes.peers_timeout_seconds
+        self.problem: str | None = context.problem(*PEERS[peer][0])
+        self.infos: list[dict[str, object]] = []
+
+    def __call__(self) -> float | None:
+        if self.problem is not None:
+            return None
+        command = [
+            sys.executable,
+            "-I",  # not this package: its __init__ imports trio_asyncio, which patches asyncio
+            str(CHILD),
+            self.peer,
+            self.url,
+            f"--streams={self.shape.streams}",
+            f"--callers={self.shape.callers}",
+            f"--per-caller={self.per_caller}",
+            f"--timeout={self.timeout}",
+        ]
+        try:
+            done = subprocess.run(
+                command, capture_output=True, text=True, timeout=self.timeout + 30, check=False
+            )
+        except subprocess.TimeoutExpired:
+            self.problem = f"{self.peer} run exceeded {self.timeout + 30:g} s"
+            return None
+        try:
+            result = json.loads(done.stdout.strip().splitlines()[-1])
+        except (IndexError, ValueError):
+            error = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise RuntimeError(f"{self.peer} child failed ({done.returncode}): {error}") from None
+        if "skipped" in result:
+            self.problem = str(result["skipped"])
+            return None
+        self.infos.append(result["info"])
+        return float(result["rate"])
+
+
+def run(context: Context, backend: str) -> list[Row]:
+    """chatbus Postgres unkeyed and keyed next to NATS, Redis and the raw baselines."""
+    sizes, dsn = context.sizes, context.dsn
+    shape = PgShape.from_sizes(sizes)
+    messages = sizes.peers_messages
+    peers = {name: PeerRun(name, context, shape, messages) for name in PEERS}
+    pg_problem = context.problem("postgres")
+    chatbus_problem = pg_problem or context.problem("chatbus.postgres")
+    batches: dict[str, list[float]] = {"unkeyed": [], "keyed": []}
+    runs: dict[str, Callable[[], float | None]] = {}
+    if pg_problem is None:
+        runs.update(raw_pg_runs(sizes, dsn, shape))
+    if chatbus_problem is None:
+        runs["unkeyed"] = chatbus_pg_run(dsn, shape, messages, batches["unkeyed"])
+        runs["keyed"] = chatbus_pg_run(
+            dsn, shape, messages, batches["keyed"], _harness.KeyPlan(keyed=True)
+        )
+    runs.update({PEERS[name][1]: peer for name, peer in peers.items()})
+    samples = interleave(sizes.repeats, runs)
+    return _rows(context, shape, samples, batches, peers, chatbus_problem)
+
+
+def _rows(
+    context: Context,
+    shape: PgShape,
+    samples: dict[str, list[float]],
+    batches: dict[str, list[float]],
+    peers: dict[str, PeerRun],
+    chatbus_problem: str | None,
+) -> list[Row]:
+    rows = [skipped("peers", name, peer.problem) for name, peer in peers.items() if peer.problem]
+    variants = ["unkeyed", "keyed"]
+    if chatbus_problem is not None:  # the peers' own figures still show, as baselines
+        rows.append(skipped("peers", "postgres", chatbus_problem))
+        variants = ["unkeyed"]
+    baselines = {
+        name: values
+        for name, values in samples.items()
+        if name not in ("unkeyed", "keyed") and values
+    }
+    workload = shape.describe(context.sizes.peers_messages)
+    for variant in variants:
+        keys = "a unique key on every publish" if variant == "keyed" else "no keys"
+        note = (
+            f"chatbus Postgres, {workload}, {keys}; median batch"
+            f" {median_text(batches[variant])}; peers unkeyed, each in its own process"
+        )
+        rows += compare(
+            scenario="peers",
+            metric=f"{variant} msgs/s",
+            samples=samples.get(variant, []),
+            baselines=baselines,
+            note=note if chatbus_problem is None else "chatbus skipped (above)",
+            extra={
+                "mean_batch": batches[variant],
+                "peer_info": {name: peer.infos for name, peer in peers.items()},
+            },
+        )
+    return rows
+
+
+SCENARIO = Scenario(
+    name="peers",
+    label="peers",
+    needs={"postgres": ()},  # each part checks its own needs: a missing peer is one row
+    entry=run,
+    summary="the postgres workload on NATS JetStream and Redis Streams (each part skips alone)",
+)
