@@ -16,10 +16,13 @@ from ._bus import BusStatistics as BusStatistics
 from ._bus import open_bus as open_bus
 from ._exceptions import BusClosed as BusClosed
 from ._exceptions import BusError as BusError
+from ._exceptions import IdempotencyConflict as IdempotencyConflict
 from ._exceptions import InvalidMessage as InvalidMessage
 from ._exceptions import InvalidStream as InvalidStream
 from ._exceptions import MessageTooLarge as MessageTooLarge
+from ._exceptions import OutcomeUnknown as OutcomeUnknown
 from ._exceptions import StoreError as StoreError
+from ._exceptions import UndecodableMessage as UndecodableMessage
 from ._message import MAX_BODY_DEPTH as MAX_BODY_DEPTH
 from ._message import MAX_KEY_LENGTH as MAX_KEY_LENGTH
 from ._message import MAX_STREAM_LENGTH as MAX_STREAM_LENGTH
@@ -45,18 +48,21 @@ __all__ = [
     "BusError",
     "BusStatistics",
     "Draft",
+    "IdempotencyConflict",
     "InvalidMessage",
     "InvalidStream",
     "Message",
     "MessageTooLarge",
     "NoticeHandler",
     "Notifier",
+    "OutcomeUnknown",
     "Publisher",
     "PublisherStatistics",
     "Store",
     "StoreError",
     "Subscriber",
     "SubscriberStatistics",
+    "UndecodableMessage",
     "open_bus",
 ]
 

@@ -43,6 +43,45 @@ class StoreError(BusError):
     """
 
 
+class OutcomeUnknown(BusError):
+    """A publish's outcome is unknown: it may or may not have been committed.
+
+    Raised when the connection was lost after the append reached the server and the
+    store could not find out whether it committed. Not a :class:`StoreError` (which
+    means nothing was stored): retrying an unkeyed publish after this may store it
+    twice. Retry with the same idempotency key to learn the outcome safely.
+    """
+
+
+class IdempotencyConflict(BusError, ValueError):
+    """An idempotency key was reused with a different body.
+
+    The key's original message stays as it was, and nothing new was stored. A retry
+    must send the same body as the first attempt; a new message needs a new key.
+
+    Attributes:
+        original: The message stored under the key.
+    """
+
+    def __init__(self, message: str, original: object) -> None:
+        super().__init__(message)
+        self.original = original
+
+
+class UndecodableMessage(StoreError):
+    """A stored message's body cannot be decoded here (so it is never skipped silently).
+
+    Attributes:
+        stream: The stream holding it.
+        id: Its id: the messages before it were delivered; it and those after were not.
+    """
+
+    def __init__(self, message: str, stream: str, id: int) -> None:
+        super().__init__(message)
+        self.stream = stream
+        self.id = id
+
+
 def store_error(operation: str, cause: BaseException, *, stream: str | None = None) -> StoreError:
     """The :class:`StoreError` for ``operation`` (``"append"``, ``"read"``, …) failing.
 

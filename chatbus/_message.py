@@ -25,11 +25,15 @@ MAX_KEY_LENGTH = 256
 MAX_BODY_DEPTH = 100
 #: Largest id a store can hold (PostgreSQL bigint).
 MAX_ID = 2**63 - 1
+#: Most digits of an integer in a body: Python's default int-to-str limit, so that a
+#: body one process can write every process can read, whatever its own limit.
+MAX_INT_DIGITS = 4300
 
 #: One encoder for every body (``json.dumps`` with options builds a new one per call).
 _ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 _STRINGS = re.compile(r'"(?:[^"\\]|\\.)*"')
 _NOT_BRACKETS = re.compile(r"[^\[\]{}]+")
+_LONG_NUMBER = re.compile(r"\d{" + str(MAX_INT_DIGITS + 1) + ",}")
 
 
 @attrs.frozen(kw_only=True)
@@ -42,7 +46,12 @@ class Message:
         body: The decoded JSON value that was published. Treat it as read-only: the
             same object may be handed to every local subscriber.
         key: The idempotency key it was published with, if any.
-        created_at: When the store committed it (UTC).
+        created_at: When the store committed it (UTC). Never earlier than the
+            ``created_at`` of a lower id of the same stream.
+        replay: True only on what :meth:`~chatbus.Publisher.publish` returns when the
+            key had been used already: nothing new was stored and this is the
+            original message (as a JetStream ack says ``duplicate``). Messages read
+            or received are never replays. Not part of equality.
     """
 
     stream: str
@@ -50,6 +59,7 @@ class Message:
     body: Any
     key: str | None
     created_at: datetime.datetime
+    replay: bool = attrs.field(default=False, eq=False)
 
     @classmethod
     def from_row(
@@ -117,6 +127,11 @@ def make_draft(body: object, key: object, *, max_body_bytes: int) -> Draft:
             raise InvalidMessage(
                 f"body is nested {depth} levels deep; the limit is {MAX_BODY_DEPTH}"
             )
+    if len(body_json) > MAX_INT_DIGITS and _LONG_NUMBER.search(_STRINGS.sub("", body_json)):
+        raise InvalidMessage(
+            f"body has an integer of more than {MAX_INT_DIGITS} digits, which Python"
+            " processes with the default int_max_str_digits cannot read"
+        )
     size = _check_text(body_json, "body", InvalidMessage)
     if size > max_body_bytes:
         raise MessageTooLarge(f"body is {size} bytes as JSON; the limit is {max_body_bytes} bytes")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import json
 import math
 from collections.abc import Callable
 from types import TracebackType
@@ -11,7 +12,14 @@ from typing import Final, final
 import attrs
 import trio
 
-from ._exceptions import BusClosed, BusError, StoreError, store_error
+from ._exceptions import (
+    BusClosed,
+    BusError,
+    IdempotencyConflict,
+    OutcomeUnknown,
+    StoreError,
+    store_error,
+)
 from ._message import Draft, Message, make_draft
 from ._protocols import Notifier, Store
 from ._tasks import ServiceNursery
@@ -235,7 +243,7 @@ class Producer:
         # No await since the drain: nothing can slip in before senders see the close.
         self._receive.close()
         for request in leftovers:
-            maybe = " It may have been committed." if request.phase is _Phase.TAKEN else ""
+            maybe = ". It may have been committed." if request.phase is _Phase.TAKEN else "."
             request.fail(BusClosed(self._closed_message() + maybe))
         self.finished.set()
         self.on_retire(self)
@@ -263,7 +271,10 @@ class Producer:
             self.topic.appending -= 1
         last_id = self.topic.committed(messages)
         for request, message in zip(live, messages, strict=True):
-            request.resolve(message)
+            if message.replay and (conflict := _conflict(request.draft, message)) is not None:
+                request.fail(conflict)
+            else:
+                request.resolve(message)
         self.batches += 1
         self.published += len(live)
         self.largest_batch = max(self.largest_batch, len(live))
@@ -275,17 +286,29 @@ class Producer:
             self.notify_errors += 1
 
 
-def _own_copy(exc: Exception, stream: str) -> StoreError:
+def _own_copy(exc: Exception, stream: str) -> BusError:
     """The error one caller of a failed batch sees: the store's, worded once.
 
     Each caller raises its own object (one exception raised in many tasks would
-    share, and tangle, its traceback), chained from the same cause.
+    share, and tangle, its traceback), chained from the same cause. The store's own
+    errors keep their class (:class:`StoreError`, :class:`OutcomeUnknown`).
     """
-    if isinstance(exc, StoreError):
-        error = StoreError(*exc.args)
+    if isinstance(exc, StoreError | OutcomeUnknown) and type(exc).__init__ is BusError.__init__:
+        error = type(exc)(*exc.args)
         error.__cause__ = exc.__cause__
         return error
     return store_error("append", exc, stream=stream)
+
+
+def _conflict(draft: Draft, message: Message) -> IdempotencyConflict | None:
+    """A replay whose body differs from the draft's: the key was reused for another message."""
+    if not message.replay or json.loads(draft.body_json) == message.body:
+        return None
+    return IdempotencyConflict(
+        f"key {message.key!r} was used in stream {message.stream!r} for message"
+        f" {message.id} with a different body; nothing new was stored",
+        original=message,
+    )
 
 
 @final

@@ -20,12 +20,15 @@ from ._protocols import NoticeHandler
 
 __all__ = ["MemoryNotifier", "MemoryStore", "open_backend"]
 
+_EARLIEST = datetime.datetime.min.replace(tzinfo=datetime.UTC)
+
 
 @final
 @attrs.define(eq=False)
 class _Log:
     messages: list[Message] = attrs.Factory(list)
     by_key: dict[str, Message] = attrs.Factory(dict)
+    last_at: datetime.datetime = _EARLIEST
 
 
 @final
@@ -46,12 +49,12 @@ class MemoryStore:
         log = self._logs.get(stream)
         if log is None:
             log = self._logs[stream] = _Log()
-        now = datetime.datetime.now(datetime.UTC)
+        # Never earlier than the stream's last batch, whatever the wall clock does.
+        now = max(datetime.datetime.now(datetime.UTC), log.last_at)
         result = []
         for draft in drafts:
-            existing = log.by_key.get(draft.key) if draft.key is not None else None
-            if existing is not None:
-                result.append(existing)
+            if draft.key is not None and (existing := log.by_key.get(draft.key)) is not None:
+                result.append(attrs.evolve(existing, replay=True))
                 continue
             message = Message(
                 stream=stream,
@@ -64,6 +67,7 @@ class MemoryStore:
             if draft.key is not None:
                 log.by_key[draft.key] = message
             result.append(message)
+        log.last_at = now
         return result
 
     async def read(self, stream: str, after: int, limit: int) -> list[Message]:

@@ -184,12 +184,12 @@ async def test_proxy_forwards_then_loses_a_reply_after_the_server_acted() -> Non
             listeners = await nursery.start(partial(trio.serve_tcp, upstream, 0, host="127.0.0.1"))
             port = listeners[0].socket.getsockname()[1]
             proxy = Proxy(upstream=("127.0.0.1", port))
-            pub_port = await nursery.start(proxy.serve, "pub")
+            pub_port = await nursery.start(proxy.serve, "p0", "pub")
 
             client = await trio.open_tcp_stream("127.0.0.1", pub_port)
             await client.send_all(b"SELECT 1")
             assert await client.receive_some(100) == b"reply:SELECT 1"
-            assert len(proxy.upstream_ports()) == 1
+            assert len(proxy.upstream_ports()) == len(proxy.upstream_ports("p0")) == 1
 
             proxy.arm()
             await client.send_all(b'INSERT {"tok": "w/1"}')  # a publish: reply is lost

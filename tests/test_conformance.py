@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import trio
 import trio.lowlevel
 
@@ -74,14 +75,45 @@ async def test_read_pages_history(backend):
 async def test_idempotency_key_returns_original(backend):
     async with backend.open_bus() as bus, bus.open_publisher("room") as pub:
         first = await pub.publish({"text": "hi"}, key="k1")
-        again = await pub.publish({"text": "hi (retry)"}, key="k1")
-        via_bus = await bus.publish("room", "other", key="k1")
+        assert not first.replay
+        again = await pub.publish({"text": "hi"}, key="k1")
+        via_bus = await bus.publish("room", {"text": "hi"}, key="k1")
         assert first == again == via_bus
+        assert again.replay and via_bus.replay  # a replay is told apart from a first commit
         other = await pub.publish("x", key="k2")
         assert other.id == 2
         assert [m.body for m in await bus.read("room")] == [{"text": "hi"}, "x"]
+        assert not any(m.replay for m in await bus.read("room"))
         # Keys are per stream.
         assert (await bus.publish("elsewhere", "y", key="k1")).id == 1
+
+
+async def test_key_reused_with_another_body_is_a_conflict(backend):
+    async with backend.open_bus() as bus, bus.open_publisher("room") as pub:
+        first = await pub.publish({"text": "hi"}, key="k1")
+        with pytest.raises(chatbus.IdempotencyConflict, match="'k1'") as info:
+            await pub.publish({"text": "hi (edited)"}, key="k1")
+        assert info.value.original == first
+        with pytest.raises(chatbus.IdempotencyConflict):
+            await bus.publish("room", "other", key="k1")
+        assert isinstance(info.value, ValueError)
+        # In one batch too: the first use wins, the conflicting one fails alone.
+        async with trio.open_nursery() as nursery:
+            outcomes: dict[str, object] = {}
+
+            async def send(body: str) -> None:
+                try:
+                    outcomes[body] = await pub.publish(body, key="k2")
+                except chatbus.IdempotencyConflict as exc:
+                    outcomes[body] = exc
+
+            for body in ("a", "b", "a"):
+                nursery.start_soon(send, body)
+        stored = [m.body for m in await bus.read("room")]
+        assert stored[0] == {"text": "hi"} and stored[1] in ("a", "b") and len(stored) == 2
+        loser = "b" if stored[1] == "a" else "a"
+        assert isinstance(outcomes[loser], chatbus.IdempotencyConflict)
+        assert isinstance(outcomes[stored[1]], chatbus.Message)
 
 
 async def test_concurrent_same_key_commits_once(backend):
@@ -89,12 +121,13 @@ async def test_concurrent_same_key_commits_once(backend):
         results = []
 
         async def send(i: int) -> None:
-            results.append(await pub.publish({"try": i}, key="same"))
+            results.append(await pub.publish({"try": "same"}, key="same"))
 
         async with trio.open_nursery() as nursery:
             for i in range(20):
                 nursery.start_soon(send, i)
         assert len({m.id for m in results}) == 1
+        assert sum(not m.replay for m in results) == 1
         assert len(await bus.read("room")) == 1
 
 

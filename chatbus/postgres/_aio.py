@@ -109,5 +109,14 @@ async def open_pool(
     await pool.open(wait=True, timeout=acquire_timeout)
     async with pool.connection() as conn, conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_sql.ddl_lock_key(schema),))
+        # The DDL takes strong table locks even when there is nothing to do: run it only
+        # if the schema is not at this version yet (its last object is missing), so
+        # opening never blocks the appends of other processes.
+        cursor = await conn.execute(
+            "SELECT to_regprocedure(%s) IS NOT NULL", (_sql.ddl_marker(schema).as_string(conn),)
+        )
+        row = await cursor.fetchone()
+        if row is not None and row[0]:
+            return
         for statement in _sql.ddl(schema):
             await conn.execute(statement)

@@ -71,6 +71,11 @@ class LentConnections:
         self._slots = trio.Semaphore(self._limit)
 
     @property
+    def acquire_timeout(self) -> float:
+        """Seconds :meth:`acquire` waits at most."""
+        return self._timeout
+
+    @property
     def held(self) -> int:
         """Connections out of the pool now: running an operation, or idle here."""
         return self._limit - self._slots.value + len(self._idle)

@@ -38,6 +38,11 @@ def ddl_lock_key(schema: str) -> int:
     return int.from_bytes(digest[:8], "big", signed=True)
 
 
+def ddl_marker(schema: str) -> sql.Composable:
+    """The signature of the last object :func:`ddl` creates: if it exists, all do."""
+    return sql.SQL("{}(json, text, bigint)").format(sql.Identifier(schema, "append_batch"))
+
+
 def ddl(schema: str) -> list[sql.Composed]:
     """The statements that create the schema's tables if they do not exist."""
     ident = sql.Identifier(schema)
@@ -59,6 +64,14 @@ def ddl(schema: str) -> list[sql.Composed]:
             "CREATE UNIQUE INDEX IF NOT EXISTS messages_stream_key"
             " ON {} (stream, key) WHERE key IS NOT NULL"
         ).format(sql.Identifier(schema, "messages")),
+        # last_at: the created_at of the stream's last batch, so the next one is never
+        # earlier; last_token: the token of the last batch that stored something, to
+        # find out after a lost reply whether it committed.
+        sql.SQL(
+            "ALTER TABLE {} ADD COLUMN IF NOT EXISTS last_at timestamptz,"
+            " ADD COLUMN IF NOT EXISTS last_token bigint"
+        ).format(sql.Identifier(schema, "streams")),
+        sql.SQL(_APPEND_FUNCTION).format(**_names(schema)),
     ]
 
 
@@ -91,47 +104,50 @@ READ_GROUP_BYTES: Final = 16 * 1024 * 1024
 class Queries:
     """The store's SQL for one schema.
 
-    The statements run by :mod:`chatbus.postgres._pq` (``$n`` placeholders, text
-    parameters) are kept as UTF-8 bytes; the keyed ones, run by psycopg, as plain
-    strings (psycopg converts a query once, cached by its text).
+    Every statement runs over :mod:`chatbus.postgres._pq` (``$n`` placeholders, text
+    parameters) as a prepared statement, so each is kept as UTF-8 bytes.
     """
 
     append_unkeyed: bytes
     append_streams: bytes
-    lock_stream: str
-    find_keys: str
-    insert_keyed: str
+    append_keyed: bytes
     read: bytes
     heads: bytes
+    outcome: bytes
 
     @classmethod
     def for_schema(cls, schema: str) -> Queries:
         """Compose every statement for ``schema``."""
-        names = {
-            "streams": sql.Identifier(schema, "streams"),
-            "messages": sql.Identifier(schema, "messages"),
-            "now_micros": _micros("now()"),
-            "created_micros": _micros("created_at"),
-            "group_bytes": sql.Literal(READ_GROUP_BYTES),
-        }
+        names = _names(schema)
         return cls(
             append_unkeyed=_bytes(_APPEND_UNKEYED, names, _notice("$1::text", "bump.last_id")),
             append_streams=_bytes(_APPEND_STREAMS, names, _notice("bump.stream", "bump.last_id")),
-            lock_stream=_text(_LOCK_STREAM, names),
-            find_keys=_text(_FIND_KEYS, names),
-            insert_keyed=_text(
-                _INSERT_KEYED, names, _notice("%(stream)s::text", "%(last_id)s::bigint")
-            ),
+            append_keyed=_bytes(_APPEND_KEYED, names),
             read=_bytes(_READ, names),
             heads=_bytes(_HEADS, names),
+            outcome=_bytes(_OUTCOME, names),
         )
+
+
+def _names(schema: str) -> dict[str, sql.Composable]:
+    return {
+        "streams": sql.Identifier(schema, "streams"),
+        "messages": sql.Identifier(schema, "messages"),
+        "append_function": sql.Identifier(schema, "append_batch"),
+        "created_micros": _micros("created_at"),
+        "bump_micros": _micros("bump.last_at"),
+        "found_micros": _micros("m.created_at"),
+        "at_micros": _micros("v_at"),
+        "notice": _notice("r.stream", "v_last + v_new"),
+        "group_bytes": sql.Literal(READ_GROUP_BYTES),
+    }
 
 
 def _text(
     template: str, names: dict[str, sql.Composable], notice: sql.Composable | None = None
 ) -> str:
     extra = {} if notice is None else {"notice": notice}
-    return sql.SQL(template).format(**names, **extra).as_string(None)
+    return sql.SQL(template).format(**{**names, **extra}).as_string(None)
 
 
 def _bytes(
@@ -147,20 +163,25 @@ def _bytes(
 #
 # One statement, one implicit transaction (pool connections are autocommit): bump the
 # counter (the row lock orders concurrent appenders), insert the batch with the ids
-# just reserved, and notify once.
+# just reserved, and notify once. The SET of ON CONFLICT DO UPDATE is evaluated once
+# the row lock is held, so clock_timestamp() there is later than the previous batch's
+# commit: created_at never decreases in id order (greatest() also rides out a clock
+# stepped back). $5 is the batch's token (see _OUTCOME).
 _APPEND_UNKEYED: Final = """
     WITH bump AS (
-        INSERT INTO {streams} AS st (stream, last_id)
-        VALUES ($1::text, $2::bigint)
-        ON CONFLICT (stream) DO UPDATE SET last_id = st.last_id + EXCLUDED.last_id
-        RETURNING st.last_id
+        INSERT INTO {streams} AS st (stream, last_id, last_at, last_token)
+        VALUES ($1::text, $2::bigint, clock_timestamp(), $5::bigint)
+        ON CONFLICT (stream) DO UPDATE SET last_id = st.last_id + EXCLUDED.last_id,
+            last_at = greatest(clock_timestamp(), st.last_at),
+            last_token = EXCLUDED.last_token
+        RETURNING st.last_id, st.last_at
     ), ins AS (
-        INSERT INTO {messages} (stream, id, key, body)
-        SELECT $1::text, bump.last_id - $2::bigint + b.ord, NULL, b.body::json
+        INSERT INTO {messages} (stream, id, key, body, created_at)
+        SELECT $1::text, bump.last_id - $2::bigint + b.ord, NULL, b.body::json, bump.last_at
         FROM bump,
             unnest(string_to_array($3::text, chr(30))) WITH ORDINALITY AS b(body, ord)
     )
-    SELECT bump.last_id, {now_micros}, pg_notify($4::text, {notice}) FROM bump
+    SELECT bump.last_id, {bump_micros}, pg_notify($4::text, {notice}) FROM bump
 """
 
 # Several streams in one statement (coalesced appends): one JSON array of [stream,
@@ -174,49 +195,97 @@ _APPEND_STREAMS: Final = """
         SELECT s.value->>0 AS stream, (s.value->>1)::bigint AS n, s.value->>2 AS packed
         FROM json_array_elements($1::json) AS s
     ), bump AS (
-        INSERT INTO {streams} AS st (stream, last_id)
-        SELECT input.stream, input.n FROM input ORDER BY input.stream COLLATE "C"
-        ON CONFLICT (stream) DO UPDATE SET last_id = st.last_id + EXCLUDED.last_id
-        RETURNING st.stream, st.last_id
+        INSERT INTO {streams} AS st (stream, last_id, last_at, last_token)
+        SELECT input.stream, input.n, clock_timestamp(), $3::bigint
+        FROM input ORDER BY input.stream COLLATE "C"
+        ON CONFLICT (stream) DO UPDATE SET last_id = st.last_id + EXCLUDED.last_id,
+            last_at = greatest(clock_timestamp(), st.last_at),
+            last_token = EXCLUDED.last_token
+        RETURNING st.stream, st.last_id, st.last_at
     ), ins AS (
-        INSERT INTO {messages} (stream, id, key, body)
-        SELECT bump.stream, bump.last_id - input.n + b.ord, NULL, b.body::json
+        INSERT INTO {messages} (stream, id, key, body, created_at)
+        SELECT bump.stream, bump.last_id - input.n + b.ord, NULL, b.body::json, bump.last_at
         FROM bump JOIN input ON input.stream = bump.stream,
             unnest(string_to_array(input.packed, chr(30))) WITH ORDINALITY AS b(body, ord)
     )
-    SELECT bump.stream, bump.last_id, {now_micros}, pg_notify($2::text, {notice})
+    SELECT bump.stream, bump.last_id, {bump_micros}, pg_notify($2::text, {notice})
     FROM bump
 """
 
-# Keyed appends take the row lock first, then look the keys up in a new statement (a
-# new snapshot, taken after the lock), so concurrent appends with the same key
-# serialise and the later one finds the earlier one's message.
-_LOCK_STREAM: Final = """
-    INSERT INTO {streams} AS st (stream, last_id) VALUES (%s::text, 0)
-    ON CONFLICT (stream) DO UPDATE SET last_id = st.last_id
-    RETURNING st.last_id
+# Appends with idempotency keys, any number of streams, in ONE round trip: the whole
+# transaction runs server-side, so no client can hold a stream's lock across its own
+# work (or while it is frozen). Per stream, in sorted order (no deadlocks): take the
+# counter row's lock; then, in statements that each take a new snapshot (PL/pgSQL,
+# READ COMMITTED), find the keys already stored (every append of the stream that
+# committed before the lock is visible) and insert the drafts whose key is NULL or
+# new and first in the batch, with dense ids; bump the counter and notify once.
+# Input: a JSON array of [stream, [key or null per draft], packed bodies].
+# Output per stream: new last id, created_at µs of the batch, and the messages found
+# for its keys as [[key, id, body, created_at µs], …] (NULL if none).
+_APPEND_FUNCTION: Final = """
+    CREATE OR REPLACE FUNCTION {append_function}(p_input json, p_channel text, p_token bigint)
+    RETURNS TABLE (o_stream text, o_last_id bigint, o_micros bigint, o_found json)
+    LANGUAGE plpgsql AS $chatbus$
+    DECLARE
+        r record;
+        v_last bigint;
+        v_at timestamptz;
+        v_new bigint;
+    BEGIN
+        FOR r IN
+            SELECT e.value->>0 AS stream, e.value->1 AS keys, e.value->>2 AS packed
+            FROM json_array_elements(p_input) AS e
+            ORDER BY (e.value->>0) COLLATE "C"
+        LOOP
+            INSERT INTO {streams} AS st (stream, last_id) VALUES (r.stream, 0)
+            ON CONFLICT (stream) DO UPDATE SET last_id = st.last_id
+            RETURNING st.last_id, greatest(clock_timestamp(), st.last_at) INTO v_last, v_at;
+            o_found := (
+                SELECT json_agg(json_build_array(m.key, m.id, m.body, {found_micros}))
+                FROM {messages} AS m
+                WHERE m.stream = r.stream
+                    AND m.key IN (SELECT json_array_elements_text(r.keys))
+            );
+            INSERT INTO {messages} (stream, id, key, body, created_at)
+            SELECT r.stream, v_last + row_number() OVER (ORDER BY d.ord), d.key, d.body::json,
+                v_at
+            FROM (
+                SELECT b.body, b.ord, k.value #>> '{{}}' AS key,
+                    row_number() OVER (PARTITION BY k.value #>> '{{}}' ORDER BY b.ord) AS nth
+                FROM unnest(string_to_array(r.packed, chr(30))) WITH ORDINALITY AS b(body, ord)
+                JOIN json_array_elements(r.keys) WITH ORDINALITY AS k(value, ord)
+                    ON k.ord = b.ord
+            ) AS d
+            WHERE d.key IS NULL OR (d.nth = 1 AND NOT EXISTS (
+                SELECT 1 FROM {messages} AS m WHERE m.stream = r.stream AND m.key = d.key
+            ));
+            GET DIAGNOSTICS v_new = ROW_COUNT;
+            IF v_new > 0 THEN
+                UPDATE {streams} SET last_id = v_last + v_new, last_at = v_at,
+                    last_token = p_token
+                WHERE stream = r.stream;
+                PERFORM pg_notify(p_channel, {notice});
+            END IF;
+            o_stream := r.stream;
+            o_last_id := v_last + v_new;
+            o_micros := {at_micros};
+            RETURN NEXT;
+        END LOOP;
+    END
+    $chatbus$
 """
 
-# One index probe per key, whatever the statistics say. Keys (any text but NUL) travel
-# as a binary text[]: no escaping.
-_FIND_KEYS: Final = (
-    "SELECT m.key, m.id, m.body::text, m.created_at"
-    " FROM unnest(%b::text[]) AS k(key) JOIN {messages} AS m"
-    " ON m.stream = %s::text AND m.key = k.key AND m.key IS NOT NULL"
+_APPEND_KEYED: Final = (
+    "SELECT o_stream, o_last_id, o_micros, o_found FROM {append_function}"
+    "($1::json, $2::text, $3::bigint)"
 )
 
-_INSERT_KEYED: Final = """
-    WITH ins AS (
-        INSERT INTO {messages} (stream, id, key, body)
-        SELECT %(stream)s::text, %(first)s::bigint - 1 + b.ord, b.key, b.body::json
-        FROM unnest(
-            %(keys)b::text[], string_to_array(%(bodies)s::text, chr(30))
-        ) WITH ORDINALITY AS b(key, body, ord)
-    ), upd AS (
-        UPDATE {streams} SET last_id = %(last_id)s::bigint WHERE stream = %(stream)s::text
-    )
-    SELECT now(), pg_notify(%(channel)s::text, {notice})
-"""
+# After a lost reply: did the batch with token $2 commit? Per stream, its head and the
+# token of the last batch that stored something in it.
+_OUTCOME: Final = (
+    "SELECT json_agg(json_build_array(st.stream, st.last_id, st.last_token)) FROM {streams} AS st"
+    " WHERE st.stream IN (SELECT json_array_elements_text($1::json))"
+)
 
 # A page as a few JSON values, each [[id, key, body, created_at µs], …]: one json.loads
 # decodes the ids, keys and bodies of many rows at once (body is a json column,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import random
 from collections.abc import Sequence
 from typing import Any, Final, final
 
@@ -21,8 +22,8 @@ import trio
 from psycopg import pq
 
 from .._coalesce import GroupCommit, PendingAppend
-from .._codec import BODY_SEPARATOR, BadBody, decode_bodies, pack_bodies, plan_keyed_batch
-from .._exceptions import StoreError, store_error
+from .._codec import BODY_SEPARATOR, BadBody, pack_bodies, plan_keyed_batch
+from .._exceptions import BusError, OutcomeUnknown, StoreError, store_error
 from .._message import Draft, Message, check_after, check_stream
 from . import _pq
 from ._aio import AioRunner
@@ -69,10 +70,72 @@ def _utc(ts: datetime.datetime) -> datetime.datetime:
     return ts if ts.tzinfo is datetime.UTC else ts.astimezone(datetime.UTC)
 
 
-def _abandoned() -> psycopg.OperationalError:
-    return psycopg.OperationalError(
-        "the statement carrying this append was abandoned; it may have been committed"
+def _abandoned() -> OutcomeUnknown:
+    return OutcomeUnknown(
+        "the statement carrying this append was abandoned or ran out of time;"
+        " it may or may not have been committed. Retry with the same key to find out."
     )
+
+
+class _MaybeCommitted(Exception):
+    """The append statement reached the server and its reply was lost."""
+
+
+@final
+@attrs.frozen
+class _Batch:
+    """One caller's append as the group commit carries it."""
+
+    drafts: list[Draft]
+    packed: str
+    bodies: list[Any]
+    keyed: bool
+
+
+def _joined(members: list[PendingAppend]) -> str:
+    return BODY_SEPARATOR.join(member.payload.packed for member in members)
+
+
+def _settle(
+    stream: str,
+    members: list[PendingAppend],
+    last_id: int,
+    created_at: datetime.datetime,
+    found: dict[str, Message] | None,
+) -> None:
+    """Give each member of one stream its messages, from the statement's result.
+
+    The server stored, in order, every draft whose key is None or new and first in
+    the statement; :func:`plan_keyed_batch` makes the same choice here, so the new
+    ones are the last ``len(new)`` ids. A draft that resolves to a message stored
+    before it (earlier, or earlier in this statement) gets that message as a replay.
+    """
+    bodies = [body for member in members for body in member.payload.bodies]
+    if found is None:  # unkeyed: every draft is new
+        first = last_id - len(bodies) + 1
+        result = [
+            Message.from_row(stream, first + i, body, None, created_at)
+            for i, body in enumerate(bodies)
+        ]
+    else:
+        drafts = [draft for member in members for draft in member.payload.drafts]
+        slots, new = plan_keyed_batch(drafts, found)
+        first = last_id - len(new) + 1
+        stored: dict[int, Message] = {}
+        result = []
+        for draft, body, slot in zip(drafts, bodies, slots, strict=True):
+            if isinstance(slot, Message):
+                result.append(slot)  # found in the stream: a replay already
+            elif (original := stored.get(slot)) is not None:
+                result.append(attrs.evolve(original, replay=True))  # repeated in the batch
+            else:
+                message = Message.from_row(stream, first + slot, body, draft.key, created_at)
+                stored[slot] = message
+                result.append(message)
+    start = 0
+    for member in members:
+        member.settle(result[start : start + member.drafts])
+        start += member.drafts
 
 
 @final
@@ -99,7 +162,7 @@ class PostgresStore:
     def __attrs_post_init__(self) -> None:
         self._group = GroupCommit(
             send=self._send_batch,
-            failures=DB_ERRORS,
+            failures=(*DB_ERRORS, OutcomeUnknown),
             abandoned=_abandoned,
             max_in_flight=self._max_in_flight,
             shield_timeout=self._shield_timeout,
@@ -141,9 +204,14 @@ class PostgresStore:
     async def append(self, stream: str, drafts: Sequence[Draft]) -> list[Message]:
         """Append ``drafts`` to ``stream`` in one transaction; see :meth:`chatbus.Store.append`.
 
+        Keyed or not, the batch joins the cross-stream group commit and costs one
+        round trip. A repeated key returns the original message with ``replay=True``.
+
         Raises:
             InvalidStream: ``stream`` is not a valid stream name.
             StoreError: the append failed; nothing of the batch was stored.
+            OutcomeUnknown: the reply was lost after the append reached the server,
+                and whether it committed could not be found out.
         """
         check_stream(stream)
         if not drafts:
@@ -152,24 +220,22 @@ class PostgresStore:
         drafts = list(drafts)
         await self._check_open("append")
         try:
-            # Before merging (and before any lock): a bad body fails its caller only.
+            # Before merging (and long before any lock): a bad body fails its caller only.
             packed, bodies = pack_bodies(drafts)
         except BadBody as exc:
             await trio.lowlevel.checkpoint()
             cause = psycopg.DataError(str(exc))
             raise store_error("append", cause, stream=stream) from cause
-        if all(draft.key is None for draft in drafts):
-            return await self._append_unkeyed(stream, packed, bodies, len(drafts))
-        try:
-            conn = await self._connections.acquire()
-            try:
-                messages = await self._aio.run(self._aio_append_keyed, conn, stream, drafts)
-            except BaseException:
-                await self._connections.recover(conn)  # the pool rolls back or replaces it
-                raise
-            self._connections.keep(conn)
-        except DB_ERRORS as exc:
-            raise store_error("append", exc, stream=stream) from exc
+        keyed = any(draft.key is not None for draft in drafts)
+        entry = PendingAppend(
+            stream, len(drafts), len(packed), _Batch(drafts, packed, bodies, keyed)
+        )
+        await self._group.submit(entry)
+        if entry.cause is not None:
+            if isinstance(entry.cause, BusError):
+                raise entry.cause
+            raise store_error("append", entry.cause, stream=stream) from entry.cause
+        messages: list[Message] = entry.result
         return messages
 
     async def read(self, stream: str, after: int, limit: int) -> list[Message]:
@@ -217,73 +283,159 @@ class PostgresStore:
             await trio.lowlevel.checkpoint()
             raise StoreError(f"{operation} failed: the Postgres store is closed")
 
-    # ---- unkeyed appends: one statement per batch of the group commit ----
-
-    async def _append_unkeyed(
-        self, stream: str, packed: str, bodies: list[Any], count: int
-    ) -> list[Message]:
-        entry = PendingAppend(stream, count, len(packed), (packed, bodies))
-        await self._group.submit(entry)
-        if entry.cause is not None:
-            raise store_error("append", entry.cause, stream=stream) from entry.cause
-        messages: list[Message] = entry.result
-        return messages
+    # ---- appends: one statement per batch of the group commit ----
 
     async def _send_batch(self, batch: list[PendingAppend]) -> None:
-        """One statement for ``batch``: per stream, bump, insert, notify; settle each."""
+        """One statement for ``batch``, keyed or not; settle each member.
+
+        If the reply is lost after the statement reached the server, find out from
+        the batch's token whether it committed (see :meth:`_resolve`).
+        """
         groups: dict[str, list[PendingAppend]] = {}
         for member in batch:
             groups.setdefault(member.stream, []).append(member)
-        request = [
-            (
-                stream,
-                sum(member.drafts for member in members),
-                BODY_SEPARATOR.join(member.payload[0] for member in members),
-            )
-            for stream, members in groups.items()
-        ]
-        for stream, last_id, created_at in await self._append_rows(request):
-            members = groups.pop(stream)
-            first = last_id - sum(member.drafts for member in members) + 1
-            for member in members:
-                member.settle(
-                    [
-                        Message.from_row(stream, first + i, body, None, created_at)
-                        for i, body in enumerate(member.payload[1])
-                    ]
-                )
-                first += member.drafts
+        token = random.getrandbits(63)
+        keyed = any(member.payload.keyed for member in batch)
+        rows: Sequence[tuple[str, int, datetime.datetime, dict[str, Message] | None]]
+        try:
+            if keyed:
+                rows = await self._append_keyed_rows(groups, token)
+            else:
+                rows = await self._append_rows(groups, token)
+        except _MaybeCommitted as lost:
+            await self._resolve(groups, token, lost)
+            return
+        for stream, last_id, created_at, found in rows:
+            _settle(stream, groups.pop(stream), last_id, created_at, found)
         if groups:  # pragma: no cover - every upsert returns its row
             raise psycopg.DataError(f"no counter row returned for {len(groups)} streams")
 
     async def _append_rows(
-        self, request: list[tuple[str, int, str]]
-    ) -> list[tuple[str, int, datetime.datetime]]:
-        """Run the append statement for ``(stream, count, packed bodies)`` triples.
-
-        Returns ``(stream, new last id, commit timestamp)`` per stream.
-        """
+        self, groups: dict[str, list[PendingAppend]], token: int
+    ) -> list[tuple[str, int, datetime.datetime, None]]:
+        """The unkeyed append statement; per stream ``(stream, last id, created_at, None)``."""
         channel = self._channel.encode("utf-8")
+        request = [
+            (stream, sum(m.drafts for m in members), _joined(members))
+            for stream, members in groups.items()
+        ]
         if len(request) == 1:
             ((stream, n, packed),) = request
             params = [stream.encode("utf-8"), b"%d" % n, packed.encode("utf-8"), channel]
-            result = await self._run_prepared(self._queries.append_unkeyed, params)
+            params.append(b"%d" % token)
+            result = await self._run_append(self._queries.append_unkeyed, params)
             if result.ntuples != 1:  # pragma: no cover - the upsert returns its row
                 return []
             last_id, micros = _pq.value(result, 0, 0), _pq.value(result, 0, 1)
-            return [(stream, int(last_id), _pq.from_epoch_micros(int(micros)))]
+            return [(stream, int(last_id), _pq.from_epoch_micros(int(micros)), None)]
         document = json.dumps(request, ensure_ascii=False, separators=(",", ":"))
-        result = await self._run_prepared(
-            self._queries.append_streams, [document.encode("utf-8"), channel]
+        result = await self._run_append(
+            self._queries.append_streams, [document.encode("utf-8"), channel, b"%d" % token]
         )
         return [
             (
                 _pq.value(result, row, 0).decode("utf-8"),
                 int(_pq.value(result, row, 1)),
                 _pq.from_epoch_micros(int(_pq.value(result, row, 2))),
+                None,
             )
             for row in range(result.ntuples)
         ]
+
+    async def _append_keyed_rows(
+        self, groups: dict[str, list[PendingAppend]], token: int
+    ) -> list[tuple[str, int, datetime.datetime, dict[str, Message]]]:
+        """The keyed append function; per stream, also the messages found for its keys."""
+        request = [
+            (
+                stream,
+                [draft.key for m in members for draft in m.payload.drafts],
+                _joined(members),
+            )
+            for stream, members in groups.items()
+        ]
+        document = json.dumps(request, ensure_ascii=False, separators=(",", ":"))
+        params = [document.encode("utf-8"), self._channel.encode("utf-8"), b"%d" % token]
+        result = await self._run_append(self._queries.append_keyed, params)
+        rows = []
+        for row in range(result.ntuples):
+            stream = _pq.value(result, row, 0).decode("utf-8")
+            found_text = result.get_value(row, 3)
+            found: dict[str, Message] = {}
+            if found_text is not None:
+                for key, id_, body, micros in json.loads(found_text):
+                    found[key] = Message(
+                        stream=stream,
+                        id=id_,
+                        body=body,
+                        key=key,
+                        created_at=_pq.from_epoch_micros(micros),
+                        replay=True,
+                    )
+            rows.append(
+                (
+                    stream,
+                    int(_pq.value(result, row, 1)),
+                    _pq.from_epoch_micros(int(_pq.value(result, row, 2))),
+                    found,
+                )
+            )
+        return rows
+
+    async def _run_append(self, query: bytes, params: list[bytes]) -> pq.abc.PGresult:
+        """:meth:`_run_prepared` for an append: a reply lost once sent is _MaybeCommitted."""
+        sent: list[bool] = []
+        try:
+            return await self._run_prepared(query, params, sent=sent)
+        except DB_ERRORS as exc:
+            refused = isinstance(exc, psycopg.Error) and exc.sqlstate is not None
+            if sent and not refused:
+                raise _MaybeCommitted(exc) from exc
+            raise
+
+    async def _resolve(
+        self, groups: dict[str, list[PendingAppend]], token: int, lost: _MaybeCommitted
+    ) -> None:
+        """After a lost reply: settle the streams the batch is known to have committed.
+
+        The batch's token is in a stream's counter row if the batch committed and
+        nothing stored in that stream since: then its messages are the last ones, and
+        are read back. Anything else (a keyed stream, a later append, the lookup
+        failing too) stays unknown: :class:`~chatbus.OutcomeUnknown`.
+        """
+        streams = list(groups)
+        resolved: dict[str, int] = {}
+        with trio.move_on_after(self._connections.acquire_timeout):
+            try:
+                document = json.dumps(streams, ensure_ascii=False).encode("utf-8")
+                result = await self._run_prepared(self._queries.outcome, [document])
+                found = result.get_value(0, 0)
+                for stream, last_id, last_token in [] if found is None else json.loads(found):
+                    members = groups[stream]
+                    if last_token == token and not any(m.payload.keyed for m in members):
+                        resolved[stream] = last_id
+                for stream, last_id in resolved.items():
+                    members = groups[stream]
+                    count = sum(member.drafts for member in members)
+                    page = await self.read(stream, last_id - count, count)
+                    if [m.id for m in page] != list(range(last_id - count + 1, last_id + 1)):
+                        del resolved[stream]  # pragma: no cover - trimmed meanwhile
+                        continue
+                    first = 0
+                    for member in members:
+                        member.settle(page[first : first + member.drafts])
+                        first += member.drafts
+            except (*DB_ERRORS, StoreError):
+                pass
+        for stream, members in groups.items():
+            for member in members:
+                if member.result is None:
+                    member.cause = unknown = OutcomeUnknown(
+                        f"append on stream {stream!r}: the connection was lost after the"
+                        f" append reached the server ({lost.__cause__!r}); it may or may"
+                        " not have been committed. Retry with the same key to find out."
+                    )
+                    unknown.__cause__ = lost.__cause__
 
     # ---- one statement on a lent connection ----
 
@@ -297,12 +449,19 @@ class PostgresStore:
         except DB_ERRORS as exc:
             raise store_error(operation, exc, stream=stream) from exc
 
-    async def _run_prepared(self, query: bytes, params: list[bytes]) -> pq.abc.PGresult:
-        """Run ``query`` as a prepared statement on a lent connection; psycopg errors as is."""
+    async def _run_prepared(
+        self, query: bytes, params: list[bytes], *, sent: list[bool] | None = None
+    ) -> pq.abc.PGresult:
+        """Run ``query`` as a prepared statement on a lent connection; psycopg errors as is.
+
+        ``sent`` (if given) gets an item once the statement may have reached the server.
+        """
         connections = self._connections
         conn = await connections.acquire()
         try:
             name = await connections.prepared(conn, query)
+            if sent is not None:
+                sent.append(True)
             try:
                 result = await _pq.execute(conn.pgconn, query, params, name=name)
             except psycopg.errors.InvalidSqlStatementName:
@@ -319,58 +478,3 @@ class PostgresStore:
             raise
         connections.keep(conn)
         return result
-
-    # ---- asyncio side: one whole keyed append ----
-    #
-    # Runs on a lent connection (autocommit); it manages its transaction explicitly.
-    # Should it fail half-way, the connection goes back to the pool, which rolls back
-    # or replaces it.
-
-    async def _aio_append_keyed(
-        self, conn: psycopg.AsyncConnection[Any], stream: str, drafts: list[Draft]
-    ) -> list[Message]:
-        q = self._queries
-        keys = list(dict.fromkeys(d.key for d in drafts if d.key is not None))
-        # Pipelined: BEGIN + lock + key lookup travel together, then insert +
-        # COMMIT: two round trips. The server still runs them one after the other,
-        # so the lookup's snapshot is taken after the row lock was granted.
-        async with conn.pipeline():
-            async with conn.transaction():
-                lock = await conn.execute(q.lock_stream, (stream,))
-                found = await conn.execute(q.find_keys, (keys, stream))
-                row = await lock.fetchone()
-                if row is None:  # pragma: no cover
-                    raise psycopg.DataError("counter upsert returned no row")
-                last_id: int = row[0]
-                rows = await found.fetchall()
-                old_bodies = decode_bodies([body for _, _, body, _ in rows])
-                existing = {
-                    key: Message.from_row(stream, id_, body, key, _utc(ts))
-                    for (key, id_, _, ts), body in zip(rows, old_bodies, strict=True)
-                }
-                slots, new = plan_keyed_batch(drafts, existing)
-                if not new:
-                    return [slot for slot in slots if isinstance(slot, Message)]
-                packed, bodies = pack_bodies(new)
-                new_last = last_id + len(new)
-                inserted = await conn.execute(
-                    q.insert_keyed,
-                    {
-                        "stream": stream,
-                        "first": last_id + 1,
-                        "keys": [d.key for d in new],
-                        "bodies": packed,
-                        "last_id": new_last,
-                        "channel": self._channel,
-                    },
-                )
-            # Fetching after the COMMIT was queued: one sync for both.
-            row = await inserted.fetchone()
-        if row is None:  # pragma: no cover
-            raise psycopg.DataError("insert returned no row")
-        created_at = _utc(row[0])
-        fresh = [
-            Message.from_row(stream, last_id + 1 + i, body, d.key, created_at)
-            for i, (d, body) in enumerate(zip(new, bodies, strict=True))
-        ]
-        return [fresh[slot] if isinstance(slot, int) else slot for slot in slots]
