@@ -9,7 +9,7 @@ from typing import final
 import attrs
 import trio
 
-from ._exceptions import StoreError
+from ._exceptions import StoreError, UndecodableMessage
 from ._merge import MergeState
 from ._message import Message
 from ._protocols import Store
@@ -141,6 +141,8 @@ class Subscriber(metaclass=NoPublicConstructor):
             trio.ClosedResourceError: this subscription was closed.
             trio.BusyResourceError: another task is already waiting in ``receive``.
             StoreError: the store broke an invariant (ids not dense).
+            UndecodableMessage: the next message cannot be decoded here (the
+                ones before it were delivered).
         """
         buffer = self._buffer
         if buffer and not self._closed:
@@ -274,6 +276,8 @@ class Subscriber(metaclass=NoPublicConstructor):
         try:
             async with self._topics.read_limiter:
                 page = await self._store.read(self._stream, cursor, self._read_limit)
+        except UndecodableMessage:
+            raise  # no retry can help: the consumer learns which message it is
         except StoreError:
             self._store_errors += 1
             await backoff.sleep()

@@ -24,6 +24,8 @@ class Backend:
     open_bus: Callable[..., AbstractAsyncContextManager[chatbus.Bus]]
     #: Send a raw notice the way another process's notifier would.
     inject_notice: Callable[[str, int], Any]
+    #: An ``open_bus`` URL for this world, if it has one.
+    url: str | None = None
 
 
 def _memory_backend() -> Backend:
@@ -46,8 +48,8 @@ async def _backend(name: str) -> AsyncIterator[Backend]:
         return
     from support.pg import postgres_backend
 
-    async with postgres_backend() as (open_bus, inject_notice):
-        yield Backend("postgres", open_bus, inject_notice)
+    async with postgres_backend() as (open_bus, inject_notice, url):
+        yield Backend("postgres", open_bus, inject_notice, url)
 
 
 @pytest.fixture(params=["memory", pytest.param("postgres", marks=pytest.mark.postgres)])

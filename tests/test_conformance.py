@@ -194,3 +194,25 @@ async def test_many_streams_many_subscribers(backend):
             for i in range(20):
                 for stream in streams:
                     await bus.publish(stream, i)
+
+
+async def test_body_exception_passes_through_unwrapped(backend):
+    with pytest.raises(KeyError):
+        async with backend.open_bus() as bus, bus.open_subscriber("s"):
+            raise KeyError("mine")
+    with pytest.raises(KeyError):
+        async with backend.open_bus() as bus, bus.open_publisher("s"):
+            raise KeyError("mine")
+
+
+async def test_body_exception_group_passes_through_unchanged(backend):
+    error = ExceptionGroup("from the body", [KeyError("mine")])
+    with pytest.raises(ExceptionGroup) as info:
+        async with backend.open_bus() as bus, bus.open_subscriber("s"), bus.open_publisher("s"):
+            raise error
+    assert info.value is error
+    if backend.url is not None:  # and through open_bus(url), which opens the backend
+        with pytest.raises(ExceptionGroup) as info:
+            async with chatbus.open_bus(backend.url) as bus, bus.open_subscriber("s"):
+                raise error
+        assert info.value is error

@@ -31,23 +31,6 @@ async def test_leaving_blocks_leaves_no_tasks():
     assert task_count() == before
 
 
-async def test_body_exception_passes_through_unwrapped():
-    with pytest.raises(KeyError):
-        async with chatbus.open_bus() as bus, bus.open_subscriber("s"):
-            raise KeyError("mine")
-    with pytest.raises(KeyError):
-        async with chatbus.open_bus() as bus, bus.open_publisher("s"):
-            raise KeyError("mine")
-
-
-async def test_body_exception_group_passes_through_unchanged():
-    error = ExceptionGroup("from the body", [KeyError("mine")])
-    with pytest.raises(ExceptionGroup) as info:
-        async with chatbus.open_bus() as bus, bus.open_subscriber("s"), bus.open_publisher("s"):
-            raise error
-    assert info.value is error
-
-
 async def test_cancelling_a_consumer_mid_wait():
     with trio.fail_after(5):
         async with chatbus.open_bus() as bus, bus.open_subscriber("s") as sub:

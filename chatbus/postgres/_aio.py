@@ -48,11 +48,6 @@ class AioRunner:
         return result
 
 
-def current_loop() -> Any:
-    """The trio-asyncio loop running in this task's context, or None."""
-    return trio_asyncio.current_loop.get()
-
-
 def open_loop() -> Any:
     """``trio_asyncio.open_loop()``: an async context manager yielding a new loop."""
     return trio_asyncio.open_loop()

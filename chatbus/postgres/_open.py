@@ -9,6 +9,7 @@ this package; nothing imports it but :mod:`chatbus.postgres`.
 from __future__ import annotations
 
 import logging
+import math
 import urllib.parse
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -56,10 +57,12 @@ class _Settings:
     max_connections: int = 10
     max_in_flight: int | None = None
     acquire_timeout: float = 5.0
-    connect_timeout: int = 5
+    connect_timeout: float = 5
     ping_interval: float = 5.0
     ping_timeout: float = 5.0
     max_backoff: float = 5.0
+    idle_in_transaction_timeout: float = 60.0
+    tcp_user_timeout: float = 10.0
 
     def __attrs_post_init__(self) -> None:
         if not isinstance(self.dsn, str):
@@ -75,6 +78,8 @@ class _Settings:
         check_range("ping_interval", self.ping_interval, 0.1, 3600)
         check_range("ping_timeout", self.ping_timeout, 0.1, 3600)
         check_range("max_backoff", self.max_backoff, 0.1, 600)
+        check_range("idle_in_transaction_timeout", self.idle_in_transaction_timeout, 0, 86_400)
+        check_range("tcp_user_timeout", self.tcp_user_timeout, 0, 3600)
 
     @property
     def most_in_flight(self) -> int:
@@ -94,13 +99,22 @@ class _Settings:
         UTF-8 on every connection: :mod:`chatbus.postgres._pq` sends and reads text
         as UTF-8. Options the DSN sets win, except the name when ``override_name``.
         """
-        defaults: dict[str, Any] = {"connect_timeout": int(self.connect_timeout), **_KEEPALIVES}
+        defaults: dict[str, Any] = {
+            "connect_timeout": math.ceil(self.connect_timeout),
+            "tcp_user_timeout": round(self.tcp_user_timeout * 1000),
+            **_KEEPALIVES,
+        }
         if not override_name:
             defaults["application_name"] = application_name
         try:
             given = conninfo_to_dict(self.dsn)
             extra = {name: value for name, value in defaults.items() if name not in given}
-            forced: dict[str, Any] = {"client_encoding": "UTF8"}
+            # A session that died inside a transaction (its client frozen or cut off)
+            # must not hold a stream's lock for long: the server ends it.
+            idle_ms = round(self.idle_in_transaction_timeout * 1000)
+            session = f"-c idle_in_transaction_session_timeout={idle_ms}"
+            options = " ".join(filter(None, [str(given.get("options") or ""), session]))
+            forced: dict[str, Any] = {"client_encoding": "UTF8", "options": options}
             if override_name:
                 forced["application_name"] = application_name
             return make_conninfo(make_conninfo(self.dsn, **extra), **forced)
@@ -117,15 +131,18 @@ async def open_postgres(
     max_connections: int = 10,
     max_in_flight: int | None = None,
     acquire_timeout: float = 5.0,
-    connect_timeout: int = 5,
+    connect_timeout: float = 5,
     ping_interval: float = 5.0,
     ping_timeout: float = 5.0,
     max_backoff: float = 5.0,
+    idle_in_transaction_timeout: float = 60.0,
+    tcp_user_timeout: float = 10.0,
 ) -> AsyncIterator[tuple[PostgresStore, PostgresNotifier]]:
     """Open a Postgres store and notifier pair for ``dsn``; close both on exit.
 
-    Works from plain trio code: if no trio-asyncio loop is running in this task, one
-    is opened for the lifetime of the block; otherwise the running one is used.
+    Works from plain trio code: a trio-asyncio loop of its own is opened for the
+    lifetime of the block (never one inherited from the context, whose lifetime
+    this block does not control).
     Creates the schema and tables if they do not exist (safe when several processes
     start at once: the DDL runs under a transaction-scoped advisory lock).
 
@@ -152,12 +169,20 @@ async def open_postgres(
         acquire_timeout: Seconds an operation waits for a pool connection before it
             fails with :class:`~chatbus.StoreError` (0.1 to 600). This is what makes
             a publish fail promptly while the database is unreachable.
-        connect_timeout: libpq ``connect_timeout`` in seconds, unless the DSN sets one
-            (1 to 600).
+        connect_timeout: Seconds a new connection may take (1 to 600); libpq's
+            ``connect_timeout`` (whole seconds, rounded up) unless the DSN sets one.
         ping_interval: Seconds between LISTEN liveness pings (0.1 to 3600).
         ping_timeout: Seconds a ping may take before the LISTEN connection is
             declared dead and replaced (0.1 to 3600).
         max_backoff: Longest pause between LISTEN reconnect attempts (0.1 to 600).
+        idle_in_transaction_timeout: Seconds the server lets one of this store's
+            sessions sit idle inside a transaction before ending it (0 to 86400; 0:
+            never). chatbus itself never leaves a transaction open across client
+            work; this bounds what a session cut off mid-transaction can hold.
+        tcp_user_timeout: Seconds sent data may stay unacknowledged before the
+            connection is dropped (libpq ``tcp_user_timeout``; 0 to 3600, 0: the
+            system's default), so a network partition is noticed in seconds, not
+            minutes, even mid-statement. Keepalives cover idle connections.
 
     Raises:
         StoreError: the database could not be reached or the schema not created.
@@ -173,6 +198,8 @@ async def open_postgres(
         ping_interval=ping_interval,
         ping_timeout=ping_timeout,
         max_backoff=max_backoff,
+        idle_in_transaction_timeout=idle_in_transaction_timeout,
+        tcp_user_timeout=tcp_user_timeout,
     )
     async with _open_on_a_loop(settings) as pair:
         yield pair
@@ -182,16 +209,16 @@ async def open_postgres(
 async def _open_on_a_loop(
     settings: _Settings,
 ) -> AsyncIterator[tuple[PostgresStore, PostgresNotifier]]:
-    """Open the pair on the running trio-asyncio loop, or on one of our own."""
-    loop = _aio.current_loop()
-    if loop is not None and not loop.is_closed():
-        async with _open_pair(AioRunner(loop), settings) as pair:
-            yield pair
-        return
+    """Open the pair on a trio-asyncio loop of its own, closed when the pair is.
 
-    # Our own trio-asyncio loop. Its nurseries wrap whatever passes through them
-    # (our errors and the body's) in ExceptionGroups: the body's exception comes
-    # out as the very object the body raised, a single failure of ours as itself.
+    Never a loop found in the context: a task spawned inside another block inherits
+    that block's loop, which closes when that block ends, under this store. Owning
+    the loop ties its lifetime to this block alone.
+
+    trio-asyncio's nurseries wrap whatever passes through them (our errors and the
+    body's) in ExceptionGroups: the body's exception comes out as the very object the
+    body raised (a group included), a single failure of ours as itself.
+    """
     body_error: BaseException | None = None
     unwrapped: BaseException
     try:
@@ -288,7 +315,9 @@ _URL_OPTIONS: Final = {
     "max_connections": int,
     "max_in_flight": int,
     "acquire_timeout": float,
-    "connect_timeout": int,
+    "connect_timeout": float,
+    "idle_in_transaction_timeout": float,
+    "tcp_user_timeout": float,
 }
 
 

@@ -23,7 +23,7 @@ from psycopg import pq
 
 from .._coalesce import GroupCommit, PendingAppend
 from .._codec import BODY_SEPARATOR, BadBody, pack_bodies, plan_keyed_batch
-from .._exceptions import BusError, OutcomeUnknown, StoreError, store_error
+from .._exceptions import BusError, OutcomeUnknown, StoreError, UndecodableMessage, store_error
 from .._message import Draft, Message, check_after, check_stream
 from . import _pq
 from ._aio import AioRunner
@@ -90,6 +90,16 @@ class _Batch:
     packed: str
     bodies: list[Any]
     keyed: bool
+
+
+def _page(stream: str, result: pq.abc.PGresult) -> list[Message]:
+    """Decode a read's result: a few JSON values, each [[id, key, body, µs], …]."""
+    to_datetime = _pq.from_epoch_micros
+    return [
+        Message.from_row(stream, id_, body, key, to_datetime(micros))
+        for group in range(result.ntuples)
+        for id_, key, body, micros in json.loads(_pq.value(result, group, 0))
+    ]
 
 
 def _joined(members: list[PendingAppend]) -> str:
@@ -254,12 +264,38 @@ class PostgresStore:
             return []
         params = [stream.encode("utf-8"), b"%d" % after, b"%d" % limit]
         result = await self._query("read", self._queries.read, params, stream=stream)
-        to_datetime = _pq.from_epoch_micros
-        return [
-            Message.from_row(stream, id_, body, key, to_datetime(micros))
-            for group in range(result.ntuples)
-            for id_, key, body, micros in json.loads(_pq.value(result, group, 0))
-        ]
+        try:
+            return _page(stream, result)
+        except (ValueError, RecursionError):
+            return await self._read_up_to_undecodable(stream, after, limit)
+
+    async def _read_up_to_undecodable(self, stream: str, after: int, limit: int) -> list[Message]:
+        """A page failed to decode: return the messages before the culprit, else name it.
+
+        So the good messages of the page still reach their readers, and the one that
+        no reader here can decode (written by a process with other limits, or by hand)
+        stops them with an error that says which it is, instead of silently.
+        """
+        good: list[Message] = []
+        while len(good) < limit:
+            cursor = good[-1].id if good else after
+            params = [stream.encode("utf-8"), b"%d" % cursor, b"1"]
+            result = await self._query("read", self._queries.read, params, stream=stream)
+            try:
+                page = _page(stream, result)
+            except (ValueError, RecursionError) as exc:
+                if good:
+                    return good
+                error = UndecodableMessage(
+                    f"message {cursor + 1} of stream {stream!r} cannot be decoded here: {exc}",
+                    stream,
+                    cursor + 1,
+                )
+                raise error from exc
+            if not page:
+                break
+            good.extend(page)
+        return good
 
     async def heads(self, streams: Sequence[str]) -> dict[str, int]:
         """Return each stream's highest committed id in one query; see :meth:`chatbus.Store.heads`.

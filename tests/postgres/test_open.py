@@ -12,7 +12,6 @@ from typing import Any
 import psycopg
 import pytest
 import trio
-import trio_asyncio
 
 import chatbus
 import chatbus.postgres._pq
@@ -108,12 +107,31 @@ async def test_closed_store_raises_store_error() -> None:
             await store.read("s", 0, 1)
 
 
-async def test_reuses_a_running_trio_asyncio_loop() -> None:
-    with trio.fail_after(10):
-        async with trio_asyncio.open_loop() as loop, fresh_postgres_pair() as (store, _):
-            assert store._aio.loop is loop
-            [m] = await store.append("s", [draft(1)])
-            assert m.id == 1
+async def test_owns_its_loop_even_inside_another_stores_block() -> None:
+    """A store opened in a task spawned inside another store's block must not borrow
+    that block's trio-asyncio loop: it closes when that block ends."""
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            outer_done = trio.Event()
+            inner_ok: list[int] = []
+
+            async def inner() -> None:
+                async with fresh_postgres_pair() as (store, _):
+                    await outer_done.wait()
+                    # The outer store's loop is closed now; keyed appends use ours.
+                    [m] = await store.append("s", [draft(1, "k1")])
+                    [n] = await store.append("s", [draft(2)])
+                    # Several at once: connections must come from the (live) pool.
+                    async with trio.open_nursery() as reads:
+                        for _ in range(6):
+                            reads.start_soon(store.read, "s", 0, 10)
+                    inner_ok.extend([m.id, n.id])
+
+            async with fresh_postgres_pair():
+                nursery.start_soon(inner)
+                await trio.sleep(1)
+            outer_done.set()
+        assert inner_ok == [1, 2]
 
 
 async def test_body_errors_come_out_unwrapped() -> None:
@@ -165,9 +183,22 @@ async def test_options_are_validated() -> None:
         ({"ping_interval": -1}, "ping_interval"),
         ({"max_in_flight": 0}, "max_in_flight"),
         ({"max_connections": 4, "max_in_flight": 4}, "max_in_flight"),
+        ({"schema": "a\ud800"}, "schema is not valid Unicode"),
+        ({"idle_in_transaction_timeout": -1}, "idle_in_transaction_timeout"),
+        ({"tcp_user_timeout": 4000}, "tcp_user_timeout"),
     ):
         with pytest.raises(ValueError, match=match):
             await _open_and_close(**kwargs)
+    for kwargs, match in (
+        ({"min_connections": 1.5}, "min_connections must be an int"),
+        ({"max_connections": 2.5}, "max_connections must be an int"),
+        ({"max_in_flight": 1.5}, "max_in_flight must be an int"),
+        ({"schema": 3}, "schema must be a str"),
+    ):
+        with pytest.raises(TypeError, match=match):
+            await _open_and_close(**kwargs)
+    with trio.fail_after(10):
+        await _open_and_close(connect_timeout=1.5)  # a fraction is fine (rounded up for libpq)
     assert channel_for_schema("chatbus") == channel_for_schema("chatbus")
     assert channel_for_schema("a") != channel_for_schema("b")
     assert len(channel_for_schema("é" * 31)) < 64

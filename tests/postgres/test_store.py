@@ -6,17 +6,21 @@ absolute ``trio.fail_after``.
 
 from __future__ import annotations
 
+import datetime
 import json
 import random
+import sys
 import time
 from typing import Any
 
 import psycopg
 import pytest
 import trio
+from psycopg import sql
 
 import chatbus
 import chatbus.postgres._pq
+from chatbus import Message
 from chatbus._message import Draft
 from chatbus.postgres import (
     PostgresNotifier,
@@ -26,10 +30,12 @@ from chatbus.postgres import (
 
 from support.pg import (
     Recorder,
+    admin_execute,
     draft,
     eventually,
     fresh_postgres_pair,
     pg_dsn,
+    row_lock,
 )
 
 pytestmark = pytest.mark.postgres
@@ -287,3 +293,70 @@ async def test_notify_payload_stays_small() -> None:
         assert json.loads(payloads[0]) == {"stream": longest_stream, "last_id": 1}
         assert json.loads(payloads[1]) == {"stream": longest_stream, "last_id": 2}
         assert json.loads(payloads[2]) == {"stream": escaped, "last_id": 1}
+
+
+@pytest.mark.parametrize("keyed", [False, True])
+async def test_created_at_never_runs_backwards_across_a_lock_wait(
+    store: PostgresStore, keyed: bool
+) -> None:
+    """created_at is taken once the stream's lock is held, not when the statement began:
+    an append that waited behind another writer is never stamped before it."""
+    with trio.fail_after(20):
+        [first] = await store.append("t", [draft(0, "k0" if keyed else None)])
+        async with row_lock(store.schema, "t") as lock, trio.open_nursery() as nursery:
+            waited: list[Message] = []
+
+            async def append_behind_the_lock() -> None:
+                waited.extend(await store.append("t", [draft(1, "k1" if keyed else None)]))
+
+            nursery.start_soon(append_behind_the_lock)
+            await trio.sleep(0.5)  # the statement has started and waits for the lock
+            released_at = datetime.datetime.now(datetime.UTC)
+            await lock.release()
+        [second] = waited
+        assert second.id == first.id + 1
+        assert second.created_at >= released_at - datetime.timedelta(milliseconds=50)
+        stored = await store.read("t", 0, 10)
+        assert [m.created_at for m in stored] == sorted(m.created_at for m in stored)
+
+
+async def test_a_message_no_reader_can_decode_is_named_not_silent(store: PostgresStore) -> None:
+    """A body a reader cannot decode (here: an integer past Python's default digit
+    limit, as a writer with `sys.set_int_max_str_digits(0)` could once store) stops
+    reads and subscriptions with an error naming it; what comes before still arrives."""
+    with trio.fail_after(20):
+        await store.append("p", [draft("one"), draft("two")])
+        poison = '{"n": ' + "7" * 5000 + "}"
+        await trio.to_thread.run_sync(
+            admin_execute,
+            sql.SQL(
+                "WITH bump AS (UPDATE {} SET last_id = 3 WHERE stream = 'p')"
+                " INSERT INTO {} (stream, id, key, body) VALUES ('p', 3, NULL, %s)"
+            ).format(
+                sql.Identifier(store.schema, "streams"), sql.Identifier(store.schema, "messages")
+            ),
+            (poison,),
+        )
+        await store.append("p", [draft("four")])
+        assert [m.body for m in await store.read("p", 0, 10)] == ["one", "two"]
+        with pytest.raises(chatbus.UndecodableMessage, match="message 3 of stream 'p'") as info:
+            await store.read("p", 2, 10)
+        assert (info.value.stream, info.value.id) == ("p", 3)
+        assert [m.body for m in await store.read("p", 3, 10)] == ["four"]
+        async with chatbus.open_bus(store=store) as bus, bus.open_subscriber("p") as sub:
+            assert [(await sub.receive()).body for _ in range(2)] == ["one", "two"]
+            with pytest.raises(chatbus.UndecodableMessage):
+                await sub.receive()
+
+
+async def test_bodies_every_reader_can_decode_whatever_the_writers_limit() -> None:
+    limit = sys.get_int_max_str_digits()
+    sys.set_int_max_str_digits(0)
+    try:
+        with pytest.raises(chatbus.InvalidMessage, match="4300 digits"):
+            async with chatbus.open_bus() as bus:
+                await bus.publish("s", {"n": 10**5000})
+        async with chatbus.open_bus() as bus:  # a long string of digits is fine
+            await bus.publish("s", {"n": "9" * 5000, "m": 10**4299})
+    finally:
+        sys.set_int_max_str_digits(limit)

@@ -185,6 +185,9 @@ class TcpProxy:
     _listener_scope: trio.CancelScope | None = None
     _pair_scopes: set[trio.CancelScope] = attrs.Factory(set)
     _flowing: trio.Event = attrs.Factory(trio.Event)
+    #: See :meth:`lose_reply_to`.
+    _reply_marker: bytes | None = None
+    replies_lost: int = 0
 
     @classmethod
     def to_dsn(cls, dsn: str) -> TcpProxy:
@@ -215,6 +218,15 @@ class TcpProxy:
             self._flowing = trio.Event()
         if self.state == "open":
             self.state = "frozen"
+
+    def lose_reply_to(self, marker: bytes) -> None:
+        """Lose the reply to the next request that contains ``marker``, once.
+
+        The request reaches the server, which runs (and commits) it and sends its
+        reply as usual; the proxy swallows the reply and cuts the client's side, so
+        the client sees its connection lost after a COMMIT it never hears of.
+        """
+        self._reply_marker = marker
 
     def down(self) -> None:
         """Refuse new connections and cut the existing ones."""
@@ -250,25 +262,59 @@ class TcpProxy:
                     server = await trio.open_tcp_stream(self.target_host, self.target_port)
                 except OSError:
                     return
+                lost = trio.Event()  # set: the next reply is swallowed, the client cut
                 async with server, trio.open_nursery() as nursery:
-                    nursery.start_soon(self._pipe, client, server, nursery.cancel_scope)
-                    nursery.start_soon(self._pipe, server, client, nursery.cancel_scope)
+                    nursery.start_soon(self._pipe, client, server, nursery.cancel_scope, lost)
+                    nursery.start_soon(self._replies, server, client, nursery.cancel_scope, lost)
             finally:
                 self._pair_scopes.discard(scope)
                 with trio.CancelScope(shield=True):
                     await client.aclose()
 
     async def _pipe(
-        self, source: trio.SocketStream, sink: trio.SocketStream, pair: trio.CancelScope
+        self,
+        source: trio.SocketStream,
+        sink: trio.SocketStream,
+        pair: trio.CancelScope,
+        lost: trio.Event | None = None,
     ) -> None:
         try:
             while data := await source.receive_some(65536):
                 while not self._flowing.is_set():
                     await self._flowing.wait()
+                marker = self._reply_marker
+                if lost is not None and marker is not None and marker in data:
+                    self._reply_marker = None
+                    lost.set()
                 await sink.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         # Either side closing ends the pair, as a direct connection would.
+        pair.cancel()
+
+    async def _replies(
+        self,
+        server: trio.SocketStream,
+        client: trio.SocketStream,
+        pair: trio.CancelScope,
+        lost: trio.Event,
+    ) -> None:
+        """Forward the server's replies; once ``lost`` is set, swallow the next one."""
+        try:
+            while data := await server.receive_some(65536):
+                if lost.is_set():
+                    self.replies_lost += 1
+                    await client.aclose()  # the client sees its connection lost
+                    # Let the server finish (and commit) as if all were well.
+                    with trio.move_on_after(1):
+                        while await server.receive_some(65536):
+                            pass
+                    break
+                while not self._flowing.is_set():
+                    await self._flowing.wait()
+                await client.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
         pair.cancel()
 
 
@@ -295,7 +341,7 @@ class Recorder:
 
 @asynccontextmanager
 async def postgres_backend() -> AsyncIterator[
-    tuple[Callable[..., AbstractAsyncContextManager[chatbus.Bus]], Callable[[str, int], Any]]
+    tuple[Callable[..., AbstractAsyncContextManager[chatbus.Bus]], Callable[[str, int], Any], str]
 ]:
     async with fresh_schema() as (dsn, schema):
 
@@ -316,7 +362,8 @@ async def postgres_backend() -> AsyncIterator[
         async def inject_notice(stream: str, last_id: int) -> None:
             await trio.to_thread.run_sync(notify, stream, last_id)
 
-        yield open_bus, inject_notice
+        url = f"{dsn}{'&' if '?' in dsn else '?'}schema={schema}"
+        yield open_bus, inject_notice, url
 
 
 @final
