@@ -107,8 +107,10 @@ async def open_pool(
         # The DDL takes strong table locks even when there is nothing to do: run it only
         # if the schema is not at this version yet (its last object is missing), so
         # opening never blocks the appends of other processes.
+        table = _sql.streams_table(schema).as_string(conn)
         cursor = await conn.execute(
-            "SELECT to_regprocedure(%s) IS NOT NULL", (_sql.ddl_marker(schema).as_string(conn),)
+            "SELECT obj_description(to_regclass(%s), 'pg_class') = %s",
+            (table, _sql.SCHEMA_VERSION),
         )
         row = await cursor.fetchone()
         if row is not None and row[0]:

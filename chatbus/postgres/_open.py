@@ -110,9 +110,15 @@ class _Settings:
             given = conninfo_to_dict(self.dsn)
             extra = {name: value for name, value in defaults.items() if name not in given}
             # A session that died inside a transaction (its client frozen or cut off)
-            # must not hold a stream's lock for long: the server ends it.
+            # must not hold a stream's lock for long: the server ends it. And the
+            # store's prepared statements are planned once per session, not per run
+            # (their plans do not depend on the parameters; planning the keyed append
+            # costs more than running it).
             idle_ms = round(self.idle_in_transaction_timeout * 1000)
-            session = f"-c idle_in_transaction_session_timeout={idle_ms}"
+            session = (
+                f"-c idle_in_transaction_session_timeout={idle_ms}"
+                " -c plan_cache_mode=force_generic_plan"
+            )
             options = " ".join(filter(None, [str(given.get("options") or ""), session]))
             forced: dict[str, Any] = {"client_encoding": "UTF8", "options": options}
             if override_name:

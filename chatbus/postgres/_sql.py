@@ -38,9 +38,14 @@ def ddl_lock_key(schema: str) -> int:
     return int.from_bytes(digest[:8], "big", signed=True)
 
 
-def ddl_marker(schema: str) -> sql.Composable:
-    """The signature of the last object :func:`ddl` creates: if it exists, all do."""
-    return sql.SQL("{}(json, text, bigint)").format(sql.Identifier(schema, "append_batch"))
+#: The comment on a schema's ``streams`` table once :func:`ddl` has run: if it is
+#: there, every object is. Change any DDL, change the version.
+SCHEMA_VERSION: Final = "chatbus schema 2"
+
+
+def streams_table(schema: str) -> sql.Composable:
+    """The qualified name of ``schema``'s counter table."""
+    return sql.Identifier(schema, "streams")
 
 
 def ddl(schema: str) -> list[sql.Composed]:
@@ -71,7 +76,10 @@ def ddl(schema: str) -> list[sql.Composed]:
             "ALTER TABLE {} ADD COLUMN IF NOT EXISTS last_at timestamptz,"
             " ADD COLUMN IF NOT EXISTS last_token bigint"
         ).format(sql.Identifier(schema, "streams")),
-        sql.SQL(_APPEND_FUNCTION).format(**_names(schema)),
+        # Last: the mark that the schema is at this version (see SCHEMA_VERSION).
+        sql.SQL("COMMENT ON TABLE {} IS {}").format(
+            sql.Identifier(schema, "streams"), sql.Literal(SCHEMA_VERSION)
+        ),
     ]
 
 
@@ -133,12 +141,11 @@ def _names(schema: str) -> dict[str, sql.Composable]:
     return {
         "streams": sql.Identifier(schema, "streams"),
         "messages": sql.Identifier(schema, "messages"),
-        "append_function": sql.Identifier(schema, "append_batch"),
         "created_micros": _micros("created_at"),
         "bump_micros": _micros("bump.last_at"),
         "found_micros": _micros("m.created_at"),
-        "at_micros": _micros("v_at"),
-        "notice": _notice("r.stream", "v_last + v_new"),
+        "keyed_notice": _notice("b.stream", "b.last_id"),
+        "b_micros": _micros("b.last_at"),
         "group_bytes": sql.Literal(READ_GROUP_BYTES),
     }
 
@@ -212,73 +219,73 @@ _APPEND_STREAMS: Final = """
     FROM bump
 """
 
-# Appends with idempotency keys, any number of streams, in ONE round trip: the whole
-# transaction runs server-side, so no client can hold a stream's lock across its own
-# work (or while it is frozen). Per stream, in sorted order (no deadlocks): take the
-# counter row's lock; then, in statements that each take a new snapshot (PL/pgSQL,
-# READ COMMITTED), find the keys already stored (every append of the stream that
-# committed before the lock is visible) and insert the drafts whose key is NULL or
-# new and first in the batch, with dense ids; bump the counter and notify once.
-# Input: a JSON array of [stream, [key or null per draft], packed bodies].
+# Appends with idempotency keys, any number of streams, in ONE statement: no client
+# holds a stream's lock across its own work (or while frozen). Input: a JSON array
+# of [stream, [key or null per draft], packed bodies]. Per stream: the messages
+# already stored under the batch's keys are found; the drafts whose key is NULL, or
+# new and first in the batch, are inserted with the ids the counter bump reserves
+# (rows locked in sorted order, as for unkeyed batches); notify once if anything new.
+#
+# The key lookup runs on the statement's snapshot, taken before any lock wait: a
+# same-key append that commits while this one waits is not seen, so this statement
+# then tries to insert that key again and fails with a unique violation, storing
+# nothing. The store runs it again (a new snapshot sees the key): rare, and correct
+# thanks to the unique index.
 # Output per stream: new last id, created_at µs of the batch, and the messages found
 # for its keys as [[key, id, body, created_at µs], …] (NULL if none).
-_APPEND_FUNCTION: Final = """
-    CREATE OR REPLACE FUNCTION {append_function}(p_input json, p_channel text, p_token bigint)
-    RETURNS TABLE (o_stream text, o_last_id bigint, o_micros bigint, o_found json)
-    LANGUAGE plpgsql AS $chatbus$
-    DECLARE
-        r record;
-        v_last bigint;
-        v_at timestamptz;
-        v_new bigint;
-    BEGIN
-        FOR r IN
-            SELECT e.value->>0 AS stream, e.value->1 AS keys, e.value->>2 AS packed
-            FROM json_array_elements(p_input) AS e
-            ORDER BY (e.value->>0) COLLATE "C"
-        LOOP
-            INSERT INTO {streams} AS st (stream, last_id) VALUES (r.stream, 0)
-            ON CONFLICT (stream) DO UPDATE SET last_id = st.last_id
-            RETURNING st.last_id, greatest(clock_timestamp(), st.last_at) INTO v_last, v_at;
-            o_found := (
-                SELECT json_agg(json_build_array(m.key, m.id, m.body, {found_micros}))
-                FROM {messages} AS m
-                WHERE m.stream = r.stream
-                    AND m.key IN (SELECT json_array_elements_text(r.keys))
-            );
-            INSERT INTO {messages} (stream, id, key, body, created_at)
-            SELECT r.stream, v_last + row_number() OVER (ORDER BY d.ord), d.key, d.body::json,
-                v_at
-            FROM (
-                SELECT b.body, b.ord, k.value #>> '{{}}' AS key,
-                    row_number() OVER (PARTITION BY k.value #>> '{{}}' ORDER BY b.ord) AS nth
-                FROM unnest(string_to_array(r.packed, chr(30))) WITH ORDINALITY AS b(body, ord)
-                JOIN json_array_elements(r.keys) WITH ORDINALITY AS k(value, ord)
-                    ON k.ord = b.ord
-            ) AS d
-            WHERE d.key IS NULL OR (d.nth = 1 AND NOT EXISTS (
-                SELECT 1 FROM {messages} AS m WHERE m.stream = r.stream AND m.key = d.key
-            ));
-            GET DIAGNOSTICS v_new = ROW_COUNT;
-            IF v_new > 0 THEN
-                UPDATE {streams} SET last_id = v_last + v_new, last_at = v_at,
-                    last_token = p_token
-                WHERE stream = r.stream;
-                PERFORM pg_notify(p_channel, {notice});
-            END IF;
-            o_stream := r.stream;
-            o_last_id := v_last + v_new;
-            o_micros := {at_micros};
-            RETURN NEXT;
-        END LOOP;
-    END
-    $chatbus$
+_APPEND_KEYED: Final = """
+    WITH input AS MATERIALIZED (
+        SELECT s.value->>0 AS stream, s.value->1 AS keys, s.value->>2 AS packed
+        FROM json_array_elements($1::json) AS s
+    ), drafts AS MATERIALIZED (
+        SELECT i.stream, b.ord, b.body, k.value #>> '{{}}' AS key,
+            row_number() OVER (PARTITION BY i.stream, k.value #>> '{{}}' ORDER BY b.ord) AS nth
+        FROM input AS i
+        CROSS JOIN LATERAL unnest(string_to_array(i.packed, chr(30)))
+            WITH ORDINALITY AS b(body, ord)
+        JOIN LATERAL json_array_elements(i.keys) WITH ORDINALITY AS k(value, ord)
+            ON k.ord = b.ord
+    ), found AS MATERIALIZED (
+        -- LATERAL ... LIMIT 1: one probe of the unique index per key, never a scan of
+        -- the table (a join here may be planned as one, the row counts being unknown).
+        SELECT d.stream, d.key, m.id, m.body, m.micros
+        FROM (SELECT DISTINCT d.stream, d.key FROM drafts AS d WHERE d.key IS NOT NULL) AS d
+        CROSS JOIN LATERAL (
+            SELECT m.id, m.body, {found_micros} AS micros FROM {messages} AS m
+            WHERE m.stream = d.stream AND m.key = d.key AND m.key IS NOT NULL
+            LIMIT 1
+        ) AS m
+    ), fresh AS MATERIALIZED (
+        SELECT d.stream, d.key, d.body,
+            row_number() OVER (PARTITION BY d.stream ORDER BY d.ord) AS n
+        FROM drafts AS d
+        WHERE d.key IS NULL OR (d.nth = 1 AND NOT EXISTS (
+            SELECT 1 FROM found AS f WHERE f.stream = d.stream AND f.key = d.key
+        ))
+    ), counts AS (
+        SELECT i.stream, (SELECT count(*) FROM fresh AS f WHERE f.stream = i.stream) AS n
+        FROM input AS i
+    ), bump AS (
+        INSERT INTO {streams} AS st (stream, last_id, last_at, last_token)
+        SELECT c.stream, c.n, clock_timestamp(), $3::bigint
+        FROM counts AS c ORDER BY c.stream COLLATE "C"
+        ON CONFLICT (stream) DO UPDATE SET last_id = st.last_id + EXCLUDED.last_id,
+            last_at = greatest(clock_timestamp(), st.last_at),
+            last_token = CASE WHEN EXCLUDED.last_id > 0
+                THEN EXCLUDED.last_token ELSE st.last_token END
+        RETURNING st.stream, st.last_id, st.last_at
+    ), ins AS (
+        INSERT INTO {messages} (stream, id, key, body, created_at)
+        SELECT f.stream, b.last_id - c.n + f.n, f.key, f.body::json, b.last_at
+        FROM fresh AS f JOIN counts AS c ON c.stream = f.stream
+            JOIN bump AS b ON b.stream = f.stream
+    )
+    SELECT b.stream, b.last_id, {b_micros},
+        (SELECT json_agg(json_build_array(f.key, f.id, f.body, f.micros))
+            FROM found AS f WHERE f.stream = b.stream),
+        CASE WHEN c.n > 0 THEN pg_notify($2::text, {keyed_notice}) END
+    FROM bump AS b JOIN counts AS c ON c.stream = b.stream
 """
-
-_APPEND_KEYED: Final = (
-    "SELECT o_stream, o_last_id, o_micros, o_found FROM {append_function}"
-    "($1::json, $2::text, $3::bigint)"
-)
 
 # After a lost reply: did the batch with token $2 commit? Per stream, its head and the
 # token of the last batch that stored something in it.

@@ -32,7 +32,9 @@ from ._sql import Queries
 
 #: Exceptions that mean "the store failed" rather than "chatbus has a bug".
 DB_ERRORS: Final = (psycopg.Error, OSError)
-#: Default limit on unkeyed append statements running at once (see open_postgres).
+#: How often a keyed statement runs again after losing a same-key race.
+_KEYED_ATTEMPTS: Final = 5
+#: Default limit on append statements running at once (see open_postgres).
 DEFAULT_MAX_IN_FLIGHT: Final = 3
 
 
@@ -335,7 +337,15 @@ class PostgresStore:
         rows: Sequence[tuple[str, int, datetime.datetime, dict[str, Message] | None]]
         try:
             if keyed:
-                rows = await self._append_keyed_rows(groups, token)
+                for attempt in range(_KEYED_ATTEMPTS):
+                    try:
+                        rows = await self._append_keyed_rows(groups, token)
+                        break
+                    except psycopg.errors.UniqueViolation:
+                        # A same-key append committed while this one waited for the
+                        # lock (see _sql._APPEND_KEYED); nothing was stored: again.
+                        if attempt == _KEYED_ATTEMPTS - 1:
+                            raise
             else:
                 rows = await self._append_rows(groups, token)
         except _MaybeCommitted as lost:
