@@ -34,6 +34,7 @@ from support.pg import (
     draft,
     eventually,
     fresh_postgres_pair,
+    fresh_schema,
     pg_dsn,
     row_lock,
 )
@@ -360,3 +361,32 @@ async def test_bodies_every_reader_can_decode_whatever_the_writers_limit() -> No
             await bus.publish("s", {"n": "9" * 5000, "m": 10**4299})
     finally:
         sys.set_int_max_str_digits(limit)
+
+
+async def test_same_key_from_two_processes_while_the_lock_is_held_stores_once() -> None:
+    """Two stores (processes) append the same key, both waiting behind a held lock: the
+    second one's snapshot predates the first one's commit, so its statement loses the
+    race on the unique index, stores nothing, runs again and returns the original."""
+    async with fresh_schema() as (dsn, schema):
+        async with (
+            open_postgres(dsn, schema=schema) as (one, _),
+            open_postgres(dsn, schema=schema) as (two, _),
+        ):
+            with trio.fail_after(20):
+                await one.append("race", [draft("warm-up")])
+                results: list[Message] = []
+                async with row_lock(schema, "race") as lock, trio.open_nursery() as nursery:
+                    for store in (one, two):
+                        nursery.start_soon(
+                            lambda s: _append_into(s, results),
+                            store,  # type: ignore[misc]
+                        )
+                    await trio.sleep(0.5)  # both wait for the lock, snapshots taken
+                    await lock.release()
+                assert sorted(m.id for m in results) == [2, 2]
+                assert sorted(m.replay for m in results) == [False, True]
+                assert [m.body for m in await one.read("race", 0, 10)] == ["warm-up", "same"]
+
+
+async def _append_into(store: PostgresStore, results: list[Message]) -> None:
+    results.extend(await store.append("race", [draft("same", "the-key")]))
