@@ -377,10 +377,7 @@ async def test_same_key_from_two_processes_while_the_lock_is_held_stores_once() 
                 results: list[Message] = []
                 async with row_lock(schema, "race") as lock, trio.open_nursery() as nursery:
                     for store in (one, two):
-                        nursery.start_soon(
-                            lambda s: _append_into(s, results),
-                            store,  # type: ignore[misc]
-                        )
+                        nursery.start_soon(_append_into, store, results)
                     await trio.sleep(0.5)  # both wait for the lock, snapshots taken
                     await lock.release()
                 assert sorted(m.id for m in results) == [2, 2]
