@@ -2,19 +2,30 @@
 
 from __future__ import annotations
 
+import datetime
 import functools
 import importlib
+import json
 import math
-from collections.abc import AsyncIterator
+import secrets
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Final, final
+from typing import Final, Literal, cast, final, overload
 
 import attrs
 import trio
 
+from ._event import Event, encode_event, make_event_draft
 from ._exceptions import BusClosed
 from ._message import Message, check_after, check_stream, make_draft
-from ._options import DEFAULT_MAX_BODY_BYTES, MAX_READ_LIMIT, BusOptions, check_int_range
+from ._options import (
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_EVENT_BYTES,
+    MAX_READ_LIMIT,
+    BusOptions,
+    check_int_range,
+)
+from ._outbox import Outbox
 from ._protocols import Notifier, Store
 from ._publisher import Producer, Publisher
 from ._subscriber import Subscriber
@@ -38,6 +49,13 @@ class BusStatistics:
         resyncs: Resync signals received from the notifier (reconnects, overflows).
         polls: Safety-net polls of the store's stream heads.
         poll_errors: Polls that failed (retried at the next interval).
+        events_emitted: Events emitted by this bus.
+        events_received: Events received from other buses (through the notifier).
+        event_flushes: Batches of events handed to the store and notifier.
+        events_dropped: Emitted events dropped before a flush (the outbox is
+            bounded) — the emitter outran its store.
+        event_errors: Flushes that failed (those events reached local subscribers
+            only).
     """
 
     streams: int
@@ -47,6 +65,11 @@ class BusStatistics:
     resyncs: int
     polls: int
     poll_errors: int
+    events_emitted: int
+    events_received: int
+    event_flushes: int
+    events_dropped: int
+    event_errors: int
 
 
 @final
@@ -55,8 +78,12 @@ class _Router:
     """The notifier's handler: turns notices into topic wake-ups, never awaiting."""
 
     topics: dict[str, Topic]
+    #: This bus's emitter id: its own events come back through the notifier (its
+    #: subscriptions had them already).
+    emitter: str
     notices: int = 0
     resyncs: int = 0
+    events_received: int = 0
 
     def notice(self, stream: str, last_id: int) -> None:
         self.notices += 1
@@ -68,6 +95,17 @@ class _Router:
         self.resyncs += 1
         for topic in self.topics.values():
             topic.resync()
+
+    def events(self, events: Sequence[Event]) -> None:
+        by_stream: dict[str, list[Event]] = {}
+        for event in events:
+            if event.emitter != self.emitter:
+                by_stream.setdefault(event.stream, []).append(event)
+        for stream, batch in by_stream.items():
+            self.events_received += len(batch)
+            topic = self.topics.get(stream)
+            if topic is not None:
+                topic.deliver_events(batch)
 
 
 @final
@@ -88,12 +126,17 @@ class Bus(metaclass=NoPublicConstructor):
     _service_scopes: list[trio.CancelScope] = attrs.field(factory=list, init=False)
     _polls: int = attrs.field(default=0, init=False)
     _poll_errors: int = attrs.field(default=0, init=False)
+    #: Identifies this bus's events (see Event.emitter); seq numbers them.
+    _emitter: str = attrs.field(factory=lambda: secrets.token_hex(8), init=False)
+    _events_emitted: int = attrs.field(default=0, init=False)
+    _outbox: Outbox = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self._topics = Topics(
             self._options.cache_size, trio.CapacityLimiter(self._options.max_concurrent_reads)
         )
-        self._router = _Router(self._topics.by_name)
+        self._router = _Router(self._topics.by_name, self._emitter)
+        self._outbox = Outbox(self._options.outbox_size)
 
     @property
     def store(self) -> Store:
@@ -129,6 +172,7 @@ class Bus(metaclass=NoPublicConstructor):
             self._options.max_body_bytes,
             functools.partial(self._start_producer, stream, max_batch),
             self._stop_producer,
+            self.emit,
         )
 
     def _start_producer(self, stream: str, max_batch: int) -> Producer:
@@ -140,7 +184,24 @@ class Bus(metaclass=NoPublicConstructor):
         self._producers.discard(producer)
         self._topics.release(producer.topic)
 
-    def open_subscriber(self, stream: str, after: int = 0) -> Subscriber:
+    @overload
+    def open_subscriber(
+        self, stream: str, after: int = 0, *, events: Literal[False] = False
+    ) -> Subscriber[Message]: ...
+
+    @overload
+    def open_subscriber(
+        self, stream: str, after: int = 0, *, events: Literal[True]
+    ) -> Subscriber[Message | Event]: ...
+
+    @overload
+    def open_subscriber(
+        self, stream: str, after: int = 0, *, events: bool
+    ) -> Subscriber[Message] | Subscriber[Message | Event]: ...
+
+    def open_subscriber(
+        self, stream: str, after: int = 0, *, events: bool = False
+    ) -> Subscriber[Message] | Subscriber[Message | Event]:
         """Subscribe to ``stream``: its messages after ``after``, then live ones.
 
         Use the result as ``async with bus.open_subscriber(stream) as sub:``. On entry
@@ -151,6 +212,9 @@ class Bus(metaclass=NoPublicConstructor):
         Args:
             stream: The stream to follow.
             after: The cursor: the id of the last message already seen (0 for all).
+            events: Also yield the stream's events (:class:`~chatbus.Event`), each in
+                its place among the messages; right after catching up to the head
+                message, first the events the stream retained for joiners.
 
         Raises:
             InvalidStream: ``stream`` is not a valid stream name.
@@ -160,9 +224,80 @@ class Bus(metaclass=NoPublicConstructor):
         """
         check_stream(stream)
         check_after(after)
-        return Subscriber._create(
-            self._topics, stream, self._store, after, self._options.read_batch
+        if not isinstance(events, bool):
+            raise TypeError(f"events must be a bool, not {type(events).__name__}")
+        subscriber = Subscriber._create(
+            self._topics,
+            stream,
+            self._store,
+            after,
+            self._options.read_batch,
+            self._nursery,
+            events,
+            self._options.event_buffer,
         )
+        return cast("Subscriber[Message] | Subscriber[Message | Event]", subscriber)
+
+    async def emit(
+        self, stream: str, body: object, *, key: str | None = None, ttl: float | None = None
+    ) -> Event:
+        """Emit an ephemeral event on ``stream``: delivered, never stored as a message.
+
+        It is positioned after the stream's last message as this bus knows it (the
+        returned event's ``after``), reaches this bus's event subscriptions at once
+        and other processes' through the notifier, at most once. ``emit`` never waits
+        for a subscriber.
+
+        Args:
+            stream: The stream the event belongs to.
+            body: Any JSON-serialisable value (at most ``max_event_bytes`` as JSON).
+            key: Latest-value state: a later event with the same key replaces this
+                one for joiners (``"status"``, ``"typing:al"``). None for a plain
+                event (a streamed part), retained for joiners until the next message.
+            ttl: Seconds a keyed event stays retained for joiners (None: until
+                replaced).
+
+        Returns:
+            The event, as subscribers get it.
+
+        Raises:
+            InvalidStream: ``stream`` is not a valid stream name.
+            InvalidMessage: ``body`` is not JSON-serialisable or ``key`` is not valid.
+            MessageTooLarge: ``body`` encodes to more than ``max_event_bytes``.
+            ValueError: ``ttl`` is not a positive number of seconds (up to a day).
+            BusClosed: the bus is closed.
+        """
+        check_stream(stream)
+        draft = make_event_draft(body, key, ttl, max_event_bytes=self._options.max_event_bytes)
+        topic = self._topics.acquire(stream)
+        try:
+            after = await self._head_of(topic)
+            event = Event(
+                stream=stream,
+                after=after,
+                body=json.loads(draft.body_json),
+                key=draft.key,
+                ttl=draft.ttl,
+                created_at=datetime.datetime.now(datetime.UTC),
+                emitter=self._emitter,
+                seq=self._events_emitted + 1,
+            )
+            self._events_emitted += 1
+            self._outbox.put(event, encode_event(event, draft.body_json))
+            topic.deliver_events([event])
+        finally:
+            self._topics.release(topic)
+        return event
+
+    async def _head_of(self, topic: Topic) -> int:
+        """The stream's head as this bus knows it; asked of the store the first time."""
+        if not topic.head_known:
+            heads = await self._store.heads([topic.name])
+            topic.advance(heads.get(topic.name, 0))
+            topic.head_known = True
+        else:
+            await trio.lowlevel.checkpoint()
+        return topic.high_water
 
     async def publish(self, stream: str, body: object, *, key: str | None = None) -> Message:
         """Publish one message to ``stream`` without opening a publisher.
@@ -216,6 +351,11 @@ class Bus(metaclass=NoPublicConstructor):
             resyncs=self._router.resyncs,
             polls=self._polls,
             poll_errors=self._poll_errors,
+            events_emitted=self._events_emitted,
+            events_received=self._router.events_received,
+            event_flushes=self._outbox.flushes,
+            events_dropped=self._outbox.dropped,
+            event_errors=self._outbox.errors,
         )
 
     async def aclose(self) -> None:
@@ -246,6 +386,7 @@ class Bus(metaclass=NoPublicConstructor):
             max_batch,
             self._options.max_pending,
             on_retire=self._producer_retired,
+            before_append=self._outbox.flushed,
         )
 
     def _producer_retired(self, producer: Producer) -> None:
@@ -262,6 +403,11 @@ class Bus(metaclass=NoPublicConstructor):
         with trio.CancelScope() as scope:
             self._service_scopes.append(scope)
             await self._notifier.listen(self._router, task_status=task_status)
+
+    async def _flush_events(self) -> None:
+        with trio.CancelScope() as scope:
+            self._service_scopes.append(scope)
+            await self._outbox.run(self._store, self._notifier)
 
     async def _poll(self, interval: float) -> None:
         with trio.CancelScope() as scope:
@@ -324,6 +470,8 @@ async def open_bus(
     max_concurrent_reads: int = _DEFAULTS.max_concurrent_reads,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     poll_interval: float | None = _DEFAULTS.poll_interval,
+    max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+    event_buffer: int = _DEFAULTS.event_buffer,
 ) -> AsyncIterator[Bus]:
     """Open a bus; leaving the block closes it and everything opened on it.
 
@@ -347,6 +495,10 @@ async def open_bus(
         max_body_bytes: Largest accepted body, as UTF-8 JSON (1..64 MiB).
         poll_interval: Seconds between safety-net polls of stream heads, which bound
             the delay a lost notice can cause; None turns polling off.
+        max_event_bytes: Largest accepted event body, as UTF-8 JSON (1..6000: events
+            ride in Postgres NOTIFY payloads).
+        event_buffer: Most events a subscription buffers for its consumer; past it
+            the oldest are dropped (and counted), never a message (1..1000000).
 
     Raises:
         ValueError: an option is out of range or the URL scheme is unknown.
@@ -359,6 +511,8 @@ async def open_bus(
         max_concurrent_reads=max_concurrent_reads,
         max_body_bytes=max_body_bytes,
         poll_interval=poll_interval,
+        max_event_bytes=max_event_bytes,
+        event_buffer=event_buffer,
     )
     if url is not None:
         if store is not None or notifier is not None:
@@ -385,6 +539,7 @@ async def _open_bus(store: Store, notifier: Notifier, options: BusOptions) -> As
         bus = Bus._create(store, notifier, options, nursery)
         try:
             await nursery.start(bus._serve)
+            nursery.start_soon(bus._flush_events)
             if options.poll_interval is not None and not math.isinf(options.poll_interval):
                 nursery.start_soon(bus._poll, options.poll_interval)
             yield bus

@@ -138,6 +138,16 @@ def make_draft(body: object, key: object, *, max_body_bytes: int) -> Draft:
     return Draft(body_json=body_json, key=key)
 
 
+def encode_body(body: object) -> str:
+    """``body`` as the JSON text chatbus stores (compact, UTF-8, dict order kept).
+
+    Decoding a stored body and encoding it again gives back the stored text, so two
+    bodies are the same message exactly when their encodings are equal (``true`` is
+    not ``1``).
+    """
+    return _ENCODER.encode(body)
+
+
 def _check_text(text: str, what: str, error: type[Exception]) -> int:
     """Raise ``error`` if ``text`` has a NUL or a lone surrogate; return its UTF-8 size."""
     if "\x00" in text:

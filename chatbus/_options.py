@@ -47,6 +47,9 @@ def check_identifier(name: str, value: object, *, max_bytes: int) -> str:
 MAX_READ_LIMIT = 10_000
 #: Default limit on a body's JSON encoding, in UTF-8 bytes.
 DEFAULT_MAX_BODY_BYTES = 256 * 1024
+#: Default limit on an event body's JSON encoding (events ride in NOTIFY payloads,
+#: at most 8000 bytes with the envelope).
+DEFAULT_MAX_EVENT_BYTES = 4000
 
 
 @attrs.frozen(kw_only=True)
@@ -60,6 +63,9 @@ class BusOptions:
     max_concurrent_reads: int = 8
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     poll_interval: float | None = 1.0
+    max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES
+    event_buffer: int = 256
+    outbox_size: int = 10_000
 
     def __attrs_post_init__(self) -> None:
         check_int_range("cache_size", self.cache_size, 1, 1_000_000)
@@ -70,3 +76,6 @@ class BusOptions:
         check_int_range("max_body_bytes", self.max_body_bytes, 1, 64 * 1024 * 1024)
         if self.poll_interval is not None:
             check_range("poll_interval", self.poll_interval, 0.001, 86_400)
+        check_int_range("max_event_bytes", self.max_event_bytes, 1, 6000)
+        check_int_range("event_buffer", self.event_buffer, 1, 1_000_000)
+        check_int_range("outbox_size", self.outbox_size, 1, 10_000_000)

@@ -11,6 +11,7 @@ from typing import Protocol
 
 import trio
 
+from ._event import Event
 from ._message import Draft, Message
 
 
@@ -46,6 +47,25 @@ class Store(Protocol):
         ...
 
 
+class EventStore(Protocol):
+    """What a :class:`Store` adds to keep events for joiners (optional).
+
+    A store without these methods still works: events then reach only the
+    subscriptions that are open when they are emitted.
+    """
+
+    async def retain_events(self, events: Sequence[Event], encoded: Sequence[str]) -> None:
+        """Keep ``events`` (with their wire encodings) for joiners, by the rule of
+        :class:`chatbus._event.RetainedEvents`; best effort, bounded per stream. A store
+        whose backend also carries them between processes (Postgres NOTIFY) does so
+        here, in the same round trip."""
+        ...
+
+    async def retained_events(self, stream: str, head: int) -> list[Event]:
+        """What a joiner caught up to message ``head`` of ``stream`` gets, oldest first."""
+        ...
+
+
 class NoticeHandler(Protocol):
     """What a notifier's listener reports to. Both methods are synchronous and cheap."""
 
@@ -55,6 +75,10 @@ class NoticeHandler(Protocol):
 
     def resync(self) -> None:
         """Notices may have been lost (reconnect, overflow): rescan everything."""
+        ...
+
+    def events(self, events: Sequence[Event]) -> None:
+        """Events emitted (by any bus) arrived, in emit order per emitter."""
         ...
 
 
@@ -81,5 +105,18 @@ class Notifier(Protocol):
         Call ``task_status.started()`` only once notices are really being received
         (for Postgres: after LISTEN is acknowledged), so nothing committed after
         start-up can be missed. Never await the handler; never stop reading.
+        """
+        ...
+
+
+class EventNotifier(Protocol):
+    """What a :class:`Notifier` adds to carry events between buses (optional)."""
+
+    async def notify_events(self, events: Sequence[Event], encoded: Sequence[str]) -> None:
+        """Carry ``events`` to every listening bus (at most once; optional).
+
+        A notifier whose paired store already sends them in :meth:`EventStore.retain_events`
+        (Postgres) may do nothing here. A notifier without this method carries no
+        events: they then reach only the emitting bus's own subscriptions.
         """
         ...

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import enum
-import json
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Final, final
 
 import attrs
 import trio
 
+from ._event import Event
 from ._exceptions import (
     BusClosed,
     BusError,
@@ -20,7 +20,7 @@ from ._exceptions import (
     StoreError,
     store_error,
 )
-from ._message import Draft, Message, make_draft
+from ._message import Draft, Message, encode_body, make_draft
 from ._protocols import Notifier, Store
 from ._tasks import ServiceNursery
 from ._topic import Topic
@@ -128,6 +128,8 @@ class Producer:
     max_pending: int
     #: Called once when the producer stops taking requests.
     on_retire: Callable[[Producer], None]
+    #: Awaited before each append: the bus's events emitted so far are flushed.
+    before_append: Callable[[], Awaitable[None]]
     _send: trio.MemorySendChannel[_Request] = attrs.field(init=False)
     _receive: trio.MemoryReceiveChannel[_Request] = attrs.field(init=False)
     _cancel_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
@@ -257,6 +259,7 @@ class Producer:
         stream = self.topic.name
         self.topic.appending += 1
         try:
+            await self.before_append()
             messages = await self.store.append(stream, [request.draft for request in live])
             if len(messages) != len(live):
                 raise StoreError(f"store returned {len(messages)} messages for {len(live)} drafts")
@@ -302,7 +305,7 @@ def _own_copy(exc: Exception, stream: str) -> BusError:
 
 def _conflict(draft: Draft, message: Message) -> IdempotencyConflict | None:
     """A replay whose body differs from the draft's: the key was reused for another message."""
-    if not message.replay or json.loads(draft.body_json) == message.body:
+    if not message.replay or encode_body(message.body) == draft.body_json:
         return None
     return IdempotencyConflict(
         f"key {message.key!r} was used in stream {message.stream!r} for message"
@@ -325,6 +328,7 @@ class Publisher(metaclass=NoPublicConstructor):
     _max_body_bytes: int
     _start: Callable[[], Producer]
     _stop: Callable[[Producer], None]
+    _emit: Callable[..., Awaitable[Event]]
     _producer: Producer | None = attrs.field(default=None, init=False)
     _service: ServiceNursery | None = attrs.field(default=None, init=False)
 
@@ -388,6 +392,17 @@ class Publisher(metaclass=NoPublicConstructor):
         """
         draft = make_draft(body, key, max_body_bytes=self._max_body_bytes)
         return await self._entered().submit(draft)
+
+    async def emit(
+        self, body: object, *, key: str | None = None, ttl: float | None = None
+    ) -> Event:
+        """Emit an ephemeral event on this publisher's stream; see :meth:`chatbus.Bus.emit`.
+
+        Its ``after`` counts this publisher's own commits at once: an event emitted
+        right after ``await publish(...)`` returned comes after that message.
+        """
+        self._entered()
+        return await self._emit(self._stream, body, key=key, ttl=ttl)
 
     def statistics(self) -> PublisherStatistics:
         """Return a snapshot of this publisher's counters."""

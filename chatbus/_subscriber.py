@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import bisect
 import collections
 from types import TracebackType
-from typing import final
+from typing import Any, Generic, TypeVar, cast, final
 
 import attrs
 import trio
 
+from ._event import Event
 from ._exceptions import StoreError, UndecodableMessage
 from ._merge import MergeState
 from ._message import Message
 from ._protocols import Store
-from ._tasks import Backoff, ServiceNursery
+from ._tasks import Backoff, shielded_cleanup
 from ._topic import Topic, Topics
 from ._util import NoPublicConstructor
+
+#: What a subscription yields: :class:`Message`, or ``Message | Event`` with events.
+Item = TypeVar("Item", covariant=True)
 
 
 @attrs.frozen(kw_only=True)
@@ -35,6 +40,12 @@ class SubscriberStatistics:
         store_reads: Reads from the store (start-up, gaps, rescans, retries).
         cache_hits: Messages served from the bus's durable cache.
         store_errors: Failed store reads (each retried with backoff).
+        events_delivered: Events the consumer has received (``events=True``).
+        events_stale: Unkeyed events dropped because the message after them had
+            already been received (they arrived too late for their position).
+        events_dropped: Events dropped because the consumer fell behind (the buffer
+            of events is bounded; messages are never dropped).
+        events_buffered: Events waiting for the consumer now.
     """
 
     stream: str
@@ -49,11 +60,15 @@ class SubscriberStatistics:
     store_reads: int
     cache_hits: int
     store_errors: int
+    events_delivered: int
+    events_stale: int
+    events_dropped: int
+    events_buffered: int
 
 
 @final
 @attrs.define(eq=False)
-class Subscriber(metaclass=NoPublicConstructor):
+class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
     """A live subscription: iterate it to get each message once, in id order.
 
     Made by :meth:`chatbus.Bus.open_subscriber` and used as an async context manager.
@@ -62,6 +77,14 @@ class Subscriber(metaclass=NoPublicConstructor):
     closes. One merge task per subscription fetches in bounded batches ahead of the
     consumer, so a consumer that stops reading costs a bounded amount of memory and
     slows nobody else.
+
+    Opened with ``events=True`` it also yields the stream's :class:`~chatbus.Event`
+    values, each in its place: an unkeyed event with ``after == n`` comes after
+    message ``n`` and before message ``n + 1``, or not at all (counted as stale).
+
+    The merge task runs in the bus's nursery, so entering a subscription opens no
+    cancel scope in the caller's task: yielding inside ``async with`` (an async
+    generator handed to a web framework) is safe.
     """
 
     _topics: Topics
@@ -69,11 +92,27 @@ class Subscriber(metaclass=NoPublicConstructor):
     _store: Store
     _after: int
     _read_limit: int
+    #: Where the merge task runs (the bus's nursery).
+    _nursery: trio.Nursery
+    _with_events: bool = False
+    #: Most events buffered for the consumer; beyond it the oldest are dropped.
+    _event_limit: int = 256
     _state: MergeState = attrs.field(init=False)
     _topic: Topic | None = attrs.field(default=None, init=False)
-    _service: ServiceNursery | None = attrs.field(default=None, init=False)
+    _entered: bool = attrs.field(default=False, init=False)
     #: The merge task's own scope: closing the bus stops the task, not the body.
     _merge_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
+    _merge_done: trio.Event = attrs.field(factory=trio.Event, init=False)
+    #: Events not yet received, ordered by (after, created_at); bounded.
+    _events: list[Event] = attrs.field(factory=list, init=False)
+    #: Origins of events buffered or received lately, to drop copies.
+    _seen_events: collections.OrderedDict[tuple[str, int], None] = attrs.field(
+        factory=collections.OrderedDict, init=False
+    )
+    _retained_fetched: bool = attrs.field(default=False, init=False)
+    _events_delivered: int = attrs.field(default=0, init=False)
+    _events_stale: int = attrs.field(default=0, init=False)
+    _events_dropped: int = attrs.field(default=0, init=False)
     #: Fetched, not yet received. The merge task adds a run only while it holds fewer
     #: than ``_read_limit``, so it never holds more than twice that.
     _buffer: collections.deque[Message] = attrs.field(factory=collections.deque, init=False)
@@ -93,18 +132,20 @@ class Subscriber(metaclass=NoPublicConstructor):
         self._state = MergeState(cursor=self._after)
         self._last_id = self._after
 
-    async def __aenter__(self) -> Subscriber:
-        if self._service is not None:
+    async def __aenter__(self) -> Subscriber[Item]:
+        if self._entered:
             raise RuntimeError("a subscription can be entered only once")
-        # Register for wake-ups first; the merge task's first step reads the store.
+        self._entered = True
+        # Register for wake-ups (and events) first; the merge task then reads the store.
         topic = self._topic = self._topics.acquire(self._stream, self)
+        if self._with_events:
+            topic.event_sinks.add(self)
         self._seen_resyncs = topic.resyncs
-        service = self._service = ServiceNursery()
-        nursery = await service.__aenter__()
         try:
-            await nursery.start(self._run)
-        except BaseException as exc:
-            await self.__aexit__(type(exc), exc, exc.__traceback__)
+            await self._nursery.start(self._run)
+        except BaseException:
+            self._merge_done.set()
+            self._release()
             raise
         return self
 
@@ -113,15 +154,20 @@ class Subscriber(metaclass=NoPublicConstructor):
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
-    ) -> bool:
-        assert self._service is not None
-        assert self._topic is not None
+    ) -> None:
+        self._closed = True
+        self._wake_consumer()
+        self._merge_scope.cancel()
         try:
-            self._closed = True
-            self._wake_consumer()
-            return await self._service.__aexit__(exc_type, exc, tb)
+            with shielded_cleanup():
+                await self._merge_done.wait()
         finally:
-            self._topics.release(self._topic, self)
+            self._release()
+
+    def _release(self) -> None:
+        assert self._topic is not None
+        self._topic.event_sinks.discard(self)
+        self._topics.release(self._topic, self)
 
     @property
     def stream(self) -> str:
@@ -133,8 +179,8 @@ class Subscriber(metaclass=NoPublicConstructor):
         """Id of the last message the consumer has received: where to resume from."""
         return self._last_id
 
-    async def receive(self) -> Message:
-        """Return the next message, waiting for it if need be.
+    async def receive(self) -> Item:
+        """Return the next message (or event, with ``events=True``), waiting if need be.
 
         Raises:
             trio.EndOfChannel: the bus was closed (after what was buffered).
@@ -144,11 +190,11 @@ class Subscriber(metaclass=NoPublicConstructor):
             UndecodableMessage: the next message cannot be decoded here (the
                 ones before it were delivered).
         """
-        buffer = self._buffer
-        if buffer and not self._closed:
+        item = self._next_item()
+        if item is not None and not self._closed:
             await trio.lowlevel.checkpoint_if_cancelled()
-        while not buffer or self._closed:
-            if self._closed or self._service is None:
+        while item is None or self._closed:
+            if self._closed or not self._entered:
                 raise trio.ClosedResourceError("this subscription is not open")
             if self._finished:
                 if self._error is not None:
@@ -165,6 +211,23 @@ class Subscriber(metaclass=NoPublicConstructor):
             finally:
                 if self._messages_ready is ready:  # cancelled: no longer waiting
                     self._messages_ready = None
+            item = self._next_item()
+        return cast("Item", item)
+
+    def _next_item(self) -> Message | Event | None:
+        """Take what the consumer gets next, if it is here: an event due at the cursor
+        goes before the next message; an event ahead of it waits for its message."""
+        events = self._events
+        while events and events[0].after <= self._last_id:
+            event = events.pop(0)
+            if event.key is None and event.after < self._last_id:
+                self._events_stale += 1
+                continue
+            self._events_delivered += 1
+            return event
+        buffer = self._buffer
+        if not buffer:
+            return None
         message = buffer.popleft()
         if self._room_ready is not None and len(buffer) < self._read_limit:
             self._room_ready.set()
@@ -173,10 +236,31 @@ class Subscriber(metaclass=NoPublicConstructor):
         self._last_id = message.id
         return message
 
-    def __aiter__(self) -> Subscriber:
+    def push_events(self, events: list[Event]) -> None:
+        """(Called by the topic, never blocking.) Buffer events for the consumer."""
+        if self._closed:
+            return
+        seen = self._seen_events
+        for event in events:
+            if event.key is None and event.after < self._last_id:
+                self._events_stale += 1
+                continue
+            origin = event.origin
+            if origin in seen:
+                continue
+            seen[origin] = None
+            if len(seen) > 4 * self._event_limit:
+                seen.popitem(last=False)
+            bisect.insort(self._events, event, key=_event_order)
+            if len(self._events) > self._event_limit:
+                del self._events[0]
+                self._events_dropped += 1
+        self._wake_consumer()
+
+    def __aiter__(self) -> Subscriber[Item]:
         return self
 
-    async def __anext__(self) -> Message:
+    async def __anext__(self) -> Item:
         try:
             return await self.receive()
         except trio.EndOfChannel:
@@ -198,6 +282,10 @@ class Subscriber(metaclass=NoPublicConstructor):
             store_reads=state.store_reads,
             cache_hits=state.cache_hits,
             store_errors=self._store_errors,
+            events_delivered=self._events_delivered,
+            events_stale=self._events_stale,
+            events_dropped=self._events_dropped,
+            events_buffered=len(self._events),
         )
 
     def _stop(self) -> None:
@@ -217,15 +305,18 @@ class Subscriber(metaclass=NoPublicConstructor):
         self._wake_consumer()
 
     async def _run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        with self._merge_scope:
-            task_status.started()
-            try:
-                await self._merge()
-            except Exception as exc:
-                self._error = exc
-            finally:
-                self._finished = True
-                self._wake_consumer()
+        try:
+            with self._merge_scope:
+                task_status.started()
+                try:
+                    await self._merge()
+                except Exception as exc:
+                    self._error = exc
+                finally:
+                    self._finished = True
+                    self._wake_consumer()
+        finally:
+            self._merge_done.set()
 
     async def _merge(self) -> None:
         assert self._topic is not None
@@ -256,8 +347,27 @@ class Subscriber(metaclass=NoPublicConstructor):
             if run:
                 backoff.reset()
                 await self._deliver(run)
+            elif self._with_events and not self._retained_fetched:
+                await self._fetch_retained_events()
             else:
                 await changed.wait()
+
+    async def _fetch_retained_events(self) -> None:
+        """Caught up to the head: hand the consumer what the stream retained for joiners.
+
+        Live events that arrived meanwhile are already buffered; copies are dropped.
+        """
+        self._retained_fetched = True
+        retained = getattr(self._store, "retained_events", None)
+        if retained is None:
+            return
+        try:
+            async with self._topics.read_limiter:
+                events = await retained(self._stream, self._state.cursor)
+        except StoreError:
+            self._store_errors += 1
+            return  # best effort: events are hints for the eye, messages are not
+        self.push_events(events)
 
     async def _read(self, topic: Topic, backoff: Backoff) -> list[Message] | None:
         """Read the store after the cursor; None means "look again".
@@ -287,3 +397,7 @@ class Subscriber(metaclass=NoPublicConstructor):
             done.set()
         topic.cache.put(page)
         return state.take(page, self._read_limit)
+
+
+def _event_order(event: Event) -> tuple[int, Any]:
+    return event.after, event.created_at

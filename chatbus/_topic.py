@@ -9,6 +9,7 @@ import attrs
 import trio
 
 from ._cache import DurableCache
+from ._event import Event
 from ._exceptions import BusClosed
 from ._message import Message
 
@@ -40,12 +41,26 @@ class Topic:
     appending: int = 0
     #: Store reads in flight, by cursor: subscriptions at the same cursor share one.
     reads: dict[int, trio.Event] = attrs.field(factory=dict)
+    #: Subscriptions opened with ``events=True``.
+    event_sinks: set[EventSink] = attrs.field(factory=set)
+    #: high_water is the stream's head as the store knew it at some point (not just 0
+    #: because nothing was heard yet): what an emitted event's ``after`` comes from.
+    head_known: bool = False
 
     def advance(self, last_id: int) -> None:
         """Record that ids up to ``last_id`` exist; wake subscriptions if that is news."""
         if last_id > self.high_water:
             self.high_water = last_id
             self._wake()
+
+    def deliver_events(self, events: list[Event]) -> None:
+        """Hand ``events`` to every event subscription (buffering, never blocking).
+
+        An event implies its ``after`` message exists: that is news for the merge.
+        """
+        self.advance(max(event.after for event in events))
+        for sink in list(self.event_sinks):
+            sink.push_events(events)
 
     def committed(self, messages: Sequence[Message]) -> int:
         """A local append committed ``messages``: cache them, wake subscriptions.
@@ -55,6 +70,7 @@ class Topic:
         self.cache.put(messages)
         last_id = max(message.id for message in messages)
         self.high_water = max(self.high_water, last_id)
+        self.head_known = True
         self._wake()  # even if a notice already raised high_water: the cache grew
         return last_id
 
@@ -118,3 +134,9 @@ class Stoppable(Protocol):
     """A subscription, as far as closing the bus is concerned."""
 
     def _stop(self) -> None: ...
+
+
+class EventSink(Protocol):
+    """A subscription that takes events."""
+
+    def push_events(self, events: list[Event]) -> None: ...

@@ -15,6 +15,7 @@ from typing import final
 import attrs
 import trio
 
+from ._event import RETAINED_EVENT_BYTES, RETAINED_EVENTS, Event, RetainedEvents
 from ._message import Draft, Message
 from ._protocols import NoticeHandler
 
@@ -42,6 +43,7 @@ class MemoryStore:
     """
 
     _logs: dict[str, _Log] = attrs.field(factory=dict, init=False)
+    _events: dict[str, RetainedEvents] = attrs.field(factory=dict, init=False)
 
     async def append(self, stream: str, drafts: Sequence[Draft]) -> list[Message]:
         """Append ``drafts`` to ``stream``; see :meth:`chatbus.Store.append`."""
@@ -83,6 +85,25 @@ class MemoryStore:
         await trio.lowlevel.checkpoint()
         return {stream: self.last_id(stream) for stream in streams}
 
+    async def retain_events(self, events: Sequence[Event], encoded: Sequence[str]) -> None:
+        """Keep ``events`` for joiners; see :meth:`chatbus.EventStore.retain_events`."""
+        await trio.lowlevel.checkpoint()
+        for event, text in zip(events, encoded, strict=True):
+            retained = self._events.get(event.stream)
+            if retained is None:
+                retained = self._events[event.stream] = RetainedEvents(
+                    RETAINED_EVENTS, RETAINED_EVENT_BYTES
+                )
+            retained.add([(event, len(text))])
+
+    async def retained_events(self, stream: str, head: int) -> list[Event]:
+        """Events a joiner at ``head`` gets; see :meth:`chatbus.EventStore.retained_events`."""
+        await trio.lowlevel.checkpoint()
+        retained = self._events.get(stream)
+        if retained is None:
+            return []
+        return retained.retained(head, datetime.datetime.now(datetime.UTC))
+
     def last_id(self, stream: str) -> int:
         """The highest committed id of ``stream`` (0 if it is empty), synchronously."""
         log = self._logs.get(stream)
@@ -107,6 +128,11 @@ class MemoryNotifier:
         # No checkpoint: this is called on every commit, and delivery is synchronous.
         for handler in list(self._handlers):
             handler.notice(stream, last_id)
+
+    async def notify_events(self, events: Sequence[Event], encoded: Sequence[str]) -> None:
+        """Report ``events`` to every listener now (the emitter's own bus ignores them)."""
+        for handler in list(self._handlers):
+            handler.events(events)
 
     async def listen(
         self,

@@ -19,6 +19,7 @@ message exactly once and in id order; faults only change latency.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import importlib
 import os
@@ -33,6 +34,7 @@ import attrs
 import trio
 
 from ._bus import Bus, open_bus
+from ._event import Event
 from ._exceptions import BusError
 from ._message import Draft, Message
 from ._options import check_int_range, check_range
@@ -110,6 +112,16 @@ class FaultyNotifier:
         """Pass the notice to the wrapped notifier (faults apply on the listening side)."""
         await self.inner.notify(stream, last_id)
 
+    async def notify_events(self, events: Sequence[Event], encoded: Sequence[str]) -> None:
+        """Pass events to the wrapped notifier, if it carries any (faults apply on the
+        listening side, as for notices: each batch is dropped, duplicated, delayed or
+        reordered as a notice would be)."""
+        carry = getattr(self.inner, "notify_events", None)
+        if carry is not None:
+            await carry(events, encoded)
+        else:
+            await trio.lowlevel.checkpoint()
+
     async def listen(
         self,
         handler: NoticeHandler,
@@ -140,11 +152,14 @@ class FaultyNotifier:
 @final
 @attrs.define(eq=False)
 class _FaultyHandler:
+    """Mistreats what one listener is told: notices, and batches of events alike."""
+
     config: FaultyNotifier
     target: NoticeHandler
     rng: random.Random
-    _due: list[tuple[float, int, str, int]] = attrs.field(factory=list, init=False)
-    _held: deque[tuple[str, int]] = attrs.field(factory=deque, init=False)
+    #: (due time, order, delivery) of what is delayed; deliveries held for a reorder.
+    _due: list[tuple[float, int, Callable[[], None]]] = attrs.field(factory=list, init=False)
+    _held: deque[Callable[[], None]] = attrs.field(factory=deque, init=False)
     _seq: int = attrs.field(default=0, init=False)
     _wakeup: trio.Event = attrs.field(factory=trio.Event, init=False)
     received: int = 0
@@ -155,6 +170,17 @@ class _FaultyHandler:
     delivered: int = 0
 
     def notice(self, stream: str, last_id: int) -> None:
+        self._mistreat(functools.partial(self.target.notice, stream, last_id))
+
+    def events(self, events: Sequence[Event]) -> None:
+        target = getattr(self.target, "events", None)
+        if target is not None:
+            self._mistreat(functools.partial(target, list(events)))
+
+    def resync(self) -> None:
+        self.target.resync()
+
+    def _mistreat(self, delivery: Callable[[], None]) -> None:
         self.received += 1
         config, rng = self.config, self.rng
         if rng.random() < config.drop:
@@ -169,26 +195,22 @@ class _FaultyHandler:
                 self.dropped += 1
             elif rng.random() < config.reorder:
                 self.reordered += 1
-                self._held.append((stream, last_id))
+                self._held.append(delivery)
             elif config.max_delay > 0:
                 self.delayed += 1
                 due = trio.current_time() + rng.uniform(0, config.max_delay)
                 self._seq += 1
-                heapq.heappush(self._due, (due, self._seq, stream, last_id))
+                heapq.heappush(self._due, (due, self._seq, delivery))
                 self._wakeup.set()
             else:
-                self._deliver(stream, last_id)
+                self._deliver(delivery)
 
-    def resync(self) -> None:
-        self.target.resync()
-
-    def _deliver(self, stream: str, last_id: int) -> None:
+    def _deliver(self, delivery: Callable[[], None]) -> None:
         self.delivered += 1
-        self.target.notice(stream, last_id)
+        delivery()
         while self._held:
-            held_stream, held_id = self._held.popleft()
             self.delivered += 1
-            self.target.notice(held_stream, held_id)
+            self._held.popleft()()
 
     async def release_due(self) -> None:
         while True:
@@ -196,14 +218,14 @@ class _FaultyHandler:
                 self._wakeup = trio.Event()
                 await self._wakeup.wait()
                 continue
-            due, _, stream, last_id = self._due[0]
+            due, _, delivery = self._due[0]
             if trio.current_time() < due:
                 self._wakeup = trio.Event()
                 with trio.move_on_at(due):
                     await self._wakeup.wait()
                 continue
             heapq.heappop(self._due)
-            self._deliver(stream, last_id)
+            self._deliver(delivery)
 
 
 @final
@@ -257,6 +279,23 @@ class LaggingStore:
             if visible is not None and stream in heads:
                 heads[stream] = min(heads[stream], visible)
         return heads
+
+    async def retain_events(self, events: Sequence[Event], encoded: Sequence[str]) -> None:
+        """Retain events in the wrapped store, if it keeps any (events do not lag)."""
+        retain = getattr(self.inner, "retain_events", None)
+        if retain is not None:
+            await retain(events, encoded)
+        else:
+            await trio.lowlevel.checkpoint()
+
+    async def retained_events(self, stream: str, head: int) -> list[Event]:
+        """The wrapped store's retained events, if it keeps any."""
+        retained = getattr(self.inner, "retained_events", None)
+        if retained is None:
+            await trio.lowlevel.checkpoint()
+            return []
+        found: list[Event] = await retained(stream, head)
+        return found
 
     def _visible_head(self, stream: str) -> int | None:
         """The highest readable id while a batch of ``stream`` is hidden, else None."""

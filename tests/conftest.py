@@ -33,8 +33,9 @@ def _memory_backend() -> Backend:
 
     @asynccontextmanager
     async def open_bus(**options: Any) -> AsyncIterator[chatbus.Bus]:
+        wrap = options.pop("wrap_notifier", lambda n: n)
         async with chatbus.open_bus(
-            store=options.pop("store", store), notifier=notifier, **options
+            store=options.pop("store", store), notifier=wrap(notifier), **options
         ) as bus:
             yield bus
 

@@ -19,6 +19,7 @@ import trio
 from psycopg import pq, sql
 
 from .._codec import parse_notice
+from .._event import Event, decode_events
 from .._listener import Beat, ListenLost, Liveness, Reconnecting
 from .._protocols import NoticeHandler
 from .._tasks import Backoff
@@ -28,6 +29,8 @@ from . import _pq
 DB_ERRORS: Final = (psycopg.Error, OSError)
 
 _PING_QUERY: Final = b"SELECT pg_notify($1, $2)"
+#: How a payload of events begins (see chatbus._event.encode_events).
+_EVENTS_PREFIX: Final = b'{"events":'
 
 
 @final
@@ -105,7 +108,13 @@ class ListenSession:
 
     def _dispatch(self, notify: pq.PGnotify) -> None:
         if notify.relname == self.channel:
-            parsed = parse_notice(notify.extra)
+            payload = notify.extra
+            if payload.startswith(_EVENTS_PREFIX):
+                events = decode_events(payload)
+                if events:
+                    self.handler.events(events)
+                return
+            parsed = parse_notice(payload)
             if parsed is not None:
                 self.notices += 1
                 self.handler.notice(*parsed)
@@ -160,6 +169,10 @@ class PostgresNotifier:
         The NOTIFY is part of the transaction that commits the batch, so it is delivered
         if and only if the batch commits, in commit order, to every process.
         """
+        await trio.lowlevel.checkpoint()
+
+    async def notify_events(self, events: Sequence[Event], encoded: Sequence[str]) -> None:
+        """Do nothing: :meth:`PostgresStore.retain_events` sent them, as NOTIFY, already."""
         await trio.lowlevel.checkpoint()
 
     async def listen(

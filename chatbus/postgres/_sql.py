@@ -13,6 +13,8 @@ from typing import Final, final
 import attrs
 from psycopg import sql
 
+from .._event import RETAINED_EVENT_BYTES, RETAINED_EVENTS
+
 
 def channel_for_schema(schema: str) -> str:
     """Return the NOTIFY channel used by the store and notifier of ``schema``.
@@ -40,7 +42,7 @@ def ddl_lock_key(schema: str) -> int:
 
 #: The comment on a schema's ``streams`` table once :func:`ddl` has run: if it is
 #: there, every object is. Change any DDL, change the version.
-SCHEMA_VERSION: Final = "chatbus schema 2"
+SCHEMA_VERSION: Final = "chatbus schema 3"
 
 
 def streams_table(schema: str) -> sql.Composable:
@@ -76,6 +78,27 @@ def ddl(schema: str) -> list[sql.Composed]:
             "ALTER TABLE {} ADD COLUMN IF NOT EXISTS last_at timestamptz,"
             " ADD COLUMN IF NOT EXISTS last_token bigint"
         ).format(sql.Identifier(schema, "streams")),
+        # Events retained for joiners: UNLOGGED (not written to the WAL, emptied by a
+        # crash), for they are hints for the eye, never history.
+        sql.SQL(
+            "CREATE UNLOGGED TABLE IF NOT EXISTS {} ("
+            " stream text NOT NULL,"
+            " key text,"
+            " emitter text NOT NULL,"
+            " seq bigint NOT NULL,"
+            " after bigint NOT NULL,"
+            " encoded text NOT NULL,"
+            " micros bigint NOT NULL,"
+            " expires_at timestamptz)"
+        ).format(sql.Identifier(schema, "events")),
+        sql.SQL(
+            "CREATE UNIQUE INDEX IF NOT EXISTS events_stream_key ON {} (stream, key)"
+            " WHERE key IS NOT NULL"
+        ).format(sql.Identifier(schema, "events")),
+        sql.SQL(
+            "CREATE INDEX IF NOT EXISTS events_stream_after ON {} (stream, after)"
+            " WHERE key IS NULL"
+        ).format(sql.Identifier(schema, "events")),
         # Last: the mark that the schema is at this version (see SCHEMA_VERSION).
         sql.SQL("COMMENT ON TABLE {} IS {}").format(
             sql.Identifier(schema, "streams"), sql.Literal(SCHEMA_VERSION)
@@ -122,6 +145,9 @@ class Queries:
     read: bytes
     heads: bytes
     outcome: bytes
+    retain_events: bytes
+    retained_events: bytes
+    bodies_of_keys: bytes
 
     @classmethod
     def for_schema(cls, schema: str) -> Queries:
@@ -134,6 +160,9 @@ class Queries:
             read=_bytes(_READ, names),
             heads=_bytes(_HEADS, names),
             outcome=_bytes(_OUTCOME, names),
+            retain_events=_bytes(_RETAIN_EVENTS, names),
+            retained_events=_bytes(_RETAINED_EVENTS, names),
+            bodies_of_keys=_bytes(_BODIES_OF_KEYS, names),
         )
 
 
@@ -147,6 +176,9 @@ def _names(schema: str) -> dict[str, sql.Composable]:
         "keyed_notice": _notice("b.stream", "b.last_id"),
         "b_micros": _micros("b.last_at"),
         "group_bytes": sql.Literal(READ_GROUP_BYTES),
+        "events": sql.Identifier(schema, "events"),
+        "max_events": sql.Literal(RETAINED_EVENTS),
+        "max_event_bytes": sql.Literal(RETAINED_EVENT_BYTES),
     }
 
 
@@ -232,7 +264,11 @@ _APPEND_STREAMS: Final = """
 # nothing. The store runs it again (a new snapshot sees the key): rare, and correct
 # thanks to the unique index.
 # Output per stream: new last id, created_at µs of the batch, and the messages found
-# for its keys as [[key, id, body, created_at µs], …] (NULL if none).
+# for its keys as [[key, id, created_at µs, md5 of the body text], …] (NULL if none).
+# Not their bodies: the reply is written while the stream's lock is held, and a
+# client that stops reading a big reply (frozen) would hold the lock with it. A retry
+# sends the very text it sent before, so an equal digest means the same body; only
+# for a conflict does the store read the original body, afterwards (_BODIES_OF_KEYS).
 _APPEND_KEYED: Final = """
     WITH input AS MATERIALIZED (
         SELECT s.value->>0 AS stream, s.value->1 AS keys, s.value->>2 AS packed
@@ -248,10 +284,11 @@ _APPEND_KEYED: Final = """
     ), found AS MATERIALIZED (
         -- LATERAL ... LIMIT 1: one probe of the unique index per key, never a scan of
         -- the table (a join here may be planned as one, the row counts being unknown).
-        SELECT d.stream, d.key, m.id, m.body, m.micros
+        SELECT d.stream, d.key, m.id, m.micros, m.digest
         FROM (SELECT DISTINCT d.stream, d.key FROM drafts AS d WHERE d.key IS NOT NULL) AS d
         CROSS JOIN LATERAL (
-            SELECT m.id, m.body, {found_micros} AS micros FROM {messages} AS m
+            SELECT m.id, {found_micros} AS micros, md5(m.body::text) AS digest
+            FROM {messages} AS m
             WHERE m.stream = d.stream AND m.key = d.key AND m.key IS NOT NULL
             LIMIT 1
         ) AS m
@@ -281,10 +318,20 @@ _APPEND_KEYED: Final = """
             JOIN bump AS b ON b.stream = f.stream
     )
     SELECT b.stream, b.last_id, {b_micros},
-        (SELECT json_agg(json_build_array(f.key, f.id, f.body, f.micros))
+        (SELECT json_agg(json_build_array(f.key, f.id, f.micros, f.digest))
             FROM found AS f WHERE f.stream = b.stream),
         CASE WHEN c.n > 0 THEN pg_notify($2::text, {keyed_notice}) END
     FROM bump AS b JOIN counts AS c ON c.stream = b.stream
+"""
+
+# The bodies of the messages stored under keys $2 (a JSON array) of stream $1.
+_BODIES_OF_KEYS: Final = """
+    SELECT json_agg(json_build_array(m.key, m.body))
+    FROM json_array_elements_text($2::json) AS k(key)
+    CROSS JOIN LATERAL (
+        SELECT m.key, m.body FROM {messages} AS m
+        WHERE m.stream = $1::text AND m.key = k.key AND m.key IS NOT NULL LIMIT 1
+    ) AS m
 """
 
 # After a lost reply: did the batch with token $2 commit? Per stream, its head and the
@@ -316,3 +363,62 @@ _HEADS: Final = (
     "SELECT json_object_agg(st.stream, st.last_id) FROM {streams} AS st"
     " WHERE st.stream IN (SELECT json_array_elements_text($1::json))"
 )
+
+# Emitted events, one round trip per flush of a bus's outbox: retain them for joiners
+# (keyed: the latest per key, with its expiry; unkeyed: those after the newest
+# position, older ones of the stream cleared; per stream at most RETAINED_EVENTS rows
+# and RETAINED_EVENT_BYTES bytes, the oldest dropped) and NOTIFY them, packed into
+# few payloads ($3, made by chatbus._event.encode_events). Input $1: a JSON array of
+# [stream, key, emitter, seq, after, encoded event, created µs, ttl].
+_RETAIN_EVENTS: Final = """
+    WITH input AS MATERIALIZED (
+        SELECT x.e->>0 AS stream, x.e->>1 AS key, x.e->>2 AS emitter,
+            (x.e->>3)::bigint AS seq, (x.e->>4)::bigint AS after, x.e->>5 AS encoded,
+            (x.e->>6)::bigint AS micros, (x.e->>7)::float8 AS ttl, x.ord
+        FROM json_array_elements($1::json) WITH ORDINALITY AS x(e, ord)
+    ), keyed AS (
+        INSERT INTO {events} AS r (stream, key, emitter, seq, after, encoded, micros, expires_at)
+        SELECT DISTINCT ON (i.stream, i.key) i.stream, i.key, i.emitter, i.seq, i.after,
+            i.encoded, i.micros,
+            to_timestamp(i.micros / 1000000.0) + i.ttl * interval '1 second'
+        FROM input AS i WHERE i.key IS NOT NULL
+        ORDER BY i.stream, i.key, i.ord DESC
+        ON CONFLICT (stream, key) WHERE key IS NOT NULL DO UPDATE SET
+            emitter = EXCLUDED.emitter, seq = EXCLUDED.seq, after = EXCLUDED.after,
+            encoded = EXCLUDED.encoded, micros = EXCLUDED.micros,
+            expires_at = EXCLUDED.expires_at
+    ), unkeyed AS (
+        INSERT INTO {events} (stream, key, emitter, seq, after, encoded, micros)
+        SELECT i.stream, NULL, i.emitter, i.seq, i.after, i.encoded, i.micros
+        FROM input AS i WHERE i.key IS NULL
+    ), cleared AS (
+        DELETE FROM {events} AS r
+        USING (
+            SELECT i.stream, max(i.after) AS after FROM input AS i
+            WHERE i.key IS NULL GROUP BY i.stream
+        ) AS m
+        WHERE r.stream = m.stream AND r.key IS NULL AND r.after < m.after
+    ), trimmed AS (
+        DELETE FROM {events} AS r WHERE r.ctid IN (
+            SELECT t.ctid FROM (
+                SELECT e.ctid,
+                    row_number() OVER w AS n, sum(octet_length(e.encoded)) OVER w AS bytes
+                FROM {events} AS e WHERE e.stream IN (SELECT i.stream FROM input AS i)
+                WINDOW w AS (PARTITION BY e.stream ORDER BY e.micros DESC, e.seq DESC)
+            ) AS t
+            WHERE t.n > {max_events} OR t.bytes > {max_event_bytes}
+        )
+    )
+    SELECT count(pg_notify($2::text, p.payload))
+    FROM json_array_elements_text($3::json) AS p(payload)
+"""
+
+# What a joiner caught up to message $2 of stream $1 gets: the unkeyed events
+# positioned at $2, and every keyed one not expired, oldest first.
+_RETAINED_EVENTS: Final = """
+    SELECT json_agg(r.encoded::json ORDER BY r.micros, r.seq) FROM {events} AS r
+    WHERE r.stream = $1::text AND (
+        (r.key IS NULL AND r.after = $2::bigint)
+        OR (r.key IS NOT NULL AND (r.expires_at IS NULL OR r.expires_at > now()))
+    )
+"""

@@ -9,7 +9,9 @@ lent connection, one asyncio crossing each (:mod:`._aio`). Imports this package'
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import hashlib
 import json
 import random
 from collections.abc import Sequence
@@ -23,6 +25,7 @@ from psycopg import pq
 
 from .._coalesce import GroupCommit, PendingAppend
 from .._codec import BODY_SEPARATOR, BadBody, pack_bodies, plan_keyed_batch
+from .._event import Event, decode_event_items, encode_events, to_micros
 from .._exceptions import BusError, OutcomeUnknown, StoreError, UndecodableMessage, store_error
 from .._message import Draft, Message, check_after, check_stream
 from . import _pq
@@ -102,6 +105,11 @@ def _page(stream: str, result: pq.abc.PGresult) -> list[Message]:
         for group in range(result.ntuples)
         for id_, key, body, micros in json.loads(_pq.value(result, group, 0))
     ]
+
+
+def _digest(body_json: str) -> str:
+    """What the server's ``md5(body::text)`` gives for a body sent as ``body_json``."""
+    return hashlib.md5(body_json.encode("utf-8")).hexdigest()
 
 
 def _joined(members: list[PendingAppend]) -> str:
@@ -316,6 +324,42 @@ class PostgresStore:
         heads: dict[str, int] = {} if found is None else json.loads(found)
         return {stream: heads.get(stream, 0) for stream in wanted}
 
+    async def retain_events(self, events: Sequence[Event], encoded: Sequence[str]) -> None:
+        """Retain ``events`` for joiners and NOTIFY them, in one statement.
+
+        See :meth:`chatbus.EventStore.retain_events`; :class:`PostgresNotifier` then
+        has nothing to do for them (the NOTIFY went out here, at this commit).
+
+        Raises:
+            StoreError: the statement failed (the events reached local subscribers).
+        """
+        if not events:
+            await trio.lowlevel.checkpoint()
+            return
+        rows = [
+            [e.stream, e.key, e.emitter, e.seq, e.after, text, to_micros(e.created_at), e.ttl]
+            for e, text in zip(events, encoded, strict=True)
+        ]
+        params = [
+            json.dumps(rows, ensure_ascii=False, separators=(",", ":")).encode("utf-8"),
+            self._channel.encode("utf-8"),
+            json.dumps(encode_events(encoded), ensure_ascii=False).encode("utf-8"),
+        ]
+        await self._query("emit", self._queries.retain_events, params)
+
+    async def retained_events(self, stream: str, head: int) -> list[Event]:
+        """Events a joiner at ``head`` gets; see :meth:`chatbus.EventStore.retained_events`.
+
+        Raises:
+            StoreError: the query failed.
+        """
+        params = [stream.encode("utf-8"), b"%d" % head]
+        result = await self._query(
+            "read events", self._queries.retained_events, params, stream=stream
+        )
+        found = result.get_value(0, 0)
+        return [] if found is None else decode_event_items(json.loads(found))
+
     async def _check_open(self, operation: str) -> None:
         if self._closed:
             await trio.lowlevel.checkpoint()
@@ -407,26 +451,55 @@ class PostgresStore:
         for row in range(result.ntuples):
             stream = _pq.value(result, row, 0).decode("utf-8")
             found_text = result.get_value(row, 3)
-            found: dict[str, Message] = {}
-            if found_text is not None:
-                for key, id_, body, micros in json.loads(found_text):
-                    found[key] = Message(
-                        stream=stream,
-                        id=id_,
-                        body=body,
-                        key=key,
-                        created_at=_pq.from_epoch_micros(micros),
-                        replay=True,
-                    )
+            found = [] if found_text is None else json.loads(found_text)
             rows.append(
                 (
                     stream,
                     int(_pq.value(result, row, 1)),
                     _pq.from_epoch_micros(int(_pq.value(result, row, 2))),
-                    found,
+                    await self._replays(stream, found, groups[stream]) if found else {},
                 )
             )
         return rows
+
+    async def _replays(
+        self, stream: str, found: list[list[Any]], members: list[PendingAppend]
+    ) -> dict[str, Message]:
+        """The messages a batch found under its keys, with their bodies.
+
+        A draft whose text has the stored body's digest sent the same body: that is
+        the body. For a key reused with another body (a conflict the publisher then
+        reports), the original body is read now, with no lock held; should that read
+        fail, the replay's body is None (still not the draft's: still a conflict).
+        """
+        sent: dict[str, tuple[str, Any]] = {}
+        for member in members:
+            batch: _Batch = member.payload
+            for draft, body in zip(batch.drafts, batch.bodies, strict=True):
+                if draft.key is not None:
+                    sent.setdefault(draft.key, (_digest(draft.body_json), body))
+        bodies: dict[str, Any] = {}
+        differing = [key for key, _, _, digest in found if sent[key][0] != digest]
+        if differing:
+            with contextlib.suppress(*DB_ERRORS):
+                params = [
+                    stream.encode("utf-8"),
+                    json.dumps(differing, ensure_ascii=False).encode("utf-8"),
+                ]
+                result = await self._run_prepared(self._queries.bodies_of_keys, params)
+                text = result.get_value(0, 0)
+                bodies = {} if text is None else dict(json.loads(text))
+        return {
+            key: Message(
+                stream=stream,
+                id=id_,
+                body=sent[key][1] if sent[key][0] == digest else bodies.get(key),
+                key=key,
+                created_at=_pq.from_epoch_micros(micros),
+                replay=True,
+            )
+            for key, id_, micros, digest in found
+        }
 
     async def _run_append(self, query: bytes, params: list[bytes]) -> pq.abc.PGresult:
         """:meth:`_run_prepared` for an append: a reply lost once sent is _MaybeCommitted."""

@@ -348,9 +348,10 @@ async def postgres_backend() -> AsyncIterator[
         @asynccontextmanager
         async def open_bus(**options: Any) -> AsyncIterator[chatbus.Bus]:
             """A bus with its own pool and LISTEN connection: another "process"."""
+            wrap = options.pop("wrap_notifier", lambda n: n)
             async with open_postgres(dsn, schema=schema) as (store, notifier):
                 async with chatbus.open_bus(
-                    store=options.pop("store", store), notifier=notifier, **options
+                    store=options.pop("store", store), notifier=wrap(notifier), **options
                 ) as bus:
                     yield bus
 

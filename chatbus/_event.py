@@ -1,0 +1,278 @@
+"""Events: ephemeral, positioned values beside a stream's durable messages.
+
+Owns: the :class:`Event` value, the validation of what is emitted, the wire encoding
+every networked backend shares (:func:`encode_events`, :func:`decode_events`), and
+the retention rule for joiners (:class:`RetainedEvents`, pure). Imports only
+:mod:`chatbus._exceptions`, :mod:`chatbus._options` and :mod:`chatbus._message`.
+
+Where an event sits: it carries ``after``, the id of the last durable message of its
+stream when it was emitted (as the emitter's bus knew it). A consumer gets an unkeyed
+event after message ``after`` and before message ``after + 1``, or not at all; a keyed
+event is latest-value state ("status", "typing:al") and is never dropped for being
+late, only for being replaced or expiring.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any, Final, final
+
+import attrs
+
+from ._exceptions import InvalidMessage, MessageTooLarge
+from ._message import MAX_ID, make_draft
+
+#: Largest accepted ``ttl``, in seconds (a day).
+MAX_TTL: Final = 86_400.0
+#: Events retained per stream for joiners (count, bytes): the oldest go first.
+RETAINED_EVENTS: Final = 1000
+RETAINED_EVENT_BYTES: Final = 1024 * 1024
+#: Most bytes of one encoded notification of events (Postgres allows 8000).
+MAX_PAYLOAD_BYTES: Final = 7900
+
+_EPOCH: Final = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
+
+
+@attrs.frozen(kw_only=True)
+class Event:
+    """An ephemeral event: never stored as a message, delivered at most once.
+
+    Attributes:
+        stream: The stream it belongs to.
+        after: The id of the last durable message of the stream when it was emitted
+            (as the emitter's bus knew it): it reaches a consumer after that message
+            and, if unkeyed, before the next one, or not at all.
+        body: The decoded JSON value that was emitted.
+        key: For latest-value state (``"status"``, ``"typing:al"``): a later event
+            with the same key replaces it for joiners. None for a plain event.
+        ttl: Seconds the event stays retained for joiners (keyed ones), or None.
+        created_at: When it was emitted (UTC, the emitter's clock).
+        emitter: Identifies the bus that emitted it (one per :func:`chatbus.open_bus`).
+        seq: Its position among that emitter's events: 1, 2, 3, …
+    """
+
+    stream: str
+    after: int
+    body: Any
+    key: str | None
+    ttl: float | None
+    created_at: datetime.datetime
+    emitter: str
+    seq: int
+
+    @property
+    def expires_at(self) -> datetime.datetime | None:
+        """When a keyed event with a ``ttl`` stops being retained (None: never)."""
+        if self.ttl is None:
+            return None
+        return self.created_at + datetime.timedelta(seconds=self.ttl)
+
+    @property
+    def origin(self) -> tuple[str, int]:
+        """``(emitter, seq)``: unique per event, ordered per emitter."""
+        return self.emitter, self.seq
+
+
+@final
+@attrs.frozen
+class EventDraft:
+    """A validated event body waiting for its position: JSON text, key and ttl."""
+
+    body_json: str
+    key: str | None
+    ttl: float | None
+
+
+def make_event_draft(
+    body: object, key: object, ttl: object, *, max_event_bytes: int
+) -> EventDraft:
+    """Validate one event before anything is sent.
+
+    Raises:
+        InvalidMessage: ``body`` is not JSON-serialisable, or ``key`` is not valid.
+        MessageTooLarge: ``body`` encodes to more than ``max_event_bytes``.
+        ValueError: ``ttl`` is not a positive number of seconds (up to a day).
+        TypeError: ``ttl`` is not a number.
+    """
+    if ttl is not None:
+        if isinstance(ttl, bool) or not isinstance(ttl, int | float):
+            raise TypeError(f"ttl must be a number of seconds or None, not {type(ttl).__name__}")
+        if not (0 < ttl <= MAX_TTL) or math.isnan(ttl):
+            raise ValueError(f"ttl must be more than 0 and at most {MAX_TTL:g} seconds, got {ttl}")
+    try:
+        draft = make_draft(body, key, max_body_bytes=max_event_bytes)
+    except MessageTooLarge as exc:
+        raise MessageTooLarge(str(exc).replace("body is", "event body is", 1)) from None
+    except InvalidMessage as exc:
+        raise InvalidMessage(str(exc).replace("body", "event body", 1)) from None
+    return EventDraft(draft.body_json, draft.key, None if ttl is None else float(ttl))
+
+
+def to_micros(ts: datetime.datetime) -> int:
+    """Microseconds since the Unix epoch (exact)."""
+    return (ts - _EPOCH) // datetime.timedelta(microseconds=1)
+
+
+def from_micros(micros: int) -> datetime.datetime:
+    """The UTC datetime ``micros`` microseconds after the Unix epoch."""
+    return _EPOCH + datetime.timedelta(microseconds=micros)
+
+
+def encode_event(event: Event, body_json: str) -> str:
+    """One event as compact JSON text, its body embedded as the JSON it was sent as."""
+    head = json.dumps(
+        [
+            event.stream,
+            event.after,
+            event.key,
+            event.ttl,
+            to_micros(event.created_at),
+            event.emitter,
+            event.seq,
+        ],
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )
+    return head[:-1] + "," + body_json + "]"
+
+
+def encode_events(encoded: Iterable[str], *, limit: int = MAX_PAYLOAD_BYTES) -> list[str]:
+    """Pack encoded events (see :func:`encode_event`) into payloads of at most ``limit``
+    UTF-8 bytes each: ``{"events": [...]}``. An event alone over the limit is dropped
+    (validation keeps events far below it)."""
+    payloads: list[str] = []
+    batch: list[str] = []
+    size = 0
+    envelope = len('{"events":[]}')
+    for text in encoded:
+        length = len(text.encode("utf-8")) + 1
+        if length + envelope > limit:
+            continue
+        if batch and size + length + envelope > limit:
+            payloads.append('{"events":[' + ",".join(batch) + "]}")
+            batch, size = [], 0
+        batch.append(text)
+        size += length
+    if batch:
+        payloads.append('{"events":[' + ",".join(batch) + "]}")
+    return payloads
+
+
+def decode_events(payload: bytes | str) -> list[Event] | None:
+    """Decode a payload of events; None if it is not one (a notice, garbage)."""
+    try:
+        data = json.loads(payload)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(data, dict) or not isinstance(items := data.get("events"), list):
+        return None
+    return decode_event_items(items)
+
+
+def decode_event_items(items: Iterable[object]) -> list[Event]:
+    """Decode encoded events (already parsed JSON); what is not an event is skipped."""
+    events = []
+    for item in items:
+        event = _decode_one(item)
+        if event is not None:
+            events.append(event)
+    return events
+
+
+def _decode_one(item: object) -> Event | None:
+    if not isinstance(item, list) or len(item) != 8:
+        return None
+    stream, after, key, ttl, micros, emitter, seq, body = item
+    if (
+        not isinstance(stream, str)
+        or type(after) is not int
+        or not 0 <= after <= MAX_ID
+        or not (key is None or isinstance(key, str))
+        or not (ttl is None or isinstance(ttl, int | float))
+        or type(micros) is not int
+        or not isinstance(emitter, str)
+        or type(seq) is not int
+    ):
+        return None
+    try:
+        created_at = from_micros(micros)
+    except OverflowError:
+        return None
+    return Event(
+        stream=stream,
+        after=after,
+        body=body,
+        key=key,
+        ttl=None if ttl is None else float(ttl),
+        created_at=created_at,
+        emitter=emitter,
+        seq=seq,
+    )
+
+
+@final
+@attrs.define(eq=False)
+class RetainedEvents:
+    """What a stream keeps for joiners: the rule, without I/O.
+
+    * unkeyed events whose ``after`` is the stream's head (the parts of a reply being
+      streamed after the last message); older ones are dropped as the head moves;
+    * the latest event of each key, until its ``ttl`` runs out.
+
+    Bounded: at most ``max_events`` events and ``max_bytes`` bytes of bodies per
+    stream; the oldest go first.
+    """
+
+    max_events: int
+    max_bytes: int
+    _unkeyed: list[tuple[Event, int]] = attrs.field(factory=list, init=False)
+    _keyed: dict[str, tuple[Event, int]] = attrs.field(factory=dict, init=False)
+
+    def add(self, events: Sequence[tuple[Event, int]]) -> None:
+        """Retain ``(event, body size)`` pairs, in emit order."""
+        for event, size in events:
+            if event.key is None:
+                if self._unkeyed and event.after > self._unkeyed[-1][0].after:
+                    self._unkeyed = [(e, n) for e, n in self._unkeyed if e.after >= event.after]
+                if self._unkeyed and event.after < self._unkeyed[-1][0].after:
+                    continue  # older than what is retained: stale already
+                self._unkeyed.append((event, size))
+            else:
+                self._keyed.pop(event.key, None)
+                self._keyed[event.key] = (event, size)
+        self._bound()
+
+    def retained(self, head: int, now: datetime.datetime) -> list[Event]:
+        """What a joiner caught up to ``head`` gets now, oldest first."""
+        self._expire(now)
+        keyed = [event for event, _ in self._keyed.values()]
+        unkeyed = [event for event, _ in self._unkeyed if event.after == head]
+        return sorted([*keyed, *unkeyed], key=lambda e: e.created_at)
+
+    def __len__(self) -> int:
+        return len(self._unkeyed) + len(self._keyed)
+
+    def _expire(self, now: datetime.datetime) -> None:
+        for key, (event, _) in list(self._keyed.items()):
+            expires = event.expires_at
+            if expires is not None and expires <= now:
+                del self._keyed[key]
+
+    def _bound(self) -> None:
+        total = sum(n for _, n in self._unkeyed) + sum(n for _, n in self._keyed.values())
+        while len(self) > self.max_events or total > self.max_bytes:
+            oldest_keyed = next(iter(self._keyed.values()), None)
+            oldest_unkeyed = self._unkeyed[0] if self._unkeyed else None
+            if oldest_unkeyed is not None and (
+                oldest_keyed is None or oldest_unkeyed[0].created_at <= oldest_keyed[0].created_at
+            ):
+                self._unkeyed.pop(0)
+                total -= oldest_unkeyed[1]
+            elif oldest_keyed is not None:
+                del self._keyed[oldest_keyed[0].key]  # type: ignore[arg-type]
+                total -= oldest_keyed[1]
+            else:  # pragma: no cover - len(self) > 0 implies one of them
+                break

@@ -1,0 +1,96 @@
+"""The bus's outbox of emitted events: bounded, never waited on, flushed in batches.
+
+Owns: what happens to an event between :meth:`chatbus.Bus.emit` returning and the
+store (retention for joiners) and the notifier (other processes) having it. One
+flush carries everything waiting, so events that arrive together cost one store
+round trip and one notification (Postgres: NOTIFY takes a cluster-wide lock at
+commit; one per event would throttle every writer). Imports :mod:`chatbus._event`
+and :mod:`chatbus._protocols`.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any, final
+
+import attrs
+import trio
+
+from ._event import Event
+
+
+@final
+@attrs.define(eq=False)
+class Outbox:
+    """Events waiting to be flushed; the oldest are dropped past ``capacity``."""
+
+    capacity: int
+    _waiting: collections.deque[tuple[Event, str]] = attrs.field(init=False)
+    _ready: trio.Event = attrs.field(factory=trio.Event, init=False)
+    flushes: int = attrs.field(default=0, init=False)
+    dropped: int = attrs.field(default=0, init=False)
+    errors: int = attrs.field(default=0, init=False)
+    #: Events put so far, and how many of them are flushed (or dropped, or failed).
+    _put: int = attrs.field(default=0, init=False)
+    _done: int = attrs.field(default=0, init=False)
+    _progress: trio.Event = attrs.field(factory=trio.Event, init=False)
+    _running: bool = attrs.field(default=False, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._waiting = collections.deque()
+
+    def put(self, event: Event, encoded: str) -> None:
+        """Queue ``event`` (never blocks)."""
+        if len(self._waiting) >= self.capacity:
+            self._waiting.popleft()
+            self.dropped += 1
+        self._waiting.append((event, encoded))
+        self._put += 1
+        self._ready.set()
+
+    async def flushed(self) -> None:
+        """Wait until every event put so far is flushed (or given up on).
+
+        A publish waits for this first, so the events a bus emitted before a message
+        reach other processes before it: NOTIFYs arrive in commit order.
+        """
+        target = self._put
+        if not self._running or self._done >= target:
+            return
+        while self._done < target:
+            progress = self._progress
+            await progress.wait()
+
+    async def run(self, store: Any, notifier: Any) -> None:
+        """Flush until cancelled: to ``store.retain_events`` and ``notifier.notify_events``
+        (each optional), everything waiting at once."""
+        retain = getattr(store, "retain_events", None)
+        carry = getattr(notifier, "notify_events", None)
+        if retain is None and carry is None:
+            await trio.sleep_forever()
+        self._running = True
+        try:
+            while True:
+                await self._ready.wait()
+                self._ready = trio.Event()
+                batch = list(self._waiting)
+                self._waiting.clear()
+                events = [event for event, _ in batch]
+                encoded = [text for _, text in batch]
+                self.flushes += 1
+                for flush in (retain, carry):
+                    if flush is None:
+                        continue
+                    try:
+                        await flush(events, encoded)
+                    except Exception:
+                        self.errors += 1  # best effort: events are at most once
+                self._advance(self._put - len(self._waiting))
+        finally:
+            self._running = False
+            self._advance(self._put)  # nobody waits for a flusher that is gone
+
+    def _advance(self, done: int) -> None:
+        self._done = done
+        self._progress.set()
+        self._progress = trio.Event()

@@ -1,0 +1,210 @@
+"""Events on every backend: positions, per-emitter order, joiners, keyed state, limits.
+
+Every test runs on each backend (``backend`` fixture); each ``backend.open_bus()``
+is a separate "process" over the same store (on Postgres: its own pool and LISTEN).
+"""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+import chatbus
+from chatbus.testing import FaultyNotifier
+
+from support import collect
+
+
+async def items(sub, count: int, *, seconds: float = 10) -> list[object]:
+    """The next ``count`` items as ids (messages) and bodies (events)."""
+    out: list[object] = []
+    with trio.fail_after(seconds):
+        while len(out) < count:
+            item = await sub.receive()
+            out.append(item.id if isinstance(item, chatbus.Message) else item.body)
+    return out
+
+
+async def test_unkeyed_event_sits_between_its_message_and_the_next(backend):
+    async with (
+        backend.open_bus() as worker,
+        backend.open_bus() as watcher,
+        watcher.open_subscriber("chat", events=True) as remote,
+        worker.open_subscriber("chat", events=True) as local,
+        worker.open_publisher("chat") as pub,
+    ):
+        assert (await pub.publish("question")).id == 1
+        for part in ("Hel", "lo", "!"):
+            event = await pub.emit(part)
+            assert event.after == 1 and event.key is None
+        await pub.publish("Hello!")
+        expected = [1, "Hel", "lo", "!", 2]
+        assert await items(local, 5) == expected
+        assert await items(remote, 5) == expected
+
+
+async def test_events_false_never_yields_an_event(backend):
+    async with backend.open_bus() as bus, bus.open_subscriber("s") as sub:
+        await bus.emit("s", "ignored")
+        await bus.publish("s", "kept")
+        assert await collect(sub, 1) == [1]
+        assert sub.statistics().events_delivered == 0
+
+
+async def test_event_arriving_after_the_next_message_is_dropped_as_stale(backend):
+    deaf = lambda notifier: FaultyNotifier(notifier, drop=1.0)  # noqa: E731
+    async with (
+        backend.open_bus(wrap_notifier=deaf, poll_interval=None) as stale_bus,
+        stale_bus.open_publisher("s") as stale_emitter,
+        backend.open_bus() as bus,
+        bus.open_subscriber("s", events=True) as sub,
+    ):
+        await bus.publish("s", "one")
+        await stale_emitter.emit("warm-up")  # learns head 1 from the store, once
+        assert await items(sub, 2) == [1, "warm-up"]
+        await bus.publish("s", "two")
+        assert await items(sub, 1) == [2]
+        late = await stale_emitter.emit("late")  # it never heard of message 2
+        assert late.after == 1
+        await bus.publish("s", "three")
+        assert await items(sub, 1) == [3]  # "late" is never shown after 2
+        with trio.fail_after(5):
+            while sub.statistics().events_stale < 1:
+                await trio.sleep(0.01)
+
+
+async def test_events_of_one_emitter_arrive_in_emit_order(backend):
+    async with (
+        backend.open_bus() as emitter,
+        backend.open_bus() as bus,
+        bus.open_subscriber("s", events=True) as sub,
+    ):
+        await emitter.publish("s", "start")
+        assert await items(sub, 1) == [1]
+        for i in range(200):
+            await emitter.emit("s", i)
+        got = await items(sub, 200)
+        assert got == list(range(200))
+
+
+async def test_a_joiner_gets_the_parts_so_far_and_the_latest_state(backend):
+    async with backend.open_bus() as worker, worker.open_publisher("chat") as pub:
+        await pub.publish("question")
+        await pub.emit({"status": "running"}, key="status")
+        for part in ("Hel", "lo"):
+            await pub.emit(part)
+        await trio.sleep(0.3)  # flushed to the store (another process joins)
+        async with (
+            backend.open_bus() as late,
+            late.open_subscriber("chat", events=True) as joiner,
+        ):
+            assert await items(joiner, 4) == [1, {"status": "running"}, "Hel", "lo"]
+            await pub.emit("!")
+            await pub.publish("Hello!")
+            await pub.emit({"status": "done"}, key="status")
+            assert await items(joiner, 3) == ["!", 2, {"status": "done"}]
+        await trio.sleep(0.3)
+        # After the final message the parts are gone; the latest state remains.
+        async with (
+            backend.open_bus() as later,
+            later.open_subscriber("chat", events=True) as joiner,
+        ):
+            assert await items(joiner, 3) == [1, 2, {"status": "done"}]
+            with trio.move_on_after(0.3):
+                extra = await joiner.receive()
+                raise AssertionError(f"unexpected {extra!r}")
+
+
+async def test_keyed_events_expire_after_their_ttl(backend):
+    async with backend.open_bus() as bus:
+        await bus.publish("room", "hi")
+        typing = await bus.emit("room", {"who": "al"}, key="typing:al", ttl=0.5)
+        assert typing.expires_at is not None
+        await trio.sleep(0.2)
+        async with backend.open_bus() as other, other.open_subscriber("room", events=True) as sub:
+            assert await items(sub, 2) == [1, {"who": "al"}]
+        await trio.sleep(0.6)
+        async with backend.open_bus() as other, other.open_subscriber("room", events=True) as sub:
+            assert await items(sub, 1) == [1]
+            with trio.move_on_after(0.3):
+                extra = await sub.receive()
+                raise AssertionError(f"expired event delivered: {extra!r}")
+
+
+async def test_a_slow_consumer_loses_oldest_events_never_messages(backend):
+    async with (
+        backend.open_bus(event_buffer=10) as bus,
+        bus.open_subscriber("s", events=True) as sub,
+    ):
+        await bus.publish("s", "m1")
+        for i in range(100):
+            await bus.emit("s", i)
+        await bus.publish("s", "m2")
+        got = await items(sub, 12)
+        assert got == [1, *range(90, 100), 2]
+        stats = sub.statistics()
+        assert stats.events_dropped == 90 and stats.events_delivered == 10
+
+
+async def test_emit_never_waits_for_a_subscriber(backend):
+    async with (
+        backend.open_bus(event_buffer=5) as bus,
+        bus.open_subscriber("s", events=True),
+    ):
+        with trio.fail_after(5):
+            for i in range(5000):
+                await bus.emit("s", i)  # nobody reads; emit still returns at once
+        assert bus.statistics().events_emitted == 5000
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "words"),
+    [
+        ({"body": {1, 2}}, chatbus.InvalidMessage, "JSON"),
+        ({"body": "x" * 5000}, chatbus.MessageTooLarge, "event body"),
+        ({"body": 1, "key": ""}, chatbus.InvalidMessage, "key"),
+        ({"body": 1, "key": 7}, chatbus.InvalidMessage, "key"),
+        ({"body": 1, "ttl": 0}, ValueError, "ttl"),
+        ({"body": 1, "ttl": -1}, ValueError, "ttl"),
+        ({"body": 1, "ttl": 10**9}, ValueError, "ttl"),
+        ({"body": 1, "ttl": "5"}, TypeError, "ttl"),
+        ({"body": 1, "ttl": float("nan")}, ValueError, "ttl"),
+    ],
+)
+async def test_bad_events_are_refused_before_anything_is_sent(backend, kwargs, error, words):
+    async with backend.open_bus() as bus, bus.open_subscriber("s", events=True) as sub:
+        with pytest.raises(error, match=words):
+            await bus.emit("s", **kwargs)
+        await bus.emit("s", "fine")
+        assert await items(sub, 1) == ["fine"]
+        assert bus.statistics().events_emitted == 1
+    with pytest.raises(chatbus.InvalidStream):
+        async with backend.open_bus() as bus:
+            await bus.emit("", 1)
+
+
+async def test_durable_delivery_is_unchanged_by_mistreated_events(backend):
+    faulty = lambda notifier: FaultyNotifier(  # noqa: E731
+        notifier, drop=0.2, duplicate=0.2, reorder=0.2, max_delay=0.02, seed=7
+    )
+    async with (
+        backend.open_bus() as emitter,
+        backend.open_bus(wrap_notifier=faulty, poll_interval=0.05) as bus,
+        bus.open_subscriber("s", events=True) as sub,
+        emitter.open_publisher("s") as pub,
+    ):
+        for n in range(1, 31):
+            await pub.publish(n)
+            await pub.emit({"after": n})
+        seen: list[object] = []
+        with trio.fail_after(20):
+            while len([x for x in seen if isinstance(x, chatbus.Message)]) < 30:
+                seen.append(await sub.receive())
+        messages = [x.id for x in seen if isinstance(x, chatbus.Message)]
+        assert messages == list(range(1, 31))
+        last_id = 0
+        for item in seen:
+            if isinstance(item, chatbus.Message):
+                last_id = item.id
+            else:
+                assert item.body == {"after": last_id}  # in its place, or not at all
