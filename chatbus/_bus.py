@@ -186,21 +186,36 @@ class Bus(metaclass=NoPublicConstructor):
 
     @overload
     def open_subscriber(
-        self, stream: str, after: int = 0, *, events: Literal[False] = False
+        self,
+        stream: str,
+        after: int | None = None,
+        *,
+        last: int | None = None,
+        events: Literal[False] = False,
     ) -> Subscriber[Message]: ...
 
     @overload
     def open_subscriber(
-        self, stream: str, after: int = 0, *, events: Literal[True]
+        self,
+        stream: str,
+        after: int | None = None,
+        *,
+        last: int | None = None,
+        events: Literal[True],
     ) -> Subscriber[Message | Event]: ...
 
     @overload
     def open_subscriber(
-        self, stream: str, after: int = 0, *, events: bool
+        self, stream: str, after: int | None = None, *, last: int | None = None, events: bool
     ) -> Subscriber[Message] | Subscriber[Message | Event]: ...
 
     def open_subscriber(
-        self, stream: str, after: int = 0, *, events: bool = False
+        self,
+        stream: str,
+        after: int | None = None,
+        *,
+        last: int | None = None,
+        events: bool = False,
     ) -> Subscriber[Message] | Subscriber[Message | Event]:
         """Subscribe to ``stream``: its messages after ``after``, then live ones.
 
@@ -211,7 +226,10 @@ class Bus(metaclass=NoPublicConstructor):
 
         Args:
             stream: The stream to follow.
-            after: The cursor: the id of the last message already seen (0 for all).
+            after: The cursor: the id of the last message already seen (0 for all,
+                the default).
+            last: Instead of ``after``: start at the stream's last ``last`` messages
+                (0: only new ones), as the head stands when the subscription opens.
             events: Also yield the stream's events (:class:`~chatbus.Event`), each in
                 its place among the messages; right after catching up to the head
                 message, first the events the stream retained for joiners.
@@ -223,14 +241,21 @@ class Bus(metaclass=NoPublicConstructor):
             BusClosed: the bus is closed (on entry).
         """
         check_stream(stream)
-        check_after(after)
+        if last is not None:
+            if after is not None:
+                raise ValueError("pass after or last, not both")
+            check_int_range("last", last, 0, MAX_READ_LIMIT * 100)
+        elif after is None:
+            after = 0
+        if after is not None:
+            check_after(after)
         if not isinstance(events, bool):
             raise TypeError(f"events must be a bool, not {type(events).__name__}")
         subscriber = Subscriber._create(
             self._topics,
             stream,
             self._store,
-            after,
+            after if after is not None else -(last or 0) - 1,
             self._options.read_batch,
             self._nursery,
             events,
@@ -324,20 +349,45 @@ class Bus(metaclass=NoPublicConstructor):
                     continue  # it retired just now; start a fresh one
                 raise
 
-    async def read(self, stream: str, after: int = 0, limit: int = 100) -> list[Message]:
-        """Return up to ``limit`` committed messages of ``stream`` after ``after``.
+    async def read(
+        self,
+        stream: str,
+        after: int | None = None,
+        limit: int = 100,
+        *,
+        before: int | None = None,
+    ) -> list[Message]:
+        """Return up to ``limit`` committed messages of ``stream``, in id order.
 
-        Use it to page through history: pass the last id you got as the next ``after``.
+        Page forward with ``after`` (the last id you got; default 0), or back with
+        ``before`` (the lowest id you have: the ``limit`` messages just below it, for
+        scroll-back). Not both.
 
         Raises:
             InvalidStream: ``stream`` is not a valid stream name.
-            ValueError: ``after`` is negative or ``limit`` is not in 1..10000.
+            ValueError: ``after`` or ``before`` is out of range, both are given, or
+                ``limit`` is not in 1..10000.
             BusClosed: the bus is closed.
             StoreError: the store failed.
+            UndecodableMessage: a message cannot be decoded here (those before it
+                are returned by the previous page).
         """
         check_stream(stream)
-        check_after(after)
         check_int_range("limit", limit, 1, MAX_READ_LIMIT)
+        if before is not None:
+            if after is not None:
+                raise ValueError("pass after or before, not both")
+            check_after(before)
+            if before < 1:
+                raise ValueError(f"before must be >= 1, got {before}")
+            after, limit = max(0, before - 1 - limit), min(limit, before - 1)
+            if limit == 0:
+                self._topics.check_open()
+                await trio.lowlevel.checkpoint()
+                return []
+        elif after is None:
+            after = 0
+        check_after(after)
         self._topics.check_open()
         return await self._store.read(stream, after, limit)
 

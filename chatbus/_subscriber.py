@@ -129,8 +129,9 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
     _last_id: int = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
-        self._state = MergeState(cursor=self._after)
-        self._last_id = self._after
+        # A negative cursor -(n + 1) means "the last n messages": resolved on entry.
+        self._state = MergeState(cursor=max(0, self._after))
+        self._last_id = max(0, self._after)
 
     async def __aenter__(self) -> Subscriber[Item]:
         if self._entered:
@@ -142,6 +143,12 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
             topic.event_sinks.add(self)
         self._seen_resyncs = topic.resyncs
         try:
+            if self._after < 0:  # last=n: after registering, so nothing is missed
+                heads = await self._store.heads([self._stream])
+                head = heads.get(self._stream, 0)
+                topic.advance(head)
+                self._after = max(0, head - (-self._after - 1))
+                self._state.cursor = self._last_id = self._after
             await self._nursery.start(self._run)
         except BaseException:
             self._merge_done.set()

@@ -223,3 +223,35 @@ async def test_body_exception_group_passes_through_unchanged(backend):
             async with chatbus.open_bus(backend.url) as bus, bus.open_subscriber("s"):
                 raise error
         assert info.value is error
+
+
+async def test_open_at_the_tail_and_page_back(backend):
+    async with backend.open_bus() as bus:
+        for i in range(1, 121):
+            await bus.publish("room", i)
+        async with bus.open_subscriber("room", last=50) as sub:
+            assert await collect(sub, 50) == dense(120, 71)
+            await bus.publish("room", 121)
+            assert await collect(sub, 1) == [121]
+            await assert_quiet(sub)
+        async with bus.open_subscriber("room", last=0) as sub:
+            await bus.publish("room", 122)
+            assert await collect(sub, 1) == [122]
+        async with bus.open_subscriber("room", last=1000) as sub:
+            assert await collect(sub, 122) == dense(122)
+        async with bus.open_subscriber("empty", last=10) as sub:
+            await bus.publish("empty", "first")
+            assert await collect(sub, 1) == [1]
+        # Scroll back from the oldest shown (71): the 50 below it, in order, no overlap.
+        older = await bus.read("room", before=71, limit=50)
+        assert [m.id for m in older] == dense(70, 21)
+        assert [m.id for m in await bus.read("room", before=21, limit=50)] == dense(20)
+        assert await bus.read("room", before=1) == []
+        with pytest.raises(ValueError, match="not both"):
+            await bus.read("room", after=3, before=5)
+        with pytest.raises(ValueError, match="not both"):
+            bus.open_subscriber("room", after=3, last=5)
+        with pytest.raises(ValueError, match="last"):
+            bus.open_subscriber("room", last=-1)
+        with pytest.raises(ValueError, match="before"):
+            await bus.read("room", before=0)
