@@ -5,29 +5,39 @@ history after a cursor, then every new message live, exactly once and in id orde
 """
 
 # Layering (a module imports only modules on its left, never its right):
-#   _util, _exceptions, _options < _message < _codec, _cache, _protocols, _tasks
-#   < _coalesce, _listener, _merge, _topic < _publisher, _subscriber < _bus < this file.
-# Backends sit on that: memory, testing and postgres/ import from it; only the
+#   _util, _exceptions, _options < _message < _codec, _event, _cache < _protocols, _tasks
+#   < _coalesce, _listener, _merge, _outbox, _topic < _publisher, _subscriber < _bus
+#   < this file.
+# Backends sit on that: memory and postgres/ import from it (testing and sse also from
+# _bus, and testing from memory; _pytest_plugin from testing); only the
 # postgres/ package imports psycopg, psycopg_pool or trio_asyncio, and _bus loads a
 # backend only by name, from its URL scheme table.
 
 from ._bus import Bus as Bus
 from ._bus import BusStatistics as BusStatistics
 from ._bus import open_bus as open_bus
+from ._event import Event as Event
 from ._exceptions import BusClosed as BusClosed
 from ._exceptions import BusError as BusError
+from ._exceptions import CursorAhead as CursorAhead
+from ._exceptions import HistoryReset as HistoryReset
+from ._exceptions import HistoryTruncated as HistoryTruncated
 from ._exceptions import IdempotencyConflict as IdempotencyConflict
 from ._exceptions import InvalidMessage as InvalidMessage
 from ._exceptions import InvalidStream as InvalidStream
 from ._exceptions import MessageTooLarge as MessageTooLarge
 from ._exceptions import OutcomeUnknown as OutcomeUnknown
 from ._exceptions import StoreError as StoreError
+from ._exceptions import StreamDeleted as StreamDeleted
 from ._exceptions import UndecodableMessage as UndecodableMessage
 from ._message import MAX_BODY_DEPTH as MAX_BODY_DEPTH
 from ._message import MAX_KEY_LENGTH as MAX_KEY_LENGTH
 from ._message import MAX_STREAM_LENGTH as MAX_STREAM_LENGTH
 from ._message import Draft as Draft
 from ._message import Message as Message
+from ._message import StreamInfo as StreamInfo
+from ._protocols import EventNotifier as EventNotifier
+from ._protocols import EventStore as EventStore
 from ._protocols import NoticeHandler as NoticeHandler
 from ._protocols import Notifier as Notifier
 from ._protocols import Store as Store
@@ -47,7 +57,13 @@ __all__ = [
     "BusClosed",
     "BusError",
     "BusStatistics",
+    "CursorAhead",
     "Draft",
+    "Event",
+    "EventNotifier",
+    "EventStore",
+    "HistoryReset",
+    "HistoryTruncated",
     "IdempotencyConflict",
     "InvalidMessage",
     "InvalidStream",
@@ -60,6 +76,8 @@ __all__ = [
     "PublisherStatistics",
     "Store",
     "StoreError",
+    "StreamDeleted",
+    "StreamInfo",
     "Subscriber",
     "SubscriberStatistics",
     "UndecodableMessage",

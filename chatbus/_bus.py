@@ -10,14 +10,14 @@ import math
 import secrets
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Final, Literal, cast, final, overload
+from typing import Any, Final, Literal, cast, final, overload
 
 import attrs
 import trio
 
 from ._event import Event, encode_event, make_event_draft
-from ._exceptions import BusClosed
-from ._message import Message, check_after, check_stream, make_draft
+from ._exceptions import BusClosed, BusError
+from ._message import Message, StreamInfo, check_after, check_cursor, check_stream, make_draft
 from ._options import (
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_MAX_EVENT_BYTES,
@@ -95,6 +95,11 @@ class _Router:
         self.resyncs += 1
         for topic in self.topics.values():
             topic.resync()
+
+    def reset(self, stream: str) -> None:
+        topic = self.topics.get(stream)
+        if topic is not None:
+            topic.reset()
 
     def events(self, events: Sequence[Event]) -> None:
         by_stream: dict[str, list[Event]] = {}
@@ -191,6 +196,7 @@ class Bus(metaclass=NoPublicConstructor):
         after: int | None = None,
         *,
         last: int | None = None,
+        epoch: int | None = None,
         events: Literal[False] = False,
     ) -> Subscriber[Message]: ...
 
@@ -201,6 +207,7 @@ class Bus(metaclass=NoPublicConstructor):
         after: int | None = None,
         *,
         last: int | None = None,
+        epoch: int | None = None,
         events: Literal[True],
     ) -> Subscriber[Message | Event]: ...
 
@@ -215,6 +222,7 @@ class Bus(metaclass=NoPublicConstructor):
         after: int | None = None,
         *,
         last: int | None = None,
+        epoch: int | None = None,
         events: bool = False,
     ) -> Subscriber[Message] | Subscriber[Message | Event]:
         """Subscribe to ``stream``: its messages after ``after``, then live ones.
@@ -230,6 +238,9 @@ class Bus(metaclass=NoPublicConstructor):
                 the default).
             last: Instead of ``after``: start at the stream's last ``last`` messages
                 (0: only new ones), as the head stands when the subscription opens.
+            epoch: The epoch ``after`` belongs to (from :meth:`stream_info` or
+                :attr:`Subscriber.epoch`); if the stream's is another one now, entering
+                raises :class:`~chatbus.HistoryReset`.
             events: Also yield the stream's events (:class:`~chatbus.Event`), each in
                 its place among the messages; right after catching up to the head
                 message, first the events the stream retained for joiners.
@@ -239,8 +250,15 @@ class Bus(metaclass=NoPublicConstructor):
             ValueError: ``after`` is negative.
             TypeError: ``after`` is not an int.
             BusClosed: the bus is closed (on entry).
+            CursorAhead: (on entry) ``after`` is past the stream's head.
+            HistoryTruncated: (on entry, or later while iterating) the messages after
+                the cursor were trimmed away.
+            HistoryReset: (on entry) ``epoch`` is stale; StreamDeleted (while
+                iterating) the stream was deleted.
         """
         check_stream(stream)
+        if epoch is not None:
+            check_int_range("epoch", epoch, 0, 2**63 - 1)
         if last is not None:
             if after is not None:
                 raise ValueError("pass after or last, not both")
@@ -260,6 +278,7 @@ class Bus(metaclass=NoPublicConstructor):
             self._nursery,
             events,
             self._options.event_buffer,
+            epoch,
         )
         return cast("Subscriber[Message] | Subscriber[Message | Event]", subscriber)
 
@@ -389,7 +408,103 @@ class Bus(metaclass=NoPublicConstructor):
             after = 0
         check_after(after)
         self._topics.check_open()
-        return await self._store.read(stream, after, limit)
+        page = await self._store.read(stream, after, limit)
+        if after > 0 and (not page or page[0].id != after + 1):
+            ask = getattr(self._store, "stream_info", None)
+            if ask is not None:
+                check_cursor(await ask(stream), after)
+        return page
+
+    async def stream_info(self, stream: str) -> StreamInfo:
+        """Where ``stream`` stands: head, first retained id, epoch.
+
+        Raises:
+            InvalidStream: ``stream`` is not a valid stream name.
+            BusError: the store has no stream lifecycle.
+            StoreError: the store failed.
+        """
+        check_stream(stream)
+        self._topics.check_open()
+        info: StreamInfo = await self._lifecycle("stream_info")(stream)
+        return info
+
+    async def delete_stream(self, stream: str) -> None:
+        """Delete ``stream``: its history, idempotency keys and retained events.
+
+        Live subscriptions end with :class:`~chatbus.StreamDeleted`; the next publish
+        starts a new epoch at id 1 (a cursor of the old one then fails with
+        :class:`~chatbus.HistoryReset` or :class:`~chatbus.CursorAhead`).
+
+        Raises:
+            InvalidStream: ``stream`` is not a valid stream name.
+            BusError: the store has no stream lifecycle.
+            StoreError: the store failed (part of the history may be gone already:
+                call it again).
+        """
+        check_stream(stream)
+        self._topics.check_open()
+        await self._lifecycle("delete_stream")(stream)
+        reset = getattr(self._notifier, "notify_reset", None)
+        if reset is not None:
+            await reset(stream)
+        topic = self._topics.by_name.get(stream)
+        if topic is not None:
+            topic.reset()
+
+    async def trim(self, stream: str, before: int) -> int:
+        """Drop the messages of ``stream`` with ids below ``before`` (ids are never reused).
+
+        A subscription or read whose cursor falls below the new first id gets
+        :class:`~chatbus.HistoryTruncated`, never a jump. Idempotency keys of trimmed
+        messages are kept: a retried publish returns the original id.
+
+        Returns:
+            The stream's first retained id now.
+
+        Raises:
+            InvalidStream: ``stream`` is not a valid stream name.
+            ValueError: ``before`` is not an id (an int >= 1).
+            BusError: the store has no stream lifecycle.
+            StoreError: the store failed.
+        """
+        check_stream(stream)
+        check_after(before)
+        if before < 1:
+            raise ValueError(f"before must be >= 1, got {before}")
+        self._topics.check_open()
+        first: int = await self._lifecycle("trim")(stream, before)
+        return first
+
+    async def redact(self, stream: str, id: int) -> Message:
+        """Replace message ``id``'s body by a tombstone (``body=None``, ``redacted=True``).
+
+        The id, key and created_at stay. Reads return the tombstone; live
+        subscriptions opened with ``events=True`` get an event ``{"redacted": id}``
+        (keyed ``"chatbus.redacted:<id>"``, so joiners get it too, for an hour).
+
+        Raises:
+            InvalidStream: ``stream`` is not a valid stream name.
+            ValueError: ``id`` is not a retained message of ``stream``.
+            BusError: the store has no stream lifecycle.
+            StoreError: the store failed.
+        """
+        check_stream(stream)
+        check_after(id)
+        self._topics.check_open()
+        tombstone: Message | None = await self._lifecycle("redact")(stream, id)
+        if tombstone is None:
+            raise ValueError(f"stream {stream!r} has no retained message {id}")
+        topic = self._topics.by_name.get(stream)
+        if topic is not None:
+            topic.cache.put([tombstone])
+        await self.emit(stream, {"redacted": id}, key=f"chatbus.redacted:{id}", ttl=3600)
+        return tombstone
+
+    def _lifecycle(self, name: str) -> Any:
+        method = getattr(self._store, name, None)
+        if method is None:
+            raise BusError(f"this bus's store ({type(self._store).__name__}) has no {name}")
+        return method
 
     def statistics(self) -> BusStatistics:
         """Return a snapshot of this bus's counters."""
@@ -480,8 +595,11 @@ class Bus(metaclass=NoPublicConstructor):
                 continue
             for name, head in heads.items():
                 topic = topics.get(name)
-                if topic is not None:
-                    topic.advance(head)
+                if topic is None:
+                    continue
+                if head < topic.high_water and topic.head_known:
+                    topic.reset()  # the head went back: deleted (a reset notice lost?)
+                topic.advance(head)
 
 
 _DEFAULTS: Final = BusOptions()

@@ -108,3 +108,23 @@ def parse_notice(payload: bytes | str) -> tuple[str, int] | None:
     except ValueError:
         return None
     return stream, last_id
+
+
+def encode_reset(stream: str) -> str:
+    """The reset payload: the stream was deleted (its history is another one now)."""
+    return json.dumps({"stream": stream, "reset": True}, ensure_ascii=False)
+
+
+def parse_reset(payload: bytes | str) -> str | None:
+    """The stream a reset payload names; ``None`` for anything else."""
+    try:
+        data = json.loads(payload)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(data, dict) or data.get("reset") is not True:
+        return None
+    stream = data.get("stream")
+    try:
+        return check_stream(stream)
+    except ValueError:
+        return None

@@ -82,6 +82,61 @@ class UndecodableMessage(StoreError):
         self.id = id
 
 
+class HistoryTruncated(BusError):
+    """Messages a cursor needs were trimmed away: the history starts later now.
+
+    Raised by reads and subscriptions instead of jumping silently over the gap. The
+    caller decides: reload from ``first_id`` (``after=first_id - 1``) or show a gap.
+
+    Attributes:
+        stream: The stream.
+        first_id: The first message still retained.
+    """
+
+    def __init__(self, message: str, stream: str, first_id: int) -> None:
+        super().__init__(message)
+        self.stream = stream
+        self.first_id = first_id
+
+
+class CursorAhead(BusError, ValueError):
+    """A cursor is past the stream's head: it belongs to another history.
+
+    (A cursor kept from a restored database, a recreated room, a typo.) Waiting would
+    silently skip the messages up to the cursor when they come, so this is an error.
+
+    Attributes:
+        stream: The stream.
+        head: The stream's highest id now.
+    """
+
+    def __init__(self, message: str, stream: str, head: int) -> None:
+        super().__init__(message)
+        self.stream = stream
+        self.head = head
+
+
+class HistoryReset(BusError):
+    """The stream's history is not the one a cursor or subscription was in.
+
+    Its epoch changed: it was deleted (and maybe recreated under the same name), or
+    lost acknowledged history. Start again from the new epoch (``stream_info``).
+
+    Attributes:
+        stream: The stream.
+        epoch: The stream's epoch now (0: it does not exist).
+    """
+
+    def __init__(self, message: str, stream: str, epoch: int) -> None:
+        super().__init__(message)
+        self.stream = stream
+        self.epoch = epoch
+
+
+class StreamDeleted(HistoryReset):
+    """The stream was deleted while a subscription followed it."""
+
+
 def store_error(operation: str, cause: BaseException, *, stream: str | None = None) -> StoreError:
     """The :class:`StoreError` for ``operation`` (``"append"``, ``"read"``, …) failing.
 

@@ -13,7 +13,7 @@ from typing import final
 import attrs
 
 from ._cache import DurableCache
-from ._exceptions import StoreError
+from ._exceptions import HistoryTruncated
 from ._message import Message
 
 
@@ -54,19 +54,28 @@ class MergeState:
     def take(self, page: Sequence[Message], limit: int) -> list[Message]:
         """Accept a store page read after the cursor; return what is new, in order.
 
+        A subscription from the start (cursor 0) begins at the first retained id.
+
         Raises:
-            StoreError: the page skips an id, which a conforming store never does.
+            HistoryTruncated: the messages right after the cursor were trimmed away
+                (the page starts later): never a silent jump.
         """
-        fresh = []
+        fresh: list[Message] = []
         for message in page:
             if message.id <= self.cursor:
                 self.duplicates_skipped += 1
                 continue
             if message.id != self.cursor + 1:
-                raise StoreError(
-                    f"store returned id {message.id} of stream {message.stream!r} "
-                    f"right after id {self.cursor}: ids are not dense"
-                )
+                if self.cursor == 0 and not fresh:
+                    self.cursor = message.id - 1  # from the start: what is retained
+                else:
+                    raise HistoryTruncated(
+                        f"stream {message.stream!r} continues at id {message.id} after id"
+                        f" {self.cursor}: ids are not dense here, the messages between"
+                        " were trimmed",
+                        message.stream,
+                        message.id,
+                    )
             fresh.append(message)
             self.cursor = message.id
         self.delivered += len(fresh)

@@ -14,7 +14,13 @@ from typing import Any
 
 import attrs
 
-from ._exceptions import InvalidMessage, InvalidStream, MessageTooLarge
+from ._exceptions import (
+    CursorAhead,
+    HistoryTruncated,
+    InvalidMessage,
+    InvalidStream,
+    MessageTooLarge,
+)
 
 #: Longest accepted stream name, in characters.
 MAX_STREAM_LENGTH = 256
@@ -52,6 +58,8 @@ class Message:
             key had been used already: nothing new was stored and this is the
             original message (as a JetStream ack says ``duplicate``). Messages read
             or received are never replays. Not part of equality.
+        redacted: The message was redacted: its body is now None (a tombstone);
+            id, key and created_at are kept.
     """
 
     stream: str
@@ -60,6 +68,7 @@ class Message:
     key: str | None
     created_at: datetime.datetime
     replay: bool = attrs.field(default=False, eq=False)
+    redacted: bool = False
 
     @classmethod
     def from_row(
@@ -72,6 +81,28 @@ class Message:
     ) -> Message:
         """Build a message from a store row (``body`` already decoded)."""
         return cls(stream=stream, id=id, body=body, key=key, created_at=created_at)
+
+
+@attrs.frozen(kw_only=True)
+class StreamInfo:
+    """Where a stream stands (see :meth:`chatbus.Bus.stream_info`).
+
+    Attributes:
+        stream: The stream.
+        head: Its highest id (0 if it has no messages).
+        first_id: Its first retained id: ``head + 1`` when everything was trimmed,
+            1 when nothing was.
+        epoch: Identifies this history of the stream: it changes when the stream is
+            deleted and created again. 0 for a stream that does not exist. Keep it
+            with a cursor: ``open_subscriber(..., after=k, epoch=e)``.
+        exists: Whether the stream exists (has or had messages since it was made).
+    """
+
+    stream: str
+    head: int
+    first_id: int
+    epoch: int
+    exists: bool
 
 
 @attrs.frozen(kw_only=True)
@@ -103,6 +134,31 @@ def check_after(after: object) -> int:
     if not 0 <= after <= MAX_ID:
         raise ValueError(f"after must be >= 0 and <= {MAX_ID}, got {after}")
     return after
+
+
+def check_cursor(info: StreamInfo, after: int) -> None:
+    """Raise unless ``after`` is a cursor of ``info``'s stream as it stands.
+
+    Raises:
+        CursorAhead: ``after`` is past the head.
+        HistoryTruncated: the messages after ``after`` were trimmed away (a cursor of
+            0 means "from the start" and is always fine).
+    """
+    if after > info.head:
+        raise CursorAhead(
+            f"cursor {after} is past the head of stream {info.stream!r}, which is"
+            f" {info.head}: it belongs to another history (a restored database, a"
+            " recreated stream?)",
+            info.stream,
+            info.head,
+        )
+    if 0 < after < info.first_id - 1:
+        raise HistoryTruncated(
+            f"the messages of stream {info.stream!r} after {after} were trimmed; the"
+            f" first retained one is {info.first_id}",
+            info.stream,
+            info.first_id,
+        )
 
 
 def make_draft(body: object, key: object, *, max_body_bytes: int) -> Draft:

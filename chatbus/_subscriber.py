@@ -11,9 +11,14 @@ import attrs
 import trio
 
 from ._event import Event
-from ._exceptions import StoreError, UndecodableMessage
+from ._exceptions import (
+    HistoryReset,
+    StoreError,
+    StreamDeleted,
+    UndecodableMessage,
+)
 from ._merge import MergeState
-from ._message import Message
+from ._message import Message, StreamInfo, check_cursor
 from ._protocols import Store
 from ._tasks import Backoff, shielded_cleanup
 from ._topic import Topic, Topics
@@ -97,6 +102,8 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
     _with_events: bool = False
     #: Most events buffered for the consumer; beyond it the oldest are dropped.
     _event_limit: int = 256
+    #: The epoch the caller's cursor belongs to (None: whatever the stream's is now).
+    _epoch: int | None = None
     _state: MergeState = attrs.field(init=False)
     _topic: Topic | None = attrs.field(default=None, init=False)
     _entered: bool = attrs.field(default=False, init=False)
@@ -143,6 +150,8 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
             topic.event_sinks.add(self)
         self._seen_resyncs = topic.resyncs
         try:
+            if self._after > 0 or self._epoch is not None:
+                await self._check_cursor()
             if self._after < 0:  # last=n: after registering, so nothing is missed
                 heads = await self._store.heads([self._stream])
                 head = heads.get(self._stream, 0)
@@ -180,6 +189,52 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
     def stream(self) -> str:
         """The stream this subscription follows."""
         return self._stream
+
+    @property
+    def epoch(self) -> int | None:
+        """The epoch of the history this subscription follows (keep it with the cursor;
+        None until known: the store has no epochs, or it was not asked yet)."""
+        return self._epoch
+
+    async def _check_cursor(self) -> None:
+        """At open: the cursor must be in the stream's current history, or say why not."""
+        info = await self._stream_info()
+        if info is None:
+            return
+        stream = self._stream
+        if self._epoch is not None and info.epoch != self._epoch:
+            raise HistoryReset(
+                f"stream {stream!r} is at epoch {info.epoch}, not {self._epoch}: its history"
+                " was replaced (deleted and created again); start again from stream_info",
+                stream,
+                info.epoch,
+            )
+        self._epoch = info.epoch
+        check_cursor(info, self._after)
+
+    async def _stream_info(self) -> StreamInfo | None:
+        ask = getattr(self._store, "stream_info", None)
+        if ask is None:
+            return None
+        async with self._topics.read_limiter:
+            info: StreamInfo = await ask(self._stream)
+        return info
+
+    async def _check_epoch(self) -> None:
+        """After a reset or resync: still the same history? Else end with an error."""
+        info = await self._stream_info()
+        if info is None:
+            return
+        if self._epoch is None or self._epoch == 0:
+            self._epoch = info.epoch
+        elif info.epoch != self._epoch:
+            raise StreamDeleted(
+                f"stream {self._stream!r} was deleted"
+                + (f" and created again (epoch {info.epoch})" if info.exists else "")
+                + f" while this subscription followed it at id {self._last_id}",
+                self._stream,
+                info.epoch,
+            )
 
     @property
     def cursor(self) -> int:
@@ -329,11 +384,14 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
         assert self._topic is not None
         topic, state, cache, limit = self._topic, self._state, self._topic.cache, self._read_limit
         backoff = Backoff()
+        if self._epoch is None:
+            await self._check_epoch_retrying(backoff)
         while True:
             # Take the event before looking, so a wake-up after the look is not lost.
             changed = topic.changed
             if topic.resyncs != self._seen_resyncs:
                 self._seen_resyncs = topic.resyncs
+                await self._check_epoch_retrying(backoff)
                 state.request_rescan()
             run: list[Message] | None = state.from_cache(cache, limit)
             if not run and state.wants_store(topic.high_water):
@@ -358,6 +416,15 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
                 await self._fetch_retained_events()
             else:
                 await changed.wait()
+
+    async def _check_epoch_retrying(self, backoff: Backoff) -> None:
+        while True:
+            try:
+                await self._check_epoch()
+                return
+            except StoreError:
+                self._store_errors += 1
+                await backoff.sleep()
 
     async def _fetch_retained_events(self) -> None:
         """Caught up to the head: hand the consumer what the stream retained for joiners.

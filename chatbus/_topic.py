@@ -78,6 +78,16 @@ class Topic:
         """A local append failed: subscriptions waiting for it must look again."""
         self._wake()
 
+    def reset(self) -> None:
+        """The stream's history may have been replaced (deleted): subscriptions check.
+
+        Counted as a resync too; what the cache holds is of the old history.
+        """
+        self.cache = DurableCache(self.cache.capacity)
+        self.high_water = 0
+        self.head_known = False
+        self.resync()
+
     def resync(self) -> None:
         """Make every subscription of this topic rescan from its cursor."""
         self.resyncs += 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import random
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import final
@@ -16,7 +17,7 @@ import attrs
 import trio
 
 from ._event import RETAINED_EVENT_BYTES, RETAINED_EVENTS, Event, RetainedEvents
-from ._message import Draft, Message
+from ._message import Draft, Message, StreamInfo
 from ._protocols import NoticeHandler
 
 __all__ = ["MemoryNotifier", "MemoryStore", "open_backend"]
@@ -27,9 +28,13 @@ _EARLIEST = datetime.datetime.min.replace(tzinfo=datetime.UTC)
 @final
 @attrs.define(eq=False)
 class _Log:
+    #: The retained messages: ids first_id, first_id + 1, …, head.
     messages: list[Message] = attrs.Factory(list)
     by_key: dict[str, Message] = attrs.Factory(dict)
     last_at: datetime.datetime = _EARLIEST
+    head: int = 0
+    first_id: int = 1
+    epoch: int = attrs.Factory(lambda: random.getrandbits(62) + 1)
 
 
 @final
@@ -58,9 +63,10 @@ class MemoryStore:
             if draft.key is not None and (existing := log.by_key.get(draft.key)) is not None:
                 result.append(attrs.evolve(existing, replay=True))
                 continue
+            log.head += 1
             message = Message(
                 stream=stream,
-                id=len(log.messages) + 1,
+                id=log.head,
                 body=json.loads(draft.body_json),
                 key=draft.key,
                 created_at=now,
@@ -78,7 +84,55 @@ class MemoryStore:
         log = self._logs.get(stream)
         if log is None:
             return []
-        return log.messages[after : after + limit]
+        start = max(after + 1, log.first_id) - log.first_id
+        return log.messages[start : start + limit]
+
+    async def stream_info(self, stream: str) -> StreamInfo:
+        """Where ``stream`` stands; see :meth:`chatbus.Bus.stream_info`."""
+        await trio.lowlevel.checkpoint()
+        log = self._logs.get(stream)
+        if log is None:
+            return StreamInfo(stream=stream, head=0, first_id=1, epoch=0, exists=False)
+        return StreamInfo(
+            stream=stream, head=log.head, first_id=log.first_id, epoch=log.epoch, exists=True
+        )
+
+    async def delete_stream(self, stream: str) -> None:
+        """Forget ``stream``: messages, keys, retained events; the next append starts a
+        new epoch at id 1."""
+        await trio.lowlevel.checkpoint()
+        self._logs.pop(stream, None)
+        self._events.pop(stream, None)
+
+    async def trim(self, stream: str, before: int) -> int:
+        """Drop the messages of ``stream`` below ``before``; return how many went.
+
+        Their idempotency keys are kept: a retried publish returns the original id.
+        """
+        await trio.lowlevel.checkpoint()
+        log = self._logs.get(stream)
+        if log is None:
+            return 0
+        before = min(before, log.head + 1)
+        if before <= log.first_id:
+            return 0
+        dropped = before - log.first_id
+        del log.messages[:dropped]
+        log.first_id = before
+        return dropped
+
+    async def redact(self, stream: str, id: int) -> Message | None:
+        """Replace message ``id``'s body by a tombstone; return it (None if not retained)."""
+        await trio.lowlevel.checkpoint()
+        log = self._logs.get(stream)
+        if log is None or not log.first_id <= id <= log.head:
+            return None
+        index = id - log.first_id
+        tombstone = attrs.evolve(log.messages[index], body=None, redacted=True)
+        log.messages[index] = tombstone
+        if tombstone.key is not None:
+            log.by_key[tombstone.key] = tombstone
+        return tombstone
 
     async def heads(self, streams: Sequence[str]) -> dict[str, int]:
         """Return each stream's highest id; see :meth:`chatbus.Store.heads`."""
@@ -107,7 +161,7 @@ class MemoryStore:
     def last_id(self, stream: str) -> int:
         """The highest committed id of ``stream`` (0 if it is empty), synchronously."""
         log = self._logs.get(stream)
-        return 0 if log is None else len(log.messages)
+        return 0 if log is None else log.head
 
     #: The former name of :meth:`last_id` (it never raised ``trio.WouldBlock``).
     head_nowait = last_id
@@ -128,6 +182,13 @@ class MemoryNotifier:
         # No checkpoint: this is called on every commit, and delivery is synchronous.
         for handler in list(self._handlers):
             handler.notice(stream, last_id)
+
+    async def notify_reset(self, stream: str) -> None:
+        """Tell every listener that ``stream`` was deleted."""
+        for handler in list(self._handlers):
+            reset = getattr(handler, "reset", None)
+            if reset is not None:
+                reset(stream)
 
     async def notify_events(self, events: Sequence[Event], encoded: Sequence[str]) -> None:
         """Report ``events`` to every listener now (the emitter's own bus ignores them)."""

@@ -64,7 +64,7 @@ class TestMergeState:
 
     def test_take_rejects_a_store_with_holes(self):
         state = MergeState(cursor=3)
-        with pytest.raises(chatbus.StoreError, match="not dense"):
+        with pytest.raises(chatbus.HistoryTruncated, match="not dense"):
             state.take(msgs(4, 6), limit=10)
 
     def test_rescan_lasts_until_a_short_page(self):

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import attrs
 import trio
+import trio.testing
 
 import chatbus
 
@@ -116,6 +117,7 @@ async def test_scenario_3_without_any_notice_from_the_other_process():
         chatbus.open_bus(store=store, poll_interval=None) as bus,
         bus.open_subscriber("chat") as sub,
     ):
+        await trio.testing.wait_all_tasks_blocked()  # the subscription is at the head
         await other_process.publish("chat", "store only")
         await bus.publish("chat", "cache only")
         assert await collect(sub, 2) == dense(2)

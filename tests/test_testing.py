@@ -143,6 +143,7 @@ async def test_lost_notices_are_found_by_the_poll(autojump_clock):
         chatbus.open_bus(store=store, notifier=dropper, poll_interval=0.5) as bus,
         bus.open_subscriber("s") as sub,
     ):
+        await trio.testing.wait_all_tasks_blocked()  # the subscription is at the head
         await other.publish("s", "never announced here")
         start = trio.current_time()
         assert await collect(sub, 1, seconds=5) == [1]

@@ -18,7 +18,7 @@ import psycopg
 import trio
 from psycopg import pq, sql
 
-from .._codec import parse_notice
+from .._codec import parse_notice, parse_reset
 from .._event import Event, decode_events
 from .._listener import Beat, ListenLost, Liveness, Reconnecting
 from .._protocols import NoticeHandler
@@ -118,6 +118,10 @@ class ListenSession:
             if parsed is not None:
                 self.notices += 1
                 self.handler.notice(*parsed)
+            elif (reset := parse_reset(payload)) is not None:
+                handle = getattr(self.handler, "reset", None)
+                if handle is not None:
+                    handle(reset)
         elif notify.relname == self.ping_channel and notify.extra == self.ping_token:
             self.ping_answered = True
 
@@ -169,6 +173,10 @@ class PostgresNotifier:
         The NOTIFY is part of the transaction that commits the batch, so it is delivered
         if and only if the batch commits, in commit order, to every process.
         """
+        await trio.lowlevel.checkpoint()
+
+    async def notify_reset(self, stream: str) -> None:
+        """Do nothing: :meth:`PostgresStore.delete_stream` NOTIFYed it at its commit."""
         await trio.lowlevel.checkpoint()
 
     async def notify_events(self, events: Sequence[Event], encoded: Sequence[str]) -> None:

@@ -42,7 +42,7 @@ def ddl_lock_key(schema: str) -> int:
 
 #: The comment on a schema's ``streams`` table once :func:`ddl` has run: if it is
 #: there, every object is. Change any DDL, change the version.
-SCHEMA_VERSION: Final = "chatbus schema 3"
+SCHEMA_VERSION: Final = "chatbus schema 4"
 
 
 def streams_table(schema: str) -> sql.Composable:
@@ -78,6 +78,16 @@ def ddl(schema: str) -> list[sql.Composed]:
             "ALTER TABLE {} ADD COLUMN IF NOT EXISTS last_at timestamptz,"
             " ADD COLUMN IF NOT EXISTS last_token bigint"
         ).format(sql.Identifier(schema, "streams")),
+        # The stream's epoch (a new one when it is created again after a delete) and
+        # its first retained id (trim); redacted messages keep id and key.
+        sql.SQL(
+            "ALTER TABLE {} ADD COLUMN IF NOT EXISTS epoch bigint NOT NULL"
+            " DEFAULT (floor(random() * 4e18) + 1)::bigint,"
+            " ADD COLUMN IF NOT EXISTS first_id bigint NOT NULL DEFAULT 1"
+        ).format(sql.Identifier(schema, "streams")),
+        sql.SQL(
+            "ALTER TABLE {} ADD COLUMN IF NOT EXISTS redacted boolean NOT NULL DEFAULT false"
+        ).format(sql.Identifier(schema, "messages")),
         # Events retained for joiners: UNLOGGED (not written to the WAL, emptied by a
         # crash), for they are hints for the eye, never history.
         sql.SQL(
@@ -126,6 +136,9 @@ def _notice(stream: str, last_id: str) -> sql.Composable:
     )
 
 
+#: Most rows one statement of a trim or delete removes (each its own transaction,
+#: so no lock is held long on a hot stream).
+LIFECYCLE_BATCH: Final = 5000
 #: Groups of a read page are cut at this many bytes of bodies (see Queries.read).
 READ_GROUP_BYTES: Final = 16 * 1024 * 1024
 
@@ -148,6 +161,12 @@ class Queries:
     retain_events: bytes
     retained_events: bytes
     bodies_of_keys: bytes
+    stream_info: bytes
+    trim_first: bytes
+    trim_batch: bytes
+    delete_batch: bytes
+    redact: bytes
+    delete_stream: tuple[str, ...]
 
     @classmethod
     def for_schema(cls, schema: str) -> Queries:
@@ -163,6 +182,16 @@ class Queries:
             retain_events=_bytes(_RETAIN_EVENTS, names),
             retained_events=_bytes(_RETAINED_EVENTS, names),
             bodies_of_keys=_bytes(_BODIES_OF_KEYS, names),
+            stream_info=_bytes(_STREAM_INFO, names),
+            trim_first=_bytes(_TRIM_FIRST, names),
+            trim_batch=_bytes(_TRIM_BATCH, names),
+            delete_batch=_bytes(_DELETE_BATCH, names),
+            redact=_bytes(_REDACT, names),
+            delete_stream=tuple(
+                _text(statement, names)
+                for statement in _DELETE_STREAM.split(";")
+                if statement.strip()
+            ),
         )
 
 
@@ -179,6 +208,10 @@ def _names(schema: str) -> dict[str, sql.Composable]:
         "events": sql.Identifier(schema, "events"),
         "max_events": sql.Literal(RETAINED_EVENTS),
         "max_event_bytes": sql.Literal(RETAINED_EVENT_BYTES),
+        "lifecycle_batch": sql.Literal(LIFECYCLE_BATCH),
+        "reset_notice": sql.SQL(
+            "json_build_object('stream', %(stream)s::text, 'reset', true)::text"
+        ),
     }
 
 
@@ -341,19 +374,23 @@ _OUTCOME: Final = (
     " WHERE st.stream IN (SELECT json_array_elements_text($1::json))"
 )
 
-# A page as a few JSON values, each [[id, key, body, created_at µs], …]: one json.loads
+# A page as a few JSON values, each [[id, key, body, created_at µs, redacted], …]
+# (only ids from the stream's first retained one: the rows of trimmed messages with
+# keys stay, for their keys, but are not history any more): one json.loads
 # decodes the ids, keys and bodies of many rows at once (body is a json column,
 # embedded verbatim). Rows are grouped by the running total of their body sizes,
 # 16 MiB a group, so no value nears Postgres's 1 GB limit on one string whatever the
 # page holds.
 _READ: Final = """
-    SELECT json_agg(json_build_array(m.id, m.key, m.body, m.micros) ORDER BY m.id)
+    SELECT json_agg(json_build_array(m.id, m.key, m.body, m.micros, m.redacted) ORDER BY m.id)
     FROM (
-        SELECT id, key, body,
+        SELECT id, key, body, redacted,
             {created_micros} AS micros,
             sum(octet_length(body::text)) OVER (ORDER BY id) AS running
         FROM {messages}
-        WHERE stream = $1::text AND id > $2::bigint ORDER BY id LIMIT $3::bigint
+        WHERE stream = $1::text AND id > greatest($2::bigint, coalesce(
+            (SELECT st.first_id - 1 FROM {streams} AS st WHERE st.stream = $1::text), 0))
+        ORDER BY id LIMIT $3::bigint
     ) AS m
     GROUP BY m.running / {group_bytes}
     ORDER BY min(m.id)
@@ -421,4 +458,55 @@ _RETAINED_EVENTS: Final = """
         (r.key IS NULL AND r.after = $2::bigint)
         OR (r.key IS NOT NULL AND (r.expires_at IS NULL OR r.expires_at > now()))
     )
+"""
+
+_STREAM_INFO: Final = (
+    "SELECT st.last_id, st.first_id, st.epoch FROM {streams} AS st WHERE st.stream = $1::text"
+)
+
+# Trim, first: the stream's first retained id moves (never past head + 1, never
+# back), at once for every reader; returns it. Then the rows go, in batches: rows
+# without a key are deleted; rows with a key stay (their keys still answer a retried
+# publish with the original id) but are no longer history (see _READ).
+_TRIM_FIRST: Final = """
+    UPDATE {streams} AS st SET first_id = greatest(st.first_id, least($2::bigint, st.last_id + 1))
+    WHERE st.stream = $1::text
+    RETURNING st.first_id
+"""
+
+_TRIM_BATCH: Final = """
+    DELETE FROM {messages} AS m WHERE m.ctid IN (
+        SELECT x.ctid FROM {messages} AS x
+        WHERE x.stream = $1::text AND x.id < $2::bigint AND x.key IS NULL
+        LIMIT {lifecycle_batch}
+    )
+"""
+
+# Delete, first: the stream's messages in batches (readers may still see the rest).
+_DELETE_BATCH: Final = """
+    DELETE FROM {messages} AS m WHERE m.ctid IN (
+        SELECT x.ctid FROM {messages} AS x WHERE x.stream = $1::text LIMIT {lifecycle_batch}
+    )
+"""
+
+# Delete, last: one transaction of these statements, one by one (psycopg; each takes
+# a new snapshot): lock the counter row, so no append of the stream runs meanwhile; delete
+# what is left of the messages, the retained events and the counter row; tell every
+# listener. The next append creates the row again: a new epoch, ids from 1.
+_DELETE_STREAM: Final = """
+    SELECT st.last_id FROM {streams} AS st WHERE st.stream = %(stream)s::text FOR UPDATE;
+    DELETE FROM {messages} WHERE stream = %(stream)s::text;
+    DELETE FROM {events} WHERE stream = %(stream)s::text;
+    DELETE FROM {streams} WHERE stream = %(stream)s::text;
+    SELECT pg_notify(%(channel)s::text, {reset_notice});
+"""
+
+# Redact: the body becomes JSON null, the row keeps id, key and created_at; returns
+# the tombstone as [key, created_at µs] (no row: not retained).
+_REDACT: Final = """
+    UPDATE {messages} AS m SET body = 'null'::json, redacted = true
+    WHERE m.stream = $1::text AND m.id = $2::bigint
+        AND m.id >= coalesce(
+            (SELECT st.first_id FROM {streams} AS st WHERE st.stream = $1::text), 1)
+    RETURNING json_build_array(m.key, {found_micros})
 """

@@ -27,11 +27,11 @@ from .._coalesce import GroupCommit, PendingAppend
 from .._codec import BODY_SEPARATOR, BadBody, pack_bodies, plan_keyed_batch
 from .._event import Event, decode_event_items, encode_events, to_micros
 from .._exceptions import BusError, OutcomeUnknown, StoreError, UndecodableMessage, store_error
-from .._message import Draft, Message, check_after, check_stream
+from .._message import Draft, Message, StreamInfo, check_after, check_stream
 from . import _pq
 from ._aio import AioRunner
 from ._connections import LentConnections
-from ._sql import Queries
+from ._sql import LIFECYCLE_BATCH, Queries
 
 #: Exceptions that mean "the store failed" rather than "chatbus has a bug".
 DB_ERRORS: Final = (psycopg.Error, OSError)
@@ -98,12 +98,21 @@ class _Batch:
 
 
 def _page(stream: str, result: pq.abc.PGresult) -> list[Message]:
-    """Decode a read's result: a few JSON values, each [[id, key, body, µs], …]."""
+    """Decode a read's result: a few JSON values, each [[id, key, body, µs, redacted], …]."""
     to_datetime = _pq.from_epoch_micros
     return [
-        Message.from_row(stream, id_, body, key, to_datetime(micros))
+        Message(
+            stream=stream,
+            id=id_,
+            body=body,
+            key=key,
+            created_at=to_datetime(micros),
+            redacted=redacted,
+        )
+        if redacted
+        else Message.from_row(stream, id_, body, key, to_datetime(micros))
         for group in range(result.ntuples)
-        for id_, key, body, micros in json.loads(_pq.value(result, group, 0))
+        for id_, key, body, micros, redacted in json.loads(_pq.value(result, group, 0))
     ]
 
 
@@ -359,6 +368,109 @@ class PostgresStore:
         )
         found = result.get_value(0, 0)
         return [] if found is None else decode_event_items(json.loads(found))
+
+    # ---- the stream lifecycle ----
+
+    async def stream_info(self, stream: str) -> StreamInfo:
+        """Where ``stream`` stands; see :meth:`chatbus.Bus.stream_info`.
+
+        Raises:
+            StoreError: the query failed.
+        """
+        check_stream(stream)
+        result = await self._query(
+            "stream info", self._queries.stream_info, [stream.encode("utf-8")], stream=stream
+        )
+        if result.ntuples == 0:
+            return StreamInfo(stream=stream, head=0, first_id=1, epoch=0, exists=False)
+        head, first_id, epoch = (int(_pq.value(result, 0, c)) for c in range(3))
+        return StreamInfo(stream=stream, head=head, first_id=first_id, epoch=epoch, exists=True)
+
+    async def trim(self, stream: str, before: int) -> int:
+        """Drop the messages of ``stream`` below ``before``, in bounded batches.
+
+        The first retained id moves first (one short statement), so readers stop at
+        it at once; then the rows go, :data:`LIFECYCLE_BATCH` at a time, each batch its
+        own transaction (no long lock on a hot stream). Rows with an idempotency key
+        stay, as keys only: a retried publish returns the original id.
+
+        Returns:
+            The stream's first retained id now.
+
+        Raises:
+            StoreError: a statement failed (the first id may have moved already).
+        """
+        check_stream(stream)
+        name = stream.encode("utf-8")
+        result = await self._query(
+            "trim", self._queries.trim_first, [name, b"%d" % before], stream=stream
+        )
+        if result.ntuples == 0:
+            return 1
+        first_id = int(_pq.value(result, 0, 0))
+        while True:
+            done = await self._query(
+                "trim", self._queries.trim_batch, [name, b"%d" % first_id], stream=stream
+            )
+            if int(done.command_tuples or 0) < LIFECYCLE_BATCH:
+                return first_id
+
+    async def delete_stream(self, stream: str) -> None:
+        """Delete ``stream``: its messages, keys and retained events; see
+        :meth:`chatbus.Bus.delete_stream`. The bulk goes in bounded batches first;
+        then one short transaction takes the stream's lock, removes the rest and the
+        counter row, and NOTIFYs every listener.
+
+        Raises:
+            StoreError: a statement failed (some messages may be gone already).
+        """
+        check_stream(stream)
+        name = stream.encode("utf-8")
+        while True:
+            done = await self._query("delete", self._queries.delete_batch, [name], stream=stream)
+            if int(done.command_tuples or 0) < LIFECYCLE_BATCH:
+                break
+        try:
+            conn = await self._connections.acquire()
+            try:
+                await self._aio.run(self._aio_delete_stream, conn, stream)
+            except BaseException:
+                await self._connections.recover(conn)
+                raise
+            self._connections.keep(conn)
+        except DB_ERRORS as exc:
+            raise store_error("delete", exc, stream=stream) from exc
+
+    async def _aio_delete_stream(self, conn: psycopg.AsyncConnection[Any], stream: str) -> None:
+        params = {"stream": stream, "channel": self._channel}
+        async with conn.transaction():
+            for statement in self._queries.delete_stream:
+                await conn.execute(statement, params)
+
+    async def redact(self, stream: str, id: int) -> Message | None:
+        """Replace message ``id``'s body by a tombstone; see :meth:`chatbus.Bus.redact`.
+
+        Returns:
+            The tombstone, or None if ``id`` is not a retained message.
+
+        Raises:
+            StoreError: the statement failed.
+        """
+        check_stream(stream)
+        result = await self._query(
+            "redact", self._queries.redact, [stream.encode("utf-8"), b"%d" % id], stream=stream
+        )
+        if result.ntuples == 0:
+            return None
+        key, micros = json.loads(_pq.value(result, 0, 0))
+        return Message(
+            stream=stream,
+            id=id,
+            body=None,
+            key=key,
+            created_at=_pq.from_epoch_micros(micros),
+            redacted=True,
+        )
 
     async def _check_open(self, operation: str) -> None:
         if self._closed:
