@@ -101,6 +101,11 @@ class _Router:
         if topic is not None:
             topic.reset()
 
+    def trimmed(self, stream: str, first_id: int) -> None:
+        topic = self.topics.get(stream)
+        if topic is not None:
+            topic.cache.forget_below(first_id)
+
     def events(self, events: Sequence[Event]) -> None:
         by_stream: dict[str, list[Event]] = {}
         for event in events:
@@ -473,6 +478,10 @@ class Bus(metaclass=NoPublicConstructor):
             raise ValueError(f"before must be >= 1, got {before}")
         self._topics.check_open()
         first: int = await self._lifecycle("trim")(stream, before)
+        self._router.trimmed(stream, first)
+        reset = getattr(self._notifier, "notify_reset", None)
+        if reset is not None:
+            await reset(stream, first)
         return first
 
     async def redact(self, stream: str, id: int) -> Message:

@@ -50,6 +50,13 @@ class DurableCache:
                 self._by_id = {i: m for i, m in by_id.items() if i > new_floor}
             self.floor = new_floor
 
+    def forget_below(self, first_id: int) -> None:
+        """The stream was trimmed: ids below ``first_id`` are history no more."""
+        if first_id - 1 > self.floor:
+            self._by_id = {i: m for i, m in self._by_id.items() if i >= first_id}
+            self.floor = first_id - 1
+            self.top = max(self.top, self.floor)
+
     def run_after(self, cursor: int, limit: int) -> list[Message]:
         """Return the messages cursor+1, cursor+2, … up to ``limit``, stopping at a hole.
 

@@ -110,21 +110,27 @@ def parse_notice(payload: bytes | str) -> tuple[str, int] | None:
     return stream, last_id
 
 
-def encode_reset(stream: str) -> str:
-    """The reset payload: the stream was deleted (its history is another one now)."""
-    return json.dumps({"stream": stream, "reset": True}, ensure_ascii=False)
+def encode_reset(stream: str, first_id: int | None = None) -> str:
+    """A history-change payload: ``stream`` was deleted (``first_id`` None) or trimmed
+    to begin at ``first_id``."""
+    data: dict[str, object] = {"stream": stream, "reset": True}
+    if first_id is not None:
+        data["first_id"] = first_id
+    return json.dumps(data, ensure_ascii=False)
 
 
-def parse_reset(payload: bytes | str) -> str | None:
-    """The stream a reset payload names; ``None`` for anything else."""
+def parse_reset(payload: bytes | str) -> tuple[str, int | None] | None:
+    """``(stream, first_id or None)`` of a history-change payload; None otherwise."""
     try:
         data = json.loads(payload)
     except (ValueError, RecursionError):
         return None
     if not isinstance(data, dict) or data.get("reset") is not True:
         return None
-    stream = data.get("stream")
+    first_id = data.get("first_id")
+    if first_id is not None and (type(first_id) is not int or first_id < 1):
+        return None
     try:
-        return check_stream(stream)
+        return check_stream(data.get("stream")), first_id
     except ValueError:
         return None

@@ -411,6 +411,8 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
                     continue
             if run:
                 backoff.reset()
+                if self._epoch == 0:  # the stream did not exist at open; it does now
+                    await self._check_epoch_retrying(backoff)
                 await self._deliver(run)
             elif self._with_events and not self._retained_fetched:
                 await self._fetch_retained_events()

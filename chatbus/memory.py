@@ -105,21 +105,19 @@ class MemoryStore:
         self._events.pop(stream, None)
 
     async def trim(self, stream: str, before: int) -> int:
-        """Drop the messages of ``stream`` below ``before``; return how many went.
+        """Drop the messages of ``stream`` below ``before``; return the first id kept.
 
         Their idempotency keys are kept: a retried publish returns the original id.
         """
         await trio.lowlevel.checkpoint()
         log = self._logs.get(stream)
         if log is None:
-            return 0
+            return 1
         before = min(before, log.head + 1)
-        if before <= log.first_id:
-            return 0
-        dropped = before - log.first_id
-        del log.messages[:dropped]
-        log.first_id = before
-        return dropped
+        if before > log.first_id:
+            del log.messages[: before - log.first_id]
+            log.first_id = before
+        return log.first_id
 
     async def redact(self, stream: str, id: int) -> Message | None:
         """Replace message ``id``'s body by a tombstone; return it (None if not retained)."""
@@ -183,12 +181,17 @@ class MemoryNotifier:
         for handler in list(self._handlers):
             handler.notice(stream, last_id)
 
-    async def notify_reset(self, stream: str) -> None:
-        """Tell every listener that ``stream`` was deleted."""
+    async def notify_reset(self, stream: str, first_id: int | None = None) -> None:
+        """Tell every listener that ``stream`` was deleted, or trimmed to ``first_id``."""
         for handler in list(self._handlers):
-            reset = getattr(handler, "reset", None)
-            if reset is not None:
-                reset(stream)
+            if first_id is None:
+                reset = getattr(handler, "reset", None)
+                if reset is not None:
+                    reset(stream)
+            else:
+                trimmed = getattr(handler, "trimmed", None)
+                if trimmed is not None:
+                    trimmed(stream, first_id)
 
     async def notify_events(self, events: Sequence[Event], encoded: Sequence[str]) -> None:
         """Report ``events`` to every listener now (the emitter's own bus ignores them)."""

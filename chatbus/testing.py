@@ -112,6 +112,14 @@ class FaultyNotifier:
         """Pass the notice to the wrapped notifier (faults apply on the listening side)."""
         await self.inner.notify(stream, last_id)
 
+    async def notify_reset(self, stream: str, first_id: int | None = None) -> None:
+        """Pass a history change (delete, trim) to the wrapped notifier, if it carries any."""
+        reset = getattr(self.inner, "notify_reset", None)
+        if reset is not None:
+            await reset(stream, first_id)
+        else:
+            await trio.lowlevel.checkpoint()
+
     async def notify_events(self, events: Sequence[Event], encoded: Sequence[str]) -> None:
         """Pass events to the wrapped notifier, if it carries any (faults apply on the
         listening side, as for notices: each batch is dropped, duplicated, delayed or
@@ -179,6 +187,18 @@ class _FaultyHandler:
 
     def resync(self) -> None:
         self.target.resync()
+
+    def reset(self, stream: str) -> None:
+        # History changes pass straight through, like resyncs (they are rare, and a
+        # lost one is found by the poll or the next resync anyway).
+        reset = getattr(self.target, "reset", None)
+        if reset is not None:
+            reset(stream)
+
+    def trimmed(self, stream: str, first_id: int) -> None:
+        trimmed = getattr(self.target, "trimmed", None)
+        if trimmed is not None:
+            trimmed(stream, first_id)
 
     def _mistreat(self, delivery: Callable[[], None]) -> None:
         self.received += 1
@@ -287,6 +307,13 @@ class LaggingStore:
             await retain(events, encoded)
         else:
             await trio.lowlevel.checkpoint()
+
+    def __getattr__(self, name: str) -> Any:
+        # The stream lifecycle (stream_info, trim, delete_stream, redact) goes
+        # straight to the wrapped store, if it has one.
+        if name in ("stream_info", "trim", "delete_stream", "redact"):
+            return getattr(self.inner, name)
+        raise AttributeError(name)
 
     async def retained_events(self, stream: str, head: int) -> list[Event]:
         """The wrapped store's retained events, if it keeps any."""

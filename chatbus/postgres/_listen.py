@@ -119,9 +119,15 @@ class ListenSession:
                 self.notices += 1
                 self.handler.notice(*parsed)
             elif (reset := parse_reset(payload)) is not None:
-                handle = getattr(self.handler, "reset", None)
-                if handle is not None:
-                    handle(reset)
+                stream, first_id = reset
+                if first_id is None:
+                    handle = getattr(self.handler, "reset", None)
+                    if handle is not None:
+                        handle(stream)
+                else:
+                    trimmed = getattr(self.handler, "trimmed", None)
+                    if trimmed is not None:
+                        trimmed(stream, first_id)
         elif notify.relname == self.ping_channel and notify.extra == self.ping_token:
             self.ping_answered = True
 
@@ -175,8 +181,9 @@ class PostgresNotifier:
         """
         await trio.lowlevel.checkpoint()
 
-    async def notify_reset(self, stream: str) -> None:
-        """Do nothing: :meth:`PostgresStore.delete_stream` NOTIFYed it at its commit."""
+    async def notify_reset(self, stream: str, first_id: int | None = None) -> None:
+        """Do nothing: :meth:`PostgresStore.delete_stream` and :meth:`~PostgresStore.trim`
+        NOTIFY it at their commit."""
         await trio.lowlevel.checkpoint()
 
     async def notify_events(self, events: Sequence[Event], encoded: Sequence[str]) -> None:

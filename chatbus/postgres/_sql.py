@@ -469,9 +469,15 @@ _STREAM_INFO: Final = (
 # without a key are deleted; rows with a key stay (their keys still answer a retried
 # publish with the original id) but are no longer history (see _READ).
 _TRIM_FIRST: Final = """
-    UPDATE {streams} AS st SET first_id = greatest(st.first_id, least($2::bigint, st.last_id + 1))
-    WHERE st.stream = $1::text
-    RETURNING st.first_id
+    WITH t AS (
+        UPDATE {streams} AS st
+        SET first_id = greatest(st.first_id, least($2::bigint, st.last_id + 1))
+        WHERE st.stream = $1::text
+        RETURNING st.first_id
+    )
+    SELECT t.first_id, pg_notify($3::text, json_build_object(
+        'stream', $1::text, 'reset', true, 'first_id', t.first_id)::text)
+    FROM t
 """
 
 _TRIM_BATCH: Final = """

@@ -402,9 +402,8 @@ class PostgresStore:
         """
         check_stream(stream)
         name = stream.encode("utf-8")
-        result = await self._query(
-            "trim", self._queries.trim_first, [name, b"%d" % before], stream=stream
-        )
+        params = [name, b"%d" % before, self._channel.encode("utf-8")]
+        result = await self._query("trim", self._queries.trim_first, params, stream=stream)
         if result.ntuples == 0:
             return 1
         first_id = int(_pq.value(result, 0, 0))

@@ -1,0 +1,173 @@
+"""The stream lifecycle on every backend: delete, trim, redact, epochs, no silent skip.
+
+Each ``backend.open_bus()`` is a separate "process" over the same store.
+"""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+import chatbus
+
+from support import assert_quiet, collect, dense
+
+
+async def test_stream_info_and_epochs(backend):
+    async with backend.open_bus() as bus:
+        missing = await bus.stream_info("room")
+        assert (missing.exists, missing.head, missing.epoch) == (False, 0, 0)
+        for i in range(3):
+            await bus.publish("room", i)
+        info = await bus.stream_info("room")
+        assert (info.exists, info.head, info.first_id) == (True, 3, 1)
+        assert info.epoch != 0
+        await bus.delete_stream("room")
+        assert (await bus.stream_info("room")).exists is False
+        assert await bus.read("room") == []
+        assert (await bus.publish("room", "again")).id == 1  # a new epoch at id 1
+        again = await bus.stream_info("room")
+        assert again.epoch not in (0, info.epoch)
+
+
+async def test_stale_epoch_and_cursor_ahead_fail_at_open(backend):
+    async with backend.open_bus() as bus:
+        for i in range(5):
+            await bus.publish("room", i)
+        old = await bus.stream_info("room")
+        await bus.delete_stream("room")
+        await bus.publish("room", "new history")
+        with pytest.raises(chatbus.HistoryReset) as info:
+            async with bus.open_subscriber("room", after=1, epoch=old.epoch):
+                pytest.fail("opened in another history")
+        assert info.value.epoch == (await bus.stream_info("room")).epoch
+        # The trap the issue found: a cursor past the head must not wait silently.
+        with pytest.raises(chatbus.CursorAhead, match="head of stream 'room', which is 1") as ahead:
+            async with bus.open_subscriber("room", after=50):
+                pytest.fail("opened past the head")
+        assert ahead.value.head == 1
+        with pytest.raises(chatbus.CursorAhead):
+            await bus.read("room", after=50)
+        new = await bus.stream_info("room")
+        async with bus.open_subscriber("room", after=0, epoch=new.epoch) as sub:
+            assert await collect(sub, 1) == [1]
+            assert sub.epoch == new.epoch
+
+
+async def test_trim_never_lets_a_cursor_skip(backend):
+    async with backend.open_bus() as bus:
+        for i in range(1, 21):
+            await bus.publish("room", i)
+        assert await bus.trim("room", before=11) == 11
+        assert [m.id for m in await bus.read("room")] == dense(20, 11)  # from the start
+        assert [m.id for m in await bus.read("room", after=10)] == dense(20, 11)
+        with pytest.raises(chatbus.HistoryTruncated) as info:
+            await bus.read("room", after=5)
+        assert info.value.first_id == 11
+        with pytest.raises(chatbus.HistoryTruncated):
+            async with bus.open_subscriber("room", after=5):
+                pytest.fail("opened below the first retained id")
+        async with bus.open_subscriber("room") as sub:
+            assert await collect(sub, 10) == dense(20, 11)
+        info2 = await bus.stream_info("room")
+        assert (info2.first_id, info2.head) == (11, 20)
+        assert await bus.trim("room", before=1000) == 21  # never past head + 1
+        assert (await bus.publish("room", "next")).id == 21  # ids are not reused
+        with pytest.raises(ValueError, match="before"):
+            await bus.trim("room", before=0)
+
+
+async def test_a_slow_subscriber_trimmed_under_is_told(backend):
+    async with (
+        backend.open_bus(read_batch=5) as bus,
+        backend.open_bus() as other,
+        bus.open_subscriber("room") as sub,
+    ):
+        for i in range(1, 31):
+            await other.publish("room", i)
+        assert await collect(sub, 3) == [1, 2, 3]
+        await other.trim("room", before=25)
+        with pytest.raises(chatbus.HistoryTruncated) as info:
+            with trio.fail_after(10):
+                while True:
+                    await sub.receive()
+        assert info.value.first_id == 25
+        assert sub.cursor < 25  # what it got before the gap, never past it silently
+
+
+async def test_trimmed_keys_still_answer_a_retry(backend):
+    async with backend.open_bus() as bus:
+        first = await bus.publish("room", "hello", key="client-1")
+        for i in range(5):
+            await bus.publish("room", i)
+        await bus.trim("room", before=4)
+        again = await bus.publish("room", "hello", key="client-1")
+        assert again.replay and again.id == first.id  # no duplicate of a message seen
+        assert (await bus.stream_info("room")).head == 6
+
+
+async def test_redaction_is_a_tombstone_seen_live(backend):
+    async with (
+        backend.open_bus() as bus,
+        backend.open_bus() as other,
+        other.open_subscriber("room", events=True) as sub,
+    ):
+        await bus.publish("room", "fine")
+        secret = await bus.publish("room", {"text": "my password"}, key="k")
+        await bus.publish("room", "fine too")
+        got = []
+        with trio.fail_after(10):
+            while len(got) < 3:
+                got.append(await sub.receive())
+        tombstone = await bus.redact("room", secret.id)
+        assert (tombstone.id, tombstone.key, tombstone.body) == (2, "k", None)
+        assert tombstone.redacted and tombstone.created_at == secret.created_at
+        with trio.fail_after(10):
+            event = await sub.receive()
+        assert isinstance(event, chatbus.Event) and event.body == {"redacted": 2}
+        stored = await other.read("room")
+        assert [(m.id, m.body, m.redacted) for m in stored] == [
+            (1, "fine", False),
+            (2, None, True),
+            (3, "fine too", False),
+        ]
+        with pytest.raises(ValueError, match="no retained message 9"):
+            await bus.redact("room", 9)
+
+
+async def test_a_live_subscription_ends_when_its_stream_is_deleted(backend):
+    async with (
+        backend.open_bus() as bus,
+        backend.open_bus() as other,
+        other.open_subscriber("room") as sub,
+    ):
+        for i in range(3):
+            await bus.publish("room", i)
+        assert await collect(sub, 3) == [1, 2, 3]
+        await bus.delete_stream("room")
+        await bus.publish("room", "a new conversation")
+        with pytest.raises(chatbus.StreamDeleted), trio.fail_after(10):
+            await sub.receive()
+
+
+async def test_delete_racing_publishers_leaves_streams_consistent(backend):
+    async with backend.open_bus() as bus, backend.open_bus() as other:
+        acked: list[chatbus.Message] = []
+
+        async def publish_many(b: chatbus.Bus, tag: str) -> None:
+            for i in range(60):
+                acked.append(await b.publish("race", f"{tag}{i}"))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(publish_many, bus, "a")
+            nursery.start_soon(publish_many, other, "b")
+            await trio.sleep(0.02)
+            await bus.delete_stream("race")
+            await trio.sleep(0.02)
+            await other.trim("race", before=3)
+        info = await bus.stream_info("race")
+        stored = await bus.read("race", limit=1000)
+        assert [m.id for m in stored] == dense(info.head, info.first_id)
+        async with bus.open_subscriber("race") as sub:
+            assert await collect(sub, len(stored)) == [m.id for m in stored]
+            await assert_quiet(sub)
