@@ -64,6 +64,16 @@ class Sizes:
     scale_pg_subscriptions: int = 10_000
     #: How long the scale scenario waits for every subscription's start-up read.
     scale_settle_seconds: float = 60.0
+    # events: emit -> receipt (memory; Postgres cross-process), latency, durable alongside
+    events_memory: int = 200_000
+    events_postgres: int = 100_000
+    #: The emitter of a burst checkpoints after this many emits (emit never waits).
+    events_chunk: int = 64
+    #: Offered events/s of the latency run and of the events beside durable messages.
+    events_rate: float = 2_000.0
+    events_latency_seconds: float = 5.0
+    events_latency_warmup_seconds: float = 1.0
+    events_durable_messages: int = 20_000
 
 
 def quick_sizes() -> Sizes:
@@ -85,6 +95,11 @@ def quick_sizes() -> Sizes:
         scale_subscriptions=10_000,
         scale_pg_subscriptions=2_000,
         scale_settle_seconds=20.0,
+        events_memory=20_000,
+        events_postgres=10_000,
+        events_latency_seconds=1.0,
+        events_latency_warmup_seconds=0.25,
+        events_durable_messages=4_000,
     )
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import fanout, latency, peers, scale, statement, throughput
+from . import events, fanout, latency, peers, scale, statement, throughput
 from ._scenario import Scenario
 
 SCENARIOS: tuple[Scenario, ...] = (
@@ -14,6 +14,7 @@ SCENARIOS: tuple[Scenario, ...] = (
     latency.SCENARIO,
     fanout.SCENARIO,
     scale.SCENARIO,
+    events.SCENARIO,
 )
 
 BY_NAME = {scenario.name: scenario for scenario in SCENARIOS}

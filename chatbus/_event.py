@@ -14,6 +14,7 @@ late, only for being replaced or expiring.
 
 from __future__ import annotations
 
+import collections
 import datetime
 import json
 import math
@@ -228,21 +229,32 @@ class RetainedEvents:
 
     max_events: int
     max_bytes: int
-    _unkeyed: list[tuple[Event, int]] = attrs.field(factory=list, init=False)
+    _unkeyed: collections.deque[tuple[Event, int]] = attrs.field(
+        factory=collections.deque, init=False
+    )
     _keyed: dict[str, tuple[Event, int]] = attrs.field(factory=dict, init=False)
+    #: Bytes of everything retained (kept as it changes: adding stays O(1)).
+    _bytes: int = attrs.field(default=0, init=False)
 
     def add(self, events: Sequence[tuple[Event, int]]) -> None:
         """Retain ``(event, body size)`` pairs, in emit order."""
+        unkeyed, keyed = self._unkeyed, self._keyed
         for event, size in events:
             if event.key is None:
-                if self._unkeyed and event.after > self._unkeyed[-1][0].after:
-                    self._unkeyed = [(e, n) for e, n in self._unkeyed if e.after >= event.after]
-                if self._unkeyed and event.after < self._unkeyed[-1][0].after:
-                    continue  # older than what is retained: stale already
-                self._unkeyed.append((event, size))
+                if unkeyed and event.after != unkeyed[-1][0].after:
+                    if event.after < unkeyed[-1][0].after:
+                        continue  # older than what is retained: stale already
+                    # The head moved on: what sat before it is stale for joiners.
+                    kept = [(e, n) for e, n in unkeyed if e.after >= event.after]
+                    self._bytes -= sum(n for _, n in unkeyed) - sum(n for _, n in kept)
+                    unkeyed = self._unkeyed = collections.deque(kept)
+                unkeyed.append((event, size))
             else:
-                self._keyed.pop(event.key, None)
-                self._keyed[event.key] = (event, size)
+                replaced = keyed.pop(event.key, None)
+                if replaced is not None:
+                    self._bytes -= replaced[1]
+                keyed[event.key] = (event, size)
+            self._bytes += size
         self._bound()
 
     def retained(self, head: int, now: datetime.datetime) -> list[Event]:
@@ -256,23 +268,23 @@ class RetainedEvents:
         return len(self._unkeyed) + len(self._keyed)
 
     def _expire(self, now: datetime.datetime) -> None:
-        for key, (event, _) in list(self._keyed.items()):
+        for key, (event, size) in list(self._keyed.items()):
             expires = event.expires_at
             if expires is not None and expires <= now:
                 del self._keyed[key]
+                self._bytes -= size
 
     def _bound(self) -> None:
-        total = sum(n for _, n in self._unkeyed) + sum(n for _, n in self._keyed.values())
-        while len(self) > self.max_events or total > self.max_bytes:
+        while len(self) > self.max_events or self._bytes > self.max_bytes:
             oldest_keyed = next(iter(self._keyed.values()), None)
             oldest_unkeyed = self._unkeyed[0] if self._unkeyed else None
             if oldest_unkeyed is not None and (
                 oldest_keyed is None or oldest_unkeyed[0].created_at <= oldest_keyed[0].created_at
             ):
-                self._unkeyed.pop(0)
-                total -= oldest_unkeyed[1]
+                self._unkeyed.popleft()
+                self._bytes -= oldest_unkeyed[1]
             elif oldest_keyed is not None:
                 del self._keyed[oldest_keyed[0].key]  # type: ignore[arg-type]
-                total -= oldest_keyed[1]
+                self._bytes -= oldest_keyed[1]
             else:  # pragma: no cover - len(self) > 0 implies one of them
                 break

@@ -47,6 +47,8 @@ class ListenSession:
     ping_token: bytes | None = attrs.field(default=None, init=False)
     ping_answered: bool = attrs.field(default=False, init=False)
     notices: int = attrs.field(default=0, init=False)
+    #: Notifications left in libpq's buffer by :meth:`pump` (the socket will not say).
+    buffered: bool = attrs.field(default=False, init=False)
 
     def __attrs_post_init__(self) -> None:
         self.sock = self.pgconn.socket
@@ -83,11 +85,15 @@ class ListenSession:
         """Send ``query`` and wait until all its results are in."""
         await self.send(query)
         while self.query_in_flight:
-            await trio.lowlevel.wait_readable(self.sock)
-            self.pump()
+            await self.drain()
 
     def pump(self) -> None:
-        """Consume what has arrived: query results, then notifications. Never blocks."""
+        """Consume what has arrived: query results, then notifications. Never blocks.
+
+        Stops after a notification of events, with :attr:`buffered` set: the caller
+        lets the consumers run before pumping again (see :meth:`drain`), or a burst
+        of payloads (up to ~100 events each) overflows their bounded event buffers.
+        """
         pgconn = self.pgconn
         try:
             pgconn.consume_input()
@@ -99,21 +105,35 @@ class ListenSession:
                 if result.status not in (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK):
                     message = result.error_message.decode("utf-8", "replace").strip()
                     raise ListenLost(f"query failed: {message}")
+            self.buffered = False
             while (notify := pgconn.notifies()) is not None:
-                self._dispatch(notify)
+                if self._dispatch(notify):
+                    self.buffered = True
+                    break
         except DB_ERRORS as exc:
             raise ListenLost(str(exc).strip() or type(exc).__name__) from exc
         if pgconn.status == pq.ConnStatus.BAD:
             raise ListenLost("connection is bad")
 
-    def _dispatch(self, notify: pq.PGnotify) -> None:
+    async def drain(self) -> None:
+        """Wait for input unless some is buffered, then pump until none is buffered,
+        letting other tasks run between payloads of events."""
+        if not self.buffered:
+            await trio.lowlevel.wait_readable(self.sock)
+        self.pump()
+        while self.buffered:
+            await trio.lowlevel.checkpoint()  # consumers drain their events
+            self.pump()
+
+    def _dispatch(self, notify: pq.PGnotify) -> bool:
+        """Hand one notification to the handler; return whether it carried events."""
         if notify.relname == self.channel:
             payload = notify.extra
             if payload.startswith(_EVENTS_PREFIX):
                 events = decode_events(payload)
                 if events:
                     self.handler.events(events)
-                return
+                return bool(events)
             parsed = parse_notice(payload)
             if parsed is not None:
                 self.notices += 1
@@ -130,6 +150,7 @@ class ListenSession:
                         trimmed(stream, first_id)
         elif notify.relname == self.ping_channel and notify.extra == self.ping_token:
             self.ping_answered = True
+        return False
 
 
 @final
@@ -257,8 +278,7 @@ class PostgresNotifier:
         liveness = Liveness.starting(self.ping_interval, self.ping_timeout, trio.current_time())
         while True:
             with trio.move_on_at(liveness.wake_at()):
-                await trio.lowlevel.wait_readable(session.sock)
-                session.pump()
+                await session.drain()
             beat = liveness.step(trio.current_time(), session.ping_done)
             if beat is Beat.DEAD:
                 session.pump()  # the answer may be waiting, unread, in the socket
