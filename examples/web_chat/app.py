@@ -1,0 +1,243 @@
+"""A small real chat app on chatbus: browsers over Server-Sent Events, with resume.
+
+Run it (``pip install -e '.[web]'`` first)::
+
+    python examples/web_chat/app.py                        # in memory, port 8000
+    python examples/web_chat/app.py --port 8001 --dsn postgresql://postgres@127.0.0.1/test
+
+and open http://127.0.0.1:8000/?room=lobby&name=al in two tabs.
+
+Routes:
+
+- ``GET /``: the chat page (``?room=NAME&name=USER``);
+- ``GET /rooms/{room}/events``: the room as SSE (``?last=50``, ``?after=ID`` or the
+  ``Last-Event-ID`` header), see :mod:`chatbus.sse`;
+- ``GET /rooms/{room}/messages?before=ID&limit=N``: a page of history as JSON
+  (``after=ID`` pages forward; neither gives the latest page);
+- ``POST /rooms/{room}/messages``: JSON ``{"text": ..., "key": ..., "name": ...}``;
+  the key is the page's idempotency key, so a retried send never doubles; 201 with the
+  message's JSON, 400 with a reason for bad input, 409 for a key reused with another
+  text;
+- ``POST /rooms/{room}/typing``: JSON ``{"name": ...}``: an ephemeral keyed event
+  ``typing:<name>`` with a ttl, shown as "who is typing".
+
+It serves on hypercorn's trio worker with Starlette; see README.md for why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import hypercorn.config
+import hypercorn.trio
+import trio
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+import chatbus
+import chatbus.sse
+
+STATIC = pathlib.Path(__file__).parent / "static"
+#: Longest message text accepted, in characters.
+MAX_TEXT = 2000
+#: Longest user name, in characters.
+MAX_NAME = 40
+#: Largest request body read, in bytes.
+MAX_BODY = 16 * 1024
+#: Most messages in one history page.
+MAX_PAGE = 200
+
+
+class BadRequest(Exception):
+    """Bad input: answered 400 with the reason."""
+
+
+def _error(status: int, reason: str) -> JSONResponse:
+    return JSONResponse({"error": reason}, status_code=status)
+
+
+async def _json_body(request: Request) -> dict[str, Any]:
+    size = 0
+    parts: list[bytes] = []
+    async for part in request.stream():
+        size += len(part)
+        if size > MAX_BODY:
+            raise BadRequest(f"request body over {MAX_BODY} bytes")
+        parts.append(part)
+    try:
+        value = json.loads(b"".join(parts))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadRequest(f"body is not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise BadRequest("body must be a JSON object")
+    return value
+
+
+def _text_field(body: dict[str, Any], name: str, *, limit: int, required: bool) -> str | None:
+    value = body.get(name)
+    if value is None:
+        if required:
+            raise BadRequest(f"{name} is required")
+        return None
+    if not isinstance(value, str):
+        raise BadRequest(f"{name} must be a string")
+    if required and not value.strip():
+        raise BadRequest(f"{name} must not be empty")
+    if len(value) > limit:
+        raise BadRequest(f"{name} is longer than {limit} characters")
+    return value
+
+
+def _query_int(request: Request, name: str, low: int, high: int) -> int | None:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return None
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 19:
+        raise BadRequest(f"{name} must be a whole number, got {raw[:40]!r}")
+    number = int(raw)
+    if not low <= number <= high:
+        raise BadRequest(f"{name} must be from {low} to {high}, got {number}")
+    return number
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def _answers_bad_input(handler: Handler) -> Handler:
+    """Turn bad input (ours or chatbus's ValueErrors) into 400 with the reason."""
+
+    async def wrapper(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except chatbus.IdempotencyConflict as exc:
+            return _error(409, str(exc))
+        except (BadRequest, ValueError) as exc:  # InvalidStream, InvalidMessage, …
+            return _error(400, str(exc))
+
+    return wrapper
+
+
+def make_app(bus: chatbus.Bus, *, typing_ttl: float = 4.0, heartbeat: float = 5.0) -> Starlette:
+    """Build the ASGI app serving chat rooms on ``bus``."""
+
+    async def page(request: Request) -> Response:
+        return FileResponse(STATIC / "index.html", headers={"cache-control": "no-cache"})
+
+    async def script(request: Request) -> Response:
+        return FileResponse(STATIC / "chat.js", headers={"cache-control": "no-cache"})
+
+    @_answers_bad_input
+    async def events(request: Request) -> Response:
+        cursor = chatbus.sse.parse_cursor(
+            last_event_id=request.headers.get("last-event-id"),
+            after=request.query_params.get("after"),
+            last=request.query_params.get("last"),
+        )
+        frames = chatbus.sse.sse_stream(
+            bus, request.path_params["room"], cursor, heartbeat=heartbeat
+        )
+        return StreamingResponse(frames, headers=dict(chatbus.sse.SSE_HEADERS))
+
+    @_answers_bad_input
+    async def history(request: Request) -> Response:
+        room = request.path_params["room"]
+        limit = _query_int(request, "limit", 1, MAX_PAGE) or 50
+        before = _query_int(request, "before", 1, 2**63 - 1)
+        after = _query_int(request, "after", 0, 2**63 - 1)
+        if before is not None and after is not None:
+            raise BadRequest("pass before or after, not both")
+        if before is None and after is None:
+            info = await bus.stream_info(room)
+            before = info.head + 1
+        page = await bus.read(room, after, limit, before=before)
+        return JSONResponse({"messages": [chatbus.sse.message_json(m) for m in page]})
+
+    @_answers_bad_input
+    async def post_message(request: Request) -> Response:
+        room = request.path_params["room"]
+        body = await _json_body(request)
+        text = _text_field(body, "text", limit=MAX_TEXT, required=True)
+        key = _text_field(body, "key", limit=chatbus.MAX_KEY_LENGTH, required=False)
+        name = _text_field(body, "name", limit=MAX_NAME, required=False) or "anon"
+        message = await bus.publish(room, {"name": name, "text": text}, key=key or None)
+        status = 200 if message.replay else 201
+        return JSONResponse(chatbus.sse.message_json(message), status_code=status)
+
+    @_answers_bad_input
+    async def typing(request: Request) -> Response:
+        room = request.path_params["room"]
+        body = await _json_body(request)
+        name = _text_field(body, "name", limit=MAX_NAME, required=True)
+        await bus.emit(room, {"typing": name}, key=f"typing:{name}", ttl=typing_ttl)
+        return Response(status_code=204)
+
+    return Starlette(
+        routes=[
+            Route("/", page),
+            Route("/chat.js", script),
+            Route("/rooms/{room}/events", events),
+            Route("/rooms/{room}/messages", history, methods=["GET"]),
+            Route("/rooms/{room}/messages", post_message, methods=["POST"]),
+            Route("/rooms/{room}/typing", typing, methods=["POST"]),
+        ]
+    )
+
+
+async def serve(
+    host: str,
+    port: int,
+    dsn: str | None,
+    *,
+    typing_ttl: float = 4.0,
+    heartbeat: float = 5.0,
+) -> None:
+    """Serve the chat app until SIGINT or SIGTERM."""
+    config = hypercorn.config.Config()
+    config.bind = [f"{host}:{port}"]
+    config.graceful_timeout = 1.0  # SSE streams never end by themselves
+    config.accesslog = None
+    async with chatbus.open_bus(dsn) if dsn else chatbus.open_bus() as bus:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+
+            async def shutdown_trigger() -> None:
+                async for signum in signals:
+                    print(f"web_chat: {signal.Signals(signum).name}, stopping", flush=True)
+                    return
+
+            app = make_app(bus, typing_ttl=typing_ttl, heartbeat=heartbeat)
+            print(f"web_chat: serving http://{host}:{port}/", flush=True)
+            await hypercorn.trio.serve(
+                app,  # type: ignore[arg-type]
+                config,
+                shutdown_trigger=shutdown_trigger,
+            )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line and serve."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--dsn", help="PostgreSQL URL (default: in memory)")
+    parser.add_argument("--typing-ttl", type=float, default=4.0, help="seconds")
+    parser.add_argument("--heartbeat", type=float, default=5.0, help="seconds")
+    args = parser.parse_args(argv)
+    trio.run(
+        lambda: serve(
+            args.host, args.port, args.dsn, typing_ttl=args.typing_ttl, heartbeat=args.heartbeat
+        )
+    )
+    print("web_chat: stopped", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
