@@ -154,6 +154,7 @@ document.getElementById("send").addEventListener("submit", async (e) => {
   const text = input.value;
   if (!text.trim()) return;
   input.value = "";
+  lastTyping = 0; // the next keystroke says "typing" again
   const r = await send(text);
   if (!r.ok) alert("not sent: " + ((await r.json()).error || r.status));
 });

@@ -1,0 +1,276 @@
+"""chatbus.sse on its own: cursors, frames, the generator, store health, dropped generators."""
+
+from __future__ import annotations
+
+import gc
+import json
+
+import pytest
+import trio
+
+import chatbus
+import chatbus.memory
+import chatbus.sse
+from chatbus.sse import Cursor, InvalidCursor, parse_cursor
+
+
+def parse(text: str) -> list[dict[str, object]]:
+    """SSE text -> frames as {"id", "event", "data", "retry", "comment"} (as a browser)."""
+    frames = []
+    for block in text.split("\n\n"):
+        if not block:
+            continue
+        frame: dict[str, object] = {}
+        data = []
+        for line in block.split("\n"):
+            if line.startswith(":"):
+                frame["comment"] = line[1:].strip()
+                continue
+            field, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            if field == "data":
+                data.append(value)
+            else:
+                frame[field] = value
+        if data:
+            frame["data"] = json.loads("\n".join(data))
+        frames.append(frame)
+    return frames
+
+
+async def take(gen, count: int, *, what=lambda f: "data" in f) -> list[dict[str, object]]:
+    """Pull chunks from ``gen`` until ``count`` frames matching ``what`` came."""
+    got: list[dict[str, object]] = []
+    with trio.fail_after(10):
+        while len(got) < count:
+            got.extend(f for f in parse(await gen.__anext__()) if what(f))
+    return got
+
+
+# -- cursors -------------------------------------------------------------------------
+
+
+def test_header_wins_over_query():
+    assert parse_cursor(last_event_id="7", last="50") == Cursor(after=7, source="last-event-id")
+    assert parse_cursor(last_event_id=" 7 ", after="3").after == 7
+
+
+def test_empty_header_falls_back_to_query():
+    assert parse_cursor(last_event_id="", last="50") == Cursor(last=50, source="last")
+    assert parse_cursor(after="12") == Cursor(after=12, source="after")
+    assert parse_cursor() == Cursor(after=0)
+    assert parse_cursor(default=Cursor(last=5)) == Cursor(last=5)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"after": "x"},
+        {"after": "-1"},
+        {"after": "1.5"},
+        {"after": ""},
+        {"after": "99999999999999999999"},
+        {"last": "10001"},
+        {"last": "+3"},
+        {"last_event_id": "abc"},
+        {"last_event_id": "1e3"},
+        {"after": "1", "last": "2"},
+        {"after": "\uff11\uff12"},  # full-width digits are not ASCII digits
+    ],
+)
+def test_bad_cursor_is_invalid_cursor(kwargs):
+    with pytest.raises(InvalidCursor):
+        parse_cursor(**kwargs)
+    assert issubclass(InvalidCursor, ValueError)
+
+
+# -- frames --------------------------------------------------------------------------
+
+
+def test_frame_format():
+    text = chatbus.sse.format_frame("a\nb", event="x", id=3, retry=100)
+    assert text == "retry: 100\nid: 3\nevent: x\ndata: a\ndata: b\n\n"
+    with pytest.raises(ValueError, match="one line"):
+        chatbus.sse.format_frame("d", event="a\nb")
+    with pytest.raises(ValueError, match="one line"):
+        chatbus.sse.format_frame("d", id="1\r2")
+
+
+async def test_message_frame_keeps_text_with_newlines_and_markup():
+    async with chatbus.open_bus() as bus:
+        text = "line1\nline2\r\n<script>alert(1)</script>"
+        msg = await bus.publish("s", {"text": text})
+        (frame,) = parse(chatbus.sse.message_frame(msg))
+        assert frame["id"] == "1" and frame["event"] == "message"
+        assert frame["data"]["body"] == {"text": text}
+
+
+# -- the generator -------------------------------------------------------------------
+
+
+async def test_stream_messages_then_live_then_events_without_ids():
+    async with chatbus.open_bus() as bus:
+        for i in range(1, 4):
+            await bus.publish("room", i)
+        gen = chatbus.sse.sse_stream(bus, "room", parse_cursor(last="2"), heartbeat=0.2)
+        first = parse(await gen.__anext__())
+        assert first[0]["retry"] == str(chatbus.sse.DEFAULT_RETRY_MS)
+        frames = await take(gen, 2)
+        assert [(f["id"], f["data"]["body"]) for f in frames] == [("2", 2), ("3", 3)]
+        await bus.emit("room", {"typing": "al"}, key="typing:al", ttl=5)
+        await bus.publish("room", 4)
+        frames = await take(gen, 2)
+        assert frames[0]["event"] == "event" and "id" not in frames[0]
+        assert frames[0]["data"]["key"] == "typing:al" and frames[0]["data"]["ttl"] == 5
+        assert frames[1]["event"] == "message" and frames[1]["id"] == "4"
+        pings = await take(gen, 1, what=lambda f: f.get("comment") == "ping")
+        assert pings
+        await gen.aclose()
+        assert bus.statistics().subscribers == 0
+
+
+async def test_resume_from_last_event_id_gets_each_message_once():
+    async with chatbus.open_bus() as bus:
+        for i in range(1, 11):
+            await bus.publish("room", i)
+        gen = chatbus.sse.sse_stream(bus, "room", parse_cursor(last_event_id="6", last="50"))
+        frames = await take(gen, 4)
+        assert [f["id"] for f in frames] == ["7", "8", "9", "10"]
+        await gen.aclose()
+
+
+async def test_bad_stream_raises_before_any_response():
+    async with chatbus.open_bus() as bus:
+        with pytest.raises(chatbus.InvalidStream):
+            chatbus.sse.sse_stream(bus, "", Cursor(after=0))
+        with pytest.raises(ValueError, match="heartbeat"):
+            chatbus.sse.sse_stream(bus, "s", heartbeat=0)
+
+
+async def test_cursor_ahead_ends_the_stream_with_a_reason():
+    async with chatbus.open_bus() as bus:
+        await bus.publish("room", 1)
+        gen = chatbus.sse.sse_stream(bus, "room", Cursor(after=5))
+        frames = await take(gen, 1)
+        assert frames[0]["event"] == "end" and frames[0]["data"]["reason"] == "cursor_ahead"
+        with pytest.raises(StopAsyncIteration):
+            await gen.__anext__()
+        assert bus.statistics().subscribers == 0
+
+
+async def test_bus_closing_ends_the_stream():
+    async with chatbus.open_bus() as bus:
+        gen = chatbus.sse.sse_stream(bus, "room")
+        await gen.__anext__()
+        async with trio.open_nursery() as nursery:
+
+            async def pull() -> None:
+                frames = await take(gen, 1)
+                assert frames[0]["data"]["reason"] == "bus_closed"
+
+            nursery.start_soon(pull)
+            await trio.sleep(0.05)
+            await bus.aclose()
+
+
+async def test_cancelled_consumer_closes_the_subscription_at_once():
+    async with chatbus.open_bus() as bus:
+        gen = chatbus.sse.sse_stream(bus, "room")
+        with trio.move_on_after(0.2):
+            async for _ in gen:
+                pass
+        # The framework's task was cancelled inside the generator: it is finished.
+        with pytest.raises(StopAsyncIteration):
+            await gen.__anext__()
+        assert bus.statistics().subscribers == 0
+
+
+async def test_generator_dropped_mid_stream_does_not_crash_or_leak():
+    """A framework that drops the generator without aclose(): trio finalises it."""
+    async with chatbus.open_bus() as bus:
+        for i in range(1, 6):
+            await bus.publish("room", i)
+        gen = chatbus.sse.sse_stream(bus, "room", heartbeat=0.1)
+        await gen.__anext__()
+        await take(gen, 2)
+        assert bus.statistics().subscribers == 1
+        del gen
+        gc.collect()
+        with trio.fail_after(5):
+            while bus.statistics().subscribers:  # noqa: ASYNC110 (no event to wait on)
+                await trio.sleep(0.01)
+        await bus.publish("room", 6)
+    # Leaving the bus (and trio.run) raised nothing: no TrioInternalError.
+
+
+async def test_plain_user_generator_dropped_mid_stream_is_safe():
+    """The obvious user code, yielding inside ``async with bus.open_subscriber``."""
+
+    async def user_stream(bus):
+        async with bus.open_subscriber("room", events=True) as sub:
+            async for item in sub:
+                yield item
+
+    async with chatbus.open_bus() as bus:
+        await bus.publish("room", 1)
+        gen = user_stream(bus)
+        assert (await gen.__anext__()).id == 1
+        del gen
+        gc.collect()
+        with trio.fail_after(5):
+            while bus.statistics().subscribers:  # noqa: ASYNC110 (no event to wait on)
+                await trio.sleep(0.01)
+
+
+# -- store health --------------------------------------------------------------------
+
+
+class FlakyReads:
+    """A memory store whose reads fail while ``broken``."""
+
+    def __init__(self) -> None:
+        self.inner = chatbus.memory.MemoryStore()
+        self.broken = False
+
+    async def append(self, stream, drafts):
+        return await self.inner.append(stream, drafts)
+
+    async def read(self, stream, after, limit):
+        if self.broken:
+            raise chatbus.StoreError("store unreachable")
+        return await self.inner.read(stream, after, limit)
+
+    async def heads(self, streams):
+        if self.broken:
+            raise chatbus.StoreError("store unreachable")
+        return await self.inner.heads(streams)
+
+
+async def test_status_reconnecting_then_ok_when_the_store_comes_back():
+    store = FlakyReads()
+    async with chatbus.open_bus(store=store) as writer:
+        for i in range(1, 4):
+            await writer.publish("room", i)
+    async with chatbus.open_bus(store=store) as bus:
+        store.broken = True
+        gen = chatbus.sse.sse_stream(bus, "room", events=False)
+        await gen.__anext__()
+        (frame,) = await take(gen, 1)
+        assert frame["event"] == "status" and frame["data"]["state"] == "reconnecting"
+        store.broken = False
+        frames = await take(gen, 4)
+        assert frames[0]["event"] == "status" and frames[0]["data"]["state"] == "ok"
+        assert [f["id"] for f in frames[1:]] == ["1", "2", "3"]
+        await gen.aclose()
+
+
+def test_store_health_needs_a_quiet_read_to_call_it_ok():
+    health = chatbus.sse._StoreHealth(quiet=2.0)
+    assert health.observe(0, 1, 0.0) is None
+    assert health.observe(1, 2, 1.0) == "reconnecting"
+    assert health.observe(2, 3, 1.5) is None
+    assert health.observe(2, 3, 2.0) is None  # no read since the last error
+    assert health.observe(2, 4, 3.0) is None  # quiet only 1.5 s
+    assert health.observe(2, 4, 3.6) == "ok"
+    assert health.observe(3, 5, 4.0) == "reconnecting"
+    assert health.delivered() == "ok"

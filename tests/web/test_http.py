@@ -1,0 +1,162 @@
+"""The web chat's HTTP interface, against a real app process on 127.0.0.1."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from .conftest import postgres_or_skip
+
+httpx = pytest.importorskip("httpx", reason="needs httpx (pip install -e '.[test]')")
+
+
+@pytest.fixture
+def client(start_app):
+    app = start_app("--heartbeat", "0.3")
+    with httpx.Client(base_url=app.url, timeout=10) as client:
+        yield client
+
+
+def sse_lines(client, url: str, *, headers=None, until: int) -> list[str]:
+    """Read an SSE response until ``until`` message frames came; its lines."""
+    lines: list[str] = []
+    with client.stream("GET", url, headers=headers or {}) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            lines.append(line)
+            if sum(x == "event: message" for x in lines) >= until and line == "":
+                break
+    return lines
+
+
+def post(client, room: str, text: object, key: str | None = None, **extra):
+    return client.post(f"/rooms/{room}/messages", json={"text": text, "key": key, **extra})
+
+
+def test_post_returns_201_and_a_repeated_key_the_original(client):
+    r = post(client, "r1", "hello", "k1", name="al")
+    assert r.status_code == 201
+    assert r.json()["id"] == 1 and r.json()["body"] == {"name": "al", "text": "hello"}
+    again = post(client, "r1", "hello", "k1", name="al")
+    assert again.status_code == 200 and again.json()["id"] == 1
+    conflict = post(client, "r1", "other", "k1", name="al")
+    assert conflict.status_code == 409 and "different body" in conflict.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b"not json", "not JSON"),
+        (b"[1, 2]", "JSON object"),
+        (b'{"key": "k"}', "text is required"),
+        (b'{"text": 5}', "text must be a string"),
+        (b'{"text": "   "}', "must not be empty"),
+        (b'{"text": "' + b"x" * 2001 + b'"}', "longer than 2000"),
+        (b'{"text": "hi", "key": 7}', "key must be a string"),
+        (b'{"text": "hi", "name": "' + b"n" * 41 + b'"}', "name is longer"),
+        (b'{"text": "' + b"x" * 20000 + b'"}', "over 16384 bytes"),
+        (b"\xff\xfe", "not JSON"),
+    ],
+)
+def test_bad_post_bodies_get_400_with_a_reason(client, body, reason):
+    r = client.post("/rooms/r/messages", content=body)
+    assert r.status_code == 400, r.text
+    assert reason in r.json()["error"]
+
+
+@pytest.mark.parametrize("room", ["%00x", "x" * 300])
+def test_bad_room_names_get_400(client, room):
+    assert post(client, room, "hi").status_code == 400
+    assert client.get(f"/rooms/{room}/messages").status_code == 400
+    assert client.get(f"/rooms/{room}/events").status_code == 400
+    r = client.post(f"/rooms/{room}/typing", json={"name": "al"})
+    assert r.status_code == 400 and r.json()["error"]
+
+
+@pytest.mark.parametrize(
+    "query", ["after=x", "after=-1", "last=abc", "after=1&last=2", "last=99999999"]
+)
+def test_bad_cursors_get_400(client, query):
+    r = client.get(f"/rooms/r/events?{query}")
+    assert r.status_code == 400 and r.json()["error"]
+
+
+def test_bad_last_event_id_gets_400(client):
+    r = client.get("/rooms/r/events?last=5", headers={"last-event-id": "seven"})
+    assert r.status_code == 400 and "Last-Event-ID" in r.json()["error"]
+
+
+@pytest.mark.parametrize("query", ["before=0", "before=x", "limit=0", "limit=1000", "after=-3"])
+def test_bad_history_queries_get_400(client, query):
+    r = client.get(f"/rooms/r/messages?{query}")
+    assert r.status_code == 400 and r.json()["error"]
+
+
+def test_unknown_routes_and_methods(client):
+    assert client.get("/nope").status_code == 404
+    assert client.get("/rooms/r").status_code == 404
+    assert client.delete("/rooms/r/messages").status_code == 405
+    assert client.get("/rooms/r/typing").status_code == 405
+
+
+def test_history_pages(client):
+    for i in range(1, 8):
+        assert post(client, "h", f"m{i}").status_code == 201
+    ids = lambda r: [m["id"] for m in r.json()["messages"]]  # noqa: E731
+    assert ids(client.get("/rooms/h/messages?limit=3")) == [5, 6, 7]
+    assert ids(client.get("/rooms/h/messages?before=5&limit=3")) == [2, 3, 4]
+    assert ids(client.get("/rooms/h/messages?before=3&limit=50")) == [1, 2]
+    assert ids(client.get("/rooms/h/messages?after=5")) == [6, 7]
+    assert ids(client.get("/rooms/empty/messages")) == []
+
+
+def test_sse_frames_resume_and_header_wins(client):
+    for i in range(1, 6):
+        post(client, "s", f"m{i}")
+    lines = sse_lines(client, "/rooms/s/events?last=2", until=2)
+    assert lines[0].startswith(": ") and "retry: 2000" in lines
+    assert [x for x in lines if x.startswith("id: ")] == ["id: 4", "id: 5"]
+    lines = sse_lines(client, "/rooms/s/events?last=2", headers={"last-event-id": "1"}, until=4)
+    assert [x for x in lines if x.startswith("id: ")] == ["id: 2", "id: 3", "id: 4", "id: 5"]
+
+
+def test_sse_heartbeats_and_typing_events_have_no_id(client):
+    with client.stream("GET", "/rooms/t/events?last=0") as response:
+        lines = response.iter_lines()
+        assert next(lines).startswith(": ")
+        assert client.post("/rooms/t/typing", json={"name": "al"}).status_code == 204
+        seen: list[str] = []
+        for line in lines:
+            seen.append(line)
+            if ": ping" in seen and "event: event" in seen:
+                break
+    block = seen[seen.index("event: event") - 1 : seen.index("event: event") + 2]
+    assert not any(x.startswith("id:") for x in block)
+    assert '"key":"typing:al"' in block[-1]
+
+
+def test_disconnected_clients_leave_no_subscription_behind(start_app):
+    """Many SSE clients come and go; the app keeps serving (and exits cleanly)."""
+    app = start_app("--heartbeat", "0.2")
+    with httpx.Client(base_url=app.url, timeout=10) as client:
+        for _ in range(30):
+            with client.stream("GET", "/rooms/d/events") as response:
+                next(response.iter_lines())
+        assert post(client, "d", "still here").status_code == 201
+    assert app.stop() == 0
+
+
+def test_two_processes_on_postgres_share_a_room(start_app):
+    dsn = postgres_or_skip()
+    one, two = start_app("--dsn", dsn), start_app("--dsn", dsn)
+    room = "p-" + uuid.uuid4().hex[:8]
+    with httpx.Client(timeout=10) as client:
+        assert (
+            client.post(f"{one.url}/rooms/{room}/messages", json={"text": "a"}).status_code == 201
+        )
+        r = client.post(f"{two.url}/rooms/{room}/messages", json={"text": "b"})
+        assert r.status_code == 201 and r.json()["id"] == 2
+        lines = sse_lines(client, f"{one.url}/rooms/{room}/events?after=0", until=2)
+    assert [x for x in lines if x.startswith("id: ")] == ["id: 1", "id: 2"]
