@@ -15,8 +15,8 @@ from typing import Any, Final, Literal, cast, final, overload
 import attrs
 import trio
 
-from ._event import Event, encode_event, make_event_draft
-from ._exceptions import BusClosed, BusError
+from ._event import MAX_EVENT_WIRE_BYTES, Event, encode_event, make_event_draft
+from ._exceptions import BusClosed, BusError, MessageTooLarge
 from ._message import Message, StreamInfo, check_after, check_cursor, check_stream, make_draft
 from ._options import (
     DEFAULT_MAX_BODY_BYTES,
@@ -29,7 +29,7 @@ from ._outbox import Outbox
 from ._protocols import Notifier, Store
 from ._publisher import Producer, Publisher
 from ._subscriber import Subscriber
-from ._tasks import ServiceNursery
+from ._tasks import ServiceNursery, shielded_cleanup
 from ._topic import Topic, Topics
 from ._util import NoPublicConstructor
 
@@ -284,6 +284,7 @@ class Bus(metaclass=NoPublicConstructor):
             events,
             self._options.event_buffer,
             epoch,
+            self._outbox.flushed,
         )
         return cast("Subscriber[Message] | Subscriber[Message | Event]", subscriber)
 
@@ -331,8 +332,15 @@ class Bus(metaclass=NoPublicConstructor):
                 emitter=self._emitter,
                 seq=self._events_emitted + 1,
             )
+            encoded = encode_event(event, draft.body_json)
+            size = len(encoded.encode("utf-8"))
+            if size > MAX_EVENT_WIRE_BYTES:
+                raise MessageTooLarge(
+                    f"event is {size} bytes on the wire with its stream name and key;"
+                    f" the limit is {MAX_EVENT_WIRE_BYTES} (shorten the body, key or name)"
+                )
             self._events_emitted += 1
-            self._outbox.put(event, encode_event(event, draft.body_json))
+            self._outbox.put(event, encoded)
             topic.deliver_events([event])
         finally:
             self._topics.release(topic)
@@ -721,4 +729,7 @@ async def _open_bus(store: Store, notifier: Notifier, options: BusOptions) -> As
                 nursery.start_soon(bus._poll, options.poll_interval)
             yield bus
         finally:
+            # Events emitted just before the end still go out (bounded).
+            with shielded_cleanup():
+                await bus._outbox.flushed()
             bus._close()

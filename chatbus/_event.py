@@ -33,6 +33,8 @@ RETAINED_EVENTS: Final = 1000
 RETAINED_EVENT_BYTES: Final = 1024 * 1024
 #: Most bytes of one encoded notification of events (Postgres allows 8000).
 MAX_PAYLOAD_BYTES: Final = 7900
+#: Most bytes of one encoded event: it must fit a notification on its own.
+MAX_EVENT_WIRE_BYTES: Final = MAX_PAYLOAD_BYTES - len('{"events":[]}') - 1
 
 _EPOCH: Final = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any, Generic, TypeVar, cast, final
 
@@ -104,6 +105,8 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
     _event_limit: int = 256
     #: The epoch the caller's cursor belongs to (None: whatever the stream's is now).
     _epoch: int | None = None
+    #: Awaited before reading the retained events: this bus's own are flushed.
+    _events_flushed: Callable[[], Awaitable[None]] | None = None
     _state: MergeState = attrs.field(init=False)
     _topic: Topic | None = attrs.field(default=None, init=False)
     _entered: bool = attrs.field(default=False, init=False)
@@ -280,7 +283,8 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
         """Take what the consumer gets next, if it is here: an event due at the cursor
         goes before the next message; an event ahead of it waits for its message."""
         events = self._events
-        while events and events[0].after <= self._last_id:
+        # Until the retained events are in, live ones wait: they are newer.
+        while events and self._retained_fetched and events[0].after <= self._last_id:
             event = events.pop(0)
             if event.key is None and event.after < self._last_id:
                 self._events_stale += 1
@@ -298,8 +302,12 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
         self._last_id = message.id
         return message
 
-    def push_events(self, events: list[Event]) -> None:
-        """(Called by the topic, never blocking.) Buffer events for the consumer."""
+    def push_events(self, events: list[Event], *, retained: bool = False) -> None:
+        """(Called by the topic, never blocking.) Buffer events for the consumer.
+
+        The retained events a joiner gets come all at once and may exceed the buffer
+        (they are bounded per stream): the start of a streamed reply is not dropped.
+        """
         if self._closed:
             return
         seen = self._seen_events
@@ -314,7 +322,7 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
             if len(seen) > 4 * self._event_limit:
                 seen.popitem(last=False)
             bisect.insort(self._events, event, key=_event_order)
-            if len(self._events) > self._event_limit:
+            if not retained and len(self._events) > self._event_limit:
                 del self._events[0]
                 self._events_dropped += 1
         self._wake_consumer()
@@ -433,17 +441,21 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
 
         Live events that arrived meanwhile are already buffered; copies are dropped.
         """
-        self._retained_fetched = True
         retained = getattr(self._store, "retained_events", None)
         if retained is None:
+            self._retained_fetched = True
+            self._wake_consumer()
             return
         try:
+            if self._events_flushed is not None:
+                await self._events_flushed()  # this bus's own emits are retained too
             async with self._topics.read_limiter:
                 events = await retained(self._stream, self._state.cursor)
         except StoreError:
             self._store_errors += 1
-            return  # best effort: events are hints for the eye, messages are not
-        self.push_events(events)
+            events = []  # best effort: events are hints for the eye, messages are not
+        self._retained_fetched = True
+        self.push_events(events, retained=True)
 
     async def _read(self, topic: Topic, backoff: Backoff) -> list[Message] | None:
         """Read the store after the cursor; None means "look again".

@@ -208,3 +208,51 @@ async def test_durable_delivery_is_unchanged_by_mistreated_events(backend):
                 last_id = item.id
             else:
                 assert item.body == {"after": last_id}  # in its place, or not at all
+
+
+async def test_a_joiner_mid_stream_gets_one_emitters_parts_in_order(backend):
+    """Retained parts come before the live ones that arrive while it catches up."""
+    async with backend.open_bus() as worker, worker.open_publisher("chat") as pub:
+        await pub.publish("question")
+        for i in range(5):
+            await pub.emit(i)
+        await trio.sleep(0.2)
+        async with backend.open_bus() as late:
+            async with trio.open_nursery() as nursery:
+
+                async def keep_streaming() -> None:
+                    for i in range(5, 40):
+                        await pub.emit(i)
+                        await trio.sleep(0.001)
+
+                nursery.start_soon(keep_streaming)
+                async with late.open_subscriber("chat", events=True) as joiner:
+                    got = await items(joiner, 41)
+        assert got == [1, *range(40)]
+
+
+async def test_events_emitted_just_before_the_bus_closes_are_flushed(backend):
+    async with backend.open_bus() as worker:
+        await worker.publish("chat", "question")
+        for i in range(20):
+            await worker.emit("chat", i)
+        await worker.emit("chat", "done", key="status")
+    async with backend.open_bus() as late, late.open_subscriber("chat", events=True) as sub:
+        assert await items(sub, 22) == [1, *range(20), "done"]
+
+
+async def test_a_joiner_on_the_emitting_bus_sees_the_latest_state(backend):
+    async with backend.open_bus() as bus:
+        await bus.publish("chat", "question")
+        for i in range(10):
+            await bus.emit("chat", {"status": i - 1}, key="status")
+            await bus.emit("chat", {"status": i}, key="status")
+            async with bus.open_subscriber("chat", events=True) as sub:
+                assert await items(sub, 2) == [1, {"status": i}]
+
+
+async def test_an_event_too_big_for_the_wire_is_refused(backend):
+    async with backend.open_bus(max_event_bytes=6000) as bus:
+        with pytest.raises(chatbus.MessageTooLarge, match="on the wire"):
+            await bus.emit("💥" * 256, "x" * 5900, key="💥" * 256)
+        assert bus.statistics().events_emitted == 0
