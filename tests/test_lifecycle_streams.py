@@ -42,7 +42,9 @@ async def test_stale_epoch_and_cursor_ahead_fail_at_open(backend):
                 pytest.fail("opened in another history")
         assert info.value.epoch == (await bus.stream_info("room")).epoch
         # The trap the issue found: a cursor past the head must not wait silently.
-        with pytest.raises(chatbus.CursorAhead, match="head of stream 'room', which is 1") as ahead:
+        with pytest.raises(
+            chatbus.CursorAhead, match="head of stream 'room', which is 1"
+        ) as ahead:
             async with bus.open_subscriber("room", after=50):
                 pytest.fail("opened past the head")
         assert ahead.value.head == 1
@@ -87,7 +89,7 @@ async def test_a_slow_subscriber_trimmed_under_is_told(backend):
             await other.publish("room", i)
         assert await collect(sub, 3) == [1, 2, 3]
         await other.trim("room", before=25)
-        with pytest.raises(chatbus.HistoryTruncated) as info:
+        with pytest.raises(chatbus.HistoryTruncated) as info:  # noqa: PT012
             with trio.fail_after(10):
                 while True:
                     await sub.receive()
