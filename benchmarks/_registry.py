@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import events, fanout, latency, peers, scale, statement, throughput
+from . import events, fanout, gateway, latency, peers, scale, statement, throughput
 from ._scenario import Scenario
 
 SCENARIOS: tuple[Scenario, ...] = (
@@ -15,6 +15,7 @@ SCENARIOS: tuple[Scenario, ...] = (
     fanout.SCENARIO,
     scale.SCENARIO,
     events.SCENARIO,
+    gateway.SCENARIO,
 )
 
 BY_NAME = {scenario.name: scenario for scenario in SCENARIOS}

@@ -265,6 +265,30 @@ def message_frame(message: chatbus.Message) -> str:
     return format_frame(_dumps(message_json(message)), event="message", id=message.id)
 
 
+@final
+@attrs.define(eq=False)
+class _FrameCache:
+    """The frames of recent messages: a message reaching 1,000 local subscribers is
+    encoded once (a bus hands every local subscriber the same Message object)."""
+
+    size: int = 1024
+    _frames: dict[tuple[str, int], tuple[chatbus.Message, str]] = attrs.field(factory=dict)
+
+    def frame(self, message: chatbus.Message) -> str:
+        key = (message.stream, message.id)
+        hit = self._frames.get(key)
+        if hit is not None and hit[0] is message:
+            return hit[1]
+        text = message_frame(message)
+        self._frames[key] = (message, text)
+        if len(self._frames) > self.size:
+            del self._frames[next(iter(self._frames))]
+        return text
+
+
+_FRAMES: Final = _FrameCache()
+
+
 def event_frame(event: chatbus.Event) -> str:
     """The SSE frame of an event: ``event: event`` and its JSON, no ``id:`` line."""
     return format_frame(_dumps(event_json(event)), event="event")
@@ -386,12 +410,13 @@ async def _frames(
     heartbeat: float,
     retry_ms: int | None,
 ) -> AsyncGenerator[str, None]:
-    # The first chunk goes out at once, so the client sees the response start.
-    yield format_frame(retry=retry_ms, comment="chatbus") if retry_ms is not None else ": \n\n"
     health = _StoreHealth()
     ending: str | None = None
     try:
         async with subscriber as sub:
+            # The first chunk goes out once the subscription is open (so a client that
+            # has it misses nothing published from then on, even with last=0).
+            yield format_frame(retry=retry_ms, comment="chatbus") if retry_ms else ": \n\n"
             last_sent = trio.current_time()
             last_poll = last_sent
             while True:
@@ -438,5 +463,5 @@ def _frame_of(
         change = health.delivered()
         if change is not None:
             chunk.append(status_frame(change))
-        return message_frame(item)
+        return _FRAMES.frame(item)
     return event_frame(item)

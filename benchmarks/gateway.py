@@ -1,0 +1,280 @@
+"""Gateway: many SSE clients of one web chat process; deliveries/s and receipt latency.
+
+One ``examples/web_chat/app.py`` process (in memory, hypercorn's trio worker) serves
+one room. A load generator in another OS process (this module run as
+``python -m benchmarks.gateway --child …``, httpx under trio) opens the SSE clients
+(``?last=0``), waits until every one has its stream open, then POSTs messages at a
+fixed offered rate on an absolute schedule (open loop: a slow answer never delays the
+next send). Each message's text carries its sequence number and the ``time.time()``
+at which its POST was started; a client's receipt time minus that is the publish →
+client latency (one machine clock). A warm-up share of the messages is left out of
+the latency figures. Deliveries/s is the messages every client received, over the
+time from the first POST to the last receipt. "Lost" counts (client, message) pairs
+never received, or received out of order, within a drain timeout.
+
+Sizes: full, 1,000 clients at 200 msgs/s for 10 s; ``--quick``, 50 clients at
+100 msgs/s for 2 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import trio
+
+from ._config import Sizes
+from ._report import Row, measured, percentile
+from ._scenario import Context, Scenario
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+APP = REPO_ROOT / "examples" / "web_chat" / "app.py"
+ROOM = "gateway"
+_FRAME = re.compile(rb'"id":(\d+),"body":\{"name":"anon","text":"(\d+) ([0-9.]+)"')
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# -- the load generator (another process) --------------------------------------------
+
+
+async def _client_run(
+    http: object,
+    url: str,
+    index: int,
+    received: list[list[tuple[int, int, float]]],
+    ready: list[int],
+    all_ready: trio.Event,
+    clients: int,
+    connect_limit: trio.Semaphore,
+    last_receipt: list[float],
+) -> None:
+    import httpx
+
+    assert isinstance(http, httpx.AsyncClient)
+    got = received[index]
+    async with connect_limit:
+        request = http.build_request("GET", f"{url}/rooms/{ROOM}/events?last=0")
+        response = await http.send(request, stream=True)
+    try:
+        first = True
+        rest = b""
+        async for chunk in response.aiter_raw():
+            now = time.time()
+            if first:
+                first = False
+                ready[0] += 1
+                if ready[0] == clients:
+                    all_ready.set()
+            data = rest + chunk
+            cut = data.rfind(b"\n\n")
+            if cut < 0:
+                rest = data
+                continue
+            rest = data[cut + 2 :]
+            for match in _FRAME.finditer(data, 0, cut):
+                got.append((int(match[1]), int(match[2]), now - float(match[3])))
+                last_receipt[0] = max(last_receipt[0], now)
+    finally:
+        await response.aclose()
+
+
+async def _child(url: str, clients: int, rate: float, seconds: float) -> dict[str, object]:
+    import httpx
+
+    total = max(1, int(rate * seconds))
+    received: list[list[tuple[int, int, float]]] = [[] for _ in range(clients)]
+    ready = [0]
+    all_ready = trio.Event()
+    limits = httpx.Limits(max_connections=clients + 16, max_keepalive_connections=clients + 16)
+    timeout = httpx.Timeout(30.0, read=None)
+    lag: list[float] = []
+    post_errors = [0]
+    last_receipt = [0.0]
+    async with (
+        httpx.AsyncClient(limits=limits, timeout=timeout) as readers,
+        httpx.AsyncClient(limits=httpx.Limits(max_connections=64), timeout=30.0) as writer,
+        trio.open_nursery() as nursery,
+    ):
+        connect_limit = trio.Semaphore(50)
+        for index in range(clients):
+            nursery.start_soon(
+                _client_run, readers, url, index, received, ready, all_ready, clients,
+                connect_limit, last_receipt,
+            )  # fmt: skip
+        with trio.fail_after(120):
+            await all_ready.wait()
+
+        async def post(seq: int, scheduled: float) -> None:
+            stamp = time.time()
+            lag.append(trio.current_time() - scheduled)
+            body = {"text": f"{seq} {stamp:.6f}", "key": f"g{seq}"}
+            for _ in range(5):
+                try:
+                    r = await writer.post(f"{url}/rooms/{ROOM}/messages", json=body)
+                    if r.status_code in (200, 201):
+                        return
+                except httpx.HTTPError:
+                    pass
+                post_errors[0] += 1
+                await trio.sleep(0.05)
+
+        started = time.time()
+        t0 = trio.current_time()
+        async with trio.open_nursery() as posts:
+            for seq in range(1, total + 1):
+                scheduled = t0 + (seq - 1) / rate
+                await trio.sleep_until(scheduled)
+                posts.start_soon(post, seq, scheduled)
+        with trio.move_on_after(30):
+            while min(len(g) for g in received) < total:  # noqa: ASYNC110 (polling)
+                await trio.sleep(0.05)
+        finished = max(last_receipt[0], started + 1e-3)
+        nursery.cancel_scope.cancel()
+    warm = int(total * 0.2)
+    latencies = sorted(lat for g in received for _, seq, lat in g if seq > warm)
+    # Each client: ids 1, 2, 3, … once each, and every message sent among them.
+    every = set(range(1, total + 1))
+    in_order = sum(
+        1
+        for g in received
+        if [i for i, _, _ in g] == list(range(1, len(g) + 1)) and {s for _, s, _ in g} == every
+    )
+    delivered = sum(len(g) for g in received)
+    return {
+        "clients": clients,
+        "messages": total,
+        "delivered": delivered,
+        "lost": clients * total - delivered,
+        "out_of_order_clients": clients - in_order,
+        "elapsed": finished - started,
+        "p50": percentile(latencies, 0.50) * 1e3,
+        "p99": percentile(latencies, 0.99) * 1e3,
+        "max": (latencies[-1] if latencies else float("nan")) * 1e3,
+        "generator_lag_p99": percentile(sorted(lag), 0.99) * 1e3,
+        "post_retries": post_errors[0],
+    }
+
+
+# -- the parent ----------------------------------------------------------------------
+
+
+def _one_run(clients: int, rate: float, seconds: float) -> dict[str, object]:
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    app = subprocess.Popen(
+        [sys.executable, str(APP), "--port", str(port), "--heartbeat", "5"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=REPO_ROOT,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/", timeout=1):
+                    break
+            except OSError:
+                if time.monotonic() > deadline or app.poll() is not None:
+                    raise RuntimeError("the web chat app did not start") from None
+                time.sleep(0.1)
+        child = subprocess.run(
+            [
+                *(sys.executable, "-m", "benchmarks.gateway", "--child", url),
+                *("--clients", str(clients), "--rate", str(rate), "--seconds", str(seconds)),
+            ],
+            capture_output=True,
+            text=True,
+            cwd=REPO_ROOT,
+            timeout=300,
+            check=False,
+        )
+        if child.returncode != 0:
+            raise RuntimeError(f"load generator failed: {child.stderr[-2000:]}")
+        result: dict[str, object] = json.loads(child.stdout.strip().splitlines()[-1])
+        return result
+    finally:
+        app.kill()
+        app.wait(timeout=10)
+
+
+def _shape(sizes: Sizes) -> tuple[int, float, float]:
+    """(clients, msgs/s, seconds): full, or small under ``--quick`` (fewer repeats)."""
+    if sizes.repeats < Sizes().repeats:
+        return 50, 100.0, 2.0
+    return 1000, 200.0, 10.0
+
+
+def run(context: Context, backend: str) -> list[Row]:
+    """The gateway rows: deliveries/s and receipt p99 at the offered rate."""
+    clients, rate, seconds = _shape(context.sizes)
+    repeats = min(context.sizes.repeats, 3)
+    results = [_one_run(clients, rate, seconds) for _ in range(repeats)]
+    lost = sum(int(r["lost"]) + int(r["out_of_order_clients"]) for r in results)  # type: ignore[call-overload]
+    note = f"{clients} SSE clients, 1 room, {rate:.0f} msgs/s offered for {seconds:.0f} s"
+    extra = {"runs": results}
+    return [
+        measured(
+            scenario="gateway",
+            backend=backend,
+            metric="deliveries/s",
+            unit="msg/s",
+            samples=[
+                float(r["delivered"]) / float(r["elapsed"])  # type: ignore[arg-type]
+                for r in results
+            ],
+            target="report",
+            note=note + f"; lost or out of order: {lost}",
+            extra=extra,
+        ),
+        measured(
+            scenario="gateway",
+            backend=backend,
+            metric="publish->client p99",
+            unit="ms",
+            samples=[float(r["p99"]) for r in results],  # type: ignore[arg-type]
+            target="p99 <= 50 ms, nothing lost",
+            max_value=50.0 if lost == 0 else -1.0,
+            note=note
+            + "; p50 "
+            + "/".join(f"{float(r['p50']):.1f}" for r in results)  # type: ignore[arg-type]
+            + " ms",
+        ),
+    ]
+
+
+SCENARIO = Scenario(
+    name="gateway",
+    label="gateway",
+    needs={"memory": ()},
+    entry=run,
+    summary="1,000 SSE clients of one web chat process (examples/web_chat), "
+    "200 msgs/s: deliveries/s, publish->client p99",
+)
+
+
+def main() -> None:
+    """The load generator: ``python -m benchmarks.gateway --child URL …``."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--child", required=True, metavar="URL")
+    parser.add_argument("--clients", type=int, default=1000)
+    parser.add_argument("--rate", type=float, default=200.0)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    args = parser.parse_args()
+    result = trio.run(_child, args.child, args.clients, args.rate, args.seconds)
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
