@@ -85,3 +85,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             and not getattr(test, "is_hypothesis_test", False)
         ):
             item.obj = _must_not_be_cancelled(test)
+
+
+def pytest_ignore_collect(collection_path: Any, config: pytest.Config) -> bool | None:
+    """Run the browser tests (tests/web) only when they are asked for by path.
+
+    Playwright drives its own asyncio loop, which cannot run in a process where
+    trio-asyncio (imported by the Postgres tests) patched asyncio: the README's test
+    command runs them in a pytest of their own (`python3 -m pytest tests/web`).
+    """
+    if collection_path.name == "web" and collection_path.parent.name == "tests":
+        asked = any(str(arg).rstrip("/").endswith("tests/web") for arg in config.args)
+        return None if asked else True
+    return None
