@@ -421,12 +421,16 @@ async def _frames(
             last_poll = last_sent
             while True:
                 chunk: list[str] = []
-                # A fresh scope around receive() alone: it times out only while
-                # waiting (nothing taken), and no cancel scope spans a yield.
+                # A fresh scope around one receive() alone: it can only time out
+                # while waiting, with nothing taken. (receive() takes an item before
+                # its cancellation check, so it must never run in a scope that may
+                # already be cancelled: the extra receives below run outside it, and
+                # return at once because messages are buffered.) No cancel scope
+                # spans a yield.
                 with trio.move_on_after(_STATUS_POLL):
                     chunk.append(_frame_of(await sub.receive(), health, chunk))
-                    while len(chunk) < _MAX_COALESCE and _has_ready(sub):
-                        chunk.append(_frame_of(await sub.receive(), health, chunk))
+                while chunk and len(chunk) < _MAX_COALESCE and _has_ready(sub):
+                    chunk.append(_frame_of(await sub.receive(), health, chunk))
                 now = trio.current_time()
                 if now - last_poll >= _STATUS_POLL or not chunk:
                     last_poll = now

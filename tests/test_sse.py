@@ -274,3 +274,23 @@ def test_store_health_needs_a_quiet_read_to_call_it_ok():
     assert health.observe(2, 4, 3.6) == "ok"
     assert health.observe(3, 5, 4.0) == "reconnecting"
     assert health.delivered() == "ok"
+
+
+async def test_nothing_lost_when_the_idle_poll_expires_around_a_burst(monkeypatch):
+    """The poll timeout must never cancel a receive() that has taken a message."""
+    monkeypatch.setattr(chatbus.sse, "_STATUS_POLL", 1e-4)
+    async with chatbus.open_bus() as bus, trio.open_nursery() as nursery:
+        gen = chatbus.sse.sse_stream(bus, "burst", Cursor(last=0), events=False)
+        await gen.__anext__()
+
+        async def publish_bursts() -> None:
+            async with bus.open_publisher("burst") as pub, trio.open_nursery() as inner:
+                for _ in range(40):
+                    for _ in range(10):
+                        inner.start_soon(pub.publish, 0)
+                    await trio.sleep(0.002)
+
+        nursery.start_soon(publish_bursts)
+        frames = await take(gen, 400)
+        assert [int(f["id"]) for f in frames] == list(range(1, 401))
+        await gen.aclose()
