@@ -255,9 +255,10 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
             UndecodableMessage: the next message cannot be decoded here (the
                 ones before it were delivered).
         """
-        item = self._next_item()
-        if item is not None and not self._closed:
+        if (self._buffer or self._events) and not self._closed:
+            # Before taking anything: a cancelled receive must leave the item here.
             await trio.lowlevel.checkpoint_if_cancelled()
+        item = self._next_item()
         while item is None or self._closed:
             if self._closed or not self._entered:
                 raise trio.ClosedResourceError("this subscription is not open")

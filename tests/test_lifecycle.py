@@ -185,3 +185,19 @@ async def test_a_second_concurrent_reader_is_refused_not_hung():
             # The cancelled waiter is gone: receiving works again.
             await bus.publish("s", 1)
             assert (await sub.receive()).id == 1
+
+
+async def test_a_cancelled_receive_never_loses_what_was_ready():
+    async with chatbus.open_bus() as bus, bus.open_subscriber("s", events=True) as sub:
+        await bus.publish("s", "one")
+        await bus.emit("s", "part")
+        await bus.publish("s", "two")
+        await trio.testing.wait_all_tasks_blocked()
+        got = []
+        with trio.fail_after(5):
+            while len(got) < 3:
+                with trio.CancelScope() as scope:
+                    scope.cancel()  # every receive is cancelled once before it runs
+                    got.append(await sub.receive())
+                got.append(await sub.receive())
+        assert [x.body for x in got] == ["one", "part", "two"]
