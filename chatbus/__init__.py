@@ -7,15 +7,15 @@ history after a cursor, then every new message live, exactly once and in id orde
 # Layering (a module imports only modules on its left, never its right):
 #   _util, _exceptions, _options < _message < _codec, _event, _cache < _protocols, _tasks
 #   < _coalesce, _listener, _merge, _outbox, _topic < _publisher, _subscriber < _bus
-#   < this file.
-# Backends sit on that: memory and postgres/ import from it (testing and sse also from
-# _bus, and testing from memory; _pytest_plugin from testing); only the
-# postgres/ package imports psycopg, psycopg_pool or trio_asyncio, and _bus loads a
+#   < _open < this file.
+# Backends sit on that: memory and postgres/ import from it (_faults and _scratch, made
+# public by testing, and sse also from _bus and _open, _scratch from memory;
+# _pytest_plugin from testing); only the
+# postgres/ package imports psycopg, psycopg_pool or trio_asyncio, and _open loads a
 # backend only by name, from its URL scheme table.
 
 from ._bus import Bus as Bus
 from ._bus import BusStatistics as BusStatistics
-from ._bus import open_bus as open_bus
 from ._event import Event as Event
 from ._exceptions import BusClosed as BusClosed
 from ._exceptions import BusError as BusError
@@ -36,6 +36,7 @@ from ._message import MAX_STREAM_LENGTH as MAX_STREAM_LENGTH
 from ._message import Draft as Draft
 from ._message import Message as Message
 from ._message import StreamInfo as StreamInfo
+from ._open import open_bus as open_bus
 from ._protocols import EventNotifier as EventNotifier
 from ._protocols import EventStore as EventStore
 from ._protocols import NoticeHandler as NoticeHandler

@@ -4,13 +4,9 @@ from __future__ import annotations
 
 import datetime
 import functools
-import importlib
 import json
-import math
 import secrets
-from collections.abc import AsyncIterator, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Any, Final, Literal, cast, final, overload
+from typing import Any, Literal, cast, final, overload
 
 import attrs
 import trio
@@ -19,8 +15,6 @@ from ._event import MAX_EVENT_WIRE_BYTES, Event, encode_event, make_event_draft
 from ._exceptions import BusClosed, BusError, MessageTooLarge
 from ._message import Message, StreamInfo, check_after, check_cursor, check_stream, make_draft
 from ._options import (
-    DEFAULT_MAX_BODY_BYTES,
-    DEFAULT_MAX_EVENT_BYTES,
     MAX_READ_LIMIT,
     BusOptions,
     check_int_range,
@@ -29,8 +23,7 @@ from ._outbox import Outbox
 from ._protocols import Notifier, Store
 from ._publisher import Producer, Publisher
 from ._subscriber import Subscriber
-from ._tasks import ServiceNursery, shielded_cleanup
-from ._topic import Topic, Topics
+from ._topic import Router, Topic, Topics
 from ._util import NoPublicConstructor
 
 #: How long :meth:`Bus.publish`'s shared per-stream producer idles before it retires.
@@ -74,52 +67,6 @@ class BusStatistics:
 
 @final
 @attrs.define(eq=False)
-class _Router:
-    """The notifier's handler: turns notices into topic wake-ups, never awaiting."""
-
-    topics: dict[str, Topic]
-    #: This bus's emitter id: its own events come back through the notifier (its
-    #: subscriptions had them already).
-    emitter: str
-    notices: int = 0
-    resyncs: int = 0
-    events_received: int = 0
-
-    def notice(self, stream: str, last_id: int) -> None:
-        self.notices += 1
-        topic = self.topics.get(stream)
-        if topic is not None:
-            topic.advance(last_id)
-
-    def resync(self) -> None:
-        self.resyncs += 1
-        for topic in self.topics.values():
-            topic.resync()
-
-    def reset(self, stream: str) -> None:
-        topic = self.topics.get(stream)
-        if topic is not None:
-            topic.reset()
-
-    def trimmed(self, stream: str, first_id: int) -> None:
-        topic = self.topics.get(stream)
-        if topic is not None:
-            topic.cache.forget_below(first_id)
-
-    def events(self, events: Sequence[Event]) -> None:
-        by_stream: dict[str, list[Event]] = {}
-        for event in events:
-            if event.emitter != self.emitter:
-                by_stream.setdefault(event.stream, []).append(event)
-        for stream, batch in by_stream.items():
-            self.events_received += len(batch)
-            topic = self.topics.get(stream)
-            if topic is not None:
-                topic.deliver_events(batch)
-
-
-@final
-@attrs.define(eq=False)
 class Bus(metaclass=NoPublicConstructor):
     """A message bus over one store and one notifier. Made by :func:`open_bus`."""
 
@@ -128,7 +75,7 @@ class Bus(metaclass=NoPublicConstructor):
     _options: BusOptions
     _nursery: trio.Nursery
     _topics: Topics = attrs.field(init=False)
-    _router: _Router = attrs.field(init=False)
+    _router: Router = attrs.field(init=False)
     _shared: dict[str, Producer] = attrs.field(factory=dict, init=False)
     _producers: set[Producer] = attrs.field(factory=set, init=False)
     #: Scopes of the bus's own tasks (listener, poll): closing the bus cancels these,
@@ -145,7 +92,7 @@ class Bus(metaclass=NoPublicConstructor):
         self._topics = Topics(
             self._options.cache_size, trio.CapacityLimiter(self._options.max_concurrent_reads)
         )
-        self._router = _Router(self._topics.by_name, self._emitter)
+        self._router = Router(self._topics.by_name, self._emitter)
         self._outbox = Outbox(self._options.outbox_size)
 
     @property
@@ -617,119 +564,3 @@ class Bus(metaclass=NoPublicConstructor):
                 if head < topic.high_water and topic.head_known:
                     topic.reset()  # the head went back: deleted (a reset notice lost?)
                 topic.advance(head)
-
-
-_DEFAULTS: Final = BusOptions()
-
-#: ``open_bus`` URL schemes → the module whose ``open_backend(url)`` opens that backend.
-_BACKENDS: Final = {
-    "memory": "chatbus.memory",
-    "postgresql": "chatbus.postgres",
-    "postgres": "chatbus.postgres",
-}
-
-
-def _open_backend(url: str) -> AbstractAsyncContextManager[tuple[Store, Notifier]]:
-    if not isinstance(url, str):
-        raise TypeError(f"url must be a str, not {type(url).__name__}")
-    scheme = url.partition("://")[0] if "://" in url else url
-    module_name = _BACKENDS.get(scheme.lower())
-    if module_name is None:
-        known = ", ".join(f"{name}://" for name in _BACKENDS)
-        raise ValueError(f"unsupported bus url scheme {scheme!r}: use one of {known}")
-    backend = importlib.import_module(module_name)
-    opened: AbstractAsyncContextManager[tuple[Store, Notifier]] = backend.open_backend(url)
-    return opened
-
-
-@asynccontextmanager
-async def open_bus(
-    url: str | None = None,
-    *,
-    store: Store | None = None,
-    notifier: Notifier | None = None,
-    cache_size: int = _DEFAULTS.cache_size,
-    max_batch: int = _DEFAULTS.max_batch,
-    max_pending: int = _DEFAULTS.max_pending,
-    read_batch: int = _DEFAULTS.read_batch,
-    max_concurrent_reads: int = _DEFAULTS.max_concurrent_reads,
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-    poll_interval: float | None = _DEFAULTS.poll_interval,
-    max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
-    event_buffer: int = _DEFAULTS.event_buffer,
-) -> AsyncIterator[Bus]:
-    """Open a bus; leaving the block closes it and everything opened on it.
-
-    With no arguments the bus is embedded: an in-memory store and notifier, private to
-    this bus. A ``postgresql://`` URL gives a Postgres store and LISTEN/NOTIFY
-    notifier (needs the ``postgres`` extra; options such as ``?schema=chat`` ride in
-    the query, see :func:`chatbus.postgres.open_postgres`). Or pass any ``store`` /
-    ``notifier`` pair; a missing one defaults to the in-memory kind.
-
-    Args:
-        url: ``postgresql://…`` (or ``postgres://…``), or ``memory://``.
-        store: A :class:`~chatbus.Store`; not with ``url``.
-        notifier: A :class:`~chatbus.Notifier`; not with ``url``.
-        cache_size: Recent messages kept per stream for local subscribers (1..1000000).
-        max_batch: Most messages per group commit (1..100000).
-        max_pending: Most publish requests waiting per producer (1..1000000).
-        read_batch: Most messages per store read and per hand-over to a consumer
-            (1..10000); also bounds what a subscription buffers.
-        max_concurrent_reads: Most store reads in flight at once, over all of this
-            bus's subscriptions (1..1000); keep it below the store's connection count.
-        max_body_bytes: Largest accepted body, as UTF-8 JSON (1..64 MiB).
-        poll_interval: Seconds between safety-net polls of stream heads, which bound
-            the delay a lost notice can cause; None turns polling off.
-        max_event_bytes: Largest accepted event body, as UTF-8 JSON (1..6000: events
-            ride in Postgres NOTIFY payloads).
-        event_buffer: Most events a subscription buffers for its consumer; past it
-            the oldest are dropped (and counted), never a message (1..1000000).
-
-    Raises:
-        ValueError: an option is out of range or the URL scheme is unknown.
-    """
-    options = BusOptions(
-        cache_size=cache_size,
-        max_batch=max_batch,
-        max_pending=max_pending,
-        read_batch=read_batch,
-        max_concurrent_reads=max_concurrent_reads,
-        max_body_bytes=max_body_bytes,
-        poll_interval=poll_interval,
-        max_event_bytes=max_event_bytes,
-        event_buffer=event_buffer,
-    )
-    if url is not None:
-        if store is not None or notifier is not None:
-            raise TypeError("pass either a url or a store/notifier pair, not both")
-        async with (
-            _open_backend(url) as (url_store, url_notifier),
-            _open_bus(url_store, url_notifier, options) as bus,
-        ):
-            yield bus
-        return
-    from .memory import MemoryNotifier, MemoryStore
-
-    async with _open_bus(
-        store if store is not None else MemoryStore(),
-        notifier if notifier is not None else MemoryNotifier(),
-        options,
-    ) as bus:
-        yield bus
-
-
-@asynccontextmanager
-async def _open_bus(store: Store, notifier: Notifier, options: BusOptions) -> AsyncIterator[Bus]:
-    async with ServiceNursery() as nursery:
-        bus = Bus._create(store, notifier, options, nursery)
-        try:
-            await nursery.start(bus._serve)
-            nursery.start_soon(bus._flush_events)
-            if options.poll_interval is not None and not math.isinf(options.poll_interval):
-                nursery.start_soon(bus._poll, options.poll_interval)
-            yield bus
-        finally:
-            # Events emitted just before the end still go out (bounded).
-            with shielded_cleanup():
-                await bus._outbox.flushed()
-            bus._close()

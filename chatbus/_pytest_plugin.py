@@ -45,7 +45,8 @@ import attrs
 import pytest
 import trio
 
-from ._bus import Bus, open_bus
+from ._bus import Bus
+from ._open import open_bus
 from .testing import (
     BACKENDS,
     BackendUnavailable,

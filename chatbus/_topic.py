@@ -1,4 +1,9 @@
-"""Topic: the bus's shared state for one stream (cache, high-water mark, wake-up)."""
+"""Topics: the bus's shared state per stream, and the router that feeds it notices.
+
+Owns: :class:`Topic` (cache, high-water mark, wake-up, event sinks), :class:`Topics`
+(the routing table) and :class:`Router` (the notifier's handler: O(1) per notice,
+never awaiting). Imports the pure layers only.
+"""
 
 from __future__ import annotations
 
@@ -150,3 +155,49 @@ class EventSink(Protocol):
     """A subscription that takes events."""
 
     def push_events(self, events: list[Event]) -> None: ...
+
+
+@final
+@attrs.define(eq=False)
+class Router:
+    """The notifier's handler: turns notices into topic wake-ups, never awaiting."""
+
+    topics: dict[str, Topic]
+    #: This bus's emitter id: its own events come back through the notifier (its
+    #: subscriptions had them already).
+    emitter: str
+    notices: int = 0
+    resyncs: int = 0
+    events_received: int = 0
+
+    def notice(self, stream: str, last_id: int) -> None:
+        self.notices += 1
+        topic = self.topics.get(stream)
+        if topic is not None:
+            topic.advance(last_id)
+
+    def resync(self) -> None:
+        self.resyncs += 1
+        for topic in self.topics.values():
+            topic.resync()
+
+    def reset(self, stream: str) -> None:
+        topic = self.topics.get(stream)
+        if topic is not None:
+            topic.reset()
+
+    def trimmed(self, stream: str, first_id: int) -> None:
+        topic = self.topics.get(stream)
+        if topic is not None:
+            topic.cache.forget_below(first_id)
+
+    def events(self, events: Sequence[Event]) -> None:
+        by_stream: dict[str, list[Event]] = {}
+        for event in events:
+            if event.emitter != self.emitter:
+                by_stream.setdefault(event.stream, []).append(event)
+        for stream, batch in by_stream.items():
+            self.events_received += len(batch)
+            topic = self.topics.get(stream)
+            if topic is not None:
+                topic.deliver_events(batch)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import hashlib
 import json
 import random
 from collections.abc import Sequence
@@ -24,13 +23,14 @@ import trio
 from psycopg import pq
 
 from .._coalesce import GroupCommit, PendingAppend
-from .._codec import BODY_SEPARATOR, BadBody, pack_bodies, plan_keyed_batch
+from .._codec import BadBody, pack_bodies
 from .._event import Event, decode_event_items, encode_events, to_micros
 from .._exceptions import BusError, OutcomeUnknown, StoreError, UndecodableMessage, store_error
 from .._message import Draft, Message, StreamInfo, check_after, check_stream
 from . import _pq
 from ._aio import AioRunner
 from ._connections import LentConnections
+from ._rows import Batch, decode_page, joined_bodies, replays, sent_by_key, settle
 from ._sql import LIFECYCLE_BATCH, Queries
 
 #: Exceptions that mean "the store failed" rather than "chatbus has a bug".
@@ -70,11 +70,6 @@ class PostgresStoreStatistics:
     borrows: int
 
 
-def _utc(ts: datetime.datetime) -> datetime.datetime:
-    # Pool sessions run in UTC (see chatbus.postgres._aio): no conversion needed.
-    return ts if ts.tzinfo is datetime.UTC else ts.astimezone(datetime.UTC)
-
-
 def _abandoned() -> OutcomeUnknown:
     return OutcomeUnknown(
         "the statement carrying this append was abandoned or ran out of time;"
@@ -84,87 +79,6 @@ def _abandoned() -> OutcomeUnknown:
 
 class _MaybeCommitted(Exception):
     """The append statement reached the server and its reply was lost."""
-
-
-@final
-@attrs.frozen
-class _Batch:
-    """One caller's append as the group commit carries it."""
-
-    drafts: list[Draft]
-    packed: str
-    bodies: list[Any]
-    keyed: bool
-
-
-def _page(stream: str, result: pq.abc.PGresult) -> list[Message]:
-    """Decode a read's result: a few JSON values, each [[id, key, body, µs, redacted], …]."""
-    to_datetime = _pq.from_epoch_micros
-    return [
-        Message(
-            stream=stream,
-            id=id_,
-            body=body,
-            key=key,
-            created_at=to_datetime(micros),
-            redacted=redacted,
-        )
-        if redacted
-        else Message.from_row(stream, id_, body, key, to_datetime(micros))
-        for group in range(result.ntuples)
-        for id_, key, body, micros, redacted in json.loads(_pq.value(result, group, 0))
-    ]
-
-
-def _digest(body_json: str) -> str:
-    """What the server's ``md5(body::text)`` gives for a body sent as ``body_json``."""
-    return hashlib.md5(body_json.encode("utf-8")).hexdigest()
-
-
-def _joined(members: list[PendingAppend]) -> str:
-    return BODY_SEPARATOR.join(member.payload.packed for member in members)
-
-
-def _settle(
-    stream: str,
-    members: list[PendingAppend],
-    last_id: int,
-    created_at: datetime.datetime,
-    found: dict[str, Message] | None,
-) -> None:
-    """Give each member of one stream its messages, from the statement's result.
-
-    The server stored, in order, every draft whose key is None or new and first in
-    the statement; :func:`plan_keyed_batch` makes the same choice here, so the new
-    ones are the last ``len(new)`` ids. A draft that resolves to a message stored
-    before it (earlier, or earlier in this statement) gets that message as a replay.
-    """
-    bodies = [body for member in members for body in member.payload.bodies]
-    if found is None:  # unkeyed: every draft is new
-        first = last_id - len(bodies) + 1
-        result = [
-            Message.from_row(stream, first + i, body, None, created_at)
-            for i, body in enumerate(bodies)
-        ]
-    else:
-        drafts = [draft for member in members for draft in member.payload.drafts]
-        slots, new = plan_keyed_batch(drafts, found)
-        first = last_id - len(new) + 1
-        stored: dict[int, Message] = {}
-        result = []
-        for draft, body, slot in zip(drafts, bodies, slots, strict=True):
-            if isinstance(slot, Message):
-                result.append(slot)  # found in the stream: a replay already
-            elif (original := stored.get(slot)) is not None:
-                result.append(attrs.evolve(original, replay=True))  # repeated in the batch
-            else:
-                message = Message.from_row(stream, first + slot, body, draft.key, created_at)
-                stored[slot] = message
-                result.append(message)
-    start = 0
-    for member in members:
-        member.settle(result[start : start + member.drafts])
-        start += member.drafts
 
 
 @final
@@ -257,7 +171,7 @@ class PostgresStore:
             raise store_error("append", cause, stream=stream) from cause
         keyed = any(draft.key is not None for draft in drafts)
         entry = PendingAppend(
-            stream, len(drafts), len(packed), _Batch(drafts, packed, bodies, keyed)
+            stream, len(drafts), len(packed), Batch(drafts, packed, bodies, keyed)
         )
         await self._group.submit(entry)
         if entry.cause is not None:
@@ -284,7 +198,7 @@ class PostgresStore:
         params = [stream.encode("utf-8"), b"%d" % after, b"%d" % limit]
         result = await self._query("read", self._queries.read, params, stream=stream)
         try:
-            return _page(stream, result)
+            return decode_page(stream, result)
         except (ValueError, RecursionError):
             return await self._read_up_to_undecodable(stream, after, limit)
 
@@ -301,7 +215,7 @@ class PostgresStore:
             params = [stream.encode("utf-8"), b"%d" % cursor, b"1"]
             result = await self._query("read", self._queries.read, params, stream=stream)
             try:
-                page = _page(stream, result)
+                page = decode_page(stream, result)
             except (ValueError, RecursionError) as exc:
                 if good:
                     return good
@@ -507,7 +421,7 @@ class PostgresStore:
             await self._resolve(groups, token, lost)
             return
         for stream, last_id, created_at, found in rows:
-            _settle(stream, groups.pop(stream), last_id, created_at, found)
+            settle(stream, groups.pop(stream), last_id, created_at, found)
         if groups:  # pragma: no cover - every upsert returns its row
             raise psycopg.DataError(f"no counter row returned for {len(groups)} streams")
 
@@ -517,7 +431,7 @@ class PostgresStore:
         """The unkeyed append statement; per stream ``(stream, last id, created_at, None)``."""
         channel = self._channel.encode("utf-8")
         request = [
-            (stream, sum(m.drafts for m in members), _joined(members))
+            (stream, sum(m.drafts for m in members), joined_bodies(members))
             for stream, members in groups.items()
         ]
         if len(request) == 1:
@@ -551,7 +465,7 @@ class PostgresStore:
             (
                 stream,
                 [draft.key for m in members for draft in m.payload.drafts],
-                _joined(members),
+                joined_bodies(members),
             )
             for stream, members in groups.items()
         ]
@@ -583,12 +497,7 @@ class PostgresStore:
         reports), the original body is read now, with no lock held; should that read
         fail, the replay's body is None (still not the draft's: still a conflict).
         """
-        sent: dict[str, tuple[str, Any]] = {}
-        for member in members:
-            batch: _Batch = member.payload
-            for draft, body in zip(batch.drafts, batch.bodies, strict=True):
-                if draft.key is not None:
-                    sent.setdefault(draft.key, (_digest(draft.body_json), body))
+        sent = sent_by_key(members)
         bodies: dict[str, Any] = {}
         differing = [key for key, _, _, digest in found if sent[key][0] != digest]
         if differing:
@@ -600,17 +509,7 @@ class PostgresStore:
                 result = await self._run_prepared(self._queries.bodies_of_keys, params)
                 text = result.get_value(0, 0)
                 bodies = {} if text is None else dict(json.loads(text))
-        return {
-            key: Message(
-                stream=stream,
-                id=id_,
-                body=sent[key][1] if sent[key][0] == digest else bodies.get(key),
-                key=key,
-                created_at=_pq.from_epoch_micros(micros),
-                replay=True,
-            )
-            for key, id_, micros, digest in found
-        }
+        return replays(stream, found, sent, bodies)
 
     async def _run_append(self, query: bytes, params: list[bytes]) -> pq.abc.PGresult:
         """:meth:`_run_prepared` for an append: a reply lost once sent is _MaybeCommitted."""
