@@ -1,6 +1,7 @@
-"""The subscriber process of the Postgres latency scenario.
+"""The subscriber process of the Postgres latency and events scenarios.
 
-Subscribes to ``--stream`` in ``--schema``, prints ``ready``, then collects latencies
+Subscribes to ``--stream`` in ``--schema`` (with ``--events``: for events, as the
+events scenario measures them), prints ``ready``, then collects latencies
 (``time.time()`` at receipt minus the scheduled send time in the body) until the end
 marker, and prints them as one JSON object.
 """
@@ -19,15 +20,20 @@ from ._backends import open_backend_bus
 from .latency import collect
 
 
-async def _main(dsn: str, schema: str, stream: str) -> None:
+async def _main(dsn: str, schema: str, stream: str, events: bool) -> None:
     async with (
         open_backend_bus("postgres", dsn, schema=schema, drop_schema=False) as bus,
-        bus.open_subscriber(stream) as subscriber,
+        bus.open_subscriber(stream, events=events) as subscriber,
     ):
         sys.stdout.write("ready\n")
         sys.stdout.flush()
-        collected = await collect(subscriber, time.time)
-    json.dump(dataclasses.asdict(collected), sys.stdout)
+        if events:
+            from .events import receive_events
+
+            collected: object = await receive_events(subscriber, time.time)
+        else:
+            collected = await collect(subscriber, time.time)
+    json.dump(dataclasses.asdict(collected), sys.stdout)  # type: ignore[call-overload]
     sys.stdout.flush()
 
 
@@ -37,8 +43,9 @@ def main() -> None:
     parser.add_argument("--dsn", required=True)
     parser.add_argument("--schema", required=True)
     parser.add_argument("--stream", required=True)
+    parser.add_argument("--events", action="store_true")
     args = parser.parse_args()
-    trio.run(_main, args.dsn, args.schema, args.stream)
+    trio.run(_main, args.dsn, args.schema, args.stream, args.events)
 
 
 if __name__ == "__main__":

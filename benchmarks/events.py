@@ -8,7 +8,7 @@ Four measurements, each next to what it is judged against:
   first emit to the last receipt. Baseline: one bare trio memory channel hop of the
   same count, interleaved.
 * **Postgres events/s, cross-process**: the same emitter; the subscriber runs in
-  another OS process (``benchmarks._events_child``) on its own bus over the same
+  another OS process (``benchmarks._latency_child --events``) on its own bus over the same
   schema. Clock from the first emit (``time.time()`` here) to the last receipt
   (``time.time()`` there). Events lost anywhere (the emitter's outbox, the child's
   subscription buffer, stale) are reported beside the rate.
@@ -197,7 +197,7 @@ def memory_events(context: Context, backend: str) -> list[Row]:
 
 @dataclasses.dataclass
 class Child:
-    """A running ``benchmarks._events_child``."""
+    """A running ``benchmarks._latency_child --events``."""
 
     process: trio.Process
     output: bytes = b""
@@ -207,13 +207,14 @@ async def _start_child(dsn: str, schema: str) -> Child:
     command = [
         sys.executable,
         "-m",
-        "benchmarks._events_child",
+        "benchmarks._latency_child",
         "--dsn",
         dsn,
         "--schema",
         schema,
         "--stream",
         STREAM,
+        "--events",
     ]
     process = await trio.lowlevel.open_process(
         command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL
