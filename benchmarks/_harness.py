@@ -5,12 +5,21 @@ Buses come from ``_backends.open_backend_bus``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
+import subprocess
+import sys
 import time
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 import trio
 
 import chatbus
+
+#: The repository root: where ``python -m benchmarks.…`` children start.
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 async def count_until(
@@ -115,3 +124,61 @@ def per_stream_total(total: int, streams: int, publishers: int, callers: int) ->
     """Round ``total`` down so it splits evenly; return the messages per stream."""
     per_caller = max(1, total // (streams * publishers * callers))
     return per_caller * publishers * callers
+
+
+@dataclasses.dataclass
+class SubscriberProcess:
+    """A running ``benchmarks._latency_child``; :meth:`result` waits for its report."""
+
+    process: trio.Process
+    output: bytes = b""
+
+    async def result(self) -> dict[str, object]:
+        """Read to the end (the child exits after the end marker); its JSON report."""
+        assert self.process.stdout is not None
+        with trio.fail_after(60):
+            while chunk := await self.process.stdout.receive_some():
+                self.output += chunk
+            await self.process.wait()
+        report: dict[str, object] = json.loads(self.output.split(b"ready\n", 1)[1])
+        return report
+
+
+@contextlib.asynccontextmanager
+async def subscriber_process(
+    dsn: str, schema: str, stream: str, *, events: bool = False
+) -> AsyncIterator[SubscriberProcess]:
+    """Start the subscriber child on ``stream`` and wait until it is subscribed.
+
+    The child is killed on the way out if it is still running.
+    """
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks._latency_child",
+        "--dsn",
+        dsn,
+        "--schema",
+        schema,
+        "--stream",
+        stream,
+        *(["--events"] if events else []),
+    ]
+    process = await trio.lowlevel.open_process(
+        command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL
+    )
+    child = SubscriberProcess(process)
+    try:
+        assert process.stdout is not None
+        with trio.fail_after(30):
+            while b"ready\n" not in child.output:
+                chunk = await process.stdout.receive_some()
+                if not chunk:
+                    raise RuntimeError("subscriber child exited before subscribing")
+                child.output += chunk
+        yield child
+    finally:
+        if process.returncode is None:
+            process.kill()
+            with trio.CancelScope(shield=True):
+                await process.wait()

@@ -27,12 +27,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import subprocess
-import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from pathlib import Path
 
 import trio
 
@@ -41,13 +37,13 @@ import chatbus
 from . import _backends, _harness, _pg
 from ._backends import CHATBUS_POSTGRES
 from ._config import Sizes
+from ._harness import subscriber_process
 from ._report import Row, measured
 from ._scenario import Context, Scenario
 from .latency import summarize
 from .throughput import PgShape, baseline_channel_rate, interleave, median_text
 
 STREAM = "events"
-REPO_ROOT = Path(__file__).resolve().parent.parent
 #: The durable message that ends a run: a publish waits for the bus's emitted events
 #: to be flushed, so every event reaches a subscriber before it (or was lost).
 END = {"end": True}
@@ -195,57 +191,6 @@ def memory_events(context: Context, backend: str) -> list[Row]:
 # ---- (b), (c) Postgres, subscriber in another process ----
 
 
-@dataclasses.dataclass
-class Child:
-    """A running ``benchmarks._latency_child --events``."""
-
-    process: trio.Process
-    output: bytes = b""
-
-
-async def _start_child(dsn: str, schema: str) -> Child:
-    command = [
-        sys.executable,
-        "-m",
-        "benchmarks._latency_child",
-        "--dsn",
-        dsn,
-        "--schema",
-        schema,
-        "--stream",
-        STREAM,
-        "--events",
-    ]
-    process = await trio.lowlevel.open_process(
-        command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL
-    )
-    child = Child(process)
-    assert process.stdout is not None
-    with trio.fail_after(30):
-        while b"ready\n" not in child.output:
-            chunk = await process.stdout.receive_some()
-            if not chunk:
-                raise RuntimeError("events child exited before subscribing")
-            child.output += chunk
-    return child
-
-
-async def _finish_child(child: Child) -> Received:
-    process = child.process
-    assert process.stdout is not None
-    try:
-        with trio.fail_after(60):
-            while chunk := await process.stdout.receive_some():
-                child.output += chunk
-            await process.wait()
-    finally:
-        if process.returncode is None:
-            process.kill()
-            with trio.CancelScope(shield=True):
-                await process.wait()
-    return Received(**json.loads(child.output.split(b"ready\n", 1)[1]))
-
-
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PgEventsRun:
     """One cross-process run: the child's view and the emitting bus's statistics."""
@@ -268,15 +213,15 @@ class PgEventsRun:
 
 async def _postgres_burst(dsn: str, count: int, chunk: int) -> PgEventsRun:
     schema = _pg.scratch_schema("ev")
-    async with _backends.open_backend_bus("postgres", dsn, schema=schema) as bus:
-        child = await _start_child(dsn, schema)
-        try:
-            async with bus.open_publisher(STREAM) as publisher:
-                start = time.time()
-                await emit_burst(publisher.emit, count, chunk)
-                await publisher.publish(END)
-        finally:
-            received = await _finish_child(child)
+    async with (
+        _backends.open_backend_bus("postgres", dsn, schema=schema) as bus,
+        subscriber_process(dsn, schema, STREAM, events=True) as child,
+    ):
+        async with bus.open_publisher(STREAM) as publisher:
+            start = time.time()
+            await emit_burst(publisher.emit, count, chunk)
+            await publisher.publish(END)
+        received = Received(**await child.result())  # type: ignore[arg-type]
         stats = bus.statistics()
     return PgEventsRun(received=received, start=start, emitted=count, bus=stats)
 
@@ -286,15 +231,15 @@ async def _postgres_latency(dsn: str, sizes: Sizes) -> PgEventsRun:
     warmup = int(sizes.events_latency_warmup_seconds * rate)
     count = int(sizes.events_latency_seconds * rate)
     schema = _pg.scratch_schema("evl")
-    async with _backends.open_backend_bus("postgres", dsn, schema=schema) as bus:
-        child = await _start_child(dsn, schema)
-        try:
-            async with bus.open_publisher(STREAM) as publisher:
-                start = time.time()
-                emitted = await emit_paced([publisher.emit], rate=rate, count=count, warmup=warmup)
-                await publisher.publish(END)
-        finally:
-            received = await _finish_child(child)
+    async with (
+        _backends.open_backend_bus("postgres", dsn, schema=schema) as bus,
+        subscriber_process(dsn, schema, STREAM, events=True) as child,
+    ):
+        async with bus.open_publisher(STREAM) as publisher:
+            start = time.time()
+            emitted = await emit_paced([publisher.emit], rate=rate, count=count, warmup=warmup)
+            await publisher.publish(END)
+        received = Received(**await child.result())  # type: ignore[arg-type]
         stats = bus.statistics()
     return PgEventsRun(received=received, start=start, emitted=emitted, bus=stats)
 

@@ -17,12 +17,8 @@ and both stamp ``time.time()`` (same machine clock).
 from __future__ import annotations
 
 import dataclasses
-import json
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import trio
 
@@ -31,11 +27,11 @@ import chatbus
 from . import _backends, _pg
 from ._backends import CHATBUS_POSTGRES
 from ._config import Sizes
+from ._harness import subscriber_process
 from ._report import Row, measured, percentile
 from ._scenario import Context, Scenario
 
 STREAM = "latency"
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def summarize(latencies_s: Sequence[float]) -> dict[str, float]:
@@ -130,47 +126,16 @@ async def _postgres_run(sizes: Sizes, dsn: str, keyed: bool) -> Collected:
     warmup = int(sizes.latency_warmup_seconds * rate)
     count = int(sizes.latency_seconds * rate)
     schema = _pg.scratch_schema("lat")
-    async with _backends.open_backend_bus("postgres", dsn, schema=schema) as bus:
-        command = [
-            sys.executable,
-            "-m",
-            "benchmarks._latency_child",
-            "--dsn",
-            dsn,
-            "--schema",
-            schema,
-            "--stream",
-            STREAM,
-        ]
-        child = await trio.lowlevel.open_process(
-            command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL
-        )
-        assert child.stdout is not None
-        try:
-            output = b""
-            with trio.fail_after(30):
-                while b"ready\n" not in output:
-                    chunk = await child.stdout.receive_some()
-                    if not chunk:
-                        raise RuntimeError("latency child exited before subscribing")
-                    output += chunk
-            async with bus.open_publisher(STREAM) as publisher:
-                await offer_load(
-                    publisher, rate=rate, warmup=warmup, count=count, clock=time.time, keyed=keyed
-                )
-            with trio.fail_after(60):
-                while True:
-                    chunk = await child.stdout.receive_some()
-                    if not chunk:
-                        break
-                    output += chunk
-                await child.wait()
-        finally:
-            if child.returncode is None:
-                child.kill()
-                with trio.CancelScope(shield=True):
-                    await child.wait()
-    result = Collected(**json.loads(output.split(b"ready\n", 1)[1]))
+    async with (
+        _backends.open_backend_bus("postgres", dsn, schema=schema) as bus,
+        subscriber_process(dsn, schema, STREAM) as child,
+    ):
+        async with bus.open_publisher(STREAM) as publisher:
+            await offer_load(
+                publisher, rate=rate, warmup=warmup, count=count, clock=time.time, keyed=keyed
+            )
+        report = await child.result()
+    result = Collected(**report)  # type: ignore[arg-type]
     if result.seen != warmup + count:
         raise RuntimeError(f"child saw {result.seen} messages, expected {warmup + count}")
     return result
