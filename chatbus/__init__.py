@@ -39,11 +39,13 @@ from ._message import StreamInfo as StreamInfo
 from ._open import open_bus as open_bus
 from ._protocols import EventNotifier as EventNotifier
 from ._protocols import EventStore as EventStore
+from ._protocols import LifecycleStore as LifecycleStore
 from ._protocols import NoticeHandler as NoticeHandler
 from ._protocols import Notifier as Notifier
 from ._protocols import Store as Store
 from ._publisher import Publisher as Publisher
 from ._publisher import PublisherStatistics as PublisherStatistics
+from ._retention import Retention as Retention
 from ._subscriber import Subscriber as Subscriber
 from ._subscriber import SubscriberStatistics as SubscriberStatistics
 from ._util import fixup_module_metadata as _fixup_module_metadata
@@ -68,6 +70,7 @@ __all__ = [
     "IdempotencyConflict",
     "InvalidMessage",
     "InvalidStream",
+    "LifecycleStore",
     "Message",
     "MessageTooLarge",
     "NoticeHandler",
@@ -75,6 +78,7 @@ __all__ = [
     "OutcomeUnknown",
     "Publisher",
     "PublisherStatistics",
+    "Retention",
     "Store",
     "StoreError",
     "StreamDeleted",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import functools
 import json
+import random
 import secrets
 from typing import Any, Literal, cast, final, overload
 
@@ -20,8 +21,9 @@ from ._options import (
     check_int_range,
 )
 from ._outbox import Outbox
-from ._protocols import Notifier, Store
+from ._protocols import LifecycleStore, Notifier, Store
 from ._publisher import Producer, Publisher
+from ._retention import Retention, sweep
 from ._subscriber import Subscriber
 from ._topic import Router, Topic, Topics
 from ._util import NoPublicConstructor
@@ -49,6 +51,10 @@ class BusStatistics:
             bounded) — the emitter outran its store.
         event_errors: Flushes that failed (those events reached local subscribers
             only).
+        retention_sweeps: Retention sweeps over the store's streams completed.
+        retention_trims: Trims made by those sweeps.
+        retention_errors: Store errors met by retention (each skipped; retried at the
+            next sweep).
     """
 
     streams: int
@@ -63,6 +69,9 @@ class BusStatistics:
     event_flushes: int
     events_dropped: int
     event_errors: int
+    retention_sweeps: int = 0
+    retention_trims: int = 0
+    retention_errors: int = 0
 
 
 @final
@@ -87,6 +96,9 @@ class Bus(metaclass=NoPublicConstructor):
     _emitter: str = attrs.field(factory=lambda: secrets.token_hex(8), init=False)
     _events_emitted: int = attrs.field(default=0, init=False)
     _outbox: Outbox = attrs.field(init=False)
+    _retention_sweeps: int = attrs.field(default=0, init=False)
+    _retention_trims: int = attrs.field(default=0, init=False)
+    _retention_errors: int = attrs.field(default=0, init=False)
 
     def __attrs_post_init__(self) -> None:
         self._topics = Topics(
@@ -415,8 +427,9 @@ class Bus(metaclass=NoPublicConstructor):
         """Drop the messages of ``stream`` with ids below ``before`` (ids are never reused).
 
         A subscription or read whose cursor falls below the new first id gets
-        :class:`~chatbus.HistoryTruncated`, never a jump. Idempotency keys of trimmed
-        messages are kept: a retried publish returns the original id.
+        :class:`~chatbus.HistoryTruncated`, never a jump. The idempotency keys of
+        trimmed messages keep answering a retried publish with the original message
+        for ``trimmed_keys_for`` seconds from its creation (see :func:`open_bus`).
 
         Returns:
             The stream's first retained id now.
@@ -432,12 +445,18 @@ class Bus(metaclass=NoPublicConstructor):
         if before < 1:
             raise ValueError(f"before must be >= 1, got {before}")
         self._topics.check_open()
-        first: int = await self._lifecycle("trim")(stream, before)
-        self._router.trimmed(stream, first)
+        first: int = await self._lifecycle("trim")(
+            stream, before, keys_for=self._options.trimmed_keys_for
+        )
+        await self._trimmed(stream, first)
+        return first
+
+    async def _trimmed(self, stream: str, first_id: int) -> None:
+        """Tell this bus's subscriptions, and (through the notifier) other buses'."""
+        self._router.trimmed(stream, first_id)
         reset = getattr(self._notifier, "notify_reset", None)
         if reset is not None:
-            await reset(stream, first)
-        return first
+            await reset(stream, first_id)
 
     async def redact(self, stream: str, id: int) -> Message:
         """Replace message ``id``'s body by a tombstone (``body=None``, ``redacted=True``).
@@ -485,6 +504,9 @@ class Bus(metaclass=NoPublicConstructor):
             event_flushes=self._outbox.flushes,
             events_dropped=self._outbox.dropped,
             event_errors=self._outbox.errors,
+            retention_sweeps=self._retention_sweeps,
+            retention_trims=self._retention_trims,
+            retention_errors=self._retention_errors,
         )
 
     async def aclose(self) -> None:
@@ -542,6 +564,23 @@ class Bus(metaclass=NoPublicConstructor):
         with trio.CancelScope() as scope:
             self._service_scopes.append(scope)
             await self._poll_forever(interval)
+
+    async def _retain(self, policy: Retention) -> None:
+        """Apply ``policy`` every interval (jittered by up to a tenth, so the buses of
+        one cluster drift apart rather than sweeping in step)."""
+        with trio.CancelScope() as scope:
+            self._service_scopes.append(scope)
+            while True:
+                await trio.sleep(policy.interval * random.uniform(0.9, 1.0))
+                done = await sweep(
+                    cast("LifecycleStore", self._store),
+                    policy,
+                    self._options.trimmed_keys_for,
+                    self._trimmed,
+                )
+                self._retention_sweeps += 1
+                self._retention_trims += done.trims
+                self._retention_errors += done.errors
 
     async def _poll_forever(self, interval: float) -> None:
         """Safety net for lost notices: compare stream heads with what we know."""

@@ -273,9 +273,9 @@ class LaggingStore:
             await trio.lowlevel.checkpoint()
 
     def __getattr__(self, name: str) -> Any:
-        # The stream lifecycle (stream_info, trim, delete_stream, redact) goes
-        # straight to the wrapped store, if it has one.
-        if name in ("stream_info", "trim", "delete_stream", "redact"):
+        # The stream lifecycle (stream_info, trim, delete_stream, redact,
+        # over_retention) goes straight to the wrapped store, if it has one.
+        if name in ("stream_info", "trim", "delete_stream", "redact", "over_retention"):
             return getattr(self.inner, name)
         raise AttributeError(name)
 

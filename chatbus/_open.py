@@ -15,8 +15,10 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Final
 
 from ._bus import Bus
+from ._exceptions import BusError
 from ._options import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_EVENT_BYTES, BusOptions
 from ._protocols import Notifier, Store
+from ._retention import Retention
 from ._tasks import ServiceNursery, shielded_cleanup
 
 _DEFAULTS: Final = BusOptions()
@@ -57,6 +59,8 @@ async def open_bus(
     poll_interval: float | None = _DEFAULTS.poll_interval,
     max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
     event_buffer: int = _DEFAULTS.event_buffer,
+    retention: Retention | None = None,
+    trimmed_keys_for: float | None = _DEFAULTS.trimmed_keys_for,
 ) -> AsyncIterator[Bus]:
     """Open a bus; leaving the block closes it and everything opened on it.
 
@@ -84,6 +88,14 @@ async def open_bus(
             ride in Postgres NOTIFY payloads).
         event_buffer: Most events a subscription buffers for its consumer; past it
             the oldest are dropped (and counted), never a message (1..1000000).
+        retention: A :class:`~chatbus.Retention` policy this bus applies to every
+            stream of its store in the background (None: keep everything; trim by
+            hand). Several buses over one store may all run it.
+        trimmed_keys_for: Seconds, from a message's creation, that the idempotency
+            key of a trimmed message keeps answering a retried publish with the
+            original message (0 up to ten years; default a day); then the key is
+            forgotten, at this or a later trim or retention sweep. None keeps them
+            until the stream is deleted.
 
     Raises:
         ValueError: an option is out of range or the URL scheme is unknown.
@@ -98,13 +110,16 @@ async def open_bus(
         poll_interval=poll_interval,
         max_event_bytes=max_event_bytes,
         event_buffer=event_buffer,
+        trimmed_keys_for=trimmed_keys_for,
     )
+    if retention is not None and not isinstance(retention, Retention):
+        raise TypeError(f"retention must be a chatbus.Retention, not {type(retention).__name__}")
     if url is not None:
         if store is not None or notifier is not None:
             raise TypeError("pass either a url or a store/notifier pair, not both")
         async with (
             _open_backend(url) as (url_store, url_notifier),
-            _open_bus(url_store, url_notifier, options) as bus,
+            _open_bus(url_store, url_notifier, options, retention) as bus,
         ):
             yield bus
         return
@@ -114,12 +129,22 @@ async def open_bus(
         store if store is not None else MemoryStore(),
         notifier if notifier is not None else MemoryNotifier(),
         options,
+        retention,
     ) as bus:
         yield bus
 
 
 @asynccontextmanager
-async def _open_bus(store: Store, notifier: Notifier, options: BusOptions) -> AsyncIterator[Bus]:
+async def _open_bus(
+    store: Store, notifier: Notifier, options: BusOptions, retention: Retention | None
+) -> AsyncIterator[Bus]:
+    if retention is not None:
+        for name in ("trim", "over_retention"):
+            if getattr(store, name, None) is None:
+                raise BusError(
+                    f"retention needs a store with a stream lifecycle;"
+                    f" {type(store).__name__} has no {name}"
+                )
     async with ServiceNursery() as nursery:
         bus = Bus._create(store, notifier, options, nursery)
         try:
@@ -127,6 +152,8 @@ async def _open_bus(store: Store, notifier: Notifier, options: BusOptions) -> As
             nursery.start_soon(bus._flush_events)
             if options.poll_interval is not None and not math.isinf(options.poll_interval):
                 nursery.start_soon(bus._poll, options.poll_interval)
+            if retention is not None:
+                nursery.start_soon(bus._retain, retention)
             yield bus
         finally:
             # Events emitted just before the end still go out (bounded).

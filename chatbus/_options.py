@@ -50,6 +50,9 @@ DEFAULT_MAX_BODY_BYTES = 256 * 1024
 #: Default limit on an event body's JSON encoding (events ride in NOTIFY payloads,
 #: at most 8000 bytes with the envelope).
 DEFAULT_MAX_EVENT_BYTES = 4000
+#: Default time (a day, in seconds, from a message's creation) that the idempotency
+#: key of a trimmed message keeps answering a retried publish.
+DEFAULT_TRIMMED_KEYS_FOR = 86_400.0
 
 
 @attrs.frozen(kw_only=True)
@@ -66,6 +69,8 @@ class BusOptions:
     max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES
     event_buffer: int = 256
     outbox_size: int = 10_000
+    #: Seconds a trimmed message's idempotency key still answers retries (None: ever).
+    trimmed_keys_for: float | None = DEFAULT_TRIMMED_KEYS_FOR
 
     def __attrs_post_init__(self) -> None:
         check_int_range("cache_size", self.cache_size, 1, 1_000_000)
@@ -79,3 +84,5 @@ class BusOptions:
         check_int_range("max_event_bytes", self.max_event_bytes, 1, 6000)
         check_int_range("event_buffer", self.event_buffer, 1, 1_000_000)
         check_int_range("outbox_size", self.outbox_size, 1, 10_000_000)
+        if self.trimmed_keys_for is not None:
+            check_range("trimmed_keys_for", self.trimmed_keys_for, 0, 10 * 366 * 86_400)

@@ -12,7 +12,8 @@ from typing import Protocol
 import trio
 
 from ._event import Event
-from ._message import Draft, Message
+from ._message import Draft, Message, StreamInfo
+from ._retention import RetentionPage
 
 
 class Store(Protocol):
@@ -63,6 +64,58 @@ class EventStore(Protocol):
 
     async def retained_events(self, stream: str, head: int) -> list[Event]:
         """What a joiner caught up to message ``head`` of ``stream`` gets, oldest first."""
+        ...
+
+
+class LifecycleStore(Protocol):
+    """What a :class:`Store` adds for the stream lifecycle (optional).
+
+    :meth:`chatbus.Bus.stream_info`, ``trim``, ``redact``, ``delete_stream`` and a
+    bus's retention need it; a store without it still appends, reads and delivers.
+    Every method is safe to run from many processes at once, and idempotent.
+    """
+
+    async def stream_info(self, stream: str) -> StreamInfo:
+        """Where ``stream`` stands: head, first retained id, epoch (0 if it does not exist)."""
+        ...
+
+    async def delete_stream(self, stream: str) -> None:
+        """Forget ``stream``: messages, keys, retained events; the next append starts a
+        new epoch at id 1. Tell every bus (a reset notice)."""
+        ...
+
+    async def trim(self, stream: str, before: int, *, keys_for: float | None = None) -> int:
+        """Move ``stream``'s first retained id up to ``before`` (never back, never past
+        head + 1), tell every bus, then drop the messages below it in bounded steps.
+
+        The idempotency keys of dropped messages keep answering a retried publish
+        (with the original message, ``replay=True``) until the message is
+        ``keys_for`` seconds old; then they go too (at this or a later trim). None
+        keeps them for as long as the stream exists.
+
+        Returns:
+            The first retained id now.
+        """
+        ...
+
+    async def redact(self, stream: str, id: int) -> Message | None:
+        """Replace retained message ``id``'s body by JSON null (``redacted=True``);
+        return the tombstone, or None if ``id`` is not retained."""
+        ...
+
+    async def over_retention(
+        self,
+        after: str,
+        limit: int,
+        *,
+        max_messages: int | None,
+        max_age: float | None,
+        keys_for: float | None,
+    ) -> RetentionPage:
+        """Examine up to ``limit`` streams named after ``after`` (in the store's order)
+        and say which hold messages beyond the policy (not among the last
+        ``max_messages``, or older than ``max_age`` seconds by the store's clock), or
+        trimmed keys older than ``keys_for`` seconds. Bounded work per call."""
         ...
 
 

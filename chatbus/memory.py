@@ -6,10 +6,12 @@ is how the test suite plays "several processes" without a database.
 
 from __future__ import annotations
 
+import bisect
+import collections
 import datetime
 import json
 import random
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import final
 
@@ -19,6 +21,7 @@ import trio
 from ._event import RETAINED_EVENT_BYTES, RETAINED_EVENTS, Event, RetainedEvents
 from ._message import Draft, Message, StreamInfo
 from ._protocols import NoticeHandler
+from ._retention import RetentionPage
 
 __all__ = ["MemoryNotifier", "MemoryStore", "open_backend"]
 
@@ -31,6 +34,8 @@ class _Log:
     #: The retained messages: ids first_id, first_id + 1, …, head.
     messages: list[Message] = attrs.Factory(list)
     by_key: dict[str, Message] = attrs.Factory(dict)
+    #: Trimmed messages whose keys still answer retries, in id order (see trim).
+    trimmed_keys: collections.deque[Message] = attrs.Factory(collections.deque)
     last_at: datetime.datetime = _EARLIEST
     head: int = 0
     first_id: int = 1
@@ -45,8 +50,16 @@ class MemoryStore:
     Appends are atomic (no await between assigning ids and making them visible), so ids
     are dense and commit-ordered. Bodies are decoded from their JSON text, so a
     subscriber sees exactly what a Postgres store would return.
+
+    Args:
+        now: The store's clock: a message's ``created_at``, and what retention and
+            the key window measure ages against (a test under trio's
+            ``autojump_clock`` passes one that follows ``trio.current_time()``).
     """
 
+    now: Callable[[], datetime.datetime] = attrs.field(
+        default=lambda: datetime.datetime.now(datetime.UTC), kw_only=True
+    )
     _logs: dict[str, _Log] = attrs.field(factory=dict, init=False)
     _events: dict[str, RetainedEvents] = attrs.field(factory=dict, init=False)
 
@@ -57,7 +70,7 @@ class MemoryStore:
         if log is None:
             log = self._logs[stream] = _Log()
         # Never earlier than the stream's last batch, whatever the wall clock does.
-        now = max(datetime.datetime.now(datetime.UTC), log.last_at)
+        now = max(self.now(), log.last_at)
         result = []
         for draft in drafts:
             if draft.key is not None and (existing := log.by_key.get(draft.key)) is not None:
@@ -104,10 +117,12 @@ class MemoryStore:
         self._logs.pop(stream, None)
         self._events.pop(stream, None)
 
-    async def trim(self, stream: str, before: int) -> int:
+    async def trim(self, stream: str, before: int, *, keys_for: float | None = None) -> int:
         """Drop the messages of ``stream`` below ``before``; return the first id kept.
 
-        Their idempotency keys are kept: a retried publish returns the original id.
+        Their idempotency keys keep answering a retried publish with the original
+        message until it is ``keys_for`` seconds old (None: as long as the stream
+        lives); see :meth:`chatbus._protocols.LifecycleStore.trim`.
         """
         await trio.lowlevel.checkpoint()
         log = self._logs.get(stream)
@@ -115,9 +130,54 @@ class MemoryStore:
             return 1
         before = min(before, log.head + 1)
         if before > log.first_id:
-            del log.messages[: before - log.first_id]
+            cut = before - log.first_id
+            log.trimmed_keys.extend(m for m in log.messages[:cut] if m.key is not None)
+            del log.messages[:cut]
             log.first_id = before
+        if keys_for is not None:
+            cutoff = self.now() - datetime.timedelta(seconds=keys_for)
+            while log.trimmed_keys and log.trimmed_keys[0].created_at < cutoff:
+                expired = log.trimmed_keys.popleft()
+                assert expired.key is not None
+                if log.by_key.get(expired.key) is expired:
+                    del log.by_key[expired.key]
         return log.first_id
+
+    async def over_retention(
+        self,
+        after: str,
+        limit: int,
+        *,
+        max_messages: int | None,
+        max_age: float | None,
+        keys_for: float | None,
+    ) -> RetentionPage:
+        """Which streams hold messages beyond a retention policy; see
+        :meth:`chatbus._protocols.LifecycleStore.over_retention` (streams in code
+        point order)."""
+        await trio.lowlevel.checkpoint()
+        now = self.now()
+        names = sorted(name for name in self._logs if name > after)
+        trims = []
+        for name in names[:limit]:
+            log = self._logs[name]
+            before = log.first_id
+            if max_messages is not None:
+                before = max(before, log.head - max_messages + 1)
+            if max_age is not None:
+                cutoff = now - datetime.timedelta(seconds=max_age)
+                # created_at never decreases in id order: the first young one, by bisection.
+                young = bisect.bisect_left(log.messages, cutoff, key=lambda m: m.created_at)
+                before = max(before, log.first_id + young)
+            stale_keys = (
+                keys_for is not None
+                and bool(log.trimmed_keys)
+                and log.trimmed_keys[0].created_at < now - datetime.timedelta(seconds=keys_for)
+            )
+            if before > log.first_id or stale_keys:
+                trims.append((name, before))
+        next_after = names[limit - 1] if len(names) > limit else None
+        return RetentionPage(trims=trims, next_after=next_after)
 
     async def redact(self, stream: str, id: int) -> Message | None:
         """Replace message ``id``'s body by a tombstone; return it (None if not retained)."""
@@ -154,7 +214,7 @@ class MemoryStore:
         retained = self._events.get(stream)
         if retained is None:
             return []
-        return retained.retained(head, datetime.datetime.now(datetime.UTC))
+        return retained.retained(head, self.now())
 
     def last_id(self, stream: str) -> int:
         """The highest committed id of ``stream`` (0 if it is empty), synchronously."""

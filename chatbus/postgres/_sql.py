@@ -164,6 +164,7 @@ class Queries:
     stream_info: bytes
     trim_first: bytes
     trim_batch: bytes
+    over_retention: bytes
     delete_batch: bytes
     redact: bytes
     delete_stream: tuple[str, ...]
@@ -185,6 +186,7 @@ class Queries:
             stream_info=_bytes(_STREAM_INFO, names),
             trim_first=_bytes(_TRIM_FIRST, names),
             trim_batch=_bytes(_TRIM_BATCH, names),
+            over_retention=_bytes(_OVER_RETENTION, names),
             delete_batch=_bytes(_DELETE_BATCH, names),
             redact=_bytes(_REDACT, names),
             delete_stream=tuple(
@@ -467,7 +469,9 @@ _STREAM_INFO: Final = (
 # Trim, first: the stream's first retained id moves (never past head + 1, never
 # back), at once for every reader; returns it. Then the rows go, in batches: rows
 # without a key are deleted; rows with a key stay (their keys still answer a retried
-# publish with the original id) but are no longer history (see _READ).
+# publish with the original id) but are no longer history (see _READ), until they
+# are $3 seconds old ($3 = -1: for as long as the stream lives; the statements take
+# text parameters only, so -1 stands for "no limit" here and below, made NULL by nullif).
 _TRIM_FIRST: Final = """
     WITH t AS (
         UPDATE {streams} AS st
@@ -483,9 +487,56 @@ _TRIM_FIRST: Final = """
 _TRIM_BATCH: Final = """
     DELETE FROM {messages} AS m WHERE m.ctid IN (
         SELECT x.ctid FROM {messages} AS x
-        WHERE x.stream = $1::text AND x.id < $2::bigint AND x.key IS NULL
+        WHERE x.stream = $1::text AND x.id < $2::bigint
+            AND (x.key IS NULL
+                OR x.created_at < now() - nullif($3::float8, -1) * interval '1 second')
         LIMIT {lifecycle_batch}
     )
+"""
+
+# Retention: examine the streams named after $1, $2 of them in name order (one index
+# range of the counter table), and return, as one JSON value, [last name examined,
+# how many, [[stream, before, more], ...]] for those holding messages beyond the
+# policy: not among the last $3 ($3 = -1: no count rule), or created more than $4
+# seconds ago ($4 = -1: no age rule); or trimmed rows whose keys are older than $5
+# seconds. created_at never decreases in id order, so the first young message is
+# found by walking the primary key from the first retained id, at most $6 rows per
+# stream (more = true: the window was all old, there is more to trim after it).
+# A probe or two of the primary key per stream: bounded work, no lock taken.
+_OVER_RETENTION: Final = """
+    WITH policy AS MATERIALIZED (
+        SELECT nullif($3::bigint, -1) AS max_messages, nullif($4::float8, -1) AS max_age,
+            nullif($5::float8, -1) AS keys_for
+    ), page AS MATERIALIZED (
+        SELECT st.stream, st.last_id, st.first_id FROM {streams} AS st
+        WHERE st.stream > $1::text ORDER BY st.stream LIMIT $2::bigint
+    ), aged AS (
+        SELECT p.*, CASE WHEN pol.max_age IS NULL THEN NULL ELSE coalesce((
+            SELECT m.id FROM {messages} AS m
+            WHERE m.stream = p.stream AND m.id >= p.first_id
+                AND m.id < p.first_id + $6::bigint
+                AND m.created_at >= now() - pol.max_age * interval '1 second'
+            ORDER BY m.id LIMIT 1), least(p.first_id + $6::bigint, p.last_id + 1)) END AS young
+        FROM page AS p, policy AS pol
+    ), t AS (
+        SELECT a.stream, a.first_id,
+            greatest(a.first_id, a.last_id + 1 - pol.max_messages, a.young) AS before,
+            coalesce(a.young = a.first_id + $6::bigint AND a.young <= a.last_id, false) AS more,
+            pol.keys_for IS NOT NULL AND EXISTS (
+                SELECT 1 FROM (
+                    SELECT m.id, m.created_at FROM {messages} AS m
+                    WHERE m.stream = a.stream ORDER BY m.id LIMIT 1
+                ) AS o
+                WHERE o.id < a.first_id
+                    AND o.created_at < now() - pol.keys_for * interval '1 second'
+            ) AS stale_keys
+        FROM aged AS a, policy AS pol
+    )
+    SELECT json_build_array(
+        (SELECT p.stream FROM page AS p ORDER BY p.stream DESC LIMIT 1),
+        (SELECT count(*) FROM page),
+        coalesce((SELECT json_agg(json_build_array(t.stream, t.before, t.more) ORDER BY t.stream)
+            FROM t WHERE t.before > t.first_id OR t.stale_keys), '[]'::json))::text
 """
 
 # Delete, first: the stream's messages in batches (readers may still see the rest).

@@ -27,6 +27,7 @@ from .._codec import BadBody, pack_bodies
 from .._event import Event, decode_event_items, encode_events, to_micros
 from .._exceptions import BusError, OutcomeUnknown, StoreError, UndecodableMessage, store_error
 from .._message import Draft, Message, StreamInfo, check_after, check_stream
+from .._retention import RetentionPage
 from . import _pq
 from ._aio import AioRunner
 from ._connections import LentConnections
@@ -68,6 +69,11 @@ class PostgresStoreStatistics:
     pending: int
     connections: int
     borrows: int
+
+
+def _no_limit(value: float | None) -> bytes:
+    """A lifecycle statement's optional limit as a text parameter: -1 for None."""
+    return b"-1" if value is None else repr(value).encode("ascii")
 
 
 def _abandoned() -> OutcomeUnknown:
@@ -300,13 +306,14 @@ class PostgresStore:
         head, first_id, epoch = (int(_pq.value(result, 0, c)) for c in range(3))
         return StreamInfo(stream=stream, head=head, first_id=first_id, epoch=epoch, exists=True)
 
-    async def trim(self, stream: str, before: int) -> int:
+    async def trim(self, stream: str, before: int, *, keys_for: float | None = None) -> int:
         """Drop the messages of ``stream`` below ``before``, in bounded batches.
 
         The first retained id moves first (one short statement), so readers stop at
         it at once; then the rows go, :data:`LIFECYCLE_BATCH` at a time, each batch its
         own transaction (no long lock on a hot stream). Rows with an idempotency key
-        stay, as keys only: a retried publish returns the original id.
+        stay, outside the history, until they are ``keys_for`` seconds old (None: as
+        long as the stream lives): a retried publish returns the original id.
 
         Returns:
             The stream's first retained id now.
@@ -321,12 +328,46 @@ class PostgresStore:
         if result.ntuples == 0:
             return 1
         first_id = int(_pq.value(result, 0, 0))
+        batch = [name, b"%d" % first_id, _no_limit(keys_for)]
         while True:
-            done = await self._query(
-                "trim", self._queries.trim_batch, [name, b"%d" % first_id], stream=stream
-            )
+            done = await self._query("trim", self._queries.trim_batch, batch, stream=stream)
             if int(done.command_tuples or 0) < LIFECYCLE_BATCH:
                 return first_id
+
+    async def over_retention(
+        self,
+        after: str,
+        limit: int,
+        *,
+        max_messages: int | None,
+        max_age: float | None,
+        keys_for: float | None,
+    ) -> RetentionPage:
+        """Which streams hold messages beyond a retention policy, by the server's clock;
+        see :meth:`chatbus._protocols.LifecycleStore.over_retention`. One statement:
+        a range of the counter table and a probe or two of the primary key per
+        stream, the age rule walking at most :data:`LIFECYCLE_BATCH` rows of each
+        (a stream with more to trim is examined again: ``next_after`` is ``after``).
+
+        Raises:
+            StoreError: the query failed.
+        """
+        params = [
+            after.encode("utf-8"),
+            b"%d" % limit,
+            _no_limit(max_messages),
+            _no_limit(max_age),
+            _no_limit(keys_for),
+            b"%d" % LIFECYCLE_BATCH,
+        ]
+        result = await self._query("retention", self._queries.over_retention, params)
+        last, examined, found = json.loads(_pq.value(result, 0, 0))
+        trims = [(stream, before) for stream, before, _ in found]
+        if any(more for _, _, more in found):
+            next_after: str | None = after
+        else:
+            next_after = last if examined == limit else None
+        return RetentionPage(trims=trims, next_after=next_after)
 
     async def delete_stream(self, stream: str) -> None:
         """Delete ``stream``: its messages, keys and retained events; see
