@@ -13,7 +13,7 @@ import attrs
 import trio
 
 from ._event import MAX_EVENT_WIRE_BYTES, Event, encode_event, make_event_draft
-from ._exceptions import BusClosed, BusError, MessageTooLarge
+from ._exceptions import BusClosed, BusError, HistoryReset, MessageTooLarge
 from ._message import Message, StreamInfo, check_after, check_cursor, check_stream, make_draft
 from ._options import (
     MAX_READ_LIMIT,
@@ -25,7 +25,7 @@ from ._protocols import LifecycleStore, Notifier, Store
 from ._publisher import Producer, Publisher
 from ._retention import Retention, sweep
 from ._subscriber import Subscriber
-from ._topic import Router, Topic, Topics
+from ._topic import REDACTED_KEY_PREFIX, Router, Topic, Topics
 from ._util import NoPublicConstructor
 
 #: How long :meth:`Bus.publish`'s shared per-stream producer idles before it retires.
@@ -347,17 +347,31 @@ class Bus(metaclass=NoPublicConstructor):
         limit: int = 100,
         *,
         before: int | None = None,
+        epoch: int | None = None,
     ) -> list[Message]:
         """Return up to ``limit`` committed messages of ``stream``, in id order.
 
-        Page forward with ``after`` (the last id you got; default 0), or back with
-        ``before`` (the lowest id you have: the ``limit`` messages just below it, for
-        scroll-back). Not both.
+        Page forward with ``after`` (the last id you got; default 0: from the first
+        retained one), or back with ``before`` (the lowest id you have: the ``limit``
+        messages just below it, for scroll-back; it stops at the first retained id,
+        which :meth:`stream_info` names). Not both.
+
+        Args:
+            stream: The stream to read.
+            after: The cursor: return messages with ids above it.
+            limit: Most messages to return (1..10000).
+            before: Instead of ``after``: return messages with ids below it.
+            epoch: The epoch the cursor belongs to (from :meth:`stream_info` or
+                :attr:`Subscriber.epoch`): if the stream's is another one now, raise
+                :class:`~chatbus.HistoryReset` rather than return another history.
 
         Raises:
             InvalidStream: ``stream`` is not a valid stream name.
             ValueError: ``after`` or ``before`` is out of range, both are given, or
                 ``limit`` is not in 1..10000.
+            CursorAhead: ``after`` is past the stream's head.
+            HistoryTruncated: the messages right after ``after`` were trimmed.
+            HistoryReset: ``epoch`` is not the stream's epoch.
             BusClosed: the bus is closed.
             StoreError: the store failed.
             UndecodableMessage: a message cannot be decoded here (those before it
@@ -365,27 +379,58 @@ class Bus(metaclass=NoPublicConstructor):
         """
         check_stream(stream)
         check_int_range("limit", limit, 1, MAX_READ_LIMIT)
+        if epoch is not None:
+            check_int_range("epoch", epoch, 0, 2**63 - 1)
+        below: int | None = None
         if before is not None:
             if after is not None:
                 raise ValueError("pass after or before, not both")
             check_after(before)
             if before < 1:
                 raise ValueError(f"before must be >= 1, got {before}")
-            after, limit = max(0, before - 1 - limit), min(limit, before - 1)
-            if limit == 0:
-                self._topics.check_open()
-                await trio.lowlevel.checkpoint()
-                return []
+            after, limit, below = max(0, before - 1 - limit), min(limit, before - 1), before
         elif after is None:
             after = 0
         check_after(after)
         self._topics.check_open()
-        page = await self._store.read(stream, after, limit)
-        if after > 0 and (not page or page[0].id != after + 1):
-            ask = getattr(self._store, "stream_info", None)
-            if ask is not None:
-                check_cursor(await ask(stream), after)
+        if limit == 0:
+            page: list[Message] = []
+            await trio.lowlevel.checkpoint()
+        else:
+            page = await self._store.read(stream, after, limit)
+        if below is not None:
+            # The store starts at the first retained id: never return ids from above.
+            page = [message for message in page if message.id < below]
+        elif after > 0 and (not page or page[0].id != after + 1):
+            info = await self._lifecycle_info(stream)
+            if info is not None:
+                self._check_epoch(info, epoch)
+                check_cursor(info, after)
+                return page
+        if epoch is not None:
+            # After the read: the epoch was the caller's before it, so the same epoch
+            # now means the page came from that history (epochs never come back).
+            info = await self._lifecycle_info(stream, required=True)
+            self._check_epoch(info, epoch)
         return page
+
+    async def _lifecycle_info(self, stream: str, *, required: bool = False) -> Any:
+        ask = getattr(self._store, "stream_info", None)
+        if ask is None:
+            if required:
+                self._lifecycle("stream_info")  # raises BusError naming the store
+            return None
+        return await ask(stream)
+
+    @staticmethod
+    def _check_epoch(info: StreamInfo, epoch: int | None) -> None:
+        if epoch is not None and info.epoch != epoch:
+            raise HistoryReset(
+                f"stream {info.stream!r} is at epoch {info.epoch}, not {epoch}: its history"
+                " was replaced (deleted and created again); start again from stream_info",
+                info.stream,
+                info.epoch,
+            )
 
     async def stream_info(self, stream: str) -> StreamInfo:
         """Where ``stream`` stands: head, first retained id, epoch.
@@ -480,7 +525,7 @@ class Bus(metaclass=NoPublicConstructor):
         topic = self._topics.by_name.get(stream)
         if topic is not None:
             topic.cache.put([tombstone])
-        await self.emit(stream, {"redacted": id}, key=f"chatbus.redacted:{id}", ttl=3600)
+        await self.emit(stream, {"redacted": id}, key=f"{REDACTED_KEY_PREFIX}{id}", ttl=3600)
         return tombstone
 
     def _lifecycle(self, name: str) -> Any:

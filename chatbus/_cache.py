@@ -57,6 +57,11 @@ class DurableCache:
             self.floor = first_id - 1
             self.top = max(self.top, self.floor)
 
+    def forget(self, id: int) -> None:
+        """Message ``id`` changed in the store (redacted): the next lookup past it reads
+        the store, which has it as it is now."""
+        self._by_id.pop(id, None)
+
     def run_after(self, cursor: int, limit: int) -> list[Message]:
         """Return the messages cursor+1, cursor+2, … up to ``limit``, stopping at a hole.
 
