@@ -168,3 +168,17 @@ async def test_scroll_back_stops_at_the_first_retained_id(backend):
             # Below the first retained id: nothing (never the messages above it).
             assert await bus.read("room", before=5, limit=3) == []
             assert await bus.read("room", before=10) == []
+
+
+async def test_a_trim_never_moves_the_first_id_back(backend):
+    """What lets every process run retention at once: a late trim to a lower id (a
+    sweep that computed its target earlier) changes nothing."""
+    with trio.fail_after(20):
+        async with backend.open_bus() as bus, backend.open_bus() as other:
+            await publish_n(bus, "room", 12)
+            assert await bus.trim("room", before=10) == 10
+            assert await other.trim("room", before=5) == 10
+            info = await other.stream_info("room")
+            assert (info.first_id, info.head) == (10, 12)
+            with pytest.raises(chatbus.HistoryTruncated):
+                await other.read("room", after=6)
