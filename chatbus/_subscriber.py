@@ -251,7 +251,11 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
 
     @property
     def cursor(self) -> int:
-        """Id of the last message the consumer has received: where to resume from."""
+        """Id of the last message the consumer has received: where to resume from.
+
+        Before the first one, the cursor it opened at (for ``after=0`` or ``last=n``,
+        resolved on entry: the id just before the first message it will get).
+        Keep it with :attr:`epoch`."""
         return self._last_id
 
     async def receive(self) -> Item:

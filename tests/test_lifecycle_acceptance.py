@@ -182,3 +182,29 @@ async def test_a_trim_never_moves_the_first_id_back(backend):
             assert (info.first_id, info.head) == (10, 12)
             with pytest.raises(chatbus.HistoryTruncated):
                 await other.read("room", after=6)
+
+
+async def test_a_subscription_to_a_stream_deleted_for_good_ends_with_stream_deleted(backend):
+    with trio.fail_after(20):
+        async with backend.open_bus() as bus, backend.open_bus() as other:
+            await publish_n(bus, "room", 3)
+            async with other.open_subscriber("room") as sub:
+                assert await collect(sub, 3) == [1, 2, 3]
+                await bus.delete_stream("room")
+                with pytest.raises(chatbus.StreamDeleted) as info:
+                    await sub.receive()
+                assert info.value.epoch == 0  # it does not exist any more
+
+
+async def test_a_retry_of_a_redacted_message_stores_no_duplicate(backend):
+    """Its stored body is the tombstone now, so the retry is refused as a conflict
+    rather than storing the redacted content again under a new id."""
+    with trio.fail_after(20):
+        async with backend.open_bus() as bus:
+            secret = await bus.publish("room", {"text": "my password"}, key="k1")
+            await bus.redact("room", secret.id)
+            with pytest.raises(chatbus.IdempotencyConflict):
+                await bus.publish("room", {"text": "my password"}, key="k1")
+            info = await bus.stream_info("room")
+            assert info.head == 1
+            assert [(m.id, m.body) for m in await bus.read("room")] == [(1, None)]

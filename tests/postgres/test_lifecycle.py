@@ -11,6 +11,7 @@ Each test is bounded by an absolute ``trio.fail_after``.
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import json
 import random
@@ -20,11 +21,13 @@ from typing import Any
 
 import pytest
 import trio
+from psycopg import sql
 
 import chatbus
 from chatbus.postgres import open_postgres
+from chatbus.postgres._sql import LIFECYCLE_BATCH
 
-from support.pg import fresh_schema
+from support.pg import admin_execute, draft, fresh_schema
 
 pytestmark = pytest.mark.postgres
 
@@ -229,3 +232,55 @@ async def test_retention_run_by_several_processes_at_once() -> None:
                 stats = [bus.statistics() for bus in (one, two, three)]
                 assert sum(s.retention_errors for s in stats) == 0, stats
                 assert all(s.retention_sweeps > 0 for s in stats)
+
+
+async def test_big_trims_go_in_batches_and_the_age_rule_pages_through_a_backlog() -> None:
+    """A trim of more rows than one batch deletes them all (batch after batch), keyed
+    rows within their window excepted; retention's age rule, which walks at most
+    LIFECYCLE_BATCH rows of a stream per query, asks again until the backlog is gone."""
+    total = LIFECYCLE_BATCH * 2 + 500
+    with trio.fail_after(90):
+        async with fresh_schema() as (dsn, schema):
+            async with open_postgres(dsn, schema=schema) as (store, notifier):
+                for stream in ("big", "old"):
+                    for start in range(0, total, 500):
+                        drafts = [
+                            draft(i, key=f"k{i}" if i % 1000 == 0 else None)
+                            for i in range(start, start + 500)
+                        ]
+                        await store.append(stream, drafts)
+                async with chatbus.open_bus(store=store, notifier=notifier) as bus:
+                    assert await bus.trim("big", before=total - 99) == total - 99
+                    assert [m.id for m in await bus.read("big", limit=1000)] == list(
+                        range(total - 99, total + 1)
+                    )
+                rows = await trio.to_thread.run_sync(
+                    admin_execute,
+                    sql.SQL("SELECT count(*), count(key) FROM {} WHERE stream = 'big'").format(
+                        sql.Identifier(schema, "messages")
+                    ),
+                )
+                # The last 100, and the trimmed keyed rows (their keys answer retries).
+                keyed = total // 1000 + 1  # bodies 0, 1000, ... (ids 1, 1001, ...)
+                assert rows[0] == (100 + keyed, keyed)
+                await trio.sleep(1.1)
+                # The age rule walks one batch of a stream at a time: the same page
+                # again, until the backlog is gone.
+                ask = functools.partial(
+                    store.over_retention, max_messages=None, max_age=1.0, keys_for=None
+                )
+                page = await ask("", 10)
+                assert page.trims == [("big", total + 1), ("old", LIFECYCLE_BATCH + 1)]
+                assert page.next_after == ""
+                page = await ask("big", 10)  # from after "big": only "old"
+                assert page.trims == [("old", LIFECYCLE_BATCH + 1)] and page.next_after == "big"
+                page = await ask("", 1)  # one stream examined: "big", all of it old
+                assert page.trims == [("big", total + 1)] and page.next_after == "big"
+                policy = chatbus.Retention(max_age=1.0, interval=0.05)
+                async with chatbus.open_bus(
+                    store=store, notifier=notifier, retention=policy
+                ) as bus:
+                    while (await bus.stream_info("old")).first_id <= total:  # noqa: ASYNC110
+                        await trio.sleep(0.02)
+                    assert await bus.read("old") == []
+                    assert bus.statistics().retention_errors == 0
