@@ -137,6 +137,8 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
     _received: int = attrs.field(default=0, init=False)
     _store_errors: int = attrs.field(default=0, init=False)
     _last_id: int = attrs.field(init=False)
+    #: The store failed at open: the merge task places an ``after=0`` cursor instead.
+    _place_at_start: bool = attrs.field(default=False, init=False)
 
     def __attrs_post_init__(self) -> None:
         # A negative cursor -(n + 1) means "the last n messages": resolved on entry.
@@ -195,7 +197,14 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
     async def _place_cursor(self, topic: Topic) -> None:
         """At open, registered already: put the cursor in the stream's current history,
         or say why it is not there."""
-        info = await self._stream_info()
+        try:
+            info = await self._stream_info()
+        except StoreError:
+            if self._after != 0 or self._epoch is not None:
+                raise  # a cursor to check: the caller must know it could not be
+            # From the start, nothing to check: the merge task places it (retrying).
+            self._place_at_start = True
+            return
         if info is None:  # a store without a lifecycle: no trims, no epochs
             if self._after < 0:
                 heads = await self._store.heads([self._stream])
@@ -238,6 +247,9 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
         info = await self._stream_info()
         if info is None:
             return
+        if self._place_at_start:  # from the start, as the stream stands now
+            self._place_at_start = False
+            self._set_cursor(info.first_id - 1)
         if self._epoch is None or self._epoch == 0:
             self._epoch = info.epoch
         elif info.epoch != self._epoch:

@@ -208,3 +208,30 @@ async def test_a_retry_of_a_redacted_message_stores_no_duplicate(backend):
             info = await bus.stream_info("room")
             assert info.head == 1
             assert [(m.id, m.body) for m in await bus.read("room")] == [(1, None)]
+
+
+async def test_a_store_failing_at_open_from_the_start_is_retried_not_raised(autojump_clock):
+    """Opening from the start has no cursor to check: a store error then is retried
+    in the background (as every read is), the first retained id found afterwards."""
+
+    class FailsOnce(chatbus.memory.MemoryStore):
+        failures = 2
+
+        async def stream_info(self, stream):
+            if self.failures:
+                self.failures -= 1
+                raise chatbus.StoreError("stream info failed: the store is down")
+            return await super().stream_info(stream)
+
+    store = FailsOnce()
+    async with chatbus.open_bus(store=store) as bus:
+        for i in range(5):
+            await bus.publish("room", i)
+        await bus.trim("room", before=3)
+        async with bus.open_subscriber("room") as sub:
+            assert await collect(sub, 3) == [3, 4, 5]
+            assert store.failures == 0
+        store.failures = 1
+        with pytest.raises(chatbus.StoreError):  # a cursor to check: raised
+            async with bus.open_subscriber("room", after=3):
+                pass
