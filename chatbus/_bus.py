@@ -13,8 +13,16 @@ import attrs
 import trio
 
 from ._event import MAX_EVENT_WIRE_BYTES, Event, encode_event, make_event_draft
-from ._exceptions import BusClosed, BusError, HistoryReset, MessageTooLarge
-from ._message import Message, StreamInfo, check_after, check_cursor, check_stream, make_draft
+from ._exceptions import BusClosed, BusError, MessageTooLarge
+from ._message import (
+    Message,
+    StreamInfo,
+    check_after,
+    check_cursor,
+    check_epoch,
+    check_stream,
+    make_draft,
+)
 from ._options import (
     MAX_READ_LIMIT,
     BusOptions,
@@ -404,14 +412,14 @@ class Bus(metaclass=NoPublicConstructor):
         elif after > 0 and (not page or page[0].id != after + 1):
             info = await self._lifecycle_info(stream)
             if info is not None:
-                self._check_epoch(info, epoch)
+                check_epoch(info, epoch)
                 check_cursor(info, after)
                 return page
         if epoch is not None:
             # After the read: the epoch was the caller's before it, so the same epoch
             # now means the page came from that history (epochs never come back).
             info = await self._lifecycle_info(stream, required=True)
-            self._check_epoch(info, epoch)
+            check_epoch(info, epoch)
         return page
 
     async def _lifecycle_info(self, stream: str, *, required: bool = False) -> Any:
@@ -421,16 +429,6 @@ class Bus(metaclass=NoPublicConstructor):
                 self._lifecycle("stream_info")  # raises BusError naming the store
             return None
         return await ask(stream)
-
-    @staticmethod
-    def _check_epoch(info: StreamInfo, epoch: int | None) -> None:
-        if epoch is not None and info.epoch != epoch:
-            raise HistoryReset(
-                f"stream {info.stream!r} is at epoch {info.epoch}, not {epoch}: its history"
-                " was replaced (deleted and created again); start again from stream_info",
-                info.stream,
-                info.epoch,
-            )
 
     async def stream_info(self, stream: str) -> StreamInfo:
         """Where ``stream`` stands: head, first retained id, epoch.

@@ -13,13 +13,12 @@ import trio
 
 from ._event import Event
 from ._exceptions import (
-    HistoryReset,
     StoreError,
     StreamDeleted,
     UndecodableMessage,
 )
 from ._merge import MergeState
-from ._message import Message, StreamInfo, check_cursor
+from ._message import Message, StreamInfo, check_cursor, check_epoch
 from ._protocols import Store
 from ._tasks import Backoff, shielded_cleanup
 from ._topic import Topic, Topics
@@ -212,14 +211,7 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
                 topic.advance(head)
                 self._set_cursor(max(0, head - (-self._after - 1)))
             return
-        stream = self._stream
-        if self._epoch is not None and info.epoch != self._epoch:
-            raise HistoryReset(
-                f"stream {stream!r} is at epoch {info.epoch}, not {self._epoch}: its history"
-                " was replaced (deleted and created again); start again from stream_info",
-                stream,
-                info.epoch,
-            )
+        check_epoch(info, self._epoch)
         self._epoch = info.epoch
         topic.advance(info.head)
         if self._after < 0:  # last=n, of what is retained
