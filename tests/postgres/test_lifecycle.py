@@ -102,7 +102,7 @@ def check_subscriber_record(segments: list[dict[str, Any]]) -> None:
 
 
 async def test_delete_trim_redact_racing_processes_never_skip_silently() -> None:
-    stream, per_publisher = "race", 300
+    stream, per_publisher = "race", 500
     rng = random.Random(12)
     with trio.fail_after(120):
         async with fresh_schema() as (dsn, schema):
