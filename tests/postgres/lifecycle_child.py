@@ -1,7 +1,8 @@
 """A child process for the cross-process lifecycle tests (tests/postgres/test_lifecycle.py).
 
-``python lifecycle_child.py publish DSN SCHEMA STREAM NAME COUNT PAUSE``: publish COUNT
-keyed messages one at a time (PAUSE seconds apart); print the acknowledged ids as JSON.
+``python lifecycle_child.py publish DSN SCHEMA STREAM NAME STOP PAUSE``: publish keyed
+messages one at a time (PAUSE seconds apart) until the file STOP exists; print the
+acknowledged ids as JSON.
 
 ``python lifecycle_child.py subscribe DSN SCHEMA STREAM READ_BATCH DELAY``: print
 ``ready`` once subscribed, then follow the stream through every lifecycle error,
@@ -22,13 +23,14 @@ import chatbus
 from chatbus.postgres import open_postgres
 
 
-async def publish(dsn: str, schema: str, stream: str, name: str, count: int, pause: float) -> None:
-    ids = []
+async def publish(dsn: str, schema: str, stream: str, name: str, stop: str, pause: float) -> None:
+    ids: list[int] = []
     async with (
         open_postgres(dsn, schema=schema) as (store, notifier),
         chatbus.open_bus(store=store, notifier=notifier) as bus,
     ):
-        for seq in range(count):
+        while not await trio.Path(stop).exists():
+            seq = len(ids)
             message = await bus.publish(stream, {"from": name, "seq": seq}, key=f"{name}-{seq}")
             ids.append(message.id)
             await trio.sleep(pause)
@@ -74,8 +76,8 @@ async def subscribe(dsn: str, schema: str, stream: str, read_batch: int, delay: 
 def main() -> None:
     role, dsn, schema, stream, *rest = sys.argv[1:]
     if role == "publish":
-        name, count, pause = rest
-        trio.run(publish, dsn, schema, stream, name, int(count), float(pause))
+        name, stop, pause = rest
+        trio.run(publish, dsn, schema, stream, name, stop, float(pause))
     else:
         read_batch, delay = rest
         trio.run(subscribe, dsn, schema, stream, int(read_batch), float(delay))
