@@ -183,6 +183,8 @@ class Router:
     def resync(self) -> None:
         self.resyncs += 1
         for topic in self.topics.values():
+            # What was lost may include a redaction's event: the cache may be stale.
+            topic.cache = DurableCache(topic.cache.capacity)
             topic.resync()
 
     def reset(self, stream: str) -> None:
