@@ -412,14 +412,14 @@ class Bus(metaclass=NoPublicConstructor):
         elif after > 0 and (not page or page[0].id != after + 1):
             info = await self._lifecycle_info(stream)
             if info is not None:
-                check_epoch(info, epoch)
+                check_epoch(info, epoch, after)
                 check_cursor(info, after)
                 return page
         if epoch is not None:
             # After the read: the epoch was the caller's before it, so the same epoch
             # now means the page came from that history (epochs never come back).
             info = await self._lifecycle_info(stream, required=True)
-            check_epoch(info, epoch)
+            check_epoch(info, epoch, after)
         return page
 
     async def _lifecycle_info(self, stream: str, *, required: bool = False) -> Any:

@@ -279,3 +279,20 @@ async def test_a_redaction_whose_event_was_lost_is_not_served_after_a_resync():
             async with reader.open_subscriber("room") as late:
                 got = [await late.receive() for _ in range(3)]
             assert [m.body for m in got] == ["hello", None, "bye"]
+
+
+async def test_a_cursor_stored_before_the_first_message_resumes(backend):
+    """(0, epoch 0) is what a client stores on a room nobody wrote to yet: it fits the
+    history that starts later; a real cursor with epoch 0 does not."""
+    with trio.fail_after(20):
+        async with backend.open_bus() as bus:
+            async with bus.open_subscriber("room") as sub:
+                stored = (sub.cursor, sub.epoch)
+            assert stored == (0, 0)
+            await publish_n(bus, "room", 2)
+            async with bus.open_subscriber("room", after=0, epoch=0) as sub:
+                assert await collect(sub, 2) == [1, 2]
+                assert sub.epoch == (await bus.stream_info("room")).epoch
+            assert [m.id for m in await bus.read("room", after=0, epoch=0)] == [1, 2]
+            with pytest.raises(chatbus.HistoryReset):
+                await bus.read("room", after=1, epoch=0)
