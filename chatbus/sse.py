@@ -435,15 +435,19 @@ async def _frames(
             last_poll = last_sent
             while True:
                 chunk: list[str] = []
-                # A fresh scope around one receive() alone: it can only time out
-                # while waiting, with nothing taken. (receive() takes an item before
-                # its cancellation check, so it must never run in a scope that may
-                # already be cancelled: the extra receives below run outside it, and
-                # return at once because messages are buffered.) No cancel scope
-                # spans a yield.
-                with trio.move_on_after(_STATUS_POLL):
-                    chunk.append(_frame_of(await sub.receive(), health, chunk))
-                while chunk and len(chunk) < _MAX_COALESCE and _has_ready(sub):
+                # Messages already buffered come from receive() at once, each with
+                # only a cancellation check before it takes one: take them (and the
+                # events due among them) into one chunk with no cancel scope, so a
+                # busy stream costs no scope per chunk. Only when none is buffered
+                # wait, in a fresh scope around one receive() alone, which can only
+                # time out while waiting, with nothing taken. No cancel scope spans
+                # a yield.
+                ready = _buffered(sub)
+                if not ready:
+                    with trio.move_on_after(_STATUS_POLL):
+                        chunk.append(_frame_of(await sub.receive(), health, chunk))
+                    ready = _buffered(sub) if chunk else 0
+                for _ in range(min(ready, _MAX_COALESCE)):
                     chunk.append(_frame_of(await sub.receive(), health, chunk))
                 now = trio.current_time()
                 if now - last_poll >= _STATUS_POLL or not chunk:
@@ -475,10 +479,12 @@ async def _frames(
         yield ending
 
 
-def _has_ready(sub: chatbus.Subscriber[Any]) -> bool:
-    # Only buffered messages promise that receive() returns at once: an event may
-    # be waiting for a message not fetched yet.
-    return sub.statistics().buffered > 0
+def _buffered(sub: chatbus.Subscriber[Any]) -> int:
+    # Messages fetched for the consumer: that many receive() calls return at once
+    # (an event due among them comes first; an event ahead waits for its message,
+    # which is there). Events alone promise nothing: one may wait for a message
+    # not fetched yet.
+    return sub.statistics().buffered
 
 
 def _frame_of(

@@ -201,6 +201,18 @@ def test_markup_in_messages_is_shown_as_text_and_never_runs(start_app, new_page)
     assert b.locator("#me").text_content() == "<b>bo</b>"
 
 
+def test_a_refused_send_says_why_and_keeps_the_text(start_app, new_page):
+    app = start_app()
+    a = new_page(f"{app.url}/?room={room()}&name={'n' * 41}")  # over the 40 allowed
+    dialogs: list[str] = []
+    a.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+    a.fill("#text", "hello")
+    a.click("#send button")
+    a.wait_for_function("document.getElementById('text').value === 'hello'")
+    assert dialogs == ["not sent: name is longer than 40 characters"]
+    assert a.locator("#messages .msg").count() == 0
+
+
 def test_screenshot_of_two_pages_chatting(start_app, browser):
     """Writes docs/web_chat.png: two real pages side by side in one window."""
     app = start_app("--typing-ttl", "30")
