@@ -422,7 +422,8 @@ async def _frames(
     heartbeat: float,
     retry_ms: int | None,
 ) -> AsyncGenerator[str, None]:
-    health = _StoreHealth()
+    # Poll errors from before this stream (an outage long over) are not news to it.
+    health = _StoreHealth(errors=bus.statistics().poll_errors)
     ending: str | None = None
     try:
         async with subscriber as sub:

@@ -259,6 +259,31 @@ async def test_plain_user_generator_dropped_mid_stream_is_safe():
                 await trio.sleep(0.01)
 
 
+def test_generators_left_suspended_past_the_bus_and_the_run():
+    """The reported crash: a generator abandoned mid-stream inside ``async with
+    bus.open_subscriber`` (not closed, not collected) while the bus closes and the run
+    ends. Holding a nursery across the yield, as subscriptions once did, makes this
+    ``trio.run`` raise (nursery stack corrupted / TrioInternalError)."""
+    kept: list[object] = []
+
+    async def main() -> None:
+        async with chatbus.open_bus() as bus:
+            await bus.publish("room", 1)
+
+            async def user_stream():
+                async with bus.open_subscriber("room", events=True) as sub:
+                    async for item in sub:
+                        yield item
+
+            gen = user_stream()
+            assert (await gen.__anext__()).id == 1
+            frames = chatbus.sse.sse_stream(bus, "room")
+            await frames.__anext__()
+            kept.extend((gen, frames))  # alive past the bus and the run
+
+    trio.run(main)  # trio finalises both at the end of the run: no error
+
+
 # -- store health --------------------------------------------------------------------
 
 
@@ -316,6 +341,28 @@ async def test_status_while_idle_when_the_store_goes_away_and_comes_back(autojum
         (frame,) = await take(gen, 1)
         assert frame["event"] == "status" and frame["data"]["state"] == "ok"
         await gen.aclose()
+
+
+async def test_an_outage_long_over_is_not_news_to_a_new_stream(autojump_clock):
+    store = FlakyReads()
+    async with chatbus.open_bus(store=store, poll_interval=1.0) as bus:
+        await bus.publish("room", 1)
+        async with bus.open_subscriber("room"):  # the bus polls while one is open
+            store.broken = True
+            with trio.fail_after(10):
+                while not bus.statistics().poll_errors:  # noqa: ASYNC110 (no event)
+                    await trio.sleep(0.1)
+            store.broken = False
+            await trio.sleep(5)
+        gen = chatbus.sse.sse_stream(bus, "room", events=False, heartbeat=1.0)
+        await gen.__anext__()
+        frames = []
+        with trio.move_on_after(4):  # messages, pings, and no status at all
+            while True:
+                frames.extend(parse(await gen.__anext__()))
+        assert [f["id"] for f in frames if "data" in f] == ["1"]
+        assert not [f for f in frames if f.get("event") == "status"]
+        assert sum(f.get("comment") == "ping" for f in frames) >= 2
 
 
 def test_store_health_needs_a_quiet_read_to_call_it_ok():
