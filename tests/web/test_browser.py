@@ -201,6 +201,29 @@ def test_markup_in_messages_is_shown_as_text_and_never_runs(start_app, new_page)
     assert b.locator("#me").text_content() == "<b>bo</b>"
 
 
+def test_a_send_whose_answer_was_lost_is_retried_and_shows_once(start_app, new_page):
+    """The page retries with the same idempotency key: the server stored the first
+    try, answers the retry with the original, and the room has the message once."""
+    app = start_app()
+    a = new_page(f"{app.url}/?room={room()}&name=al")
+    lost: list[str] = []
+
+    def lose_the_first_answer(route) -> None:
+        if route.request.method == "POST" and not lost:
+            route.fetch()  # the server gets it, stores it and answers; the page never hears
+            lost.append(route.request.post_data_json["key"])
+            route.abort("connectionreset")
+        else:
+            route.continue_()
+
+    a.route("**/rooms/*/messages", lose_the_first_answer)
+    status = a.evaluate("async () => (await window.chatSend('once')).status")
+    assert lost and status == 200  # the retry got the original back, not a new message
+    wait_count(a, 1)
+    time.sleep(0.5)
+    assert a.evaluate(JS_IDS) == [1] and a.evaluate(JS_TEXTS) == ["once"]
+
+
 def test_a_refused_send_says_why_and_keeps_the_text(start_app, new_page):
     app = start_app()
     a = new_page(f"{app.url}/?room={room()}&name={'n' * 41}")  # over the 40 allowed
