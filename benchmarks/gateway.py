@@ -23,9 +23,12 @@ Sizes: full, 1,000 clients at 200 msgs/s for 10 s; ``--quick``, 50 clients at
 from __future__ import annotations
 
 import argparse
+import contextlib
+import faulthandler
 import json
 import math
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -42,6 +45,10 @@ from ._scenario import Context, Scenario
 REPO_ROOT = Path(__file__).resolve().parent.parent
 APP = REPO_ROOT / "examples" / "web_chat" / "app.py"
 ROOM = "gateway"
+#: Streams per httpx client (connection pool) in the load generator.
+_CLIENTS_PER_POOL = 50
+#: Sends in flight at most (connections of the sending client).
+_SENDERS = 64
 #: Seconds after the last send started that clients may still take to get everything.
 DRAIN = 30.0
 _FRAME = re.compile(rb'"id":(\d+),"body":\{"name":"anon","text":"(\d+) ([0-9.]+)"')
@@ -54,6 +61,11 @@ def _free_port() -> int:
 
 
 # -- the load generator (another process) --------------------------------------------
+
+
+def _phase(what: str) -> None:
+    # On stderr, with the time: where a slow run spends it (the parent shows it on failure).
+    print(f"[{time.strftime('%H:%M:%S')}] {what}", file=sys.stderr, flush=True)
 
 
 async def _client_run(
@@ -104,25 +116,36 @@ async def _child(url: str, clients: int, rate: float, seconds: float) -> dict[st
     received: list[list[tuple[int, int, float]]] = [[] for _ in range(clients)]
     ready = [0]
     all_ready = trio.Event()
-    limits = httpx.Limits(max_connections=clients + 16, max_keepalive_connections=clients + 16)
+    # httpcore's pool matches queued requests to connections in O(requests x
+    # connections) at every change: 1,000 streams in one pool, or 2,000 sends queued
+    # on 64 connections, stalled this process for minutes. So: a pool per
+    # _CLIENTS_PER_POOL streams, and sends wait for a connection here, not in the pool.
+    pools = -(-clients // _CLIENTS_PER_POOL)
+    limits = httpx.Limits(max_connections=_CLIENTS_PER_POOL + 1)
     timeout = httpx.Timeout(30.0, read=None)
+    in_flight = trio.Semaphore(_SENDERS)
     lag: list[float] = []
     post_errors = [0]
     answered = [0]
     last_receipt = [0.0]
-    async with (
-        httpx.AsyncClient(limits=limits, timeout=timeout) as readers,
-        httpx.AsyncClient(limits=httpx.Limits(max_connections=64), timeout=30.0) as writer,
-        trio.open_nursery() as nursery,
-    ):
+    async with contextlib.AsyncExitStack() as stack:
+        readers = [
+            await stack.enter_async_context(httpx.AsyncClient(limits=limits, timeout=timeout))
+            for _ in range(pools)
+        ]
+        writer = await stack.enter_async_context(
+            httpx.AsyncClient(limits=httpx.Limits(max_connections=_SENDERS), timeout=30.0)
+        )
+        nursery = await stack.enter_async_context(trio.open_nursery())
         connect_limit = trio.Semaphore(50)
         for index in range(clients):
             nursery.start_soon(
-                _client_run, readers, url, index, received, ready, all_ready, clients,
-                connect_limit, last_receipt,
+                _client_run, readers[index // _CLIENTS_PER_POOL], url, index, received, ready,
+                all_ready, clients, connect_limit, last_receipt,
             )  # fmt: skip
         with trio.fail_after(120):
             await all_ready.wait()
+        _phase(f"{clients} clients connected")
 
         async def post(seq: int, scheduled: float) -> None:
             stamp = time.time()
@@ -130,7 +153,8 @@ async def _child(url: str, clients: int, rate: float, seconds: float) -> dict[st
             body = {"text": f"{seq} {stamp:.6f}", "key": f"g{seq}"}
             for _ in range(5):
                 try:
-                    r = await writer.post(f"{url}/rooms/{ROOM}/messages", json=body)
+                    async with in_flight:  # (the wait counts in the latency)
+                        r = await writer.post(f"{url}/rooms/{ROOM}/messages", json=body)
                     if r.status_code in (200, 201):
                         answered[0] += 1
                         return
@@ -153,6 +177,7 @@ async def _child(url: str, clients: int, rate: float, seconds: float) -> dict[st
             if seq <= total:
                 await trio.sleep_until(t0 + (seq - 1) / rate)
         posting_done = trio.current_time()
+        _phase(f"{total} sends started")
         # The drain deadline runs from the last send started, whether or not the
         # sends were answered: an overloaded app cannot stretch the run without bound
         # (what it had not delivered by then counts as pending).
@@ -160,7 +185,9 @@ async def _child(url: str, clients: int, rate: float, seconds: float) -> dict[st
             while min(len(g) for g in received) < total:  # noqa: ASYNC110 (polling)
                 await trio.sleep(0.05)
         finished = max(last_receipt[0], started + 1e-3)
+        _phase(f"drained: {sum(len(g) for g in received)} received, {answered[0]} sends answered")
         nursery.cancel_scope.cancel()
+    _phase("clients closed")
     warm = int(total * 0.2)
     # A message a client had not got by the drain deadline is late, not fast: it
     # counts in the percentiles as infinitely late (so a p99 is never flattered by
@@ -305,6 +332,7 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=200.0)
     parser.add_argument("--seconds", type=float, default=10.0)
     args = parser.parse_args()
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1`: where a stuck run is
     result = trio.run(_child, args.child, args.clients, args.rate, args.seconds)
     print(json.dumps(result), flush=True)
 
