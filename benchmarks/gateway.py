@@ -45,6 +45,8 @@ from ._scenario import Context, Scenario
 REPO_ROOT = Path(__file__).resolve().parent.parent
 APP = REPO_ROOT / "examples" / "web_chat" / "app.py"
 ROOM = "gateway"
+#: Network reads of all the clients (this process runs one load generator).
+_READS = [0]
 #: Streams per httpx client (connection pool) in the load generator.
 _CLIENTS_PER_POOL = 50
 #: Sends in flight at most (connections of the sending client).
@@ -91,6 +93,7 @@ async def _client_run(
         rest = b""
         async for chunk in response.aiter_raw():
             now = time.time()
+            _READS[0] += 1
             if first:
                 first = False
                 ready[0] += 1
@@ -217,6 +220,7 @@ async def _child(url: str, clients: int, rate: float, seconds: float) -> dict[st
         "offered_rate": total / max(posting_done - t0, 1e-9),
         "post_retries": post_errors[0],
         "posts_answered": answered[0],
+        "reads": _READS[0],  # network reads by all clients: deliveries per read = batching
     }
 
 

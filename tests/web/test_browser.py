@@ -105,8 +105,10 @@ def test_two_processes_on_postgres_survive_a_restart(start_app, new_page):
     send_many(b, "b", 60, delay_ms=40)
     wait_count(a, 15)
     app1.kill()  # the process behind page a dies while b keeps sending
+    at_kill = len(b.evaluate(JS_IDS))
     a.wait_for_function("document.body.dataset.state === 'reconnecting'")
     time.sleep(0.5)
+    assert len(b.evaluate(JS_IDS)) > at_kill  # messages came while a's server was gone
     app1.start()  # same port
     for page in (a, b):
         wait_count(page, 65)
