@@ -239,6 +239,8 @@ class CuttableProxy:
         self._cut = False
 
     def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept thread
         self.listener.close()
         self.cut()
 
