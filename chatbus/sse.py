@@ -18,19 +18,26 @@ A framework takes the generator as a streaming body::
 
 What goes on the wire:
 
+- first, once the subscription is open: a ``: chatbus`` comment, the ``retry:``
+  hint and ``id: <cursor>``, the id of the last message before the stream's start
+  (``last=N`` resolved), with no data, so no event fires; it sets the browser's
+  ``Last-Event-ID``, so a page that reconnects before any message came resumes
+  where it started, not at a newer tail;
 - a message is ``id: <message id>``, ``event: message`` and its JSON
   (:func:`message_json`) as ``data``; so the browser's ``Last-Event-ID`` always names
   the last durable message it got, and its ``EventSource`` resumes right after it;
 - an event (``events=True``) is ``event: event`` with its JSON (:func:`event_json`)
   and no ``id:`` line, so it never moves the resume point;
-- ``event: status`` with ``{"state": "reconnecting"}`` when the subscription's store
-  reads start failing, and ``{"state": "ok"}`` when they work again;
+- ``event: status`` with ``{"state": "reconnecting"}`` when the store stops
+  answering (the subscription's reads fail, or the bus's safety-net polls of the
+  stream heads, which run every ``poll_interval`` even while the room is quiet), and
+  ``{"state": "ok"}`` when it answers again;
 - ``event: end`` with ``{"reason": ..., "error": ..., "detail": ...}`` when the
   stream cannot go on (history trimmed or reset under the cursor, the cursor past the
   head, the stream deleted, the bus closed), then the response ends; a page should
   close its ``EventSource`` on it rather than let it reconnect;
 - ``: ping`` comments every ``heartbeat`` seconds of silence, so proxies keep the
-  connection open, and a ``retry:`` hint first.
+  connection open.
 
 Why the generator is safe to hand to a framework: the subscription's merge task runs
 in the bus's nursery, so the generator opens no cancel scope or nursery across a
@@ -331,7 +338,8 @@ def _ending_reason(exc: BaseException) -> str | None:
 @final
 @attrs.define(eq=False)
 class _StoreHealth:
-    """Pure: turns a subscription's counters into reconnecting / ok transitions."""
+    """Pure: turns store counters (failed and attempted store calls, of the subscription
+    and of the bus's polls) into reconnecting / ok transitions."""
 
     quiet: float = _RECOVERY_QUIET
     reconnecting: bool = False
@@ -395,47 +403,65 @@ def sse_stream(
 
     Raises:
         InvalidStream: ``stream`` is not a valid stream name.
-        ValueError: ``heartbeat`` is not positive, or the cursor is out of range.
+        ValueError: ``heartbeat`` is not positive, ``retry_ms`` is negative, or the
+            cursor is out of range.
     """
     if not heartbeat > 0:
         raise ValueError(f"heartbeat must be > 0, got {heartbeat}")
+    if retry_ms is not None and retry_ms < 0:
+        raise ValueError(f"retry_ms must be >= 0, got {retry_ms}")
     cursor = cursor if cursor is not None else Cursor(after=0)
     subscriber = bus.open_subscriber(stream, cursor.after, last=cursor.last, events=events)
-    return _frames(subscriber, heartbeat, retry_ms)
+    return _frames(bus, subscriber, heartbeat, retry_ms)
 
 
 async def _frames(
+    bus: chatbus.Bus,
     subscriber: chatbus.Subscriber[chatbus.Message | chatbus.Event]
     | chatbus.Subscriber[chatbus.Message],
     heartbeat: float,
     retry_ms: int | None,
 ) -> AsyncGenerator[str, None]:
-    health = _StoreHealth()
+    # Poll errors from before this stream (an outage long over) are not news to it.
+    health = _StoreHealth(errors=bus.statistics().poll_errors)
     ending: str | None = None
     try:
         async with subscriber as sub:
             # The first chunk goes out once the subscription is open (so a client that
-            # has it misses nothing published from then on, even with last=0).
-            yield format_frame(retry=retry_ms, comment="chatbus") if retry_ms else ": \n\n"
+            # has it misses nothing published from then on, even with last=0). Its
+            # id is where the stream starts (``last=N`` resolved): a browser that
+            # reconnects before any message came resumes there, not at a new tail.
+            yield format_frame(retry=retry_ms, comment="chatbus", id=sub.cursor)
             last_sent = trio.current_time()
             last_poll = last_sent
             while True:
                 chunk: list[str] = []
-                # A fresh scope around one receive() alone: it can only time out
-                # while waiting, with nothing taken. (receive() takes an item before
-                # its cancellation check, so it must never run in a scope that may
-                # already be cancelled: the extra receives below run outside it, and
-                # return at once because messages are buffered.) No cancel scope
-                # spans a yield.
-                with trio.move_on_after(_STATUS_POLL):
-                    chunk.append(_frame_of(await sub.receive(), health, chunk))
-                while chunk and len(chunk) < _MAX_COALESCE and _has_ready(sub):
+                # Messages already buffered come from receive() at once, each with
+                # only a cancellation check before it takes one: take them (and the
+                # events due among them) into one chunk with no cancel scope, so a
+                # busy stream costs no scope per chunk. Only when none is buffered
+                # wait, in a fresh scope around one receive() alone, which can only
+                # time out while waiting, with nothing taken. No cancel scope spans
+                # a yield.
+                ready = _buffered(sub)
+                if not ready:
+                    with trio.move_on_after(_STATUS_POLL):
+                        chunk.append(_frame_of(await sub.receive(), health, chunk))
+                    ready = _buffered(sub) if chunk else 0
+                for _ in range(min(ready, _MAX_COALESCE)):
                     chunk.append(_frame_of(await sub.receive(), health, chunk))
                 now = trio.current_time()
                 if now - last_poll >= _STATUS_POLL or not chunk:
                     last_poll = now
-                    stats = sub.statistics()
-                    change = health.observe(stats.store_errors, stats.store_reads, now)
+                    # An idle subscription reads nothing, so its own counters cannot
+                    # tell that the store went away: the bus's safety-net polls of
+                    # the stream heads (every second) can.
+                    stats, polls = sub.statistics(), bus.statistics()
+                    change = health.observe(
+                        stats.store_errors + polls.poll_errors,
+                        stats.store_reads + polls.polls,
+                        now,
+                    )
                     if change is not None:
                         chunk.append(status_frame(change))
                 if not chunk and now - last_sent >= heartbeat:
@@ -454,10 +480,12 @@ async def _frames(
         yield ending
 
 
-def _has_ready(sub: chatbus.Subscriber[Any]) -> bool:
-    # Only buffered messages promise that receive() returns at once: an event may
-    # be waiting for a message not fetched yet.
-    return sub.statistics().buffered > 0
+def _buffered(sub: chatbus.Subscriber[Any]) -> int:
+    # Messages fetched for the consumer: that many receive() calls return at once
+    # (an event due among them comes first; an event ahead waits for its message,
+    # which is there). Events alone promise nothing: one may wait for a message
+    # not fetched yet.
+    return sub.statistics().buffered
 
 
 def _frame_of(

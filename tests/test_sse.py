@@ -7,6 +7,7 @@ import json
 
 import pytest
 import trio
+import trio.testing
 
 import chatbus
 import chatbus.memory
@@ -115,6 +116,7 @@ async def test_stream_messages_then_live_then_events_without_ids():
         gen = chatbus.sse.sse_stream(bus, "room", parse_cursor(last="2"), heartbeat=0.2)
         first = parse(await gen.__anext__())
         assert first[0]["retry"] == str(chatbus.sse.DEFAULT_RETRY_MS)
+        assert first[0]["id"] == "1" and "data" not in first[0]  # last=2 of 3: after 1
         frames = await take(gen, 2)
         assert [(f["id"], f["data"]["body"]) for f in frames] == [("2", 2), ("3", 3)]
         await bus.emit("room", {"typing": "al"}, key="typing:al", ttl=5)
@@ -139,12 +141,47 @@ async def test_resume_from_last_event_id_gets_each_message_once():
         await gen.aclose()
 
 
+@pytest.mark.parametrize(
+    ("cursor", "start"),
+    [(Cursor(last=0), "7"), (Cursor(last=50), "0"), (Cursor(after=3), "3"), (None, "0")],
+)
+async def test_first_chunk_names_where_the_stream_starts(cursor, start):
+    """Its ``id:`` is the browser's Last-Event-ID until a message comes: a reconnect
+    then resumes at the start, not at a newer tail."""
+    async with chatbus.open_bus() as bus:
+        for i in range(1, 8):
+            await bus.publish("room", i)
+        gen = chatbus.sse.sse_stream(bus, "room", cursor)
+        (first,) = parse(await gen.__anext__())
+        assert first == {"comment": "chatbus", "retry": "2000", "id": start}
+        await gen.aclose()
+
+
+async def test_a_client_that_stops_reading_holds_a_bounded_backlog():
+    """A slow client: while the framework does not pull, nothing piles up for it."""
+    async with chatbus.open_bus() as bus:
+        gen = chatbus.sse.sse_stream(bus, "room", Cursor(last=0), events=False)
+        await gen.__anext__()
+        sub = gen.ag_frame.f_locals["sub"]  # the generator's own subscription
+        async with bus.open_publisher("room") as pub:
+            for i in range(3000):
+                await pub.publish(i)
+        await trio.testing.wait_all_tasks_blocked()
+        held = sub.statistics()  # a buffer of one read batch, one more run in hand
+        assert held.cursor == 0 and held.buffered <= 256 and held.fetched <= 2 * 256
+        frames = await take(gen, 3000)  # and then it gets every one, in order
+        assert [int(f["id"]) for f in frames] == list(range(1, 3001))
+        await gen.aclose()
+
+
 async def test_bad_stream_raises_before_any_response():
     async with chatbus.open_bus() as bus:
         with pytest.raises(chatbus.InvalidStream):
             chatbus.sse.sse_stream(bus, "", Cursor(after=0))
         with pytest.raises(ValueError, match="heartbeat"):
             chatbus.sse.sse_stream(bus, "s", heartbeat=0)
+        with pytest.raises(ValueError, match="retry_ms"):
+            chatbus.sse.sse_stream(bus, "s", retry_ms=-1)
 
 
 async def test_cursor_ahead_ends_the_stream_with_a_reason():
@@ -222,6 +259,31 @@ async def test_plain_user_generator_dropped_mid_stream_is_safe():
                 await trio.sleep(0.01)
 
 
+def test_generators_left_suspended_past_the_bus_and_the_run():
+    """The reported crash: a generator abandoned mid-stream inside ``async with
+    bus.open_subscriber`` (not closed, not collected) while the bus closes and the run
+    ends. Holding a nursery across the yield, as subscriptions once did, makes this
+    ``trio.run`` raise (nursery stack corrupted / TrioInternalError)."""
+    kept: list[object] = []
+
+    async def main() -> None:
+        async with chatbus.open_bus() as bus:
+            await bus.publish("room", 1)
+
+            async def user_stream():
+                async with bus.open_subscriber("room", events=True) as sub:
+                    async for item in sub:
+                        yield item
+
+            gen = user_stream()
+            assert (await gen.__anext__()).id == 1
+            frames = chatbus.sse.sse_stream(bus, "room")
+            await frames.__anext__()
+            kept.extend((gen, frames))  # alive past the bus and the run
+
+    trio.run(main)  # trio finalises both at the end of the run: no error
+
+
 # -- store health --------------------------------------------------------------------
 
 
@@ -262,6 +324,45 @@ async def test_status_reconnecting_then_ok_when_the_store_comes_back():
         assert frames[0]["event"] == "status" and frames[0]["data"]["state"] == "ok"
         assert [f["id"] for f in frames[1:]] == ["1", "2", "3"]
         await gen.aclose()
+
+
+async def test_status_while_idle_when_the_store_goes_away_and_comes_back(autojump_clock):
+    """A caught-up subscription reads nothing: the bus's polls must tell it."""
+    store = FlakyReads()
+    async with chatbus.open_bus(store=store, poll_interval=1.0) as bus:
+        await bus.publish("room", 1)
+        gen = chatbus.sse.sse_stream(bus, "room", events=False)
+        await gen.__anext__()
+        assert [f["id"] for f in await take(gen, 1)] == ["1"]
+        store.broken = True
+        (frame,) = await take(gen, 1)
+        assert frame["event"] == "status" and frame["data"]["state"] == "reconnecting"
+        store.broken = False
+        (frame,) = await take(gen, 1)
+        assert frame["event"] == "status" and frame["data"]["state"] == "ok"
+        await gen.aclose()
+
+
+async def test_an_outage_long_over_is_not_news_to_a_new_stream(autojump_clock):
+    store = FlakyReads()
+    async with chatbus.open_bus(store=store, poll_interval=1.0) as bus:
+        await bus.publish("room", 1)
+        async with bus.open_subscriber("room"):  # the bus polls while one is open
+            store.broken = True
+            with trio.fail_after(10):
+                while not bus.statistics().poll_errors:  # noqa: ASYNC110 (no event)
+                    await trio.sleep(0.1)
+            store.broken = False
+            await trio.sleep(5)
+        gen = chatbus.sse.sse_stream(bus, "room", events=False, heartbeat=1.0)
+        await gen.__anext__()
+        frames = []
+        with trio.move_on_after(4):  # messages, pings, and no status at all
+            while True:
+                frames.extend(parse(await gen.__anext__()))
+        assert [f["id"] for f in frames if "data" in f] == ["1"]
+        assert not [f for f in frames if f.get("event") == "status"]
+        assert sum(f.get("comment") == "ping" for f in frames) >= 2
 
 
 def test_store_health_needs_a_quiet_read_to_call_it_ok():

@@ -19,7 +19,9 @@ Routes:
   message's JSON, 400 with a reason for bad input, 409 for a key reused with another
   text;
 - ``POST /rooms/{room}/typing``: JSON ``{"name": ...}``: an ephemeral keyed event
-  ``typing:<name>`` with a ttl, shown as "who is typing".
+  ``typing:<name>`` with a ttl, shown as "who is typing";
+- ``GET /stats``: the bus's statistics as JSON (``subscribers`` is the number of SSE
+  clients connected now).
 
 It serves on hypercorn's trio worker with Starlette; see README.md for why.
 """
@@ -34,6 +36,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import attrs
 import hypercorn.config
 import hypercorn.trio
 import trio
@@ -179,10 +182,16 @@ def make_app(bus: chatbus.Bus, *, typing_ttl: float = 4.0, heartbeat: float = 5.
         await bus.emit(room, {"typing": name}, key=f"typing:{name}", ttl=typing_ttl)
         return Response(status_code=204)
 
+    async def stats(request: Request) -> Response:
+        # For operators and the tests: open subscriptions are the SSE clients now
+        # connected (a closed tab must not leave one behind).
+        return JSONResponse(attrs.asdict(bus.statistics()))
+
     return Starlette(
         routes=[
             Route("/", page),
             Route("/chat.js", script),
+            Route("/stats", stats),
             Route("/rooms/{room}/events", events),
             Route("/rooms/{room}/messages", history, methods=["GET"]),
             Route("/rooms/{room}/messages", post_message, methods=["POST"]),

@@ -7,13 +7,16 @@ the reason, unless ``CHATBUS_REQUIRE_BROWSER=1`` (CI), where that is a failure.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 
@@ -86,11 +89,11 @@ class App:
             self.process.kill()
             self.process.wait(timeout=10)
 
-    def stop(self, timeout: float = 10.0) -> int:
-        """SIGTERM; the exit code (killed if it does not stop in time)."""
+    def stop(self, timeout: float = 10.0, signum: int = signal.SIGTERM) -> int:
+        """Send ``signum``; the exit code (killed if it does not stop in time)."""
         assert self.process is not None
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+            self.process.send_signal(signum)
             try:
                 return self.process.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
@@ -173,3 +176,83 @@ def postgres_or_skip() -> str:
             pytest.fail(f"PostgreSQL at {DSN} unreachable: {exc}")
         pytest.skip(f"PostgreSQL at {DSN} unreachable: {exc}")
     return DSN
+
+
+class CuttableProxy:
+    """A TCP proxy on 127.0.0.1 that can be cut: every connection through it closed
+    and new ones closed at once, until restored. An unreachable server, for a test."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.listener.getsockname()[1])
+        self._cut = False
+        self._lock = threading.Lock()
+        self._open: set[socket.socket] = set()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            try:
+                if self._cut:
+                    raise OSError("cut")
+                upstream = socket.create_connection(self.target, timeout=5)
+                upstream.settimeout(None)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._open.update((client, upstream))
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            self._close(src, dst)
+
+    def _close(self, *socks: socket.socket) -> None:
+        for sock in socks:
+            with self._lock:
+                self._open.discard(sock)
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # wakes the pump blocked in recv
+            sock.close()
+
+    def cut(self) -> None:
+        """Close every connection through the proxy and refuse new ones."""
+        self._cut = True
+        with self._lock:
+            socks = list(self._open)
+        self._close(*socks)
+
+    def restore(self) -> None:
+        """Let connections through again."""
+        self._cut = False
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept thread
+        self.listener.close()
+        self.cut()
+
+
+@pytest.fixture
+def postgres_proxy() -> Iterator[tuple[str, CuttableProxy]]:
+    """(a DSN through a cuttable proxy to the test Postgres, the proxy)."""
+    dsn = postgres_or_skip()
+    url = urllib.parse.urlsplit(dsn)
+    proxy = CuttableProxy((url.hostname or "127.0.0.1", url.port or 5432))
+    netloc = url.netloc.rsplit("@", 1)[0] + "@" if "@" in url.netloc else ""
+    try:
+        yield url._replace(netloc=f"{netloc}127.0.0.1:{proxy.port}").geturl(), proxy
+    finally:
+        proxy.close()

@@ -7,12 +7,13 @@ every wait with Playwright's timeouts.
 from __future__ import annotations
 
 import pathlib
+import signal
 import time
 import uuid
 
 import pytest
 
-from .conftest import ROOT, free_port, postgres_or_skip
+from .conftest import ROOT, postgres_or_skip
 
 pytestmark = pytest.mark.slow
 
@@ -104,8 +105,10 @@ def test_two_processes_on_postgres_survive_a_restart(start_app, new_page):
     send_many(b, "b", 60, delay_ms=40)
     wait_count(a, 15)
     app1.kill()  # the process behind page a dies while b keeps sending
+    at_kill = len(b.evaluate(JS_IDS))
     a.wait_for_function("document.body.dataset.state === 'reconnecting'")
     time.sleep(0.5)
+    assert len(b.evaluate(JS_IDS)) > at_kill  # messages came while a's server was gone
     app1.start()  # same port
     for page in (a, b):
         wait_count(page, 65)
@@ -115,6 +118,51 @@ def test_two_processes_on_postgres_survive_a_restart(start_app, new_page):
         assert page.evaluate(JS_IDS) == list(range(1, 66))
     assert a.evaluate(JS_TEXTS) == b.evaluate(JS_TEXTS)
     assert [t for t in a.evaluate(JS_TEXTS) if t[0] == "b"] == [f"b{i}" for i in range(1, 61)]
+
+
+def test_a_page_that_saw_nothing_yet_resumes_where_it_started(start_app, new_page):
+    """Reconnecting before any message came, the page must not jump to a newer tail."""
+    dsn = postgres_or_skip()
+    app1 = start_app("--dsn", dsn)
+    app2 = start_app("--dsn", dsn)
+    r = room()
+    a = new_page(f"{app1.url}/?room={r}&name=al")  # an empty room: nothing shown
+    b = new_page(f"{app2.url}/?room={r}&name=bo")
+    app1.kill()
+    a.wait_for_function("document.body.dataset.state === 'reconnecting'")
+    send_many(b, "b", 60)  # more than the page's last=50 while it is away
+    wait_count(b, 60)
+    app1.start()
+    a.wait_for_function("document.body.dataset.state === 'live'")
+    wait_count(a, 50)
+    time.sleep(0.5)
+    assert a.evaluate(JS_IDS) == list(range(1, 61))
+
+
+def test_store_unreachable_shows_reconnecting_then_live(start_app, new_page, postgres_proxy):
+    """The app's Postgres goes away and comes back: the page says so, and loses nothing."""
+    proxied_dsn, proxy = postgres_proxy
+    app1 = start_app("--dsn", proxied_dsn)
+    app2 = start_app("--dsn", postgres_or_skip())
+    r = room()
+    a = new_page(f"{app1.url}/?room={r}&name=al")
+    b = new_page(f"{app2.url}/?room={r}&name=bo")
+    send_many(b, "b", 3)
+    wait_count(a, 3)
+    proxy.cut()
+    a.wait_for_function(
+        "document.getElementById('status').textContent === 'store unreachable, reconnecting…'",
+        timeout=30_000,
+    )
+    assert a.evaluate("() => document.body.dataset.state") == "reconnecting"
+    send_many(b, "c", 10)
+    wait_count(b, 13)
+    proxy.restore()
+    a.wait_for_function("document.getElementById('status').textContent === 'live'", timeout=30_000)
+    wait_count(a, 13)
+    time.sleep(0.5)
+    assert a.evaluate(JS_IDS) == list(range(1, 14))
+    assert a.evaluate(JS_TEXTS) == b.evaluate(JS_TEXTS)
 
 
 def test_typing_indicator_appears_and_goes_after_its_ttl(start_app, new_page):
@@ -153,6 +201,41 @@ def test_markup_in_messages_is_shown_as_text_and_never_runs(start_app, new_page)
         assert page.evaluate("() => window.pwned") is None
         assert page.locator("#messages img, #messages script, #messages svg").count() == 0
     assert b.locator("#me").text_content() == "<b>bo</b>"
+
+
+def test_a_send_whose_answer_was_lost_is_retried_and_shows_once(start_app, new_page):
+    """The page retries with the same idempotency key: the server stored the first
+    try, answers the retry with the original, and the room has the message once."""
+    app = start_app()
+    a = new_page(f"{app.url}/?room={room()}&name=al")
+    lost: list[str] = []
+
+    def lose_the_first_answer(route) -> None:
+        if route.request.method == "POST" and not lost:
+            route.fetch()  # the server gets it, stores it and answers; the page never hears
+            lost.append(route.request.post_data_json["key"])
+            route.abort("connectionreset")
+        else:
+            route.continue_()
+
+    a.route("**/rooms/*/messages", lose_the_first_answer)
+    status = a.evaluate("async () => (await window.chatSend('once')).status")
+    assert lost and status == 200  # the retry got the original back, not a new message
+    wait_count(a, 1)
+    time.sleep(0.5)
+    assert a.evaluate(JS_IDS) == [1] and a.evaluate(JS_TEXTS) == ["once"]
+
+
+def test_a_refused_send_says_why_and_keeps_the_text(start_app, new_page):
+    app = start_app()
+    a = new_page(f"{app.url}/?room={room()}&name={'n' * 41}")  # over the 40 allowed
+    dialogs: list[str] = []
+    a.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+    a.fill("#text", "hello")
+    a.click("#send button")
+    a.wait_for_function("document.getElementById('text').value === 'hello'")
+    assert dialogs == ["not sent: name is longer than 40 characters"]
+    assert a.locator("#messages .msg").count() == 0
 
 
 def test_screenshot_of_two_pages_chatting(start_app, browser):
@@ -194,10 +277,13 @@ def test_screenshot_of_two_pages_chatting(start_app, browser):
         context.close()
 
 
-def test_app_exits_cleanly_on_sigterm_with_a_page_open(start_app, new_page):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_app_exits_cleanly_on_a_signal_with_a_page_open(start_app, new_page, signum):
     app = start_app()
     new_page(f"{app.url}/?room={room()}&name=al")
-    assert app.stop(timeout=10) == 0
-    port = free_port()
-    assert port  # the fixture kills nothing left: the process is gone
-    assert app.process is not None and app.process.poll() == 0
+    started = time.monotonic()
+    assert app.stop(timeout=10, signum=signum) == 0
+    assert time.monotonic() - started < 5  # the open stream does not hold it up
+    log = app.log.read_text()
+    assert f"{signal.Signals(signum).name}, stopping" in log and "web_chat: stopped" in log
+    assert "Traceback" not in log

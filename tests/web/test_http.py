@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import time
 import uuid
 
 import pytest
@@ -116,10 +118,15 @@ def test_sse_frames_resume_and_header_wins(client):
     for i in range(1, 6):
         post(client, "s", f"m{i}")
     lines = sse_lines(client, "/rooms/s/events?last=2", until=2)
-    assert lines[0].startswith(": ") and "retry: 2000" in lines
-    assert [x for x in lines if x.startswith("id: ")] == ["id: 4", "id: 5"]
+    # First the start: retry hint and the id before the first message (last=2
+    # resolved), with no data, so a browser resumes there even if none came yet.
+    assert lines[:4] == [": chatbus", "retry: 2000", "id: 3", ""]
+    assert [x for x in lines if x.startswith("id: ")] == ["id: 3", "id: 4", "id: 5"]
     lines = sse_lines(client, "/rooms/s/events?last=2", headers={"last-event-id": "1"}, until=4)
-    assert [x for x in lines if x.startswith("id: ")] == ["id: 2", "id: 3", "id: 4", "id: 5"]
+    ids = [x for x in lines if x.startswith("id: ")]
+    assert ids == ["id: 1", "id: 2", "id: 3", "id: 4", "id: 5"]
+    lines = sse_lines(client, "/rooms/s/events?after=5", until=0)
+    assert lines[:4] == [": chatbus", "retry: 2000", "id: 5", ""]
 
 
 def test_sse_heartbeats_and_typing_events_have_no_id(client):
@@ -137,13 +144,27 @@ def test_sse_heartbeats_and_typing_events_have_no_id(client):
     assert '"key":"typing:al"' in block[-1]
 
 
-def test_disconnected_clients_leave_no_subscription_behind(start_app):
-    """Many SSE clients come and go; the app keeps serving (and exits cleanly)."""
-    app = start_app("--heartbeat", "0.2")
+def subscribers(client) -> int:
+    return int(client.get("/stats").json()["subscribers"])
+
+
+def test_disconnected_clients_close_their_subscriptions_at_once(start_app):
+    """SSE clients come and go: each closes its subscription when it goes, at once
+    (not at the next heartbeat's failed write: there is none within the test)."""
+    app = start_app("--heartbeat", "60")
     with httpx.Client(base_url=app.url, timeout=10) as client:
-        for _ in range(30):
-            with client.stream("GET", "/rooms/d/events") as response:
-                next(response.iter_lines())
+        for _ in range(3):
+            with contextlib.ExitStack() as streams:
+                readers = []  # (dropping a reader would close its response)
+                for _ in range(20):
+                    response = streams.enter_context(client.stream("GET", "/rooms/d/events"))
+                    readers.append(response.iter_lines())
+                    assert next(readers[-1]) == ": chatbus"
+                assert subscribers(client) == 20
+            deadline = time.monotonic() + 2.0
+            while subscribers(client):
+                assert time.monotonic() < deadline, "closed streams left subscriptions open"
+                time.sleep(0.02)
         assert post(client, "d", "still here").status_code == 201
     assert app.stop() == 0
 
@@ -159,4 +180,4 @@ def test_two_processes_on_postgres_share_a_room(start_app):
         r = client.post(f"{two.url}/rooms/{room}/messages", json={"text": "b"})
         assert r.status_code == 201 and r.json()["id"] == 2
         lines = sse_lines(client, f"{one.url}/rooms/{room}/events?after=0", until=2)
-    assert [x for x in lines if x.startswith("id: ")] == ["id: 1", "id: 2"]
+    assert [x for x in lines if x.startswith("id: ")] == ["id: 0", "id: 1", "id: 2"]

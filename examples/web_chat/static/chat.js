@@ -130,8 +130,11 @@ function newKey() {
   return Date.now().toString(36) + Math.random().toString(36).slice(2);
 }
 
+let lastTyping = 0; // when this page last said it is typing (ms)
+
 // Send with a per-message idempotency key; retry the same key on network errors
-// and 5xx, so a retried send never doubles.
+// and 5xx (a bounded number of times), so a retried send never doubles. Returns the
+// last response, or throws the last network error.
 async function send(text) {
   const body = JSON.stringify({ text, key: newKey(), name: me });
   for (let attempt = 0; ; attempt++) {
@@ -139,7 +142,7 @@ async function send(text) {
       const r = await fetch(base + "/messages", {
         method: "POST", headers: { "content-type": "application/json" }, body,
       });
-      if (r.status < 500) return r;
+      if (r.status < 500 || attempt >= 20) return r;
     } catch (err) {
       if (attempt >= 20) throw err;
     }
@@ -155,11 +158,19 @@ document.getElementById("send").addEventListener("submit", async (e) => {
   if (!text.trim()) return;
   input.value = "";
   lastTyping = 0; // the next keystroke says "typing" again
-  const r = await send(text);
-  if (!r.ok) alert("not sent: " + ((await r.json()).error || r.status));
+  let reason = null;
+  try {
+    const r = await send(text);
+    if (!r.ok) reason = (await r.json().catch(() => ({}))).error || "HTTP " + r.status;
+  } catch (err) {
+    reason = "network error";
+  }
+  if (reason !== null) {
+    alert("not sent: " + reason);
+    if (!input.value) input.value = text; // keep what was typed, to send again
+  }
 });
 
-let lastTyping = 0;
 document.getElementById("text").addEventListener("input", () => {
   const now = Date.now();
   if (now - lastTyping < 1500) return;
