@@ -1,9 +1,8 @@
 """The Postgres store: :class:`PostgresStore` and its statistics.
 
-Owns: how appends, reads and heads become statements. Unkeyed appends are single
-statements run over :mod:`._pq` on lent connections, group-committed across streams
-(:mod:`chatbus._coalesce`); keyed appends run as one transaction through psycopg on a
-lent connection, one asyncio crossing each (:mod:`._aio`). Imports this package's
+Owns: how appends, reads and heads become statements. Appends, keyed or not, are
+single statements run over :mod:`._pq` on lent connections, group-committed across
+streams (:mod:`chatbus._coalesce`). Imports this package's
 :mod:`._pq`, :mod:`._sql`, :mod:`._aio`, :mod:`._connections`; never the listener.
 """
 
@@ -30,7 +29,15 @@ from .._message import Draft, Message, StreamInfo, check_after, check_stream
 from . import _pq
 from ._aio import AioRunner
 from ._connections import LentConnections
-from ._rows import Batch, decode_page, joined_bodies, replays, sent_by_key, settle
+from ._rows import (
+    Batch,
+    KeyedRequest,
+    decode_page,
+    joined_bodies,
+    replays,
+    sent_by_key,
+    settle,
+)
 from ._sql import LIFECYCLE_BATCH, Queries
 
 #: Exceptions that mean "the store failed" rather than "chatbus has a bug".
@@ -403,7 +410,7 @@ class PostgresStore:
             groups.setdefault(member.stream, []).append(member)
         token = random.getrandbits(63)
         keyed = any(member.payload.keyed for member in batch)
-        rows: Sequence[tuple[str, int, datetime.datetime, dict[str, Message] | None]]
+        rows: Sequence[tuple[str, int | None, datetime.datetime, dict[str, Message] | None]]
         try:
             if keyed:
                 for attempt in range(_KEYED_ATTEMPTS):
@@ -459,47 +466,52 @@ class PostgresStore:
 
     async def _append_keyed_rows(
         self, groups: dict[str, list[PendingAppend]], token: int
-    ) -> list[tuple[str, int, datetime.datetime, dict[str, Message]]]:
-        """The keyed append function; per stream, also the messages found for its keys."""
-        request = [
-            (
-                stream,
-                [draft.key for m in members for draft in m.payload.drafts],
-                joined_bodies(members),
-            )
-            for stream, members in groups.items()
+    ) -> list[tuple[str, int | None, datetime.datetime, dict[str, Message]]]:
+        """The keyed append statement; per stream, also the messages found for its keys.
+
+        A stream the statement stored nothing in has no last id (None).
+        """
+        request = KeyedRequest.of(groups)
+        params = [
+            json.dumps(request.streams, ensure_ascii=False, separators=(",", ":")).encode("utf-8"),
+            json.dumps(request.keys, ensure_ascii=False, separators=(",", ":")).encode("utf-8"),
+            request.packed.encode("utf-8"),
+            self._channel.encode("utf-8"),
+            b"%d" % token,
         ]
-        document = json.dumps(request, ensure_ascii=False, separators=(",", ":"))
-        params = [document.encode("utf-8"), self._channel.encode("utf-8"), b"%d" % token]
         result = await self._run_append(self._queries.append_keyed, params)
-        rows = []
+        bumped: dict[str, tuple[int, datetime.datetime]] = {}
+        found: dict[str, list[tuple[str, int, int, bool]]] = {}
         for row in range(result.ntuples):
-            stream = _pq.value(result, row, 0).decode("utf-8")
-            found_text = result.get_value(row, 3)
-            found = [] if found_text is None else json.loads(found_text)
-            rows.append(
-                (
-                    stream,
+            name = result.get_value(row, 0)
+            if name is None:  # the one row of keys found
+                found = request.found(json.loads(_pq.value(result, row, 3)))
+            else:
+                bumped[name.decode("utf-8")] = (
                     int(_pq.value(result, row, 1)),
                     _pq.from_epoch_micros(int(_pq.value(result, row, 2))),
-                    await self._replays(stream, found, groups[stream]) if found else {},
                 )
-            )
+        rows = []
+        for stream, members in groups.items():
+            head, created_at = bumped.get(stream, (None, _pq.EPOCH))
+            stream_found = found.get(stream)
+            replayed = await self._replays(stream, stream_found, members) if stream_found else {}
+            rows.append((stream, head, created_at, replayed))
         return rows
 
     async def _replays(
-        self, stream: str, found: list[list[Any]], members: list[PendingAppend]
+        self, stream: str, found: list[tuple[str, int, int, bool]], members: list[PendingAppend]
     ) -> dict[str, Message]:
         """The messages a batch found under its keys, with their bodies.
 
-        A draft whose text has the stored body's digest sent the same body: that is
-        the body. For a key reused with another body (a conflict the publisher then
-        reports), the original body is read now, with no lock held; should that read
-        fail, the replay's body is None (still not the draft's: still a conflict).
+        A draft that sent the stored text sent the same body: that is the body. For a
+        key reused with another body (a conflict the publisher then reports), the
+        original body is read now, with no lock held; should that read fail, the
+        replay's body is None (still not the draft's: still a conflict).
         """
         sent = sent_by_key(members)
         bodies: dict[str, Any] = {}
-        differing = [key for key, _, _, digest in found if sent[key][0] != digest]
+        differing = [key for key, _, _, same in found if not same]
         if differing:
             with contextlib.suppress(*DB_ERRORS):
                 params = [

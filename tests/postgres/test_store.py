@@ -169,6 +169,41 @@ async def test_concurrent_appends_with_the_same_key_store_once(store: PostgresSt
         assert [m.key for m in stored] == [f"client-{i}" for i in range(5)]
 
 
+async def test_a_batch_of_retries_takes_no_lock_and_notifies_nothing(
+    pair: tuple[PostgresStore, PostgresNotifier],
+) -> None:
+    """A batch whose keys are all stored already writes nothing: it returns the
+    originals while another writer holds the stream's lock, and no notice goes out;
+    a batch with one new draft still waits for the lock and notifies once."""
+    store, notifier = pair
+    with trio.fail_after(20):
+        originals = await store.append("r", [draft("a", "ka"), draft("b", "kb")])
+        recorder = Recorder()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(notifier.listen, recorder)
+            async with row_lock(store.schema, "r") as lock:
+                with trio.fail_after(3):  # the lock is held for good: this must not wait
+                    again = await store.append("r", [draft("b", "kb"), draft("a", "ka")])
+                assert [m.id for m in again] == [2, 1]
+                assert all(m.replay for m in again)
+                assert again == originals[::-1]
+                waited: list[Message] = []
+
+                async def append_one_new() -> None:
+                    waited.extend(await store.append("r", [draft("a", "ka"), draft("c", "kc")]))
+
+                nursery.start_soon(append_one_new)
+                await trio.sleep(0.3)
+                assert not waited  # it stores something: it waits for the lock
+                await lock.release()
+            await eventually(lambda: recorder.ids("r") == [3])
+            assert [m.id for m in waited] == [1, 3]
+            await trio.sleep(0.2)
+            assert recorder.ids("r") == [3]  # nothing for the batch of retries
+            nursery.cancel_scope.cancel()
+        assert [m.body for m in await store.read("r", 0, 10)] == ["a", "b", "c"]
+
+
 async def test_read_paging(store: PostgresStore) -> None:
     with trio.fail_after(10):
         await store.append("page", [draft(i) for i in range(1, 251)])
