@@ -23,7 +23,7 @@ from pathlib import Path
 from . import _harness
 from ._report import Row, skipped
 from ._scenario import Context, Scenario
-from .throughput import PgShape, chatbus_pg_run, compare, interleave, median_text, raw_pg_runs
+from .throughput import PgShape, RunNotes, chatbus_pg_run, compare, interleave, raw_pg_runs
 
 CHILD = Path(__file__).resolve().with_name("_peer_child.py")
 
@@ -87,25 +87,25 @@ def run(context: Context, backend: str) -> list[Row]:
     peers = {name: PeerRun(name, context, shape, messages) for name in PEERS}
     pg_problem = context.problem("postgres")
     chatbus_problem = pg_problem or context.problem("chatbus.postgres")
-    batches: dict[str, list[float]] = {"unkeyed": [], "keyed": []}
+    notes = {"unkeyed": RunNotes(), "keyed": RunNotes()}
     runs: dict[str, Callable[[], float | None]] = {}
     if pg_problem is None:
         runs.update(raw_pg_runs(sizes, dsn, shape))
     if chatbus_problem is None:
-        runs["unkeyed"] = chatbus_pg_run(dsn, shape, messages, batches["unkeyed"])
+        runs["unkeyed"] = chatbus_pg_run(dsn, shape, messages, notes["unkeyed"])
         runs["keyed"] = chatbus_pg_run(
-            dsn, shape, messages, batches["keyed"], _harness.KeyPlan(keyed=True)
+            dsn, shape, messages, notes["keyed"], _harness.KeyPlan(keyed=True)
         )
     runs.update({PEERS[name][1]: peer for name, peer in peers.items()})
     samples = interleave(sizes.repeats, runs)
-    return _rows(context, shape, samples, batches, peers, chatbus_problem)
+    return _rows(context, shape, samples, notes, peers, chatbus_problem)
 
 
 def _rows(
     context: Context,
     shape: PgShape,
     samples: dict[str, list[float]],
-    batches: dict[str, list[float]],
+    notes: dict[str, RunNotes],
     peers: dict[str, PeerRun],
     chatbus_problem: str | None,
 ) -> list[Row]:
@@ -123,8 +123,8 @@ def _rows(
     for variant in variants:
         keys = "a unique key on every publish" if variant == "keyed" else "no keys"
         note = (
-            f"chatbus Postgres, {workload}, {keys}; median batch"
-            f" {median_text(batches[variant])}; peers unkeyed, each in its own process"
+            f"chatbus Postgres, {workload}, {keys}; {notes[variant].describe()};"
+            " peers unkeyed, each in its own process"
         )
         rows += compare(
             scenario="peers",
@@ -133,7 +133,7 @@ def _rows(
             baselines=baselines,
             note=note if chatbus_problem is None else "chatbus skipped (above)",
             extra={
-                "mean_batch": batches[variant],
+                **notes[variant].extra(),
                 "peer_info": {name: peer.infos for name, peer in peers.items()},
             },
         )
