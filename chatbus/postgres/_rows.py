@@ -78,8 +78,7 @@ class KeyedRequest:
         packs: list[str] = []
         for stream, members in groups.items():
             drafts = [draft for member in members for draft in member.payload.drafts]
-            present = [draft.key for draft in drafts if draft.key is not None]
-            if len(set(present)) == len(present):  # the usual case: the packs as they are
+            if _keys_unique(drafts):  # the usual case: the packs as they are
                 keys.extend(draft.key for draft in drafts)
                 packs.append(joined_bodies(members))
                 sent = len(drafts)
@@ -125,15 +124,18 @@ def settle(
     ``last_id`` is None when the statement stored nothing in ``stream``.
     """
     bodies = [body for member in members for body in member.payload.bodies]
-    if found is None:  # unkeyed: every draft is new
-        assert last_id is not None  # every unkeyed statement bumps every stream
+    drafts = [draft for member in members for draft in member.payload.drafts]
+    if not found and (found is None or _keys_unique(drafts)):
+        # Unkeyed, or no key found and none repeated (the usual keyed batch): every
+        # draft is new, and the drafts are the last ids in order.
+        if last_id is None:  # pragma: no cover - the server stored what it did not find
+            raise psycopg.DataError(f"no counter row returned for stream {stream!r}")
         first = last_id - len(bodies) + 1
         result = [
-            Message.from_row(stream, first + i, body, None, created_at)
-            for i, body in enumerate(bodies)
+            Message.from_row(stream, first + i, body, draft.key, created_at)
+            for i, (draft, body) in enumerate(zip(drafts, bodies, strict=True))
         ]
     else:
-        drafts = [draft for member in members for draft in member.payload.drafts]
         slots, new = plan_keyed_batch(drafts, found)
         if new and last_id is None:  # pragma: no cover - the server stored what it did not find
             raise psycopg.DataError(f"no counter row returned for stream {stream!r}")
@@ -153,6 +155,12 @@ def settle(
     for member in members:
         member.settle(result[start : start + member.drafts])
         start += member.drafts
+
+
+def _keys_unique(drafts: list[Draft]) -> bool:
+    """No key appears twice among ``drafts`` (None is no key)."""
+    keys = [draft.key for draft in drafts if draft.key is not None]
+    return len(set(keys)) == len(keys)
 
 
 def sent_by_key(members: list[PendingAppend]) -> dict[str, Any]:
