@@ -53,9 +53,9 @@ class PostgresStoreStatistics:
     """A snapshot of a :class:`PostgresStore`'s append coalescing and connections.
 
     Attributes:
-        appends: Unkeyed :meth:`~PostgresStore.append` calls that reached the server
-            queue (keyed appends take their own path and are not counted).
-        statements: Unkeyed append statements sent (each one transaction).
+        appends: :meth:`~PostgresStore.append` calls that reached the server queue,
+            keyed or not.
+        statements: Append statements sent (each one transaction).
         merged_statements: Statements that carried more than one append.
         largest_statement: The most appends one statement carried.
         in_flight: Statements running (or about to be sent) now.
@@ -130,7 +130,7 @@ class PostgresStore:
 
     @property
     def max_in_flight(self) -> int:
-        """Most unkeyed append statements running at once; more appends are merged."""
+        """Most append statements running at once; more appends are merged."""
         return self._max_in_flight
 
     def close(self) -> None:
