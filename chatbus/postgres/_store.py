@@ -65,6 +65,10 @@ class PostgresStoreStatistics:
             when the next operation starts), or when it failed or was cancelled.
         borrows: Connections taken from the pool so far: steady traffic keeps this
             flat; a climbing count means connections keep failing.
+        keyed_reruns: Keyed statements run again because a same-key append (another
+            process, or another statement of this one) committed while they waited
+            for a stream's lock: their key lookup had not seen it, so they stored
+            nothing and ran again. Rare unless the same keys race.
     """
 
     appends: int
@@ -75,6 +79,7 @@ class PostgresStoreStatistics:
     pending: int
     connections: int
     borrows: int
+    keyed_reruns: int
 
 
 def _abandoned() -> OutcomeUnknown:
@@ -108,6 +113,7 @@ class PostgresStore:
     _shield_timeout: float = 65.0
     _closed: bool = attrs.field(default=False, init=False)
     _group: GroupCommit = attrs.field(init=False)
+    _keyed_reruns: int = attrs.field(default=0, init=False)
 
     def __attrs_post_init__(self) -> None:
         self._group = GroupCommit(
@@ -149,6 +155,7 @@ class PostgresStore:
             pending=len(group.pending),
             connections=self._connections.held,
             borrows=self._connections.borrows,
+            keyed_reruns=self._keyed_reruns,
         )
 
     async def append(self, stream: str, drafts: Sequence[Draft]) -> list[Message]:
@@ -422,6 +429,7 @@ class PostgresStore:
                         # lock (see _sql._APPEND_KEYED); nothing was stored: again.
                         if attempt == _KEYED_ATTEMPTS - 1:
                             raise
+                        self._keyed_reruns += 1
             else:
                 rows = await self._append_rows(groups, token)
         except _MaybeCommitted as lost:

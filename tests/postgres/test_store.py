@@ -417,6 +417,9 @@ async def test_same_key_from_two_processes_while_the_lock_is_held_stores_once() 
                     await lock.release()
                 assert sorted(m.id for m in results) == [2, 2]
                 assert sorted(m.replay for m in results) == [False, True]
+                # The loser's lookup could not see the winner's key: it ran again, once.
+                reruns = [s.statistics().keyed_reruns for s in (one, two)]
+                assert sorted(reruns) == [0, 1]
                 assert [m.body for m in await one.read("race", 0, 10)] == ["warm-up", "same"]
 
 
