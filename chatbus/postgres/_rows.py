@@ -97,15 +97,31 @@ class KeyedRequest:
             streams.extend([stream] * sent)
         return cls(streams, keys, BODY_SEPARATOR.join(packs))
 
-    def found(self, rows: list[list[Any]]) -> dict[str, list[tuple[str, int, int, bool]]]:
-        """The statement's found rows ``[draft number, id, µs, same body]`` by stream,
-        as ``(key, id, µs, same body)``."""
-        by_stream: dict[str, list[tuple[str, int, int, bool]]] = {}
-        for number, id_, micros, same in rows:
+    def found(self, rows: list[list[Any]]) -> dict[str, list[Found]]:
+        """The statement's found rows ``[draft number, id, µs, same body, inlined,
+        original body]`` by stream."""
+        by_stream: dict[str, list[Found]] = {}
+        for number, id_, micros, same, inline, original in rows:
             key = self.keys[number - 1]
             assert key is not None  # only keys are looked up
-            by_stream.setdefault(self.streams[number - 1], []).append((key, id_, micros, same))
+            found = Found(key, id_, micros, same, inline, original)
+            by_stream.setdefault(self.streams[number - 1], []).append(found)
         return by_stream
+
+
+@final
+@attrs.frozen
+class Found:
+    """A message a keyed statement found under one of its keys."""
+
+    key: str
+    id: int
+    micros: int
+    #: The draft sent the stored text: a replay whose body is the draft's.
+    same: bool
+    #: Not the same, and ``original`` is the stored body (else it is read afterwards).
+    inline: bool
+    original: Any
 
 
 def settle(
@@ -175,24 +191,22 @@ def sent_by_key(members: list[PendingAppend]) -> dict[str, Any]:
 
 
 def replays(
-    stream: str,
-    found: list[tuple[str, int, int, bool]],
-    sent: dict[str, Any],
-    bodies: dict[str, Any],
+    stream: str, found: list[Found], sent: dict[str, Any], bodies: dict[str, Any]
 ) -> dict[str, Message]:
-    """The messages found under a statement's keys (``(key, id, µs, same body)``).
+    """The messages found under a statement's keys.
 
     The same body: the draft sent the stored text, so its body is the stored one.
-    Otherwise the original body read afterwards (``bodies``), or None if that failed.
+    Otherwise the original body from the reply, or read afterwards (``bodies``), or
+    None if that read failed.
     """
     return {
-        key: Message(
+        f.key: Message(
             stream=stream,
-            id=id_,
-            body=sent[key] if same else bodies.get(key),
-            key=key,
-            created_at=_pq.from_epoch_micros(micros),
+            id=f.id,
+            body=sent[f.key] if f.same else f.original if f.inline else bodies.get(f.key),
+            key=f.key,
+            created_at=_pq.from_epoch_micros(f.micros),
             replay=True,
         )
-        for key, id_, micros, same in found
+        for f in found
     }

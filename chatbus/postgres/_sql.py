@@ -141,6 +141,9 @@ def _notice(stream: str, last_id: str) -> sql.Composable:
 LIFECYCLE_BATCH: Final = 5000
 #: Groups of a read page are cut at this many bytes of bodies (see Queries.read).
 READ_GROUP_BYTES: Final = 16 * 1024 * 1024
+#: A keyed append's reply carries the original body of a key reused with another body
+#: (for the IdempotencyConflict) up to this size; bigger ones are read afterwards.
+CONFLICT_INLINE_BYTES: Final = 8 * 1024
 
 
 @final
@@ -205,6 +208,7 @@ def _names(schema: str) -> dict[str, sql.Composable]:
         "keyed_notice": _notice("st.stream", "st.last_id"),
         "b_micros": _micros("b.last_at"),
         "group_bytes": sql.Literal(READ_GROUP_BYTES),
+        "conflict_inline": sql.Literal(CONFLICT_INLINE_BYTES),
         "events": sql.Identifier(schema, "events"),
         "max_events": sql.Literal(RETAINED_EVENTS),
         "max_event_bytes": sql.Literal(RETAINED_EVENT_BYTES),
@@ -305,11 +309,13 @@ _APPEND_STREAMS: Final = """
 #
 # Output: a row per bumped stream: (stream, new last id, created_at µs of the batch,
 # NULL); and if any key was found, one row (NULL, NULL, NULL, [[draft number (from 1),
-# id, created_at µs, same body?], …]). Not the found bodies: the reply is written while
-# the stream's lock is held, and a client that stops reading a big reply (frozen)
-# would hold the lock with it. "Same body" compares the stored text with the text sent
-# (json keeps it verbatim); only for a key reused with another body does the store
-# read the original body, afterwards (_BODIES_OF_KEYS), to put in the error.
+# id, created_at µs, same body?, original inlined?, original body], …]). "Same body"
+# compares the stored text with the text sent (json keeps it verbatim): a replay needs
+# no body back. A key reused with another body (a conflict) gets the original body
+# in the reply when it is at most CONFLICT_INLINE_BYTES, so the error costs no second
+# round trip; a bigger one is read afterwards (_BODIES_OF_KEYS), for the reply is
+# written while the streams' locks are held, and a client that stops reading a big
+# reply (frozen) would hold the locks with it.
 _APPEND_KEYED: Final = """
     WITH d AS MATERIALIZED (
         SELECT s.stream, k.key, b.body, b.ord
@@ -321,9 +327,12 @@ _APPEND_KEYED: Final = """
     ), found AS MATERIALIZED (
         -- LATERAL ... LIMIT 1: one probe of the unique index per key, never a scan of
         -- the table (a join here may be planned as one, the row counts being unknown).
-        SELECT d.ord, m.id, m.micros, m.same
+        SELECT d.ord, m.id, m.micros, m.same,
+            NOT m.same AND octet_length(m.body::text) <= {conflict_inline} AS inline,
+            CASE WHEN NOT m.same AND octet_length(m.body::text) <= {conflict_inline}
+                THEN m.body END AS original
         FROM d CROSS JOIN LATERAL (
-            SELECT m.id, {found_micros} AS micros, m.body::text = d.body AS same
+            SELECT m.id, {found_micros} AS micros, m.body::text = d.body AS same, m.body
             FROM {messages} AS m
             WHERE m.stream = d.stream AND m.key = d.key AND m.key IS NOT NULL
             LIMIT 1
@@ -350,7 +359,8 @@ _APPEND_KEYED: Final = """
     )
     SELECT b.stream, b.last_id, {b_micros}, NULL FROM bump AS b
     UNION ALL
-    SELECT NULL, NULL, NULL, json_agg(json_build_array(f.ord, f.id, f.micros, f.same))::text
+    SELECT NULL, NULL, NULL,
+        json_agg(json_build_array(f.ord, f.id, f.micros, f.same, f.inline, f.original))::text
     FROM found AS f HAVING count(*) > 0
 """
 

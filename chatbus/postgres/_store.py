@@ -31,6 +31,7 @@ from ._aio import AioRunner
 from ._connections import LentConnections
 from ._rows import (
     Batch,
+    Found,
     KeyedRequest,
     decode_page,
     joined_bodies,
@@ -489,7 +490,7 @@ class PostgresStore:
         ]
         result = await self._run_append(self._queries.append_keyed, params)
         bumped: dict[str, tuple[int, datetime.datetime]] = {}
-        found: dict[str, list[tuple[str, int, int, bool]]] = {}
+        found: dict[str, list[Found]] = {}
         for row in range(result.ntuples):
             name = result.get_value(row, 0)
             if name is None:  # the one row of keys found
@@ -508,18 +509,20 @@ class PostgresStore:
         return rows
 
     async def _replays(
-        self, stream: str, found: list[tuple[str, int, int, bool]], members: list[PendingAppend]
+        self, stream: str, found: list[Found], members: list[PendingAppend]
     ) -> dict[str, Message]:
         """The messages a batch found under its keys, with their bodies.
 
         A draft that sent the stored text sent the same body: that is the body. For a
         key reused with another body (a conflict the publisher then reports), the
-        original body is read now, with no lock held; should that read fail, the
-        replay's body is None (still not the draft's: still a conflict).
+        original body came with the reply, unless it is bigger than
+        :data:`._sql.CONFLICT_INLINE_BYTES`: then it is read now, with no lock held; should
+        that read fail, the replay's body is None (still not the draft's: still a
+        conflict).
         """
         sent = sent_by_key(members)
         bodies: dict[str, Any] = {}
-        differing = [key for key, _, _, same in found if not same]
+        differing = [f.key for f in found if not f.same and not f.inline]
         if differing:
             with contextlib.suppress(*DB_ERRORS):
                 params = [

@@ -144,6 +144,36 @@ async def test_idempotency_keys(store: PostgresStore) -> None:
         assert [m.id for m in await store.read("idem", 0, 100)] == [1, 2, 3, 4]
 
 
+async def test_a_key_reused_with_another_body_costs_one_round_trip(
+    store: PostgresStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The original body of a conflicting key comes back with the append's reply (the
+    publisher raises IdempotencyConflict with it); only a body too big to ride in a
+    reply written under the streams' locks is read afterwards."""
+    with trio.fail_after(10):
+        [first] = await store.append("c", [draft({"text": "hi"}, "k")])
+        [null] = await store.append("c", [draft(None, "null")])
+        big = "x" * 10_000  # more than CONFLICT_INLINE_BYTES
+        await store.append("c", [draft(big, "big")])
+        statements: list[bytes] = []
+        execute = chatbus.postgres._pq.execute
+
+        async def counting(*args: Any, **kwargs: Any) -> Any:
+            statements.append(args[1])
+            return await execute(*args, **kwargs)
+
+        monkeypatch.setattr(chatbus.postgres._pq, "execute", counting)
+        [again] = await store.append("c", [draft({"text": "edited"}, "k")])
+        [again_null] = await store.append("c", [draft(1, "null")])
+        assert len(statements) == 2
+        assert (again.id, again.body, again.replay) == (first.id, {"text": "hi"}, True)
+        assert (again_null.id, again_null.body, again_null.replay) == (null.id, None, True)
+        [again_big] = await store.append("c", [draft("other", "big")])
+        assert len(statements) == 4  # the append, then the big original read afterwards
+        assert again_big.body == big
+        assert len(await store.read("c", 0, 10)) == 3
+
+
 async def test_concurrent_appends_with_the_same_key_store_once(store: PostgresStore) -> None:
     with trio.fail_after(20):
         async with open_postgres(pg_dsn(), schema=store.schema, max_connections=8) as (other, _):
