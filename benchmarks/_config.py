@@ -50,6 +50,9 @@ class Sizes:
     peers_timeout_seconds: float = 120.0
     # statement: one-row reads timed per way of talking to Postgres
     statement_count: int = 3_000
+    #: The merged append statement timed keyed and unkeyed: streams x drafts each.
+    statement_streams: int = 4
+    statement_drafts: int = 16
     # latency
     latency_rate: float = 1_000.0
     latency_seconds: float = 5.0

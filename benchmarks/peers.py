@@ -6,7 +6,9 @@ everything; msgs/s from the first publish to the last receipt. Each peer run is 
 subprocess (``benchmarks/_peer_child.py``, asyncio, started without importing this
 package), so no event loop is shared with chatbus. Interleaved in the same rotation:
 the raw psycopg baselines, chatbus Postgres unkeyed and chatbus Postgres keyed; each
-chatbus figure is reported against every one of them.
+chatbus figure is reported against every one of them. A third chatbus variant is a
+diagnostic: unkeyed with ``synchronous_commit = off`` (acknowledged before the WAL
+flush, as the peers acknowledge), to show what waiting for the flush costs.
 
 A peer whose client is not installed or whose server is down is reported as
 ``skipped: <reason>`` and left out of the rotation.
@@ -20,12 +22,23 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from psycopg.conninfo import make_conninfo
+
 from . import _harness
 from ._report import Row, skipped
 from ._scenario import Context, Scenario
-from .throughput import PgShape, chatbus_pg_run, compare, interleave, median_text, raw_pg_runs
+from .throughput import PgShape, RunNotes, chatbus_pg_run, compare, interleave, raw_pg_runs
 
 CHILD = Path(__file__).resolve().with_name("_peer_child.py")
+
+NO_FLUSH_WAIT = "unkeyed, synchronous_commit off"
+#: The chatbus variants of the rotation, and how a row's note says what they are.
+VARIANTS = {
+    "unkeyed": "no keys",
+    "keyed": "a unique key on every publish",
+    NO_FLUSH_WAIT: "no keys, acknowledged before the WAL flush (diagnostic: what the"
+    " flush costs; chatbus runs with the server's synchronous_commit)",
+}
 
 #: Peer name -> (what it needs, the baseline's name in the table).
 PEERS = {
@@ -87,44 +100,46 @@ def run(context: Context, backend: str) -> list[Row]:
     peers = {name: PeerRun(name, context, shape, messages) for name in PEERS}
     pg_problem = context.problem("postgres")
     chatbus_problem = pg_problem or context.problem("chatbus.postgres")
-    batches: dict[str, list[float]] = {"unkeyed": [], "keyed": []}
+    notes = {variant: RunNotes() for variant in VARIANTS}
     runs: dict[str, Callable[[], float | None]] = {}
     if pg_problem is None:
         runs.update(raw_pg_runs(sizes, dsn, shape))
     if chatbus_problem is None:
-        runs["unkeyed"] = chatbus_pg_run(dsn, shape, messages, batches["unkeyed"])
+        runs["unkeyed"] = chatbus_pg_run(dsn, shape, messages, notes["unkeyed"])
         runs["keyed"] = chatbus_pg_run(
-            dsn, shape, messages, batches["keyed"], _harness.KeyPlan(keyed=True)
+            dsn, shape, messages, notes["keyed"], _harness.KeyPlan(keyed=True)
         )
+        # Diagnostic, not a way to run chatbus: the same, acknowledged before the WAL
+        # flush, as a JetStream PubAck (and a Redis XADD reply) is. The gap between
+        # this row and "unkeyed" is what waiting for the flush costs this workload.
+        no_flush_wait = make_conninfo(dsn, options="-c synchronous_commit=off")
+        runs[NO_FLUSH_WAIT] = chatbus_pg_run(no_flush_wait, shape, messages, notes[NO_FLUSH_WAIT])
     runs.update({PEERS[name][1]: peer for name, peer in peers.items()})
     samples = interleave(sizes.repeats, runs)
-    return _rows(context, shape, samples, batches, peers, chatbus_problem)
+    return _rows(context, shape, samples, notes, peers, chatbus_problem)
 
 
 def _rows(
     context: Context,
     shape: PgShape,
     samples: dict[str, list[float]],
-    batches: dict[str, list[float]],
+    notes: dict[str, RunNotes],
     peers: dict[str, PeerRun],
     chatbus_problem: str | None,
 ) -> list[Row]:
     rows = [skipped("peers", name, peer.problem) for name, peer in peers.items() if peer.problem]
-    variants = ["unkeyed", "keyed"]
+    variants = list(VARIANTS)
     if chatbus_problem is not None:  # the peers' own figures still show, as baselines
         rows.append(skipped("peers", "postgres", chatbus_problem))
         variants = ["unkeyed"]
     baselines = {
-        name: values
-        for name, values in samples.items()
-        if name not in ("unkeyed", "keyed") and values
+        name: values for name, values in samples.items() if name not in VARIANTS and values
     }
     workload = shape.describe(context.sizes.peers_messages)
     for variant in variants:
-        keys = "a unique key on every publish" if variant == "keyed" else "no keys"
         note = (
-            f"chatbus Postgres, {workload}, {keys}; median batch"
-            f" {median_text(batches[variant])}; peers unkeyed, each in its own process"
+            f"chatbus Postgres, {workload}, {VARIANTS[variant]}; {notes[variant].describe()};"
+            " peers unkeyed, each in its own process"
         )
         rows += compare(
             scenario="peers",
@@ -133,7 +148,7 @@ def _rows(
             baselines=baselines,
             note=note if chatbus_problem is None else "chatbus skipped (above)",
             extra={
-                "mean_batch": batches[variant],
+                **notes[variant].extra(),
                 "peer_info": {name: peer.infos for name, peer in peers.items()},
             },
         )

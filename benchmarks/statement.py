@@ -12,10 +12,21 @@ work excluded) per statement:
 * baseline "sync": synchronous psycopg on one connection, no event loop at all.
 
 Ratios are chatbus / baseline: below 1 means chatbus spends less CPU.
+
+And what an append statement costs the server, keyed against unkeyed: chatbus's own
+append statements (``chatbus.postgres._sql``) for one merged batch of
+``statement_streams`` streams x ``statement_drafts`` drafts, run alternately on one
+connection with ``synchronous_commit = off`` (so the WAL flush, the same for both, is
+left out), prepared and planned generically as the store runs them; the median wall
+time per statement, round trip included (the client's part is a few µs of libpq).
+Every keyed draft has a new key: the keyed statement probes the unique index for
+each and inserts into it.
 """
 
 from __future__ import annotations
 
+import json
+import statistics
 import time
 from typing import Any
 
@@ -92,6 +103,58 @@ async def _trio_paths(dsn: str, schema: str, statements: int) -> tuple[float, fl
     return chatbus_cpu, aio_cpu
 
 
+def _append_statements(
+    dsn: str, schema: str, streams: int, drafts: int, count: int
+) -> tuple[list[float], list[float]]:
+    """Server time (µs) of the keyed and the unkeyed append statement, interleaved."""
+    from chatbus._codec import BODY_SEPARATOR
+    from chatbus.postgres._sql import Queries, ddl
+
+    queries = Queries.for_schema(schema)
+    names = [f"chat-{i}" for i in range(streams)]
+    serial = 0
+
+    def bodies(stream: int) -> str:
+        return BODY_SEPARATOR.join(
+            json.dumps({"n": stream, "i": i, "text": "hello"}) for i in range(drafts)
+        )
+
+    def keyed() -> list[bytes]:
+        nonlocal serial
+        keys = []
+        for _ in range(streams * drafts):
+            serial += 1
+            keys.append(f"key-{serial}")
+        packed = BODY_SEPARATOR.join(bodies(s) for s in range(streams))
+        per_draft = [name for name in names for _ in range(drafts)]
+        return [json.dumps(per_draft).encode(), json.dumps(keys).encode(), packed.encode()]
+
+    def unkeyed() -> list[bytes]:
+        request = [[name, drafts, bodies(s)] for s, name in enumerate(names)]
+        return [json.dumps(request).encode()]
+
+    timings: dict[bytes, list[float]] = {b"k": [], b"u": []}
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for statement in ddl(schema):
+            conn.execute(statement)
+        conn.execute("SET synchronous_commit = off")
+        conn.execute("SET plan_cache_mode = force_generic_plan")
+        pgconn = conn.pgconn
+        pgconn.prepare(b"k", queries.append_keyed)
+        pgconn.prepare(b"u", queries.append_streams)
+        tail = {b"k": [b"bench", b"1"], b"u": [b"bench", b"1"]}
+        for i in range(count + 20):
+            for name, params in ((b"k", keyed()), (b"u", unkeyed())):
+                started = time.perf_counter()
+                result = pgconn.exec_prepared(name, params + tail[name])
+                elapsed = time.perf_counter() - started
+                if result.status != psycopg.pq.ExecStatus.TUPLES_OK:
+                    raise RuntimeError(result.get_error_message())
+                if i >= 20:  # warmed up
+                    timings[name].append(elapsed * 1e6)
+    return timings[b"k"], timings[b"u"]
+
+
 def run(context: Context, backend: str) -> list[Row]:
     """CPU per statement: chatbus's read against trio-asyncio psycopg and sync psycopg."""
     sizes, dsn = context.sizes, context.dsn
@@ -108,24 +171,51 @@ def run(context: Context, backend: str) -> list[Row]:
             sync_samples.append(_sync_read(dsn, schema, statements))
         finally:
             _pg.drop_schema(dsn, schema)
+    keyed_us: list[float] = []
+    unkeyed_us: list[float] = []
+    for _ in range(sizes.repeats):
+        schema = _pg.scratch_schema("append")
+        try:
+            keyed, unkeyed = _append_statements(
+                dsn, schema, sizes.statement_streams, sizes.statement_drafts, statements // 10
+            )
+            keyed_us.append(statistics.median(keyed))
+            unkeyed_us.append(statistics.median(unkeyed))
+        finally:
+            _pg.drop_schema(dsn, schema)
     note = f"{statements} one-row reads per run; process CPU (user+sys) per statement"
     baselines = [
         ("psycopg via trio-asyncio", aio_samples, note),
         ("sync psycopg", sync_samples, "same chatbus runs"),
     ]
+    shape = f"{sizes.statement_streams} streams x {sizes.statement_drafts} drafts"
     return [
+        *(
+            measured(
+                scenario="statement",
+                backend="postgres",
+                metric="client CPU/read",
+                unit="us",
+                samples=chatbus_samples,
+                baseline_name=name,
+                baseline_samples=samples,
+                target="report",
+                note=row_note,
+            )
+            for name, samples, row_note in baselines
+        ),
         measured(
             scenario="statement",
             backend="postgres",
-            metric="client CPU/read",
+            metric="keyed append, server",
             unit="us",
-            samples=chatbus_samples,
-            baseline_name=name,
-            baseline_samples=samples,
+            samples=keyed_us,
+            baseline_name="unkeyed append",
+            baseline_samples=unkeyed_us,
             target="report",
-            note=row_note,
-        )
-        for name, samples, row_note in baselines
+            note=f"one merged statement of {shape}, new keys, synchronous_commit off;"
+            f" median wall time per statement, {statements // 10} of each per run",
+        ),
     ]
 
 

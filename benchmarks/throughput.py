@@ -51,6 +51,22 @@ def baseline_channel_rate(messages: int, buffer: int) -> float:
     return trio.run(_channel_hop, messages, buffer)
 
 
+@dataclasses.dataclass(frozen=True)
+class RunResult:
+    """One end-to-end chatbus run."""
+
+    deliveries_per_s: float
+    publishes_per_s: float
+    #: Publishes per store append (the publishers' group commit).
+    batch: float
+    #: Process CPU (user + system, this process: publishers, store client and
+    #: subscribers; the server excluded) per publish, µs.
+    cpu_us: float
+    #: Publishes per append statement (Postgres: the cross-stream group commit);
+    #: None where the store does not say.
+    per_statement: float | None
+
+
 async def _chatbus_run(
     backend: str,
     dsn: str,
@@ -61,8 +77,8 @@ async def _chatbus_run(
     callers: int,
     total: int,
     keys: _harness.KeyPlan = _harness.NO_KEYS,
-) -> tuple[float, float, float]:
-    """One end-to-end run; returns (deliveries/s, publishes/s, publishes per batch).
+) -> RunResult:
+    """One end-to-end run.
 
     Without retries every publish is a new message; with them (``keys``) the
     subscribers wait for the new messages only, and the rate counts every
@@ -74,19 +90,30 @@ async def _chatbus_run(
     last_id = keys.new_messages(per_caller) * publishers * callers
     done: list[float] = []
     async with _backends.open_backend_bus(backend, dsn) as bus:
+        store_stats = getattr(bus.store, "statistics", None)
+        statements_before = store_stats().statements if store_stats else 0
         async with trio.open_nursery() as nursery:
             for name in names:
                 for _ in range(subscribers):
                     await nursery.start(_harness.count_until, bus, name, last_id, done)
+            cpu_start = time.process_time()
             start = time.perf_counter()
             stats = await _harness.drive_publishers(
                 bus, names, publishers, callers, per_stream * streams, keys
             )
         elapsed = max(done) - start
+        cpu = time.process_time() - cpu_start
+        statements = store_stats().statements - statements_before if store_stats else 0
     messages = per_stream * streams
     batches = sum(s.batches for s in stats)
     deliveries = last_id * streams * subscribers
-    return deliveries / elapsed, messages / elapsed, messages / max(1, batches)
+    return RunResult(
+        deliveries_per_s=deliveries / elapsed,
+        publishes_per_s=messages / elapsed,
+        batch=messages / max(1, batches),
+        cpu_us=cpu / messages * 1e6,
+        per_statement=messages / statements if statements else None,
+    )
 
 
 def interleave(
@@ -113,7 +140,7 @@ def memory_throughput(context: Context, backend: str) -> list[Row]:
     messages_per_s: list[float] = []
 
     def chatbus_run() -> float:
-        deliveries, messages, batch = trio.run(
+        result = trio.run(
             lambda: _chatbus_run(
                 "memory",
                 "",
@@ -124,9 +151,9 @@ def memory_throughput(context: Context, backend: str) -> list[Row]:
                 total=sizes.memory_messages,
             )
         )
-        batch_sizes.append(batch)
-        messages_per_s.append(messages)
-        return deliveries
+        batch_sizes.append(result.batch)
+        messages_per_s.append(result.publishes_per_s)
+        return result.deliveries_per_s
 
     samples = interleave(
         sizes.repeats,
@@ -194,20 +221,51 @@ def median_text(samples: Sequence[float]) -> str:
     return f"{sorted(samples)[len(samples) // 2]:.1f}" if samples else "-"
 
 
+@dataclasses.dataclass
+class RunNotes:
+    """What the chatbus runs of one variant said besides their rate (one item per run)."""
+
+    batch: list[float] = dataclasses.field(default_factory=list)
+    per_statement: list[float] = dataclasses.field(default_factory=list)
+    cpu_us: list[float] = dataclasses.field(default_factory=list)
+
+    def add(self, result: RunResult) -> None:
+        """Record one run."""
+        self.batch.append(result.batch)
+        self.cpu_us.append(result.cpu_us)
+        if result.per_statement is not None:
+            self.per_statement.append(result.per_statement)
+
+    def describe(self) -> str:
+        """Medians for a row's note."""
+        return (
+            f"median batch {median_text(self.batch)}, {median_text(self.per_statement)} msgs"
+            f" per statement, client CPU {median_text(self.cpu_us)} µs/msg"
+        )
+
+    def extra(self) -> dict[str, object]:
+        """Every sample, for the JSON."""
+        return {
+            "mean_batch": self.batch,
+            "msgs_per_statement": self.per_statement,
+            "client_cpu_us_per_msg": self.cpu_us,
+        }
+
+
 def chatbus_pg_run(
     dsn: str,
     shape: PgShape,
     messages: int,
-    batches: list[float],
+    notes: RunNotes,
     keys: _harness.KeyPlan = _harness.NO_KEYS,
 ) -> Callable[[], float]:
     """One chatbus Postgres run of the workload in a fresh schema; returns publishes/s.
 
-    Each run appends its publishes per batch to ``batches``.
+    Each run adds its batch size, statements and client CPU to ``notes``.
     """
 
     def run() -> float:
-        _, rate, batch = trio.run(
+        result = trio.run(
             functools.partial(
                 _chatbus_run,
                 "postgres",
@@ -220,8 +278,8 @@ def chatbus_pg_run(
                 keys=keys,
             )
         )
-        batches.append(batch)
-        return rate
+        notes.add(result)
+        return result.publishes_per_s
 
     return run
 
@@ -288,26 +346,26 @@ def postgres_throughput(context: Context, backend: str) -> list[Row]:
     sizes = context.sizes
     shape = PgShape.from_sizes(sizes)
     missing = context.problem("chatbus.postgres")
-    batches: list[float] = []
+    notes = RunNotes()
     runs: dict[str, Callable[[], float | None]] = dict(raw_pg_runs(sizes, context.dsn, shape))
     if missing is None:
-        runs["chatbus"] = chatbus_pg_run(context.dsn, shape, sizes.pg_messages, batches)
+        runs["chatbus"] = chatbus_pg_run(context.dsn, shape, sizes.pg_messages, notes)
     samples = interleave(sizes.repeats, runs)
-    return _pg_throughput_rows(sizes, shape, samples, batches, missing)
+    return _pg_throughput_rows(sizes, shape, samples, notes, missing)
 
 
 def _pg_throughput_rows(
     sizes: Sizes,
     shape: PgShape,
     samples: dict[str, list[float]],
-    batches: list[float],
+    notes: RunNotes,
     missing: str | None,
 ) -> list[Row]:
     note = (
         f"{shape.describe(sizes.pg_messages)}, baseline: sync psycopg x {shape.connections} conns"
     )
-    if batches:
-        note += f"; median batch {median_text(batches)}"
+    if notes.batch:
+        note += f"; {notes.describe()}"
     if missing is not None:
         note = f"chatbus skipped: {missing}"
     chatbus_rates = samples.get("chatbus", [])
@@ -324,7 +382,7 @@ def _pg_throughput_rows(
             target=">= 5x",
             min_ratio=5.0,
             note=note,
-            extra={"mean_batch": batches, "connections": shape.connections},
+            extra={**notes.extra(), "connections": shape.connections},
         ),
         measured(
             scenario="pg-batch-ceiling",
@@ -341,43 +399,61 @@ def _pg_throughput_rows(
     ]
 
 
+def raw_same_concurrency_name(shape: PgShape) -> str:
+    """The name of the raw baseline with the workload's own concurrency."""
+    return f"raw {shape.streams} conns x {shape.callers}/txn"
+
+
 def pg_keyed(context: Context, backend: str) -> list[Row]:
-    """The pg-throughput workload keyed (and with retries) vs unkeyed and both raw baselines."""
+    """The pg-throughput workload keyed (and with retries) vs unkeyed and the raw baselines.
+
+    Besides raw 1/txn and the batched ceiling (100/txn, 10 connections: 1,000
+    messages in flight), a third raw baseline has the workload's own concurrency:
+    one connection per stream, each transaction carrying one message per caller of
+    the stream (64 in flight), which is what group commit could at best make of 64
+    callers that each wait for their acknowledgement.
+    """
     sizes, dsn = context.sizes, context.dsn
     shape = PgShape.from_sizes(sizes)
     retries = _harness.KeyPlan(keyed=True, retry_every=sizes.pg_retry_every)
-    batches: dict[str, list[float]] = {"unkeyed": [], "keyed": [], "retries": []}
+    notes = {"unkeyed": RunNotes(), "keyed": RunNotes(), "retries": RunNotes()}
+    same = raw_same_concurrency_name(shape)
     runs: dict[str, Callable[[], float | None]] = {
         **raw_pg_runs(sizes, dsn, shape),
-        "unkeyed": chatbus_pg_run(dsn, shape, sizes.pg_keyed_messages, batches["unkeyed"]),
+        same: functools.partial(
+            _pg.raw_throughput,
+            dsn,
+            messages=sizes.pg_keyed_messages,
+            per_transaction=shape.callers,
+            connections=shape.streams,
+            streams=shape.streams,
+        ),
+        "unkeyed": chatbus_pg_run(dsn, shape, sizes.pg_keyed_messages, notes["unkeyed"]),
         "keyed": chatbus_pg_run(
-            dsn, shape, sizes.pg_keyed_messages, batches["keyed"], _harness.KeyPlan(keyed=True)
+            dsn, shape, sizes.pg_keyed_messages, notes["keyed"], _harness.KeyPlan(keyed=True)
         ),
-        "retries": chatbus_pg_run(
-            dsn, shape, sizes.pg_keyed_messages, batches["retries"], retries
-        ),
+        "retries": chatbus_pg_run(dsn, shape, sizes.pg_keyed_messages, notes["retries"], retries),
     }
     samples = interleave(sizes.repeats, runs)
-    raw = {name: samples[name] for name in (RAW_SINGLE, raw_batch_name(sizes))}
+    raw = {name: samples[name] for name in (RAW_SINGLE, raw_batch_name(sizes), same)}
     percent = 100 / sizes.pg_retry_every if sizes.pg_retry_every > 1 else 0
+    workload = shape.describe(sizes.pg_keyed_messages)
     return [
         *compare(
             scenario="pg-keyed",
             metric="unkeyed msgs/s",
             samples=samples["unkeyed"],
             baselines=raw,
-            note=f"{shape.describe(sizes.pg_keyed_messages)}, no keys (the same count as keyed);"
-            f" median batch {median_text(batches['unkeyed'])}",
-            extra={"mean_batch": batches["unkeyed"]},
+            note=f"{workload}, no keys (the same count as keyed); {notes['unkeyed'].describe()}",
+            extra=notes["unkeyed"].extra(),
         ),
         *compare(
             scenario="pg-keyed",
             metric="keyed msgs/s",
             samples=samples["keyed"],
             baselines={"chatbus unkeyed": samples["unkeyed"], **raw},
-            note=f"{shape.describe(sizes.pg_keyed_messages)}, a unique key on every publish;"
-            f" median batch {median_text(batches['keyed'])}",
-            extra={"mean_batch": batches["keyed"]},
+            note=f"{workload}, a unique key on every publish; {notes['keyed'].describe()}",
+            extra=notes["keyed"].extra(),
         ),
         *compare(
             scenario="pg-keyed",
@@ -385,9 +461,8 @@ def pg_keyed(context: Context, backend: str) -> list[Row]:
             samples=samples["retries"],
             baselines={"chatbus unkeyed": samples["unkeyed"], **raw},
             note=f"as keyed, but {percent:g} % of publishes repeat the caller's previous key"
-            f" (each checked to return the original id); median batch"
-            f" {median_text(batches['retries'])}",
-            extra={"mean_batch": batches["retries"]},
+            f" (each checked to return the original id); {notes['retries'].describe()}",
+            extra=notes["retries"].extra(),
         ),
     ]
 

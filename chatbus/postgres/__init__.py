@@ -18,7 +18,7 @@ How it talks to the server:
   the pool makes, configures, checks, resets and replaces them. The store borrows
   one when it needs one and keeps it for the next operation, giving it back after
   10 s unused, or at once when it failed mid-statement.
-* The hot operations, unkeyed appends, reads and heads, are single autocommit
+* The hot operations, appends (keyed or not), reads and heads, are single autocommit
   statements. They run on the borrowed connection's ``pgconn`` through psycopg's
   public :mod:`psycopg.pq` layer, straight from trio (``trio.lowlevel.wait_readable``),
   as statements prepared once per session, with text parameters and results that
@@ -26,9 +26,9 @@ How it talks to the server:
   client CPU of the same statement through psycopg's asyncio API behind a
   trio-asyncio crossing (``python -m benchmarks --only statement``); a cancelled
   statement is cancelled on the server, as psycopg does.
-* Keyed appends (a transaction of several statements) run through psycopg's
-  asyncio API on a borrowed connection, with **one** crossing from trio into
-  asyncio for the whole transaction.
+* Rare operations (the last step of a stream's delete, the DDL) run through
+  psycopg's asyncio API on a borrowed connection, one crossing from trio into
+  asyncio each.
 * The LISTEN connection is a dedicated session connection (not from the pool) read
   with :mod:`psycopg.pq` under :func:`trio.lowlevel.wait_readable`: no thread and no
   asyncio crossing per notification. Its ``application_name`` is ``chatbus-listen``.
@@ -53,13 +53,20 @@ channel is ``chatbus_`` plus the MD5 of the schema name; the payload is a small 
 object ``{"stream": …, "last_id": …}`` (at most a couple of KB, whatever the bodies).
 :meth:`PostgresNotifier.notify` is therefore a no-op.
 
-Unkeyed appends are group-committed across streams (:mod:`chatbus._coalesce`): while
-``max_in_flight`` append statements are running, further appends (any streams)
+Appends, keyed or not, are group-committed across streams (:mod:`chatbus._coalesce`):
+while ``max_in_flight`` append statements are running, further appends (any streams)
 queue, and the next statement carries all of them: one counter bump per stream (rows
 locked in sorted stream order, so concurrent multi-stream statements in different
 processes cannot deadlock), the inserts, one ``pg_notify`` per stream, one round
 trip. Each caller still gets exactly its own batch, with consecutive ids, committed
 atomically. See :meth:`PostgresStore.statistics`.
+
+A statement with idempotency keys first probes the unique index once per key (each
+key of a stream is sent once per statement), then bumps and inserts only what it did
+not find; a stream whose drafts were all found is not bumped, locked or notified.
+The probe sees the statement's snapshot, so a same-key append committed while this
+one waited for the lock makes it fail on the unique index, storing nothing; the
+store runs it again.
 """
 
 from ._listen import PostgresNotifier as PostgresNotifier

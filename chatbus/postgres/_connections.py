@@ -37,8 +37,8 @@ class LentConnections:
     The pool (psycopg, through trio-asyncio) makes, configures, checks and replaces
     connections; taking one from it and giving it back are asyncio crossings, so a
     connection is borrowed once and then reused from trio for as long as operations
-    keep coming. Single statements run on its ``pgconn`` (:mod:`chatbus._pq`);
-    keyed appends run on it through psycopg, one crossing each. A connection that
+    keep coming. Single statements run on its ``pgconn`` (:mod:`chatbus._pq`); the
+    rare multi-statement operations run on it through psycopg, one crossing each. A connection that
     failed, was cancelled mid-operation, idled for ``idle_return`` seconds or has
     been lent for ``max_lend`` seconds goes back to the pool, which resets, checks or
     closes it. ``limit`` caps the connections out at once (the pool's ``max_size``);
@@ -144,7 +144,7 @@ class LentConnections:
         """``conn``'s session dropped our prepared statements (``DEALLOCATE ALL``).
 
         psycopg sends that when it rolls back a transaction of its own after preparing
-        statements (the keyed path), and a pool reset may too; the store finds out
+        statements (a stream's delete), and a pool reset may too; the store finds out
         when a statement's name is unknown, forgets, and prepares again.
         """
         self._prepared.pop(conn, None)

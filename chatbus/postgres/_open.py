@@ -167,7 +167,7 @@ async def open_postgres(
             namespace with its own NOTIFY channel.
         min_connections: Connections the pool keeps open (1 to 100).
         max_connections: Most connections the pool opens (``min_connections`` to 1000).
-        max_in_flight: Most unkeyed append statements running at once (1 to
+        max_in_flight: Most append statements (keyed or not) running at once (1 to
             ``max_connections - 1``, so reads always find a connection; 1 when the pool
             has a single connection). Appends made while that many are running are
             merged, across streams, into the next statement (group commit). Default:

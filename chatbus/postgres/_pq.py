@@ -28,7 +28,7 @@ from psycopg import pq
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 _OK: Final = (pq.ExecStatus.TUPLES_OK, pq.ExecStatus.COMMAND_OK)
-_EPOCH: Final = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
+EPOCH: Final = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
 
 
 async def execute(
@@ -140,7 +140,7 @@ def value(result: pq.abc.PGresult, row: int, column: int) -> bytes:
 
 def from_epoch_micros(value: int) -> datetime.datetime:
     """The UTC datetime ``value`` microseconds after the Unix epoch (exact)."""
-    return _EPOCH + datetime.timedelta(microseconds=value)
+    return EPOCH + datetime.timedelta(microseconds=value)
 
 
 async def _pin_host_address(conninfo: str) -> str:

@@ -1,7 +1,8 @@
 """What the Postgres store's statements send and get back, as values: no I/O.
 
 Owns: one caller's batch as the group commit carries it (:class:`Batch`), the bodies
-of a statement (:func:`joined_bodies`), a read page decoded (:func:`decode_page`),
+of a statement (:func:`joined_bodies`) and a keyed statement's input
+(:class:`KeyedRequest`), a read page decoded (:func:`decode_page`),
 and how a statement's result is handed out to the callers of one stream
 (:func:`settle`). Imports only chatbus's pure layers and this package's :mod:`._pq`.
 """
@@ -9,11 +10,11 @@ and how a statement's result is handed out to the callers of one stream
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 from typing import Any, final
 
 import attrs
+import psycopg
 from psycopg import pq
 
 from .._coalesce import PendingAppend
@@ -52,19 +53,81 @@ def decode_page(stream: str, result: pq.abc.PGresult) -> list[Message]:
     ]
 
 
-def body_digest(body_json: str) -> str:
-    """What the server's ``md5(body::text)`` gives for a body sent as ``body_json``."""
-    return hashlib.md5(body_json.encode("utf-8")).hexdigest()
-
-
 def joined_bodies(members: list[PendingAppend]) -> str:
     return BODY_SEPARATOR.join(member.payload.packed for member in members)
+
+
+@final
+@attrs.frozen
+class KeyedRequest:
+    """What a keyed statement sends: per draft sent, its stream, key and body.
+
+    A key repeated within one stream's drafts of the statement is sent once (its first
+    draft); :func:`settle` gives the repeats that draft's message, as a replay.
+    """
+
+    streams: list[str]
+    keys: list[str | None]
+    packed: str
+
+    @classmethod
+    def of(cls, groups: dict[str, list[PendingAppend]]) -> KeyedRequest:
+        """The request for ``groups`` (stream -> its members, in order)."""
+        streams: list[str] = []
+        keys: list[str | None] = []
+        packs: list[str] = []
+        for stream, members in groups.items():
+            drafts = [draft for member in members for draft in member.payload.drafts]
+            if _keys_unique(drafts):  # the usual case: the packs as they are
+                keys.extend(draft.key for draft in drafts)
+                packs.append(joined_bodies(members))
+                sent = len(drafts)
+            else:
+                seen: set[str] = set()
+                texts = []
+                for draft in drafts:
+                    if draft.key is not None:
+                        if draft.key in seen:
+                            continue
+                        seen.add(draft.key)
+                    keys.append(draft.key)
+                    texts.append(draft.body_json)
+                packs.append(BODY_SEPARATOR.join(texts))
+                sent = len(texts)
+            streams.extend([stream] * sent)
+        return cls(streams, keys, BODY_SEPARATOR.join(packs))
+
+    def found(self, rows: list[list[Any]]) -> dict[str, list[Found]]:
+        """The statement's found rows ``[draft number, id, µs, same body, inlined,
+        original body]`` by stream."""
+        by_stream: dict[str, list[Found]] = {}
+        for number, id_, micros, same, inline, original in rows:
+            key = self.keys[number - 1]
+            assert key is not None  # only keys are looked up
+            found = Found(key, id_, micros, same, inline, original)
+            by_stream.setdefault(self.streams[number - 1], []).append(found)
+        return by_stream
+
+
+@final
+@attrs.frozen
+class Found:
+    """A message a keyed statement found under one of its keys."""
+
+    key: str
+    id: int
+    micros: int
+    #: The draft sent the stored text: a replay whose body is the draft's.
+    same: bool
+    #: Not the same, and ``original`` is the stored body (else it is read afterwards).
+    inline: bool
+    original: Any
 
 
 def settle(
     stream: str,
     members: list[PendingAppend],
-    last_id: int,
+    last_id: int | None,
     created_at: datetime.datetime,
     found: dict[str, Message] | None,
 ) -> None:
@@ -74,18 +137,25 @@ def settle(
     the statement; :func:`plan_keyed_batch` makes the same choice here, so the new
     ones are the last ``len(new)`` ids. A draft that resolves to a message stored
     before it (earlier, or earlier in this statement) gets that message as a replay.
+    ``last_id`` is None when the statement stored nothing in ``stream``.
     """
     bodies = [body for member in members for body in member.payload.bodies]
-    if found is None:  # unkeyed: every draft is new
+    drafts = [draft for member in members for draft in member.payload.drafts]
+    if not found and (found is None or _keys_unique(drafts)):
+        # Unkeyed, or no key found and none repeated (the usual keyed batch): every
+        # draft is new, and the drafts are the last ids in order.
+        if last_id is None:  # pragma: no cover - the server stored what it did not find
+            raise psycopg.DataError(f"no counter row returned for stream {stream!r}")
         first = last_id - len(bodies) + 1
         result = [
-            Message.from_row(stream, first + i, body, None, created_at)
-            for i, body in enumerate(bodies)
+            Message.from_row(stream, first + i, body, draft.key, created_at)
+            for i, (draft, body) in enumerate(zip(drafts, bodies, strict=True))
         ]
     else:
-        drafts = [draft for member in members for draft in member.payload.drafts]
         slots, new = plan_keyed_batch(drafts, found)
-        first = last_id - len(new) + 1
+        if new and last_id is None:  # pragma: no cover - the server stored what it did not find
+            raise psycopg.DataError(f"no counter row returned for stream {stream!r}")
+        first = (last_id or 0) - len(new) + 1
         stored: dict[int, Message] = {}
         result = []
         for draft, body, slot in zip(drafts, bodies, slots, strict=True):
@@ -103,36 +173,40 @@ def settle(
         start += member.drafts
 
 
-def sent_by_key(members: list[PendingAppend]) -> dict[str, tuple[str, Any]]:
-    """Per key of a stream's drafts in one statement: (digest of its text, its body)."""
-    sent: dict[str, tuple[str, Any]] = {}
+def _keys_unique(drafts: list[Draft]) -> bool:
+    """No key appears twice among ``drafts`` (None is no key)."""
+    keys = [draft.key for draft in drafts if draft.key is not None]
+    return len(set(keys)) == len(keys)
+
+
+def sent_by_key(members: list[PendingAppend]) -> dict[str, Any]:
+    """Per key of a stream's drafts in one statement: the body of its first draft (sent)."""
+    sent: dict[str, Any] = {}
     for member in members:
         batch: Batch = member.payload
         for draft, body in zip(batch.drafts, batch.bodies, strict=True):
             if draft.key is not None:
-                sent.setdefault(draft.key, (body_digest(draft.body_json), body))
+                sent.setdefault(draft.key, body)
     return sent
 
 
 def replays(
-    stream: str,
-    found: list[list[Any]],
-    sent: dict[str, tuple[str, Any]],
-    bodies: dict[str, Any],
+    stream: str, found: list[Found], sent: dict[str, Any], bodies: dict[str, Any]
 ) -> dict[str, Message]:
-    """The messages found under a statement's keys (``[key, id, µs, digest]`` rows).
+    """The messages found under a statement's keys.
 
-    An equal digest means the draft sent the stored text: its body is the stored one.
-    Otherwise the original body read afterwards (``bodies``), or None if that failed.
+    The same body: the draft sent the stored text, so its body is the stored one.
+    Otherwise the original body from the reply, or read afterwards (``bodies``), or
+    None if that read failed.
     """
     return {
-        key: Message(
+        f.key: Message(
             stream=stream,
-            id=id_,
-            body=sent[key][1] if sent[key][0] == digest else bodies.get(key),
-            key=key,
-            created_at=_pq.from_epoch_micros(micros),
+            id=f.id,
+            body=sent[f.key] if f.same else f.original if f.inline else bodies.get(f.key),
+            key=f.key,
+            created_at=_pq.from_epoch_micros(f.micros),
             replay=True,
         )
-        for key, id_, micros, digest in found
+        for f in found
     }

@@ -141,6 +141,9 @@ def _notice(stream: str, last_id: str) -> sql.Composable:
 LIFECYCLE_BATCH: Final = 5000
 #: Groups of a read page are cut at this many bytes of bodies (see Queries.read).
 READ_GROUP_BYTES: Final = 16 * 1024 * 1024
+#: A keyed append's reply carries the original body of a key reused with another body
+#: (for the IdempotencyConflict) up to this size; bigger ones are read afterwards.
+CONFLICT_INLINE_BYTES: Final = 8 * 1024
 
 
 @final
@@ -204,9 +207,10 @@ def _names(schema: str) -> dict[str, sql.Composable]:
         "created_micros": _micros("created_at"),
         "bump_micros": _micros("bump.last_at"),
         "found_micros": _micros("m.created_at"),
-        "keyed_notice": _notice("b.stream", "b.last_id"),
+        "keyed_notice": _notice("st.stream", "st.last_id"),
         "b_micros": _micros("b.last_at"),
         "group_bytes": sql.Literal(READ_GROUP_BYTES),
+        "conflict_inline": sql.Literal(CONFLICT_INLINE_BYTES),
         "events": sql.Identifier(schema, "events"),
         "max_events": sql.Literal(RETAINED_EVENTS),
         "max_event_bytes": sql.Literal(RETAINED_EVENT_BYTES),
@@ -287,76 +291,79 @@ _APPEND_STREAMS: Final = """
 """
 
 # Appends with idempotency keys, any number of streams, in ONE statement: no client
-# holds a stream's lock across its own work (or while frozen). Input: a JSON array
-# of [stream, [key or null per draft], packed bodies]. Per stream: the messages
-# already stored under the batch's keys are found; the drafts whose key is NULL, or
-# new and first in the batch, are inserted with the ids the counter bump reserves
-# (rows locked in sorted order, as for unkeyed batches); notify once if anything new.
+# holds a stream's lock across its own work (or while frozen). Input, one item per
+# draft sent, in order: $1 a JSON array of stream names, $2 a JSON array of keys (null
+# for none), $3 the bodies packed as above. The client sends each key of a stream at
+# most once per statement (a repeat within the batch is its first draft's message,
+# settled client-side), so the server needs no per-key window. Each key is looked up
+# with one probe of the unique index; the drafts not found are inserted with the ids
+# the counter bump reserves (rows locked in sorted order, as for unkeyed batches), and
+# each stream that stored something is notified once (pg_notify in the bump's
+# RETURNING: once per bumped row, whatever reads it). A stream whose drafts were all
+# found is not bumped: no lock, no write, no notice; a statement that stores nothing
+# writes no WAL and commits without waiting for a flush (a batch of retries).
 #
 # The key lookup runs on the statement's snapshot, taken before any lock wait: a
 # same-key append that commits while this one waits is not seen, so this statement
 # then tries to insert that key again and fails with a unique violation, storing
 # nothing. The store runs it again (a new snapshot sees the key): rare, and correct
 # thanks to the unique index.
-# Output per stream: new last id, created_at µs of the batch, and the messages found
-# for its keys as [[key, id, created_at µs, md5 of the body text], …] (NULL if none).
-# Not their bodies: the reply is written while the stream's lock is held, and a
-# client that stops reading a big reply (frozen) would hold the lock with it. A retry
-# sends the very text it sent before, so an equal digest means the same body; only
-# for a conflict does the store read the original body, afterwards (_BODIES_OF_KEYS).
+#
+# Output: a row per bumped stream: (stream, new last id, created_at µs of the batch,
+# NULL); and if any key was found, one row (NULL, NULL, NULL, [[draft number (from 1),
+# id, created_at µs, same body?, original inlined?, original body], …]). "Same body"
+# compares the stored text with the text sent (json keeps it verbatim): a replay needs
+# no body back. A key reused with another body (a conflict) gets the original body
+# in the reply when it is at most CONFLICT_INLINE_BYTES, so the error costs no second
+# round trip; a bigger one is read afterwards (_BODIES_OF_KEYS), for the reply is
+# written while the streams' locks are held, and a client that stops reading a big
+# reply (frozen) would hold the locks with it.
 _APPEND_KEYED: Final = """
-    WITH input AS MATERIALIZED (
-        SELECT s.value->>0 AS stream, s.value->1 AS keys, s.value->>2 AS packed
-        FROM json_array_elements($1::json) AS s
-    ), drafts AS MATERIALIZED (
-        SELECT i.stream, b.ord, b.body, k.value #>> '{{}}' AS key,
-            row_number() OVER (PARTITION BY i.stream, k.value #>> '{{}}' ORDER BY b.ord) AS nth
-        FROM input AS i
-        CROSS JOIN LATERAL unnest(string_to_array(i.packed, chr(30)))
-            WITH ORDINALITY AS b(body, ord)
-        JOIN LATERAL json_array_elements(i.keys) WITH ORDINALITY AS k(value, ord)
+    WITH d AS MATERIALIZED (
+        SELECT s.stream, k.key, b.body, b.ord
+        FROM unnest(string_to_array($3::text, chr(30))) WITH ORDINALITY AS b(body, ord)
+        JOIN json_array_elements_text($1::json) WITH ORDINALITY AS s(stream, ord)
+            ON s.ord = b.ord
+        JOIN json_array_elements_text($2::json) WITH ORDINALITY AS k(key, ord)
             ON k.ord = b.ord
     ), found AS MATERIALIZED (
         -- LATERAL ... LIMIT 1: one probe of the unique index per key, never a scan of
         -- the table (a join here may be planned as one, the row counts being unknown).
-        SELECT d.stream, d.key, m.id, m.micros, m.digest
-        FROM (SELECT DISTINCT d.stream, d.key FROM drafts AS d WHERE d.key IS NOT NULL) AS d
-        CROSS JOIN LATERAL (
-            SELECT m.id, {found_micros} AS micros, md5(m.body::text) AS digest
+        SELECT d.ord, m.id, m.micros, m.same,
+            NOT m.same AND octet_length(m.body::text) <= {conflict_inline} AS inline,
+            CASE WHEN NOT m.same AND octet_length(m.body::text) <= {conflict_inline}
+                THEN m.body END AS original
+        FROM d CROSS JOIN LATERAL (
+            SELECT m.id, {found_micros} AS micros, m.body::text = d.body AS same, m.body
             FROM {messages} AS m
             WHERE m.stream = d.stream AND m.key = d.key AND m.key IS NOT NULL
             LIMIT 1
         ) AS m
+        WHERE d.key IS NOT NULL
     ), fresh AS MATERIALIZED (
-        SELECT d.stream, d.key, d.body,
-            row_number() OVER (PARTITION BY d.stream ORDER BY d.ord) AS n
-        FROM drafts AS d
-        WHERE d.key IS NULL OR (d.nth = 1 AND NOT EXISTS (
-            SELECT 1 FROM found AS f WHERE f.stream = d.stream AND f.key = d.key
-        ))
-    ), counts AS (
-        SELECT i.stream, (SELECT count(*) FROM fresh AS f WHERE f.stream = i.stream) AS n
-        FROM input AS i
+        SELECT d.stream, d.key, d.body, row_number() OVER w AS n, count(*) OVER w AS of
+        FROM d
+        WHERE NOT EXISTS (SELECT 1 FROM found AS f WHERE f.ord = d.ord)
+        WINDOW w AS (PARTITION BY d.stream ORDER BY d.ord
+            ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING)
     ), bump AS (
         INSERT INTO {streams} AS st (stream, last_id, last_at, last_token)
-        SELECT c.stream, c.n, clock_timestamp(), $3::bigint
-        FROM counts AS c ORDER BY c.stream COLLATE "C"
+        SELECT f.stream, count(*), clock_timestamp(), $5::bigint
+        FROM fresh AS f GROUP BY f.stream ORDER BY f.stream COLLATE "C"
         ON CONFLICT (stream) DO UPDATE SET last_id = st.last_id + EXCLUDED.last_id,
             last_at = greatest(clock_timestamp(), st.last_at),
-            last_token = CASE WHEN EXCLUDED.last_id > 0
-                THEN EXCLUDED.last_token ELSE st.last_token END
-        RETURNING st.stream, st.last_id, st.last_at
+            last_token = EXCLUDED.last_token
+        RETURNING st.stream, st.last_id, st.last_at, pg_notify($4::text, {keyed_notice})
     ), ins AS (
         INSERT INTO {messages} (stream, id, key, body, created_at)
-        SELECT f.stream, b.last_id - c.n + f.n, f.key, f.body::json, b.last_at
-        FROM fresh AS f JOIN counts AS c ON c.stream = f.stream
-            JOIN bump AS b ON b.stream = f.stream
+        SELECT f.stream, b.last_id - f.of + f.n, f.key, f.body::json, b.last_at
+        FROM fresh AS f JOIN bump AS b ON b.stream = f.stream
     )
-    SELECT b.stream, b.last_id, {b_micros},
-        (SELECT json_agg(json_build_array(f.key, f.id, f.micros, f.digest))
-            FROM found AS f WHERE f.stream = b.stream),
-        CASE WHEN c.n > 0 THEN pg_notify($2::text, {keyed_notice}) END
-    FROM bump AS b JOIN counts AS c ON c.stream = b.stream
+    SELECT b.stream, b.last_id, {b_micros}, NULL FROM bump AS b
+    UNION ALL
+    SELECT NULL, NULL, NULL,
+        json_agg(json_build_array(f.ord, f.id, f.micros, f.same, f.inline, f.original))::text
+    FROM found AS f HAVING count(*) > 0
 """
 
 # The bodies of the messages stored under keys $2 (a JSON array) of stream $1.

@@ -1,9 +1,8 @@
 """The Postgres store: :class:`PostgresStore` and its statistics.
 
-Owns: how appends, reads and heads become statements. Unkeyed appends are single
-statements run over :mod:`._pq` on lent connections, group-committed across streams
-(:mod:`chatbus._coalesce`); keyed appends run as one transaction through psycopg on a
-lent connection, one asyncio crossing each (:mod:`._aio`). Imports this package's
+Owns: how appends, reads and heads become statements. Appends, keyed or not, are
+single statements run over :mod:`._pq` on lent connections, group-committed across
+streams (:mod:`chatbus._coalesce`). Imports this package's
 :mod:`._pq`, :mod:`._sql`, :mod:`._aio`, :mod:`._connections`; never the listener.
 """
 
@@ -31,7 +30,16 @@ from .._retention import RetentionPage
 from . import _pq
 from ._aio import AioRunner
 from ._connections import LentConnections
-from ._rows import Batch, decode_page, joined_bodies, replays, sent_by_key, settle
+from ._rows import (
+    Batch,
+    Found,
+    KeyedRequest,
+    decode_page,
+    joined_bodies,
+    replays,
+    sent_by_key,
+    settle,
+)
 from ._sql import LIFECYCLE_BATCH, Queries
 
 #: Exceptions that mean "the store failed" rather than "chatbus has a bug".
@@ -47,9 +55,9 @@ class PostgresStoreStatistics:
     """A snapshot of a :class:`PostgresStore`'s append coalescing and connections.
 
     Attributes:
-        appends: Unkeyed :meth:`~PostgresStore.append` calls that reached the server
-            queue (keyed appends take their own path and are not counted).
-        statements: Unkeyed append statements sent (each one transaction).
+        appends: :meth:`~PostgresStore.append` calls that reached the server queue,
+            keyed or not.
+        statements: Append statements sent (each one transaction).
         merged_statements: Statements that carried more than one append.
         largest_statement: The most appends one statement carried.
         in_flight: Statements running (or about to be sent) now.
@@ -59,6 +67,10 @@ class PostgresStoreStatistics:
             when the next operation starts), or when it failed or was cancelled.
         borrows: Connections taken from the pool so far: steady traffic keeps this
             flat; a climbing count means connections keep failing.
+        keyed_reruns: Keyed statements run again because a same-key append (another
+            process, or another statement of this one) committed while they waited
+            for a stream's lock: their key lookup had not seen it, so they stored
+            nothing and ran again. Rare unless the same keys race.
     """
 
     appends: int
@@ -69,6 +81,7 @@ class PostgresStoreStatistics:
     pending: int
     connections: int
     borrows: int
+    keyed_reruns: int
 
 
 def _no_limit(value: float | None) -> bytes:
@@ -107,6 +120,7 @@ class PostgresStore:
     _shield_timeout: float = 65.0
     _closed: bool = attrs.field(default=False, init=False)
     _group: GroupCommit = attrs.field(init=False)
+    _keyed_reruns: int = attrs.field(default=0, init=False)
 
     def __attrs_post_init__(self) -> None:
         self._group = GroupCommit(
@@ -129,7 +143,7 @@ class PostgresStore:
 
     @property
     def max_in_flight(self) -> int:
-        """Most unkeyed append statements running at once; more appends are merged."""
+        """Most append statements running at once; more appends are merged."""
         return self._max_in_flight
 
     def close(self) -> None:
@@ -148,6 +162,7 @@ class PostgresStore:
             pending=len(group.pending),
             connections=self._connections.held,
             borrows=self._connections.borrows,
+            keyed_reruns=self._keyed_reruns,
         )
 
     async def append(self, stream: str, drafts: Sequence[Draft]) -> list[Message]:
@@ -452,7 +467,7 @@ class PostgresStore:
             groups.setdefault(member.stream, []).append(member)
         token = random.getrandbits(63)
         keyed = any(member.payload.keyed for member in batch)
-        rows: Sequence[tuple[str, int, datetime.datetime, dict[str, Message] | None]]
+        rows: Sequence[tuple[str, int | None, datetime.datetime, dict[str, Message] | None]]
         try:
             if keyed:
                 for attempt in range(_KEYED_ATTEMPTS):
@@ -464,6 +479,7 @@ class PostgresStore:
                         # lock (see _sql._APPEND_KEYED); nothing was stored: again.
                         if attempt == _KEYED_ATTEMPTS - 1:
                             raise
+                        self._keyed_reruns += 1
             else:
                 rows = await self._append_rows(groups, token)
         except _MaybeCommitted as lost:
@@ -508,47 +524,54 @@ class PostgresStore:
 
     async def _append_keyed_rows(
         self, groups: dict[str, list[PendingAppend]], token: int
-    ) -> list[tuple[str, int, datetime.datetime, dict[str, Message]]]:
-        """The keyed append function; per stream, also the messages found for its keys."""
-        request = [
-            (
-                stream,
-                [draft.key for m in members for draft in m.payload.drafts],
-                joined_bodies(members),
-            )
-            for stream, members in groups.items()
+    ) -> list[tuple[str, int | None, datetime.datetime, dict[str, Message]]]:
+        """The keyed append statement; per stream, also the messages found for its keys.
+
+        A stream the statement stored nothing in has no last id (None).
+        """
+        request = KeyedRequest.of(groups)
+        params = [
+            json.dumps(request.streams, ensure_ascii=False, separators=(",", ":")).encode("utf-8"),
+            json.dumps(request.keys, ensure_ascii=False, separators=(",", ":")).encode("utf-8"),
+            request.packed.encode("utf-8"),
+            self._channel.encode("utf-8"),
+            b"%d" % token,
         ]
-        document = json.dumps(request, ensure_ascii=False, separators=(",", ":"))
-        params = [document.encode("utf-8"), self._channel.encode("utf-8"), b"%d" % token]
         result = await self._run_append(self._queries.append_keyed, params)
-        rows = []
+        bumped: dict[str, tuple[int, datetime.datetime]] = {}
+        found: dict[str, list[Found]] = {}
         for row in range(result.ntuples):
-            stream = _pq.value(result, row, 0).decode("utf-8")
-            found_text = result.get_value(row, 3)
-            found = [] if found_text is None else json.loads(found_text)
-            rows.append(
-                (
-                    stream,
+            name = result.get_value(row, 0)
+            if name is None:  # the one row of keys found
+                found = request.found(json.loads(_pq.value(result, row, 3)))
+            else:
+                bumped[name.decode("utf-8")] = (
                     int(_pq.value(result, row, 1)),
                     _pq.from_epoch_micros(int(_pq.value(result, row, 2))),
-                    await self._replays(stream, found, groups[stream]) if found else {},
                 )
-            )
+        rows = []
+        for stream, members in groups.items():
+            head, created_at = bumped.get(stream, (None, _pq.EPOCH))
+            stream_found = found.get(stream)
+            replayed = await self._replays(stream, stream_found, members) if stream_found else {}
+            rows.append((stream, head, created_at, replayed))
         return rows
 
     async def _replays(
-        self, stream: str, found: list[list[Any]], members: list[PendingAppend]
+        self, stream: str, found: list[Found], members: list[PendingAppend]
     ) -> dict[str, Message]:
         """The messages a batch found under its keys, with their bodies.
 
-        A draft whose text has the stored body's digest sent the same body: that is
-        the body. For a key reused with another body (a conflict the publisher then
-        reports), the original body is read now, with no lock held; should that read
-        fail, the replay's body is None (still not the draft's: still a conflict).
+        A draft that sent the stored text sent the same body: that is the body. For a
+        key reused with another body (a conflict the publisher then reports), the
+        original body came with the reply, unless it is bigger than
+        :data:`._sql.CONFLICT_INLINE_BYTES`: then it is read now, with no lock held; should
+        that read fail, the replay's body is None (still not the draft's: still a
+        conflict).
         """
         sent = sent_by_key(members)
         bodies: dict[str, Any] = {}
-        differing = [key for key, _, _, digest in found if sent[key][0] != digest]
+        differing = [f.key for f in found if not f.same and not f.inline]
         if differing:
             with contextlib.suppress(*DB_ERRORS):
                 params = [

@@ -1,4 +1,4 @@
-"""The Postgres backend against a real server: cross-stream group commit of unkeyed appends.
+"""The Postgres backend against a real server: cross-stream group commit of appends.
 
 Every test runs on a fresh schema (see ``tests/support/pg.py``) and is bounded by an
 absolute ``trio.fail_after``.
@@ -80,6 +80,47 @@ async def test_concurrent_appends_are_coalesced_across_streams() -> None:
                 for stream in by_stream:
                     assert recorder.ids(stream) == sorted(recorder.ids(stream))
                 listening.cancel_scope.cancel()
+
+
+async def test_keyed_appends_are_coalesced_across_streams() -> None:
+    """Keyed appends that wait are merged into one statement like unkeyed ones; keys
+    stay per stream, and a key repeated by two appends of the statement is stored
+    once, the later one getting the earlier one's message as a replay."""
+    async with fresh_postgres_pair(max_connections=4, max_in_flight=1) as (store, _):
+        results: dict[int, list[Message]] = {}
+
+        async def append(n: int, stream: str, drafts: list[Draft]) -> None:
+            results[n] = await store.append(stream, drafts)
+
+        queued = [
+            ("a", [draft(1, "k1")]),
+            ("b", [draft(1, "k1")]),
+            ("a", [draft(1, "k1"), draft("new")]),
+            ("b", [draft(None), draft(2, "k2"), draft(2, "k2")]),
+            ("a", [draft(0, "k0")]),  # the key of the statement running now
+        ]
+        with trio.fail_after(20):
+            async with row_lock(store.schema, "a") as lock, trio.open_nursery() as nursery:
+                nursery.start_soon(append, 0, "a", [draft(0, "k0")])
+                await eventually(lambda: store.statistics().in_flight == 1)
+                for n, (stream, drafts) in enumerate(queued, 1):
+                    nursery.start_soon(append, n, stream, drafts)
+                    await eventually(lambda n=n: store.statistics().pending == n)
+                await trio.sleep(0.2)
+                await lock.release()
+        stats = store.statistics()
+        assert (stats.statements, stats.largest_statement) == (2, len(queued)), stats
+        ids = {n: [(m.id, m.replay) for m in messages] for n, messages in results.items()}
+        assert ids == {
+            0: [(1, False)],
+            1: [(2, False)],
+            2: [(1, False)],
+            3: [(2, True), (3, False)],
+            4: [(2, False), (3, False), (3, True)],
+            5: [(1, True)],
+        }
+        assert [m.body for m in await store.read("a", 0, 10)] == [0, 1, "new"]
+        assert [m.body for m in await store.read("b", 0, 10)] == [1, None, 2]
 
 
 async def test_multi_stream_statements_from_two_pools_do_not_deadlock() -> None:

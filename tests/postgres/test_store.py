@@ -144,6 +144,36 @@ async def test_idempotency_keys(store: PostgresStore) -> None:
         assert [m.id for m in await store.read("idem", 0, 100)] == [1, 2, 3, 4]
 
 
+async def test_a_key_reused_with_another_body_costs_one_round_trip(
+    store: PostgresStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The original body of a conflicting key comes back with the append's reply (the
+    publisher raises IdempotencyConflict with it); only a body too big to ride in a
+    reply written under the streams' locks is read afterwards."""
+    with trio.fail_after(10):
+        [first] = await store.append("c", [draft({"text": "hi"}, "k")])
+        [null] = await store.append("c", [draft(None, "null")])
+        big = "x" * 10_000  # more than CONFLICT_INLINE_BYTES
+        await store.append("c", [draft(big, "big")])
+        statements: list[bytes] = []
+        execute = chatbus.postgres._pq.execute
+
+        async def counting(*args: Any, **kwargs: Any) -> Any:
+            statements.append(args[1])
+            return await execute(*args, **kwargs)
+
+        monkeypatch.setattr(chatbus.postgres._pq, "execute", counting)
+        [again] = await store.append("c", [draft({"text": "edited"}, "k")])
+        [again_null] = await store.append("c", [draft(1, "null")])
+        assert len(statements) == 2
+        assert (again.id, again.body, again.replay) == (first.id, {"text": "hi"}, True)
+        assert (again_null.id, again_null.body, again_null.replay) == (null.id, None, True)
+        [again_big] = await store.append("c", [draft("other", "big")])
+        assert len(statements) == 4  # the append, then the big original read afterwards
+        assert again_big.body == big
+        assert len(await store.read("c", 0, 10)) == 3
+
+
 async def test_concurrent_appends_with_the_same_key_store_once(store: PostgresStore) -> None:
     with trio.fail_after(20):
         async with open_postgres(pg_dsn(), schema=store.schema, max_connections=8) as (other, _):
@@ -167,6 +197,41 @@ async def test_concurrent_appends_with_the_same_key_store_once(store: PostgresSt
         stored = await store.read("race", 0, 100)
         assert [m.id for m in stored] == [1, 2, 3, 4, 5]
         assert [m.key for m in stored] == [f"client-{i}" for i in range(5)]
+
+
+async def test_a_batch_of_retries_takes_no_lock_and_notifies_nothing(
+    pair: tuple[PostgresStore, PostgresNotifier],
+) -> None:
+    """A batch whose keys are all stored already writes nothing: it returns the
+    originals while another writer holds the stream's lock, and no notice goes out;
+    a batch with one new draft still waits for the lock and notifies once."""
+    store, notifier = pair
+    with trio.fail_after(20):
+        originals = await store.append("r", [draft("a", "ka"), draft("b", "kb")])
+        recorder = Recorder()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(notifier.listen, recorder)
+            async with row_lock(store.schema, "r") as lock:
+                with trio.fail_after(3):  # the lock is held for good: this must not wait
+                    again = await store.append("r", [draft("b", "kb"), draft("a", "ka")])
+                assert [m.id for m in again] == [2, 1]
+                assert all(m.replay for m in again)
+                assert again == originals[::-1]
+                waited: list[Message] = []
+
+                async def append_one_new() -> None:
+                    waited.extend(await store.append("r", [draft("a", "ka"), draft("c", "kc")]))
+
+                nursery.start_soon(append_one_new)
+                await trio.sleep(0.3)
+                assert not waited  # it stores something: it waits for the lock
+                await lock.release()
+            await eventually(lambda: recorder.ids("r") == [3])
+            assert [m.id for m in waited] == [1, 3]
+            await trio.sleep(0.2)
+            assert recorder.ids("r") == [3]  # nothing for the batch of retries
+            nursery.cancel_scope.cancel()
+        assert [m.body for m in await store.read("r", 0, 10)] == ["a", "b", "c"]
 
 
 async def test_read_paging(store: PostgresStore) -> None:
@@ -382,6 +447,9 @@ async def test_same_key_from_two_processes_while_the_lock_is_held_stores_once() 
                     await lock.release()
                 assert sorted(m.id for m in results) == [2, 2]
                 assert sorted(m.replay for m in results) == [False, True]
+                # The loser's lookup could not see the winner's key: it ran again, once.
+                reruns = [s.statistics().keyed_reruns for s in (one, two)]
+                assert sorted(reruns) == [0, 1]
                 assert [m.body for m in await one.read("race", 0, 10)] == ["warm-up", "same"]
 
 
