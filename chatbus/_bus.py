@@ -477,9 +477,11 @@ class Bus(metaclass=NoPublicConstructor):
         tombstone: Message | None = await self._lifecycle("redact")(stream, id)
         if tombstone is None:
             raise ValueError(f"stream {stream!r} has no retained message {id}")
-        topic = self._topics.by_name.get(stream)
-        if topic is not None:
-            topic.cache.put([tombstone])
+        # Every bus's cache (also serving subscriptions opened later) drops the body.
+        self._router.redacted(stream, id)
+        tell = getattr(self._notifier, "notify_redacted", None)
+        if tell is not None:
+            await tell(stream, id)
         await self.emit(stream, {"redacted": id}, key=f"chatbus.redacted:{id}", ttl=3600)
         return tombstone
 

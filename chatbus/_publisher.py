@@ -260,6 +260,7 @@ class Producer:
         self.topic.appending += 1
         try:
             await self.before_append()
+            generation = self.topic.cache.generation
             messages = await self.store.append(stream, [request.draft for request in live])
             if len(messages) != len(live):
                 raise StoreError(f"store returned {len(messages)} messages for {len(live)} drafts")
@@ -272,7 +273,7 @@ class Producer:
             return
         finally:
             self.topic.appending -= 1
-        last_id = self.topic.committed(messages)
+        last_id = self.topic.committed(messages, generation)
         for request, message in zip(live, messages, strict=True):
             if message.replay and (conflict := _conflict(request.draft, message)) is not None:
                 request.fail(conflict)

@@ -472,6 +472,7 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
             return None
         done = topic.reads[cursor] = trio.Event()
         state.begin_read(topic.high_water)
+        generation = topic.cache.generation
         try:
             async with self._topics.read_limiter:
                 page = await self._store.read(self._stream, cursor, self._read_limit)
@@ -484,7 +485,7 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
         finally:
             del topic.reads[cursor]
             done.set()
-        topic.cache.put(page)
+        topic.cache.put(page, generation)  # not if the history changed meanwhile
         return state.take(page, self._read_limit)
 
 

@@ -67,15 +67,20 @@ class Topic:
         for sink in list(self.event_sinks):
             sink.push_events(events)
 
-    def committed(self, messages: Sequence[Message]) -> int:
+    def committed(self, messages: Sequence[Message], generation: int) -> int:
         """A local append committed ``messages``: cache them, wake subscriptions.
+
+        ``generation`` is the cache's when the append began: if the stream's history
+        changed meanwhile (a delete, trim or redaction; a resync), they are not
+        trusted here and the subscriptions look in the store.
 
         Returns the highest id among them.
         """
-        self.cache.put(messages)
         last_id = max(message.id for message in messages)
-        self.high_water = max(self.high_water, last_id)
-        self.head_known = True
+        if generation == self.cache.generation:
+            self.cache.put(messages)
+            self.high_water = max(self.high_water, last_id)
+            self.head_known = True
         self._wake()  # even if a notice already raised high_water: the cache grew
         return last_id
 
@@ -88,7 +93,7 @@ class Topic:
 
         Counted as a resync too; what the cache holds is of the old history.
         """
-        self.cache = DurableCache(self.cache.capacity)
+        self.cache.clear()
         self.high_water = 0
         self.head_known = False
         self.resync()
@@ -177,9 +182,12 @@ class Router:
             topic.advance(last_id)
 
     def resync(self) -> None:
+        # Anything may have happened while notices were lost: a delete, a trim, a
+        # redaction. So nothing known of any stream is trusted any more: every topic
+        # is reset, its cache emptied, its subscriptions check their epoch and rescan.
         self.resyncs += 1
         for topic in self.topics.values():
-            topic.resync()
+            topic.reset()
 
     def reset(self, stream: str) -> None:
         topic = self.topics.get(stream)
@@ -190,6 +198,11 @@ class Router:
         topic = self.topics.get(stream)
         if topic is not None:
             topic.cache.forget_below(first_id)
+
+    def redacted(self, stream: str, id: int) -> None:
+        topic = self.topics.get(stream)
+        if topic is not None:
+            topic.cache.forget(id)
 
     def events(self, events: Sequence[Event]) -> None:
         by_stream: dict[str, list[Event]] = {}

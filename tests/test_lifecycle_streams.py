@@ -137,6 +137,24 @@ async def test_redaction_is_a_tombstone_seen_live(backend):
             await bus.redact("room", 9)
 
 
+async def test_a_redaction_reaches_every_buss_cache(backend):
+    """Also the cache of a bus that published the message, which serves the
+    subscriptions opened there later."""
+    async with backend.open_bus() as bus, backend.open_bus() as other:
+        async with bus.open_publisher("room") as pub:
+            for i in range(1, 6):
+                await pub.publish({"text": "my password"} if i == 3 else i)
+            await other.redact("room", 3)
+            with trio.fail_after(10):
+                while True:  # the notice travels (Postgres: NOTIFY)
+                    async with bus.open_subscriber("room", after=2) as sub:
+                        message = await sub.receive()
+                    if message.redacted:
+                        break
+                    await trio.sleep(0.05)
+            assert (message.id, message.body) == (3, None)
+
+
 async def test_a_live_subscription_ends_when_its_stream_is_deleted(backend):
     async with (
         backend.open_bus() as bus,

@@ -558,12 +558,18 @@ _DELETE_STREAM: Final = """
     SELECT pg_notify(%(channel)s::text, {reset_notice});
 """
 
-# Redact: the body becomes JSON null, the row keeps id, key and created_at; returns
-# the tombstone as [key, created_at µs] (no row: not retained).
+# Redact: the body becomes JSON null, the row keeps id, key and created_at; every
+# listener is told at the commit (their caches drop the body); returns the tombstone
+# as [key, created_at µs] (no row: not retained).
 _REDACT: Final = """
-    UPDATE {messages} AS m SET body = 'null'::json, redacted = true
-    WHERE m.stream = $1::text AND m.id = $2::bigint
-        AND m.id >= coalesce(
-            (SELECT st.first_id FROM {streams} AS st WHERE st.stream = $1::text), 1)
-    RETURNING json_build_array(m.key, {found_micros})
+    WITH r AS (
+        UPDATE {messages} AS m SET body = 'null'::json, redacted = true
+        WHERE m.stream = $1::text AND m.id = $2::bigint
+            AND m.id >= coalesce(
+                (SELECT st.first_id FROM {streams} AS st WHERE st.stream = $1::text), 1)
+        RETURNING json_build_array(m.key, {found_micros}) AS tombstone
+    )
+    SELECT r.tombstone, pg_notify($3::text, json_build_object(
+        'stream', $1::text, 'redacted', $2::bigint)::text)
+    FROM r
 """

@@ -412,7 +412,10 @@ class PostgresStore:
         """
         check_stream(stream)
         result = await self._query(
-            "redact", self._queries.redact, [stream.encode("utf-8"), b"%d" % id], stream=stream
+            "redact",
+            self._queries.redact,
+            [stream.encode("utf-8"), b"%d" % id, self._channel.encode("utf-8")],
+            stream=stream,
         )
         if result.ntuples == 0:
             return None
