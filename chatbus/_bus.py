@@ -14,7 +14,15 @@ import trio
 
 from ._event import MAX_EVENT_WIRE_BYTES, Event, encode_event, make_event_draft
 from ._exceptions import BusClosed, BusError, MessageTooLarge
-from ._message import Message, StreamInfo, check_after, check_cursor, check_stream, make_draft
+from ._message import (
+    Message,
+    StreamInfo,
+    check_after,
+    check_before,
+    check_cursor,
+    check_stream,
+    make_draft,
+)
 from ._options import (
     MAX_READ_LIMIT,
     BusOptions,
@@ -351,13 +359,19 @@ class Bus(metaclass=NoPublicConstructor):
         """Return up to ``limit`` committed messages of ``stream``, in id order.
 
         Page forward with ``after`` (the last id you got; default 0), or back with
-        ``before`` (the lowest id you have: the ``limit`` messages just below it, for
-        scroll-back). Not both.
+        ``before`` (the lowest id you have, for scroll-back): the retained messages
+        among the ``limit`` ids just below it, never an id at or above it. Fewer
+        than ``limit`` then means the page reached the first retained id; a read
+        before that id raises :class:`~chatbus.HistoryTruncated` naming it (there
+        is nothing below id 1: ``before=1`` returns ``[]``). Not both.
 
         Raises:
             InvalidStream: ``stream`` is not a valid stream name.
             ValueError: ``after`` or ``before`` is out of range, both are given, or
                 ``limit`` is not in 1..10000.
+            CursorAhead: ``after`` is past the head, or ``before`` past head + 1.
+            HistoryTruncated: the messages after ``after``, or all those before
+                ``before``, were trimmed away (naming the first retained id).
             BusClosed: the bus is closed.
             StoreError: the store failed.
             UndecodableMessage: a message cannot be decoded here (those before it
@@ -371,12 +385,8 @@ class Bus(metaclass=NoPublicConstructor):
             check_after(before)
             if before < 1:
                 raise ValueError(f"before must be >= 1, got {before}")
-            after, limit = max(0, before - 1 - limit), min(limit, before - 1)
-            if limit == 0:
-                self._topics.check_open()
-                await trio.lowlevel.checkpoint()
-                return []
-        elif after is None:
+            return await self._read_before(stream, before, limit)
+        if after is None:
             after = 0
         check_after(after)
         self._topics.check_open()
@@ -386,6 +396,22 @@ class Bus(metaclass=NoPublicConstructor):
             if ask is not None:
                 check_cursor(await ask(stream), after)
         return page
+
+    async def _read_before(self, stream: str, before: int, limit: int) -> list[Message]:
+        after = max(0, before - 1 - limit)
+        self._topics.check_open()
+        if before == 1:
+            await trio.lowlevel.checkpoint()
+            return []
+        page = await self._store.read(stream, after, before - 1 - after)
+        if len(page) == before - 1 - after and page[0].id == after + 1:
+            return page  # dense ids: exactly after + 1 .. before - 1, all retained
+        # Short, or starting later (trimmed): where does the stream stand?
+        ask = getattr(self._store, "stream_info", None)
+        if ask is not None:
+            info: StreamInfo = await ask(stream)
+            check_before(info, before)
+        return [message for message in page if message.id < before]
 
     async def stream_info(self, stream: str) -> StreamInfo:
         """Where ``stream`` stands: head, first retained id, epoch.

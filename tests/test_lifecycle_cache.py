@@ -15,6 +15,8 @@ from typing import Any
 import attrs
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import chatbus
 from chatbus.memory import MemoryNotifier, MemoryStore
@@ -114,3 +116,31 @@ async def test_a_change_missed_before_a_resync_is_never_served_from_the_cache(ch
                     message = await sub.receive()
                     got.append((message.id, message.body))
             assert got == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    head=st.integers(0, 25),
+    trim=st.integers(1, 30),
+    before=st.integers(1, 32),
+    limit=st.integers(1, 12),
+)
+async def test_read_before_on_a_trimmed_stream(head, trim, before, limit):
+    async with chatbus.open_bus("memory://") as bus:
+        for i in range(1, head + 1):
+            await bus.publish("room", i)
+        first = await bus.trim("room", before=trim) if head else 1
+        assert first == (max(1, min(trim, head + 1)) if head else 1)
+        if before > head + 1:
+            with pytest.raises(chatbus.CursorAhead, match=f"before={before} is past") as ahead:
+                await bus.read("room", before=before, limit=limit)
+            assert ahead.value.head == head
+        elif 1 < before <= first:  # messages below it existed, and were trimmed
+            with pytest.raises(chatbus.HistoryTruncated) as truncated:
+                await bus.read("room", before=before, limit=limit)
+            assert truncated.value.first_id == first
+        else:
+            # The retained ones among the `limit` ids just below `before`: never an id
+            # at or above it, and the same ids whatever a larger limit asks.
+            page = await bus.read("room", before=before, limit=limit)
+            assert [m.id for m in page] == list(range(max(first, before - limit), before))

@@ -155,6 +155,24 @@ async def test_a_redaction_reaches_every_buss_cache(backend):
             assert (message.id, message.body) == (3, None)
 
 
+async def test_scrolling_back_on_a_trimmed_stream(backend):
+    async with backend.open_bus() as bus:
+        for i in range(1, 21):
+            await bus.publish("room", i)
+        await bus.trim("room", before=15)
+        assert [m.id for m in await bus.read("room", before=18, limit=5)] == [15, 16, 17]
+        assert [m.id for m in await bus.read("room", before=16, limit=5)] == [15]
+        assert [m.id for m in await bus.read("room", before=16, limit=50)] == [15]
+        assert [m.id for m in await bus.read("room", before=21, limit=2)] == [19, 20]
+        for before in (5, 15):
+            with pytest.raises(chatbus.HistoryTruncated, match="first retained one is 15") as cut:
+                await bus.read("room", before=before, limit=5)
+            assert cut.value.first_id == 15
+        with pytest.raises(chatbus.CursorAhead, match="before=100 is past") as ahead:
+            await bus.read("room", before=100)
+        assert ahead.value.head == 20
+
+
 async def test_a_live_subscription_ends_when_its_stream_is_deleted(backend):
     async with (
         backend.open_bus() as bus,
