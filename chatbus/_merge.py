@@ -84,6 +84,28 @@ class MergeState:
             self.rescan = False
         return fresh
 
+    def check_first(self, stream: str, first_id: int) -> None:
+        """The store has nothing after the cursor though later ids were announced:
+        if the stream now starts past the cursor, its next messages were trimmed away
+        (maybe every one of them: a page that starts later cannot tell then).
+
+        A subscription from the start (cursor 0) moves to the first retained id.
+
+        Raises:
+            HistoryTruncated: the messages right after the cursor were trimmed away.
+        """
+        if first_id <= self.cursor + 1:
+            return
+        if self.cursor == 0:
+            self.cursor = first_id - 1  # from the start: what is retained (nothing yet)
+            return
+        raise HistoryTruncated(
+            f"the messages of stream {stream!r} after id {self.cursor} were trimmed;"
+            f" the first retained one is {first_id}",
+            stream,
+            first_id,
+        )
+
     def request_rescan(self) -> None:
         """Notices may have been lost: scan the store from the cursor again."""
         self.rescan = True

@@ -223,11 +223,11 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
             info: StreamInfo = await ask(self._stream)
         return info
 
-    async def _check_epoch(self) -> None:
+    async def _check_epoch(self) -> StreamInfo | None:
         """After a reset or resync: still the same history? Else end with an error."""
         info = await self._stream_info()
         if info is None:
-            return
+            return None
         if self._epoch is None or self._epoch == 0:
             self._epoch = info.epoch
         elif info.epoch != self._epoch:
@@ -238,6 +238,7 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
                 self._stream,
                 info.epoch,
             )
+        return info
 
     @property
     def cursor(self) -> int:
@@ -414,8 +415,12 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
                 if run is None:
                     continue
                 if not run and topic.high_water > state.cursor:
-                    # Told of ids the store does not show yet (a lagging replica,
-                    # a notice racing its commit): retry until it catches up.
+                    # Told of ids the store does not show: a lagging replica or a
+                    # notice racing its commit (retry until it catches up), or a trim
+                    # that took every message after the cursor (say so, at once).
+                    info = await self._check_epoch_retrying(backoff)
+                    if info is not None:
+                        state.check_first(self._stream, info.first_id)
                     await backoff.sleep()
                     continue
             if run:
@@ -428,11 +433,10 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
             else:
                 await changed.wait()
 
-    async def _check_epoch_retrying(self, backoff: Backoff) -> None:
+    async def _check_epoch_retrying(self, backoff: Backoff) -> StreamInfo | None:
         while True:
             try:
-                await self._check_epoch()
-                return
+                return await self._check_epoch()
             except StoreError:
                 self._store_errors += 1
                 await backoff.sleep()

@@ -79,7 +79,8 @@ async def test_trim_never_lets_a_cursor_skip(backend):
             await bus.trim("room", before=0)
 
 
-async def test_a_slow_subscriber_trimmed_under_is_told(backend):
+@pytest.mark.parametrize("before", [25, 31], ids=["some-kept", "all-trimmed"])
+async def test_a_slow_subscriber_trimmed_under_is_told(backend, before):
     async with (
         backend.open_bus(read_batch=5) as bus,
         backend.open_bus() as other,
@@ -88,13 +89,27 @@ async def test_a_slow_subscriber_trimmed_under_is_told(backend):
         for i in range(1, 31):
             await other.publish("room", i)
         assert await collect(sub, 3) == [1, 2, 3]
-        await other.trim("room", before=25)
+        # 31 = head + 1: nothing after the cursor is left, not even a later id to
+        # show the gap (what time-based retention does to every idle room).
+        assert await other.trim("room", before=before) == before
         with pytest.raises(chatbus.HistoryTruncated) as info:  # noqa: PT012
-            with trio.fail_after(10):
+            with trio.fail_after(5):  # at once: no later publish needed to notice
                 while True:
                     await sub.receive()
-        assert info.value.first_id == 25
-        assert sub.cursor < 25  # what it got before the gap, never past it silently
+        assert info.value.first_id == before
+        assert sub.cursor < before  # what it got before the gap, never past it silently
+
+
+async def test_from_the_start_of_a_stream_trimmed_to_nothing(backend):
+    """after=0 means "what is retained": nothing yet, so no error, and the next one."""
+    async with backend.open_bus() as bus:
+        for i in range(5):
+            await bus.publish("room", i)
+        assert await bus.trim("room", before=6) == 6
+        async with bus.open_subscriber("room") as sub:
+            await assert_quiet(sub)
+            await bus.publish("room", "after the trim")
+            assert await collect(sub, 1) == [6]
 
 
 async def test_trimmed_keys_still_answer_a_retry(backend):
