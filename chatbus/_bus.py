@@ -441,6 +441,9 @@ class Bus(metaclass=NoPublicConstructor):
         """
         check_stream(stream)
         self._topics.check_open()
+        # This bus's events emitted before the delete belong to the old conversation:
+        # stored now, they go with it (flushed after, they would greet the next one).
+        await self._outbox.flushed()
         await self._lifecycle("delete_stream")(stream)
         reset = getattr(self._notifier, "notify_reset", None)
         if reset is not None:

@@ -188,6 +188,26 @@ async def test_scrolling_back_on_a_trimmed_stream(backend):
         assert ahead.value.head == 20
 
 
+async def test_events_emitted_just_before_a_delete_go_with_it(backend):
+    async with backend.open_bus() as bus, backend.open_bus() as other:
+        for attempt in range(3):
+            room = f"room-{attempt}"
+            await bus.publish(room, "old conversation")
+            await bus.emit(room, "thinking about the old one", key="status")
+            await bus.emit(room, "a part of an old reply")
+            await bus.delete_stream(room)
+            await bus.publish(room, "new conversation")
+            for joiner in (bus, other):
+                async with joiner.open_subscriber(room, events=True) as sub:
+                    with trio.fail_after(10):
+                        first = await sub.receive()
+                    assert isinstance(first, chatbus.Message)
+                    assert first.body == "new conversation"
+                    with trio.move_on_after(0.2):
+                        item = await sub.receive()
+                        pytest.fail(f"a joiner of the new conversation got {item!r}")
+
+
 async def test_a_live_subscription_ends_when_its_stream_is_deleted(backend):
     async with (
         backend.open_bus() as bus,
