@@ -170,6 +170,18 @@ async def test_a_redaction_reaches_every_buss_cache(backend):
             assert (message.id, message.body) == (3, None)
 
 
+async def test_a_keyed_retry_of_a_redacted_message_replays_its_tombstone(backend):
+    async with backend.open_bus() as bus:
+        first = await bus.publish("room", {"text": "my password"}, key="client-1")
+        await bus.redact("room", first.id)
+        again = await bus.publish("room", {"text": "my password"}, key="client-1")
+        assert (again.id, again.body, again.replay, again.redacted) == (first.id, None, True, True)
+        # The body is gone: nothing left to compare, so another body is no conflict either.
+        other = await bus.publish("room", "something else", key="client-1")
+        assert (other.id, other.replay, other.redacted) == (first.id, True, True)
+        assert (await bus.stream_info("room")).head == 1
+
+
 async def test_scrolling_back_on_a_trimmed_stream(backend):
     async with backend.open_bus() as bus:
         for i in range(1, 21):

@@ -120,19 +120,22 @@ def replays(
     sent: dict[str, tuple[str, Any]],
     bodies: dict[str, Any],
 ) -> dict[str, Message]:
-    """The messages found under a statement's keys (``[key, id, µs, digest]`` rows).
+    """The messages found under a statement's keys (``[key, id, µs, digest, redacted]``
+    rows).
 
     An equal digest means the draft sent the stored text: its body is the stored one.
-    Otherwise the original body read afterwards (``bodies``), or None if that failed.
+    Otherwise the original body read afterwards (``bodies``), or None if that failed
+    (or the message was redacted: a tombstone).
     """
     return {
         key: Message(
             stream=stream,
             id=id_,
-            body=sent[key][1] if sent[key][0] == digest else bodies.get(key),
+            body=None if redacted else sent[key][1] if sent[key][0] == digest else bodies.get(key),
             key=key,
             created_at=_pq.from_epoch_micros(micros),
             replay=True,
+            redacted=redacted,
         )
-        for key, id_, micros, digest in found
+        for key, id_, micros, digest, redacted in found
     }

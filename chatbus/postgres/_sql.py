@@ -299,7 +299,8 @@ _APPEND_STREAMS: Final = """
 # nothing. The store runs it again (a new snapshot sees the key): rare, and correct
 # thanks to the unique index.
 # Output per stream: new last id, created_at µs of the batch, and the messages found
-# for its keys as [[key, id, created_at µs, md5 of the body text], …] (NULL if none).
+# for its keys as [[key, id, created_at µs, md5 of the body text, redacted], …]
+# (NULL if none).
 # Not their bodies: the reply is written while the stream's lock is held, and a
 # client that stops reading a big reply (frozen) would hold the lock with it. A retry
 # sends the very text it sent before, so an equal digest means the same body; only
@@ -319,10 +320,10 @@ _APPEND_KEYED: Final = """
     ), found AS MATERIALIZED (
         -- LATERAL ... LIMIT 1: one probe of the unique index per key, never a scan of
         -- the table (a join here may be planned as one, the row counts being unknown).
-        SELECT d.stream, d.key, m.id, m.micros, m.digest
+        SELECT d.stream, d.key, m.id, m.micros, m.digest, m.redacted
         FROM (SELECT DISTINCT d.stream, d.key FROM drafts AS d WHERE d.key IS NOT NULL) AS d
         CROSS JOIN LATERAL (
-            SELECT m.id, {found_micros} AS micros, md5(m.body::text) AS digest
+            SELECT m.id, {found_micros} AS micros, md5(m.body::text) AS digest, m.redacted
             FROM {messages} AS m
             WHERE m.stream = d.stream AND m.key = d.key AND m.key IS NOT NULL
             LIMIT 1
@@ -353,7 +354,7 @@ _APPEND_KEYED: Final = """
             JOIN bump AS b ON b.stream = f.stream
     )
     SELECT b.stream, b.last_id, {b_micros},
-        (SELECT json_agg(json_build_array(f.key, f.id, f.micros, f.digest))
+        (SELECT json_agg(json_build_array(f.key, f.id, f.micros, f.digest, f.redacted))
             FROM found AS f WHERE f.stream = b.stream),
         CASE WHEN c.n > 0 THEN pg_notify($2::text, {keyed_notice}) END
     FROM bump AS b JOIN counts AS c ON c.stream = b.stream

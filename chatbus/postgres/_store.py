@@ -543,7 +543,9 @@ class PostgresStore:
         """
         sent = sent_by_key(members)
         bodies: dict[str, Any] = {}
-        differing = [key for key, _, _, digest in found if sent[key][0] != digest]
+        differing = [
+            key for key, _, _, digest, redacted in found if sent[key][0] != digest and not redacted
+        ]
         if differing:
             with contextlib.suppress(*DB_ERRORS):
                 params = [
