@@ -13,7 +13,7 @@ import attrs
 import trio
 
 from ._event import MAX_EVENT_WIRE_BYTES, Event, encode_event, make_event_draft
-from ._exceptions import BusClosed, BusError, MessageTooLarge
+from ._exceptions import BusClosed, BusError, HistoryReset, MessageTooLarge
 from ._message import (
     Message,
     StreamInfo,
@@ -33,7 +33,7 @@ from ._protocols import LifecycleStore, Notifier, Store
 from ._publisher import Producer, Publisher
 from ._retention import Retention, sweep
 from ._subscriber import Subscriber
-from ._topic import Router, Topic, Topics
+from ._topic import REDACTED_KEY_PREFIX, Router, Topic, Topics
 from ._util import NoPublicConstructor
 
 #: How long :meth:`Bus.publish`'s shared per-stream producer idles before it retires.
@@ -355,15 +355,26 @@ class Bus(metaclass=NoPublicConstructor):
         limit: int = 100,
         *,
         before: int | None = None,
+        epoch: int | None = None,
     ) -> list[Message]:
         """Return up to ``limit`` committed messages of ``stream``, in id order.
 
-        Page forward with ``after`` (the last id you got; default 0), or back with
-        ``before`` (the lowest id you have, for scroll-back): the retained messages
-        among the ``limit`` ids just below it, never an id at or above it. Fewer
-        than ``limit`` then means the page reached the first retained id; a read
-        before that id raises :class:`~chatbus.HistoryTruncated` naming it (there
-        is nothing below id 1: ``before=1`` returns ``[]``). Not both.
+        Page forward with ``after`` (the last id you got; default 0: from the first
+        retained one), or back with ``before`` (the lowest id you have, for
+        scroll-back): the retained messages among the ``limit`` ids just below it,
+        never an id at or above it. Fewer than ``limit`` then means the page reached
+        the first retained id (:meth:`stream_info` names it); a read before that id
+        raises :class:`~chatbus.HistoryTruncated` naming it (there is nothing below
+        id 1: ``before=1`` returns ``[]``). Not both.
+
+        Args:
+            stream: The stream to read.
+            after: The cursor: return messages with ids above it.
+            limit: Most messages to return (1..10000).
+            before: Instead of ``after``: return messages with ids below it.
+            epoch: The epoch the cursor belongs to (from :meth:`stream_info` or
+                :attr:`Subscriber.epoch`): if the stream's is another one now, raise
+                :class:`~chatbus.HistoryReset` rather than return another history.
 
         Raises:
             InvalidStream: ``stream`` is not a valid stream name.
@@ -372,6 +383,7 @@ class Bus(metaclass=NoPublicConstructor):
             CursorAhead: ``after`` is past the head, or ``before`` past head + 1.
             HistoryTruncated: the messages after ``after``, or all those before
                 ``before``, were trimmed away (naming the first retained id).
+            HistoryReset: ``epoch`` is not the stream's epoch.
             BusClosed: the bus is closed.
             StoreError: the store failed.
             UndecodableMessage: a message cannot be decoded here (those before it
@@ -379,39 +391,72 @@ class Bus(metaclass=NoPublicConstructor):
         """
         check_stream(stream)
         check_int_range("limit", limit, 1, MAX_READ_LIMIT)
+        if epoch is not None:
+            check_int_range("epoch", epoch, 0, 2**63 - 1)
         if before is not None:
             if after is not None:
                 raise ValueError("pass after or before, not both")
             check_after(before)
             if before < 1:
                 raise ValueError(f"before must be >= 1, got {before}")
-            return await self._read_before(stream, before, limit)
+            return await self._read_before(stream, before, limit, epoch)
         if after is None:
             after = 0
         check_after(after)
         self._topics.check_open()
         page = await self._store.read(stream, after, limit)
         if after > 0 and (not page or page[0].id != after + 1):
-            ask = getattr(self._store, "stream_info", None)
-            if ask is not None:
-                check_cursor(await ask(stream), after)
+            info = await self._lifecycle_info(stream)
+            if info is not None:
+                self._check_epoch(info, epoch)
+                check_cursor(info, after)
+                return page
+        if epoch is not None:
+            # After the read: the epoch was the caller's before it, so the same epoch
+            # now means the page came from that history (epochs never come back).
+            info = await self._lifecycle_info(stream, required=True)
+            self._check_epoch(info, epoch)
         return page
 
-    async def _read_before(self, stream: str, before: int, limit: int) -> list[Message]:
+    async def _read_before(
+        self, stream: str, before: int, limit: int, epoch: int | None
+    ) -> list[Message]:
         after = max(0, before - 1 - limit)
         self._topics.check_open()
         if before == 1:
+            page: list[Message] = []
             await trio.lowlevel.checkpoint()
-            return []
-        page = await self._store.read(stream, after, before - 1 - after)
-        if len(page) == before - 1 - after and page[0].id == after + 1:
-            return page  # dense ids: exactly after + 1 .. before - 1, all retained
-        # Short, or starting later (trimmed): where does the stream stand?
+        else:
+            page = await self._store.read(stream, after, before - 1 - after)
+        if len(page) != before - 1 - after or (page and page[0].id != after + 1):
+            # Short, or starting later (trimmed): where does the stream stand?
+            info = await self._lifecycle_info(stream)
+            if info is not None:
+                self._check_epoch(info, epoch)
+                check_before(info, before)
+                epoch = None  # checked, after the read
+            page = [message for message in page if message.id < before]
+        if epoch is not None:
+            self._check_epoch(await self._lifecycle_info(stream, required=True), epoch)
+        return page
+
+    async def _lifecycle_info(self, stream: str, *, required: bool = False) -> Any:
         ask = getattr(self._store, "stream_info", None)
-        if ask is not None:
-            info: StreamInfo = await ask(stream)
-            check_before(info, before)
-        return [message for message in page if message.id < before]
+        if ask is None:
+            if required:
+                self._lifecycle("stream_info")  # raises BusError naming the store
+            return None
+        return await ask(stream)
+
+    @staticmethod
+    def _check_epoch(info: StreamInfo, epoch: int | None) -> None:
+        if epoch is not None and info.epoch != epoch:
+            raise HistoryReset(
+                f"stream {info.stream!r} is at epoch {info.epoch}, not {epoch}: its history"
+                " was replaced (deleted and created again); start again from stream_info",
+                info.stream,
+                info.epoch,
+            )
 
     async def stream_info(self, stream: str) -> StreamInfo:
         """Where ``stream`` stands: head, first retained id, epoch.
@@ -511,7 +556,7 @@ class Bus(metaclass=NoPublicConstructor):
         tell = getattr(self._notifier, "notify_redacted", None)
         if tell is not None:
             await tell(stream, id)
-        await self.emit(stream, {"redacted": id}, key=f"chatbus.redacted:{id}", ttl=3600)
+        await self.emit(stream, {"redacted": id}, key=f"{REDACTED_KEY_PREFIX}{id}", ttl=3600)
         return tombstone
 
     def _lifecycle(self, name: str) -> Any:

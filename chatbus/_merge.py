@@ -54,8 +54,6 @@ class MergeState:
     def take(self, page: Sequence[Message], limit: int) -> list[Message]:
         """Accept a store page read after the cursor; return what is new, in order.
 
-        A subscription from the start (cursor 0) begins at the first retained id.
-
         Raises:
             HistoryTruncated: the messages right after the cursor were trimmed away
                 (the page starts later): never a silent jump.
@@ -66,16 +64,15 @@ class MergeState:
                 self.duplicates_skipped += 1
                 continue
             if message.id != self.cursor + 1:
-                if self.cursor == 0 and not fresh:
-                    self.cursor = message.id - 1  # from the start: what is retained
-                else:
-                    raise HistoryTruncated(
-                        f"stream {message.stream!r} continues at id {message.id} after id"
-                        f" {self.cursor}: ids are not dense here, the messages between"
-                        " were trimmed",
-                        message.stream,
-                        message.id,
-                    )
+                # Even from cursor 0: the subscription placed its cursor at the first
+                # retained id when it opened, so a later start is a trim under it.
+                raise HistoryTruncated(
+                    f"stream {message.stream!r} continues at id {message.id} after id"
+                    f" {self.cursor}: ids are not dense here, the messages between"
+                    " were trimmed",
+                    message.stream,
+                    message.id,
+                )
             fresh.append(message)
             self.cursor = message.id
         self.delivered += len(fresh)
@@ -87,17 +84,13 @@ class MergeState:
     def check_first(self, stream: str, first_id: int) -> None:
         """The store has nothing after the cursor though later ids were announced:
         if the stream now starts past the cursor, its next messages were trimmed away
-        (maybe every one of them: a page that starts later cannot tell then).
-
-        A subscription from the start (cursor 0) moves to the first retained id.
+        (maybe every one of them: a page that starts later cannot tell then). As in
+        :meth:`take`, even from cursor 0: it was placed at the first retained id.
 
         Raises:
             HistoryTruncated: the messages right after the cursor were trimmed away.
         """
         if first_id <= self.cursor + 1:
-            return
-        if self.cursor == 0:
-            self.cursor = first_id - 1  # from the start: what is retained (nothing yet)
             return
         raise HistoryTruncated(
             f"the messages of stream {stream!r} after id {self.cursor} were trimmed;"

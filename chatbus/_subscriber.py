@@ -153,14 +153,7 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
             topic.event_sinks.add(self)
         self._seen_resyncs = topic.resyncs
         try:
-            if self._after > 0 or self._epoch is not None:
-                await self._check_cursor()
-            if self._after < 0:  # last=n: after registering, so nothing is missed
-                heads = await self._store.heads([self._stream])
-                head = heads.get(self._stream, 0)
-                topic.advance(head)
-                self._after = max(0, head - (-self._after - 1))
-                self._state.cursor = self._last_id = self._after
+            await self._place_cursor(topic)
             await self._nursery.start(self._run)
         except BaseException:
             self._merge_done.set()
@@ -199,10 +192,16 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
         None until known: the store has no epochs, or it was not asked yet)."""
         return self._epoch
 
-    async def _check_cursor(self) -> None:
-        """At open: the cursor must be in the stream's current history, or say why not."""
+    async def _place_cursor(self, topic: Topic) -> None:
+        """At open, registered already: put the cursor in the stream's current history,
+        or say why it is not there."""
         info = await self._stream_info()
-        if info is None:
+        if info is None:  # a store without a lifecycle: no trims, no epochs
+            if self._after < 0:
+                heads = await self._store.heads([self._stream])
+                head = heads.get(self._stream, 0)
+                topic.advance(head)
+                self._set_cursor(max(0, head - (-self._after - 1)))
             return
         stream = self._stream
         if self._epoch is not None and info.epoch != self._epoch:
@@ -213,7 +212,18 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
                 info.epoch,
             )
         self._epoch = info.epoch
-        check_cursor(info, self._after)
+        topic.advance(info.head)
+        if self._after < 0:  # last=n, of what is retained
+            self._set_cursor(max(info.first_id - 1, info.head - (-self._after - 1)))
+        elif self._after == 0:
+            # "From the start" is the start as it stands now: a trim before the first
+            # read is then a gap this subscription is told of, not a silent new start.
+            self._set_cursor(info.first_id - 1)
+        else:
+            check_cursor(info, self._after)
+
+    def _set_cursor(self, cursor: int) -> None:
+        self._after = self._state.cursor = self._last_id = cursor
 
     async def _stream_info(self) -> StreamInfo | None:
         ask = getattr(self._store, "stream_info", None)

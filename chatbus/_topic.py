@@ -162,6 +162,10 @@ class EventSink(Protocol):
     def push_events(self, events: list[Event]) -> None: ...
 
 
+#: The key of the event :meth:`chatbus.Bus.redact` emits, before the redacted id.
+REDACTED_KEY_PREFIX = "chatbus.redacted:"
+
+
 @final
 @attrs.define(eq=False)
 class Router:
@@ -213,4 +217,12 @@ class Router:
             self.events_received += len(batch)
             topic = self.topics.get(stream)
             if topic is not None:
+                for event in batch:
+                    # Another bus redacted a message: what this one cached is stale.
+                    if event.key is not None and event.key.startswith(REDACTED_KEY_PREFIX):
+                        redacted = (
+                            event.body.get("redacted") if isinstance(event.body, dict) else None
+                        )
+                        if type(redacted) is int:
+                            topic.cache.forget(redacted)
                 topic.deliver_events(batch)
