@@ -319,9 +319,11 @@ class Bus(metaclass=NoPublicConstructor):
             heads = await self._store.heads([topic.name])
             topic.advance(heads.get(topic.name, 0))
             topic.head_known = True
-        else:
-            await trio.lowlevel.checkpoint()
-        return topic.high_water
+            return topic.high_water
+        # Read before the checkpoint: a reset meanwhile (a resync) would give 0.
+        head = topic.high_water
+        await trio.lowlevel.checkpoint()
+        return head
 
     async def publish(self, stream: str, body: object, *, key: str | None = None) -> Message:
         """Publish one message to ``stream`` without opening a publisher.

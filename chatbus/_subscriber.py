@@ -231,6 +231,8 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
             return None
         async with self._topics.read_limiter:
             info: StreamInfo = await ask(self._stream)
+        if self._topic is not None:
+            self._topic.validate(info)
         return info
 
     async def _check_epoch(self) -> StreamInfo | None:

@@ -16,7 +16,7 @@ import trio
 from ._cache import DurableCache
 from ._event import Event
 from ._exceptions import BusClosed
-from ._message import Message
+from ._message import Message, StreamInfo
 
 
 @final
@@ -51,6 +51,9 @@ class Topic:
     #: high_water is the stream's head as the store knew it at some point (not just 0
     #: because nothing was heard yet): what an emitted event's ``after`` comes from.
     head_known: bool = False
+    #: The epoch the cache's messages belong to, as last seen in the stream's info
+    #: (None: not asked since the cache was last emptied).
+    epoch: int | None = None
 
     def advance(self, last_id: int) -> None:
         """Record that ids up to ``last_id`` exist; wake subscriptions if that is news."""
@@ -96,7 +99,22 @@ class Topic:
         self.cache.clear()
         self.high_water = 0
         self.head_known = False
+        self.epoch = None
         self.resync()
+
+    def validate(self, info: StreamInfo) -> None:
+        """A fresh look at the stream (a subscription asked its info): drop what the
+        cache holds of another history, should a delete or trim notice have been lost
+        and the resync that follows not have come yet (a connection silently dead).
+
+        The first look cannot tell which history a non-empty cache holds: it empties it.
+        After a look at a stream that did not exist (epoch 0), what was cached is of the
+        history created since.
+        """
+        if len(self.cache) > 0 if self.epoch is None else self.epoch not in (0, info.epoch):
+            self.reset()
+        self.epoch = info.epoch
+        self.cache.forget_below(info.first_id)
 
     def resync(self) -> None:
         """Make every subscription of this topic rescan from its cursor."""

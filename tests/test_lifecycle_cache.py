@@ -84,8 +84,20 @@ class DeafNotifier:
             handler.resync()
 
 
-@pytest.mark.parametrize("change", ["delete", "trim", "redact"])
-async def test_a_change_missed_before_a_resync_is_never_served_from_the_cache(change):
+@pytest.mark.parametrize(
+    ("change", "resync"),
+    [
+        ("delete", True),
+        ("trim", True),
+        ("redact", True),
+        # Not resynced yet (a connection dead without a word, until its ping fails):
+        # a subscription opening asks the stream's info, and a new epoch or first id
+        # there is enough. (A lost redaction has no such trace: it waits for the resync.)
+        ("delete", False),
+        ("trim", False),
+    ],
+)
+async def test_a_change_missed_before_a_resync_is_never_served_from_the_cache(change, resync):
     store, notifier = MemoryStore(), MemoryNotifier()
     deaf = DeafNotifier(notifier)
     with trio.fail_after(10):
@@ -109,7 +121,8 @@ async def test_a_change_missed_before_a_resync_is_never_served_from_the_cache(ch
             else:
                 await other.redact("room", 3)
                 expected = [*old[:2], (3, None), *old[3:]]
-            deaf.reconnected()  # ...and comes back: notices may have been lost
+            if resync:
+                deaf.reconnected()  # ...and comes back: notices may have been lost
             async with bus.open_subscriber("room") as sub:
                 got = []
                 while len(got) < len(expected):
