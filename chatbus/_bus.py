@@ -13,13 +13,14 @@ import attrs
 import trio
 
 from ._event import MAX_EVENT_WIRE_BYTES, Event, encode_event, make_event_draft
-from ._exceptions import BusClosed, BusError, HistoryReset, MessageTooLarge
+from ._exceptions import BusClosed, BusError, MessageTooLarge
 from ._message import (
     Message,
     StreamInfo,
     check_after,
     check_before,
     check_cursor,
+    check_epoch,
     check_stream,
     make_draft,
 )
@@ -410,14 +411,14 @@ class Bus(metaclass=NoPublicConstructor):
         if after > 0 and (not page or page[0].id != after + 1):
             info = await self._lifecycle_info(stream)
             if info is not None:
-                self._check_epoch(info, epoch)
+                check_epoch(info, epoch)
                 check_cursor(info, after)
                 return page
         if epoch is not None:
             # After the read: the epoch was the caller's before it, so the same epoch
             # now means the page came from that history (epochs never come back).
             info = await self._lifecycle_info(stream, required=True)
-            self._check_epoch(info, epoch)
+            check_epoch(info, epoch)
         return page
 
     async def _read_before(
@@ -434,12 +435,12 @@ class Bus(metaclass=NoPublicConstructor):
             # Short, or starting later (trimmed): where does the stream stand?
             info = await self._lifecycle_info(stream)
             if info is not None:
-                self._check_epoch(info, epoch)
+                check_epoch(info, epoch)
                 check_before(info, before)
                 epoch = None  # checked, after the read
             page = [message for message in page if message.id < before]
         if epoch is not None:
-            self._check_epoch(await self._lifecycle_info(stream, required=True), epoch)
+            check_epoch(await self._lifecycle_info(stream, required=True), epoch)
         return page
 
     async def _lifecycle_info(self, stream: str, *, required: bool = False) -> Any:
@@ -449,16 +450,6 @@ class Bus(metaclass=NoPublicConstructor):
                 self._lifecycle("stream_info")  # raises BusError naming the store
             return None
         return await ask(stream)
-
-    @staticmethod
-    def _check_epoch(info: StreamInfo, epoch: int | None) -> None:
-        if epoch is not None and info.epoch != epoch:
-            raise HistoryReset(
-                f"stream {info.stream!r} is at epoch {info.epoch}, not {epoch}: its history"
-                " was replaced (deleted and created again); start again from stream_info",
-                info.stream,
-                info.epoch,
-            )
 
     async def stream_info(self, stream: str) -> StreamInfo:
         """Where ``stream`` stands: head, first retained id, epoch.

@@ -16,6 +16,7 @@ import attrs
 
 from ._exceptions import (
     CursorAhead,
+    HistoryReset,
     HistoryTruncated,
     InvalidMessage,
     InvalidStream,
@@ -134,6 +135,17 @@ def check_after(after: object) -> int:
     if not 0 <= after <= MAX_ID:
         raise ValueError(f"after must be >= 0 and <= {MAX_ID}, got {after}")
     return after
+
+
+def check_epoch(info: StreamInfo, epoch: int | None) -> None:
+    """Raise :class:`HistoryReset` unless ``epoch`` (if given) is ``info``'s epoch."""
+    if epoch is not None and info.epoch != epoch:
+        raise HistoryReset(
+            f"stream {info.stream!r} is at epoch {info.epoch}, not {epoch}: its history"
+            " was replaced (deleted and created again); start again from stream_info",
+            info.stream,
+            info.epoch,
+        )
 
 
 def check_cursor(info: StreamInfo, after: int) -> None:

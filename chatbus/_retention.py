@@ -53,7 +53,7 @@ class Retention:
     max_messages: int | None = None
     max_age: float | None = None
     interval: float = 60.0
-    streams_per_round: int = 500
+    streams_per_round: int = 100
 
     def __attrs_post_init__(self) -> None:
         if self.max_messages is None and self.max_age is None:

@@ -23,6 +23,7 @@ from ._exceptions import BusError
 from ._faults import FaultyNotifier, LaggingStore
 from ._open import open_bus
 from ._protocols import Notifier, Store
+from ._retention import Retention
 from .memory import MemoryNotifier, MemoryStore
 
 BACKENDS: Final = ("memory", "postgres", "redis")
@@ -56,6 +57,8 @@ class BusOptions(TypedDict, total=False):
     max_concurrent_reads: int
     max_body_bytes: int
     poll_interval: float | None
+    retention: Retention | None
+    trimmed_keys_for: float | None
 
 
 class ScratchBusOptions(BusOptions, total=False):

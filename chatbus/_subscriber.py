@@ -13,13 +13,12 @@ import trio
 
 from ._event import Event
 from ._exceptions import (
-    HistoryReset,
     StoreError,
     StreamDeleted,
     UndecodableMessage,
 )
 from ._merge import MergeState
-from ._message import Message, StreamInfo, check_cursor
+from ._message import Message, StreamInfo, check_cursor, check_epoch
 from ._protocols import Store
 from ._tasks import Backoff, shielded_cleanup
 from ._topic import Topic, Topics
@@ -137,6 +136,8 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
     _received: int = attrs.field(default=0, init=False)
     _store_errors: int = attrs.field(default=0, init=False)
     _last_id: int = attrs.field(init=False)
+    #: The store failed at open: the merge task places an ``after=0`` cursor instead.
+    _place_at_start: bool = attrs.field(default=False, init=False)
 
     def __attrs_post_init__(self) -> None:
         # A negative cursor -(n + 1) means "the last n messages": resolved on entry.
@@ -195,7 +196,14 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
     async def _place_cursor(self, topic: Topic) -> None:
         """At open, registered already: put the cursor in the stream's current history,
         or say why it is not there."""
-        info = await self._stream_info()
+        try:
+            info = await self._stream_info()
+        except StoreError:
+            if self._after != 0 or self._epoch is not None:
+                raise  # a cursor to check: the caller must know it could not be
+            # From the start, nothing to check: the merge task places it (retrying).
+            self._place_at_start = True
+            return
         if info is None:  # a store without a lifecycle: no trims, no epochs
             if self._after < 0:
                 heads = await self._store.heads([self._stream])
@@ -203,14 +211,7 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
                 topic.advance(head)
                 self._set_cursor(max(0, head - (-self._after - 1)))
             return
-        stream = self._stream
-        if self._epoch is not None and info.epoch != self._epoch:
-            raise HistoryReset(
-                f"stream {stream!r} is at epoch {info.epoch}, not {self._epoch}: its history"
-                " was replaced (deleted and created again); start again from stream_info",
-                stream,
-                info.epoch,
-            )
+        check_epoch(info, self._epoch)
         self._epoch = info.epoch
         topic.advance(info.head)
         if self._after < 0:  # last=n, of what is retained
@@ -240,6 +241,9 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
         info = await self._stream_info()
         if info is None:
             return None
+        if self._place_at_start:  # from the start, as the stream stands now
+            self._place_at_start = False
+            self._set_cursor(info.first_id - 1)
         if self._epoch is None or self._epoch == 0:
             self._epoch = info.epoch
         elif info.epoch != self._epoch:
@@ -254,7 +258,11 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
 
     @property
     def cursor(self) -> int:
-        """Id of the last message the consumer has received: where to resume from."""
+        """Id of the last message the consumer has received: where to resume from.
+
+        Before the first one, the cursor it opened at (for ``after=0`` or ``last=n``,
+        resolved on entry: the id just before the first message it will get).
+        Keep it with :attr:`epoch`."""
         return self._last_id
 
     async def receive(self) -> Item:

@@ -52,9 +52,10 @@ class MemoryStore:
     subscriber sees exactly what a Postgres store would return.
 
     Args:
-        now: The store's clock: a message's ``created_at``, and what retention and
-            the key window measure ages against (a test under trio's
+        now: The store's clock for messages: their ``created_at``, and what
+            retention and the key window measure ages against (a test under trio's
             ``autojump_clock`` passes one that follows ``trio.current_time()``).
+            Events keep the wall clock.
     """
 
     now: Callable[[], datetime.datetime] = attrs.field(
@@ -214,7 +215,7 @@ class MemoryStore:
         retained = self._events.get(stream)
         if retained is None:
             return []
-        return retained.retained(head, self.now())
+        return retained.retained(head, datetime.datetime.now(datetime.UTC))
 
     def last_id(self, stream: str) -> int:
         """The highest committed id of ``stream`` (0 if it is empty), synchronously."""

@@ -170,3 +170,70 @@ async def test_scroll_back_stops_at_the_first_retained_id(backend):
                 with pytest.raises(chatbus.HistoryTruncated) as cut:
                     await bus.read("room", before=before, limit=3)
                 assert cut.value.first_id == 10
+
+
+async def test_a_trim_never_moves_the_first_id_back(backend):
+    """What lets every process run retention at once: a late trim to a lower id (a
+    sweep that computed its target earlier) changes nothing."""
+    with trio.fail_after(20):
+        async with backend.open_bus() as bus, backend.open_bus() as other:
+            await publish_n(bus, "room", 12)
+            assert await bus.trim("room", before=10) == 10
+            assert await other.trim("room", before=5) == 10
+            info = await other.stream_info("room")
+            assert (info.first_id, info.head) == (10, 12)
+            with pytest.raises(chatbus.HistoryTruncated):
+                await other.read("room", after=6)
+
+
+async def test_a_subscription_to_a_stream_deleted_for_good_ends_with_stream_deleted(backend):
+    with trio.fail_after(20):
+        async with backend.open_bus() as bus, backend.open_bus() as other:
+            await publish_n(bus, "room", 3)
+            async with other.open_subscriber("room") as sub:
+                assert await collect(sub, 3) == [1, 2, 3]
+                await bus.delete_stream("room")
+                with pytest.raises(chatbus.StreamDeleted) as info:
+                    await sub.receive()
+                assert info.value.epoch == 0  # it does not exist any more
+
+
+async def test_a_retry_of_a_redacted_message_stores_no_duplicate(backend):
+    """It gets the tombstone as a replay (there is no body left to compare), rather
+    than storing the redacted content again under a new id."""
+    with trio.fail_after(20):
+        async with backend.open_bus() as bus:
+            secret = await bus.publish("room", {"text": "my password"}, key="k1")
+            await bus.redact("room", secret.id)
+            again = await bus.publish("room", {"text": "my password"}, key="k1")
+            assert (again.id, again.body, again.replay, again.redacted) == (1, None, True, True)
+            info = await bus.stream_info("room")
+            assert info.head == 1
+            assert [(m.id, m.body) for m in await bus.read("room")] == [(1, None)]
+
+
+async def test_a_store_failing_at_open_from_the_start_is_retried_not_raised(autojump_clock):
+    """Opening from the start has no cursor to check: a store error then is retried
+    in the background (as every read is), the first retained id found afterwards."""
+
+    class FailsOnce(chatbus.memory.MemoryStore):
+        failures = 2
+
+        async def stream_info(self, stream):
+            if self.failures:
+                self.failures -= 1
+                raise chatbus.StoreError("stream info failed: the store is down")
+            return await super().stream_info(stream)
+
+    store = FailsOnce()
+    async with chatbus.open_bus(store=store) as bus:
+        for i in range(5):
+            await bus.publish("room", i)
+        await bus.trim("room", before=3)
+        async with bus.open_subscriber("room") as sub:
+            assert await collect(sub, 3) == [3, 4, 5]
+            assert store.failures == 0
+        store.failures = 1
+        with pytest.raises(chatbus.StoreError):  # a cursor to check: raised
+            async with bus.open_subscriber("room", after=3):
+                pass
