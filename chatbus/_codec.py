@@ -136,13 +136,10 @@ def parse_reset(payload: bytes | str) -> tuple[str, int | None] | None:
         return None
 
 
-def encode_redacted(stream: str, id: int) -> str:
-    """A redaction payload: message ``id`` of ``stream`` is a tombstone now."""
-    return json.dumps({"stream": stream, "redacted": id}, ensure_ascii=False)
-
-
 def parse_redacted(payload: bytes | str) -> tuple[str, int] | None:
-    """``(stream, id)`` of a redaction payload; None otherwise."""
+    """``(stream, id)`` of a redaction payload, ``{"stream": stream, "redacted": id}``
+    (message ``id`` is a tombstone now; the Postgres redact statement sends it); None
+    otherwise."""
     try:
         data = json.loads(payload)
     except (ValueError, RecursionError):
