@@ -411,14 +411,14 @@ class Bus(metaclass=NoPublicConstructor):
         if after > 0 and (not page or page[0].id != after + 1):
             info = await self._lifecycle_info(stream)
             if info is not None:
-                check_epoch(info, epoch)
+                check_epoch(info, epoch, after)
                 check_cursor(info, after)
                 return page
         if epoch is not None:
             # After the read: the epoch was the caller's before it, so the same epoch
             # now means the page came from that history (epochs never come back).
             info = await self._lifecycle_info(stream, required=True)
-            check_epoch(info, epoch)
+            check_epoch(info, epoch, after)
         return page
 
     async def _read_before(
@@ -435,12 +435,12 @@ class Bus(metaclass=NoPublicConstructor):
             # Short, or starting later (trimmed): where does the stream stand?
             info = await self._lifecycle_info(stream)
             if info is not None:
-                check_epoch(info, epoch)
+                check_epoch(info, epoch, before)  # it has seen `before`: no (0, 0)
                 check_before(info, before)
                 epoch = None  # checked, after the read
             page = [message for message in page if message.id < before]
         if epoch is not None:
-            check_epoch(await self._lifecycle_info(stream, required=True), epoch)
+            check_epoch(await self._lifecycle_info(stream, required=True), epoch, before)
         return page
 
     async def _lifecycle_info(self, stream: str, *, required: bool = False) -> Any:

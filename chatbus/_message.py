@@ -137,9 +137,13 @@ def check_after(after: object) -> int:
     return after
 
 
-def check_epoch(info: StreamInfo, epoch: int | None) -> None:
-    """Raise :class:`HistoryReset` unless ``epoch`` (if given) is ``info``'s epoch."""
-    if epoch is not None and info.epoch != epoch:
+def check_epoch(info: StreamInfo, epoch: int | None, after: int) -> None:
+    """Raise :class:`HistoryReset` unless ``epoch`` (if given) is ``info``'s epoch.
+
+    Epoch 0 (the stream did not exist) with cursor 0 (nothing seen) fits any history:
+    a client that stored them before the first message has missed nothing.
+    """
+    if epoch is not None and info.epoch != epoch and not (epoch == 0 and after == 0):
         raise HistoryReset(
             f"stream {info.stream!r} is at epoch {info.epoch}, not {epoch}: its history"
             " was replaced (deleted and created again); start again from stream_info",

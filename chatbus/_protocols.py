@@ -84,9 +84,17 @@ class LifecycleStore(Protocol):
         new epoch at id 1. Tell every bus (a reset notice)."""
         ...
 
-    async def trim(self, stream: str, before: int, *, keys_for: float | None = None) -> int:
+    async def trim(
+        self,
+        stream: str,
+        before: int,
+        *,
+        keys_for: float | None = None,
+        epoch: int | None = None,
+    ) -> int:
         """Move ``stream``'s first retained id up to ``before`` (never back, never past
         head + 1), tell every bus, then drop the messages below it in bounded steps.
+        With ``epoch``, only if the stream is still at that epoch (else nothing).
 
         The idempotency keys of dropped messages keep answering a retried publish
         (with the original message, ``replay=True``) until the message is

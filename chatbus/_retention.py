@@ -71,16 +71,16 @@ class RetentionPage:
     """A store's answer to :meth:`~chatbus._protocols.LifecycleStore.over_retention`.
 
     Attributes:
-        trims: ``(stream, before)`` for each examined stream that holds messages
-            beyond the policy, or trimmed messages whose idempotency keys are past
-            their window: trim it with ``before`` (maybe its first retained id
-            already, to forget those keys).
+        trims: ``(stream, before, epoch)`` for each examined stream that holds
+            messages beyond the policy, or trimmed messages whose idempotency keys
+            are past their window: trim it with ``before`` (maybe its first retained
+            id already, to forget those keys), if it is still at ``epoch``.
         next_after: Where the next page starts (pass it as ``after``); None once the
             last stream was examined. The same ``after`` again when a stream had
             more to trim than one page may do.
     """
 
-    trims: list[tuple[str, int]]
+    trims: list[tuple[str, int, int]]
     next_after: str | None
 
 
@@ -119,9 +119,11 @@ async def sweep(
         except StoreError:
             return SweepResult(pages=pages, trims=trims, errors=errors + 1)
         pages += 1
-        for stream, before in page.trims:
+        for stream, before, epoch in page.trims:
             try:
-                first_id = await store.trim(stream, before, keys_for=keys_for)
+                # Only in the history examined: a stream deleted and created again
+                # since then must not lose its new messages to the old one's target.
+                first_id = await store.trim(stream, before, keys_for=keys_for, epoch=epoch)
             except StoreError:
                 errors += 1
                 continue

@@ -211,7 +211,7 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
                 topic.advance(head)
                 self._set_cursor(max(0, head - (-self._after - 1)))
             return
-        check_epoch(info, self._epoch)
+        check_epoch(info, self._epoch, self._after)
         self._epoch = info.epoch
         topic.advance(info.head)
         if self._after < 0:  # last=n, of what is retained

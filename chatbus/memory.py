@@ -118,7 +118,14 @@ class MemoryStore:
         self._logs.pop(stream, None)
         self._events.pop(stream, None)
 
-    async def trim(self, stream: str, before: int, *, keys_for: float | None = None) -> int:
+    async def trim(
+        self,
+        stream: str,
+        before: int,
+        *,
+        keys_for: float | None = None,
+        epoch: int | None = None,
+    ) -> int:
         """Drop the messages of ``stream`` below ``before``; return the first id kept.
 
         Their idempotency keys keep answering a retried publish with the original
@@ -129,6 +136,8 @@ class MemoryStore:
         log = self._logs.get(stream)
         if log is None:
             return 1
+        if epoch is not None and epoch != log.epoch:
+            return log.first_id  # another history than the caller examined
         before = min(before, log.head + 1)
         if before > log.first_id:
             cut = before - log.first_id
@@ -176,7 +185,7 @@ class MemoryStore:
                 and log.trimmed_keys[0].created_at < now - datetime.timedelta(seconds=keys_for)
             )
             if before > log.first_id or stale_keys:
-                trims.append((name, before))
+                trims.append((name, before, log.epoch))
         next_after = names[limit - 1] if len(names) > limit else None
         return RetentionPage(trims=trims, next_after=next_after)
 

@@ -237,3 +237,64 @@ async def test_a_store_failing_at_open_from_the_start_is_retried_not_raised(auto
         with pytest.raises(chatbus.StoreError):  # a cursor to check: raised
             async with bus.open_subscriber("room", after=3):
                 pass
+
+
+async def test_a_redaction_whose_event_was_lost_is_not_served_after_a_resync():
+    """Events are at most once: when a notifier says some were lost (resync), what
+    the bus cached may predate a redaction, so it reads the store again."""
+
+    class LossyNotifier:
+        """Loses every event; ``lost()`` then tells the listener, as a reconnect would."""
+
+        def __init__(self, inner: chatbus.memory.MemoryNotifier) -> None:
+            self.inner, self.handlers = inner, []
+
+        async def notify(self, stream, last_id):
+            await self.inner.notify(stream, last_id)
+
+        async def listen(self, handler, *, task_status=trio.TASK_STATUS_IGNORED):
+            self.handlers.append(handler)
+            handler_without_events = type(
+                "NoEvents",
+                (),
+                {"notice": handler.notice, "resync": handler.resync, "events": lambda _, e: None},
+            )()
+            await self.inner.listen(handler_without_events, task_status=task_status)
+
+        def lost(self):
+            for handler in self.handlers:
+                handler.resync()
+
+    store, shared = chatbus.memory.MemoryStore(), chatbus.memory.MemoryNotifier()
+    lossy = LossyNotifier(shared)
+    with trio.fail_after(10):
+        async with (
+            chatbus.open_bus(store=store, notifier=shared) as writer,
+            chatbus.open_bus(store=store, notifier=lossy) as reader,
+            reader.open_subscriber("room") as live,
+        ):
+            for body in ("hello", "my password", "bye"):
+                await writer.publish("room", body)
+            assert await collect(live, 3) == [1, 2, 3]  # the reader's cache has them
+            await writer.redact("room", 2)
+            lossy.lost()
+            async with reader.open_subscriber("room") as late:
+                got = [await late.receive() for _ in range(3)]
+            assert [m.body for m in got] == ["hello", None, "bye"]
+
+
+async def test_a_cursor_stored_before_the_first_message_resumes(backend):
+    """(0, epoch 0) is what a client stores on a room nobody wrote to yet: it fits the
+    history that starts later; a real cursor with epoch 0 does not."""
+    with trio.fail_after(20):
+        async with backend.open_bus() as bus:
+            async with bus.open_subscriber("room") as sub:
+                stored = (sub.cursor, sub.epoch)
+            assert stored == (0, 0)
+            await publish_n(bus, "room", 2)
+            async with bus.open_subscriber("room", after=0, epoch=0) as sub:
+                assert await collect(sub, 2) == [1, 2]
+                assert sub.epoch == (await bus.stream_info("room")).epoch
+            assert [m.id for m in await bus.read("room", after=0, epoch=0)] == [1, 2]
+            with pytest.raises(chatbus.HistoryReset):
+                await bus.read("room", after=1, epoch=0)

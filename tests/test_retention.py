@@ -13,6 +13,7 @@ import trio
 import trio.testing
 
 import chatbus
+from chatbus._message import make_draft
 from chatbus.memory import MemoryNotifier, MemoryStore
 
 from support import collect, dense
@@ -123,7 +124,7 @@ async def test_a_slow_subscriber_behind_the_window_is_told_never_jumps(autojump_
 
 async def test_retention_never_blocks_publishes(autojump_clock):
     class StuckTrims(MemoryStore):
-        async def trim(self, stream, before, *, keys_for=None):
+        async def trim(self, stream, before, *, keys_for=None, epoch=None):
             await trio.sleep_forever()
 
     store = StuckTrims()
@@ -309,3 +310,42 @@ async def test_trimmed_key_window_on_every_backend(backend):
             assert not late.replay and late.id == 4
             info = await bus.stream_info("room")
             assert (info.first_id, info.head) == (3, 4)
+
+
+async def test_a_sweep_never_trims_a_stream_created_again_since_it_looked():
+    """The sweep found 'room' over the policy; before its trim, 'room' was deleted and
+    a new conversation began: the new one keeps every message."""
+
+    class RecreatedMeanwhile(MemoryStore):
+        async def over_retention(self, *args, **kwargs):
+            page = await super().over_retention(*args, **kwargs)
+            if page.trims:
+                await self.delete_stream("room")
+                await self.append(
+                    "room", [make_draft(i, None, max_body_bytes=100) for i in range(3)]
+                )
+            return page
+
+    store = RecreatedMeanwhile()
+    policy = chatbus.Retention(max_messages=2, interval=1)
+    with trio.fail_after(10):
+        async with chatbus.open_bus(store=store, retention=policy, poll_interval=None) as bus:
+            for i in range(10):
+                await bus.publish("room", i)
+            while bus.statistics().retention_sweeps < 1:  # noqa: ASYNC110
+                await trio.sleep(0.05)
+            assert [m.id for m in await bus.read("room")] == [1, 2, 3]
+
+
+async def test_a_store_trim_for_another_epoch_changes_nothing(backend):
+    """What keeps a sweep from trimming a stream created again since it looked."""
+    with trio.fail_after(20):
+        async with backend.open_bus() as bus:
+            for i in range(5):
+                await bus.publish("room", i)
+            epoch = (await bus.stream_info("room")).epoch
+            store = bus.store
+            assert await store.trim("room", 4, epoch=epoch + 1) == 1
+            assert (await bus.stream_info("room")).first_id == 1
+            assert await store.trim("room", 4, epoch=epoch) == 4
+            assert [m.id for m in await bus.read("room")] == [4, 5]

@@ -468,16 +468,18 @@ _STREAM_INFO: Final = (
 )
 
 # Trim, first: the stream's first retained id moves (never past head + 1, never
-# back), at once for every reader; returns it. Then the rows go, in batches: rows
-# without a key are deleted; rows with a key stay (their keys still answer a retried
-# publish with the original id) but are no longer history (see _READ), until they
-# are $3 seconds old ($3 = -1: for as long as the stream lives; the statements take
-# text parameters only, so -1 stands for "no limit" here and below, made NULL by nullif).
+# back), at once for every reader, if the stream is at epoch $4 (-1: whatever its
+# epoch; the statements take text parameters only, so -1 stands for "none" here and
+# below, made NULL by nullif); returns it. Then the rows go, in batches
+# (_TRIM_BATCH): rows without a key are deleted; rows with a key stay (their keys
+# still answer a retried publish with the original id) but are no longer history
+# (see _READ), until they are $3 seconds old ($3 = -1: as long as the stream lives).
 _TRIM_FIRST: Final = """
     WITH t AS (
         UPDATE {streams} AS st
         SET first_id = greatest(st.first_id, least($2::bigint, st.last_id + 1))
         WHERE st.stream = $1::text
+            AND (nullif($4::bigint, -1) IS NULL OR st.epoch = $4::bigint)
         RETURNING st.first_id
     )
     SELECT t.first_id, pg_notify($3::text, json_build_object(
@@ -497,7 +499,7 @@ _TRIM_BATCH: Final = """
 
 # Retention: examine the streams named after $1, $2 of them in name order (one index
 # range of the counter table), and return, as one JSON value, [last name examined,
-# how many, [[stream, before, more], ...]] for those holding messages beyond the
+# how many, [[stream, before, more, epoch], ...]] for those holding messages beyond the
 # policy: not among the last $3 ($3 = -1: no count rule), or created more than $4
 # seconds ago ($4 = -1: no age rule); or trimmed rows whose keys are older than $5
 # seconds. created_at never decreases in id order, so the first young message is
@@ -509,7 +511,7 @@ _OVER_RETENTION: Final = """
         SELECT nullif($3::bigint, -1) AS max_messages, nullif($4::float8, -1) AS max_age,
             nullif($5::float8, -1) AS keys_for
     ), page AS MATERIALIZED (
-        SELECT st.stream, st.last_id, st.first_id FROM {streams} AS st
+        SELECT st.stream, st.last_id, st.first_id, st.epoch FROM {streams} AS st
         WHERE st.stream > $1::text ORDER BY st.stream LIMIT $2::bigint
     ), aged AS (
         SELECT p.*, CASE WHEN pol.max_age IS NULL THEN NULL ELSE coalesce((
@@ -520,7 +522,7 @@ _OVER_RETENTION: Final = """
             ORDER BY m.id LIMIT 1), least(p.first_id + $6::bigint, p.last_id + 1)) END AS young
         FROM page AS p, policy AS pol
     ), t AS (
-        SELECT a.stream, a.first_id,
+        SELECT a.stream, a.first_id, a.epoch,
             greatest(a.first_id, a.last_id + 1 - pol.max_messages, a.young) AS before,
             coalesce(a.young = a.first_id + $6::bigint AND a.young <= a.last_id, false) AS more,
             pol.keys_for IS NOT NULL AND EXISTS (
@@ -536,7 +538,9 @@ _OVER_RETENTION: Final = """
     SELECT json_build_array(
         (SELECT p.stream FROM page AS p ORDER BY p.stream DESC LIMIT 1),
         (SELECT count(*) FROM page),
-        coalesce((SELECT json_agg(json_build_array(t.stream, t.before, t.more) ORDER BY t.stream)
+        coalesce((
+            SELECT json_agg(
+                json_build_array(t.stream, t.before, t.more, t.epoch) ORDER BY t.stream)
             FROM t WHERE t.before > t.first_id OR t.stale_keys), '[]'::json))::text
 """
 

@@ -306,14 +306,22 @@ class PostgresStore:
         head, first_id, epoch = (int(_pq.value(result, 0, c)) for c in range(3))
         return StreamInfo(stream=stream, head=head, first_id=first_id, epoch=epoch, exists=True)
 
-    async def trim(self, stream: str, before: int, *, keys_for: float | None = None) -> int:
+    async def trim(
+        self,
+        stream: str,
+        before: int,
+        *,
+        keys_for: float | None = None,
+        epoch: int | None = None,
+    ) -> int:
         """Drop the messages of ``stream`` below ``before``, in bounded batches.
 
         The first retained id moves first (one short statement), so readers stop at
         it at once; then the rows go, :data:`LIFECYCLE_BATCH` at a time, each batch its
         own transaction (no long lock on a hot stream). Rows with an idempotency key
         stay, outside the history, until they are ``keys_for`` seconds old (None: as
-        long as the stream lives): a retried publish returns the original id.
+        long as the stream lives): a retried publish returns the original id. With
+        ``epoch``, nothing happens unless the stream is at that epoch.
 
         Returns:
             The stream's first retained id now.
@@ -323,7 +331,7 @@ class PostgresStore:
         """
         check_stream(stream)
         name = stream.encode("utf-8")
-        params = [name, b"%d" % before, self._channel.encode("utf-8")]
+        params = [name, b"%d" % before, self._channel.encode("utf-8"), _no_limit(epoch)]
         result = await self._query("trim", self._queries.trim_first, params, stream=stream)
         if result.ntuples == 0:
             return 1
@@ -362,8 +370,8 @@ class PostgresStore:
         ]
         result = await self._query("retention", self._queries.over_retention, params)
         last, examined, found = json.loads(_pq.value(result, 0, 0))
-        trims = [(stream, before) for stream, before, _ in found]
-        if any(more for _, _, more in found):
+        trims = [(stream, before, epoch) for stream, before, _, epoch in found]
+        if any(more for _, _, more, _ in found):
             next_after: str | None = after
         else:
             next_after = last if examined == limit else None

@@ -271,13 +271,19 @@ async def test_big_trims_go_in_batches_and_the_age_rule_pages_through_a_backlog(
                 ask = functools.partial(
                     store.over_retention, max_messages=None, max_age=1.0, keys_for=None
                 )
+                epochs = {s: (await store.stream_info(s)).epoch for s in ("big", "old")}
                 page = await ask("", 10)
-                assert page.trims == [("big", total + 1), ("old", LIFECYCLE_BATCH + 1)]
+                assert page.trims == [
+                    ("big", total + 1, epochs["big"]),
+                    ("old", LIFECYCLE_BATCH + 1, epochs["old"]),
+                ]
                 assert page.next_after == ""
                 page = await ask("big", 10)  # from after "big": only "old"
-                assert page.trims == [("old", LIFECYCLE_BATCH + 1)] and page.next_after == "big"
+                assert page.trims == [("old", LIFECYCLE_BATCH + 1, epochs["old"])]
+                assert page.next_after == "big"
                 page = await ask("", 1)  # one stream examined: "big", all of it old
-                assert page.trims == [("big", total + 1)] and page.next_after == "big"
+                assert page.trims == [("big", total + 1, epochs["big"])]
+                assert page.next_after == "big"
                 policy = chatbus.Retention(max_age=1.0, interval=0.05)
                 async with chatbus.open_bus(
                     store=store, notifier=notifier, retention=policy
