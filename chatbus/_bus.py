@@ -18,6 +18,7 @@ from ._message import (
     Message,
     StreamInfo,
     check_after,
+    check_before,
     check_cursor,
     check_epoch,
     check_stream,
@@ -319,9 +320,11 @@ class Bus(metaclass=NoPublicConstructor):
             heads = await self._store.heads([topic.name])
             topic.advance(heads.get(topic.name, 0))
             topic.head_known = True
-        else:
-            await trio.lowlevel.checkpoint()
-        return topic.high_water
+            return topic.high_water
+        # Read before the checkpoint: a reset meanwhile (a resync) would give 0.
+        head = topic.high_water
+        await trio.lowlevel.checkpoint()
+        return head
 
     async def publish(self, stream: str, body: object, *, key: str | None = None) -> Message:
         """Publish one message to ``stream`` without opening a publisher.
@@ -360,9 +363,12 @@ class Bus(metaclass=NoPublicConstructor):
         """Return up to ``limit`` committed messages of ``stream``, in id order.
 
         Page forward with ``after`` (the last id you got; default 0: from the first
-        retained one), or back with ``before`` (the lowest id you have: the ``limit``
-        messages just below it, for scroll-back; it stops at the first retained id,
-        which :meth:`stream_info` names). Not both.
+        retained one), or back with ``before`` (the lowest id you have, for
+        scroll-back): the retained messages among the ``limit`` ids just below it,
+        never an id at or above it. Fewer than ``limit`` then means the page reached
+        the first retained id (:meth:`stream_info` names it); a read before that id
+        raises :class:`~chatbus.HistoryTruncated` naming it (there is nothing below
+        id 1: ``before=1`` returns ``[]``). Not both.
 
         Args:
             stream: The stream to read.
@@ -377,8 +383,9 @@ class Bus(metaclass=NoPublicConstructor):
             InvalidStream: ``stream`` is not a valid stream name.
             ValueError: ``after`` or ``before`` is out of range, both are given, or
                 ``limit`` is not in 1..10000.
-            CursorAhead: ``after`` is past the stream's head.
-            HistoryTruncated: the messages right after ``after`` were trimmed.
+            CursorAhead: ``after`` is past the head, or ``before`` past head + 1.
+            HistoryTruncated: the messages after ``after``, or all those before
+                ``before``, were trimmed away (naming the first retained id).
             HistoryReset: ``epoch`` is not the stream's epoch.
             BusClosed: the bus is closed.
             StoreError: the store failed.
@@ -389,27 +396,19 @@ class Bus(metaclass=NoPublicConstructor):
         check_int_range("limit", limit, 1, MAX_READ_LIMIT)
         if epoch is not None:
             check_int_range("epoch", epoch, 0, 2**63 - 1)
-        below: int | None = None
         if before is not None:
             if after is not None:
                 raise ValueError("pass after or before, not both")
             check_after(before)
             if before < 1:
                 raise ValueError(f"before must be >= 1, got {before}")
-            after, limit, below = max(0, before - 1 - limit), min(limit, before - 1), before
-        elif after is None:
+            return await self._read_before(stream, before, limit, epoch)
+        if after is None:
             after = 0
         check_after(after)
         self._topics.check_open()
-        if limit == 0:
-            page: list[Message] = []
-            await trio.lowlevel.checkpoint()
-        else:
-            page = await self._store.read(stream, after, limit)
-        if below is not None:
-            # The store starts at the first retained id: never return ids from above.
-            page = [message for message in page if message.id < below]
-        elif after > 0 and (not page or page[0].id != after + 1):
+        page = await self._store.read(stream, after, limit)
+        if after > 0 and (not page or page[0].id != after + 1):
             info = await self._lifecycle_info(stream)
             if info is not None:
                 check_epoch(info, epoch, after)
@@ -420,6 +419,28 @@ class Bus(metaclass=NoPublicConstructor):
             # now means the page came from that history (epochs never come back).
             info = await self._lifecycle_info(stream, required=True)
             check_epoch(info, epoch, after)
+        return page
+
+    async def _read_before(
+        self, stream: str, before: int, limit: int, epoch: int | None
+    ) -> list[Message]:
+        after = max(0, before - 1 - limit)
+        self._topics.check_open()
+        if before == 1:
+            page: list[Message] = []
+            await trio.lowlevel.checkpoint()
+        else:
+            page = await self._store.read(stream, after, before - 1 - after)
+        if len(page) != before - 1 - after or (page and page[0].id != after + 1):
+            # Short, or starting later (trimmed): where does the stream stand?
+            info = await self._lifecycle_info(stream)
+            if info is not None:
+                check_epoch(info, epoch, before)  # it has seen `before`: no (0, 0)
+                check_before(info, before)
+                epoch = None  # checked, after the read
+            page = [message for message in page if message.id < before]
+        if epoch is not None:
+            check_epoch(await self._lifecycle_info(stream, required=True), epoch, before)
         return page
 
     async def _lifecycle_info(self, stream: str, *, required: bool = False) -> Any:
@@ -458,6 +479,9 @@ class Bus(metaclass=NoPublicConstructor):
         """
         check_stream(stream)
         self._topics.check_open()
+        # This bus's events emitted before the delete belong to the old conversation:
+        # stored now, they go with it (flushed after, they would greet the next one).
+        await self._outbox.flushed()
         await self._lifecycle("delete_stream")(stream)
         reset = getattr(self._notifier, "notify_reset", None)
         if reset is not None:
@@ -520,9 +544,11 @@ class Bus(metaclass=NoPublicConstructor):
         tombstone: Message | None = await self._lifecycle("redact")(stream, id)
         if tombstone is None:
             raise ValueError(f"stream {stream!r} has no retained message {id}")
-        topic = self._topics.by_name.get(stream)
-        if topic is not None:
-            topic.cache.put([tombstone])
+        # Every bus's cache (also serving subscriptions opened later) drops the body.
+        self._router.redacted(stream, id)
+        tell = getattr(self._notifier, "notify_redacted", None)
+        if tell is not None:
+            await tell(stream, id)
         await self.emit(stream, {"redacted": id}, key=f"{REDACTED_KEY_PREFIX}{id}", ttl=3600)
         return tombstone
 

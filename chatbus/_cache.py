@@ -4,6 +4,11 @@ Pure state, no I/O. Only committed messages go in (after a local append returns,
 from a store read), so anything the cache returns is durable. A lookup answers only
 with a run it can prove complete: contiguous from the cursor + 1, which dense ids
 make sufficient. Anything else is the caller's cue to read the store.
+
+What the cache holds may go stale: the stream deleted, trimmed or a message redacted
+(by any process). :meth:`clear`, :meth:`forget_below` and :meth:`forget` apply such a
+change; each bumps :attr:`generation`, so a store read or an append that was in flight
+across it (and may hold the old history) is not put in afterwards.
 """
 
 from __future__ import annotations
@@ -31,9 +36,19 @@ class DurableCache:
     floor: int = attrs.field(default=0, init=False)
     #: The highest id ever put in.
     top: int = attrs.field(default=0, init=False)
+    #: Bumped whenever what the cache holds is invalidated (see the module header).
+    generation: int = attrs.field(default=0, init=False)
 
-    def put(self, messages: Iterable[Message]) -> None:
-        """Remember committed ``messages``, evicting the lowest ids beyond capacity."""
+    def put(self, messages: Iterable[Message], generation: int | None = None) -> None:
+        """Remember committed ``messages``, evicting the lowest ids beyond capacity.
+
+        Args:
+            messages: Committed messages, in any order.
+            generation: The :attr:`generation` when they were read or appended: if
+                the cache was invalidated since, they may be stale and are ignored.
+        """
+        if generation is not None and generation != self.generation:
+            return
         by_id = self._by_id
         floor = self.floor
         for message in messages:
@@ -56,11 +71,21 @@ class DurableCache:
             self._by_id = {i: m for i, m in self._by_id.items() if i >= first_id}
             self.floor = first_id - 1
             self.top = max(self.top, self.floor)
+            self.generation += 1
 
     def forget(self, id: int) -> None:
-        """Message ``id`` changed in the store (redacted): the next lookup past it reads
-        the store, which has it as it is now."""
+        """Message ``id`` changed (redacted): the next lookup reaching it reads the store."""
         self._by_id.pop(id, None)
+        self.generation += 1
+
+    def clear(self) -> None:
+        """Forget everything (the stream was deleted, or changes may have been missed).
+
+        In place: subscriptions hold on to this object.
+        """
+        self._by_id = {}
+        self.floor = self.top = 0
+        self.generation += 1
 
     def run_after(self, cursor: int, limit: int) -> list[Message]:
         """Return the messages cursor+1, cursor+2, … up to ``limit``, stopping at a hole.

@@ -134,3 +134,22 @@ def parse_reset(payload: bytes | str) -> tuple[str, int | None] | None:
         return check_stream(data.get("stream")), first_id
     except ValueError:
         return None
+
+
+def parse_redacted(payload: bytes | str) -> tuple[str, int] | None:
+    """``(stream, id)`` of a redaction payload, ``{"stream": stream, "redacted": id}``
+    (message ``id`` is a tombstone now; the Postgres redact statement sends it); None
+    otherwise."""
+    try:
+        data = json.loads(payload)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    id = data.get("redacted")
+    if type(id) is not int or id < 1:
+        return None
+    try:
+        return check_stream(data.get("stream")), id
+    except ValueError:
+        return None

@@ -84,6 +84,14 @@ class FaultyNotifier:
         else:
             await trio.lowlevel.checkpoint()
 
+    async def notify_redacted(self, stream: str, id: int) -> None:
+        """Pass a redaction to the wrapped notifier, if it carries any."""
+        tell = getattr(self.inner, "notify_redacted", None)
+        if tell is not None:
+            await tell(stream, id)
+        else:
+            await trio.lowlevel.checkpoint()
+
     async def notify_events(self, events: Sequence[Event], encoded: Sequence[str]) -> None:
         """Pass events to the wrapped notifier, if it carries any (faults apply on the
         listening side, as for notices: each batch is dropped, duplicated, delayed or
@@ -163,6 +171,11 @@ class _FaultyHandler:
         trimmed = getattr(self.target, "trimmed", None)
         if trimmed is not None:
             trimmed(stream, first_id)
+
+    def redacted(self, stream: str, id: int) -> None:
+        redacted = getattr(self.target, "redacted", None)
+        if redacted is not None:
+            redacted(stream, id)
 
     def _mistreat(self, delivery: Callable[[], None]) -> None:
         self.received += 1

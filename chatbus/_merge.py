@@ -81,6 +81,24 @@ class MergeState:
             self.rescan = False
         return fresh
 
+    def check_first(self, stream: str, first_id: int) -> None:
+        """The store has nothing after the cursor though later ids were announced:
+        if the stream now starts past the cursor, its next messages were trimmed away
+        (maybe every one of them: a page that starts later cannot tell then). As in
+        :meth:`take`, even from cursor 0: it was placed at the first retained id.
+
+        Raises:
+            HistoryTruncated: the messages right after the cursor were trimmed away.
+        """
+        if first_id <= self.cursor + 1:
+            return
+        raise HistoryTruncated(
+            f"the messages of stream {stream!r} after id {self.cursor} were trimmed;"
+            f" the first retained one is {first_id}",
+            stream,
+            first_id,
+        )
+
     def request_rescan(self) -> None:
         """Notices may have been lost: scan the store from the cursor again."""
         self.rescan = True

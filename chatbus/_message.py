@@ -177,6 +177,32 @@ def check_cursor(info: StreamInfo, after: int) -> None:
         )
 
 
+def check_before(info: StreamInfo, before: int) -> None:
+    """Raise unless ``info``'s stream has messages below ``before`` to scroll back to
+    (or ``before`` is where it starts).
+
+    Raises:
+        CursorAhead: ``before`` is past head + 1 (the id of the next message).
+        HistoryTruncated: the messages below ``before`` were trimmed away (there is
+            none below id 1, nor in a stream never trimmed: an empty page, no error).
+    """
+    if before > info.head + 1:
+        raise CursorAhead(
+            f"before={before} is past the next id of stream {info.stream!r}, whose head"
+            f" is {info.head}: it belongs to another history (a restored database, a"
+            " recreated stream?)",
+            info.stream,
+            info.head,
+        )
+    if 1 < before <= info.first_id:
+        raise HistoryTruncated(
+            f"the messages of stream {info.stream!r} before {before} were trimmed; the"
+            f" first retained one is {info.first_id}",
+            info.stream,
+            info.first_id,
+        )
+
+
 def make_draft(body: object, key: object, *, max_body_bytes: int) -> Draft:
     """Validate and encode one message, raising before anything is stored."""
     if key is not None:

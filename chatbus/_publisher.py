@@ -260,6 +260,7 @@ class Producer:
         self.topic.appending += 1
         try:
             await self.before_append()
+            generation = self.topic.cache.generation
             messages = await self.store.append(stream, [request.draft for request in live])
             if len(messages) != len(live):
                 raise StoreError(f"store returned {len(messages)} messages for {len(live)} drafts")
@@ -272,7 +273,7 @@ class Producer:
             return
         finally:
             self.topic.appending -= 1
-        last_id = self.topic.committed(messages)
+        last_id = self.topic.committed(messages, generation)
         for request, message in zip(live, messages, strict=True):
             if message.replay and (conflict := _conflict(request.draft, message)) is not None:
                 request.fail(conflict)
@@ -304,8 +305,12 @@ def _own_copy(exc: Exception, stream: str) -> BusError:
 
 
 def _conflict(draft: Draft, message: Message) -> IdempotencyConflict | None:
-    """A replay whose body differs from the draft's: the key was reused for another message."""
-    if not message.replay or encode_body(message.body) == draft.body_json:
+    """A replay whose body differs from the draft's: the key was reused for another message.
+
+    A redacted original has no body left to compare: the retry gets its tombstone, as
+    a replay (its id is what a client that saw the message knows it by).
+    """
+    if not message.replay or message.redacted or encode_body(message.body) == draft.body_json:
         return None
     return IdempotencyConflict(
         f"key {message.key!r} was used in stream {message.stream!r} for message"

@@ -232,13 +232,15 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
             return None
         async with self._topics.read_limiter:
             info: StreamInfo = await ask(self._stream)
+        if self._topic is not None:
+            self._topic.validate(info)
         return info
 
-    async def _check_epoch(self) -> None:
+    async def _check_epoch(self) -> StreamInfo | None:
         """After a reset or resync: still the same history? Else end with an error."""
         info = await self._stream_info()
         if info is None:
-            return
+            return None
         if self._place_at_start:  # from the start, as the stream stands now
             self._place_at_start = False
             self._set_cursor(info.first_id - 1)
@@ -252,6 +254,7 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
                 self._stream,
                 info.epoch,
             )
+        return info
 
     @property
     def cursor(self) -> int:
@@ -432,8 +435,12 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
                 if run is None:
                     continue
                 if not run and topic.high_water > state.cursor:
-                    # Told of ids the store does not show yet (a lagging replica,
-                    # a notice racing its commit): retry until it catches up.
+                    # Told of ids the store does not show: a lagging replica or a
+                    # notice racing its commit (retry until it catches up), or a trim
+                    # that took every message after the cursor (say so, at once).
+                    info = await self._check_epoch_retrying(backoff)
+                    if info is not None:
+                        state.check_first(self._stream, info.first_id)
                     await backoff.sleep()
                     continue
             if run:
@@ -446,11 +453,10 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
             else:
                 await changed.wait()
 
-    async def _check_epoch_retrying(self, backoff: Backoff) -> None:
+    async def _check_epoch_retrying(self, backoff: Backoff) -> StreamInfo | None:
         while True:
             try:
-                await self._check_epoch()
-                return
+                return await self._check_epoch()
             except StoreError:
                 self._store_errors += 1
                 await backoff.sleep()
@@ -490,6 +496,7 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
             return None
         done = topic.reads[cursor] = trio.Event()
         state.begin_read(topic.high_water)
+        generation = topic.cache.generation
         try:
             async with self._topics.read_limiter:
                 page = await self._store.read(self._stream, cursor, self._read_limit)
@@ -502,7 +509,7 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
         finally:
             del topic.reads[cursor]
             done.set()
-        topic.cache.put(page)
+        topic.cache.put(page, generation)  # not if the history changed meanwhile
         return state.take(page, self._read_limit)
 
 

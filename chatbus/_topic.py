@@ -16,7 +16,7 @@ import trio
 from ._cache import DurableCache
 from ._event import Event
 from ._exceptions import BusClosed
-from ._message import Message
+from ._message import Message, StreamInfo
 
 
 @final
@@ -51,6 +51,9 @@ class Topic:
     #: high_water is the stream's head as the store knew it at some point (not just 0
     #: because nothing was heard yet): what an emitted event's ``after`` comes from.
     head_known: bool = False
+    #: The epoch the cache's messages belong to, as last seen in the stream's info
+    #: (None: not asked since the cache was last emptied).
+    epoch: int | None = None
 
     def advance(self, last_id: int) -> None:
         """Record that ids up to ``last_id`` exist; wake subscriptions if that is news."""
@@ -67,15 +70,20 @@ class Topic:
         for sink in list(self.event_sinks):
             sink.push_events(events)
 
-    def committed(self, messages: Sequence[Message]) -> int:
+    def committed(self, messages: Sequence[Message], generation: int) -> int:
         """A local append committed ``messages``: cache them, wake subscriptions.
+
+        ``generation`` is the cache's when the append began: if the stream's history
+        changed meanwhile (a delete, trim or redaction; a resync), they are not
+        trusted here and the subscriptions look in the store.
 
         Returns the highest id among them.
         """
-        self.cache.put(messages)
         last_id = max(message.id for message in messages)
-        self.high_water = max(self.high_water, last_id)
-        self.head_known = True
+        if generation == self.cache.generation:
+            self.cache.put(messages)
+            self.high_water = max(self.high_water, last_id)
+            self.head_known = True
         self._wake()  # even if a notice already raised high_water: the cache grew
         return last_id
 
@@ -88,10 +96,25 @@ class Topic:
 
         Counted as a resync too; what the cache holds is of the old history.
         """
-        self.cache = DurableCache(self.cache.capacity)
+        self.cache.clear()
         self.high_water = 0
         self.head_known = False
+        self.epoch = None
         self.resync()
+
+    def validate(self, info: StreamInfo) -> None:
+        """A fresh look at the stream (a subscription asked its info): drop what the
+        cache holds of another history, should a delete or trim notice have been lost
+        and the resync that follows not have come yet (a connection silently dead).
+
+        The first look cannot tell which history a non-empty cache holds: it empties it.
+        After a look at a stream that did not exist (epoch 0), what was cached is of the
+        history created since.
+        """
+        if len(self.cache) > 0 if self.epoch is None else self.epoch not in (0, info.epoch):
+            self.reset()
+        self.epoch = info.epoch
+        self.cache.forget_below(info.first_id)
 
     def resync(self) -> None:
         """Make every subscription of this topic rescan from its cursor."""
@@ -181,11 +204,12 @@ class Router:
             topic.advance(last_id)
 
     def resync(self) -> None:
+        # Anything may have happened while notices were lost: a delete, a trim, a
+        # redaction. So nothing known of any stream is trusted any more: every topic
+        # is reset, its cache emptied, its subscriptions check their epoch and rescan.
         self.resyncs += 1
         for topic in self.topics.values():
-            # What was lost may include a redaction's event: the cache may be stale.
-            topic.cache = DurableCache(topic.cache.capacity)
-            topic.resync()
+            topic.reset()
 
     def reset(self, stream: str) -> None:
         topic = self.topics.get(stream)
@@ -196,6 +220,11 @@ class Router:
         topic = self.topics.get(stream)
         if topic is not None:
             topic.cache.forget_below(first_id)
+
+    def redacted(self, stream: str, id: int) -> None:
+        topic = self.topics.get(stream)
+        if topic is not None:
+            topic.cache.forget(id)
 
     def events(self, events: Sequence[Event]) -> None:
         by_stream: dict[str, list[Event]] = {}

@@ -263,6 +263,13 @@ class MemoryNotifier:
                 if trimmed is not None:
                     trimmed(stream, first_id)
 
+    async def notify_redacted(self, stream: str, id: int) -> None:
+        """Tell every listener that message ``id`` of ``stream`` was redacted."""
+        for handler in list(self._handlers):
+            redacted = getattr(handler, "redacted", None)
+            if redacted is not None:
+                redacted(stream, id)
+
     async def notify_events(self, events: Sequence[Event], encoded: Sequence[str]) -> None:
         """Report ``events`` to every listener now (the emitter's own bus ignores them)."""
         for handler in list(self._handlers):

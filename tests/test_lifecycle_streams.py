@@ -79,7 +79,8 @@ async def test_trim_never_lets_a_cursor_skip(backend):
             await bus.trim("room", before=0)
 
 
-async def test_a_slow_subscriber_trimmed_under_is_told(backend):
+@pytest.mark.parametrize("before", [25, 31], ids=["some-kept", "all-trimmed"])
+async def test_a_slow_subscriber_trimmed_under_is_told(backend, before):
     async with (
         backend.open_bus(read_batch=5) as bus,
         backend.open_bus() as other,
@@ -88,13 +89,27 @@ async def test_a_slow_subscriber_trimmed_under_is_told(backend):
         for i in range(1, 31):
             await other.publish("room", i)
         assert await collect(sub, 3) == [1, 2, 3]
-        await other.trim("room", before=25)
+        # 31 = head + 1: nothing after the cursor is left, not even a later id to
+        # show the gap (what time-based retention does to every idle room).
+        assert await other.trim("room", before=before) == before
         with pytest.raises(chatbus.HistoryTruncated) as info:  # noqa: PT012
-            with trio.fail_after(10):
+            with trio.fail_after(5):  # at once: no later publish needed to notice
                 while True:
                     await sub.receive()
-        assert info.value.first_id == 25
-        assert sub.cursor < 25  # what it got before the gap, never past it silently
+        assert info.value.first_id == before
+        assert sub.cursor < before  # what it got before the gap, never past it silently
+
+
+async def test_from_the_start_of_a_stream_trimmed_to_nothing(backend):
+    """after=0 means "what is retained": nothing yet, so no error, and the next one."""
+    async with backend.open_bus() as bus:
+        for i in range(5):
+            await bus.publish("room", i)
+        assert await bus.trim("room", before=6) == 6
+        async with bus.open_subscriber("room") as sub:
+            await assert_quiet(sub)
+            await bus.publish("room", "after the trim")
+            assert await collect(sub, 1) == [6]
 
 
 async def test_trimmed_keys_still_answer_a_retry(backend):
@@ -135,6 +150,74 @@ async def test_redaction_is_a_tombstone_seen_live(backend):
         ]
         with pytest.raises(ValueError, match="no retained message 9"):
             await bus.redact("room", 9)
+
+
+async def test_a_redaction_reaches_every_buss_cache(backend):
+    """Also the cache of a bus that published the message, which serves the
+    subscriptions opened there later."""
+    async with backend.open_bus() as bus, backend.open_bus() as other:
+        async with bus.open_publisher("room") as pub:
+            for i in range(1, 6):
+                await pub.publish({"text": "my password"} if i == 3 else i)
+            await other.redact("room", 3)
+            with trio.fail_after(10):
+                while True:  # the notice travels (Postgres: NOTIFY)
+                    async with bus.open_subscriber("room", after=2) as sub:
+                        message = await sub.receive()
+                    if message.redacted:
+                        break
+                    await trio.sleep(0.05)
+            assert (message.id, message.body) == (3, None)
+
+
+async def test_a_keyed_retry_of_a_redacted_message_replays_its_tombstone(backend):
+    async with backend.open_bus() as bus:
+        first = await bus.publish("room", {"text": "my password"}, key="client-1")
+        await bus.redact("room", first.id)
+        again = await bus.publish("room", {"text": "my password"}, key="client-1")
+        assert (again.id, again.body, again.replay, again.redacted) == (first.id, None, True, True)
+        # The body is gone: nothing left to compare, so another body is no conflict either.
+        other = await bus.publish("room", "something else", key="client-1")
+        assert (other.id, other.replay, other.redacted) == (first.id, True, True)
+        assert (await bus.stream_info("room")).head == 1
+
+
+async def test_scrolling_back_on_a_trimmed_stream(backend):
+    async with backend.open_bus() as bus:
+        for i in range(1, 21):
+            await bus.publish("room", i)
+        await bus.trim("room", before=15)
+        assert [m.id for m in await bus.read("room", before=18, limit=5)] == [15, 16, 17]
+        assert [m.id for m in await bus.read("room", before=16, limit=5)] == [15]
+        assert [m.id for m in await bus.read("room", before=16, limit=50)] == [15]
+        assert [m.id for m in await bus.read("room", before=21, limit=2)] == [19, 20]
+        for before in (5, 15):
+            with pytest.raises(chatbus.HistoryTruncated, match="first retained one is 15") as cut:
+                await bus.read("room", before=before, limit=5)
+            assert cut.value.first_id == 15
+        with pytest.raises(chatbus.CursorAhead, match="before=100 is past") as ahead:
+            await bus.read("room", before=100)
+        assert ahead.value.head == 20
+
+
+async def test_events_emitted_just_before_a_delete_go_with_it(backend):
+    async with backend.open_bus() as bus, backend.open_bus() as other:
+        for attempt in range(3):
+            room = f"room-{attempt}"
+            await bus.publish(room, "old conversation")
+            await bus.emit(room, "thinking about the old one", key="status")
+            await bus.emit(room, "a part of an old reply")
+            await bus.delete_stream(room)
+            await bus.publish(room, "new conversation")
+            for joiner in (bus, other):
+                async with joiner.open_subscriber(room, events=True) as sub:
+                    with trio.fail_after(10):
+                        first = await sub.receive()
+                    assert isinstance(first, chatbus.Message)
+                    assert first.body == "new conversation"
+                    with trio.move_on_after(0.2):
+                        item = await sub.receive()
+                        pytest.fail(f"a joiner of the new conversation got {item!r}")
 
 
 async def test_a_live_subscription_ends_when_its_stream_is_deleted(backend):

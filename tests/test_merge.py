@@ -142,7 +142,7 @@ async def test_any_interleaving_yields_each_id_once_in_order(actions, cache_size
                     notices.append(committed[-1].id)
                 case ("fill", i) if fills:
                     topic.appending -= 1
-                    topic.committed(fills.pop(i % len(fills)))
+                    topic.committed(fills.pop(i % len(fills)), topic.cache.generation)
                 case ("notice", i, how) if notices:
                     last_id = notices.pop(i % len(notices))
                     for _ in range({"once": 1, "twice": 2, "drop": 0}[how]):
@@ -159,7 +159,7 @@ async def test_any_interleaving_yields_each_id_once_in_order(actions, cache_size
         # after a reconnect, or the bus's poll) ends it.
         while fills:
             topic.appending -= 1
-            topic.committed(fills.pop())
+            topic.committed(fills.pop(), topic.cache.generation)
         router.resync()
         await trio.testing.wait_all_tasks_blocked()
         n = store.last_id("s")

@@ -18,7 +18,7 @@ import psycopg
 import trio
 from psycopg import pq, sql
 
-from .._codec import parse_notice, parse_reset
+from .._codec import parse_notice, parse_redacted, parse_reset
 from .._event import Event, decode_events
 from .._listener import Beat, ListenLost, Liveness, Reconnecting
 from .._protocols import NoticeHandler
@@ -148,6 +148,10 @@ class ListenSession:
                     trimmed = getattr(self.handler, "trimmed", None)
                     if trimmed is not None:
                         trimmed(stream, first_id)
+            elif (redaction := parse_redacted(payload)) is not None:
+                redacted = getattr(self.handler, "redacted", None)
+                if redacted is not None:
+                    redacted(*redaction)
         elif notify.relname == self.ping_channel and notify.extra == self.ping_token:
             self.ping_answered = True
         return False
@@ -205,6 +209,10 @@ class PostgresNotifier:
     async def notify_reset(self, stream: str, first_id: int | None = None) -> None:
         """Do nothing: :meth:`PostgresStore.delete_stream` and :meth:`~PostgresStore.trim`
         NOTIFY it at their commit."""
+        await trio.lowlevel.checkpoint()
+
+    async def notify_redacted(self, stream: str, id: int) -> None:
+        """Do nothing: :meth:`PostgresStore.redact` NOTIFYs it at its commit."""
         await trio.lowlevel.checkpoint()
 
     async def notify_events(self, events: Sequence[Event], encoded: Sequence[str]) -> None:

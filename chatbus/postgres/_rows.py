@@ -99,12 +99,12 @@ class KeyedRequest:
 
     def found(self, rows: list[list[Any]]) -> dict[str, list[Found]]:
         """The statement's found rows ``[draft number, id, µs, same body, inlined,
-        original body]`` by stream."""
+        original body, redacted]`` by stream."""
         by_stream: dict[str, list[Found]] = {}
-        for number, id_, micros, same, inline, original in rows:
+        for number, id_, micros, same, inline, original, redacted in rows:
             key = self.keys[number - 1]
             assert key is not None  # only keys are looked up
-            found = Found(key, id_, micros, same, inline, original)
+            found = Found(key, id_, micros, same, inline, original, redacted)
             by_stream.setdefault(self.streams[number - 1], []).append(found)
         return by_stream
 
@@ -122,6 +122,8 @@ class Found:
     #: Not the same, and ``original`` is the stored body (else it is read afterwards).
     inline: bool
     original: Any
+    #: Redacted: a tombstone, whatever was sent (a retry replays it, no conflict).
+    redacted: bool = False
 
 
 def settle(
@@ -197,16 +199,25 @@ def replays(
 
     The same body: the draft sent the stored text, so its body is the stored one.
     Otherwise the original body from the reply, or read afterwards (``bodies``), or
-    None if that read failed.
+    None if that read failed; a redacted message's is its tombstone (None).
     """
     return {
         f.key: Message(
             stream=stream,
             id=f.id,
-            body=sent[f.key] if f.same else f.original if f.inline else bodies.get(f.key),
+            body=(
+                None
+                if f.redacted
+                else sent[f.key]
+                if f.same
+                else f.original
+                if f.inline
+                else bodies.get(f.key)
+            ),
             key=f.key,
             created_at=_pq.from_epoch_micros(f.micros),
             replay=True,
+            redacted=f.redacted,
         )
         for f in found
     }

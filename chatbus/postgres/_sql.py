@@ -311,8 +311,9 @@ _APPEND_STREAMS: Final = """
 #
 # Output: a row per bumped stream: (stream, new last id, created_at µs of the batch,
 # NULL); and if any key was found, one row (NULL, NULL, NULL, [[draft number (from 1),
-# id, created_at µs, same body?, original inlined?, original body], …]). "Same body"
-# compares the stored text with the text sent (json keeps it verbatim): a replay needs
+# id, created_at µs, same body?, original inlined?, original body, redacted?], …]).
+# A redacted message is a tombstone: a retry of it replays it, never a conflict. "Same
+# body" compares the stored text with the text sent (json keeps it verbatim): a replay needs
 # no body back. A key reused with another body (a conflict) gets the original body
 # in the reply when it is at most CONFLICT_INLINE_BYTES, so the error costs no second
 # round trip; a bigger one is read afterwards (_BODIES_OF_KEYS), for the reply is
@@ -329,12 +330,16 @@ _APPEND_KEYED: Final = """
     ), found AS MATERIALIZED (
         -- LATERAL ... LIMIT 1: one probe of the unique index per key, never a scan of
         -- the table (a join here may be planned as one, the row counts being unknown).
-        SELECT d.ord, m.id, m.micros, m.same,
-            NOT m.same AND octet_length(m.body::text) <= {conflict_inline} AS inline,
-            CASE WHEN NOT m.same AND octet_length(m.body::text) <= {conflict_inline}
-                THEN m.body END AS original
+        SELECT d.ord, m.id, m.micros, m.same AND NOT m.redacted AS same,
+            NOT m.same AND NOT m.redacted
+                AND octet_length(m.body::text) <= {conflict_inline} AS inline,
+            CASE WHEN NOT m.same AND NOT m.redacted
+                AND octet_length(m.body::text) <= {conflict_inline}
+                THEN m.body END AS original,
+            m.redacted
         FROM d CROSS JOIN LATERAL (
-            SELECT m.id, {found_micros} AS micros, m.body::text = d.body AS same, m.body
+            SELECT m.id, {found_micros} AS micros, m.body::text = d.body AS same, m.body,
+                m.redacted
             FROM {messages} AS m
             WHERE m.stream = d.stream AND m.key = d.key AND m.key IS NOT NULL
             LIMIT 1
@@ -362,7 +367,9 @@ _APPEND_KEYED: Final = """
     SELECT b.stream, b.last_id, {b_micros}, NULL FROM bump AS b
     UNION ALL
     SELECT NULL, NULL, NULL,
-        json_agg(json_build_array(f.ord, f.id, f.micros, f.same, f.inline, f.original))::text
+        json_agg(json_build_array(
+            f.ord, f.id, f.micros, f.same, f.inline, f.original, f.redacted
+        ))::text
     FROM found AS f HAVING count(*) > 0
 """
 
@@ -569,12 +576,18 @@ _DELETE_STREAM: Final = """
     SELECT pg_notify(%(channel)s::text, {reset_notice});
 """
 
-# Redact: the body becomes JSON null, the row keeps id, key and created_at; returns
-# the tombstone as [key, created_at µs] (no row: not retained).
+# Redact: the body becomes JSON null, the row keeps id, key and created_at; every
+# listener is told at the commit (their caches drop the body); returns the tombstone
+# as [key, created_at µs] (no row: not retained).
 _REDACT: Final = """
-    UPDATE {messages} AS m SET body = 'null'::json, redacted = true
-    WHERE m.stream = $1::text AND m.id = $2::bigint
-        AND m.id >= coalesce(
-            (SELECT st.first_id FROM {streams} AS st WHERE st.stream = $1::text), 1)
-    RETURNING json_build_array(m.key, {found_micros})
+    WITH r AS (
+        UPDATE {messages} AS m SET body = 'null'::json, redacted = true
+        WHERE m.stream = $1::text AND m.id = $2::bigint
+            AND m.id >= coalesce(
+                (SELECT st.first_id FROM {streams} AS st WHERE st.stream = $1::text), 1)
+        RETURNING json_build_array(m.key, {found_micros}) AS tombstone
+    )
+    SELECT r.tombstone, pg_notify($3::text, json_build_object(
+        'stream', $1::text, 'redacted', $2::bigint)::text)
+    FROM r
 """

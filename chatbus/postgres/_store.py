@@ -435,7 +435,10 @@ class PostgresStore:
         """
         check_stream(stream)
         result = await self._query(
-            "redact", self._queries.redact, [stream.encode("utf-8"), b"%d" % id], stream=stream
+            "redact",
+            self._queries.redact,
+            [stream.encode("utf-8"), b"%d" % id, self._channel.encode("utf-8")],
+            stream=stream,
         )
         if result.ntuples == 0:
             return None
@@ -571,7 +574,7 @@ class PostgresStore:
         """
         sent = sent_by_key(members)
         bodies: dict[str, Any] = {}
-        differing = [f.key for f in found if not f.same and not f.inline]
+        differing = [f.key for f in found if not f.same and not f.inline and not f.redacted]
         if differing:
             with contextlib.suppress(*DB_ERRORS):
                 params = [

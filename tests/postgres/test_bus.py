@@ -162,6 +162,49 @@ async def test_listen_connection_killed_while_messages_flow() -> None:
             assert stats.resyncs == rounds
 
 
+@pytest.mark.parametrize("change", ["delete", "trim", "redact"])
+async def test_a_change_missed_while_listen_was_down_is_not_served_from_the_cache(
+    change: str,
+) -> None:
+    """Another process deletes, trims or redacts while this bus's LISTEN connection is
+    down: its notice is lost. After the reconnect (a resync), a subscription opened
+    here must see the stream as it is, not what this bus's cache held."""
+    with trio.fail_after(40):
+        async with fresh_postgres_pair(max_backoff=4.0) as (store, notifier):
+            notifier.min_backoff = 4.0  # the reconnect waits 2..4 s: the notice is lost
+            async with (
+                open_postgres(pg_dsn(), schema=store.schema) as (other_store, other_notifier),
+                chatbus.open_bus(store=other_store, notifier=other_notifier) as other,
+                chatbus.open_bus(store=store, notifier=notifier, poll_interval=None) as bus,
+                bus.open_publisher("room") as pub,  # its cache holds what it published
+            ):
+                for i in range(1, 11):
+                    await pub.publish({"old": i})
+                old = [(i, {"old": i}) for i in range(1, 11)]
+                [pid] = notifier.listen_pids
+                assert await terminate_backends([pid]) == 1
+                await eventually(lambda: pid not in notifier.listen_pids)
+                if change == "delete":
+                    await other.delete_stream("room")
+                    for i in range(1, 16):
+                        await other.publish("room", {"new": i})
+                    expected = [(i, {"new": i}) for i in range(1, 16)]
+                elif change == "trim":
+                    await other.trim("room", before=8)
+                    expected = old[7:]
+                else:
+                    await other.redact("room", 3)
+                    expected = [*old[:2], (3, None), *old[3:]]
+                assert notifier.reconnects == 0, "the change was not made while LISTEN was down"
+                await eventually(lambda: bus.statistics().resyncs == 1)
+                async with bus.open_subscriber("room") as sub:
+                    got = []
+                    while len(got) < len(expected):
+                        message = await sub.receive()
+                        got.append((message.id, message.body))
+                assert got == expected
+
+
 async def test_publish_while_database_unavailable_then_recovery() -> None:
     with trio.fail_after(40):
         async with trio.open_nursery() as nursery:
