@@ -256,3 +256,46 @@ async def test_an_event_too_big_for_the_wire_is_refused(backend):
         with pytest.raises(chatbus.MessageTooLarge, match="on the wire"):
             await bus.emit("💥" * 256, "x" * 5900, key="💥" * 256)
         assert bus.statistics().events_emitted == 0
+
+
+async def _joiner_events(backend, stream: str) -> list[chatbus.Event]:
+    """What a joiner on a fresh bus gets right after catching up (the stream is empty)."""
+    got: list[chatbus.Event] = []
+    async with backend.open_bus() as late, late.open_subscriber(stream, events=True) as sub:
+        with trio.move_on_after(1):
+            while True:
+                got.append(await sub.receive())
+    return got
+
+
+async def test_retention_holds_its_count_bound_after_every_flush(backend):
+    """Never more than 1000 events per stream, also right after a flush (F5)."""
+    async with backend.open_bus() as bus:
+        for i in range(1500):
+            await bus.emit("s", i)
+    got = await _joiner_events(backend, "s")
+    assert [e.body for e in got] == list(range(500, 1500))  # the newest 1000, in order
+
+
+async def test_retention_holds_its_count_bound_with_concurrent_emitters(backend):
+    async with backend.open_bus() as one, backend.open_bus() as two:
+
+        async def burst(bus: chatbus.Bus, name: str) -> None:
+            for i in range(1200):
+                await bus.emit("s", [name, i], key=f"k{i % 700}" if name == "two" else None)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(burst, one, "one")
+            nursery.start_soon(burst, two, "two")
+    got = await _joiner_events(backend, "s")
+    assert len(got) == 1000
+
+
+async def test_retention_bounds_utf8_bytes_not_characters(backend):
+    """1 MiB of events per stream means bytes on the wire: "é" is two of them."""
+    body = "é" * 1900  # 3,800 bytes of JSON, 1,902 characters
+    async with backend.open_bus() as bus:
+        for _ in range(600):
+            await bus.emit("s", body)
+    got = await _joiner_events(backend, "s")
+    assert 200 < len(got) <= 1024 * 1024 // 3800

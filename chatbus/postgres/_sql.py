@@ -40,6 +40,12 @@ def ddl_lock_key(schema: str) -> int:
     return int.from_bytes(digest[:8], "big", signed=True)
 
 
+def _events_lock_seed(schema: str) -> int:
+    """Seeds the advisory lock keys of ``schema``'s streams' events (see _LOCK_EVENT_STREAMS)."""
+    digest = hashlib.md5(b"chatbus-events:" + schema.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
 #: The comment on a schema's ``streams`` table once :func:`ddl` has run: if it is
 #: there, every object is. Change any DDL, change the version.
 SCHEMA_VERSION: Final = "chatbus schema 4"
@@ -158,7 +164,9 @@ class Queries:
     read: bytes
     heads: bytes
     outcome: bytes
+    lock_event_streams: bytes
     retain_events: bytes
+    trim_events: bytes
     retained_events: bytes
     bodies_of_keys: bytes
     stream_info: bytes
@@ -179,7 +187,9 @@ class Queries:
             read=_bytes(_READ, names),
             heads=_bytes(_HEADS, names),
             outcome=_bytes(_OUTCOME, names),
+            lock_event_streams=_bytes(_LOCK_EVENT_STREAMS, names),
             retain_events=_bytes(_RETAIN_EVENTS, names),
+            trim_events=_bytes(_TRIM_EVENTS, names),
             retained_events=_bytes(_RETAINED_EVENTS, names),
             bodies_of_keys=_bytes(_BODIES_OF_KEYS, names),
             stream_info=_bytes(_STREAM_INFO, names),
@@ -208,6 +218,7 @@ def _names(schema: str) -> dict[str, sql.Composable]:
         "events": sql.Identifier(schema, "events"),
         "max_events": sql.Literal(RETAINED_EVENTS),
         "max_event_bytes": sql.Literal(RETAINED_EVENT_BYTES),
+        "events_lock_seed": sql.Literal(_events_lock_seed(schema)),
         "lifecycle_batch": sql.Literal(LIFECYCLE_BATCH),
         "reset_notice": sql.SQL(
             "json_build_object('stream', %(stream)s::text, 'reset', true)::text"
@@ -403,8 +414,7 @@ _HEADS: Final = (
 
 # Emitted events, one round trip per flush of a bus's outbox: retain them for joiners
 # (keyed: the latest per key, with its expiry; unkeyed: those after the newest
-# position, older ones of the stream cleared; per stream at most RETAINED_EVENTS rows
-# and RETAINED_EVENT_BYTES bytes, the oldest dropped) and NOTIFY them, packed into
+# position, older ones of the stream cleared; bounded by _TRIM_EVENTS) and NOTIFY them, packed into
 # few payloads ($3, made by chatbus._event.encode_events). Input $1: a JSON array of
 # [stream, key, emitter, seq, after, encoded event, created µs, ttl].
 _RETAIN_EVENTS: Final = """
@@ -435,19 +445,36 @@ _RETAIN_EVENTS: Final = """
             WHERE i.key IS NULL GROUP BY i.stream
         ) AS m
         WHERE r.stream = m.stream AND r.key IS NULL AND r.after < m.after
-    ), trimmed AS (
-        DELETE FROM {events} AS r WHERE r.ctid IN (
-            SELECT t.ctid FROM (
-                SELECT e.ctid,
-                    row_number() OVER w AS n, sum(octet_length(e.encoded)) OVER w AS bytes
-                FROM {events} AS e WHERE e.stream IN (SELECT i.stream FROM input AS i)
-                WINDOW w AS (PARTITION BY e.stream ORDER BY e.micros DESC, e.seq DESC)
-            ) AS t
-            WHERE t.n > {max_events} OR t.bytes > {max_event_bytes}
-        )
     )
     SELECT count(pg_notify($2::text, p.payload))
     FROM json_array_elements_text($3::json) AS p(payload)
+"""
+
+# A flush of events is one transaction of three statements sent together (one round
+# trip, see _pq.execute_pipeline), so that the bound on what a stream retains holds
+# at every commit, whoever emits: first the streams' event locks, in one order (no
+# deadlock between flushers); then _RETAIN_EVENTS, whose snapshot, taken once the
+# locks are held, has every earlier flush; then the bound, by a statement of its own
+# (a data-modifying CTE cannot see the rows its sibling inserts). $1: the streams.
+_LOCK_EVENT_STREAMS: Final = """
+    SELECT count(pg_advisory_xact_lock(s.key)) FROM (
+        SELECT DISTINCT hashtextextended(x.stream, {events_lock_seed}) AS key
+        FROM json_array_elements_text($1::json) AS x(stream) ORDER BY 1
+    ) AS s
+"""
+
+# Per stream at most RETAINED_EVENTS rows and RETAINED_EVENT_BYTES bytes; the oldest go.
+_TRIM_EVENTS: Final = """
+    DELETE FROM {events} AS r WHERE r.ctid IN (
+        SELECT t.ctid FROM (
+            SELECT e.ctid,
+                row_number() OVER w AS n, sum(octet_length(e.encoded)) OVER w AS bytes
+            FROM {events} AS e
+            WHERE e.stream IN (SELECT json_array_elements_text($1::json))
+            WINDOW w AS (PARTITION BY e.stream ORDER BY e.micros DESC, e.seq DESC)
+        ) AS t
+        WHERE t.n > {max_events} OR t.bytes > {max_event_bytes}
+    )
 """
 
 # What a joiner caught up to message $2 of stream $1 gets: the unkeyed events
