@@ -48,7 +48,7 @@ def _events_lock_seed(schema: str) -> int:
 
 #: The comment on a schema's ``streams`` table once :func:`ddl` has run: if it is
 #: there, every object is. Change any DDL, change the version.
-SCHEMA_VERSION: Final = "chatbus schema 4"
+SCHEMA_VERSION: Final = "chatbus schema 5"
 
 
 def streams_table(schema: str) -> sql.Composable:
@@ -115,6 +115,14 @@ def ddl(schema: str) -> list[sql.Composed]:
             "CREATE INDEX IF NOT EXISTS events_stream_after ON {} (stream, after)"
             " WHERE key IS NULL"
         ).format(sql.Identifier(schema, "events")),
+        # What a flush's trim walks, newest first, and when (see _TRIM_EVENTS).
+        sql.SQL(
+            "CREATE INDEX IF NOT EXISTS events_stream_order ON {} (stream, micros, seq)"
+        ).format(sql.Identifier(schema, "events")),
+        sql.SQL(
+            "CREATE UNLOGGED TABLE IF NOT EXISTS {} ("
+            " stream text PRIMARY KEY, n bigint NOT NULL, bytes bigint NOT NULL)"
+        ).format(sql.Identifier(schema, "event_totals")),
         # Last: the mark that the schema is at this version (see SCHEMA_VERSION).
         sql.SQL("COMMENT ON TABLE {} IS {}").format(
             sql.Identifier(schema, "streams"), sql.Literal(SCHEMA_VERSION)
@@ -219,6 +227,9 @@ def _names(schema: str) -> dict[str, sql.Composable]:
         "max_events": sql.Literal(RETAINED_EVENTS),
         "max_event_bytes": sql.Literal(RETAINED_EVENT_BYTES),
         "events_lock_seed": sql.Literal(_events_lock_seed(schema)),
+        "event_totals": sql.Identifier(schema, "event_totals"),
+        "keep_events": sql.Literal(RETAINED_EVENTS * 9 // 10),
+        "keep_event_bytes": sql.Literal(RETAINED_EVENT_BYTES * 9 // 10),
         "lifecycle_batch": sql.Literal(LIFECYCLE_BATCH),
         "reset_notice": sql.SQL(
             "json_build_object('stream', %(stream)s::text, 'reset', true)::text"
@@ -414,9 +425,10 @@ _HEADS: Final = (
 
 # Emitted events, one round trip per flush of a bus's outbox: retain them for joiners
 # (keyed: the latest per key, with its expiry; unkeyed: those after the newest
-# position, older ones of the stream cleared; bounded by _TRIM_EVENTS) and NOTIFY them, packed into
-# few payloads ($3, made by chatbus._event.encode_events). Input $1: a JSON array of
-# [stream, key, emitter, seq, after, encoded event, created µs, ttl].
+# position, older ones of the stream cleared; bounded by _TRIM_EVENTS) and NOTIFY
+# them, packed into few payloads ($3, made by chatbus._event.encode_events). Input $1:
+# a JSON array of [stream, key, emitter, seq, after, encoded event, created µs, ttl].
+# event_totals: see _TRIM_EVENTS.
 _RETAIN_EVENTS: Final = """
     WITH input AS MATERIALIZED (
         SELECT x.e->>0 AS stream, x.e->>1 AS key, x.e->>2 AS emitter,
@@ -445,6 +457,11 @@ _RETAIN_EVENTS: Final = """
             WHERE i.key IS NULL GROUP BY i.stream
         ) AS m
         WHERE r.stream = m.stream AND r.key IS NULL AND r.after < m.after
+    ), totals AS (
+        INSERT INTO {event_totals} AS t (stream, n, bytes)
+        SELECT i.stream, count(*), sum(octet_length(i.encoded)) FROM input AS i
+        GROUP BY i.stream
+        ON CONFLICT (stream) DO UPDATE SET n = t.n + EXCLUDED.n, bytes = t.bytes + EXCLUDED.bytes
     )
     SELECT count(pg_notify($2::text, p.payload))
     FROM json_array_elements_text($3::json) AS p(payload)
@@ -464,17 +481,38 @@ _LOCK_EVENT_STREAMS: Final = """
 """
 
 # Per stream at most RETAINED_EVENTS rows and RETAINED_EVENT_BYTES bytes; the oldest go.
+# Ranking a stream's rows costs O(rows), so not every flush does it: event_totals
+# holds per stream an upper bound of what is retained (every flush adds what it
+# wrote; replaced and cleared rows are not taken off), and only a stream whose bound
+# passes a limit is ranked, newest first along events_stream_order, cut to 9/10 of
+# the limits, and its totals set to the exact figures of what is left.
 _TRIM_EVENTS: Final = """
-    DELETE FROM {events} AS r WHERE r.ctid IN (
-        SELECT t.ctid FROM (
-            SELECT e.ctid,
-                row_number() OVER w AS n, sum(octet_length(e.encoded)) OVER w AS bytes
-            FROM {events} AS e
-            WHERE e.stream IN (SELECT json_array_elements_text($1::json))
-            WINDOW w AS (PARTITION BY e.stream ORDER BY e.micros DESC, e.seq DESC)
-        ) AS t
-        WHERE t.n > {max_events} OR t.bytes > {max_event_bytes}
+    WITH over AS (
+        SELECT t.stream FROM {event_totals} AS t
+        WHERE t.stream IN (SELECT json_array_elements_text($1::json))
+            AND (t.n > {max_events} OR t.bytes > {max_event_bytes})
+    ), ranked AS MATERIALIZED (
+        SELECT o.stream, x.ctid, x.size, x.n, x.bytes FROM over AS o,
+        LATERAL (
+            SELECT e.ctid, octet_length(e.encoded) AS size,
+                count(*) OVER w AS n, sum(octet_length(e.encoded)) OVER w AS bytes
+            FROM {events} AS e WHERE e.stream = o.stream
+            WINDOW w AS (ORDER BY e.micros DESC, e.seq DESC ROWS UNBOUNDED PRECEDING)
+        ) AS x
+    ), dropped AS (
+        DELETE FROM {events} AS r WHERE r.ctid IN (
+            SELECT k.ctid FROM ranked AS k
+            WHERE k.n > {keep_events} OR k.bytes > {keep_event_bytes}
+        )
     )
+    UPDATE {event_totals} AS t SET n = k.n, bytes = k.bytes
+    FROM (
+        SELECT o.stream, count(k.ctid) AS n, coalesce(sum(k.size), 0) AS bytes
+        FROM over AS o LEFT JOIN ranked AS k ON k.stream = o.stream
+            AND k.n <= {keep_events} AND k.bytes <= {keep_event_bytes}
+        GROUP BY o.stream
+    ) AS k
+    WHERE t.stream = k.stream
 """
 
 # What a joiner caught up to message $2 of stream $1 gets: the unkeyed events
