@@ -257,15 +257,16 @@ class Bus(metaclass=NoPublicConstructor):
             key: Latest-value state: a later event with the same key replaces this
                 one for joiners (``"status"``, ``"typing:al"``). None for a plain
                 event (a streamed part), retained for joiners until the next message.
-            ttl: Seconds a keyed event stays retained for joiners (None: until
-                replaced).
+            ttl: Seconds the event stays retained for joiners at most (None: a keyed
+                one until replaced, a plain one until the next message).
 
         Returns:
             The event, as subscribers get it.
 
         Raises:
             InvalidStream: ``stream`` is not a valid stream name.
-            InvalidMessage: ``body`` is not JSON-serialisable or ``key`` is not valid.
+            InvalidMessage: ``body`` is not JSON-serialisable, ``key`` is not valid
+                or ``ttl`` is not a number (it is a ValueError, too).
             MessageTooLarge: ``body`` encodes to more than ``max_event_bytes``.
             ValueError: ``ttl`` is not a positive number of seconds (up to a day).
             BusClosed: the bus is closed.

@@ -167,7 +167,7 @@ async def test_emit_never_waits_for_a_subscriber(backend):
         ({"body": 1, "ttl": 0}, ValueError, "ttl"),
         ({"body": 1, "ttl": -1}, ValueError, "ttl"),
         ({"body": 1, "ttl": 10**9}, ValueError, "ttl"),
-        ({"body": 1, "ttl": "5"}, TypeError, "ttl"),
+        ({"body": 1, "ttl": "5"}, chatbus.InvalidMessage, "ttl"),  # a ValueError, too
         ({"body": 1, "ttl": float("nan")}, ValueError, "ttl"),
     ],
 )
@@ -300,3 +300,24 @@ async def test_retention_bounds_utf8_bytes_not_characters(backend):
             await bus.emit("s", body)
     got = await _joiner_events(backend, "s")
     assert 200 < len(got) <= 1024 * 1024 // 3800
+
+
+async def test_every_bad_key_or_ttl_is_a_value_error(backend):
+    async with backend.open_bus() as bus:
+        for key, ttl in [("", None), (7, None), ("k", "5"), ("k", True), ("k", 0), (None, -1)]:
+            with pytest.raises(ValueError, match=r"key|ttl"):
+                await bus.emit("s", 1, key=key, ttl=ttl)
+        assert bus.statistics().events_emitted == 0
+
+
+async def test_a_plain_event_with_a_ttl_is_retained_only_until_it_runs_out(backend):
+    async with backend.open_bus() as bus:
+        await bus.publish("s", "question")
+        await bus.emit("s", "short", ttl=0.3)
+        await bus.emit("s", "long")
+        await trio.sleep(0.5)
+    async with backend.open_bus() as late, late.open_subscriber("s", events=True) as sub:
+        assert await items(sub, 2) == [1, "long"]
+        with trio.move_on_after(0.3):
+            extra = await sub.receive()
+            raise AssertionError(f"expired event delivered: {extra!r}")
