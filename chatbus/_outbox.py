@@ -11,12 +11,16 @@ and :mod:`chatbus._protocols`.
 from __future__ import annotations
 
 import collections
-from typing import Any, final
+from typing import Any, Final, final
 
 import attrs
 import trio
 
 from ._event import Event
+
+#: Most events in one flush: bounds the statement, and how long encoding it keeps the
+#: loop, when the store fell behind a burst.
+_MAX_FLUSH: Final = 1000
 
 
 @final
@@ -81,8 +85,13 @@ class Outbox:
             while True:
                 await self._ready.wait()
                 self._ready = trio.Event()
-                batch = list(self._waiting)
-                self._waiting.clear()
+                waiting = self._waiting
+                if len(waiting) <= _MAX_FLUSH:
+                    batch = list(waiting)
+                    waiting.clear()
+                else:  # the rest in the next flush, at once
+                    batch = [waiting.popleft() for _ in range(_MAX_FLUSH)]
+                    self._ready.set()
                 events = [event for event, _ in batch]
                 encoded = [text for _, text in batch]
                 self.flushes += 1
