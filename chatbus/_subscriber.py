@@ -464,6 +464,7 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
         retained = getattr(self._store, "retained_events", None)
         if retained is None:
             self._retained_fetched = True
+            self._early_origins = None  # nothing retained: nothing to tell apart
             self._wake_consumer()
             return
         try:
