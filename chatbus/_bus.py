@@ -535,7 +535,8 @@ class Bus(metaclass=NoPublicConstructor):
             max_batch,
             self._options.max_pending,
             on_retire=self._producer_retired,
-            before_append=functools.partial(self._outbox.flushed, topic.name),
+            events_mark=functools.partial(self._outbox.mark, topic.name),
+            before_append=self._outbox.flushed_upto,
         )
 
     def _producer_retired(self, producer: Producer) -> None:

@@ -56,17 +56,25 @@ class Outbox:
         self._last_put[event.stream] = self._put
         self._ready.set()
 
+    def mark(self, stream: str) -> int:
+        """Where the events put so far for ``stream`` end (0: all flushed already)."""
+        return self._last_put.get(stream, 0)
+
     async def flushed(self, stream: str | None = None) -> None:
         """Wait until the events put so far for ``stream`` (None: for every stream) are
-        flushed (or given up on).
+        flushed (or given up on)."""
+        await self.flushed_upto(self._put if stream is None else self.mark(stream))
 
-        A publish to ``stream`` waits for this first, so the events a bus emitted on
-        it before a message reach other processes before it (NOTIFYs arrive in commit
-        order). Returns at once, without a checkpoint, when there are none: a
-        publish waits for no flush of another stream's events, nor for one that
-        carries nothing of its own.
+    async def flushed_upto(self, mark: int) -> None:
+        """Wait until the events put up to ``mark`` (see :meth:`mark`) are flushed.
+
+        A publish waits for this first, with the mark of its stream taken when it was
+        called, so the events a bus emitted on a stream before a publish reach other
+        processes before its message (NOTIFYs arrive in commit order). Returns at
+        once, without a checkpoint, when they are: a publish waits for no flush of
+        another stream's events, nor of events emitted after it was called.
         """
-        target = self._put if stream is None else self._last_put.get(stream, 0)
+        target = mark
         if not self._running or self._done >= target:
             return
         while self._done < target:
