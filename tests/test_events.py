@@ -321,3 +321,22 @@ async def test_a_plain_event_with_a_ttl_is_retained_only_until_it_runs_out(backe
         with trio.move_on_after(0.3):
             extra = await sub.receive()
             raise AssertionError(f"expired event delivered: {extra!r}")
+
+
+async def test_events_emitted_before_a_publish_reach_other_buses_before_its_message(backend):
+    """Publish order: the publish waits for its stream's events to be flushed."""
+    async with (
+        backend.open_bus(event_buffer=1000) as watcher,
+        watcher.open_subscriber("chat", events=True) as remote,
+        backend.open_bus() as worker,
+        worker.open_publisher("chat") as pub,
+    ):
+        await pub.publish("question")
+        assert await items(remote, 1) == [1]
+        for round in range(3):
+            for i in range(300):
+                await pub.emit([round, i])
+            await pub.publish("answer")  # right after the last part
+            got = await items(remote, 301)
+            assert got == [*([round, i] for i in range(300)), 2 + round]
+        assert remote.statistics().events_stale == 0
