@@ -1,6 +1,7 @@
 """Events across OS processes on Postgres: a joiner started in the middle of a
 streamed reply gets the parts so far, the latest state, the live rest, then the
-final message. Bounded by an absolute ``trio.fail_after``.
+final message; and the one-round-trip transaction a flush of events is. Each test
+is bounded by an absolute ``trio.fail_after``.
 """
 
 from __future__ import annotations
@@ -98,3 +99,33 @@ class _Lines:
             self._buffer += chunk
         line, self._buffer = self._buffer.split(b"\n", 1)
         return json.loads(line)
+
+
+async def test_a_pipeline_is_one_transaction_and_a_failure_leaves_the_connection_usable():
+    """_pq.execute_pipeline (the flush's round trip): all or nothing, then idle again."""
+    import psycopg
+    from psycopg import sql
+
+    from chatbus.postgres import _pq
+
+    with trio.fail_after(30):
+        async with fresh_schema() as (dsn, schema):
+            table = sql.Identifier(schema, "t")
+
+            def text(template: str) -> bytes:
+                return sql.SQL(template).format(sql.Identifier(schema), table).as_bytes(None)
+
+            pgconn = await _pq.connect(dsn, 5)
+            try:
+                await _pq.execute(pgconn, text("CREATE SCHEMA {}"), [])
+                await _pq.execute(pgconn, text("CREATE TABLE {1} (n int)"), [])
+                await _pq.prepare(pgconn, b"ins", text("INSERT INTO {1} VALUES ($1)"))
+                await _pq.prepare(pgconn, b"div", b"SELECT 1 / $1::int")
+                ok = await _pq.execute_pipeline(pgconn, [(b"ins", [b"1"]), (b"div", [b"1"])])
+                assert [r.get_value(0, 0) for r in ok[1:]] == [b"1"]
+                with pytest.raises(psycopg.errors.DivisionByZero):
+                    await _pq.execute_pipeline(pgconn, [(b"ins", [b"2"]), (b"div", [b"0"])])
+                total = await _pq.execute(pgconn, text("SELECT sum(n) FROM {1}"), [])
+                assert total.get_value(0, 0) == b"1"  # the failed pipeline's insert is gone
+            finally:
+                _pq.close(pgconn)
