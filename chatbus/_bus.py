@@ -33,6 +33,10 @@ _EMITS_PER_SCHEDULE_POINT = 32
 #: Body types an event shares with its subscribers as is (JSON decodes them equal).
 _IMMUTABLE_JSON = frozenset({str, int, float, bool, type(None)})
 _EARLIEST = datetime.datetime.min.replace(tzinfo=datetime.UTC)
+#: A stream emitted on stays known to the bus (its head kept current by notices) until
+#: this long without an emit; at most this many such streams at once.
+_EMIT_HOLD_SECONDS = 5.0
+_MAX_EMIT_HOLDS = 10_000
 
 
 @attrs.frozen(kw_only=True)
@@ -92,6 +96,8 @@ class Bus(metaclass=NoPublicConstructor):
     _emitter: str = attrs.field(factory=lambda: secrets.token_hex(8), init=False)
     _events_emitted: int = attrs.field(default=0, init=False)
     _last_emitted_at: datetime.datetime = attrs.field(default=_EARLIEST, init=False)
+    #: Streams held for emits (see _hold_for_emits), with the time of the last one.
+    _emit_holds: dict[str, float] = attrs.field(factory=dict, init=False)
     _outbox: Outbox = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -301,6 +307,7 @@ class Bus(metaclass=NoPublicConstructor):
             self._events_emitted += 1
             self._outbox.put(event, encoded)
             topic.deliver_events([event])
+            self._hold_for_emits(topic)
         finally:
             self._topics.release(topic)
         return event
@@ -313,15 +320,43 @@ class Bus(metaclass=NoPublicConstructor):
         subscriptions and the flusher run, without a trip through the scheduler (and
         a wake-up of every consumer) per event.
         """
-        if not topic.head_known:
+        if not topic.head_known or topic.head_asked_at_resync != topic.resyncs:
+            resyncs = topic.resyncs
             heads = await self._store.heads([topic.name])
             topic.advance(heads.get(topic.name, 0))
             topic.head_known = True
+            topic.head_asked_at_resync = resyncs
         elif self._events_emitted % _EMITS_PER_SCHEDULE_POINT:
             await trio.lowlevel.checkpoint_if_cancelled()
         else:
             await trio.lowlevel.checkpoint()
         return topic.high_water
+
+    def _hold_for_emits(self, topic: Topic) -> None:
+        """Keep ``topic`` while emits on it go on, so the next one need not ask the
+        store for the head (a round trip per emit on a stream this bus neither
+        publishes nor subscribes to)."""
+        holds = self._emit_holds
+        if topic.name not in holds and len(holds) >= _MAX_EMIT_HOLDS:
+            return
+        fresh = topic.name not in holds
+        holds[topic.name] = trio.current_time()
+        if fresh:
+            self._topics.acquire(topic.name)
+            self._nursery.start_soon(self._release_emit_hold, topic)
+
+    async def _release_emit_hold(self, topic: Topic) -> None:
+        with trio.CancelScope() as scope:
+            self._service_scopes.append(scope)
+            try:
+                holds = self._emit_holds
+                # The deadline moves with every emit: sleep until the latest one.
+                while (due := holds[topic.name] + _EMIT_HOLD_SECONDS) > trio.current_time():  # noqa: ASYNC110
+                    await trio.sleep_until(due)
+            finally:
+                del self._emit_holds[topic.name]
+                self._service_scopes.remove(scope)
+                self._topics.release(topic)
 
     async def publish(self, stream: str, body: object, *, key: str | None = None) -> Message:
         """Publish one message to ``stream`` without opening a publisher.

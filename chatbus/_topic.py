@@ -51,6 +51,9 @@ class Topic:
     #: high_water is the stream's head as the store knew it at some point (not just 0
     #: because nothing was heard yet): what an emitted event's ``after`` comes from.
     head_known: bool = False
+    #: ``resyncs`` when an emit last asked the store for the head: after a resync
+    #: (notices may have been lost) the next emit asks again.
+    head_asked_at_resync: int = -1
 
     def advance(self, last_id: int) -> None:
         """Record that ids up to ``last_id`` exist; wake subscriptions if that is news."""

@@ -10,6 +10,7 @@ import pytest
 import trio
 
 import chatbus
+from chatbus.memory import MemoryStore
 from chatbus.testing import FaultyNotifier
 
 from support import collect
@@ -340,3 +341,37 @@ async def test_events_emitted_before_a_publish_reach_other_buses_before_its_mess
             got = await items(remote, 301)
             assert got == [*([round, i] for i in range(300)), 2 + round]
         assert remote.statistics().events_stale == 0
+
+
+class _CountingHeads:
+    """A memory store that counts how often it is asked for stream heads."""
+
+    def __init__(self) -> None:
+        self.inner = MemoryStore()
+        self.heads_asked = 0
+
+    async def heads(self, streams):
+        self.heads_asked += 1
+        return await self.inner.heads(streams)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+async def test_emits_on_a_stream_without_a_subscription_ask_the_store_once(autojump_clock):
+    store = _CountingHeads()
+    async with chatbus.open_bus(store=store, poll_interval=None) as bus:
+        for i in range(100):
+            await bus.emit("typing", i, key="typing:al")
+        assert store.heads_asked == 1
+        assert bus.statistics().streams == 1  # held while emits go on
+        await store.inner.append("typing", [chatbus.Draft(body_json="1", key=None)])
+        await bus.notifier.notify("typing", 1)  # what another process's commit says
+        assert (await bus.emit("typing", "after the message")).after == 1
+        bus._router.resync()  # notices may have been lost: ask once more
+        await bus.emit("typing", "after a resync")
+        assert store.heads_asked == 2
+        await trio.sleep(6)  # idle: let go of the stream
+        assert bus.statistics().streams == 0
+        await bus.emit("typing", "again")
+        assert store.heads_asked == 3
