@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import datetime
+import functools
 import json
 import math
 from collections.abc import Iterable, Sequence
@@ -37,6 +38,7 @@ MAX_PAYLOAD_BYTES: Final = 7900
 MAX_EVENT_WIRE_BYTES: Final = MAX_PAYLOAD_BYTES - len('{"events":[]}') - 1
 
 _EPOCH: Final = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
+_MICROSECOND: Final = datetime.timedelta(microseconds=1)
 
 
 @attrs.frozen(kw_only=True)
@@ -51,7 +53,8 @@ class Event:
         body: The decoded JSON value that was emitted.
         key: For latest-value state (``"status"``, ``"typing:al"``): a later event
             with the same key replaces it for joiners. None for a plain event.
-        ttl: Seconds the event stays retained for joiners (keyed ones), or None.
+        ttl: Seconds the event stays retained for joiners, or None (keyed: until
+            replaced; unkeyed: until the next message).
         created_at: When it was emitted (UTC, the emitter's clock).
         emitter: Identifies the bus that emitted it (one per :func:`chatbus.open_bus`).
         seq: Its position among that emitter's events: 1, 2, 3, …
@@ -68,7 +71,7 @@ class Event:
 
     @property
     def expires_at(self) -> datetime.datetime | None:
-        """When a keyed event with a ``ttl`` stops being retained (None: never)."""
+        """When an event with a ``ttl`` stops being retained (None: no expiry)."""
         if self.ttl is None:
             return None
         return self.created_at + datetime.timedelta(seconds=self.ttl)
@@ -97,12 +100,15 @@ def make_event_draft(
     Raises:
         InvalidMessage: ``body`` is not JSON-serialisable, or ``key`` is not valid.
         MessageTooLarge: ``body`` encodes to more than ``max_event_bytes``.
-        ValueError: ``ttl`` is not a positive number of seconds (up to a day).
-        TypeError: ``ttl`` is not a number.
+        ValueError: ``ttl`` is not a positive number of seconds (up to a day); one
+            that is not a number at all raises :class:`InvalidMessage`, which is a
+            ValueError and a TypeError.
     """
     if ttl is not None:
         if isinstance(ttl, bool) or not isinstance(ttl, int | float):
-            raise TypeError(f"ttl must be a number of seconds or None, not {type(ttl).__name__}")
+            raise InvalidMessage(
+                f"ttl must be a number of seconds or None, not {type(ttl).__name__}"
+            )
         if not (0 < ttl <= MAX_TTL) or math.isnan(ttl):
             raise ValueError(f"ttl must be more than 0 and at most {MAX_TTL:g} seconds, got {ttl}")
     try:
@@ -116,7 +122,7 @@ def make_event_draft(
 
 def to_micros(ts: datetime.datetime) -> int:
     """Microseconds since the Unix epoch (exact)."""
-    return (ts - _EPOCH) // datetime.timedelta(microseconds=1)
+    return (ts - _EPOCH) // _MICROSECOND
 
 
 def from_micros(micros: int) -> datetime.datetime:
@@ -125,21 +131,22 @@ def from_micros(micros: int) -> datetime.datetime:
 
 
 def encode_event(event: Event, body_json: str) -> str:
-    """One event as compact JSON text, its body embedded as the JSON it was sent as."""
-    head = json.dumps(
-        [
-            event.stream,
-            event.after,
-            event.key,
-            event.ttl,
-            to_micros(event.created_at),
-            event.emitter,
-            event.seq,
-        ],
-        ensure_ascii=False,
-        separators=(",", ":"),
+    """One event as compact JSON text, its body embedded as the JSON it was sent as.
+
+    Built by hand rather than by :func:`json.dumps` of a list: this runs once per
+    emitted event, and the strings in it (stream, emitter, key) repeat.
+    """
+    key = "null" if event.key is None else _json_string(event.key)
+    ttl = "null" if event.ttl is None else repr(event.ttl)  # finite: checked at emit
+    return (
+        f"[{_json_string(event.stream)},{event.after},{key},{ttl},"
+        f"{to_micros(event.created_at)},{_json_string(event.emitter)},{event.seq},{body_json}]"
     )
-    return head[:-1] + "," + body_json + "]"
+
+
+@functools.lru_cache(maxsize=4096)
+def _json_string(text: str) -> str:
+    return json.dumps(text, ensure_ascii=False)
 
 
 def encode_events(encoded: Iterable[str], *, limit: int = MAX_PAYLOAD_BYTES) -> list[str]:
@@ -216,6 +223,11 @@ def _decode_one(item: object) -> Event | None:
     )
 
 
+def _unexpired(event: Event, now: datetime.datetime) -> bool:
+    expires = event.expires_at
+    return expires is None or expires > now
+
+
 @final
 @attrs.define(eq=False)
 class RetainedEvents:
@@ -223,7 +235,8 @@ class RetainedEvents:
 
     * unkeyed events whose ``after`` is the stream's head (the parts of a reply being
       streamed after the last message); older ones are dropped as the head moves;
-    * the latest event of each key, until its ``ttl`` runs out.
+    * the latest event of each key, until its ``ttl`` runs out;
+    * an unkeyed event with a ``ttl`` only until it runs out, too.
 
     Bounded: at most ``max_events`` events and ``max_bytes`` bytes of bodies per
     stream; the oldest go first.
@@ -263,7 +276,11 @@ class RetainedEvents:
         """What a joiner caught up to ``head`` gets now, oldest first."""
         self._expire(now)
         keyed = [event for event, _ in self._keyed.values()]
-        unkeyed = [event for event, _ in self._unkeyed if event.after == head]
+        unkeyed = [
+            event
+            for event, _ in self._unkeyed
+            if event.after == head and (event.ttl is None or _unexpired(event, now))
+        ]
         return sorted([*keyed, *unkeyed], key=lambda e: e.created_at)
 
     def __len__(self) -> int:

@@ -45,10 +45,12 @@ class _Request:
     trip through the scheduler per publish.
     """
 
-    __slots__ = ("_waiter", "draft", "error", "finished", "message", "phase")
+    __slots__ = ("_waiter", "draft", "error", "events_mark", "finished", "message", "phase")
 
-    def __init__(self, draft: Draft) -> None:
+    def __init__(self, draft: Draft, events_mark: int) -> None:
         self.draft = draft
+        #: The bus's events on this stream emitted before this publish (see Outbox.mark).
+        self.events_mark = events_mark
         self.phase = _Phase.QUEUED
         self.message: Message | None = None
         self.error: BusError | None = None
@@ -128,8 +130,10 @@ class Producer:
     max_pending: int
     #: Called once when the producer stops taking requests.
     on_retire: Callable[[Producer], None]
-    #: Awaited before each append: the bus's events emitted so far are flushed.
-    before_append: Callable[[], Awaitable[None]]
+    #: The mark of the bus's events on this stream emitted so far (Outbox.mark) ...
+    events_mark: Callable[[], int]
+    #: ... awaited (flushed) before an append carrying a publish made after them.
+    before_append: Callable[[int], Awaitable[None]]
     _send: trio.MemorySendChannel[_Request] = attrs.field(init=False)
     _receive: trio.MemoryReceiveChannel[_Request] = attrs.field(init=False)
     _cancel_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
@@ -156,7 +160,7 @@ class Producer:
         # wait below is the schedule point. No extra trip through the scheduler
         # while the channel has room.
         await trio.lowlevel.checkpoint_if_cancelled()
-        request = _Request(draft)
+        request = _Request(draft, self.events_mark())
         try:
             try:
                 self._send.send_nowait(request)
@@ -259,7 +263,7 @@ class Producer:
         stream = self.topic.name
         self.topic.appending += 1
         try:
-            await self.before_append()
+            await self.before_append(max(request.events_mark for request in live))
             generation = self.topic.cache.generation
             messages = await self.store.append(stream, [request.draft for request in live])
             if len(messages) != len(live):

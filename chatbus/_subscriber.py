@@ -11,7 +11,7 @@ from typing import Any, Generic, TypeVar, cast, final
 import attrs
 import trio
 
-from ._event import Event
+from ._event import RETAINED_EVENTS, Event
 from ._exceptions import (
     StoreError,
     StreamDeleted,
@@ -113,11 +113,14 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
     _merge_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
     _merge_done: trio.Event = attrs.field(factory=trio.Event, init=False)
     #: Events not yet received, ordered by (after, created_at); bounded.
-    _events: list[Event] = attrs.field(factory=list, init=False)
-    #: Origins of events buffered or received lately, to drop copies.
-    _seen_events: collections.OrderedDict[tuple[str, int], None] = attrs.field(
-        factory=collections.OrderedDict, init=False
-    )
+    _events: collections.deque[Event] = attrs.field(factory=collections.deque, init=False)
+    #: Per emitter, the seq of the last of its events the consumer received: one at
+    #: or below it is a copy, or too late for its emitter's order (dropped).
+    _emitter_seqs: dict[str, int] = attrs.field(factory=dict, init=False)
+    #: Origins of the live events pushed before the retained ones came (bounded):
+    #: the retained copies of those are dropped, so what a slow consumer lost while
+    #: catching up does not come back.
+    _early_origins: dict[tuple[str, int], None] | None = attrs.field(factory=dict, init=False)
     _retained_fetched: bool = attrs.field(default=False, init=False)
     _events_delivered: int = attrs.field(default=0, init=False)
     _events_stale: int = attrs.field(default=0, init=False)
@@ -307,10 +310,16 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
         events = self._events
         # Until the retained events are in, live ones wait: they are newer.
         while events and self._retained_fetched and events[0].after <= self._last_id:
-            event = events.pop(0)
+            event = events.popleft()
             if event.key is None and event.after < self._last_id:
                 self._events_stale += 1
                 continue
+            seqs = self._emitter_seqs
+            if event.seq <= seqs.get(event.emitter, 0):
+                continue  # a copy, or behind an event of its emitter received already
+            seqs[event.emitter] = event.seq
+            if len(seqs) > _MAX_EMITTERS:
+                del seqs[next(iter(seqs))]  # the longest known: bounded memory
             self._events_delivered += 1
             return event
         buffer = self._buffer
@@ -332,20 +341,30 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
         """
         if self._closed:
             return
-        seen = self._seen_events
+        buffer, seqs, last_id = self._events, self._emitter_seqs, self._last_id
+        early = self._early_origins
+        if retained:
+            self._early_origins = None  # from now on, copies are dropped on delivery
         for event in events:
-            if event.key is None and event.after < self._last_id:
+            if event.key is None and event.after < last_id:
                 self._events_stale += 1
                 continue
-            origin = event.origin
-            if origin in seen:
-                continue
-            seen[origin] = None
-            if len(seen) > 4 * self._event_limit:
-                seen.popitem(last=False)
-            bisect.insort(self._events, event, key=_event_order)
-            if not retained and len(self._events) > self._event_limit:
-                del self._events[0]
+            if event.seq <= seqs.get(event.emitter, 0):
+                continue  # see _next_item
+            if early is not None:
+                if retained:
+                    if event.origin in early:
+                        continue
+                else:
+                    early[event.origin] = None
+                    if len(early) > RETAINED_EVENTS:  # a stream retains no more
+                        del early[next(iter(early))]
+            if buffer and _event_order(event) < _event_order(buffer[-1]):
+                bisect.insort(buffer, event, key=_event_order)  # rare: mostly in order
+            else:
+                buffer.append(event)
+            if not retained and len(buffer) > self._event_limit:
+                buffer.popleft()
                 self._events_dropped += 1
         self._wake_consumer()
 
@@ -469,6 +488,7 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
         retained = getattr(self._store, "retained_events", None)
         if retained is None:
             self._retained_fetched = True
+            self._early_origins = None  # nothing retained: nothing to tell apart
             self._wake_consumer()
             return
         try:
@@ -511,6 +531,10 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
             done.set()
         topic.cache.put(page, generation)  # not if the history changed meanwhile
         return state.take(page, self._read_limit)
+
+
+#: Emitters whose last received seq a subscription remembers (see _emitter_seqs).
+_MAX_EMITTERS = 4096
 
 
 def _event_order(event: Event) -> tuple[int, Any]:

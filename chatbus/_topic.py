@@ -54,6 +54,9 @@ class Topic:
     #: The epoch the cache's messages belong to, as last seen in the stream's info
     #: (None: not asked since the cache was last emptied).
     epoch: int | None = None
+    #: ``resyncs`` when an emit last asked the store for the head: after a resync
+    #: (notices may have been lost) the next emit asks again.
+    head_asked_at_resync: int = -1
 
     def advance(self, last_id: int) -> None:
         """Record that ids up to ``last_id`` exist; wake subscriptions if that is news."""

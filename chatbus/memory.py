@@ -210,13 +210,18 @@ class MemoryStore:
     async def retain_events(self, events: Sequence[Event], encoded: Sequence[str]) -> None:
         """Keep ``events`` for joiners; see :meth:`chatbus.EventStore.retain_events`."""
         await trio.lowlevel.checkpoint()
+        by_stream: dict[str, list[tuple[Event, int]]] = {}
         for event, text in zip(events, encoded, strict=True):
-            retained = self._events.get(event.stream)
+            # The bound is in UTF-8 bytes, as on the wire (str.isascii is O(1)).
+            size = len(text) if text.isascii() else len(text.encode("utf-8"))
+            by_stream.setdefault(event.stream, []).append((event, size))
+        for stream, sized in by_stream.items():
+            retained = self._events.get(stream)
             if retained is None:
-                retained = self._events[event.stream] = RetainedEvents(
+                retained = self._events[stream] = RetainedEvents(
                     RETAINED_EVENTS, RETAINED_EVENT_BYTES
                 )
-            retained.add([(event, len(text))])
+            retained.add(sized)
 
     async def retained_events(self, stream: str, head: int) -> list[Event]:
         """Events a joiner at ``head`` gets; see :meth:`chatbus.EventStore.retained_events`."""

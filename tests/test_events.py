@@ -10,6 +10,7 @@ import pytest
 import trio
 
 import chatbus
+from chatbus.memory import MemoryStore
 from chatbus.testing import FaultyNotifier
 
 from support import collect
@@ -167,7 +168,7 @@ async def test_emit_never_waits_for_a_subscriber(backend):
         ({"body": 1, "ttl": 0}, ValueError, "ttl"),
         ({"body": 1, "ttl": -1}, ValueError, "ttl"),
         ({"body": 1, "ttl": 10**9}, ValueError, "ttl"),
-        ({"body": 1, "ttl": "5"}, TypeError, "ttl"),
+        ({"body": 1, "ttl": "5"}, chatbus.InvalidMessage, "ttl"),  # a ValueError, too
         ({"body": 1, "ttl": float("nan")}, ValueError, "ttl"),
     ],
 )
@@ -256,3 +257,121 @@ async def test_an_event_too_big_for_the_wire_is_refused(backend):
         with pytest.raises(chatbus.MessageTooLarge, match="on the wire"):
             await bus.emit("💥" * 256, "x" * 5900, key="💥" * 256)
         assert bus.statistics().events_emitted == 0
+
+
+async def _joiner_events(backend, stream: str) -> list[chatbus.Event]:
+    """What a joiner on a fresh bus gets right after catching up (the stream is empty)."""
+    got: list[chatbus.Event] = []
+    async with backend.open_bus() as late, late.open_subscriber(stream, events=True) as sub:
+        with trio.move_on_after(1):
+            while True:
+                got.append(await sub.receive())
+    return got
+
+
+async def test_retention_holds_its_count_bound_after_every_flush(backend):
+    """Never more than 1000 events per stream, also right after a flush (F5)."""
+    async with backend.open_bus() as bus:
+        for i in range(1500):
+            await bus.emit("s", i)
+    got = await _joiner_events(backend, "s")
+    bodies = [e.body for e in got]  # the newest, in order (Postgres keeps 9/10 when over)
+    assert 900 <= len(bodies) <= 1000 and bodies == list(range(1500 - len(bodies), 1500))
+
+
+async def test_retention_holds_its_count_bound_with_concurrent_emitters(backend):
+    async with backend.open_bus() as one, backend.open_bus() as two:
+
+        async def burst(bus: chatbus.Bus, name: str) -> None:
+            for i in range(1200):
+                await bus.emit("s", [name, i], key=f"k{i % 700}" if name == "two" else None)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(burst, one, "one")
+            nursery.start_soon(burst, two, "two")
+    got = await _joiner_events(backend, "s")
+    assert 900 <= len(got) <= 1000
+
+
+async def test_retention_bounds_utf8_bytes_not_characters(backend):
+    """1 MiB of events per stream means bytes on the wire: "é" is two of them."""
+    body = "é" * 1900  # 3,800 bytes of JSON, 1,902 characters
+    async with backend.open_bus() as bus:
+        for _ in range(600):
+            await bus.emit("s", body)
+    got = await _joiner_events(backend, "s")
+    assert 200 < len(got) <= 1024 * 1024 // 3800
+
+
+async def test_every_bad_key_or_ttl_is_a_value_error(backend):
+    async with backend.open_bus() as bus:
+        for key, ttl in [("", None), (7, None), ("k", "5"), ("k", True), ("k", 0), (None, -1)]:
+            with pytest.raises(ValueError, match=r"key|ttl"):
+                await bus.emit("s", 1, key=key, ttl=ttl)
+        assert bus.statistics().events_emitted == 0
+
+
+async def test_a_plain_event_with_a_ttl_is_retained_only_until_it_runs_out(backend):
+    async with backend.open_bus() as bus:
+        await bus.publish("s", "question")
+        await bus.emit("s", "short", ttl=0.3)
+        await bus.emit("s", "long")
+        await trio.sleep(0.5)
+    async with backend.open_bus() as late, late.open_subscriber("s", events=True) as sub:
+        assert await items(sub, 2) == [1, "long"]
+        with trio.move_on_after(0.3):
+            extra = await sub.receive()
+            raise AssertionError(f"expired event delivered: {extra!r}")
+
+
+async def test_events_emitted_before_a_publish_reach_other_buses_before_its_message(backend):
+    """Publish order: the publish waits for its stream's events to be flushed."""
+    async with (
+        backend.open_bus(event_buffer=1000) as watcher,
+        watcher.open_subscriber("chat", events=True) as remote,
+        backend.open_bus() as worker,
+        worker.open_publisher("chat") as pub,
+    ):
+        await pub.publish("question")
+        assert await items(remote, 1) == [1]
+        for round in range(3):
+            for i in range(300):
+                await pub.emit([round, i])
+            await pub.publish("answer")  # right after the last part
+            got = await items(remote, 301)
+            assert got == [*([round, i] for i in range(300)), 2 + round]
+        assert remote.statistics().events_stale == 0
+
+
+class _CountingHeads:
+    """A memory store that counts how often it is asked for stream heads."""
+
+    def __init__(self) -> None:
+        self.inner = MemoryStore()
+        self.heads_asked = 0
+
+    async def heads(self, streams):
+        self.heads_asked += 1
+        return await self.inner.heads(streams)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+async def test_emits_on_a_stream_without_a_subscription_ask_the_store_once(autojump_clock):
+    store = _CountingHeads()
+    async with chatbus.open_bus(store=store, poll_interval=None) as bus:
+        for i in range(100):
+            await bus.emit("typing", i, key="typing:al")
+        assert store.heads_asked == 1
+        assert bus.statistics().streams == 1  # held while emits go on
+        await store.inner.append("typing", [chatbus.Draft(body_json="1", key=None)])
+        await bus.notifier.notify("typing", 1)  # what another process's commit says
+        assert (await bus.emit("typing", "after the message")).after == 1
+        bus._router.resync()  # notices may have been lost: ask once more
+        await bus.emit("typing", "after a resync")
+        assert store.heads_asked == 2
+        await trio.sleep(6)  # idle: let go of the stream
+        assert bus.statistics().streams == 0
+        await bus.emit("typing", "again")
+        assert store.heads_asked == 3

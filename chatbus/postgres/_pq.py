@@ -51,6 +51,45 @@ async def execute(
     return await _result(pgconn)
 
 
+async def execute_pipeline(
+    pgconn: pq.abc.PGconn, statements: Sequence[tuple[bytes, Sequence[bytes]]]
+) -> list[pq.abc.PGresult]:
+    """Run prepared ``statements`` (name, text params) as ONE transaction in ONE round
+    trip (libpq pipeline mode, a single Sync) and return their results, checked.
+
+    Each statement still takes its own snapshot (READ COMMITTED), so one can wait
+    for a lock and the next see what the holder committed. If one fails, the
+    transaction rolls back and its error is raised (same contract as :func:`execute`).
+    """
+    pgconn.enter_pipeline_mode()
+    for name, params in statements:
+        pgconn.send_query_prepared(name, params)
+    pgconn.pipeline_sync()
+    sock = pgconn.socket
+    while pgconn.flush():
+        pgconn.consume_input()
+        await trio.lowlevel.wait_writable(sock)
+    results: list[pq.abc.PGresult] = []
+    error: psycopg.Error | None = None
+    while True:
+        while pgconn.is_busy():
+            await trio.lowlevel.wait_readable(sock)
+            pgconn.consume_input()
+        result = pgconn.get_result()
+        if result is None:
+            continue  # the end of one statement's results
+        if result.status == pq.ExecStatus.PIPELINE_SYNC:
+            break
+        if result.status in _OK:
+            results.append(result)
+        elif result.status != pq.ExecStatus.PIPELINE_ABORTED and error is None:
+            error = _error_from(result)
+    pgconn.exit_pipeline_mode()
+    if error is not None:
+        raise error
+    return results
+
+
 async def prepare(pgconn: pq.abc.PGconn, name: bytes, query: bytes) -> None:
     """Prepare ``query`` under ``name`` in this session (same contract as :func:`execute`)."""
     pgconn.send_prepare(name, query)

@@ -40,9 +40,15 @@ def ddl_lock_key(schema: str) -> int:
     return int.from_bytes(digest[:8], "big", signed=True)
 
 
+def _events_lock_seed(schema: str) -> int:
+    """Seeds the advisory lock keys of ``schema``'s streams' events (see _LOCK_EVENT_STREAMS)."""
+    digest = hashlib.md5(b"chatbus-events:" + schema.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
 #: The comment on a schema's ``streams`` table once :func:`ddl` has run: if it is
 #: there, every object is. Change any DDL, change the version.
-SCHEMA_VERSION: Final = "chatbus schema 4"
+SCHEMA_VERSION: Final = "chatbus schema 5"
 
 
 def streams_table(schema: str) -> sql.Composable:
@@ -109,6 +115,14 @@ def ddl(schema: str) -> list[sql.Composed]:
             "CREATE INDEX IF NOT EXISTS events_stream_after ON {} (stream, after)"
             " WHERE key IS NULL"
         ).format(sql.Identifier(schema, "events")),
+        # What a flush's trim walks, newest first, and when (see _TRIM_EVENTS).
+        sql.SQL(
+            "CREATE INDEX IF NOT EXISTS events_stream_order ON {} (stream, micros, seq)"
+        ).format(sql.Identifier(schema, "events")),
+        sql.SQL(
+            "CREATE UNLOGGED TABLE IF NOT EXISTS {} ("
+            " stream text PRIMARY KEY, n bigint NOT NULL, bytes bigint NOT NULL)"
+        ).format(sql.Identifier(schema, "event_totals")),
         # Last: the mark that the schema is at this version (see SCHEMA_VERSION).
         sql.SQL("COMMENT ON TABLE {} IS {}").format(
             sql.Identifier(schema, "streams"), sql.Literal(SCHEMA_VERSION)
@@ -161,7 +175,9 @@ class Queries:
     read: bytes
     heads: bytes
     outcome: bytes
+    lock_event_streams: bytes
     retain_events: bytes
+    trim_events: bytes
     retained_events: bytes
     bodies_of_keys: bytes
     stream_info: bytes
@@ -183,7 +199,9 @@ class Queries:
             read=_bytes(_READ, names),
             heads=_bytes(_HEADS, names),
             outcome=_bytes(_OUTCOME, names),
+            lock_event_streams=_bytes(_LOCK_EVENT_STREAMS, names),
             retain_events=_bytes(_RETAIN_EVENTS, names),
+            trim_events=_bytes(_TRIM_EVENTS, names),
             retained_events=_bytes(_RETAINED_EVENTS, names),
             bodies_of_keys=_bytes(_BODIES_OF_KEYS, names),
             stream_info=_bytes(_STREAM_INFO, names),
@@ -214,6 +232,10 @@ def _names(schema: str) -> dict[str, sql.Composable]:
         "events": sql.Identifier(schema, "events"),
         "max_events": sql.Literal(RETAINED_EVENTS),
         "max_event_bytes": sql.Literal(RETAINED_EVENT_BYTES),
+        "events_lock_seed": sql.Literal(_events_lock_seed(schema)),
+        "event_totals": sql.Identifier(schema, "event_totals"),
+        "keep_events": sql.Literal(RETAINED_EVENTS * 9 // 10),
+        "keep_event_bytes": sql.Literal(RETAINED_EVENT_BYTES * 9 // 10),
         "lifecycle_batch": sql.Literal(LIFECYCLE_BATCH),
         "reset_notice": sql.SQL(
             "json_build_object('stream', %(stream)s::text, 'reset', true)::text"
@@ -419,10 +441,10 @@ _HEADS: Final = (
 
 # Emitted events, one round trip per flush of a bus's outbox: retain them for joiners
 # (keyed: the latest per key, with its expiry; unkeyed: those after the newest
-# position, older ones of the stream cleared; per stream at most RETAINED_EVENTS rows
-# and RETAINED_EVENT_BYTES bytes, the oldest dropped) and NOTIFY them, packed into
-# few payloads ($3, made by chatbus._event.encode_events). Input $1: a JSON array of
-# [stream, key, emitter, seq, after, encoded event, created µs, ttl].
+# position, older ones of the stream cleared; bounded by _TRIM_EVENTS) and NOTIFY
+# them, packed into few payloads ($3, made by chatbus._event.encode_events). Input $1:
+# a JSON array of [stream, key, emitter, seq, after, encoded event, created µs, ttl].
+# event_totals: see _TRIM_EVENTS.
 _RETAIN_EVENTS: Final = """
     WITH input AS MATERIALIZED (
         SELECT x.e->>0 AS stream, x.e->>1 AS key, x.e->>2 AS emitter,
@@ -441,8 +463,9 @@ _RETAIN_EVENTS: Final = """
             encoded = EXCLUDED.encoded, micros = EXCLUDED.micros,
             expires_at = EXCLUDED.expires_at
     ), unkeyed AS (
-        INSERT INTO {events} (stream, key, emitter, seq, after, encoded, micros)
-        SELECT i.stream, NULL, i.emitter, i.seq, i.after, i.encoded, i.micros
+        INSERT INTO {events} (stream, key, emitter, seq, after, encoded, micros, expires_at)
+        SELECT i.stream, NULL, i.emitter, i.seq, i.after, i.encoded, i.micros,
+            to_timestamp(i.micros / 1000000.0) + i.ttl * interval '1 second'
         FROM input AS i WHERE i.key IS NULL
     ), cleared AS (
         DELETE FROM {events} AS r
@@ -451,29 +474,70 @@ _RETAIN_EVENTS: Final = """
             WHERE i.key IS NULL GROUP BY i.stream
         ) AS m
         WHERE r.stream = m.stream AND r.key IS NULL AND r.after < m.after
-    ), trimmed AS (
-        DELETE FROM {events} AS r WHERE r.ctid IN (
-            SELECT t.ctid FROM (
-                SELECT e.ctid,
-                    row_number() OVER w AS n, sum(octet_length(e.encoded)) OVER w AS bytes
-                FROM {events} AS e WHERE e.stream IN (SELECT i.stream FROM input AS i)
-                WINDOW w AS (PARTITION BY e.stream ORDER BY e.micros DESC, e.seq DESC)
-            ) AS t
-            WHERE t.n > {max_events} OR t.bytes > {max_event_bytes}
-        )
+    ), totals AS (
+        INSERT INTO {event_totals} AS t (stream, n, bytes)
+        SELECT i.stream, count(*), sum(octet_length(i.encoded)) FROM input AS i
+        GROUP BY i.stream
+        ON CONFLICT (stream) DO UPDATE SET n = t.n + EXCLUDED.n, bytes = t.bytes + EXCLUDED.bytes
     )
     SELECT count(pg_notify($2::text, p.payload))
     FROM json_array_elements_text($3::json) AS p(payload)
 """
 
+# A flush of events is one transaction of three statements sent together (one round
+# trip, see _pq.execute_pipeline), so that the bound on what a stream retains holds
+# at every commit, whoever emits: first the streams' event locks, in one order (no
+# deadlock between flushers); then _RETAIN_EVENTS, whose snapshot, taken once the
+# locks are held, has every earlier flush; then the bound, by a statement of its own
+# (a data-modifying CTE cannot see the rows its sibling inserts). $1: the streams.
+_LOCK_EVENT_STREAMS: Final = """
+    SELECT count(pg_advisory_xact_lock(s.key)) FROM (
+        SELECT DISTINCT hashtextextended(x.stream, {events_lock_seed}) AS key
+        FROM json_array_elements_text($1::json) AS x(stream) ORDER BY 1
+    ) AS s
+"""
+
+# Per stream at most RETAINED_EVENTS rows and RETAINED_EVENT_BYTES bytes; the oldest go.
+# Ranking a stream's rows costs O(rows), so not every flush does it: event_totals
+# holds per stream an upper bound of what is retained (every flush adds what it
+# wrote; replaced and cleared rows are not taken off), and only a stream whose bound
+# passes a limit is ranked, newest first along events_stream_order, cut to 9/10 of
+# the limits, and its totals set to the exact figures of what is left.
+_TRIM_EVENTS: Final = """
+    WITH over AS (
+        SELECT t.stream FROM {event_totals} AS t
+        WHERE t.stream IN (SELECT json_array_elements_text($1::json))
+            AND (t.n > {max_events} OR t.bytes > {max_event_bytes})
+    ), ranked AS MATERIALIZED (
+        SELECT o.stream, x.ctid, x.size, x.n, x.bytes FROM over AS o,
+        LATERAL (
+            SELECT e.ctid, octet_length(e.encoded) AS size,
+                count(*) OVER w AS n, sum(octet_length(e.encoded)) OVER w AS bytes
+            FROM {events} AS e WHERE e.stream = o.stream
+            WINDOW w AS (ORDER BY e.micros DESC, e.seq DESC ROWS UNBOUNDED PRECEDING)
+        ) AS x
+    ), dropped AS (
+        DELETE FROM {events} AS r WHERE r.ctid IN (
+            SELECT k.ctid FROM ranked AS k
+            WHERE k.n > {keep_events} OR k.bytes > {keep_event_bytes}
+        )
+    )
+    UPDATE {event_totals} AS t SET n = k.n, bytes = k.bytes
+    FROM (
+        SELECT o.stream, count(k.ctid) AS n, coalesce(sum(k.size), 0) AS bytes
+        FROM over AS o LEFT JOIN ranked AS k ON k.stream = o.stream
+            AND k.n <= {keep_events} AND k.bytes <= {keep_event_bytes}
+        GROUP BY o.stream
+    ) AS k
+    WHERE t.stream = k.stream
+"""
+
 # What a joiner caught up to message $2 of stream $1 gets: the unkeyed events
-# positioned at $2, and every keyed one not expired, oldest first.
+# positioned at $2, and every keyed one, none expired, oldest first.
 _RETAINED_EVENTS: Final = """
     SELECT json_agg(r.encoded::json ORDER BY r.micros, r.seq) FROM {events} AS r
-    WHERE r.stream = $1::text AND (
-        (r.key IS NULL AND r.after = $2::bigint)
-        OR (r.key IS NOT NULL AND (r.expires_at IS NULL OR r.expires_at > now()))
-    )
+    WHERE r.stream = $1::text AND (r.key IS NOT NULL OR r.after = $2::bigint)
+        AND (r.expires_at IS NULL OR r.expires_at > now())
 """
 
 _STREAM_INFO: Final = (

@@ -269,7 +269,7 @@ class PostgresStore:
         return {stream: heads.get(stream, 0) for stream in wanted}
 
     async def retain_events(self, events: Sequence[Event], encoded: Sequence[str]) -> None:
-        """Retain ``events`` for joiners and NOTIFY them, in one statement.
+        """Retain ``events`` for joiners and NOTIFY them, in one transaction and round trip.
 
         See :meth:`chatbus.EventStore.retain_events`; :class:`PostgresNotifier` then
         has nothing to do for them (the NOTIFY went out here, at this commit).
@@ -289,7 +289,20 @@ class PostgresStore:
             self._channel.encode("utf-8"),
             json.dumps(encode_events(encoded), ensure_ascii=False).encode("utf-8"),
         ]
-        await self._query("emit", self._queries.retain_events, params)
+        streams = [json.dumps(sorted({e.stream for e in events}), ensure_ascii=False).encode()]
+        queries = self._queries
+        await self._check_open("emit")
+        try:
+            # Locked, written, bounded: one transaction, one round trip (see _sql).
+            await self._run_pipeline(
+                [
+                    (queries.lock_event_streams, streams),
+                    (queries.retain_events, params),
+                    (queries.trim_events, streams),
+                ]
+            )
+        except DB_ERRORS as exc:
+            raise store_error("emit", exc) from exc
 
     async def retained_events(self, stream: str, head: int) -> list[Event]:
         """Events a joiner at ``head`` gets; see :meth:`chatbus.EventStore.retained_events`.
@@ -652,6 +665,38 @@ class PostgresStore:
             return await self._run_prepared(query, params)
         except DB_ERRORS as exc:
             raise store_error(operation, exc, stream=stream) from exc
+
+    async def _run_pipeline(
+        self, statements: Sequence[tuple[bytes, list[bytes]]]
+    ) -> list[pq.abc.PGresult]:
+        """Run prepared ``statements`` as one transaction in one round trip on a lent
+        connection (:func:`._pq.execute_pipeline`); psycopg errors as is."""
+        connections = self._connections
+        conn = await connections.acquire()
+        try:
+            for attempt in (1, 2):
+                named = [
+                    (await connections.prepared(conn, query), params)
+                    for query, params in statements
+                ]
+                try:
+                    return_value = await _pq.execute_pipeline(conn.pgconn, named)
+                    break
+                except psycopg.errors.InvalidSqlStatementName:
+                    if attempt == 2:
+                        raise
+                    connections.forget_prepared(conn)  # see _run_prepared; nothing ran
+        except psycopg.DatabaseError:
+            if conn.pgconn.pipeline_status != pq.PipelineStatus.OFF:
+                await connections.recover(conn)  # lost mid-pipeline
+            else:
+                connections.keep(conn)  # the server refused it: the connection is fine
+            raise
+        except BaseException:
+            await connections.recover(conn)
+            raise
+        connections.keep(conn)
+        return return_value
 
     async def _run_prepared(
         self, query: bytes, params: list[bytes], *, sent: list[bool] | None = None
