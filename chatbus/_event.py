@@ -35,6 +35,8 @@ RETAINED_EVENT_BYTES: Final = 1024 * 1024
 MAX_PAYLOAD_BYTES: Final = 7900
 #: Most bytes of one encoded event: it must fit a notification on its own.
 MAX_EVENT_WIRE_BYTES: Final = MAX_PAYLOAD_BYTES - len('{"events":[]}') - 1
+#: Emitters one subscription remembers the last event of (see :class:`EmitterOrder`).
+TRACKED_EMITTERS: Final = 1024
 
 _EPOCH: Final = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
 
@@ -290,3 +292,49 @@ class RetainedEvents:
                 self._bytes -= oldest_keyed[1]
             else:  # pragma: no cover - len(self) > 0 implies one of them
                 break
+
+
+@final
+@attrs.define(eq=False)
+class EmitterOrder:
+    """Per-emitter order for one consumer: the last event it received from each emitter.
+
+    An event whose ``seq`` is at or below its emitter's last received one arrived late
+    (its notice was delayed, reordered or duplicated): shown now it would break its
+    emitter's order, so it is dropped (events are at most once; order is a guarantee).
+
+    Bounded: past ``capacity`` emitters the one received from least recently is
+    forgotten, and from then on an event of an emitter not remembered must be newer
+    (``created_at``) than the last event received from any forgotten one. A forgotten
+    emitter's late event is dropped that way too; so, rarely, is the first event of a
+    new emitter whose clock lags that much.
+    """
+
+    capacity: int = TRACKED_EMITTERS
+    #: emitter -> (seq, created_at) of its last event received; least recent first.
+    _last: collections.OrderedDict[str, tuple[int, datetime.datetime]] = attrs.field(
+        factory=collections.OrderedDict, init=False
+    )
+    #: The newest ``created_at`` among the forgotten emitters' last events.
+    _forgotten_until: datetime.datetime | None = attrs.field(default=None, init=False)
+
+    def is_late(self, event: Event) -> bool:
+        """Whether ``event`` comes after a newer event of its emitter was received."""
+        last = self._last.get(event.emitter)
+        if last is not None:
+            return event.seq <= last[0]
+        forgotten = self._forgotten_until
+        return forgotten is not None and event.created_at <= forgotten
+
+    def received(self, event: Event) -> None:
+        """The consumer got ``event`` (which was not late)."""
+        last = self._last
+        last[event.emitter] = (event.seq, event.created_at)
+        last.move_to_end(event.emitter)
+        if len(last) > self.capacity:
+            _, (_, created_at) = last.popitem(last=False)
+            if self._forgotten_until is None or created_at > self._forgotten_until:
+                self._forgotten_until = created_at
+
+    def __len__(self) -> int:
+        return len(self._last)

@@ -11,7 +11,7 @@ from typing import Any, Generic, TypeVar, cast, final
 import attrs
 import trio
 
-from ._event import Event
+from ._event import EmitterOrder, Event
 from ._exceptions import (
     HistoryReset,
     StoreError,
@@ -47,8 +47,10 @@ class SubscriberStatistics:
         cache_hits: Messages served from the bus's durable cache.
         store_errors: Failed store reads (each retried with backoff).
         events_delivered: Events the consumer has received (``events=True``).
-        events_stale: Unkeyed events dropped because the message after them had
-            already been received (they arrived too late for their position).
+        events_stale: Events dropped for arriving too late: unkeyed ones whose next
+            message had already been received (too late for their position), and
+            any whose emitter's later event had already been received (too late
+            for their emitter's order).
         events_dropped: Events dropped because the consumer fell behind (the buffer
             of events is bounded; messages are never dropped).
         events_buffered: Events waiting for the consumer now.
@@ -115,6 +117,8 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
     _merge_done: trio.Event = attrs.field(factory=trio.Event, init=False)
     #: Events not yet received, ordered by (after, created_at); bounded.
     _events: list[Event] = attrs.field(factory=list, init=False)
+    #: The last event received from each emitter: a late older one is dropped.
+    _emitter_order: EmitterOrder = attrs.field(factory=EmitterOrder, init=False)
     #: Origins of events buffered or received lately, to drop copies.
     _seen_events: collections.OrderedDict[tuple[str, int], None] = attrs.field(
         factory=collections.OrderedDict, init=False
@@ -287,9 +291,14 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
         # Until the retained events are in, live ones wait: they are newer.
         while events and self._retained_fetched and events[0].after <= self._last_id:
             event = events.pop(0)
-            if event.key is None and event.after < self._last_id:
+            # Checked here, where the consumer takes it, whatever way it came (live,
+            # retained, a copy): past its position, or behind its emitter's last one.
+            if (event.key is None and event.after < self._last_id) or (
+                self._emitter_order.is_late(event)
+            ):
                 self._events_stale += 1
                 continue
+            self._emitter_order.received(event)
             self._events_delivered += 1
             return event
         buffer = self._buffer
@@ -318,6 +327,9 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
                 continue
             origin = event.origin
             if origin in seen:
+                continue
+            if self._emitter_order.is_late(event):
+                self._events_stale += 1  # cannot be shown any more: do not buffer it
                 continue
             seen[origin] = None
             if len(seen) > 4 * self._event_limit:
