@@ -28,6 +28,11 @@ from ._util import NoPublicConstructor
 
 #: How long :meth:`Bus.publish`'s shared per-stream producer idles before it retires.
 _SHARED_PRODUCER_IDLE_SECONDS = 5.0
+#: Emits between two schedule points of :meth:`Bus.emit` (each one is a cancel point).
+_EMITS_PER_SCHEDULE_POINT = 32
+#: Body types an event shares with its subscribers as is (JSON decodes them equal).
+_IMMUTABLE_JSON = frozenset({str, int, float, bool, type(None)})
+_EARLIEST = datetime.datetime.min.replace(tzinfo=datetime.UTC)
 
 
 @attrs.frozen(kw_only=True)
@@ -86,6 +91,7 @@ class Bus(metaclass=NoPublicConstructor):
     #: Identifies this bus's events (see Event.emitter); seq numbers them.
     _emitter: str = attrs.field(factory=lambda: secrets.token_hex(8), init=False)
     _events_emitted: int = attrs.field(default=0, init=False)
+    _last_emitted_at: datetime.datetime = attrs.field(default=_EARLIEST, init=False)
     _outbox: Outbox = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -231,7 +237,7 @@ class Bus(metaclass=NoPublicConstructor):
             events,
             self._options.event_buffer,
             epoch,
-            self._outbox.flushed,
+            functools.partial(self._outbox.flushed, stream),
         )
         return cast("Subscriber[Message] | Subscriber[Message | Event]", subscriber)
 
@@ -251,15 +257,16 @@ class Bus(metaclass=NoPublicConstructor):
             key: Latest-value state: a later event with the same key replaces this
                 one for joiners (``"status"``, ``"typing:al"``). None for a plain
                 event (a streamed part), retained for joiners until the next message.
-            ttl: Seconds a keyed event stays retained for joiners (None: until
-                replaced).
+            ttl: Seconds the event stays retained for joiners at most (None: a keyed
+                one until replaced, a plain one until the next message).
 
         Returns:
             The event, as subscribers get it.
 
         Raises:
             InvalidStream: ``stream`` is not a valid stream name.
-            InvalidMessage: ``body`` is not JSON-serialisable or ``key`` is not valid.
+            InvalidMessage: ``body`` is not JSON-serialisable, ``key`` is not valid
+                or ``ttl`` is not a number (it is a ValueError, too).
             MessageTooLarge: ``body`` encodes to more than ``max_event_bytes``.
             ValueError: ``ttl`` is not a positive number of seconds (up to a day).
             BusClosed: the bus is closed.
@@ -269,18 +276,23 @@ class Bus(metaclass=NoPublicConstructor):
         topic = self._topics.acquire(stream)
         try:
             after = await self._head_of(topic)
+            # Never earlier than this bus's previous event: subscriptions order events
+            # by (after, created_at), and one emitter's must stay in emit order.
+            now = max(datetime.datetime.now(datetime.UTC), self._last_emitted_at)
+            self._last_emitted_at = now
             event = Event(
                 stream=stream,
                 after=after,
-                body=json.loads(draft.body_json),
+                # Each subscriber gets its own decoded copy; immutable ones need none.
+                body=body if type(body) in _IMMUTABLE_JSON else json.loads(draft.body_json),
                 key=draft.key,
                 ttl=draft.ttl,
-                created_at=datetime.datetime.now(datetime.UTC),
+                created_at=now,
                 emitter=self._emitter,
                 seq=self._events_emitted + 1,
             )
             encoded = encode_event(event, draft.body_json)
-            size = len(encoded.encode("utf-8"))
+            size = len(encoded) if encoded.isascii() else len(encoded.encode("utf-8"))
             if size > MAX_EVENT_WIRE_BYTES:
                 raise MessageTooLarge(
                     f"event is {size} bytes on the wire with its stream name and key;"
@@ -294,11 +306,19 @@ class Bus(metaclass=NoPublicConstructor):
         return event
 
     async def _head_of(self, topic: Topic) -> int:
-        """The stream's head as this bus knows it; asked of the store the first time."""
+        """The stream's head as this bus knows it; asked of the store the first time.
+
+        Otherwise a cancel point every time, but a schedule point only every
+        :data:`_EMITS_PER_SCHEDULE_POINT` emits: a loop of emits still lets the
+        subscriptions and the flusher run, without a trip through the scheduler (and
+        a wake-up of every consumer) per event.
+        """
         if not topic.head_known:
             heads = await self._store.heads([topic.name])
             topic.advance(heads.get(topic.name, 0))
             topic.head_known = True
+        elif self._events_emitted % _EMITS_PER_SCHEDULE_POINT:
+            await trio.lowlevel.checkpoint_if_cancelled()
         else:
             await trio.lowlevel.checkpoint()
         return topic.high_water
@@ -515,7 +535,7 @@ class Bus(metaclass=NoPublicConstructor):
             max_batch,
             self._options.max_pending,
             on_retire=self._producer_retired,
-            before_append=self._outbox.flushed,
+            before_append=functools.partial(self._outbox.flushed, topic.name),
         )
 
     def _producer_retired(self, producer: Producer) -> None:

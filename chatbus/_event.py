@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import collections
 import datetime
+import enum
+import functools
 import json
 import math
 from collections.abc import Iterable, Sequence
@@ -39,6 +41,7 @@ MAX_EVENT_WIRE_BYTES: Final = MAX_PAYLOAD_BYTES - len('{"events":[]}') - 1
 TRACKED_EMITTERS: Final = 1024
 
 _EPOCH: Final = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
+_MICROSECOND: Final = datetime.timedelta(microseconds=1)
 
 
 @attrs.frozen(kw_only=True)
@@ -53,7 +56,8 @@ class Event:
         body: The decoded JSON value that was emitted.
         key: For latest-value state (``"status"``, ``"typing:al"``): a later event
             with the same key replaces it for joiners. None for a plain event.
-        ttl: Seconds the event stays retained for joiners (keyed ones), or None.
+        ttl: Seconds the event stays retained for joiners, or None (keyed: until
+            replaced; unkeyed: until the next message).
         created_at: When it was emitted (UTC, the emitter's clock).
         emitter: Identifies the bus that emitted it (one per :func:`chatbus.open_bus`).
         seq: Its position among that emitter's events: 1, 2, 3, …
@@ -70,7 +74,7 @@ class Event:
 
     @property
     def expires_at(self) -> datetime.datetime | None:
-        """When a keyed event with a ``ttl`` stops being retained (None: never)."""
+        """When an event with a ``ttl`` stops being retained (None: no expiry)."""
         if self.ttl is None:
             return None
         return self.created_at + datetime.timedelta(seconds=self.ttl)
@@ -99,12 +103,15 @@ def make_event_draft(
     Raises:
         InvalidMessage: ``body`` is not JSON-serialisable, or ``key`` is not valid.
         MessageTooLarge: ``body`` encodes to more than ``max_event_bytes``.
-        ValueError: ``ttl`` is not a positive number of seconds (up to a day).
-        TypeError: ``ttl`` is not a number.
+        ValueError: ``ttl`` is not a positive number of seconds (up to a day); one
+            that is not a number at all raises :class:`InvalidMessage`, which is a
+            ValueError and a TypeError.
     """
     if ttl is not None:
         if isinstance(ttl, bool) or not isinstance(ttl, int | float):
-            raise TypeError(f"ttl must be a number of seconds or None, not {type(ttl).__name__}")
+            raise InvalidMessage(
+                f"ttl must be a number of seconds or None, not {type(ttl).__name__}"
+            )
         if not (0 < ttl <= MAX_TTL) or math.isnan(ttl):
             raise ValueError(f"ttl must be more than 0 and at most {MAX_TTL:g} seconds, got {ttl}")
     try:
@@ -118,7 +125,7 @@ def make_event_draft(
 
 def to_micros(ts: datetime.datetime) -> int:
     """Microseconds since the Unix epoch (exact)."""
-    return (ts - _EPOCH) // datetime.timedelta(microseconds=1)
+    return (ts - _EPOCH) // _MICROSECOND
 
 
 def from_micros(micros: int) -> datetime.datetime:
@@ -127,21 +134,22 @@ def from_micros(micros: int) -> datetime.datetime:
 
 
 def encode_event(event: Event, body_json: str) -> str:
-    """One event as compact JSON text, its body embedded as the JSON it was sent as."""
-    head = json.dumps(
-        [
-            event.stream,
-            event.after,
-            event.key,
-            event.ttl,
-            to_micros(event.created_at),
-            event.emitter,
-            event.seq,
-        ],
-        ensure_ascii=False,
-        separators=(",", ":"),
+    """One event as compact JSON text, its body embedded as the JSON it was sent as.
+
+    Built by hand rather than by :func:`json.dumps` of a list: this runs once per
+    emitted event, and the strings in it (stream, emitter, key) repeat.
+    """
+    key = "null" if event.key is None else _json_string(event.key)
+    ttl = "null" if event.ttl is None else repr(event.ttl)  # finite: checked at emit
+    return (
+        f"[{_json_string(event.stream)},{event.after},{key},{ttl},"
+        f"{to_micros(event.created_at)},{_json_string(event.emitter)},{event.seq},{body_json}]"
     )
-    return head[:-1] + "," + body_json + "]"
+
+
+@functools.lru_cache(maxsize=4096)
+def _json_string(text: str) -> str:
+    return json.dumps(text, ensure_ascii=False)
 
 
 def encode_events(encoded: Iterable[str], *, limit: int = MAX_PAYLOAD_BYTES) -> list[str]:
@@ -218,6 +226,11 @@ def _decode_one(item: object) -> Event | None:
     )
 
 
+def _unexpired(event: Event, now: datetime.datetime) -> bool:
+    expires = event.expires_at
+    return expires is None or expires > now
+
+
 @final
 @attrs.define(eq=False)
 class RetainedEvents:
@@ -225,7 +238,8 @@ class RetainedEvents:
 
     * unkeyed events whose ``after`` is the stream's head (the parts of a reply being
       streamed after the last message); older ones are dropped as the head moves;
-    * the latest event of each key, until its ``ttl`` runs out.
+    * the latest event of each key, until its ``ttl`` runs out;
+    * an unkeyed event with a ``ttl`` only until it runs out, too.
 
     Bounded: at most ``max_events`` events and ``max_bytes`` bytes of bodies per
     stream; the oldest go first.
@@ -265,7 +279,11 @@ class RetainedEvents:
         """What a joiner caught up to ``head`` gets now, oldest first."""
         self._expire(now)
         keyed = [event for event, _ in self._keyed.values()]
-        unkeyed = [event for event, _ in self._unkeyed if event.after == head]
+        unkeyed = [
+            event
+            for event, _ in self._unkeyed
+            if event.after == head and (event.ttl is None or _unexpired(event, now))
+        ]
         return sorted([*keyed, *unkeyed], key=lambda e: e.created_at)
 
     def __len__(self) -> int:
@@ -294,47 +312,78 @@ class RetainedEvents:
                 break
 
 
+class Arrival(enum.Enum):
+    """How an event stands against what a consumer got from its emitter."""
+
+    NEW = enum.auto()
+    COPY = enum.auto()
+    LATE = enum.auto()
+
+
 @final
 @attrs.define(eq=False)
 class EmitterOrder:
-    """Per-emitter order for one consumer: the last event it received from each emitter.
+    """Per-emitter order for one consumer: the last event it got from each emitter.
 
-    An event whose ``seq`` is at or below its emitter's last received one arrived late
-    (its notice was delayed, reordered or duplicated): shown now it would break its
-    emitter's order, so it is dropped (events are at most once; order is a guarantee).
+    An event whose ``seq`` is at or below its emitter's last one is not shown: it is a
+    copy (:attr:`Arrival.COPY`), or it arrived late (:attr:`Arrival.LATE`: its notice
+    was delayed or reordered), and shown now it would break its emitter's order. A
+    window over the last :data:`_WINDOW` seqs of each emitter tells the two apart, so
+    only events the consumer never saw count as stale.
 
-    Bounded: past ``capacity`` emitters the one received from least recently is
+    Bounded: past ``capacity`` emitters the one heard from least recently is
     forgotten, and from then on an event of an emitter not remembered must be newer
-    (``created_at``) than the last event received from any forgotten one. A forgotten
-    emitter's late event is dropped that way too; so, rarely, is the first event of a
+    (``created_at``) than the last event got from any forgotten one. A forgotten
+    emitter's late event is refused that way too; so, rarely, is the first event of a
     new emitter whose clock lags that much.
     """
 
     capacity: int = TRACKED_EMITTERS
-    #: emitter -> (seq, created_at) of its last event received; least recent first.
-    _last: collections.OrderedDict[str, tuple[int, datetime.datetime]] = attrs.field(
+    #: emitter -> (last seq, window, its created_at); least recently heard first.
+    #: Bit i of the window: seq ``last - i`` was got (or counted late) already.
+    _last: collections.OrderedDict[str, tuple[int, int, datetime.datetime]] = attrs.field(
         factory=collections.OrderedDict, init=False
     )
     #: The newest ``created_at`` among the forgotten emitters' last events.
     _forgotten_until: datetime.datetime | None = attrs.field(default=None, init=False)
 
-    def is_late(self, event: Event) -> bool:
-        """Whether ``event`` comes after a newer event of its emitter was received."""
+    def arrival(self, event: Event) -> Arrival:
+        """Whether ``event`` is new (to be shown), a copy, or late; a late one is
+        remembered as seen, so a copy of it is a copy."""
         last = self._last.get(event.emitter)
-        if last is not None:
-            return event.seq <= last[0]
-        forgotten = self._forgotten_until
-        return forgotten is not None and event.created_at <= forgotten
+        if last is None:
+            forgotten = self._forgotten_until
+            if forgotten is not None and event.created_at <= forgotten:
+                return Arrival.LATE
+            return Arrival.NEW
+        seq, window, created_at = last
+        back = seq - event.seq
+        if back < 0:
+            return Arrival.NEW
+        if back < _WINDOW:
+            if window >> back & 1:
+                return Arrival.COPY
+            self._last[event.emitter] = (seq, window | 1 << back, created_at)
+        return Arrival.LATE
 
     def received(self, event: Event) -> None:
-        """The consumer got ``event`` (which was not late)."""
+        """The consumer got ``event`` (a new one)."""
         last = self._last
-        last[event.emitter] = (event.seq, event.created_at)
+        known = last.get(event.emitter)
+        window = 1
+        if known is not None and (ahead := event.seq - known[0]) < _WINDOW:
+            window = (known[1] << ahead | 1) & _WINDOW_MASK
+        last[event.emitter] = (event.seq, window, event.created_at)
         last.move_to_end(event.emitter)
         if len(last) > self.capacity:
-            _, (_, created_at) = last.popitem(last=False)
+            _, (_, _, created_at) = last.popitem(last=False)
             if self._forgotten_until is None or created_at > self._forgotten_until:
                 self._forgotten_until = created_at
 
     def __len__(self) -> int:
         return len(self._last)
+
+
+#: Seqs per emitter whose copies :class:`EmitterOrder` tells from late events.
+_WINDOW: Final = 64
+_WINDOW_MASK: Final = (1 << _WINDOW) - 1

@@ -11,12 +11,16 @@ and :mod:`chatbus._protocols`.
 from __future__ import annotations
 
 import collections
-from typing import Any, final
+from typing import Any, Final, final
 
 import attrs
 import trio
 
 from ._event import Event
+
+#: Most events in one flush: bounds the statement, and how long encoding it keeps the
+#: loop, when the store fell behind a burst.
+_MAX_FLUSH: Final = 1000
 
 
 @final
@@ -35,6 +39,9 @@ class Outbox:
     _done: int = attrs.field(default=0, init=False)
     _progress: trio.Event = attrs.field(factory=trio.Event, init=False)
     _running: bool = attrs.field(default=False, init=False)
+    #: Per stream, the number (in put order) of the last event put for it that is
+    #: not known flushed yet: what a publish to that stream waits for.
+    _last_put: dict[str, int] = attrs.field(factory=dict, init=False)
 
     def __attrs_post_init__(self) -> None:
         self._waiting = collections.deque()
@@ -46,15 +53,20 @@ class Outbox:
             self.dropped += 1
         self._waiting.append((event, encoded))
         self._put += 1
+        self._last_put[event.stream] = self._put
         self._ready.set()
 
-    async def flushed(self) -> None:
-        """Wait until every event put so far is flushed (or given up on).
+    async def flushed(self, stream: str | None = None) -> None:
+        """Wait until the events put so far for ``stream`` (None: for every stream) are
+        flushed (or given up on).
 
-        A publish waits for this first, so the events a bus emitted before a message
-        reach other processes before it: NOTIFYs arrive in commit order.
+        A publish to ``stream`` waits for this first, so the events a bus emitted on
+        it before a message reach other processes before it (NOTIFYs arrive in commit
+        order). Returns at once, without a checkpoint, when there are none: a
+        publish waits for no flush of another stream's events, nor for one that
+        carries nothing of its own.
         """
-        target = self._put
+        target = self._put if stream is None else self._last_put.get(stream, 0)
         if not self._running or self._done >= target:
             return
         while self._done < target:
@@ -73,8 +85,13 @@ class Outbox:
             while True:
                 await self._ready.wait()
                 self._ready = trio.Event()
-                batch = list(self._waiting)
-                self._waiting.clear()
+                waiting = self._waiting
+                if len(waiting) <= _MAX_FLUSH:
+                    batch = list(waiting)
+                    waiting.clear()
+                else:  # the rest in the next flush, at once
+                    batch = [waiting.popleft() for _ in range(_MAX_FLUSH)]
+                    self._ready.set()
                 events = [event for event, _ in batch]
                 encoded = [text for _, text in batch]
                 self.flushes += 1
@@ -86,8 +103,13 @@ class Outbox:
                     except Exception:
                         self.errors += 1  # best effort: events are at most once
                 self._advance(self._put - len(self._waiting))
+                last_put, done = self._last_put, self._done
+                for event in events:  # forget what is flushed: bounded by the streams
+                    if last_put.get(event.stream, done + 1) <= done:
+                        del last_put[event.stream]
         finally:
             self._running = False
+            self._last_put.clear()
             self._advance(self._put)  # nobody waits for a flusher that is gone
 
     def _advance(self, done: int) -> None:

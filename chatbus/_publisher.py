@@ -128,7 +128,7 @@ class Producer:
     max_pending: int
     #: Called once when the producer stops taking requests.
     on_retire: Callable[[Producer], None]
-    #: Awaited before each append: the bus's events emitted so far are flushed.
+    #: Awaited before each append: the bus's events emitted on this stream so far are flushed.
     before_append: Callable[[], Awaitable[None]]
     _send: trio.MemorySendChannel[_Request] = attrs.field(init=False)
     _receive: trio.MemoryReceiveChannel[_Request] = attrs.field(init=False)

@@ -11,7 +11,7 @@ from typing import Any, Generic, TypeVar, cast, final
 import attrs
 import trio
 
-from ._event import EmitterOrder, Event
+from ._event import RETAINED_EVENTS, Arrival, EmitterOrder, Event
 from ._exceptions import (
     HistoryReset,
     StoreError,
@@ -50,7 +50,7 @@ class SubscriberStatistics:
         events_stale: Events dropped for arriving too late: unkeyed ones whose next
             message had already been received (too late for their position), and
             any whose emitter's later event had already been received (too late
-            for their emitter's order).
+            for their emitter's order; copies are not counted).
         events_dropped: Events dropped because the consumer fell behind (the buffer
             of events is bounded; messages are never dropped).
         events_buffered: Events waiting for the consumer now.
@@ -116,13 +116,14 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
     _merge_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
     _merge_done: trio.Event = attrs.field(factory=trio.Event, init=False)
     #: Events not yet received, ordered by (after, created_at); bounded.
-    _events: list[Event] = attrs.field(factory=list, init=False)
-    #: The last event received from each emitter: a late older one is dropped.
+    _events: collections.deque[Event] = attrs.field(factory=collections.deque, init=False)
+    #: Per emitter, the last of its events the consumer received: one at or below it
+    #: is a copy, or too late for its emitter's order (dropped; bounded).
     _emitter_order: EmitterOrder = attrs.field(factory=EmitterOrder, init=False)
-    #: Origins of events buffered or received lately, to drop copies.
-    _seen_events: collections.OrderedDict[tuple[str, int], None] = attrs.field(
-        factory=collections.OrderedDict, init=False
-    )
+    #: Origins of the live events pushed before the retained ones came (bounded):
+    #: the retained copies of those are dropped, so what a slow consumer lost while
+    #: catching up does not come back.
+    _early_origins: dict[tuple[str, int], None] | None = attrs.field(factory=dict, init=False)
     _retained_fetched: bool = attrs.field(default=False, init=False)
     _events_delivered: int = attrs.field(default=0, init=False)
     _events_stale: int = attrs.field(default=0, init=False)
@@ -290,13 +291,15 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
         events = self._events
         # Until the retained events are in, live ones wait: they are newer.
         while events and self._retained_fetched and events[0].after <= self._last_id:
-            event = events.pop(0)
-            # Checked here, where the consumer takes it, whatever way it came (live,
-            # retained, a copy): past its position, or behind its emitter's last one.
-            if (event.key is None and event.after < self._last_id) or (
-                self._emitter_order.is_late(event)
-            ):
+            event = events.popleft()
+            if event.key is None and event.after < self._last_id:
                 self._events_stale += 1
+                continue
+            # Here, where the consumer takes it, whatever way it came (live, retained,
+            # a copy): not behind an event of its emitter received already.
+            arrival = self._emitter_order.arrival(event)
+            if arrival is not Arrival.NEW:
+                self._events_stale += arrival is Arrival.LATE
                 continue
             self._emitter_order.received(event)
             self._events_delivered += 1
@@ -320,23 +323,31 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
         """
         if self._closed:
             return
-        seen = self._seen_events
+        buffer, order, last_id = self._events, self._emitter_order, self._last_id
+        early = self._early_origins
+        if retained:
+            self._early_origins = None  # from now on, copies are dropped on delivery
         for event in events:
-            if event.key is None and event.after < self._last_id:
+            if event.key is None and event.after < last_id:
                 self._events_stale += 1
                 continue
-            origin = event.origin
-            if origin in seen:
+            if (arrival := order.arrival(event)) is not Arrival.NEW:
+                self._events_stale += arrival is Arrival.LATE  # see _next_item
                 continue
-            if self._emitter_order.is_late(event):
-                self._events_stale += 1  # cannot be shown any more: do not buffer it
-                continue
-            seen[origin] = None
-            if len(seen) > 4 * self._event_limit:
-                seen.popitem(last=False)
-            bisect.insort(self._events, event, key=_event_order)
-            if not retained and len(self._events) > self._event_limit:
-                del self._events[0]
+            if early is not None:
+                if retained:
+                    if event.origin in early:
+                        continue
+                else:
+                    early[event.origin] = None
+                    if len(early) > RETAINED_EVENTS:  # a stream retains no more
+                        del early[next(iter(early))]
+            if buffer and _event_order(event) < _event_order(buffer[-1]):
+                bisect.insort(buffer, event, key=_event_order)  # rare: mostly in order
+            else:
+                buffer.append(event)
+            if not retained and len(buffer) > self._event_limit:
+                buffer.popleft()
                 self._events_dropped += 1
         self._wake_consumer()
 
@@ -457,6 +468,7 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
         retained = getattr(self._store, "retained_events", None)
         if retained is None:
             self._retained_fetched = True
+            self._early_origins = None  # nothing retained: nothing to tell apart
             self._wake_consumer()
             return
         try:

@@ -13,7 +13,7 @@ import pytest
 import trio
 
 import chatbus
-from chatbus._event import EmitterOrder
+from chatbus._event import Arrival, EmitterOrder
 from chatbus.testing import FaultyNotifier
 
 from support import collect
@@ -116,7 +116,7 @@ async def test_events_of_one_emitter_stay_in_order_with_notices_reordered(backen
                     seqs.append(item.seq)
 
             nursery.start_soon(consume)
-            with trio.fail_after(20):
+            with trio.fail_after(10):
                 # Until some did arrive late (the faults are random, so is timing):
                 # dropped, or shown out of order.
                 while sub.statistics().events_stale == 0 and not _out_of_order(seqs):
@@ -213,7 +213,7 @@ async def test_emit_never_waits_for_a_subscriber(backend):
         ({"body": 1, "ttl": 0}, ValueError, "ttl"),
         ({"body": 1, "ttl": -1}, ValueError, "ttl"),
         ({"body": 1, "ttl": 10**9}, ValueError, "ttl"),
-        ({"body": 1, "ttl": "5"}, TypeError, "ttl"),
+        ({"body": 1, "ttl": "5"}, chatbus.InvalidMessage, "ttl"),  # a ValueError, too
         ({"body": 1, "ttl": float("nan")}, ValueError, "ttl"),
     ],
 )
@@ -348,24 +348,58 @@ async def test_retention_bounds_utf8_bytes_not_characters(backend):
     assert 200 < len(got) <= 1024 * 1024 // 3800
 
 
+async def test_every_bad_key_or_ttl_is_a_value_error(backend):
+    async with backend.open_bus() as bus:
+        for key, ttl in [("", None), (7, None), ("k", "5"), ("k", True), ("k", 0), (None, -1)]:
+            with pytest.raises(ValueError, match=r"key|ttl"):
+                await bus.emit("s", 1, key=key, ttl=ttl)
+        assert bus.statistics().events_emitted == 0
+
+
+async def test_a_plain_event_with_a_ttl_is_retained_only_until_it_runs_out(backend):
+    async with backend.open_bus() as bus:
+        await bus.publish("s", "question")
+        await bus.emit("s", "short", ttl=0.3)
+        await bus.emit("s", "long")
+        await trio.sleep(0.5)
+    async with backend.open_bus() as late, late.open_subscriber("s", events=True) as sub:
+        assert await items(sub, 2) == [1, "long"]
+        with trio.move_on_after(0.3):
+            extra = await sub.receive()
+            raise AssertionError(f"expired event delivered: {extra!r}")
+
+
+def test_emitter_order_tells_copies_from_late_events():
+    order = EmitterOrder()
+    for seq in (1, 2, 5):
+        assert order.arrival(_event("a", seq)) is Arrival.NEW
+        order.received(_event("a", seq))
+    assert order.arrival(_event("a", 5)) is Arrival.COPY
+    assert order.arrival(_event("a", 1)) is Arrival.COPY
+    assert order.arrival(_event("a", 4)) is Arrival.LATE  # never got: stale
+    assert order.arrival(_event("a", 4)) is Arrival.COPY  # and counted once
+    assert order.arrival(_event("a", 6)) is Arrival.NEW
+    order.received(_event("a", 10**9))  # a long way ahead: nothing older is a copy
+    assert order.arrival(_event("a", 6)) is Arrival.LATE
+
+
 def test_emitter_order_is_bounded_and_still_drops_a_forgotten_emitters_late_event():
     """A subscription remembers a bounded number of emitters; forgetting one must not
     let its late events through (they are older than what it received from it)."""
-    start = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
-
-    def event(emitter: str, seq: int, ms: int) -> chatbus.Event:
-        at = start + datetime.timedelta(milliseconds=ms)
-        return chatbus.Event(
-            stream="s", after=0, body=None, key=None, ttl=None, created_at=at,
-            emitter=emitter, seq=seq,
-        )  # fmt: skip
-
     order = EmitterOrder(capacity=2)
-    for received in (event("a", 2, 10), event("b", 1, 20), event("c", 1, 5)):
-        assert not order.is_late(received)
-        order.received(received)
+    for got in (_event("a", 2, ms=10), _event("b", 1, ms=20), _event("c", 1, ms=5)):
+        assert order.arrival(got) is Arrival.NEW
+        order.received(got)
         assert len(order) <= 2
-    assert order.is_late(event("b", 1, 20))  # remembered: a copy, or behind
-    assert order.is_late(event("a", 1, 9))  # forgotten ("a" went first): still late
-    assert not order.is_late(event("a", 3, 11))  # its next one goes through
-    assert not order.is_late(event("d", 1, 30))  # and a new emitter's
+    assert order.arrival(_event("b", 1, ms=20)) is Arrival.COPY  # remembered
+    assert order.arrival(_event("a", 1, ms=9)) is Arrival.LATE  # forgotten, still late
+    assert order.arrival(_event("a", 3, ms=11)) is Arrival.NEW  # its next one goes through
+    assert order.arrival(_event("d", 1, ms=30)) is Arrival.NEW  # and a new emitter's
+
+
+def _event(emitter: str, seq: int, *, ms: int = 0) -> chatbus.Event:
+    at = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC) + datetime.timedelta(milliseconds=ms)
+    return chatbus.Event(
+        stream="s", after=0, body=None, key=None, ttl=None, created_at=at,
+        emitter=emitter, seq=seq,
+    )  # fmt: skip

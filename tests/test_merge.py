@@ -167,3 +167,132 @@ async def test_any_interleaving_yields_each_id_once_in_order(actions, cache_size
             after, delivered = ids[0], ids[1:]
             assert delivered == list(range(after + 1, n + 1))
         nursery.cancel_scope.cancel()
+
+
+# The same adversary, with events: remote emitters (each with its own, possibly stale,
+# view of the head) emit; their batches are retained for joiners or not, and reach
+# this bus late, out of order, twice or never; the bus emits too, racing its own
+# and remote commits. Whatever happens, messages stay exactly 1..n in order, every
+# unkeyed event sits right after its message, keyed ones never before theirs, and
+# each emitter's events arrive in emit order, each at most once.
+_event_actions = st.one_of(
+    _actions,
+    st.tuples(st.just("emit"), st.integers(0, 2), st.booleans(), st.booleans(), st.integers(1, 3)),
+    st.tuples(st.just("learn"), st.integers(0, 2)),
+    st.tuples(st.just("deliver"), st.integers(0, 10), st.sampled_from(["once", "twice", "drop"])),
+    st.tuples(st.just("local_emit"), st.booleans()),
+)
+
+
+def _remote_event(emitter: int, seq: int, after: int, keyed: bool) -> chatbus.Event:
+    return chatbus.Event(
+        stream="s",
+        after=after,
+        body=[f"r{emitter}", seq],
+        key="status" if keyed else None,
+        ttl=None,
+        # Later per emitter, like a real bus's: subscriptions order events by it.
+        created_at=datetime.datetime(2030, 1, 1, tzinfo=datetime.UTC)
+        + datetime.timedelta(microseconds=seq),
+        emitter=f"r{emitter}",
+        seq=seq,
+    )
+
+
+def check_events_in_place(after: int, items: list[chatbus.Message | chatbus.Event]) -> None:
+    """The guarantees of events, for what one subscription received."""
+    position = after
+    last_seq: dict[str, int] = {}
+    for item in items:
+        if isinstance(item, chatbus.Message):
+            position = item.id
+            continue
+        if item.key is None:
+            assert item.after == position, f"{item.body} (after {item.after}) at {position}"
+        else:
+            assert item.after <= position, f"{item.body} (after {item.after}) at {position}"
+        assert item.seq > last_seq.get(item.emitter, 0), f"{item.body} out of emit order"
+        last_seq[item.emitter] = item.seq
+
+
+@settings(max_examples=150, deadline=None)
+@given(actions=st.lists(_event_actions, max_size=60), cache_size=st.integers(1, 8))
+async def test_any_interleaving_keeps_events_in_place(actions, cache_size):
+    store = MemoryStore()
+    got: dict[int, tuple[int, list[chatbus.Message | chatbus.Event]]] = {}
+    async with (
+        chatbus.open_bus(
+            store=store, poll_interval=None, cache_size=cache_size, read_batch=4
+        ) as bus,
+        trio.open_nursery() as nursery,
+    ):
+
+        async def follow(after: int, task_status=trio.TASK_STATUS_IGNORED) -> None:
+            items: list[chatbus.Message | chatbus.Event] = []
+            got[len(got)] = (after, items)
+            async with bus.open_subscriber("s", after=after, events=True) as sub:
+                task_status.started()
+                async for item in sub:
+                    items.append(item)
+
+        await nursery.start(follow, 0)
+        topic, router = bus._topics.by_name["s"], bus._router
+        fills: list[list[chatbus.Message]] = []
+        notices: list[int] = []
+        heads = [0, 0, 0]  # what each remote emitter knows of the head
+        seqs = [0, 0, 0]
+        batches: list[list[chatbus.Event]] = []
+        for action in actions:
+            match action:
+                case ("commit", k, where):
+                    committed = await store.append(
+                        "s", [chatbus.Draft(body_json="0", key=None)] * k
+                    )
+                    if where == "local":
+                        topic.appending += 1
+                        fills.append(committed)
+                    notices.append(committed[-1].id)
+                case ("fill", i) if fills:
+                    topic.appending -= 1
+                    topic.committed(fills.pop(i % len(fills)))
+                case ("notice", i, how) if notices:
+                    last_id = notices.pop(i % len(notices))
+                    for _ in range({"once": 1, "twice": 2, "drop": 0}[how]):
+                        router.notice("s", last_id)
+                case ("stale", i):
+                    router.notice("s", min(i, store.last_id("s")))
+                case ("resync",):
+                    router.resync()
+                case ("run",):
+                    await trio.testing.wait_all_tasks_blocked()
+                case ("join", after):
+                    await nursery.start(follow, min(after, store.last_id("s")))
+                case ("learn", e):
+                    heads[e] = store.last_id("s")
+                case ("emit", e, keyed, retained, k):
+                    batch = []
+                    for _ in range(k):
+                        seqs[e] += 1
+                        batch.append(_remote_event(e, seqs[e], heads[e], keyed))
+                    if retained:  # flushed to the store before it is carried
+                        await store.retain_events(batch, ["x"] * len(batch))
+                    batches.append(batch)
+                case ("deliver", i, how) if batches:
+                    batch = batches.pop(i % len(batches))
+                    for _ in range({"once": 1, "twice": 2, "drop": 0}[how]):
+                        router.events(batch)
+                case ("local_emit", keyed):
+                    await bus.emit("s", "local", key="status" if keyed else None)
+        while fills:
+            topic.appending -= 1
+            topic.committed(fills.pop())
+        for batch in batches:
+            router.events(batch)
+        router.resync()
+        await trio.testing.wait_all_tasks_blocked()
+        n = store.last_id("s")
+        for after, items in got.values():
+            ids = [item.id for item in items if isinstance(item, chatbus.Message)]
+            assert ids == list(range(after + 1, n + 1))
+            check_events_in_place(after, items)
+        nursery.cancel_scope.cancel()

@@ -447,8 +447,9 @@ _RETAIN_EVENTS: Final = """
             encoded = EXCLUDED.encoded, micros = EXCLUDED.micros,
             expires_at = EXCLUDED.expires_at
     ), unkeyed AS (
-        INSERT INTO {events} (stream, key, emitter, seq, after, encoded, micros)
-        SELECT i.stream, NULL, i.emitter, i.seq, i.after, i.encoded, i.micros
+        INSERT INTO {events} (stream, key, emitter, seq, after, encoded, micros, expires_at)
+        SELECT i.stream, NULL, i.emitter, i.seq, i.after, i.encoded, i.micros,
+            to_timestamp(i.micros / 1000000.0) + i.ttl * interval '1 second'
         FROM input AS i WHERE i.key IS NULL
     ), cleared AS (
         DELETE FROM {events} AS r
@@ -516,13 +517,11 @@ _TRIM_EVENTS: Final = """
 """
 
 # What a joiner caught up to message $2 of stream $1 gets: the unkeyed events
-# positioned at $2, and every keyed one not expired, oldest first.
+# positioned at $2, and every keyed one, none expired, oldest first.
 _RETAINED_EVENTS: Final = """
     SELECT json_agg(r.encoded::json ORDER BY r.micros, r.seq) FROM {events} AS r
-    WHERE r.stream = $1::text AND (
-        (r.key IS NULL AND r.after = $2::bigint)
-        OR (r.key IS NOT NULL AND (r.expires_at IS NULL OR r.expires_at > now()))
-    )
+    WHERE r.stream = $1::text AND (r.key IS NOT NULL OR r.after = $2::bigint)
+        AND (r.expires_at IS NULL OR r.expires_at > now())
 """
 
 _STREAM_INFO: Final = (
