@@ -11,7 +11,7 @@ from typing import Any, Generic, TypeVar, cast, final
 import attrs
 import trio
 
-from ._event import RETAINED_EVENTS, Event
+from ._event import RETAINED_EVENTS, Arrival, EmitterOrder, Event
 from ._exceptions import (
     StoreError,
     StreamDeleted,
@@ -46,8 +46,10 @@ class SubscriberStatistics:
         cache_hits: Messages served from the bus's durable cache.
         store_errors: Failed store reads (each retried with backoff).
         events_delivered: Events the consumer has received (``events=True``).
-        events_stale: Unkeyed events dropped because the message after them had
-            already been received (they arrived too late for their position).
+        events_stale: Events dropped for arriving too late: unkeyed ones whose next
+            message had already been received (too late for their position), and
+            any whose emitter's later event had already been received (too late
+            for their emitter's order; copies are not counted).
         events_dropped: Events dropped because the consumer fell behind (the buffer
             of events is bounded; messages are never dropped).
         events_buffered: Events waiting for the consumer now.
@@ -114,9 +116,9 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
     _merge_done: trio.Event = attrs.field(factory=trio.Event, init=False)
     #: Events not yet received, ordered by (after, created_at); bounded.
     _events: collections.deque[Event] = attrs.field(factory=collections.deque, init=False)
-    #: Per emitter, the seq of the last of its events the consumer received: one at
-    #: or below it is a copy, or too late for its emitter's order (dropped).
-    _emitter_seqs: dict[str, int] = attrs.field(factory=dict, init=False)
+    #: Per emitter, the last of its events the consumer received: one at or below it
+    #: is a copy, or too late for its emitter's order (dropped; bounded).
+    _emitter_order: EmitterOrder = attrs.field(factory=EmitterOrder, init=False)
     #: Origins of the live events pushed before the retained ones came (bounded):
     #: the retained copies of those are dropped, so what a slow consumer lost while
     #: catching up does not come back.
@@ -314,12 +316,13 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
             if event.key is None and event.after < self._last_id:
                 self._events_stale += 1
                 continue
-            seqs = self._emitter_seqs
-            if event.seq <= seqs.get(event.emitter, 0):
-                continue  # a copy, or behind an event of its emitter received already
-            seqs[event.emitter] = event.seq
-            if len(seqs) > _MAX_EMITTERS:
-                del seqs[next(iter(seqs))]  # the longest known: bounded memory
+            # Here, where the consumer takes it, whatever way it came (live, retained,
+            # a copy): not behind an event of its emitter received already.
+            arrival = self._emitter_order.arrival(event)
+            if arrival is not Arrival.NEW:
+                self._events_stale += arrival is Arrival.LATE
+                continue
+            self._emitter_order.received(event)
             self._events_delivered += 1
             return event
         buffer = self._buffer
@@ -341,7 +344,7 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
         """
         if self._closed:
             return
-        buffer, seqs, last_id = self._events, self._emitter_seqs, self._last_id
+        buffer, order, last_id = self._events, self._emitter_order, self._last_id
         early = self._early_origins
         if retained:
             self._early_origins = None  # from now on, copies are dropped on delivery
@@ -349,8 +352,9 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
             if event.key is None and event.after < last_id:
                 self._events_stale += 1
                 continue
-            if event.seq <= seqs.get(event.emitter, 0):
-                continue  # see _next_item
+            if (arrival := order.arrival(event)) is not Arrival.NEW:
+                self._events_stale += arrival is Arrival.LATE  # see _next_item
+                continue
             if early is not None:
                 if retained:
                     if event.origin in early:
@@ -531,10 +535,6 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
             done.set()
         topic.cache.put(page, generation)  # not if the history changed meanwhile
         return state.take(page, self._read_limit)
-
-
-#: Emitters whose last received seq a subscription remembers (see _emitter_seqs).
-_MAX_EMITTERS = 4096
 
 
 def _event_order(event: Event) -> tuple[int, Any]:

@@ -6,10 +6,14 @@ is a separate "process" over the same store (on Postgres: its own pool and LISTE
 
 from __future__ import annotations
 
+import datetime
+import itertools
+
 import pytest
 import trio
 
 import chatbus
+from chatbus._event import Arrival, EmitterOrder
 from chatbus.memory import MemoryStore
 from chatbus.testing import FaultyNotifier
 
@@ -86,6 +90,48 @@ async def test_events_of_one_emitter_arrive_in_emit_order(backend):
             await emitter.emit("s", i)
         got = await items(sub, 200)
         assert got == list(range(200))
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+async def test_events_of_one_emitter_stay_in_order_with_notices_reordered(backend, seed):
+    """Issue 11: what is delivered keeps emit order with notices dropped, duplicated,
+    delayed and reordered. The consumer takes each event as soon as it is there, so an
+    older one arriving late comes after a newer one was received: it must be dropped
+    (counted as stale), never shown."""
+    faulty = lambda notifier: FaultyNotifier(  # noqa: E731
+        notifier, drop=0.1, duplicate=0.2, reorder=0.3, max_delay=0.1, seed=seed
+    )
+    async with (
+        backend.open_bus() as emitter,
+        backend.open_bus(wrap_notifier=faulty) as bus,
+        bus.open_subscriber("s", events=True) as sub,
+    ):
+        await emitter.publish("s", "start")
+        assert await items(sub, 1) == [1]
+        seqs: list[int] = []
+        async with trio.open_nursery() as nursery:
+
+            async def consume() -> None:
+                async for item in sub:
+                    assert isinstance(item, chatbus.Event)
+                    seqs.append(item.seq)
+
+            nursery.start_soon(consume)
+            with trio.fail_after(10):
+                # Until some did arrive late (the faults are random, so is timing):
+                # dropped, or shown out of order.
+                while sub.statistics().events_stale == 0 and not _out_of_order(seqs):
+                    for i in range(50):
+                        await emitter.emit("s", i)
+                        await trio.sleep(0.002)
+                    await trio.sleep(0.3)  # the last held-back notices come in
+            nursery.cancel_scope.cancel()
+        assert not _out_of_order(seqs)
+        assert len(seqs) >= 10
+
+
+def _out_of_order(seqs: list[int]) -> list[tuple[int, int]]:
+    return [(a, b) for a, b in itertools.pairwise(seqs) if b <= a]
 
 
 async def test_a_joiner_gets_the_parts_so_far_and_the_latest_state(backend):
@@ -375,3 +421,39 @@ async def test_emits_on_a_stream_without_a_subscription_ask_the_store_once(autoj
         assert bus.statistics().streams == 0
         await bus.emit("typing", "again")
         assert store.heads_asked == 3
+
+
+def test_emitter_order_tells_copies_from_late_events():
+    order = EmitterOrder()
+    for seq in (1, 2, 5):
+        assert order.arrival(_event("a", seq)) is Arrival.NEW
+        order.received(_event("a", seq))
+    assert order.arrival(_event("a", 5)) is Arrival.COPY
+    assert order.arrival(_event("a", 1)) is Arrival.COPY
+    assert order.arrival(_event("a", 4)) is Arrival.LATE  # never got: stale
+    assert order.arrival(_event("a", 4)) is Arrival.COPY  # and counted once
+    assert order.arrival(_event("a", 6)) is Arrival.NEW
+    order.received(_event("a", 10**9))  # a long way ahead: nothing older is a copy
+    assert order.arrival(_event("a", 6)) is Arrival.LATE
+
+
+def test_emitter_order_is_bounded_and_still_drops_a_forgotten_emitters_late_event():
+    """A subscription remembers a bounded number of emitters; forgetting one must not
+    let its late events through (they are older than what it received from it)."""
+    order = EmitterOrder(capacity=2)
+    for got in (_event("a", 2, ms=10), _event("b", 1, ms=20), _event("c", 1, ms=5)):
+        assert order.arrival(got) is Arrival.NEW
+        order.received(got)
+        assert len(order) <= 2
+    assert order.arrival(_event("b", 1, ms=20)) is Arrival.COPY  # remembered
+    assert order.arrival(_event("a", 1, ms=9)) is Arrival.LATE  # forgotten, still late
+    assert order.arrival(_event("a", 3, ms=11)) is Arrival.NEW  # its next one goes through
+    assert order.arrival(_event("d", 1, ms=30)) is Arrival.NEW  # and a new emitter's
+
+
+def _event(emitter: str, seq: int, *, ms: int = 0) -> chatbus.Event:
+    at = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC) + datetime.timedelta(milliseconds=ms)
+    return chatbus.Event(
+        stream="s", after=0, body=None, key=None, ttl=None, created_at=at,
+        emitter=emitter, seq=seq,
+    )  # fmt: skip

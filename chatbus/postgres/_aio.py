@@ -15,9 +15,11 @@ from typing import Any, TypeVar
 import psycopg
 import psycopg.waiting
 import psycopg_pool
+import trio
 import trio_asyncio
 from psycopg import pq
 
+from .._exceptions import BusClosed
 from . import _pq, _sql
 
 # trio-asyncio makes asyncio.get_running_loop() find its loop by patching the asyncio
@@ -43,8 +45,24 @@ class AioRunner:
         self.loop = loop
 
     async def run(self, fn: Callable[..., Coroutine[Any, Any, _T]], *args: Any) -> _T:
-        """Run ``fn(*args)`` on the asyncio loop and return its result, from trio."""
-        result: _T = await trio_asyncio.aio_as_trio(fn, loop=self.loop)(*args)
+        """Run ``fn(*args)`` on the asyncio loop and return its result, from trio.
+
+        Raises:
+            BusClosed: the loop cancelled ``fn`` itself: it is closing (the store's
+                block is ending) under a caller it does not own.
+        """
+        try:
+            result: _T = await trio_asyncio.aio_as_trio(fn, loop=self.loop)(*args)
+        except asyncio.CancelledError as exc:
+            # Our own cancellation comes out as trio.Cancelled; an asyncio one means
+            # the loop is closing and cancelled its tasks (say, the cancel_safe of a
+            # publisher's statement cut short by closing the bus). Never let it into
+            # trio, where no scope owns it (nurseries report it as a crashed task):
+            # a cancelled caller gets its trio Cancelled, anyone else BusClosed.
+            await trio.lowlevel.checkpoint_if_cancelled()
+            raise BusClosed(
+                "the Postgres store is closing: its asyncio loop cancelled the operation"
+            ) from exc
         return result
 
 

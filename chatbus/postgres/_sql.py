@@ -48,7 +48,7 @@ def _events_lock_seed(schema: str) -> int:
 
 #: The comment on a schema's ``streams`` table once :func:`ddl` has run: if it is
 #: there, every object is. Change any DDL, change the version.
-SCHEMA_VERSION: Final = "chatbus schema 5"
+SCHEMA_VERSION: Final = "chatbus schema 6"
 
 
 def streams_table(schema: str) -> sql.Composable:
