@@ -379,6 +379,58 @@ class RedisCluster:
         """``CLUSTER KEYSLOT key``."""
         return int(self.seed.command("CLUSTER", "KEYSLOT", key))
 
+    def keys(self, pattern: str) -> list[str]:
+        """Every key matching ``pattern`` on every running master (SCAN)."""
+        found: list[str] = []
+        for master in self.masters():
+            cursor = "0"
+            while True:
+                cursor, batch = master.command("SCAN", cursor, "MATCH", pattern, "COUNT", 1000)
+                found += batch
+                if cursor == "0":
+                    break
+        return found
+
+    def migrate_slot(self, slot: int, target: RedisServer) -> int:
+        """Move ``slot`` and its keys to master ``target`` (the resharding procedure).
+
+        IMPORTING on the target, MIGRATING on the source, MIGRATE of the keys in
+        batches, then SETSLOT NODE on the target, the source and the other masters
+        (in that order, as the Cluster specification says). Returns the keys moved.
+        """
+        source = self.master_for_slot(slot)
+        if source is target:
+            raise ValueError(f"slot {slot} is already on {target.address}")
+        source_id, target_id = self.node_id(source), self.node_id(target)
+        target.command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+        source.command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+        moved = 0
+        while keys := source.command("CLUSTER", "GETKEYSINSLOT", slot, 100):
+            source.command("MIGRATE", HOST, target.port, "", 0, 5000, "KEYS", *keys)
+            moved += len(keys)
+        others = [m for m in self.masters() if m is not source and m is not target]
+        for master in [target, source, *others]:
+            master.command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+        self.wait_ok()
+        return moved
+
+    def failover(self, replica: RedisServer, *, seconds: float = 30.0) -> None:
+        """``CLUSTER FAILOVER`` on ``replica`` (a coordinated one: nothing is lost).
+
+        Returns once the replica is a master and the cluster is ok again.
+        """
+        replica.command("CLUSTER", "FAILOVER")
+        self.wait_promoted(replica, seconds=seconds)
+
+    def wait_promoted(self, replica: RedisServer, *, seconds: float = 30.0) -> None:
+        """Wait until ``replica`` is a master and the cluster says ok everywhere."""
+        deadline = time.monotonic() + seconds
+        while replica.info("replication").get("role") != "master":
+            if time.monotonic() > deadline:
+                raise RedisLaunchError(f"{replica.address} not promoted after {seconds:g} s")
+            time.sleep(0.05)
+        self.wait_ok(seconds=max(1.0, deadline - time.monotonic()))
+
     def wait_ok(self, *, seconds: float = 30.0) -> None:
         """Wait until every running node says ``cluster_state:ok`` and replicas are synced.
 
