@@ -118,9 +118,10 @@ local function str(n) return string.format('%.0f', n) end
 #   (TOKENS_KEPT per stream); a re-run passes the time since the first send, and if
 #   a record created within that window was dropped, the outcome is 'unknown'.
 # * created_at: the server's TIME, never earlier than the stream's last batch.
-# * The run: the server process's run_id. When it differs from the one recorded
-#   (a restart, a failover), acknowledged messages may be gone and their ids reused
-#   by what comes next: the stream starts a new epoch and tells every listener.
+# * The run (fast mode): the server process's run_id. When it differs from the one
+#   recorded (a restart, a failover), acknowledged messages may be gone and their ids
+#   reused by what comes next: the stream starts a new epoch and tells every
+#   listener. (Durable mode needs no such check: what was visible is on a replica.)
 # * durable: the batch is appended but not made visible (vis stays); the client
 #   WAITs for replicas, then runs _PUBLISH. Fast: vis moves with head, and the
 #   notice goes out from here.
@@ -166,11 +167,12 @@ local head = tonumber(meta[1] or '0')
 local vis = tonumber(meta[2] or '0')
 local epoch = meta[3]
 local last_us = tonumber(meta[4] or '0')
-local run = string.match(redis.call('INFO', 'server'), 'run_id:(%w+)')
+local run = 'durable'
+if not durable then run = string.match(redis.call('INFO', 'server'), 'run_id:(%w+)') end
 if not epoch then
   epoch = proposed
   redis.call('HSET', m, 'epoch', epoch, 'first', 1, 'run', run)
-elseif meta[5] ~= run then
+elseif meta[5] ~= run and not durable then
   -- Another server process holds this stream now: what subscribers saw may be gone.
   epoch = proposed
   redis.call('HSET', m, 'epoch', epoch, 'run', run)
