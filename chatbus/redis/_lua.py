@@ -127,8 +127,8 @@ local function str(n) return string.format('%.0f', n) end
 #   notice goes out from here.
 #
 # Returns {status, epoch, vis, last_id, created µs, [draft index, id, µs, body,
-# redacted] for each draft whose key was stored before}. status: 'ok', 'again' (a
-# re-run that found the first run's record), 'unknown'.
+# redacted] for each draft whose key was stored before}. status: 'ok', 'reset' (ok,
+# in a new epoch), 'again' (a re-run that found the first run's record), 'unknown'.
 APPEND: Final = Script(
     "append",
     _FIND
@@ -167,6 +167,7 @@ local head = tonumber(meta[1] or '0')
 local vis = tonumber(meta[2] or '0')
 local epoch = meta[3]
 local last_us = tonumber(meta[4] or '0')
+local status = 'ok'
 local run = 'durable'
 if not durable then run = string.match(redis.call('INFO', 'server'), 'run_id:(%w+)') end
 if not epoch then
@@ -175,6 +176,7 @@ if not epoch then
 elseif meta[5] ~= run and not durable then
   -- Another server process holds this stream now: what subscribers saw may be gone.
   epoch = proposed
+  status = 'reset'
   redis.call('HSET', m, 'epoch', epoch, 'run', run)
   redis.call('SPUBLISH', channel, cjson.encode({stream = stream, reset = true}))
 end
@@ -230,7 +232,7 @@ while redis.call('LLEN', q) > tonumber(ARGV[8 + 2 * n]) do
   redis.call('HDEL', t, dtoken)
   redis.call('HSET', m, 'evict_us', dus)
 end
-local out = {'ok', epoch, vis, head, now}
+local out = {status, epoch, vis, head, now}
 for _, v in ipairs(result) do out[#out + 1] = v end
 return out
 """,

@@ -111,6 +111,8 @@ class RedisStore:
     _wait_timeout: float = 1.0
     _max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
     _shield_timeout: float = 65.0
+    #: Told at once when an append started a new epoch (the notifier's listeners).
+    _reset: Callable[[str], None] | None = None
     _closed: bool = attrs.field(default=False, init=False)
     _group: GroupCommit = attrs.field(init=False)
     _reruns: int = attrs.field(default=0, init=False)
@@ -425,6 +427,10 @@ class RedisStore:
         sent_at = trio.current_time()
         reply = await self._run_append(script_keys, args, stream, sent_at, durable=durable)
         status, epoch, vis, last_id, micros = reply[:5]
+        if status == b"reset" and self._reset is not None:
+            # A new epoch: this process's subscriptions must learn it before the
+            # batch reaches them through the bus's cache (others get the notice).
+            self._reset(stream)
         if status == b"unknown":
             raise OutcomeUnknown(
                 f"append on stream {stream!r}: the reply was lost, and the batch's record"
