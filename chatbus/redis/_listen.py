@@ -370,6 +370,16 @@ class RedisNotifier:
         """The streams whose notices are received now."""
         return frozenset(self._watched)
 
+    @property
+    def confirmed(self) -> frozenset[str]:
+        """The watched streams whose subscription every live session has confirmed."""
+        return frozenset(
+            stream
+            for stream in self._watched
+            if self._sessions
+            and all(session.has(self.channel(stream).encode()) for session in self._sessions)
+        )
+
     def channel(self, stream: str) -> str:
         """The shard channel of ``stream``."""
         return StreamKeys.of(self._prefix, stream).channel
