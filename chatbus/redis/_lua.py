@@ -15,9 +15,11 @@ import attrs
 
 from .._event import RETAINED_EVENT_BYTES, RETAINED_EVENTS
 
-#: Most token records kept per stream (see _APPEND): a re-run of a batch whose
+#: Most token records kept per stream (see APPEND): a re-run of a batch whose
 #: record was dropped since cannot be told from a new one.
-TOKENS_KEPT: Final = 256
+TOKENS_KEPT: Final = 64
+#: Seconds an idle stream keeps its token records (each append starts it again).
+TOKENS_TTL: Final = 600
 #: Most messages one call of the trim script moves or removes.
 LIFECYCLE_BATCH: Final = 1000
 #: How long retained events live without a new one (seconds): a day, the longest ttl.
@@ -101,11 +103,11 @@ local function find(x, r, id, rec_body)
   if rec_body ~= nil and rec_body ~= '' then return rec_body, 0 end
   return false, 0
 end
-local function notice(stream, last_id)
-  return cjson.encode({stream = stream, last_id = last_id})
-end
--- µs since the epoch exceed what Lua prints exactly by default (%.14g).
+-- µs since the epoch (and big ids) exceed what Lua and cjson print exactly (%.14g).
 local function str(n) return string.format('%.0f', n) end
+local function notice(stream, last_id)
+  return '{"stream":' .. cjson.encode(stream) .. ',"last_id":' .. str(last_id) .. '}'
+end
 """
 
 # Append one batch to one stream. KEYS: meta, entries, keys, tokens, token order,
@@ -226,6 +228,11 @@ local rec = head .. ' ' .. str(now)
 if #record_parts > 0 then rec = rec .. ' ' .. table.concat(record_parts, ' ') end
 redis.call('HSET', t, token, rec)
 redis.call('RPUSH', q, token .. ' ' .. str(now))
+-- Records matter for seconds (a re-run follows its lost reply at once): an idle
+-- stream's go after some minutes, counted again by every append (so never under a
+-- re-run's feet).
+redis.call('EXPIRE', t, @TOKENS_TTL@)
+redis.call('EXPIRE', q, @TOKENS_TTL@)
 while redis.call('LLEN', q) > tonumber(ARGV[8 + 2 * n]) do
   local dropped = redis.call('LPOP', q)
   local dtoken, dus = string.match(dropped, '^(%S+) (%d+)$')
@@ -235,7 +242,7 @@ end
 local out = {status, epoch, vis, head, now}
 for _, v in ipairs(result) do out[#out + 1] = v end
 return out
-""",
+""".replace("@TOKENS_TTL@", str(TOKENS_TTL)),
 )
 
 # Durable mode, phase 2, after WAIT: make the stream visible up to ARGV[1] (which
