@@ -232,6 +232,7 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
         info = await self._stream_info()
         if info is None:
             return
+        self._state.retained_from(info.first_id)
         if self._epoch is None or self._epoch == 0:
             self._epoch = info.epoch
         elif info.epoch != self._epoch:
