@@ -305,6 +305,7 @@ async def _open_pair(settings: _Settings) -> AsyncIterator[tuple[RedisStore, Red
                 max_in_flight=settings.max_in_flight,
                 shield_timeout=settings.command_timeout * 2 + settings.wait_timeout + 5,
                 reset=notifier.reset_locally,
+                cluster=server.cluster,
             )
             try:
                 yield store, notifier

@@ -73,8 +73,8 @@ async def test_hostile_names_round_trip_and_stay_apart(url: str) -> None:
 
 def _append_args(store: RedisStore, stream: str, token: str, bodies: list[str]) -> list[object]:
     keys = store.keys(stream)
-    return [token, 0, 0, keys.channel, stream, 7, len(bodies), *[""] * len(bodies), *bodies,
-            TOKENS_KEPT]  # fmt: skip
+    return [0, 0, TOKENS_KEPT, 1, token, keys.channel, stream, 7, len(bodies),
+            *[""] * len(bodies), *bodies]  # fmt: skip
 
 
 def _append_keys(store: RedisStore, stream: str) -> list[str]:
@@ -92,7 +92,7 @@ async def test_running_a_batch_again_returns_the_first_outcome_and_stores_nothin
             args = _append_args(store, "s", "token-1", ['"a"', '"b"'])
             first = await store._script(APPEND, _append_keys(store, "s"), args)
             await store.append("s", [draft("between")])
-            args[2] = 5_000_000  # a re-run, 5 s after the first send
+            args[1] = 5_000_000  # a re-run, 5 s after the first send
             again = await store._script(APPEND, _append_keys(store, "s"), args)
             assert first[0] == b"ok" and again[0] == b"again"
             assert again[3:5] == first[3:5] == [3, first[4]]  # last id 3, same created_at
@@ -106,10 +106,10 @@ async def test_a_rerun_whose_record_may_have_been_dropped_is_unknown(url: str) -
             args = _append_args(store, "s", "lost-token", ['"x"'])
             for i in range(TOKENS_KEPT + 1):  # push the oldest records out
                 await store.append("s", [draft(i)])
-            args[2] = 60_000_000  # within the last minute: records of that age were dropped
+            args[1] = 60_000_000  # within the last minute: records of that age were dropped
             reply = await store._script(APPEND, _append_keys(store, "s"), args)
             assert reply[0] == b"unknown"
-            args[2] = 1  # 1 µs: no record that young was dropped, so it never ran
+            args[1] = 1  # 1 µs: no record that young was dropped, so it never ran
             reply = await store._script(APPEND, _append_keys(store, "s"), args)
             assert reply[0] == b"ok" and reply[3] == TOKENS_KEPT + 2
 
