@@ -61,7 +61,8 @@ class RedisStoreStatistics:
 
     Attributes:
         appends: :meth:`~RedisStore.append` calls that reached the queue.
-        round_trips: Append round trips sent (each one script call per stream).
+        round_trips: Append round trips sent (one script call, on a Cluster one per
+            hash slot).
         merged_round_trips: Round trips that carried more than one append.
         largest_round_trip: The most appends one round trip carried.
         in_flight: Round trips running now.
@@ -171,7 +172,8 @@ class RedisStore:
         """Append ``drafts`` to ``stream`` in one script call; see :meth:`chatbus.Store.append`.
 
         Appends that wait while ``max_in_flight`` round trips run are merged into the
-        next one (one script call per stream, pipelined). A repeated key returns the
+        next one (one script call for all of them; on a Cluster one per hash slot,
+        sent at once). A repeated key returns the
         original message with ``replay=True``.
 
         Raises:
