@@ -219,3 +219,32 @@ def test_bad_options_and_urls_say_what_is_wrong() -> None:
 async def _open_with(options: dict[str, object]) -> None:
     async with open_redis("redis://127.0.0.1:1/0", **options):  # type: ignore[arg-type]
         pass
+
+
+async def test_a_lost_reply_is_resolved_by_running_the_batch_again(nursery: trio.Nursery) -> None:
+    """The reply to the append is lost after the server ran it (the proxy cuts the
+    connection): the store runs the batch again with its token and returns the first
+    run's messages. Nothing is stored twice; no OutcomeUnknown."""
+    from chatbus.redis._open import parse_url
+
+    from support.tcp_proxy import TcpProxy
+
+    url = redis_url()
+    (host, port), *_ = parse_url(url)[0].addresses
+    proxy = TcpProxy(host, port)
+    await proxy.start(nursery)
+    with trio.fail_after(20):
+        async with (
+            fresh_prefix(url) as prefix,
+            open_redis(
+                f"redis://127.0.0.1:{proxy.port}/{parse_url(url)[0].db}", prefix=prefix
+            ) as (store, _),
+        ):
+            await store.append("s", [draft("first")])
+            proxy.lose_reply_to(b"lost-reply-marker")
+            messages = await store.append("s", [draft("lost-reply-marker"), draft("too")])
+            assert proxy.replies_lost == 1
+            assert store.statistics().reruns >= 1
+            assert [(m.id, m.body) for m in messages] == [(2, "lost-reply-marker"), (3, "too")]
+            page = await store.read("s", 0, 10)
+            assert [m.body for m in page] == ["first", "lost-reply-marker", "too"]
