@@ -87,6 +87,9 @@ class _Settings:
             return coredis.RedisCluster(
                 startup_nodes=[TCPLocation(host, port) for host, port in server.addresses],
                 max_connections=self.max_connections,
+                # Not a connection to every node (CONFIG GET) at each start-up: a slot
+                # nobody serves fails its own commands, clearly, when it is used.
+                skip_full_coverage_check=True,
                 **common,
             )
         host, port = server.addresses[0]
