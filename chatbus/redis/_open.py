@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import urllib.parse
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Final, final
 
@@ -298,6 +298,7 @@ async def _open_pair(settings: _Settings) -> AsyncIterator[tuple[RedisStore, Red
                 ping_interval=settings.ping_interval,
                 ping_timeout=settings.ping_timeout,
                 max_backoff=settings.max_backoff,
+                first_slots=_slots_of(client) if server.cluster else None,
             )
             store = RedisStore(
                 client,
@@ -319,6 +320,20 @@ async def _open_pair(settings: _Settings) -> AsyncIterator[tuple[RedisStore, Red
             raise
         # The client's start-up (a Cluster's topology) failed.
         raise store_error("opening the Redis store", exc) from exc
+
+
+def _slots_of(client: Client) -> Callable[[int], tuple[str, int] | None]:
+    """Slot → primary address as the coredis Cluster client knows it (no I/O)."""
+    layout = client.connection_pool.cluster_layout  # type: ignore[union-attr]
+
+    def lookup(slot: int) -> tuple[str, int] | None:
+        try:
+            node = layout.node_for_slot(slot)
+        except coredis.exceptions.RedisError:
+            return None
+        return (node.host, node.port)
+
+    return lookup
 
 
 def open_backend(
