@@ -287,11 +287,12 @@ async def _open_pair(settings: _Settings) -> AsyncIterator[tuple[RedisStore, Red
     try:
         async with client:
             entered = True
-            try:
-                with trio.fail_after(settings.connect_timeout):
-                    await client.ping()
-            except (*REDIS_ERRORS, trio.TooSlowError) as exc:
-                raise store_error("opening the Redis store", exc) from exc
+            if not server.cluster:  # a Cluster client asked a node for the slots already
+                try:
+                    with trio.fail_after(settings.connect_timeout):
+                        await client.ping()
+                except (*REDIS_ERRORS, trio.TooSlowError) as exc:
+                    raise store_error("opening the Redis store", exc) from exc
             notifier = RedisNotifier(
                 server,
                 settings.prefix,
