@@ -13,17 +13,23 @@ followers, no background task:
   once sent, an entry may commit, so its batch runs to the end, shielded and bounded.
 
 The synchronous methods are the whole state machine; :meth:`GroupCommit.submit` is
-the thin async driver. No I/O here; imports only :mod:`chatbus._tasks`'s layer.
+the thin async driver. Also what every backend does with a stream's result: hand
+each caller its messages (:func:`settle`). No I/O here; imports only
+:mod:`chatbus._codec` and :mod:`chatbus._message`.
 """
 
 from __future__ import annotations
 
+import datetime
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final, final
 
 import attrs
 import trio
+
+from ._codec import plan_keyed_batch
+from ._message import Draft, Message
 
 #: What a backend's ``send`` raises that means "the store failed" (not "a bug").
 StoreFailure = tuple[type[BaseException], ...]
@@ -188,3 +194,70 @@ class GroupCommit:
         self._promoted = True
         self.in_flight += 1
         head.wake.set()
+
+
+@final
+@attrs.frozen
+class Batch:
+    """One caller's append as the group commit carries it (a :class:`PendingAppend`'s
+    payload): the drafts, their bodies packed into one text and decoded."""
+
+    drafts: list[Draft]
+    packed: str
+    bodies: list[Any]
+    keyed: bool
+
+
+def settle(
+    stream: str,
+    members: list[PendingAppend],
+    last_id: int | None,
+    created_at: datetime.datetime,
+    found: dict[str, Message] | None,
+) -> None:
+    """Give each member of one stream its messages, from the statement's result.
+
+    The server stored, in order, every draft whose key is None or new and first in
+    the statement; :func:`plan_keyed_batch` makes the same choice here, so the new
+    ones are the last ``len(new)`` ids. A draft that resolves to a message stored
+    before it (earlier, or earlier in this statement) gets that message as a replay.
+    ``last_id`` is None when the statement stored nothing in ``stream``.
+    """
+    bodies = [body for member in members for body in member.payload.bodies]
+    drafts = [draft for member in members for draft in member.payload.drafts]
+    if not found and (found is None or keys_unique(drafts)):
+        # Unkeyed, or no key found and none repeated (the usual keyed batch): every
+        # draft is new, and the drafts are the last ids in order.
+        if last_id is None:  # pragma: no cover - the server stored what it did not find
+            raise RuntimeError(f"no new last id returned for stream {stream!r}")
+        first = last_id - len(bodies) + 1
+        result = [
+            Message.from_row(stream, first + i, body, draft.key, created_at)
+            for i, (draft, body) in enumerate(zip(drafts, bodies, strict=True))
+        ]
+    else:
+        slots, new = plan_keyed_batch(drafts, found)
+        if new and last_id is None:  # pragma: no cover - the server stored what it did not find
+            raise RuntimeError(f"no new last id returned for stream {stream!r}")
+        first = (last_id or 0) - len(new) + 1
+        stored: dict[int, Message] = {}
+        result = []
+        for draft, body, slot in zip(drafts, bodies, slots, strict=True):
+            if isinstance(slot, Message):
+                result.append(slot)  # found in the stream: a replay already
+            elif (original := stored.get(slot)) is not None:
+                result.append(attrs.evolve(original, replay=True))  # repeated in the batch
+            else:
+                message = Message.from_row(stream, first + slot, body, draft.key, created_at)
+                stored[slot] = message
+                result.append(message)
+    start = 0
+    for member in members:
+        member.settle(result[start : start + member.drafts])
+        start += member.drafts
+
+
+def keys_unique(drafts: Sequence[Draft]) -> bool:
+    """No key appears twice among ``drafts`` (None is no key)."""
+    keys = [draft.key for draft in drafts if draft.key is not None]
+    return len(set(keys)) == len(keys)

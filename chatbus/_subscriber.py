@@ -159,6 +159,8 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
             topic.event_sinks.add(self)
         self._seen_resyncs = topic.resyncs
         try:
+            # The notifier receives this stream's notices before anything is read.
+            await self._topics.watch(topic)
             await self._place_cursor(topic)
             await self._nursery.start(self._run)
         except BaseException:

@@ -1,37 +1,24 @@
 """What the Postgres store's statements send and get back, as values: no I/O.
 
-Owns: one caller's batch as the group commit carries it (:class:`Batch`), the bodies
-of a statement (:func:`joined_bodies`) and a keyed statement's input
-(:class:`KeyedRequest`), a read page decoded (:func:`decode_page`),
-and how a statement's result is handed out to the callers of one stream
-(:func:`settle`). Imports only chatbus's pure layers and this package's :mod:`._pq`.
+Owns: the bodies of a statement (:func:`joined_bodies`), a keyed statement's input
+(:class:`KeyedRequest`) and what it found (:class:`Found`, :func:`replays`), and a
+read page decoded (:func:`decode_page`). How a result is handed out to the callers of
+one stream is shared with every backend (:func:`chatbus._coalesce.settle`). Imports
+only chatbus's pure layers and this package's :mod:`._pq`.
 """
 
 from __future__ import annotations
 
-import datetime
 import json
 from typing import Any, final
 
 import attrs
-import psycopg
 from psycopg import pq
 
-from .._coalesce import PendingAppend
-from .._codec import BODY_SEPARATOR, plan_keyed_batch
-from .._message import Draft, Message
+from .._coalesce import Batch, PendingAppend, keys_unique
+from .._codec import BODY_SEPARATOR
+from .._message import Message
 from . import _pq
-
-
-@final
-@attrs.frozen
-class Batch:
-    """One caller's append as the group commit carries it."""
-
-    drafts: list[Draft]
-    packed: str
-    bodies: list[Any]
-    keyed: bool
 
 
 def decode_page(stream: str, result: pq.abc.PGresult) -> list[Message]:
@@ -78,7 +65,7 @@ class KeyedRequest:
         packs: list[str] = []
         for stream, members in groups.items():
             drafts = [draft for member in members for draft in member.payload.drafts]
-            if _keys_unique(drafts):  # the usual case: the packs as they are
+            if keys_unique(drafts):  # the usual case: the packs as they are
                 keys.extend(draft.key for draft in drafts)
                 packs.append(joined_bodies(members))
                 sent = len(drafts)
@@ -124,61 +111,6 @@ class Found:
     original: Any
     #: Redacted: a tombstone, whatever was sent (a retry replays it, no conflict).
     redacted: bool = False
-
-
-def settle(
-    stream: str,
-    members: list[PendingAppend],
-    last_id: int | None,
-    created_at: datetime.datetime,
-    found: dict[str, Message] | None,
-) -> None:
-    """Give each member of one stream its messages, from the statement's result.
-
-    The server stored, in order, every draft whose key is None or new and first in
-    the statement; :func:`plan_keyed_batch` makes the same choice here, so the new
-    ones are the last ``len(new)`` ids. A draft that resolves to a message stored
-    before it (earlier, or earlier in this statement) gets that message as a replay.
-    ``last_id`` is None when the statement stored nothing in ``stream``.
-    """
-    bodies = [body for member in members for body in member.payload.bodies]
-    drafts = [draft for member in members for draft in member.payload.drafts]
-    if not found and (found is None or _keys_unique(drafts)):
-        # Unkeyed, or no key found and none repeated (the usual keyed batch): every
-        # draft is new, and the drafts are the last ids in order.
-        if last_id is None:  # pragma: no cover - the server stored what it did not find
-            raise psycopg.DataError(f"no counter row returned for stream {stream!r}")
-        first = last_id - len(bodies) + 1
-        result = [
-            Message.from_row(stream, first + i, body, draft.key, created_at)
-            for i, (draft, body) in enumerate(zip(drafts, bodies, strict=True))
-        ]
-    else:
-        slots, new = plan_keyed_batch(drafts, found)
-        if new and last_id is None:  # pragma: no cover - the server stored what it did not find
-            raise psycopg.DataError(f"no counter row returned for stream {stream!r}")
-        first = (last_id or 0) - len(new) + 1
-        stored: dict[int, Message] = {}
-        result = []
-        for draft, body, slot in zip(drafts, bodies, slots, strict=True):
-            if isinstance(slot, Message):
-                result.append(slot)  # found in the stream: a replay already
-            elif (original := stored.get(slot)) is not None:
-                result.append(attrs.evolve(original, replay=True))  # repeated in the batch
-            else:
-                message = Message.from_row(stream, first + slot, body, draft.key, created_at)
-                stored[slot] = message
-                result.append(message)
-    start = 0
-    for member in members:
-        member.settle(result[start : start + member.drafts])
-        start += member.drafts
-
-
-def _keys_unique(drafts: list[Draft]) -> bool:
-    """No key appears twice among ``drafts`` (None is no key)."""
-    keys = [draft.key for draft in drafts if draft.key is not None]
-    return len(set(keys)) == len(keys)
 
 
 def sent_by_key(members: list[PendingAppend]) -> dict[str, Any]:
