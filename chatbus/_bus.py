@@ -92,6 +92,10 @@ class Bus(metaclass=NoPublicConstructor):
         self._topics = Topics(
             self._options.cache_size, trio.CapacityLimiter(self._options.max_concurrent_reads)
         )
+        watch = getattr(self._notifier, "watch", None)
+        unwatch = getattr(self._notifier, "unwatch", None)
+        if watch is not None and unwatch is not None:
+            self._topics.watcher = (watch, unwatch)
         self._router = Router(self._topics.by_name, self._emitter)
         self._outbox = Outbox(self._options.outbox_size)
 

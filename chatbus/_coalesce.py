@@ -13,17 +13,23 @@ followers, no background task:
   once sent, an entry may commit, so its batch runs to the end, shielded and bounded.
 
 The synchronous methods are the whole state machine; :meth:`GroupCommit.submit` is
-the thin async driver. No I/O here; imports only :mod:`chatbus._tasks`'s layer.
+the thin async driver. Also what every backend does with a stream's result: hand
+each caller its messages (:func:`settle`). No I/O here; imports only
+:mod:`chatbus._codec` and :mod:`chatbus._message`.
 """
 
 from __future__ import annotations
 
+import datetime
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, final
 
 import attrs
 import trio
+
+from ._codec import plan_keyed_batch
+from ._message import Draft, Message
 
 #: What a backend's ``send`` raises that means "the store failed" (not "a bug").
 StoreFailure = tuple[type[BaseException], ...]
@@ -188,3 +194,57 @@ class GroupCommit:
         self._promoted = True
         self.in_flight += 1
         head.wake.set()
+
+
+@final
+@attrs.frozen
+class Batch:
+    """One caller's append as the group commit carries it (a :class:`PendingAppend`'s
+    payload): the drafts, their bodies packed into one text and decoded."""
+
+    drafts: list[Draft]
+    packed: str
+    bodies: list[Any]
+    keyed: bool
+
+
+def settle(
+    stream: str,
+    members: list[PendingAppend],
+    last_id: int,
+    created_at: datetime.datetime,
+    found: dict[str, Message] | None,
+) -> None:
+    """Give each member of one stream its messages, from the statement's result.
+
+    The server stored, in order, every draft whose key is None or new and first in
+    the statement; :func:`plan_keyed_batch` makes the same choice here, so the new
+    ones are the last ``len(new)`` ids. A draft that resolves to a message stored
+    before it (earlier, or earlier in this statement) gets that message as a replay.
+    """
+    bodies = [body for member in members for body in member.payload.bodies]
+    if found is None:  # unkeyed: every draft is new
+        first = last_id - len(bodies) + 1
+        result = [
+            Message.from_row(stream, first + i, body, None, created_at)
+            for i, body in enumerate(bodies)
+        ]
+    else:
+        drafts = [draft for member in members for draft in member.payload.drafts]
+        slots, new = plan_keyed_batch(drafts, found)
+        first = last_id - len(new) + 1
+        stored: dict[int, Message] = {}
+        result = []
+        for draft, body, slot in zip(drafts, bodies, slots, strict=True):
+            if isinstance(slot, Message):
+                result.append(slot)  # found in the stream: a replay already
+            elif (original := stored.get(slot)) is not None:
+                result.append(attrs.evolve(original, replay=True))  # repeated in the batch
+            else:
+                message = Message.from_row(stream, first + slot, body, draft.key, created_at)
+                stored[slot] = message
+                result.append(message)
+    start = 0
+    for member in members:
+        member.settle(result[start : start + member.drafts])
+        start += member.drafts

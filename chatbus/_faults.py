@@ -84,6 +84,20 @@ class FaultyNotifier:
         else:
             await trio.lowlevel.checkpoint()
 
+    async def watch(self, stream: str) -> None:
+        """Pass a watch to the wrapped notifier, if it takes them."""
+        watch = getattr(self.inner, "watch", None)
+        if watch is not None:
+            await watch(stream)
+        else:
+            await trio.lowlevel.checkpoint()
+
+    def unwatch(self, stream: str) -> None:
+        """Pass an unwatch to the wrapped notifier, if it takes them."""
+        unwatch = getattr(self.inner, "unwatch", None)
+        if unwatch is not None:
+            unwatch(stream)
+
     async def notify_events(self, events: Sequence[Event], encoded: Sequence[str]) -> None:
         """Pass events to the wrapped notifier, if it carries any (faults apply on the
         listening side, as for notices: each batch is dropped, duplicated, delayed or

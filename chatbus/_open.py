@@ -26,6 +26,8 @@ _BACKENDS: Final = {
     "memory": "chatbus.memory",
     "postgresql": "chatbus.postgres",
     "postgres": "chatbus.postgres",
+    "redis": "chatbus.redis",
+    "redis+cluster": "chatbus.redis",
 }
 
 

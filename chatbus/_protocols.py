@@ -109,6 +109,31 @@ class Notifier(Protocol):
         ...
 
 
+class WatchingNotifier(Protocol):
+    """What a :class:`Notifier` adds when it must be told which streams to listen to
+    (optional; Redis sharded pub/sub has a channel per stream).
+
+    The bus calls :meth:`watch` when a stream gets its first subscription on that bus,
+    and awaits it before the subscription reads its snapshot (register before read);
+    :meth:`unwatch` when the last one leaves. A notifier without these methods
+    reports every stream's notices (memory, Postgres).
+    """
+
+    async def watch(self, stream: str) -> None:
+        """Receive ``stream``'s notices from now on.
+
+        Return once they are received (the server confirmed the subscription), or
+        once the listener has given its session up (a ``resync()`` then follows,
+        after its replacement is subscribed). Counted: each call is balanced by one
+        :meth:`unwatch`, and it is counted at once, even if then cancelled.
+        """
+        ...
+
+    def unwatch(self, stream: str) -> None:
+        """One watcher of ``stream`` less (balances one :meth:`watch`); never blocks."""
+        ...
+
+
 class EventNotifier(Protocol):
     """What a :class:`Notifier` adds to carry events between buses (optional)."""
 

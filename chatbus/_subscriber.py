@@ -153,6 +153,8 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
             topic.event_sinks.add(self)
         self._seen_resyncs = topic.resyncs
         try:
+            # The notifier receives this stream's notices before anything is read.
+            await self._topics.watch(topic)
             if self._after > 0 or self._epoch is not None:
                 await self._check_cursor()
             if self._after < 0:  # last=n: after registering, so nothing is missed

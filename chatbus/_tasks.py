@@ -2,8 +2,8 @@
 
 Owns: :class:`ServiceNursery`, the one :class:`Backoff`, the one way of telling a
 body's own exception from our tasks' failures inside an ExceptionGroup
-(:func:`unwrap_group`), and the bound on shielded cleanup (:func:`shielded_cleanup`).
-Imports only :mod:`chatbus._exceptions`.
+(:func:`unwrap_group`, :func:`sole_error`), and the bound on shielded cleanup
+(:func:`shielded_cleanup`). Imports only :mod:`chatbus._exceptions`.
 """
 
 from __future__ import annotations
@@ -53,6 +53,27 @@ def unwrap_group(
     mine, rest = group.split(lambda error: id(error) in from_body)
     failures = None if rest is None else rest.split(trio.Cancelled)[1]
     return Unwrapped(from_body=mine is not None, failures=failures)
+
+
+def sole_error(
+    group: BaseExceptionGroup[BaseException], body: BaseException | None
+) -> BaseException | None:
+    """The one exception a foreign library's task group should have raised, or None.
+
+    For ``async with`` blocks around a library that runs our body inside its own
+    task group (trio-asyncio, coredis/anyio) and so wraps whatever passes: the
+    body's exception if only it (and cancellations) are in ``group``, else the one
+    leaf if there is exactly one; None when several failed (raise the group).
+    """
+    found = unwrap_group(group, body)
+    if found.failures is None and found.from_body and body is not None:
+        return body
+    node: BaseException = group
+    while isinstance(node, BaseExceptionGroup):
+        if len(node.exceptions) != 1:
+            return None
+        node = node.exceptions[0]
+    return node
 
 
 def _leaves(error: BaseException) -> list[BaseException]:

@@ -7,7 +7,7 @@ never awaiting). Imports the pure layers only.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol, final
 
 import attrs
@@ -51,6 +51,10 @@ class Topic:
     #: high_water is the stream's head as the store knew it at some point (not just 0
     #: because nothing was heard yet): what an emitted event's ``after`` comes from.
     head_known: bool = False
+    #: The notifier receives this stream's notices (see Topics.watch).
+    watched: bool = False
+    #: Set when a watch in progress ends (its caller succeeded or gave up).
+    watching: trio.Event | None = None
 
     def advance(self, last_id: int) -> None:
         """Record that ids up to ``last_id`` exist; wake subscriptions if that is news."""
@@ -114,6 +118,8 @@ class Topics:
     #: than in a connection pool.
     read_limiter: trio.CapacityLimiter
     by_name: dict[str, Topic] = attrs.field(factory=dict, init=False)
+    #: The notifier's watch and unwatch (a WatchingNotifier's), or None.
+    watcher: tuple[Callable[[str], Awaitable[None]], Callable[[str], None]] | None = None
     #: Open subscriptions, to end them when the bus closes.
     subscriptions: set[Stoppable] = attrs.field(factory=set, init=False)
     closed: bool = attrs.field(default=False, init=False)
@@ -135,12 +141,37 @@ class Topics:
             self.subscriptions.add(subscription)
         return topic
 
+    async def watch(self, topic: Topic) -> None:
+        """Make sure the notifier receives ``topic``'s notices (one watch per topic with
+        subscriptions; concurrent subscriptions wait for the same one)."""
+        if self.watcher is None:
+            return
+        watch, unwatch = self.watcher
+        while not topic.watched:
+            if topic.watching is not None:
+                await topic.watching.wait()
+                continue
+            done = topic.watching = trio.Event()
+            try:
+                await watch(topic.name)
+            except BaseException:
+                unwatch(topic.name)  # a watch counts at once, even when it fails
+                raise
+            else:
+                topic.watched = True
+            finally:
+                topic.watching = None
+                done.set()
+
     def release(self, topic: Topic, subscription: Stoppable | None = None) -> None:
         """Count one user less; forget the topic when nothing uses it."""
         topic.users -= 1
         if subscription is not None:
             topic.subscribers -= 1
             self.subscriptions.discard(subscription)
+            if topic.subscribers == 0 and topic.watched and self.watcher is not None:
+                topic.watched = False
+                self.watcher[1](topic.name)
         if topic.users == 0 and self.by_name.get(topic.name) is topic:
             del self.by_name[topic.name]
 

@@ -47,15 +47,29 @@ async def _backend(name: str) -> AsyncIterator[Backend]:
     if name == "memory":
         yield _memory_backend()
         return
+    if name in ("redis", "redis-cluster"):
+        from support.redis import redis_backend
+
+        async with redis_backend(name) as (open_bus, inject_notice, url):
+            yield Backend(name, open_bus, inject_notice, url)
+        return
     from support.pg import postgres_backend
 
     async with postgres_backend() as (open_bus, inject_notice, url):
         yield Backend("postgres", open_bus, inject_notice, url)
 
 
-@pytest.fixture(params=["memory", pytest.param("postgres", marks=pytest.mark.postgres)])
+@pytest.fixture(
+    params=[
+        "memory",
+        pytest.param("postgres", marks=pytest.mark.postgres),
+        pytest.param("redis", marks=pytest.mark.redis),
+        pytest.param("redis-cluster", marks=pytest.mark.redis),
+    ]
+)
 async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
-    """Each backend in turn; Postgres tests get a fresh schema."""
+    """Each backend in turn; Postgres tests get a fresh schema, Redis ones a fresh key
+    prefix (servers from $CHATBUS_TEST_REDIS_URL and $CHATBUS_TEST_REDIS_CLUSTER_URL)."""
     async with _backend(request.param) as backend:
         yield backend
 

@@ -220,18 +220,32 @@ def test_required_by_marker(pytester: pytest.Pytester, monkeypatch: pytest.Monke
     run(pytester, source).assert_outcomes(failed=1, skipped=1)
 
 
-def test_redis_skips_until_chatbus_redis_exists(
+CLOSED_REDIS = "redis://127.0.0.1:1/0"  # nothing listens on port 1
+
+
+def test_unreachable_redis_skips_with_reason(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("CHATBUS_REQUIRE_REDIS", raising=False)
-    result = run(pytester, UNREACHABLE, "--chatbus-backend", "redis")
+    args = ("--chatbus-backend", "redis", "--chatbus-dsn", CLOSED_REDIS)
+    result = run(pytester, UNREACHABLE, *args)
     result.assert_outcomes(skipped=1)
-    result.stdout.fnmatch_lines(["SKIPPED*chatbus.redis is not available*"])
-    result = run(pytester, UNREACHABLE, "--chatbus-backend", "redis", "--chatbus-require")
+    result.stdout.fnmatch_lines(["SKIPPED*Redis not reachable at redis://127.0.0.1:1/0*"])
+    result = run(pytester, UNREACHABLE, *args, "--chatbus-require")
     result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines(
-        ["*the chatbus backend is required, but chatbus.redis is not available*"]
+    result.stdout.fnmatch_lines(["*the chatbus backend is required, but Redis not reachable*"])
+
+
+@pytest.mark.redis
+def test_redis_backend_runs_on_a_real_server(pytester: pytest.Pytester) -> None:
+    from support.redis import redis_url
+
+    result = run(
+        pytester, REPORT_BACKEND, "--chatbus-backend", "redis", "--chatbus-dsn", redis_url()
     )
+    result.assert_outcomes(passed=1)
+    name, schema, store = (pytester.path / "seen.txt").read_text().split()
+    assert (name, schema, store) == ("redis", "None", "RedisStore")
 
 
 def test_redis_backend_uses_open_redis_with_a_fresh_prefix(

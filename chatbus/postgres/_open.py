@@ -21,7 +21,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from .._exceptions import store_error
 from .._options import check_identifier, check_int_range, check_range
-from .._tasks import shielded_cleanup, unwrap_group
+from .._tasks import shielded_cleanup, sole_error
 from . import _aio
 from ._aio import AioRunner
 from ._connections import LentConnections
@@ -236,25 +236,11 @@ async def _open_on_a_loop(
                 raise
         return
     except BaseExceptionGroup as group:
-        found = unwrap_group(group, body_error)
-        if found.failures is None and found.from_body and body_error is not None:
-            unwrapped = body_error
-        else:
-            sole = _sole_leaf(group)
-            if sole is None:
-                raise
-            unwrapped = sole
+        sole = sole_error(group, body_error)
+        if sole is None:
+            raise
+        unwrapped = sole
     raise unwrapped  # outside the except block: no group chained as its context
-
-
-def _sole_leaf(group: BaseExceptionGroup[Any]) -> BaseException | None:
-    """The one exception wrapped (possibly in nested groups) by ``group``, if only one."""
-    node: BaseException = group
-    while isinstance(node, BaseExceptionGroup):
-        if len(node.exceptions) != 1:
-            return None
-        node = node.exceptions[0]
-    return node
 
 
 @asynccontextmanager

@@ -1,36 +1,24 @@
 """What the Postgres store's statements send and get back, as values: no I/O.
 
-Owns: one caller's batch as the group commit carries it (:class:`Batch`), the bodies
-of a statement (:func:`joined_bodies`), a read page decoded (:func:`decode_page`),
-and how a statement's result is handed out to the callers of one stream
-(:func:`settle`). Imports only chatbus's pure layers and this package's :mod:`._pq`.
+Owns: the bodies of a statement (:func:`joined_bodies`), a read page decoded
+(:func:`decode_page`), and the replays a keyed statement found (:func:`replays`).
+How a result is handed out to the callers of one stream is shared with every
+backend (:func:`chatbus._coalesce.settle`). Imports only chatbus's pure layers and
+this package's :mod:`._pq`.
 """
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import json
-from typing import Any, final
+from typing import Any
 
-import attrs
 from psycopg import pq
 
-from .._coalesce import PendingAppend
-from .._codec import BODY_SEPARATOR, plan_keyed_batch
-from .._message import Draft, Message
+from .._coalesce import Batch, PendingAppend
+from .._codec import BODY_SEPARATOR
+from .._message import Message
 from . import _pq
-
-
-@final
-@attrs.frozen
-class Batch:
-    """One caller's append as the group commit carries it."""
-
-    drafts: list[Draft]
-    packed: str
-    bodies: list[Any]
-    keyed: bool
 
 
 def decode_page(stream: str, result: pq.abc.PGresult) -> list[Message]:
@@ -59,48 +47,6 @@ def body_digest(body_json: str) -> str:
 
 def joined_bodies(members: list[PendingAppend]) -> str:
     return BODY_SEPARATOR.join(member.payload.packed for member in members)
-
-
-def settle(
-    stream: str,
-    members: list[PendingAppend],
-    last_id: int,
-    created_at: datetime.datetime,
-    found: dict[str, Message] | None,
-) -> None:
-    """Give each member of one stream its messages, from the statement's result.
-
-    The server stored, in order, every draft whose key is None or new and first in
-    the statement; :func:`plan_keyed_batch` makes the same choice here, so the new
-    ones are the last ``len(new)`` ids. A draft that resolves to a message stored
-    before it (earlier, or earlier in this statement) gets that message as a replay.
-    """
-    bodies = [body for member in members for body in member.payload.bodies]
-    if found is None:  # unkeyed: every draft is new
-        first = last_id - len(bodies) + 1
-        result = [
-            Message.from_row(stream, first + i, body, None, created_at)
-            for i, body in enumerate(bodies)
-        ]
-    else:
-        drafts = [draft for member in members for draft in member.payload.drafts]
-        slots, new = plan_keyed_batch(drafts, found)
-        first = last_id - len(new) + 1
-        stored: dict[int, Message] = {}
-        result = []
-        for draft, body, slot in zip(drafts, bodies, slots, strict=True):
-            if isinstance(slot, Message):
-                result.append(slot)  # found in the stream: a replay already
-            elif (original := stored.get(slot)) is not None:
-                result.append(attrs.evolve(original, replay=True))  # repeated in the batch
-            else:
-                message = Message.from_row(stream, first + slot, body, draft.key, created_at)
-                stored[slot] = message
-                result.append(message)
-    start = 0
-    for member in members:
-        member.settle(result[start : start + member.drafts])
-        start += member.drafts
 
 
 def sent_by_key(members: list[PendingAppend]) -> dict[str, tuple[str, Any]]:

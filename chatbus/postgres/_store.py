@@ -22,7 +22,7 @@ import psycopg.errors
 import trio
 from psycopg import pq
 
-from .._coalesce import GroupCommit, PendingAppend
+from .._coalesce import Batch, GroupCommit, PendingAppend, settle
 from .._codec import BadBody, pack_bodies
 from .._event import Event, decode_event_items, encode_events, to_micros
 from .._exceptions import BusError, OutcomeUnknown, StoreError, UndecodableMessage, store_error
@@ -30,7 +30,7 @@ from .._message import Draft, Message, StreamInfo, check_after, check_stream
 from . import _pq
 from ._aio import AioRunner
 from ._connections import LentConnections
-from ._rows import Batch, decode_page, joined_bodies, replays, sent_by_key, settle
+from ._rows import decode_page, joined_bodies, replays, sent_by_key
 from ._sql import LIFECYCLE_BATCH, Queries
 
 #: Exceptions that mean "the store failed" rather than "chatbus has a bug".

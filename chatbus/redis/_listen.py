@@ -1,0 +1,483 @@
+"""The listening side of the Redis backend: sharded pub/sub sessions, and the notifier.
+
+Owns: :class:`ListenSession` (one RESP3 connection per server that holds a watched
+stream's slot, all replaced together when one fails) and :class:`RedisNotifier`,
+which runs sessions with the shared reconnecting skeleton (:mod:`chatbus._listener`)
+and keeps the set of watched streams (:meth:`RedisNotifier.watch`). Imports this
+package's :mod:`._resp` and :mod:`._lua`; never the store.
+
+Why not coredis's pub/sub: it re-subscribes silently after a reconnect (notices sent
+meanwhile are lost without a resync), it queues what it receives without bound, and
+a shard subscription that the server ends on a slot migration ends its iterator.
+Here every loss becomes a new session and a ``handler.resync()``.
+"""
+
+from __future__ import annotations
+
+import collections
+import random
+from collections.abc import Sequence
+from typing import Final, final
+
+import attrs
+import trio
+
+from .._codec import parse_notice, parse_reset
+from .._event import Event, decode_events
+from .._listener import Beat, ListenLost, Liveness, Reconnecting
+from .._protocols import NoticeHandler
+from .._tasks import Backoff
+from ._lua import StreamKeys, ping_channel
+from ._resp import Push, RespConnection, RespError, hash_slot
+
+#: ``CLIENT SETNAME`` of listening connections (find them with ``CLIENT LIST``).
+LISTEN_CLIENT_NAME: Final = "chatbus-listen"
+#: How a payload of events begins (see chatbus._event.encode_events).
+_EVENTS_PREFIX: Final = b'{"events":'
+
+Address = tuple[str, int]
+
+
+@final
+@attrs.frozen(kw_only=True)
+class Server:
+    """Where and how to connect (shared by the store's client and the listener)."""
+
+    #: The seed nodes (standalone: the one server).
+    addresses: tuple[Address, ...]
+    cluster: bool
+    username: str | None = None
+    password: str | None = attrs.field(default=None, repr=False)
+    db: int = 0
+
+
+@final
+@attrs.define(eq=False)
+class Link:
+    """One subscribed connection of a session: the channels of one server."""
+
+    conn: RespConnection
+    ping_channel: bytes
+    subscribed: set[bytes] = attrs.field(factory=set)
+    #: Per channel, those waiting for the server to confirm an SSUBSCRIBE (in order).
+    confirming: dict[bytes, collections.deque[trio.Event]] = attrs.field(factory=dict)
+    #: Per channel, SUNSUBSCRIBEs sent and not yet confirmed: any other is the server's.
+    leaving: collections.Counter[bytes] = attrs.field(factory=collections.Counter)
+    ping_token: bytes | None = None
+    ping_answered: bool = False
+
+
+@final
+@attrs.define(eq=False)
+class ListenSession:
+    """The connections of one listening session: one per server holding a channel."""
+
+    server: Server
+    prefix: str
+    handler: NoticeHandler
+    #: Slot → server address (cluster), from CLUSTER SLOTS when the session opened.
+    slots: list[Address | None]
+    ping_interval: float
+    links: dict[Address, Link] = attrs.field(factory=dict)
+    nursery: trio.Nursery | None = None
+    broken: trio.Event = attrs.field(factory=trio.Event)
+    reason: str = ""
+    notices: int = 0
+
+    def fail(self, reason: str) -> None:
+        """Give the session up: it is replaced, and the handler resynced."""
+        if not self.broken.is_set():
+            self.reason = reason
+            self.broken.set()
+
+    def close(self) -> None:
+        self.fail("closed")
+        for link in self.links.values():
+            link.conn.close()
+
+    def address_of(self, channel: bytes) -> Address:
+        if not self.server.cluster:
+            return self.server.addresses[0]
+        address = self.slots[hash_slot(channel)]
+        if address is None:
+            raise ListenLost(f"no server holds the slot of channel {channel!r}")
+        return address
+
+    async def link(self, address: Address, ping_timeout: float) -> Link:
+        """The link to ``address``, connected (and pinging itself) if it was not."""
+        link = self.links.get(address)
+        if link is not None:
+            return link
+        try:
+            with trio.fail_after(ping_timeout):
+                conn = await RespConnection.connect(
+                    address,
+                    username=self.server.username,
+                    password=self.server.password,
+                    db=self.server.db,
+                    client_name=LISTEN_CLIENT_NAME,
+                )
+        except (OSError, RespError, trio.TooSlowError) as exc:
+            raise ListenLost(f"connecting to {address[0]}:{address[1]} failed: {exc!r}") from exc
+        link = self.links.get(address)
+        if link is not None:  # another task connected meanwhile
+            conn.close()
+            return link
+        tag = f"{random.getrandbits(64):016x}"
+        if self.server.cluster:
+            tag = _tag_in(address, self.slots, tag)
+        link = self.links[address] = Link(conn, ping_channel(self.prefix, tag).encode())
+        if self.nursery is not None:
+            self.nursery.start_soon(self.serve_link, link, ping_timeout)
+        await self._subscribe(link, [link.ping_channel])
+        return link
+
+    def has(self, channel: bytes) -> bool:
+        """Whether ``channel``'s subscription is confirmed."""
+        link = self.links.get(self.address_of(channel))
+        return link is not None and channel in link.subscribed and not link.leaving[channel]
+
+    async def subscribe(self, channels: Sequence[bytes], ping_timeout: float) -> None:
+        """SSUBSCRIBE ``channels`` and wait until the server confirms each (a session
+        that cannot gets replaced, and a resync follows: then this returns too).
+
+        Before the session is served (while it opens) nothing else reads its links:
+        this reads them itself until the confirmations are in.
+        """
+        by_link: dict[Address, list[bytes]] = {}
+        for channel in channels:
+            by_link.setdefault(self.address_of(channel), []).append(channel)
+        waits: list[tuple[Link, trio.Event]] = []
+        for address, wanted in by_link.items():
+            link = await self.link(address, ping_timeout)
+            waits += [(link, wait) for wait in await self._subscribe(link, wanted)]
+            if self.nursery is None:  # opening: the ping's confirmation too
+                waits += [(link, wait) for wait in link.confirming.get(link.ping_channel, ())]
+        with trio.move_on_after(ping_timeout) as scope:
+            for link, wait in waits:
+                while not wait.is_set():
+                    if self.nursery is None:
+                        await self.pump(link)
+                    else:
+                        await wait.wait()
+        if scope.cancelled_caught:
+            self.fail("SSUBSCRIBE was not confirmed in time")
+
+    async def _subscribe(self, link: Link, channels: Sequence[bytes]) -> list[trio.Event]:
+        waits, new = [], []
+        for channel in channels:
+            if channel in link.subscribed and not link.leaving[channel]:
+                continue
+            wait = trio.Event()
+            link.confirming.setdefault(channel, collections.deque()).append(wait)
+            waits.append(wait)
+            new.append(channel)
+        if new:
+            try:
+                await link.conn.send([["SSUBSCRIBE", channel] for channel in new])
+            except OSError as exc:
+                self.fail(f"sending SSUBSCRIBE failed: {exc!r}")
+        return waits
+
+    async def unsubscribe(self, channel: bytes) -> None:
+        link = self.links.get(self.address_of(channel))
+        if link is None or channel not in link.subscribed:
+            return
+        link.subscribed.discard(channel)
+        link.leaving[channel] += 1
+        try:
+            await link.conn.send([["SUNSUBSCRIBE", channel]])
+        except OSError as exc:
+            self.fail(f"sending SUNSUBSCRIBE failed: {exc!r}")
+
+    async def pump(self, link: Link) -> None:
+        """Read once from ``link`` and handle every complete value."""
+        try:
+            await link.conn.receive()
+        except OSError as exc:
+            raise ListenLost(f"{_where(link)}: {exc!r}") from exc
+        events = False
+        try:
+            for value in link.conn.parser.values():
+                events |= self._dispatch(link, value)
+        except RespError as exc:
+            raise ListenLost(f"{_where(link)}: {exc}") from exc
+        if events:
+            await trio.lowlevel.checkpoint()  # consumers drain their events first
+
+    def _dispatch(self, link: Link, value: object) -> bool:
+        """Handle one value from ``link``; return whether it carried events."""
+        if isinstance(value, RespError):
+            # MOVED for an SSUBSCRIBE (the slot left), or anything else refused.
+            raise ListenLost(f"{_where(link)} refused a command: {value}")
+        if not isinstance(value, Push):
+            return False  # the count an SPUBLISH (a ping) reached
+        items = value.items
+        if len(items) < 3 or not isinstance(kind := items[0], bytes):
+            return False
+        channel = items[1]
+        if not isinstance(channel, bytes):
+            return False
+        if kind == b"smessage":
+            payload = items[2]
+            if not isinstance(payload, bytes):
+                return False
+            if channel == link.ping_channel:
+                if payload == link.ping_token:
+                    link.ping_answered = True
+                return False
+            return self._message(payload)
+        if kind == b"ssubscribe":
+            link.subscribed.add(channel)
+            waiting = link.confirming.get(channel)
+            if waiting:
+                waiting.popleft().set()
+                if not waiting:
+                    del link.confirming[channel]
+        elif kind == b"sunsubscribe":
+            if link.leaving[channel]:
+                link.leaving[channel] -= 1
+                if not link.leaving[channel]:
+                    del link.leaving[channel]
+            else:
+                # The server ended it: its slot moved to another server.
+                raise ListenLost(f"{_where(link)} ended the subscription of {channel!r}")
+        return False
+
+    def _message(self, payload: bytes) -> bool:
+        handler = self.handler
+        if payload.startswith(_EVENTS_PREFIX):
+            events = decode_events(payload)
+            if events:
+                handler.events(events)
+            return bool(events)
+        if (parsed := parse_notice(payload)) is not None:
+            self.notices += 1
+            handler.notice(*parsed)
+        elif (reset := parse_reset(payload)) is not None:
+            stream, first_id = reset
+            if first_id is None:
+                if (on_reset := getattr(handler, "reset", None)) is not None:
+                    on_reset(stream)
+            elif (on_trim := getattr(handler, "trimmed", None)) is not None:
+                on_trim(stream, first_id)
+        return False
+
+    async def serve_link(self, link: Link, ping_timeout: float) -> None:
+        """Read ``link`` until the session breaks; ping it; a failure breaks the session."""
+        liveness = Liveness.starting(self.ping_interval, ping_timeout, trio.current_time())
+        try:
+            while True:
+                with trio.move_on_at(liveness.wake_at()):
+                    await self.pump(link)
+                beat = liveness.step(trio.current_time(), link.ping_answered)
+                if beat is Beat.DEAD:
+                    raise ListenLost(f"{_where(link)}: no answer to a ping in {ping_timeout} s")
+                if beat is Beat.PING:
+                    link.ping_token = liveness.token
+                    link.ping_answered = False
+                    await link.conn.send([["SPUBLISH", link.ping_channel, liveness.token]])
+        except ListenLost as exc:
+            self.fail(str(exc))
+        except OSError as exc:
+            self.fail(f"{_where(link)}: {exc!r}")
+
+
+def _where(link: Link) -> str:
+    host, port = link.conn.address
+    return f"the listen connection to {host}:{port}"
+
+
+def _tag_in(address: Address, slots: list[Address | None], seed: str) -> str:
+    """A hash tag starting with ``seed`` whose slot ``address`` holds (for its pings)."""
+    for n in range(1_000_000):
+        tag = f"{seed}.{n}"
+        if slots[hash_slot(tag.encode())] == address:
+            return tag
+    raise ListenLost(f"no slot of {address} found for a ping channel")
+
+
+async def cluster_slots(server: Server, timeout: float) -> list[Address | None]:
+    """Slot → primary address, asked of the first seed node that answers."""
+    errors = []
+    for address in server.addresses:
+        try:
+            with trio.fail_after(timeout):
+                conn = await RespConnection.connect(
+                    address,
+                    username=server.username,
+                    password=server.password,
+                    db=0,
+                    client_name=LISTEN_CLIENT_NAME,
+                )
+                try:
+                    await conn.send([["CLUSTER", "SLOTS"]])
+                    reply = await conn.reply()
+                finally:
+                    conn.close()
+        except (OSError, RespError, trio.TooSlowError) as exc:
+            errors.append(f"{address[0]}:{address[1]}: {exc!r}")
+            continue
+        if isinstance(reply, RespError) or not isinstance(reply, list):
+            errors.append(f"{address[0]}:{address[1]}: CLUSTER SLOTS gave {reply!r}")
+            continue
+        slots: list[Address | None] = [None] * 16384
+        for row in reply:
+            start, end, primary = row[0], row[1], row[2]
+            host = primary[0].decode() if primary[0] else address[0]
+            for slot in range(start, end + 1):
+                slots[slot] = (host, int(primary[1]))
+        return slots
+    raise ListenLost("no cluster node answered: " + "; ".join(errors))
+
+
+@final
+@attrs.define(eq=False)
+class RedisNotifier:
+    """A :class:`~chatbus.Notifier` over Redis sharded pub/sub. Made by :func:`open_redis`.
+
+    Each stream's notices travel on its own shard channel (in the stream's slot),
+    published by :class:`RedisStore`'s scripts with the data they announce:
+    :meth:`notify` does nothing. A bus tells the notifier which streams it follows
+    (:meth:`watch`, :meth:`unwatch`); :meth:`listen` keeps one connection per server
+    holding a watched stream subscribed to those streams' channels.
+
+    Liveness: a self-published ping on each connection every ``ping_interval``
+    seconds that must come back within ``ping_timeout``. A failed or silent
+    connection, a subscription the server ended (its slot migrated) or a refused
+    command replaces the whole session (with exponential backoff and jitter up to
+    ``max_backoff``), and each replacement ends with ``handler.resync()``.
+    """
+
+    _server: Server
+    _prefix: str
+    ping_interval: float = 5.0
+    ping_timeout: float = 5.0
+    min_backoff: float = 0.05
+    max_backoff: float = 5.0
+    _watched: collections.Counter[str] = attrs.field(factory=collections.Counter, init=False)
+    _sessions: set[ListenSession] = attrs.field(factory=set, init=False)
+    _reconnects: int = attrs.field(default=0, init=False)
+
+    @property
+    def reconnects(self) -> int:
+        """How many times a listening session was replaced after a failure."""
+        return self._reconnects
+
+    @property
+    def watched(self) -> frozenset[str]:
+        """The streams whose notices are received now."""
+        return frozenset(self._watched)
+
+    def channel(self, stream: str) -> str:
+        """The shard channel of ``stream``."""
+        return StreamKeys.of(self._prefix, stream).channel
+
+    async def notify(self, stream: str, last_id: int) -> None:
+        """Do nothing: the append script published the notice with the data."""
+        await trio.lowlevel.checkpoint()
+
+    async def notify_reset(self, stream: str, first_id: int | None = None) -> None:
+        """Do nothing: the delete and trim scripts published it."""
+        await trio.lowlevel.checkpoint()
+
+    async def notify_events(self, events: Sequence[Event], encoded: Sequence[str]) -> None:
+        """Do nothing: :meth:`RedisStore.retain_events` published them."""
+        await trio.lowlevel.checkpoint()
+
+    async def watch(self, stream: str) -> None:
+        """Receive ``stream``'s notices from now on (counted: balance with :meth:`unwatch`).
+
+        Returns once every listening session has the subscription confirmed by the
+        server, or has been given up (its replacement subscribes again and resyncs).
+        The watch is counted before the first checkpoint, even if then cancelled.
+        """
+        self._watched[stream] += 1
+        channel = self.channel(stream).encode()
+        for session in list(self._sessions):
+            try:
+                await session.subscribe([channel], self.ping_timeout)
+            except ListenLost as exc:
+                session.fail(str(exc))
+        await trio.lowlevel.checkpoint()
+
+    def unwatch(self, stream: str) -> None:
+        """One watcher of ``stream`` less; at none, unsubscribe (in the background)."""
+        self._watched[stream] -= 1
+        if self._watched[stream] > 0:
+            return
+        del self._watched[stream]
+        channel = self.channel(stream).encode()
+        for session in self._sessions:
+            if session.nursery is not None:
+                session.nursery.start_soon(session.unsubscribe, channel)
+
+    async def listen(
+        self,
+        handler: NoticeHandler,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Report notices to ``handler`` until cancelled; see :meth:`chatbus.Notifier.listen`.
+
+        ``task_status.started()`` is called once the first session is up (every
+        watched stream's subscription confirmed). After that, failures are never
+        raised: the session is replaced and ``handler.resync()`` called.
+
+        Raises:
+            StoreError: the first session could not be opened.
+        """
+
+        async def open_session() -> ListenSession:
+            return await self._open_session(handler)
+
+        def reconnected() -> None:
+            self._reconnects += 1
+
+        sessions = Reconnecting(
+            open=open_session,
+            serve=self._serve,
+            close=self._close_session,
+            backoff=Backoff(self.min_backoff, self.max_backoff),
+            reconnected=reconnected,
+            name="Redis listen",
+        )
+        await sessions.run(handler, task_status=task_status)
+
+    async def _open_session(self, handler: NoticeHandler) -> ListenSession:
+        server = self._server
+        slots: list[Address | None] = []
+        if server.cluster:
+            slots = await cluster_slots(server, self.ping_timeout)
+        session = ListenSession(server, self._prefix, handler, slots, self.ping_interval)
+        try:
+            if not server.cluster:  # one server: connect (and ping) even with nothing watched
+                await session.subscribe([], self.ping_timeout)
+            # Until nothing is missing: a watch may come in while this subscribes. The
+            # last check and registering the session happen with no checkpoint between.
+            while missing := [
+                channel
+                for channel in (self.channel(stream).encode() for stream in self._watched)
+                if not session.has(channel)
+            ]:
+                await session.subscribe(missing, self.ping_timeout)
+                if session.broken.is_set():
+                    raise ListenLost(session.reason)
+        except BaseException:
+            session.close()
+            raise
+        self._sessions.add(session)
+        return session
+
+    def _close_session(self, session: ListenSession) -> None:
+        self._sessions.discard(session)
+        session.close()
+
+    async def _serve(self, session: ListenSession) -> None:
+        async with trio.open_nursery() as nursery:
+            session.nursery = nursery
+            for link in list(session.links.values()):
+                nursery.start_soon(session.serve_link, link, self.ping_timeout)
+            await session.broken.wait()
+            nursery.cancel_scope.cancel()
+        raise ListenLost(session.reason)

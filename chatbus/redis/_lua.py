@@ -1,0 +1,498 @@
+"""The Redis backend's server-side text: key names, channel names and Lua scripts.
+
+Pure text and pure functions. Every stream name reaches Redis only as part of a key
+or channel name (hex-encoded, see :func:`stream_tag`) and as a script ARGV value, never
+inside script text: the scripts are constants, loaded once per server by their SHA1
+(:class:`Script`). No I/O here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Final, final
+
+import attrs
+
+from .._event import RETAINED_EVENT_BYTES, RETAINED_EVENTS
+
+#: Most token records kept per stream (see _APPEND): a re-run of a batch whose
+#: record was dropped since cannot be told from a new one.
+TOKENS_KEPT: Final = 256
+#: Most messages one call of the trim script moves or removes.
+LIFECYCLE_BATCH: Final = 1000
+#: How long retained events live without a new one (seconds): a day, the longest ttl.
+EVENTS_TTL_SECONDS: Final = 86_400
+
+
+def stream_tag(stream: str) -> str:
+    """The hash tag of ``stream``: the hex of its UTF-8, so ``{`` and ``}`` never appear.
+
+    Hex is injective: distinct names give distinct tags, whatever they hold
+    (braces, NULs, any Unicode); every key of a stream shares its tag, so a stream
+    lives in one hash slot.
+    """
+    return stream.encode("utf-8").hex()
+
+
+@final
+@attrs.frozen
+class StreamKeys:
+    """The names of every key of one stream under one prefix, and its shard channel."""
+
+    meta: str
+    entries: str
+    keys: str
+    tokens: str
+    token_order: str
+    redactions: str
+    events: str
+    event_order: str
+    channel: str
+
+    @classmethod
+    def of(cls, prefix: str, stream: str) -> StreamKeys:
+        """The keys of ``stream`` under ``prefix`` (which holds no braces)."""
+        base = f"{prefix}:{{{stream_tag(stream)}}}:"
+        return cls(*(base + suffix for suffix in ("m", "x", "k", "t", "q", "r", "e", "z", "c")))
+
+    @property
+    def all(self) -> list[str]:
+        """Every key (not the channel): what a delete removes."""
+        return [
+            self.meta,
+            self.entries,
+            self.keys,
+            self.tokens,
+            self.token_order,
+            self.redactions,
+            self.events,
+            self.event_order,
+        ]
+
+
+def ping_channel(prefix: str, tag: str) -> str:
+    """A listener's private ping channel, in the slot of hash tag ``tag``."""
+    return f"{prefix}:ping:{{{tag}}}"
+
+
+@final
+@attrs.frozen(eq=False)
+class Script:
+    """A Lua script, run with EVALSHA (loaded on a NOSCRIPT reply, then run again)."""
+
+    name: str
+    text: str
+    sha: str = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        object.__setattr__(self, "sha", hashlib.sha1(self.text.encode("utf-8")).hexdigest())
+
+
+# Shared Lua: a message's body for a replay, found by id in the entries, the
+# redactions, or (trimmed) the key record itself.
+_FIND = """
+local function find(x, r, id, rec_body)
+  local got = redis.call('XRANGE', x, '0-' .. id, '0-' .. id)
+  if #got == 1 then
+    local f = got[1][2]
+    for i = 1, #f, 2 do if f[i] == 'b' then return f[i + 1], 0 end end
+  end
+  if redis.call('HEXISTS', r, id) == 1 then return 'null', 1 end
+  if rec_body ~= nil and rec_body ~= '' then return rec_body, 0 end
+  return false, 0
+end
+local function notice(stream, last_id)
+  return cjson.encode({stream = stream, last_id = last_id})
+end
+-- µs since the epoch exceed what Lua prints exactly by default (%.14g).
+local function str(n) return string.format('%.0f', n) end
+"""
+
+# Append one batch to one stream. KEYS: meta, entries, keys, tokens, token order,
+# redactions. ARGV: token, durable (1/0), window µs (0 on a first run), channel,
+# stream, proposed epoch, n, then n idempotency keys ('' for none), then n bodies, then
+# how many token records to keep.
+#
+# * The token: a re-run of a batch (after a lost reply) finds its record and gets
+#   the first run's outcome instead of appending again. Records are bounded
+#   (TOKENS_KEPT per stream); a re-run passes the time since the first send, and if
+#   a record created within that window was dropped, the outcome is 'unknown'.
+# * created_at: the server's TIME, never earlier than the stream's last batch.
+# * The run: the server process's run_id. When it differs from the one recorded
+#   (a restart, a failover), acknowledged messages may be gone and their ids reused
+#   by what comes next: the stream starts a new epoch and tells every listener.
+# * durable: the batch is appended but not made visible (vis stays); the client
+#   WAITs for replicas, then runs _PUBLISH. Fast: vis moves with head, and the
+#   notice goes out from here.
+#
+# Returns {status, epoch, vis, last_id, created µs, [draft index, id, µs, body,
+# redacted] for each draft whose key was stored before}. status: 'ok', 'again' (a
+# re-run that found the first run's record), 'unknown'.
+APPEND: Final = Script(
+    "append",
+    _FIND
+    + """
+local m, x, k, t, q, r = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local token, durable, window = ARGV[1], ARGV[2] == '1', tonumber(ARGV[3])
+local channel, stream, proposed, n = ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7])
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+local meta = redis.call('HMGET', m, 'head', 'vis', 'epoch', 'last_us', 'run', 'evict_us')
+local record = redis.call('HGET', t, token)
+if record then
+  local parts = {}
+  for word in string.gmatch(record, '%S+') do parts[#parts + 1] = word end
+  local result = {'again', meta[3] or '0', tonumber(meta[2] or '0'), tonumber(parts[1]),
+    tonumber(parts[2])}
+  for i = 3, #parts, 2 do
+    local index, id = tonumber(parts[i]), tonumber(parts[i + 1])
+    local body, redacted = find(x, r, id, nil)
+    local key = ARGV[7 + index]
+    local rec = redis.call('HGET', k, key)
+    local us = now
+    if rec then
+      local _, rus, rbody = string.match(rec, '^(%d+) (%d+) ?(.*)$')
+      us = tonumber(rus)
+      if body == false then body = rbody end
+    end
+    for _, v in ipairs({index, id, us, body, redacted}) do result[#result + 1] = v end
+  end
+  return result
+end
+if window > 0 and tonumber(meta[6] or '0') >= now - window then
+  return {'unknown', meta[3] or '0', tonumber(meta[2] or '0'), 0, 0}
+end
+local head = tonumber(meta[1] or '0')
+local vis = tonumber(meta[2] or '0')
+local epoch = meta[3]
+local last_us = tonumber(meta[4] or '0')
+local run = string.match(redis.call('INFO', 'server'), 'run_id:(%w+)')
+if not epoch then
+  epoch = proposed
+  redis.call('HSET', m, 'epoch', epoch, 'first', 1, 'run', run)
+elseif meta[5] ~= run then
+  -- Another server process holds this stream now: what subscribers saw may be gone.
+  epoch = proposed
+  redis.call('HSET', m, 'epoch', epoch, 'run', run)
+  redis.call('SPUBLISH', channel, cjson.encode({stream = stream, reset = true}))
+end
+if now < last_us then now = last_us end
+local found = {}
+local seen = {}
+local record_parts = {}
+local result = {}
+local first_new = head + 1
+for i = 1, n do
+  local key = ARGV[7 + i]
+  local body = ARGV[7 + n + i]
+  local old = nil
+  if key ~= '' then
+    if seen[key] == nil then
+      seen[key] = true
+      local stored = redis.call('HGET', k, key)
+      if stored then old = stored end
+    else
+      old = true  -- repeated in this batch: the client resolves it
+    end
+  end
+  if old == nil then
+    head = head + 1
+    if key == '' then
+      redis.call('XADD', x, '0-' .. head, 'b', body, 't', str(now))
+    else
+      redis.call('XADD', x, '0-' .. head, 'b', body, 't', str(now), 'k', key)
+      redis.call('HSET', k, key, head .. ' ' .. str(now))
+    end
+  elseif old ~= true then
+    local oid, ous, obody = string.match(old, '^(%d+) (%d+) ?(.*)$')
+    local fbody, redacted = find(x, r, tonumber(oid), obody)
+    for _, v in ipairs({i, tonumber(oid), tonumber(ous), fbody, redacted}) do
+      result[#result + 1] = v
+    end
+    record_parts[#record_parts + 1] = i .. ' ' .. oid
+  end
+end
+redis.call('HSET', m, 'head', head, 'last_us', str(now))
+if not durable and head > vis then
+  vis = head
+  redis.call('HSET', m, 'vis', vis)
+  redis.call('SPUBLISH', channel, notice(stream, head))
+end
+local rec = head .. ' ' .. str(now)
+if #record_parts > 0 then rec = rec .. ' ' .. table.concat(record_parts, ' ') end
+redis.call('HSET', t, token, rec)
+redis.call('RPUSH', q, token .. ' ' .. str(now))
+while redis.call('LLEN', q) > tonumber(ARGV[8 + 2 * n]) do
+  local dropped = redis.call('LPOP', q)
+  local dtoken, dus = string.match(dropped, '^(%S+) (%d+)$')
+  redis.call('HDEL', t, dtoken)
+  redis.call('HSET', m, 'evict_us', dus)
+end
+local out = {'ok', epoch, vis, head, now}
+for _, v in ipairs(result) do out[#out + 1] = v end
+return out
+""",
+)
+
+# Durable mode, phase 2, after WAIT: make the stream visible up to ARGV[1] (which
+# also covers an earlier writer's entries that never got their phase 2) and notify.
+# KEYS: meta. ARGV: last id, epoch of phase 1, channel, stream. Returns the visible
+# head, or an error when the stream is not the one phase 1 wrote to (deleted, or a
+# failover lost the batch).
+PUBLISH: Final = Script(
+    "publish",
+    _FIND
+    + """
+local m = KEYS[1]
+local target, epoch, channel, stream = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4]
+local meta = redis.call('HMGET', m, 'head', 'vis', 'epoch')
+if meta[3] ~= epoch or tonumber(meta[1] or '0') < target then
+  return redis.error_reply('CHATBUS the batch is not in the stream any more')
+end
+local vis = tonumber(meta[2] or '0')
+if target > vis then
+  vis = target
+  redis.call('HSET', m, 'vis', vis)
+  redis.call('SPUBLISH', channel, notice(stream, vis))
+end
+return vis
+""",
+)
+
+# A page: messages with ids after ARGV[1], at most ARGV[2], up to the visible head,
+# from the first retained id; redacted ones (deleted from the entries) come from the
+# redactions. KEYS: meta, entries, redactions. Returns {id, key ('' none), µs, body,
+# redacted (0/1)} flattened.
+READ: Final = Script(
+    "read",
+    """
+local m, x, r = KEYS[1], KEYS[2], KEYS[3]
+local after, limit = tonumber(ARGV[1]), tonumber(ARGV[2])
+local meta = redis.call('HMGET', m, 'vis', 'first')
+local vis, first = tonumber(meta[1] or '0'), tonumber(meta[2] or '1')
+local lo = math.max(after + 1, first)
+local hi = math.min(vis, lo + limit - 1)
+local out = {}
+if lo > hi then return out end
+local entries = redis.call('XRANGE', x, '0-' .. lo, '0-' .. hi)
+local redacted = redis.call('HLEN', r) > 0
+local function emit(id, f)
+  local key, us, body = '', 0, 'null'
+  for i = 1, #f, 2 do
+    if f[i] == 'b' then body = f[i + 1]
+    elseif f[i] == 't' then us = tonumber(f[i + 1])
+    elseif f[i] == 'k' then key = f[i + 1] end
+  end
+  for _, v in ipairs({id, key, us, body, 0}) do out[#out + 1] = v end
+end
+if not redacted then
+  for _, e in ipairs(entries) do emit(tonumber(string.sub(e[1], 3)), e[2]) end
+  return out
+end
+local j = 1
+for id = lo, hi do
+  local e = entries[j]
+  if e and tonumber(string.sub(e[1], 3)) == id then
+    emit(id, e[2])
+    j = j + 1
+  else
+    local tomb = redis.call('HGET', r, id)
+    if tomb then
+      local us, key = string.match(tomb, '^(%d+) ?(.*)$')
+      for _, v in ipairs({id, key, tonumber(us), 'null', 1}) do out[#out + 1] = v end
+    end
+  end
+end
+return out
+""",
+)
+
+# Where a stream stands. KEYS: meta. Returns {visible head, first id, epoch or false}.
+INFO: Final = Script(
+    "info",
+    """
+local meta = redis.call('HMGET', KEYS[1], 'vis', 'first', 'epoch')
+return {tonumber(meta[1] or '0'), tonumber(meta[2] or '1'), meta[3]}
+""",
+)
+
+# Trim, first: move the first retained id (never past the visible head + 1, never
+# back) and tell listeners. KEYS: meta. ARGV: before, channel, stream. Returns it
+# (0: no such stream).
+TRIM_FIRST: Final = Script(
+    "trim_first",
+    """
+local m = KEYS[1]
+local meta = redis.call('HMGET', m, 'vis', 'first', 'epoch')
+if not meta[3] then return 0 end
+local vis, first = tonumber(meta[1] or '0'), tonumber(meta[2] or '1')
+local wanted = math.min(tonumber(ARGV[1]), vis + 1)
+if wanted > first then
+  first = wanted
+  redis.call('HSET', m, 'first', first)
+end
+redis.call('SPUBLISH', ARGV[2], cjson.encode({stream = ARGV[3], reset = true, first_id = first}))
+return first
+""",
+)
+
+# Trim, then: remove up to ARGV[2] entries below ARGV[1]; an entry with a key leaves
+# its body in the key's record, so a retried publish still gets the original message.
+# KEYS: entries, keys. Returns how many were removed.
+TRIM_BATCH: Final = Script(
+    "trim_batch",
+    """
+local x, k = KEYS[1], KEYS[2]
+local below = tonumber(ARGV[1])
+if below <= 1 then return 0 end
+local entries = redis.call('XRANGE', x, '-', '0-' .. (below - 1), 'COUNT', tonumber(ARGV[2]))
+for _, e in ipairs(entries) do
+  local f = e[2]
+  local key, us, body = nil, 0, 'null'
+  for i = 1, #f, 2 do
+    if f[i] == 'b' then body = f[i + 1]
+    elseif f[i] == 't' then us = f[i + 1]
+    elseif f[i] == 'k' then key = f[i + 1] end
+  end
+  if key then redis.call('HSET', k, key, string.sub(e[1], 3) .. ' ' .. us .. ' ' .. body) end
+  redis.call('XDEL', x, e[1])
+end
+return #entries
+""",
+)
+
+# Delete: every key of the stream (UNLINK: freed off the main thread), then tell
+# listeners. KEYS: every key of the stream. ARGV: channel, stream.
+DELETE: Final = Script(
+    "delete",
+    """
+redis.call('UNLINK', unpack(KEYS))
+redis.call('SPUBLISH', ARGV[1], cjson.encode({stream = ARGV[2], reset = true}))
+return 1
+""",
+)
+
+# Redact: the entry's body is erased (the entry deleted) and a tombstone kept in the
+# redactions (µs, key); the key keeps its id. KEYS: meta, entries, keys, redactions.
+# ARGV: id. Returns {key ('' none), µs}, or false when the id is not retained.
+REDACT: Final = Script(
+    "redact",
+    """
+local m, x, k, r = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local id = tonumber(ARGV[1])
+local meta = redis.call('HMGET', m, 'vis', 'first')
+if id < tonumber(meta[2] or '1') or id > tonumber(meta[1] or '0') then return false end
+local tomb = redis.call('HGET', r, id)
+if tomb then
+  local us, key = string.match(tomb, '^(%d+) ?(.*)$')
+  return {key, tonumber(us)}
+end
+local got = redis.call('XRANGE', x, '0-' .. id, '0-' .. id)
+if #got == 0 then return false end
+local f = got[1][2]
+local key, us = '', 0
+for i = 1, #f, 2 do
+  if f[i] == 't' then us = f[i + 1] elseif f[i] == 'k' then key = f[i + 1] end
+end
+redis.call('XDEL', x, '0-' .. id)
+redis.call('HSET', r, id, us .. ' ' .. key)
+if key ~= '' then redis.call('HSET', k, key, id .. ' ' .. us) end
+return {key, tonumber(us)}
+""",
+)
+
+# Events of one stream in one flush: retain them for joiners and publish them live.
+# KEYS: events (hash: slot → "expires after encoded"), event order (zset: slot → the
+# event's created µs). ARGV: channel, count, then per event: slot ('k:' key, or
+# 'u:' emitter and zero-padded seq), after, created µs, expires µs (0: never),
+# encoded; then the payloads to publish. Unkeyed events are kept only while their
+# after is the newest; keyed ones replace their key's; at most RETAINED_EVENTS and
+# RETAINED_EVENT_BYTES per stream, oldest out.
+RETAIN_EVENTS: Final = Script(
+    "retain_events",
+    f"""
+local e, z = KEYS[1], KEYS[2]
+local channel, count = ARGV[1], tonumber(ARGV[2])
+-- The bookkeeping lives in the events hash itself (fields that are not slots), so it
+-- expires with the events.
+local newest = tonumber(redis.call('HGET', e, '#after') or '-1')
+local bytes = tonumber(redis.call('HGET', e, '#bytes') or '0')
+local function drop(slot)
+  local old = redis.call('HGET', e, slot)
+  if old then
+    bytes = bytes - #old
+    redis.call('HDEL', e, slot)
+    redis.call('ZREM', z, slot)
+  end
+end
+for i = 0, count - 1 do
+  local slot, after = ARGV[3 + 5 * i], tonumber(ARGV[4 + 5 * i])
+  local created, expires, encoded = ARGV[5 + 5 * i], ARGV[6 + 5 * i], ARGV[7 + 5 * i]
+  local keep = true
+  if string.sub(slot, 1, 2) == 'u:' then
+    if after < newest then
+      keep = false
+    elseif after > newest then
+      for _, old in ipairs(redis.call('ZRANGE', z, 0, -1)) do
+        if string.sub(old, 1, 2) == 'u:' then drop(old) end
+      end
+      newest = after
+    end
+  end
+  if keep then
+    drop(slot)
+    local value = expires .. ' ' .. after .. ' ' .. encoded
+    redis.call('HSET', e, slot, value)
+    redis.call('ZADD', z, created, slot)
+    bytes = bytes + #value
+  end
+end
+while redis.call('ZCARD', z) > {RETAINED_EVENTS} or bytes > {RETAINED_EVENT_BYTES} do
+  local oldest = redis.call('ZRANGE', z, 0, 0)
+  if #oldest == 0 then bytes = 0 break end
+  drop(oldest[1])
+end
+redis.call('HSET', e, '#after', newest, '#bytes', bytes)
+redis.call('EXPIRE', e, {EVENTS_TTL_SECONDS})
+redis.call('EXPIRE', z, {EVENTS_TTL_SECONDS})
+for i = 3 + 5 * count, #ARGV do redis.call('SPUBLISH', channel, ARGV[i]) end
+return 1
+""",
+)
+
+# What a joiner at message ARGV[1] gets: unkeyed events positioned there, keyed ones
+# not expired at ARGV[2] µs, oldest first. KEYS: events, event order.
+JOINER_EVENTS: Final = Script(
+    "joiner_events",
+    """
+local e, z = KEYS[1], KEYS[2]
+local head, now = tonumber(ARGV[1]), tonumber(ARGV[2])
+local out = {}
+for _, slot in ipairs(redis.call('ZRANGE', z, 0, -1)) do
+  local value = redis.call('HGET', e, slot)
+  if value then
+    local expires, after, encoded = string.match(value, '^(%d+) (%-?%d+) (.*)$')
+    expires, after = tonumber(expires), tonumber(after)
+    if string.sub(slot, 1, 2) == 'u:' then
+      if after == head then out[#out + 1] = encoded end
+    elseif expires == 0 or expires > now then
+      out[#out + 1] = encoded
+    end
+  end
+end
+return out
+""",
+)
+
+SCRIPTS: Final = (
+    APPEND,
+    PUBLISH,
+    READ,
+    INFO,
+    TRIM_FIRST,
+    TRIM_BATCH,
+    DELETE,
+    REDACT,
+    RETAIN_EVENTS,
+    JOINER_EVENTS,
+)

@@ -1,0 +1,349 @@
+"""Opening the Redis backend: :func:`open_redis`, its options, ``open_backend`` and
+:func:`drop_prefix`.
+
+Owns: option validation and defaults (one record, :class:`_Settings`), reading the
+two URL forms (``redis://host:port/db``, ``redis+cluster://host:port,host:port``),
+making the coredis client, and the order of opening and closing client, store and
+notifier. Imports every other module of this package; nothing imports it but
+:mod:`chatbus.redis`.
+"""
+
+from __future__ import annotations
+
+import logging
+import urllib.parse
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any, Final, final
+
+import attrs
+import coredis
+import coredis.exceptions
+import trio
+from coredis.connection import TCPLocation
+from coredis.retry import NoRetryPolicy
+
+from .._exceptions import StoreError, store_error
+from .._options import check_identifier, check_int_range, check_range
+from .._tasks import sole_error
+from ._listen import RedisNotifier, Server
+from ._store import DEFAULT_MAX_IN_FLIGHT, REDIS_ERRORS, Client, RedisStore
+
+logger = logging.getLogger("chatbus.redis")
+
+#: ``CLIENT SETNAME`` of the store's connections.
+CLIENT_NAME: Final = "chatbus"
+#: The durability modes (see open_redis).
+DURABILITY: Final = ("fast", "durable")
+
+
+@final
+@attrs.frozen(kw_only=True)
+class _Settings:
+    """Everything :func:`open_redis` was asked for, validated."""
+
+    server: Server
+    prefix: str = "chatbus"
+    durability: str = "fast"
+    wait_replicas: int = 1
+    wait_timeout: float = 1.0
+    max_connections: int = 16
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
+    connect_timeout: float = 5.0
+    command_timeout: float = 10.0
+    ping_interval: float = 5.0
+    ping_timeout: float = 5.0
+    max_backoff: float = 5.0
+
+    def __attrs_post_init__(self) -> None:
+        check_identifier("prefix", self.prefix, max_bytes=200)
+        if "{" in self.prefix or "}" in self.prefix:
+            # The stream's hash tag must be the key's first {…}.
+            raise ValueError(f"prefix must not contain braces, got {self.prefix!r}")
+        if self.durability not in DURABILITY:
+            raise ValueError(f"durability must be 'fast' or 'durable', got {self.durability!r}")
+        check_int_range("wait_replicas", self.wait_replicas, 1, 100)
+        check_range("wait_timeout", self.wait_timeout, 0.001, 600)
+        check_int_range("max_connections", self.max_connections, 1, 10_000)
+        check_int_range("max_in_flight", self.max_in_flight, 1, 1000)
+        check_range("connect_timeout", self.connect_timeout, 0.1, 600)
+        check_range("command_timeout", self.command_timeout, 0.1, 3600)
+        check_range("ping_interval", self.ping_interval, 0.1, 3600)
+        check_range("ping_timeout", self.ping_timeout, 0.1, 3600)
+        check_range("max_backoff", self.max_backoff, 0.1, 600)
+
+    def client(self) -> Client:
+        """A coredis client without retries: a lost reply is resolved by the store."""
+        server = self.server
+        common: dict[str, Any] = {
+            "username": server.username,
+            "password": server.password,
+            "connect_timeout": self.connect_timeout,
+            "stream_timeout": self.command_timeout,
+            "pool_timeout": self.connect_timeout,
+            "retry_policy": NoRetryPolicy(),
+        }
+        if server.cluster:
+            return coredis.RedisCluster(
+                startup_nodes=[TCPLocation(host, port) for host, port in server.addresses],
+                max_connections=self.max_connections,
+                **common,
+            )
+        host, port = server.addresses[0]
+        return coredis.Redis(
+            host,
+            port,
+            server.db,
+            max_connections=self.max_connections,
+            client_name=CLIENT_NAME,
+            **common,
+        )
+
+
+def parse_url(url: str) -> tuple[Server, dict[str, Any]]:
+    """The server of a ``redis://`` or ``redis+cluster://`` URL, and its query options.
+
+    Raises:
+        ValueError: the URL is not one of the two forms, or an option is unknown or
+            not of its type.
+    """
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in ("redis", "redis+cluster"):
+        raise ValueError(f"a Redis url starts with redis:// or redis+cluster://, got {url!r}")
+    cluster = scheme == "redis+cluster"
+    userinfo, _, hosts = parts.netloc.rpartition("@")
+    username, _, password = userinfo.partition(":")
+    addresses = []
+    for item in (hosts or "127.0.0.1").split(","):
+        host, _, port = item.strip().rpartition(":") if ":" in item else (item, "", "")
+        try:
+            addresses.append((host.strip("[]") or "127.0.0.1", int(port or 6379)))
+        except ValueError:
+            raise ValueError(f"bad host:port {item!r} in Redis url") from None
+    if not cluster and len(addresses) != 1:
+        raise ValueError("a redis:// url names one server; use redis+cluster:// for several")
+    db = 0
+    path = parts.path.strip("/")
+    if path:
+        if cluster:
+            raise ValueError("a Redis Cluster has no database number: drop the /path")
+        try:
+            db = int(path)
+        except ValueError:
+            raise ValueError(f"the database in a Redis url is a number, got {path!r}") from None
+    server = Server(
+        addresses=tuple(addresses),
+        cluster=cluster,
+        username=urllib.parse.unquote(username) or None,
+        password=urllib.parse.unquote(password) if userinfo else None,
+        db=db,
+    )
+    options: dict[str, Any] = {}
+    for name, value in urllib.parse.parse_qsl(parts.query, keep_blank_values=True):
+        convert = _URL_OPTIONS.get(name)
+        if convert is None:
+            known = ", ".join(_URL_OPTIONS)
+            raise ValueError(f"unknown Redis url option {name!r}; chatbus knows {known}")
+        try:
+            options[name] = convert(value)
+        except ValueError:
+            raise ValueError(
+                f"URL option {name} must be {convert.__name__}, got {value!r}"
+            ) from None
+    return server, options
+
+
+#: ``open_bus`` URL query options, with how to read each one.
+_URL_OPTIONS: Final = {
+    "prefix": str,
+    "durability": str,
+    "wait_replicas": int,
+    "wait_timeout": float,
+    "max_connections": int,
+    "max_in_flight": int,
+    "connect_timeout": float,
+    "command_timeout": float,
+    "ping_interval": float,
+    "ping_timeout": float,
+    "max_backoff": float,
+}
+
+
+@asynccontextmanager
+async def open_redis(
+    url: str,
+    *,
+    prefix: str = "chatbus",
+    durability: str = "fast",
+    wait_replicas: int = 1,
+    wait_timeout: float = 1.0,
+    max_connections: int = 16,
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+    connect_timeout: float = 5.0,
+    command_timeout: float = 10.0,
+    ping_interval: float = 5.0,
+    ping_timeout: float = 5.0,
+    max_backoff: float = 5.0,
+) -> AsyncIterator[tuple[RedisStore, RedisNotifier]]:
+    """Open a Redis store and notifier pair for ``url``; close both on exit.
+
+    Example::
+
+        async with chatbus.redis.open_redis("redis://127.0.0.1:6379/0") as (store, notifier):
+            async with chatbus.open_bus(store=store, notifier=notifier) as bus:
+                ...
+
+    (``chatbus.open_bus("redis://…?prefix=chat")`` does the same in one step.)
+
+    Args:
+        url: ``redis://[user:password@]host:port/db`` for one server, or
+            ``redis+cluster://[user:password@]host:port,host:port`` for a Cluster
+            (any reachable node seeds the topology). Options may ride in the query.
+        prefix: Every key and channel starts with it (1 to 200 bytes, no braces);
+            each prefix is an independent namespace.
+        durability: ``"fast"`` (the default): a publish returns once its script ran
+            on the primary, as durable as the server's own persistence (AOF); a
+            restart or failover that may have lost acknowledged messages starts a
+            new epoch, so subscribers get :class:`~chatbus.HistoryReset` rather than
+            a silent gap. ``"durable"``: a publish returns, and its message becomes
+            visible and is announced, only once ``wait_replicas`` replicas have it
+            (``WAIT``): an acknowledged message survives a failover. Needs replicas.
+        wait_replicas: Replicas that must confirm a durable append (1 to 100).
+        wait_timeout: Seconds a durable append waits for them (0.001 to 600); past
+            it the publish raises :class:`~chatbus.OutcomeUnknown`.
+        max_connections: Most connections of the store's client (per server).
+        max_in_flight: Most append round trips running at once (1 to 1000); appends
+            made meanwhile are merged into the next (group commit).
+        connect_timeout: Seconds a new connection may take (0.1 to 600): what makes
+            a publish fail promptly with :class:`~chatbus.StoreError` while Redis is
+            down.
+        command_timeout: Seconds a command's reply may take (0.1 to 3600).
+        ping_interval: Seconds between the listener's liveness pings (0.1 to 3600).
+        ping_timeout: Seconds a ping (or a subscription) may take before the
+            listening connections are replaced (0.1 to 3600).
+        max_backoff: Longest pause between reconnect attempts (0.1 to 600).
+
+    Raises:
+        ValueError: an option is not valid.
+        StoreError: Redis could not be reached.
+    """
+    server, query = parse_url(url)
+    if query:
+        raise ValueError(
+            "open_redis takes its options as arguments, not in the url's query"
+            f" ({', '.join(query)}); open_bus(url) reads them from the query"
+        )
+    settings = _Settings(
+        server=server,
+        prefix=prefix,
+        durability=durability,
+        wait_replicas=wait_replicas,
+        wait_timeout=wait_timeout,
+        max_connections=max_connections,
+        max_in_flight=max_in_flight,
+        connect_timeout=connect_timeout,
+        command_timeout=command_timeout,
+        ping_interval=ping_interval,
+        ping_timeout=ping_timeout,
+        max_backoff=max_backoff,
+    )
+    async with _unwrapped(_open_pair(settings)) as pair:
+        yield pair
+
+
+@asynccontextmanager
+async def _unwrapped(
+    opened: AbstractAsyncContextManager[tuple[RedisStore, RedisNotifier]],
+) -> AsyncIterator[tuple[RedisStore, RedisNotifier]]:
+    """``opened``, with what coredis's task group wraps unwrapped: the body's own
+    exception comes out as the very object the body raised, ours as itself."""
+    body_error: BaseException | None = None
+    unwrapped: BaseException
+    try:
+        async with opened as pair:
+            try:
+                yield pair
+            except BaseException as exc:
+                body_error = exc
+                raise
+        return
+    except BaseExceptionGroup as group:
+        sole = sole_error(group, body_error)
+        if sole is None:
+            raise
+        unwrapped = sole
+    raise unwrapped  # outside the except block: no group chained as its context
+
+
+@asynccontextmanager
+async def _open_pair(settings: _Settings) -> AsyncIterator[tuple[RedisStore, RedisNotifier]]:
+    server = settings.server
+    client = settings.client()
+    entered = False
+    try:
+        async with client:
+            entered = True
+            try:
+                with trio.fail_after(settings.connect_timeout):
+                    await client.ping()
+            except (*REDIS_ERRORS, trio.TooSlowError) as exc:
+                raise store_error("opening the Redis store", exc) from exc
+            store = RedisStore(
+                client,
+                settings.prefix,
+                durability=settings.durability,
+                wait_replicas=settings.wait_replicas,
+                wait_timeout=settings.wait_timeout,
+                max_in_flight=settings.max_in_flight,
+                shield_timeout=settings.command_timeout * 2 + settings.wait_timeout + 5,
+            )
+            notifier = RedisNotifier(
+                server,
+                settings.prefix,
+                ping_interval=settings.ping_interval,
+                ping_timeout=settings.ping_timeout,
+                max_backoff=settings.max_backoff,
+            )
+            try:
+                yield store, notifier
+            finally:
+                store.close()
+    except REDIS_ERRORS as exc:
+        if entered:
+            raise
+        # The client's start-up (a Cluster's topology) failed.
+        raise store_error("opening the Redis store", exc) from exc
+
+
+def open_backend(
+    url: str,
+) -> AbstractAsyncContextManager[tuple[RedisStore, RedisNotifier]]:
+    """The store and notifier for a ``redis://`` or ``redis+cluster://`` URL
+    (``open_bus``'s scheme table); options ride in the query (``?prefix=chat``).
+
+    Raises:
+        ValueError: the URL or an option in its query is not valid.
+    """
+    _, options = parse_url(url)
+    return open_redis(urllib.parse.urlsplit(url)._replace(query="").geturl(), **options)
+
+
+async def drop_prefix(url: str, prefix: str) -> None:
+    """Delete every key under ``prefix`` (on a Cluster, on every primary).
+
+    For tests and tooling: SCAN, then UNLINK, in batches. Not atomic; writers still
+    running under the prefix may leave keys behind.
+    """
+    server, _ = parse_url(url.split("?", 1)[0])
+    settings = _Settings(server=server, prefix=prefix)
+    pattern = "".join("\\" + ch if ch in "*?[]\\" else ch for ch in prefix) + ":*"
+    try:
+        async with settings.client() as client:
+            keys = [key async for key in client.scan_iter(match=pattern, count=1000)]
+            for start in range(0, len(keys), 500):
+                async with client.pipeline(transaction=False) as pipe:
+                    for key in keys[start : start + 500]:
+                        pipe.unlink([key])
+    except REDIS_ERRORS as exc:
+        raise StoreError(f"dropping prefix {prefix!r} failed: {exc!r}") from exc

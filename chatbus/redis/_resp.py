@@ -1,0 +1,232 @@
+"""RESP3, by hand, for the listener's own connections: commands out, values in.
+
+Owns: encoding commands (:func:`encode`), an incremental parser that never holds
+more than one partial value (:class:`Parser`), the hash slot of a key or channel
+(:func:`hash_slot`), and :class:`RespConnection` (a trio TCP stream speaking RESP3,
+with the HELLO handshake). The store uses coredis; the listener does not, so that a
+lost subscription is never silently re-made behind its back and what it reads is
+bounded by what it has handled (TCP pushes back). Imports only trio.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Final, final
+
+import attrs
+import trio
+
+
+class RespError(Exception):
+    """An error reply from the server (``-ERR …``, ``-MOVED …``)."""
+
+
+@final
+@attrs.frozen
+class Push:
+    """A RESP3 push value (``>``): pub/sub messages and subscription confirmations."""
+
+    items: list[object]
+
+
+def encode(*args: bytes | str | int) -> bytes:
+    """One command as a RESP array of bulk strings."""
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data = arg if isinstance(arg, bytes) else str(arg).encode("utf-8")
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
+
+
+class _Incomplete(Exception):
+    pass
+
+
+#: Most bytes one value may take (a bulk string); beyond it the connection is broken.
+MAX_VALUE_BYTES: Final = 64 * 1024 * 1024
+
+
+@final
+class Parser:
+    """Incremental RESP3 parser: :meth:`feed` bytes, iterate :meth:`values`."""
+
+    __slots__ = ("_buffer", "_pos")
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._pos = 0
+
+    def feed(self, data: bytes) -> None:
+        """Add what was received."""
+        self._buffer += data
+
+    def values(self) -> Iterator[object]:
+        """Yield every complete value received so far, in order."""
+        while True:
+            start = self._pos
+            try:
+                value = self._value()
+            except _Incomplete:
+                self._pos = start
+                break
+            yield value
+        del self._buffer[: self._pos]
+        self._pos = 0
+
+    def _line(self) -> bytes:
+        end = self._buffer.find(b"\r\n", self._pos)
+        if end < 0:
+            if len(self._buffer) - self._pos > 1024 * 1024:
+                raise RespError("protocol error: line too long")
+            raise _Incomplete
+        line = bytes(self._buffer[self._pos : end])
+        self._pos = end + 2
+        return line
+
+    def _bulk(self, size: int) -> bytes:
+        if size > MAX_VALUE_BYTES:
+            raise RespError(f"protocol error: value of {size} bytes")
+        end = self._pos + size
+        if len(self._buffer) < end + 2:
+            raise _Incomplete
+        data = bytes(self._buffer[self._pos : end])
+        self._pos = end + 2
+        return data
+
+    def _value(self) -> object:
+        line = self._line()
+        kind, rest = line[:1], line[1:]
+        if kind in (b"+", b"("):
+            return rest
+        if kind == b"-":
+            return RespError(rest.decode("utf-8", "replace"))
+        if kind == b":":
+            return int(rest)
+        if kind in (b"$", b"="):
+            size = int(rest)
+            return None if size < 0 else self._bulk(size)
+        if kind == b"!":
+            return RespError(self._bulk(int(rest)).decode("utf-8", "replace"))
+        if kind in (b"*", b"~", b">"):
+            count = int(rest)
+            if count < 0:
+                return None
+            items = [self._value() for _ in range(count)]
+            return Push(items) if kind == b">" else items
+        if kind == b"%":
+            pairs = [(self._value(), self._value()) for _ in range(int(rest))]
+            return {key: value for key, value in pairs if isinstance(key, bytes)}
+        if kind == b"|":  # attributes: skip them, the value follows
+            for _ in range(2 * int(rest)):
+                self._value()
+            return self._value()
+        if kind == b"_":
+            return None
+        if kind == b"#":
+            return rest == b"t"
+        if kind == b",":
+            return float(rest)
+        raise RespError(f"protocol error: unknown type {kind!r}")
+
+
+def _crc16_table() -> list[int]:
+    table = []
+    for byte in range(256):
+        crc = byte << 8
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x1021) if crc & 0x8000 else crc << 1
+        table.append(crc & 0xFFFF)
+    return table
+
+
+_CRC16: Final = _crc16_table()
+
+
+def hash_slot(key: bytes) -> int:
+    """The Redis Cluster slot of ``key`` (CRC16-XMODEM of its hash tag, mod 16384)."""
+    start = key.find(b"{")
+    if start >= 0:
+        end = key.find(b"}", start + 1)
+        if end > start + 1:
+            key = key[start + 1 : end]
+    crc = 0
+    for byte in key:
+        crc = ((crc << 8) & 0xFFFF) ^ _CRC16[((crc >> 8) ^ byte) & 0xFF]
+    return crc % 16384
+
+
+@final
+@attrs.define(eq=False)
+class RespConnection:
+    """One RESP3 connection to one server, driven from trio."""
+
+    stream: trio.SocketStream
+    address: tuple[str, int]
+    parser: Parser = attrs.field(factory=Parser)
+    _send_lock: trio.Lock = attrs.field(factory=trio.Lock)
+
+    @classmethod
+    async def connect(
+        cls,
+        address: tuple[str, int],
+        *,
+        username: str | None,
+        password: str | None,
+        db: int,
+        client_name: str,
+    ) -> RespConnection:
+        """Connect and say HELLO 3 (authenticating, selecting ``db``, naming itself).
+
+        Raises:
+            OSError: the connection failed.
+            RespError: the server refused the handshake.
+        """
+        stream = await trio.open_tcp_stream(*address)
+        conn = cls(stream, address)
+        try:
+            hello: list[bytes | str | int] = ["HELLO", 3]
+            if password is not None:
+                hello += ["AUTH", username or "default", password]
+            hello += ["SETNAME", client_name]
+            commands = [hello] + ([["SELECT", db]] if db else [])
+            await conn.send(commands)
+            for _ in commands:
+                reply = await conn.reply()
+                if isinstance(reply, RespError):
+                    raise reply
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    async def send(self, commands: Sequence[Sequence[bytes | str | int]]) -> None:
+        """Send ``commands`` in one write (safe from several tasks)."""
+        data = b"".join(encode(*command) for command in commands)
+        async with self._send_lock:
+            await self.stream.send_all(data)
+
+    async def receive(self) -> None:
+        """Wait for more bytes and feed them to the parser.
+
+        Raises:
+            OSError: the connection failed or was closed by the server.
+        """
+        try:
+            data = await self.stream.receive_some(65536)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise ConnectionResetError(str(exc) or "connection lost") from exc
+        if not data:
+            raise ConnectionResetError("the server closed the connection")
+        self.parser.feed(data)
+
+    async def reply(self) -> object:
+        """The next value that is not a push (for the handshake and one-off commands)."""
+        while True:
+            for value in self.parser.values():
+                if not isinstance(value, Push):
+                    return value
+            await self.receive()
+
+    def close(self) -> None:
+        """Close at once (no goodbye: the server notices the socket closing)."""
+        self.stream.socket.close()

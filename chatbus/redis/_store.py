@@ -1,0 +1,593 @@
+"""The Redis store: :class:`RedisStore` and its statistics.
+
+Owns: how appends, reads, heads, events and the stream lifecycle become script
+calls on a coredis client (standalone or Cluster), the group commit across streams
+(:mod:`chatbus._coalesce`), the re-run that resolves a lost reply, and the durable
+mode's second phase. Imports this package's :mod:`._lua`; never the listener.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import random
+import secrets
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Final, final
+
+import attrs
+import coredis
+import coredis.exceptions
+import trio
+
+from .._coalesce import Batch, GroupCommit, PendingAppend, settle
+from .._codec import BadBody, decode_bodies, pack_bodies
+from .._event import Event, decode_event_items, encode_events, from_micros, to_micros
+from .._exceptions import BusError, OutcomeUnknown, StoreError, store_error
+from .._message import Draft, Message, StreamInfo, check_after, check_stream
+from ._lua import (
+    APPEND,
+    DELETE,
+    INFO,
+    JOINER_EVENTS,
+    LIFECYCLE_BATCH,
+    PUBLISH,
+    READ,
+    REDACT,
+    RETAIN_EVENTS,
+    TOKENS_KEPT,
+    TRIM_BATCH,
+    TRIM_FIRST,
+    Script,
+    StreamKeys,
+)
+
+#: Exceptions that mean "the server or the connection failed" rather than a bug.
+REDIS_ERRORS: Final = (coredis.exceptions.RedisError, TimeoutError, OSError)
+#: What a lost reply looks like: the command may or may not have run.
+_LOST: Final = (coredis.exceptions.ConnectionError, TimeoutError, OSError)
+#: Default limit on append round trips running at once (see open_redis).
+DEFAULT_MAX_IN_FLIGHT: Final = 3
+#: How often a batch whose reply was lost is re-run to learn its outcome.
+_RERUNS: Final = 3
+
+Client = coredis.Redis[bytes] | coredis.RedisCluster[bytes]
+
+
+@attrs.frozen(kw_only=True)
+class RedisStoreStatistics:
+    """A snapshot of a :class:`RedisStore`'s append coalescing.
+
+    Attributes:
+        appends: :meth:`~RedisStore.append` calls that reached the queue.
+        round_trips: Append round trips sent (each one script call per stream).
+        merged_round_trips: Round trips that carried more than one append.
+        largest_round_trip: The most appends one round trip carried.
+        in_flight: Round trips running now.
+        pending: Appends waiting for a round trip now.
+        reruns: Batches run again after a lost reply (each answered by its token).
+    """
+
+    appends: int
+    round_trips: int
+    merged_round_trips: int
+    largest_round_trip: int
+    in_flight: int
+    pending: int
+    reruns: int
+
+
+def _abandoned() -> OutcomeUnknown:
+    return OutcomeUnknown(
+        "the round trip carrying this append was abandoned or ran out of time;"
+        " it may or may not have been committed. Retry with the same key to find out."
+    )
+
+
+def _not_sent(exc: BaseException) -> bool:
+    """Whether a client error happened before the command could reach the server."""
+    text = str(exc)
+    return isinstance(exc, coredis.exceptions.ConnectionError) and (
+        "Unable to establish" in text or "not usable" in text
+    )
+
+
+@final
+@attrs.define(eq=False)
+class RedisStore:
+    """A :class:`~chatbus.Store` in Redis (standalone or Cluster). Made by :func:`open_redis`.
+
+    Safe to use from many trio tasks and many processes at once. Every server or
+    connection error is raised as :class:`~chatbus.StoreError` with the coredis
+    error as ``__cause__``; a failed append stores nothing, except where it raises
+    :class:`~chatbus.OutcomeUnknown`.
+    """
+
+    _client: Client
+    _prefix: str
+    #: "fast" or "durable" (see open_redis).
+    _durability: str = "fast"
+    _wait_replicas: int = 1
+    _wait_timeout: float = 1.0
+    _max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
+    _shield_timeout: float = 65.0
+    _closed: bool = attrs.field(default=False, init=False)
+    _group: GroupCommit = attrs.field(init=False)
+    _reruns: int = attrs.field(default=0, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._group = GroupCommit(
+            send=self._send_batch,
+            failures=(*REDIS_ERRORS, BusError),
+            abandoned=_abandoned,
+            max_in_flight=self._max_in_flight,
+            shield_timeout=self._shield_timeout,
+        )
+
+    @property
+    def prefix(self) -> str:
+        """The prefix of every key this store writes."""
+        return self._prefix
+
+    @property
+    def durability(self) -> str:
+        """``"fast"`` or ``"durable"``: what a successful append waited for."""
+        return self._durability
+
+    @property
+    def client(self) -> Client:
+        """The coredis client (for monitoring and tests; do not write under the prefix)."""
+        return self._client
+
+    def keys(self, stream: str) -> StreamKeys:
+        """The keys and channel of ``stream``."""
+        return StreamKeys.of(self._prefix, stream)
+
+    def close(self) -> None:
+        """Refuse further operations (those running finish); the opener closes the client."""
+        self._closed = True
+
+    def statistics(self) -> RedisStoreStatistics:
+        """Return a snapshot of the append coalescing counters."""
+        group = self._group
+        return RedisStoreStatistics(
+            appends=group.appends,
+            round_trips=group.batches,
+            merged_round_trips=group.merged_batches,
+            largest_round_trip=group.largest_batch,
+            in_flight=group.in_flight,
+            pending=len(group.pending),
+            reruns=self._reruns,
+        )
+
+    # ---- the Store protocol ----
+
+    async def append(self, stream: str, drafts: Sequence[Draft]) -> list[Message]:
+        """Append ``drafts`` to ``stream`` in one script call; see :meth:`chatbus.Store.append`.
+
+        Appends that wait while ``max_in_flight`` round trips run are merged into the
+        next one (one script call per stream, pipelined). A repeated key returns the
+        original message with ``replay=True``.
+
+        Raises:
+            InvalidStream: ``stream`` is not a valid stream name.
+            StoreError: the append failed; nothing of the batch was stored.
+            OutcomeUnknown: the reply was lost and re-running the batch (which its
+                token makes harmless) could not tell whether it was stored.
+        """
+        check_stream(stream)
+        if not drafts:
+            await trio.lowlevel.checkpoint()
+            return []
+        drafts = list(drafts)
+        await self._check_open("append")
+        try:
+            packed, bodies = pack_bodies(drafts)
+        except BadBody as exc:
+            await trio.lowlevel.checkpoint()
+            cause = coredis.exceptions.DataError(str(exc))
+            raise store_error("append", cause, stream=stream) from cause
+        keyed = any(draft.key is not None for draft in drafts)
+        entry = PendingAppend(
+            stream, len(drafts), len(packed), Batch(drafts, packed, bodies, keyed)
+        )
+        await self._group.submit(entry)
+        if entry.cause is not None:
+            if isinstance(entry.cause, BusError):
+                raise entry.cause
+            raise store_error("append", entry.cause, stream=stream) from entry.cause
+        messages: list[Message] = entry.result
+        return messages
+
+    async def read(self, stream: str, after: int, limit: int) -> list[Message]:
+        """Return up to ``limit`` messages after ``after``; see :meth:`chatbus.Store.read`.
+
+        Raises:
+            InvalidStream: ``stream`` is not a valid stream name.
+            StoreError: the script failed.
+        """
+        check_stream(stream)
+        check_after(after)
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise ValueError(f"limit must be an int >= 0, got {limit!r}")
+        if limit == 0:
+            await trio.lowlevel.checkpoint()
+            return []
+        keys = self.keys(stream)
+        flat = await self._call(
+            "read", READ, [keys.meta, keys.entries, keys.redactions], [after, limit], stream
+        )
+        rows = [flat[i : i + 5] for i in range(0, len(flat), 5)]
+        try:
+            bodies = decode_bodies([row[3].decode("utf-8") for row in rows])
+        except (ValueError, RecursionError) as exc:
+            raise store_error("read", exc, stream=stream) from exc
+        return [
+            Message(
+                stream=stream,
+                id=int(id_),
+                body=None if redacted else body,
+                key=key.decode("utf-8") or None,
+                created_at=from_micros(int(micros)),
+                redacted=bool(redacted),
+            )
+            for (id_, key, micros, _, redacted), body in zip(rows, bodies, strict=True)
+        ]
+
+    async def heads(self, streams: Sequence[str]) -> dict[str, int]:
+        """Return each stream's highest visible id; see :meth:`chatbus.Store.heads`.
+
+        One pipeline (on a Cluster, one per server holding some of the streams).
+
+        Raises:
+            InvalidStream: one of ``streams`` is not a valid stream name.
+            StoreError: the commands failed.
+        """
+        wanted = list(dict.fromkeys(check_stream(stream) for stream in streams))
+        if not wanted:
+            await trio.lowlevel.checkpoint()
+            return {}
+        await self._check_open("heads")
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                requests = [pipe.hget(self.keys(stream).meta, "vis") for stream in wanted]
+            values = [await request for request in requests]
+        except REDIS_ERRORS as exc:
+            raise store_error("heads", exc) from exc
+        return {stream: int(value or 0) for stream, value in zip(wanted, values, strict=True)}
+
+    # ---- events ----
+
+    async def retain_events(self, events: Sequence[Event], encoded: Sequence[str]) -> None:
+        """Keep ``events`` for joiners and publish them live, one script call per stream
+        (concurrently); see :meth:`chatbus.EventStore.retain_events`.
+
+        Raises:
+            StoreError: a script call failed.
+        """
+        by_stream: dict[str, list[tuple[Event, str]]] = {}
+        for event, text in zip(events, encoded, strict=True):
+            by_stream.setdefault(event.stream, []).append((event, text))
+        await self._each(by_stream.items(), self._retain_stream_events)
+
+    async def _retain_stream_events(self, item: tuple[str, list[tuple[Event, str]]]) -> None:
+        stream, pairs = item
+        keys = self.keys(stream)
+        args: list[str | int] = [keys.channel, len(pairs)]
+        for event, text in pairs:
+            created = to_micros(event.created_at)
+            expires = 0
+            if event.key is not None and event.ttl is not None:
+                expires = created + round(event.ttl * 1_000_000)
+            slot = (
+                f"k:{event.key}"
+                if event.key is not None
+                else f"u:{event.emitter}:{event.seq:020d}"
+            )
+            args += [slot, event.after, created, expires, text]
+        args += encode_events(text for _, text in pairs)
+        await self._call("retain events", RETAIN_EVENTS, [keys.events, keys.event_order], args)
+
+    async def retained_events(self, stream: str, head: int) -> list[Event]:
+        """What a joiner at ``head`` gets; see :meth:`chatbus.EventStore.retained_events`.
+
+        Raises:
+            StoreError: the script failed.
+        """
+        check_stream(stream)
+        keys = self.keys(stream)
+        now = to_micros(datetime.datetime.now(datetime.UTC))
+        found = await self._call(
+            "retained events", JOINER_EVENTS, [keys.events, keys.event_order], [head, now], stream
+        )
+        if not found:
+            return []
+        try:
+            items = json.loads("[" + b",".join(found).decode("utf-8") + "]")
+        except (ValueError, RecursionError):
+            return []
+        return decode_event_items(items)
+
+    # ---- the lifecycle ----
+
+    async def stream_info(self, stream: str) -> StreamInfo:
+        """Where ``stream`` stands; see :meth:`chatbus.Bus.stream_info`.
+
+        Raises:
+            StoreError: the script failed.
+        """
+        check_stream(stream)
+        head, first_id, epoch = await self._call(
+            "stream info", INFO, [self.keys(stream).meta], [], stream
+        )
+        if epoch is None:
+            return StreamInfo(stream=stream, head=0, first_id=1, epoch=0, exists=False)
+        return StreamInfo(
+            stream=stream, head=int(head), first_id=int(first_id), epoch=int(epoch), exists=True
+        )
+
+    async def trim(self, stream: str, before: int) -> int:
+        """Drop the messages of ``stream`` below ``before``, in bounded batches.
+
+        The first retained id moves first (readers stop at it at once); then the
+        entries go, :data:`LIFECYCLE_BATCH` per script call. An entry with an
+        idempotency key leaves its body in the key's record: a retried publish
+        returns the original message.
+
+        Returns:
+            The stream's first retained id now.
+
+        Raises:
+            StoreError: a script call failed (the first id may have moved already).
+        """
+        check_stream(stream)
+        keys = self.keys(stream)
+        first = int(
+            await self._call(
+                "trim", TRIM_FIRST, [keys.meta], [before, keys.channel, stream], stream
+            )
+        )
+        if first == 0:
+            return 1
+        while True:
+            removed = await self._call(
+                "trim", TRIM_BATCH, [keys.entries, keys.keys], [first, LIFECYCLE_BATCH], stream
+            )
+            if int(removed) < LIFECYCLE_BATCH:
+                return first
+
+    async def delete_stream(self, stream: str) -> None:
+        """Delete ``stream``: every key of it, in one script call (``UNLINK``: freed off
+        the server's main thread); see :meth:`chatbus.Bus.delete_stream`.
+
+        Raises:
+            StoreError: the script failed.
+        """
+        check_stream(stream)
+        keys = self.keys(stream)
+        await self._call("delete", DELETE, keys.all, [keys.channel, stream], stream)
+
+    async def redact(self, stream: str, id: int) -> Message | None:
+        """Replace message ``id``'s body by a tombstone; see :meth:`chatbus.Bus.redact`.
+
+        Returns:
+            The tombstone, or None if ``id`` is not a retained message.
+
+        Raises:
+            StoreError: the script failed.
+        """
+        check_stream(stream)
+        keys = self.keys(stream)
+        found = await self._call(
+            "redact", REDACT, [keys.meta, keys.entries, keys.keys, keys.redactions], [id], stream
+        )
+        if found is None:
+            return None
+        key, micros = found
+        return Message(
+            stream=stream,
+            id=id,
+            body=None,
+            key=key.decode("utf-8") or None,
+            created_at=from_micros(int(micros)),
+            redacted=True,
+        )
+
+    # ---- appends ----
+
+    async def _send_batch(self, batch: list[PendingAppend]) -> None:
+        """One script call per stream of ``batch``, concurrently (pipelined on the
+        connections); each stream's callers get that stream's outcome."""
+        groups: dict[str, list[PendingAppend]] = {}
+        for member in batch:
+            groups.setdefault(member.stream, []).append(member)
+        await self._each(groups.items(), self._append_stream, settle_errors=True)
+
+    async def _append_stream(self, item: tuple[str, list[PendingAppend]]) -> None:
+        stream, members = item
+        keys = self.keys(stream)
+        drafts = [draft for member in members for draft in member.payload.drafts]
+        durable = self._durability == "durable"
+        args: list[str | int] = [
+            secrets.token_hex(12),
+            1 if durable else 0,
+            0,
+            keys.channel,
+            stream,
+            random.getrandbits(52) + 1,
+            len(drafts),
+            *[draft.key or "" for draft in drafts],
+            *[draft.body_json for draft in drafts],
+            TOKENS_KEPT,
+        ]
+        script_keys = [keys.meta, keys.entries, keys.keys, keys.tokens, keys.token_order]
+        script_keys.append(keys.redactions)
+        sent_at = trio.current_time()
+        reply = await self._run_append(script_keys, args, stream, sent_at, durable=durable)
+        status, epoch, vis, last_id, micros = reply[:5]
+        if status == b"unknown":
+            raise OutcomeUnknown(
+                f"append on stream {stream!r}: the reply was lost, and the batch's record"
+                " is gone: it may or may not have been stored. Retry with the same key."
+            )
+        found = self._found(stream, drafts, reply[5:])
+        created_at = from_micros(int(micros))
+        if not any(member.payload.keyed for member in members):
+            settle(stream, members, int(last_id), created_at, None)
+        else:
+            settle(stream, members, int(last_id), created_at, found)
+        if durable:
+            newest = max([int(last_id), *(message.id for message in found.values())])
+            if newest > int(vis):
+                await self._publish_durable(stream, keys, newest, epoch)
+
+    def _found(self, stream: str, drafts: list[Draft], flat: Sequence[Any]) -> dict[str, Message]:
+        """The messages the script found under the batch's keys (stored before it)."""
+        found: dict[str, Message] = {}
+        for i in range(0, len(flat), 5):
+            index, id_, micros, body, redacted = flat[i : i + 5]
+            key = drafts[int(index) - 1].key
+            assert key is not None
+            found[key] = Message(
+                stream=stream,
+                id=int(id_),
+                body=None if body is None or redacted else json.loads(body),
+                key=key,
+                created_at=from_micros(int(micros)),
+                replay=True,
+                redacted=bool(redacted),
+            )
+        return found
+
+    async def _run_append(
+        self, keys: list[str], args: list[str | int], stream: str, sent_at: float, *, durable: bool
+    ) -> list[Any]:
+        """Run the append script; after a lost reply, run it again with the same token.
+
+        The re-run finds the first run's record (and returns its outcome) or, when no
+        record of the token can have been dropped since it was sent, appends: either
+        way the batch is stored once. Only if the server stays out of reach, or the
+        record may have been dropped, is the outcome unknown.
+
+        ``durable``: WAIT for the replicas right after the script, on its connection;
+        if they do not confirm in time the batch is stored but invisible: unknown.
+        """
+        try:
+            reply: list[Any] = await self._script(APPEND, keys, args, durable=durable)
+            return reply
+        except coredis.exceptions.ReplicationError as exc:
+            raise self._unreplicated(stream, exc) from exc
+        except _LOST as exc:
+            if _not_sent(exc):
+                raise
+            lost: BaseException = exc
+        for _ in range(_RERUNS):
+            await trio.sleep(0.05)
+            self._reruns += 1
+            # The window: a record made since the first send must not have been dropped.
+            args[2] = round((trio.current_time() - sent_at + 1.0) * 1_000_000)
+            try:
+                again: list[Any] = await self._script(APPEND, keys, args, durable=durable)
+                return again
+            except coredis.exceptions.ReplicationError as exc:
+                raise self._unreplicated(stream, exc) from exc
+            except _LOST as exc:
+                lost = exc
+        error = OutcomeUnknown(
+            f"append on stream {stream!r}: the connection was lost after the append"
+            f" reached the server ({lost!r}); it may or may not have been stored."
+            " Retry with the same key to find out."
+        )
+        raise error from lost
+
+    def _unreplicated(self, stream: str, exc: BaseException) -> OutcomeUnknown:
+        return OutcomeUnknown(
+            f"append on stream {stream!r}: stored, but not confirmed by"
+            f" {self._wait_replicas} replica(s) in time ({exc!r}); it becomes visible with"
+            " the next durable append of the stream, or is lost with a failover. Retry"
+            " with the same key to find out."
+        )
+
+    async def _publish_durable(
+        self, stream: str, keys: StreamKeys, newest: int, epoch: Any
+    ) -> None:
+        """Durable mode, after WAIT: make the stream visible up to ``newest``, notify."""
+        try:
+            await self._script(PUBLISH, [keys.meta], [newest, epoch, keys.channel, stream])
+        except REDIS_ERRORS as exc:
+            raise self._unreplicated(stream, exc) from exc
+
+    # ---- script calls ----
+
+    async def _call(
+        self,
+        operation: str,
+        script: Script,
+        keys: list[str],
+        args: Sequence[str | int],
+        stream: str | None = None,
+    ) -> Any:
+        """:meth:`_script`, with failures raised as :class:`~chatbus.StoreError`."""
+        await self._check_open(operation)
+        try:
+            return await self._script(script, keys, args)
+        except REDIS_ERRORS as exc:
+            raise store_error(operation, exc, stream=stream) from exc
+
+    async def _script(
+        self, script: Script, keys: list[str], args: Sequence[str | int], *, durable: bool = False
+    ) -> Any:
+        """EVALSHA ``script``; on NOSCRIPT load it (on a Cluster: on every primary) and run
+        it again (NOSCRIPT means it did not run). ``durable``: WAIT for the replicas on
+        the same connection first (it covers every write before it on that server)."""
+        client = self._client
+        for attempt in range(2):
+            try:
+                if durable:
+                    # WAIT runs on the connection of the command before it.
+                    with client.ensure_replication(
+                        self._wait_replicas, round(self._wait_timeout * 1000)
+                    ):
+                        return await client.evalsha(script.sha, keys, list(args))
+                return await client.evalsha(script.sha, keys, list(args))
+            except coredis.exceptions.NoScriptError:
+                if attempt:
+                    raise
+                await client.script_load(script.text)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _each(
+        self,
+        items: Any,
+        run: Callable[[Any], Awaitable[None]],
+        *,
+        settle_errors: bool = False,
+    ) -> None:
+        """Run ``run(item)`` for every item, concurrently when there are several.
+
+        ``settle_errors``: items are ``(stream, members)`` of an append; a failure
+        becomes those members' cause (other streams keep their outcome).
+        """
+        items = list(items)
+
+        async def one(item: Any) -> None:
+            try:
+                await run(item)
+            except Exception as exc:
+                if not settle_errors or not isinstance(exc, (*REDIS_ERRORS, BusError)):
+                    raise
+                for member in item[1]:
+                    if member.result is None:
+                        member.cause = exc
+
+        if len(items) == 1:
+            await one(items[0])
+            return
+        async with trio.open_nursery() as nursery:
+            for item in items:
+                nursery.start_soon(one, item)
+
+    async def _check_open(self, operation: str) -> None:
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            raise StoreError(f"{operation} failed: the Redis store is closed")
