@@ -9,6 +9,7 @@
 * :func:`lose_reply` runs a call whose request the server executes and whose reply
   it never sends (the client's connection is killed in between).
 * :func:`open_topology` starts a standalone server or a 3-master cluster by name.
+* :func:`receive_across_resets` does the same, resuming after a HistoryReset.
 * :func:`receive_in_order` consumes a subscription, failing at the first id out of
   order; :func:`stream_slot` finds the cluster slot a stream's keys live in.
 """
@@ -153,6 +154,40 @@ async def receive_in_order(
             received.append(message)
             if len(received) == count:
                 return
+
+
+async def receive_across_resets(
+    bus: chatbus.Bus,
+    stream: str,
+    count: int,
+    resets: list[chatbus.HistoryReset],
+    *,
+    task_status: trio.TaskStatus[list[chatbus.Message]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """:func:`receive_in_order`, resuming after a :class:`chatbus.HistoryReset`.
+
+    What a client does with a reset it can afford to trust its cursor through (only
+    when nothing was lost, as in a slot migration): note it in ``resets``, then
+    subscribe again after the last id it got, in the stream's new epoch.
+    """
+    received: list[chatbus.Message] = []
+    started = False
+    epoch: int | None = None
+    while len(received) < count:
+        try:
+            async with bus.open_subscriber(stream, after=len(received), epoch=epoch) as sub:
+                if not started:
+                    task_status.started(received)
+                    started = True
+                async for message in sub:
+                    expected = len(received) + 1
+                    assert message.id == expected, f"got id {message.id}, expected {expected}"
+                    received.append(message)
+                    if len(received) == count:
+                        return
+        except chatbus.HistoryReset as reset:
+            resets.append(reset)
+            epoch = (await bus.stream_info(stream)).epoch
 
 
 @attrs.define(eq=False)
