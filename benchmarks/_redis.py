@@ -52,6 +52,17 @@ def cluster(masters: int = 3, aof: str = AOF) -> Iterator[Any]:
         yield nodes
 
 
+@contextlib.contextmanager
+def url_for(backend: str, dsn: str) -> Iterator[str]:
+    """Where a scenario's runs on ``backend`` go: for Redis, a standalone server of the
+    suite's own (AOF ``everysec``) for the block; for the others, ``dsn``."""
+    if backend != "redis":
+        yield dsn
+        return
+    with standalone() as server:
+        yield server.url
+
+
 def persistence(server: Any) -> dict[str, str]:
     """The server's ``appendonly``/``appendfsync``/``save`` settings (for the JSON)."""
     settings: dict[str, str] = {}

@@ -224,10 +224,9 @@ def run(context: Context, backend: str) -> list[Row]:
         runs = [trio.run(_memory_run, sizes) for _ in range(sizes.repeats)]
         return _rows("memory", runs, TARGET_MS["memory"], offered) + _side_rows("memory", runs)
     if backend == "redis":
-        # A server of the suite's own, AOF everysec (see _redis).
-        with _redis.standalone() as server:
-            return _remote_rows(sizes, backend, server.url, offered + ", standalone AOF everysec")
-    return _remote_rows(sizes, backend, context.dsn, offered)
+        offered += ", standalone AOF everysec"
+    with _redis.url_for(backend, context.dsn) as url:
+        return _remote_rows(sizes, backend, url, offered)
 
 
 def _remote_rows(sizes: Sizes, backend: str, url: str, offered: str) -> list[Row]:

@@ -67,7 +67,7 @@ async def test_primary_failovers_under_durable_mode_lose_nothing_acknowledged() 
     """
     phase = 60
     total = 4 * phase
-    with trio.fail_after(150):
+    with trio.fail_after(90):
         async with open_cluster(masters=3, replicas=1) as nodes:
             prefix = unique_prefix()
             durable = {"durability": "durable"}
