@@ -84,6 +84,13 @@ class MergeState:
             self.rescan = False
         return fresh
 
+    def retained_from(self, first_id: int) -> None:
+        """The stream retains ids from ``first_id``: a subscription from the start that
+        has taken nothing yet begins there (so a cache that has not heard of a trim
+        yet cannot hand it what the store no longer has)."""
+        if self.cursor == 0 and self.delivered == 0 and first_id > 1:
+            self.cursor = first_id - 1
+
     def request_rescan(self) -> None:
         """Notices may have been lost: scan the store from the cursor again."""
         self.rescan = True

@@ -115,6 +115,8 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
     _merge_done: trio.Event = attrs.field(factory=trio.Event, init=False)
     #: Events not yet received, ordered by (after, created_at); bounded.
     _events: list[Event] = attrs.field(factory=list, init=False)
+    #: Per emitter, the seq of the first event that came live (not retained).
+    _first_live: dict[str, int] = attrs.field(factory=dict, init=False)
     #: Origins of events buffered or received lately, to drop copies.
     _seen_events: collections.OrderedDict[tuple[str, int], None] = attrs.field(
         factory=collections.OrderedDict, init=False
@@ -230,6 +232,7 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
         info = await self._stream_info()
         if info is None:
             return
+        self._state.retained_from(info.first_id)
         if self._epoch is None or self._epoch == 0:
             self._epoch = info.epoch
         elif info.epoch != self._epoch:
@@ -314,7 +317,14 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
         if self._closed:
             return
         seen = self._seen_events
+        first_live = self._first_live
         for event in events:
+            if not retained:
+                first_live.setdefault(event.emitter, event.seq)
+            elif event.seq >= first_live.get(event.emitter, event.seq + 1):
+                # Came live already (an emitter's events arrive in order): delivered,
+                # or dropped for a slow consumer; the copy retained must not revive it.
+                continue
             if event.key is None and event.after < self._last_id:
                 self._events_stale += 1
                 continue

@@ -167,8 +167,11 @@ async def test_bad_bus_options(options, names):
 
 
 async def test_bad_urls():
-    with pytest.raises(ValueError, match="'redis'"):
-        async with chatbus.open_bus("redis://localhost"):
+    with pytest.raises(ValueError, match="'mongodb'"):
+        async with chatbus.open_bus("mongodb://localhost"):
+            pass
+    with pytest.raises(ValueError, match="unknown Redis url option 'shema'"):
+        async with chatbus.open_bus("redis://localhost:1/0?shema=x"):
             pass
     with pytest.raises(TypeError, match="not both"):
         async with chatbus.open_bus("memory://", store=chatbus.memory.MemoryStore()):

@@ -36,18 +36,21 @@ brace, whatever the name holds)::
                             server's run_id at the last append), evict_us
     prefix:{tag}:x  stream  one entry per message, id 0-<n>: b (body JSON), t (µs), k (key)
     prefix:{tag}:k  hash    idempotency key → "id µs" ("id µs body" once trimmed)
-    prefix:{tag}:t  hash    batch token → its outcome (the last 256 batches; :q orders them)
+    prefix:{tag}:t  hash    batch token → its outcome (the last 64 batches, :q orders them;
+                            both expire after 10 idle minutes)
     prefix:{tag}:r  hash    redacted id → "µs key" (the entry itself is deleted)
     prefix:{tag}:e  hash    retained events (with :z, their order), expiring after a day
     prefix:{tag}:c          the shard channel: notices, events, resets
 
-Appends: one ``EVALSHA`` per stream and batch reads the meta, assigns ids from the
-counter, ``XADD``\\ s the entries with explicit ids, records the keys and the batch's
-token, takes ``created_at`` from ``TIME`` (never earlier than the stream's last
-batch), and ``SPUBLISH``\\ es the notice on the stream's channel — in the stream's slot,
-so it leaves from the same server, after the data, in commit order. Appends waiting
-while ``max_in_flight`` round trips run are merged: the next round trip carries one
-script call per stream, all sent at once (pipelined per server connection).
+Appends: one ``EVALSHA`` carries a batch for each of several streams; per stream it
+reads the meta, assigns ids from the counter, ``XADD``\\ s the entries with explicit
+ids, records the keys and the batch's token, takes ``created_at`` from ``TIME``
+(never earlier than the stream's last batch), and ``SPUBLISH``\\ es the notice on the
+stream's channel — in the stream's slot, so it leaves from the same server, after
+the data, in commit order. Appends waiting while ``max_in_flight`` round trips run
+are merged into the next round trip: one script call for all of them on one
+server; on a Cluster one per hash slot (a script's keys must share a slot), all
+sent at once.
 
 A lost reply: the batch runs again with the same token. The script finds the
 token's record and returns the first run's outcome, or (no record, and none made

@@ -357,6 +357,7 @@ class RedisNotifier:
     max_backoff: float = 5.0
     _watched: collections.Counter[str] = attrs.field(factory=collections.Counter, init=False)
     _sessions: set[ListenSession] = attrs.field(factory=set, init=False)
+    _handlers: set[NoticeHandler] = attrs.field(factory=set, init=False)
     _reconnects: int = attrs.field(default=0, init=False)
 
     @property
@@ -368,6 +369,16 @@ class RedisNotifier:
     def watched(self) -> frozenset[str]:
         """The streams whose notices are received now."""
         return frozenset(self._watched)
+
+    @property
+    def confirmed(self) -> frozenset[str]:
+        """The watched streams whose subscription every live session has confirmed."""
+        return frozenset(
+            stream
+            for stream in self._watched
+            if self._sessions
+            and all(session.has(self.channel(stream).encode()) for session in self._sessions)
+        )
 
     def channel(self, stream: str) -> str:
         """The shard channel of ``stream``."""
@@ -400,6 +411,13 @@ class RedisNotifier:
             except ListenLost as exc:
                 session.fail(str(exc))
         await trio.lowlevel.checkpoint()
+
+    def reset_locally(self, stream: str) -> None:
+        """Tell this notifier's listeners now that ``stream``'s history was replaced
+        (its store started a new epoch; the notice on the channel follows)."""
+        for handler in list(self._handlers):
+            if (reset := getattr(handler, "reset", None)) is not None:
+                reset(stream)
 
     def unwatch(self, stream: str) -> None:
         """One watcher of ``stream`` less; at none, unsubscribe (in the background)."""
@@ -434,6 +452,7 @@ class RedisNotifier:
         def reconnected() -> None:
             self._reconnects += 1
 
+        self._handlers.add(handler)
         sessions = Reconnecting(
             open=open_session,
             serve=self._serve,
@@ -442,7 +461,10 @@ class RedisNotifier:
             reconnected=reconnected,
             name="Redis listen",
         )
-        await sessions.run(handler, task_status=task_status)
+        try:
+            await sessions.run(handler, task_status=task_status)
+        finally:
+            self._handlers.discard(handler)
 
     async def _open_session(self, handler: NoticeHandler) -> ListenSession:
         server = self._server

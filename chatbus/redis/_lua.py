@@ -15,9 +15,11 @@ import attrs
 
 from .._event import RETAINED_EVENT_BYTES, RETAINED_EVENTS
 
-#: Most token records kept per stream (see _APPEND): a re-run of a batch whose
+#: Most token records kept per stream (see APPEND): a re-run of a batch whose
 #: record was dropped since cannot be told from a new one.
-TOKENS_KEPT: Final = 256
+TOKENS_KEPT: Final = 64
+#: Seconds an idle stream keeps its token records (each append starts it again).
+TOKENS_TTL: Final = 600
 #: Most messages one call of the trim script moves or removes.
 LIFECYCLE_BATCH: Final = 1000
 #: How long retained events live without a new one (seconds): a day, the longest ttl.
@@ -101,137 +103,159 @@ local function find(x, r, id, rec_body)
   if rec_body ~= nil and rec_body ~= '' then return rec_body, 0 end
   return false, 0
 end
-local function notice(stream, last_id)
-  return cjson.encode({stream = stream, last_id = last_id})
-end
--- µs since the epoch exceed what Lua prints exactly by default (%.14g).
+-- µs since the epoch (and big ids) exceed what Lua and cjson print exactly (%.14g).
 local function str(n) return string.format('%.0f', n) end
+local function notice(stream, last_id)
+  return '{"stream":' .. cjson.encode(stream) .. ',"last_id":' .. str(last_id) .. '}'
+end
 """
 
-# Append one batch to one stream. KEYS: meta, entries, keys, tokens, token order,
-# redactions. ARGV: token, durable (1/0), window µs (0 on a first run), channel,
-# stream, proposed epoch, n, then n idempotency keys ('' for none), then n bodies, then
-# how many token records to keep.
+# Append a batch to each of several streams (on a Cluster: streams of one slot; on
+# one server: any). KEYS: per stream, its meta, entries, keys, tokens, token order,
+# redactions. ARGV: durable (1/0), window µs (0 on a first run), token records to
+# keep, how many streams; then per stream: token, channel, stream, proposed epoch,
+# n, then n idempotency keys ('' for none), then n bodies.
 #
 # * The token: a re-run of a batch (after a lost reply) finds its record and gets
 #   the first run's outcome instead of appending again. Records are bounded
 #   (TOKENS_KEPT per stream); a re-run passes the time since the first send, and if
 #   a record created within that window was dropped, the outcome is 'unknown'.
 # * created_at: the server's TIME, never earlier than the stream's last batch.
-# * The run: the server process's run_id. When it differs from the one recorded
-#   (a restart, a failover), acknowledged messages may be gone and their ids reused
-#   by what comes next: the stream starts a new epoch and tells every listener.
+# * The run (fast mode): the server process's run_id. When it differs from the one
+#   recorded (a restart, a failover), acknowledged messages may be gone and their ids
+#   reused by what comes next: the stream starts a new epoch and tells every
+#   listener. (Durable mode needs no such check: what was visible is on a replica.)
 # * durable: the batch is appended but not made visible (vis stays); the client
-#   WAITs for replicas, then runs _PUBLISH. Fast: vis moves with head, and the
-#   notice goes out from here.
+#   WAITs for replicas, then runs PUBLISH. Fast: vis moves with head, and the notice
+#   goes out from here.
 #
-# Returns {status, epoch, vis, last_id, created µs, [draft index, id, µs, body,
-# redacted] for each draft whose key was stored before}. status: 'ok', 'again' (a
-# re-run that found the first run's record), 'unknown'.
+# Returns, per stream in order: status, epoch, vis, last id, created µs, how many
+# drafts found a stored key, then [draft index, id, µs, body, redacted] for each.
+# status: 'ok', 'reset' (ok, in a new epoch), 'again' (a re-run that found the
+# first run's record), 'unknown'.
 APPEND: Final = Script(
     "append",
     _FIND
     + """
-local m, x, k, t, q, r = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
-local token, durable, window = ARGV[1], ARGV[2] == '1', tonumber(ARGV[3])
-local channel, stream, proposed, n = ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7])
+local durable, window, keep = ARGV[1] == '1', tonumber(ARGV[2]), tonumber(ARGV[3])
 local clock = redis.call('TIME')
-local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
-local meta = redis.call('HMGET', m, 'head', 'vis', 'epoch', 'last_us', 'run', 'evict_us')
-local record = redis.call('HGET', t, token)
-if record then
-  local parts = {}
-  for word in string.gmatch(record, '%S+') do parts[#parts + 1] = word end
-  local result = {'again', meta[3] or '0', tonumber(meta[2] or '0'), tonumber(parts[1]),
-    tonumber(parts[2])}
-  for i = 3, #parts, 2 do
-    local index, id = tonumber(parts[i]), tonumber(parts[i + 1])
-    local body, redacted = find(x, r, id, nil)
-    local key = ARGV[7 + index]
-    local rec = redis.call('HGET', k, key)
-    local us = now
-    if rec then
-      local _, rus, rbody = string.match(rec, '^(%d+) (%d+) ?(.*)$')
-      us = tonumber(rus)
-      if body == false then body = rbody end
+local time_now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+local run = 'durable'
+if not durable then run = string.match(redis.call('INFO', 'server'), 'run_id:(%w+)') end
+
+local function append(kb, ab)
+  local m, x, k, t, q, r = KEYS[kb], KEYS[kb + 1], KEYS[kb + 2], KEYS[kb + 3],
+    KEYS[kb + 4], KEYS[kb + 5]
+  local token, channel, stream = ARGV[ab], ARGV[ab + 1], ARGV[ab + 2]
+  local proposed, n = ARGV[ab + 3], tonumber(ARGV[ab + 4])
+  local now = time_now
+  local meta = redis.call('HMGET', m, 'head', 'vis', 'epoch', 'last_us', 'run', 'evict_us')
+  local record = redis.call('HGET', t, token)
+  if record then
+    local parts = {}
+    for word in string.gmatch(record, '%S+') do parts[#parts + 1] = word end
+    local result = {'again', meta[3] or '0', tonumber(meta[2] or '0'), tonumber(parts[1]),
+      tonumber(parts[2]), (#parts - 2) / 2}
+    for i = 3, #parts, 2 do
+      local index, id = tonumber(parts[i]), tonumber(parts[i + 1])
+      local body, redacted = find(x, r, id, nil)
+      local rec = redis.call('HGET', k, ARGV[ab + 4 + index])
+      local us = now
+      if rec then
+        local _, rus, rbody = string.match(rec, '^(%d+) (%d+) ?(.*)$')
+        us = tonumber(rus)
+        if body == false then body = rbody end
+      end
+      for _, v in ipairs({index, id, us, body, redacted}) do result[#result + 1] = v end
     end
-    for _, v in ipairs({index, id, us, body, redacted}) do result[#result + 1] = v end
+    return result
   end
-  return result
-end
-if window > 0 and tonumber(meta[6] or '0') >= now - window then
-  return {'unknown', meta[3] or '0', tonumber(meta[2] or '0'), 0, 0}
-end
-local head = tonumber(meta[1] or '0')
-local vis = tonumber(meta[2] or '0')
-local epoch = meta[3]
-local last_us = tonumber(meta[4] or '0')
-local run = string.match(redis.call('INFO', 'server'), 'run_id:(%w+)')
-if not epoch then
-  epoch = proposed
-  redis.call('HSET', m, 'epoch', epoch, 'first', 1, 'run', run)
-elseif meta[5] ~= run then
-  -- Another server process holds this stream now: what subscribers saw may be gone.
-  epoch = proposed
-  redis.call('HSET', m, 'epoch', epoch, 'run', run)
-  redis.call('SPUBLISH', channel, cjson.encode({stream = stream, reset = true}))
-end
-if now < last_us then now = last_us end
-local found = {}
-local seen = {}
-local record_parts = {}
-local result = {}
-local first_new = head + 1
-for i = 1, n do
-  local key = ARGV[7 + i]
-  local body = ARGV[7 + n + i]
-  local old = nil
-  if key ~= '' then
-    if seen[key] == nil then
-      seen[key] = true
-      local stored = redis.call('HGET', k, key)
-      if stored then old = stored end
-    else
-      old = true  -- repeated in this batch: the client resolves it
+  if window > 0 and tonumber(meta[6] or '0') >= now - window then
+    return {'unknown', meta[3] or '0', tonumber(meta[2] or '0'), 0, 0, 0}
+  end
+  local head = tonumber(meta[1] or '0')
+  local vis = tonumber(meta[2] or '0')
+  local epoch = meta[3]
+  local last_us = tonumber(meta[4] or '0')
+  local status = 'ok'
+  if not epoch then
+    epoch = proposed
+    redis.call('HSET', m, 'epoch', epoch, 'first', 1, 'run', run)
+  elseif meta[5] ~= run and not durable then
+    -- Another server process holds this stream now: what subscribers saw may be gone.
+    epoch = proposed
+    status = 'reset'
+    redis.call('HSET', m, 'epoch', epoch, 'run', run)
+    redis.call('SPUBLISH', channel, cjson.encode({stream = stream, reset = true}))
+  end
+  if now < last_us then now = last_us end
+  local seen = {}
+  local record_parts = {}
+  local found = {}
+  for i = 1, n do
+    local key = ARGV[ab + 4 + i]
+    local body = ARGV[ab + 4 + n + i]
+    local old = nil
+    if key ~= '' then
+      if seen[key] == nil then
+        seen[key] = true
+        local stored = redis.call('HGET', k, key)
+        if stored then old = stored end
+      else
+        old = true  -- repeated in this batch: the client resolves it
+      end
+    end
+    if old == nil then
+      head = head + 1
+      if key == '' then
+        redis.call('XADD', x, '0-' .. head, 'b', body, 't', str(now))
+      else
+        redis.call('XADD', x, '0-' .. head, 'b', body, 't', str(now), 'k', key)
+        redis.call('HSET', k, key, head .. ' ' .. str(now))
+      end
+    elseif old ~= true then
+      local oid, ous, obody = string.match(old, '^(%d+) (%d+) ?(.*)$')
+      local fbody, redacted = find(x, r, tonumber(oid), obody)
+      for _, v in ipairs({i, tonumber(oid), tonumber(ous), fbody, redacted}) do
+        found[#found + 1] = v
+      end
+      record_parts[#record_parts + 1] = i .. ' ' .. oid
     end
   end
-  if old == nil then
-    head = head + 1
-    if key == '' then
-      redis.call('XADD', x, '0-' .. head, 'b', body, 't', str(now))
-    else
-      redis.call('XADD', x, '0-' .. head, 'b', body, 't', str(now), 'k', key)
-      redis.call('HSET', k, key, head .. ' ' .. str(now))
-    end
-  elseif old ~= true then
-    local oid, ous, obody = string.match(old, '^(%d+) (%d+) ?(.*)$')
-    local fbody, redacted = find(x, r, tonumber(oid), obody)
-    for _, v in ipairs({i, tonumber(oid), tonumber(ous), fbody, redacted}) do
-      result[#result + 1] = v
-    end
-    record_parts[#record_parts + 1] = i .. ' ' .. oid
+  redis.call('HSET', m, 'head', head, 'last_us', str(now))
+  if not durable and head > vis then
+    vis = head
+    redis.call('HSET', m, 'vis', vis)
+    redis.call('SPUBLISH', channel, notice(stream, head))
   end
+  local rec = head .. ' ' .. str(now)
+  if #record_parts > 0 then rec = rec .. ' ' .. table.concat(record_parts, ' ') end
+  redis.call('HSET', t, token, rec)
+  redis.call('RPUSH', q, token .. ' ' .. str(now))
+  -- Records matter for seconds (a re-run follows its lost reply at once): an idle
+  -- stream's go after some minutes, counted again by every append (so never under a
+  -- re-run's feet).
+  redis.call('EXPIRE', t, @TOKENS_TTL@)
+  redis.call('EXPIRE', q, @TOKENS_TTL@)
+  while redis.call('LLEN', q) > keep do
+    local dropped = redis.call('LPOP', q)
+    local dtoken, dus = string.match(dropped, '^(%S+) (%d+)$')
+    redis.call('HDEL', t, dtoken)
+    redis.call('HSET', m, 'evict_us', dus)
+  end
+  local out = {status, epoch, vis, head, now, #found / 5}
+  for _, v in ipairs(found) do out[#out + 1] = v end
+  return out
 end
-redis.call('HSET', m, 'head', head, 'last_us', str(now))
-if not durable and head > vis then
-  vis = head
-  redis.call('HSET', m, 'vis', vis)
-  redis.call('SPUBLISH', channel, notice(stream, head))
+
+local out = {}
+local ab = 5
+for s = 0, tonumber(ARGV[4]) - 1 do
+  for _, v in ipairs(append(1 + 6 * s, ab)) do out[#out + 1] = v end
+  ab = ab + 5 + 2 * tonumber(ARGV[ab + 4])
 end
-local rec = head .. ' ' .. str(now)
-if #record_parts > 0 then rec = rec .. ' ' .. table.concat(record_parts, ' ') end
-redis.call('HSET', t, token, rec)
-redis.call('RPUSH', q, token .. ' ' .. str(now))
-while redis.call('LLEN', q) > tonumber(ARGV[8 + 2 * n]) do
-  local dropped = redis.call('LPOP', q)
-  local dtoken, dus = string.match(dropped, '^(%S+) (%d+)$')
-  redis.call('HDEL', t, dtoken)
-  redis.call('HSET', m, 'evict_us', dus)
-end
-local out = {'ok', epoch, vis, head, now}
-for _, v in ipairs(result) do out[#out + 1] = v end
 return out
-""",
+""".replace("@TOKENS_TTL@", str(TOKENS_TTL)),
 )
 
 # Durable mode, phase 2, after WAIT: make the stream visible up to ARGV[1] (which

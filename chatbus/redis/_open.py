@@ -289,6 +289,13 @@ async def _open_pair(settings: _Settings) -> AsyncIterator[tuple[RedisStore, Red
                     await client.ping()
             except (*REDIS_ERRORS, trio.TooSlowError) as exc:
                 raise store_error("opening the Redis store", exc) from exc
+            notifier = RedisNotifier(
+                server,
+                settings.prefix,
+                ping_interval=settings.ping_interval,
+                ping_timeout=settings.ping_timeout,
+                max_backoff=settings.max_backoff,
+            )
             store = RedisStore(
                 client,
                 settings.prefix,
@@ -297,13 +304,8 @@ async def _open_pair(settings: _Settings) -> AsyncIterator[tuple[RedisStore, Red
                 wait_timeout=settings.wait_timeout,
                 max_in_flight=settings.max_in_flight,
                 shield_timeout=settings.command_timeout * 2 + settings.wait_timeout + 5,
-            )
-            notifier = RedisNotifier(
-                server,
-                settings.prefix,
-                ping_interval=settings.ping_interval,
-                ping_timeout=settings.ping_timeout,
-                max_backoff=settings.max_backoff,
+                reset=notifier.reset_locally,
+                cluster=server.cluster,
             )
             try:
                 yield store, notifier

@@ -41,6 +41,7 @@ from ._lua import (
     Script,
     StreamKeys,
 )
+from ._resp import hash_slot
 
 #: Exceptions that mean "the server or the connection failed" rather than a bug.
 REDIS_ERRORS: Final = (coredis.exceptions.RedisError, TimeoutError, OSError)
@@ -60,7 +61,8 @@ class RedisStoreStatistics:
 
     Attributes:
         appends: :meth:`~RedisStore.append` calls that reached the queue.
-        round_trips: Append round trips sent (each one script call per stream).
+        round_trips: Append round trips sent (one script call, on a Cluster one per
+            hash slot).
         merged_round_trips: Round trips that carried more than one append.
         largest_round_trip: The most appends one round trip carried.
         in_flight: Round trips running now.
@@ -111,6 +113,10 @@ class RedisStore:
     _wait_timeout: float = 1.0
     _max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
     _shield_timeout: float = 65.0
+    #: Told at once when an append started a new epoch (the notifier's listeners).
+    _reset: Callable[[str], None] | None = None
+    #: A Cluster: one script call per hash slot.
+    _cluster: bool = False
     _closed: bool = attrs.field(default=False, init=False)
     _group: GroupCommit = attrs.field(init=False)
     _reruns: int = attrs.field(default=0, init=False)
@@ -166,7 +172,8 @@ class RedisStore:
         """Append ``drafts`` to ``stream`` in one script call; see :meth:`chatbus.Store.append`.
 
         Appends that wait while ``max_in_flight`` round trips run are merged into the
-        next one (one script call per stream, pipelined). A repeated key returns the
+        next one (one script call for all of them; on a Cluster one per hash slot,
+        sent at once). A repeated key returns the
         original message with ``replay=True``.
 
         Raises:
@@ -396,50 +403,88 @@ class RedisStore:
     # ---- appends ----
 
     async def _send_batch(self, batch: list[PendingAppend]) -> None:
-        """One script call per stream of ``batch``, concurrently (pipelined on the
-        connections); each stream's callers get that stream's outcome."""
+        """One script call for ``batch`` (on a Cluster, one per hash slot, sent at
+        once); each stream's callers get that stream's outcome."""
         groups: dict[str, list[PendingAppend]] = {}
         for member in batch:
             groups.setdefault(member.stream, []).append(member)
-        await self._each(groups.items(), self._append_stream, settle_errors=True)
+        calls: dict[int, list[tuple[str, list[PendingAppend]]]] = {}
+        for stream, members in groups.items():
+            slot = hash_slot(self.keys(stream).meta.encode()) if self._cluster else 0
+            calls.setdefault(slot, []).append((stream, members))
+        await self._each(calls.values(), self._append_call)
 
-    async def _append_stream(self, item: tuple[str, list[PendingAppend]]) -> None:
-        stream, members = item
-        keys = self.keys(stream)
-        drafts = [draft for member in members for draft in member.payload.drafts]
+    async def _append_call(self, streams: list[tuple[str, list[PendingAppend]]]) -> None:
+        """One APPEND script call for ``streams`` (all in one slot on a Cluster)."""
+        try:
+            await self._append_streams(streams)
+        except Exception as exc:
+            if not isinstance(exc, (*REDIS_ERRORS, BusError)):
+                raise
+            for _, members in streams:
+                for member in members:
+                    if member.result is None and member.cause is None:
+                        member.cause = exc
+
+    async def _append_streams(self, streams: list[tuple[str, list[PendingAppend]]]) -> None:
         durable = self._durability == "durable"
-        args: list[str | int] = [
-            secrets.token_hex(12),
-            1 if durable else 0,
-            0,
-            keys.channel,
-            stream,
-            random.getrandbits(52) + 1,
-            len(drafts),
-            *[draft.key or "" for draft in drafts],
-            *[draft.body_json for draft in drafts],
-            TOKENS_KEPT,
-        ]
-        script_keys = [keys.meta, keys.entries, keys.keys, keys.tokens, keys.token_order]
-        script_keys.append(keys.redactions)
-        sent_at = trio.current_time()
-        reply = await self._run_append(script_keys, args, stream, sent_at, durable=durable)
-        status, epoch, vis, last_id, micros = reply[:5]
+        script_keys: list[str] = []
+        args: list[str | int] = [1 if durable else 0, 0, TOKENS_KEPT, len(streams)]
+        all_drafts: list[list[Draft]] = []
+        for stream, members in streams:
+            keys = self.keys(stream)
+            script_keys += [keys.meta, keys.entries, keys.keys, keys.tokens]
+            script_keys += [keys.token_order, keys.redactions]
+            drafts = [draft for member in members for draft in member.payload.drafts]
+            all_drafts.append(drafts)
+            args += [secrets.token_hex(12), keys.channel, stream, random.getrandbits(52) + 1]
+            args.append(len(drafts))
+            args += [draft.key or "" for draft in drafts]
+            args += [draft.body_json for draft in drafts]
+        reply = await self._run_append(script_keys, args, streams, durable=durable)
+        at = 0
+        for (stream, members), drafts in zip(streams, all_drafts, strict=True):
+            status, epoch, vis, last_id, micros, nfound = reply[at : at + 6]
+            flat = reply[at + 6 : at + 6 + 5 * int(nfound)]
+            at += 6 + 5 * int(nfound)
+            try:
+                await self._settle_stream(
+                    stream, members, drafts, status, epoch, int(vis), int(last_id), micros, flat
+                )
+            except (*REDIS_ERRORS, BusError) as exc:
+                for member in members:
+                    if member.result is None:
+                        member.cause = exc
+
+    async def _settle_stream(
+        self,
+        stream: str,
+        members: list[PendingAppend],
+        drafts: list[Draft],
+        status: bytes,
+        epoch: Any,
+        vis: int,
+        last_id: int,
+        micros: Any,
+        flat: Sequence[Any],
+    ) -> None:
+        if status == b"reset" and self._reset is not None:
+            # A new epoch: this process's subscriptions must learn it before the
+            # batch reaches them through the bus's cache (others get the notice).
+            self._reset(stream)
         if status == b"unknown":
             raise OutcomeUnknown(
                 f"append on stream {stream!r}: the reply was lost, and the batch's record"
                 " is gone: it may or may not have been stored. Retry with the same key."
             )
-        found = self._found(stream, drafts, reply[5:])
+        found = self._found(stream, drafts, flat)
         created_at = from_micros(int(micros))
-        if not any(member.payload.keyed for member in members):
-            settle(stream, members, int(last_id), created_at, None)
-        else:
-            settle(stream, members, int(last_id), created_at, found)
-        if durable:
-            newest = max([int(last_id), *(message.id for message in found.values())])
-            if newest > int(vis):
-                await self._publish_durable(stream, keys, newest, epoch)
+        keyed = any(member.payload.keyed for member in members)
+        settle(stream, members, last_id, created_at, found if keyed else None)
+        if self._durability == "durable":
+            newest = max([last_id, *(message.id for message in found.values())])
+            if newest > vis:
+                await self._publish_durable(stream, self.keys(stream), newest, epoch)
 
     def _found(self, stream: str, drafts: list[Draft], flat: Sequence[Any]) -> dict[str, Message]:
         """The messages the script found under the batch's keys (stored before it)."""
@@ -460,7 +505,12 @@ class RedisStore:
         return found
 
     async def _run_append(
-        self, keys: list[str], args: list[str | int], stream: str, sent_at: float, *, durable: bool
+        self,
+        keys: list[str],
+        args: list[str | int],
+        streams: list[tuple[str, list[PendingAppend]]],
+        *,
+        durable: bool,
     ) -> list[Any]:
         """Run the append script; after a lost reply, run it again with the same token.
 
@@ -472,11 +522,13 @@ class RedisStore:
         ``durable``: WAIT for the replicas right after the script, on its connection;
         if they do not confirm in time the batch is stored but invisible: unknown.
         """
+        names = ", ".join(repr(stream) for stream, _ in streams)
+        sent_at = trio.current_time()
         try:
             reply: list[Any] = await self._script(APPEND, keys, args, durable=durable)
             return reply
         except coredis.exceptions.ReplicationError as exc:
-            raise self._unreplicated(stream, exc) from exc
+            raise self._unreplicated(names, exc) from exc
         except _LOST as exc:
             if _not_sent(exc):
                 raise
@@ -485,24 +537,24 @@ class RedisStore:
             await trio.sleep(0.05)
             self._reruns += 1
             # The window: a record made since the first send must not have been dropped.
-            args[2] = round((trio.current_time() - sent_at + 1.0) * 1_000_000)
+            args[1] = round((trio.current_time() - sent_at + 1.0) * 1_000_000)
             try:
                 again: list[Any] = await self._script(APPEND, keys, args, durable=durable)
                 return again
             except coredis.exceptions.ReplicationError as exc:
-                raise self._unreplicated(stream, exc) from exc
+                raise self._unreplicated(names, exc) from exc
             except _LOST as exc:
                 lost = exc
         error = OutcomeUnknown(
-            f"append on stream {stream!r}: the connection was lost after the append"
+            f"append on stream {names}: the connection was lost after the append"
             f" reached the server ({lost!r}); it may or may not have been stored."
             " Retry with the same key to find out."
         )
         raise error from lost
 
-    def _unreplicated(self, stream: str, exc: BaseException) -> OutcomeUnknown:
+    def _unreplicated(self, names: str, exc: BaseException) -> OutcomeUnknown:
         return OutcomeUnknown(
-            f"append on stream {stream!r}: stored, but not confirmed by"
+            f"append on stream {names}: stored, but not confirmed by"
             f" {self._wait_replicas} replica(s) in time ({exc!r}); it becomes visible with"
             " the next durable append of the stream, or is lost with a failover. Retry"
             " with the same key to find out."
@@ -515,7 +567,7 @@ class RedisStore:
         try:
             await self._script(PUBLISH, [keys.meta], [newest, epoch, keys.channel, stream])
         except REDIS_ERRORS as exc:
-            raise self._unreplicated(stream, exc) from exc
+            raise self._unreplicated(repr(stream), exc) from exc
 
     # ---- script calls ----
 
@@ -556,36 +608,15 @@ class RedisStore:
                 await client.script_load(script.text)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _each(
-        self,
-        items: Any,
-        run: Callable[[Any], Awaitable[None]],
-        *,
-        settle_errors: bool = False,
-    ) -> None:
-        """Run ``run(item)`` for every item, concurrently when there are several.
-
-        ``settle_errors``: items are ``(stream, members)`` of an append; a failure
-        becomes those members' cause (other streams keep their outcome).
-        """
+    async def _each(self, items: Any, run: Callable[[Any], Awaitable[None]]) -> None:
+        """Run ``run(item)`` for every item, concurrently when there are several."""
         items = list(items)
-
-        async def one(item: Any) -> None:
-            try:
-                await run(item)
-            except Exception as exc:
-                if not settle_errors or not isinstance(exc, (*REDIS_ERRORS, BusError)):
-                    raise
-                for member in item[1]:
-                    if member.result is None:
-                        member.cause = exc
-
         if len(items) == 1:
-            await one(items[0])
+            await run(items[0])
             return
         async with trio.open_nursery() as nursery:
             for item in items:
-                nursery.start_soon(one, item)
+                nursery.start_soon(run, item)
 
     async def _check_open(self, operation: str) -> None:
         if self._closed:

@@ -1,0 +1,250 @@
+"""The Redis store on its own: keys and names, the batch token, replays, the lifecycle.
+
+Runs on the standalone server ($CHATBUS_TEST_REDIS_URL) and, where the slot layout
+matters, on the Cluster ($CHATBUS_TEST_REDIS_CLUSTER_URL).
+"""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+
+import pytest
+import trio
+
+import chatbus
+from chatbus.redis import RedisStore, open_redis, stream_tag
+from chatbus.redis._lua import APPEND, TOKENS_KEPT, StreamKeys
+from chatbus.redis._resp import hash_slot
+
+from support.pg import draft
+from support.redis import fresh_prefix, fresh_redis_pair, redis_cluster_url, redis_url
+
+pytestmark = pytest.mark.redis
+
+HOSTILE = [
+    "{",
+    "}",
+    "{}",
+    "a{b}c",
+    "}{",
+    "{{x}}",
+    "room:1",
+    "a" * 256,
+    "☃ chat 🎉",
+    "ünïcødé",
+    "\x01\x1e\x7f",
+    " ",
+    "*?[]\\",
+]
+
+
+@pytest.fixture(params=["redis", "redis-cluster"])
+def url(request: pytest.FixtureRequest) -> str:
+    return redis_url() if request.param == "redis" else redis_cluster_url()
+
+
+def test_every_key_of_a_stream_shares_one_slot_and_names_stay_distinct() -> None:
+    tags = {stream_tag(name) for name in HOSTILE}
+    assert len(tags) == len(HOSTILE)  # injective
+    for name in HOSTILE:
+        keys = StreamKeys.of("chatbus", name)
+        assert "{" not in stream_tag(name) and "}" not in stream_tag(name)
+        slots = {hash_slot(key.encode()) for key in [*keys.all, keys.channel]}
+        assert len(slots) == 1, name
+
+
+async def test_hostile_names_round_trip_and_stay_apart(url: str) -> None:
+    with trio.fail_after(30):
+        async with fresh_redis_pair(url) as (store, notifier):
+            async with chatbus.open_bus(store=store, notifier=notifier) as bus:
+                for n, name in enumerate(HOSTILE):
+                    async with bus.open_subscriber(name) as sub:
+                        for i in range(n + 1):
+                            await bus.publish(name, {"name": name, "i": i}, key=f"k{i}")
+                        got = [(await sub.receive()).body for _ in range(n + 1)]
+                        assert got == [{"name": name, "i": i} for i in range(n + 1)]
+                for n, name in enumerate(HOSTILE):
+                    page = await bus.read(name, after=0)
+                    assert [m.body["i"] for m in page] == list(range(n + 1))
+                    assert {m.stream for m in page} == {name}
+                    assert (await bus.stream_info(name)).head == n + 1
+
+
+def _append_args(store: RedisStore, stream: str, token: str, bodies: list[str]) -> list[object]:
+    keys = store.keys(stream)
+    return [0, 0, TOKENS_KEPT, 1, token, keys.channel, stream, 7, len(bodies),
+            *[""] * len(bodies), *bodies]  # fmt: skip
+
+
+def _append_keys(store: RedisStore, stream: str) -> list[str]:
+    keys = store.keys(stream)
+    return [keys.meta, keys.entries, keys.keys, keys.tokens, keys.token_order, keys.redactions]
+
+
+async def test_running_a_batch_again_returns_the_first_outcome_and_stores_nothing(
+    url: str,
+) -> None:
+    """What a re-run after a lost reply does: same token, same outcome, no copy."""
+    with trio.fail_after(20):
+        async with fresh_redis_pair(url) as (store, _):
+            await store.append("s", [draft("before")])
+            args = _append_args(store, "s", "token-1", ['"a"', '"b"'])
+            first = await store._script(APPEND, _append_keys(store, "s"), args)
+            await store.append("s", [draft("between")])
+            args[1] = 5_000_000  # a re-run, 5 s after the first send
+            again = await store._script(APPEND, _append_keys(store, "s"), args)
+            assert first[0] == b"ok" and again[0] == b"again"
+            assert again[3:5] == first[3:5] == [3, first[4]]  # last id 3, same created_at
+            page = await store.read("s", 0, 10)
+            assert [m.body for m in page] == ["before", "a", "b", "between"]
+
+
+async def test_a_rerun_whose_record_may_have_been_dropped_is_unknown(url: str) -> None:
+    with trio.fail_after(30):
+        async with fresh_redis_pair(url) as (store, _):
+            args = _append_args(store, "s", "lost-token", ['"x"'])
+            for i in range(TOKENS_KEPT + 1):  # push the oldest records out
+                await store.append("s", [draft(i)])
+            args[1] = 60_000_000  # within the last minute: records of that age were dropped
+            reply = await store._script(APPEND, _append_keys(store, "s"), args)
+            assert reply[0] == b"unknown"
+            args[1] = 1  # 1 µs: no record that young was dropped, so it never ran
+            reply = await store._script(APPEND, _append_keys(store, "s"), args)
+            assert reply[0] == b"ok" and reply[3] == TOKENS_KEPT + 2
+
+
+async def test_keyed_replays_carry_the_stored_body(url: str) -> None:
+    with trio.fail_after(20):
+        async with fresh_redis_pair(url) as (store, _):
+            [first] = await store.append("s", [draft({"v": 1}, key="k")])
+            second, third, new = await store.append(
+                "s", [draft({"v": 2}, key="k"), draft({"v": 1}, key="k"), draft(3, key="n")]
+            )
+            assert second.replay and third.replay and not new.replay
+            assert second.id == third.id == first.id == 1 and new.id == 2
+            assert second.body == {"v": 1}  # the stored body: the publisher sees a conflict
+            assert second.created_at == first.created_at
+
+
+REPLAYER = textwrap.dedent(
+    """
+    import sys, trio, chatbus
+    from chatbus.redis import open_redis
+
+    async def main(url, prefix):
+        async with open_redis(url, prefix=prefix) as (store, notifier):
+            async with chatbus.open_bus(store=store, notifier=notifier) as bus:
+                ids = []
+                for i in range(50):
+                    msg = await bus.publish("s", {"i": i}, key=f"key-{i}")
+                    ids.append(msg.id)
+                print(",".join(map(str, ids)))
+
+    trio.run(main, sys.argv[1], sys.argv[2])
+    """
+)
+
+
+async def test_two_processes_publishing_the_same_keys_at_once_store_each_once(url: str) -> None:
+    with trio.fail_after(60):
+        async with fresh_prefix(url) as prefix:
+            results: list[str] = []
+
+            async def run() -> None:
+                done = await trio.run_process(
+                    [sys.executable, "-c", REPLAYER, url, prefix], capture_stdout=True
+                )
+                results.append(done.stdout.decode().strip())
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(run)
+                nursery.start_soon(run)
+            assert results[0] == results[1]  # each key got one id, seen by both
+            async with open_redis(url, prefix=prefix) as (store, _):
+                page = await store.read("s", 0, 1000)
+                assert sorted(m.body["i"] for m in page) == list(range(50))
+                assert [m.id for m in page] == list(range(1, 51))
+
+
+async def test_trim_keeps_keys_and_redact_keeps_id_and_key(url: str) -> None:
+    with trio.fail_after(20):
+        async with fresh_redis_pair(url) as (store, _):
+            await store.append("s", [draft(i, key=f"k{i}" if i % 2 else None) for i in range(10)])
+            assert await store.trim("s", 6) == 6
+            assert [m.id for m in await store.read("s", 0, 100)] == [6, 7, 8, 9, 10]
+            [replay] = await store.append("s", [draft(1, key="k1")])
+            assert replay.replay and (replay.id, replay.body) == (2, 1)
+            tomb = await store.redact("s", 8)
+            assert tomb is not None and (tomb.key, tomb.body, tomb.redacted) == ("k7", None, True)
+            page = await store.read("s", 5, 100)
+            assert [(m.id, m.redacted, m.body) for m in page] == [
+                (6, False, 5),
+                (7, False, 6),
+                (8, True, None),
+                (9, False, 8),
+                (10, False, 9),
+            ]
+            assert await store.redact("s", 3) is None  # trimmed
+            await store.delete_stream("s")
+            assert not (await store.stream_info("s")).exists
+            keys = store.keys("s")
+            assert await store.client.exists(keys.all) == 0
+
+
+async def test_a_redis_that_is_down_fails_promptly_with_a_store_error() -> None:
+    with trio.fail_after(10):
+        with pytest.raises(chatbus.StoreError, match="opening the Redis store"):
+            async with open_redis("redis://127.0.0.1:1/0", connect_timeout=1):
+                pass
+
+
+def test_bad_options_and_urls_say_what_is_wrong() -> None:
+    from chatbus.redis._open import parse_url
+
+    with pytest.raises(ValueError, match="prefix must not contain braces"):
+        trio.run(_open_with, {"prefix": "a{b}"})
+    with pytest.raises(ValueError, match="durability must be 'fast' or 'durable'"):
+        trio.run(_open_with, {"durability": "eventually"})
+    with pytest.raises(ValueError, match="unknown Redis url option 'schema'"):
+        parse_url("redis://h:1/0?schema=x")
+    with pytest.raises(ValueError, match="use redis\\+cluster://"):
+        parse_url("redis://a:1,b:2")
+    server, options = parse_url("redis+cluster://u:p%40ss@a:1,b:2?prefix=chat&wait_timeout=2")
+    assert server.addresses == (("a", 1), ("b", 2)) and server.cluster
+    assert (server.username, server.password) == ("u", "p@ss")
+    assert options == {"prefix": "chat", "wait_timeout": 2.0}
+
+
+async def _open_with(options: dict[str, object]) -> None:
+    async with open_redis("redis://127.0.0.1:1/0", **options):  # type: ignore[arg-type]
+        pass
+
+
+async def test_a_lost_reply_is_resolved_by_running_the_batch_again(nursery: trio.Nursery) -> None:
+    """The reply to the append is lost after the server ran it (the proxy cuts the
+    connection): the store runs the batch again with its token and returns the first
+    run's messages. Nothing is stored twice; no OutcomeUnknown."""
+    from chatbus.redis._open import parse_url
+
+    from support.tcp_proxy import TcpProxy
+
+    url = redis_url()
+    (host, port), *_ = parse_url(url)[0].addresses
+    proxy = TcpProxy(host, port)
+    await proxy.start(nursery)
+    with trio.fail_after(20):
+        async with (
+            fresh_prefix(url) as prefix,
+            open_redis(
+                f"redis://127.0.0.1:{proxy.port}/{parse_url(url)[0].db}", prefix=prefix
+            ) as (store, _),
+        ):
+            await store.append("s", [draft("first")])
+            proxy.lose_reply_to(b"lost-reply-marker")
+            messages = await store.append("s", [draft("lost-reply-marker"), draft("too")])
+            assert proxy.replies_lost == 1
+            assert store.statistics().reruns >= 1
+            assert [(m.id, m.body) for m in messages] == [(2, "lost-reply-marker"), (3, "too")]
+            page = await store.read("s", 0, 10)
+            assert [m.body for m in page] == ["first", "lost-reply-marker", "too"]
