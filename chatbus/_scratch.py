@@ -173,7 +173,8 @@ async def open_scratch_backend(
     * ``"postgres"``: a new uniquely named schema (created by the first bus), dropped
       with :func:`drop_schema` on exit. Needs the ``postgres`` extra.
     * ``"redis"``: a new unique key prefix, through ``chatbus.redis.open_redis(url,
-      prefix=…)`` once that module exists.
+      prefix=…)``, its keys deleted with ``chatbus.redis.drop_prefix`` on exit. Needs
+      the ``redis`` extra.
 
     Example::
 
@@ -329,7 +330,7 @@ async def _open_redis_world(
     try:
         yield ScratchBackend("redis", url, None, prefix, open_pair=open_pair, defaults=defaults)
     finally:
-        drop_prefix = getattr(redis, "drop_prefix", None)  # clean-up, once it exists
+        drop_prefix = getattr(redis, "drop_prefix", None)  # a stand-in may have none
         if drop_prefix is not None:
             with trio.CancelScope(shield=True):
                 await drop_prefix(url, prefix)

@@ -10,9 +10,10 @@ import pytest
 import chatbus
 import chatbus.memory
 import chatbus.postgres
+import chatbus.redis
 import chatbus.testing
 
-PUBLIC_MODULES = [chatbus, chatbus.memory, chatbus.postgres, chatbus.testing]
+PUBLIC_MODULES = [chatbus, chatbus.memory, chatbus.postgres, chatbus.redis, chatbus.testing]
 
 
 @pytest.mark.parametrize("module", PUBLIC_MODULES, ids=lambda m: m.__name__)
@@ -45,6 +46,7 @@ def test_methods_have_public_qualified_names() -> None:
     assert chatbus.Subscriber.receive.__module__ == "chatbus"
     assert chatbus.Bus.__module__ == "chatbus"
     assert chatbus.postgres.PostgresStore.__module__ == "chatbus.postgres"
+    assert chatbus.redis.RedisStore.__module__ == "chatbus.redis"
     assert chatbus.StoreError.__module__ == "chatbus"
 
 

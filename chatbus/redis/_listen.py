@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import collections
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Final, final
 
 import attrs
@@ -75,8 +75,9 @@ class ListenSession:
     server: Server
     prefix: str
     handler: NoticeHandler
-    #: Slot → server address (cluster), from CLUSTER SLOTS when the session opened.
-    slots: list[Address | None]
+    #: Slot → server address (cluster): the client's view for the first session, then
+    #: CLUSTER SLOTS when a session is opened again (the topology may have changed).
+    slots: Callable[[int], Address | None]
     ping_interval: float
     links: dict[Address, Link] = attrs.field(factory=dict)
     nursery: trio.Nursery | None = None
@@ -98,7 +99,7 @@ class ListenSession:
     def address_of(self, channel: bytes) -> Address:
         if not self.server.cluster:
             return self.server.addresses[0]
-        address = self.slots[hash_slot(channel)]
+        address = self.slots(hash_slot(channel))
         if address is None:
             raise ListenLost(f"no server holds the slot of channel {channel!r}")
         return address
@@ -283,16 +284,20 @@ class ListenSession:
             self.fail(f"{_where(link)}: {exc!r}")
 
 
+def _no_slots(slot: int) -> Address | None:
+    return None
+
+
 def _where(link: Link) -> str:
     host, port = link.conn.address
     return f"the listen connection to {host}:{port}"
 
 
-def _tag_in(address: Address, slots: list[Address | None], seed: str) -> str:
+def _tag_in(address: Address, slots: Callable[[int], Address | None], seed: str) -> str:
     """A hash tag starting with ``seed`` whose slot ``address`` holds (for its pings)."""
     for n in range(1_000_000):
         tag = f"{seed}.{n}"
-        if slots[hash_slot(tag.encode())] == address:
+        if slots(hash_slot(tag.encode())) == address:
             return tag
     raise ListenLost(f"no slot of {address} found for a ping channel")
 
@@ -357,8 +362,11 @@ class RedisNotifier:
     max_backoff: float = 5.0
     _watched: collections.Counter[str] = attrs.field(factory=collections.Counter, init=False)
     _sessions: set[ListenSession] = attrs.field(factory=set, init=False)
+    #: Slot → address as the store's client knows it, for the first session.
+    first_slots: Callable[[int], Address | None] | None = None
     _handlers: set[NoticeHandler] = attrs.field(factory=set, init=False)
     _reconnects: int = attrs.field(default=0, init=False)
+    _sessions_opened: int = attrs.field(default=0, init=False)
 
     @property
     def reconnects(self) -> int:
@@ -468,9 +476,13 @@ class RedisNotifier:
 
     async def _open_session(self, handler: NoticeHandler) -> ListenSession:
         server = self._server
-        slots: list[Address | None] = []
+        slots: Callable[[int], Address | None] = _no_slots
         if server.cluster:
-            slots = await cluster_slots(server, self.ping_timeout)
+            if self.first_slots is not None and not self._sessions_opened:
+                slots = self.first_slots  # the store's client has just asked
+            else:
+                slots = (await cluster_slots(server, self.ping_timeout)).__getitem__
+        self._sessions_opened += 1
         session = ListenSession(server, self._prefix, handler, slots, self.ping_interval)
         try:
             if not server.cluster:  # one server: connect (and ping) even with nothing watched

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import urllib.parse
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Final, final
 
@@ -87,6 +87,9 @@ class _Settings:
             return coredis.RedisCluster(
                 startup_nodes=[TCPLocation(host, port) for host, port in server.addresses],
                 max_connections=self.max_connections,
+                # Not a connection to every node (CONFIG GET) at each start-up: a slot
+                # nobody serves fails its own commands, clearly, when it is used.
+                skip_full_coverage_check=True,
                 **common,
             )
         host, port = server.addresses[0]
@@ -284,17 +287,19 @@ async def _open_pair(settings: _Settings) -> AsyncIterator[tuple[RedisStore, Red
     try:
         async with client:
             entered = True
-            try:
-                with trio.fail_after(settings.connect_timeout):
-                    await client.ping()
-            except (*REDIS_ERRORS, trio.TooSlowError) as exc:
-                raise store_error("opening the Redis store", exc) from exc
+            if not server.cluster:  # a Cluster client asked a node for the slots already
+                try:
+                    with trio.fail_after(settings.connect_timeout):
+                        await client.ping()
+                except (*REDIS_ERRORS, trio.TooSlowError) as exc:
+                    raise store_error("opening the Redis store", exc) from exc
             notifier = RedisNotifier(
                 server,
                 settings.prefix,
                 ping_interval=settings.ping_interval,
                 ping_timeout=settings.ping_timeout,
                 max_backoff=settings.max_backoff,
+                first_slots=_slots_of(client) if server.cluster else None,
             )
             store = RedisStore(
                 client,
@@ -316,6 +321,20 @@ async def _open_pair(settings: _Settings) -> AsyncIterator[tuple[RedisStore, Red
             raise
         # The client's start-up (a Cluster's topology) failed.
         raise store_error("opening the Redis store", exc) from exc
+
+
+def _slots_of(client: Client) -> Callable[[int], tuple[str, int] | None]:
+    """Slot → primary address as the coredis Cluster client knows it (no I/O)."""
+    layout = client.connection_pool.cluster_layout  # type: ignore[union-attr]
+
+    def lookup(slot: int) -> tuple[str, int] | None:
+        try:
+            node = layout.node_for_slot(slot)
+        except coredis.exceptions.RedisError:
+            return None
+        return (node.host, node.port)
+
+    return lookup
 
 
 def open_backend(

@@ -194,9 +194,10 @@ async def test_trim_keeps_keys_and_redact_keeps_id_and_key(url: str) -> None:
 
 async def test_a_redis_that_is_down_fails_promptly_with_a_store_error() -> None:
     with trio.fail_after(10):
-        with pytest.raises(chatbus.StoreError, match="opening the Redis store"):
-            async with open_redis("redis://127.0.0.1:1/0", connect_timeout=1):
-                pass
+        for url in ("redis://127.0.0.1:1/0", "redis+cluster://127.0.0.1:1,127.0.0.1:2"):
+            with pytest.raises(chatbus.StoreError, match="opening the Redis store"):
+                async with open_redis(url, connect_timeout=1):
+                    pass
 
 
 def test_bad_options_and_urls_say_what_is_wrong() -> None:
