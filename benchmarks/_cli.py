@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--backends",
         type=lambda text: _parse_list(text, BACKENDS, "backend"),
         default=list(BACKENDS),
-        help="comma-separated backends for latency, fanout and scale (default: both)",
+        help="comma-separated backends for latency, fanout and scale (default: all)",
     )
     parser.add_argument("--repeats", type=int, help="repeats per measurement (medians reported)")
     parser.add_argument(

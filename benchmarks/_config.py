@@ -48,6 +48,8 @@ class Sizes:
     peers_messages: int = 20_000
     #: Most seconds one peer run (subprocess) may take.
     peers_timeout_seconds: float = 120.0
+    # redis: the same shape on chatbus Redis (servers of the suite's own)
+    redis_messages: int = 20_000
     # statement: one-row reads timed per way of talking to Postgres
     statement_count: int = 3_000
     #: The merged append statement timed keyed and unkeyed: streams x drafts each.
@@ -90,6 +92,7 @@ def quick_sizes() -> Sizes:
         pg_keyed_messages=2_000,
         peers_messages=1_000,
         peers_timeout_seconds=30.0,
+        redis_messages=2_000,
         statement_count=1_000,
         latency_seconds=2.0,
         latency_warmup_seconds=0.5,

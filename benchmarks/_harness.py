@@ -146,9 +146,12 @@ class SubscriberProcess:
 
 @contextlib.asynccontextmanager
 async def subscriber_process(
-    dsn: str, schema: str, stream: str, *, events: bool = False
+    dsn: str, schema: str, stream: str, *, events: bool = False, backend: str = "postgres"
 ) -> AsyncIterator[SubscriberProcess]:
     """Start the subscriber child on ``stream`` and wait until it is subscribed.
+
+    ``backend`` is ``postgres`` (``dsn`` and ``schema``) or ``redis`` (``dsn`` is the
+    server's URL, ``schema`` the key prefix).
 
     The child is killed on the way out if it is still running.
     """
@@ -162,6 +165,8 @@ async def subscriber_process(
         schema,
         "--stream",
         stream,
+        "--backend",
+        backend,
         *(["--events"] if events else []),
     ]
     process = await trio.lowlevel.open_process(

@@ -1,6 +1,7 @@
-"""The subscriber process of the Postgres latency and events scenarios.
+"""The subscriber process of the cross-process latency and events scenarios.
 
-Subscribes to ``--stream`` in ``--schema`` (with ``--events``: for events, as the
+Subscribes to ``--stream`` in ``--schema`` (for ``--backend redis``: ``--dsn`` is the
+server's URL and ``--schema`` the key prefix; with ``--events``: for events, as the
 events scenario measures them), prints ``ready``, then collects latencies
 (``time.time()`` at receipt minus the scheduled send time in the body) until the end
 marker, and prints them as one JSON object.
@@ -20,9 +21,9 @@ from ._backends import open_backend_bus
 from .latency import collect
 
 
-async def _main(dsn: str, schema: str, stream: str, events: bool) -> None:
+async def _main(dsn: str, schema: str, stream: str, events: bool, backend: str) -> None:
     async with (
-        open_backend_bus("postgres", dsn, schema=schema, drop_schema=False) as bus,
+        open_backend_bus(backend, dsn, schema=schema, drop_schema=False) as bus,
         bus.open_subscriber(stream, events=events) as subscriber,
     ):
         sys.stdout.write("ready\n")
@@ -44,8 +45,9 @@ def main() -> None:
     parser.add_argument("--schema", required=True)
     parser.add_argument("--stream", required=True)
     parser.add_argument("--events", action="store_true")
+    parser.add_argument("--backend", choices=("postgres", "redis"), default="postgres")
     args = parser.parse_args()
-    trio.run(_main, args.dsn, args.schema, args.stream, args.events)
+    trio.run(_main, args.dsn, args.schema, args.stream, args.events, args.backend)
 
 
 if __name__ == "__main__":

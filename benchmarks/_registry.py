@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-from . import events, fanout, gateway, latency, peers, scale, statement, throughput
+from . import (
+    events,
+    fanout,
+    gateway,
+    latency,
+    peers,
+    redis_throughput,
+    scale,
+    statement,
+    throughput,
+)
 from ._scenario import Scenario
 
 SCENARIOS: tuple[Scenario, ...] = (
@@ -10,6 +20,7 @@ SCENARIOS: tuple[Scenario, ...] = (
     throughput.POSTGRES,
     throughput.PG_KEYED,
     peers.SCENARIO,
+    redis_throughput.SCENARIO,
     statement.SCENARIO,
     latency.SCENARIO,
     fanout.SCENARIO,

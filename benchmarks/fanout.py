@@ -11,8 +11,8 @@ import time
 
 import trio
 
-from . import _backends, _harness
-from ._backends import CHATBUS_POSTGRES
+from . import _backends, _harness, _redis
+from ._backends import CHATBUS_POSTGRES, CHATBUS_REDIS
 from ._report import Row, measured
 from ._scenario import Context, Scenario
 
@@ -37,12 +37,11 @@ def run(context: Context, backend: str) -> list[Row]:
     """The fan-out row for ``backend``."""
     sizes = context.sizes
     messages = sizes.fanout_messages if backend == "memory" else sizes.fanout_pg_messages
-    samples = [
-        trio.run(
-            _run, backend, context.dsn, sizes.fanout_subscribers, messages, sizes.fanout_callers
-        )
-        for _ in range(sizes.repeats)
-    ]
+    with _redis.url_for(backend, context.dsn) as url:
+        samples = [
+            trio.run(_run, backend, url, sizes.fanout_subscribers, messages, sizes.fanout_callers)
+            for _ in range(sizes.repeats)
+        ]
     return [
         measured(
             scenario="fanout",
@@ -60,7 +59,7 @@ def run(context: Context, backend: str) -> list[Row]:
 SCENARIO = Scenario(
     name="fanout",
     label="fanout",
-    needs={"memory": (), "postgres": CHATBUS_POSTGRES},
+    needs={"memory": (), "postgres": CHATBUS_POSTGRES, "redis": CHATBUS_REDIS},
     entry=run,
     summary="one stream, 1,000 subscribers in one process, deliveries/s",
 )

@@ -10,8 +10,9 @@ Postgres, receipt minus the row's ``created_at`` (the append transaction's start
 reported too.
 
 Memory: publisher and subscriber share one process and ``time.perf_counter``.
-Postgres: the subscriber runs in another OS process (``benchmarks._latency_child``)
-and both stamp ``time.time()`` (same machine clock).
+Postgres and Redis: the subscriber runs in another OS process
+(``benchmarks._latency_child``) and both stamp ``time.time()`` (same machine clock).
+Redis runs on a standalone server of the suite's own with AOF ``everysec``.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ import trio
 
 import chatbus
 
-from . import _backends, _pg
-from ._backends import CHATBUS_POSTGRES
+from . import _backends, _pg, _redis
+from ._backends import CHATBUS_POSTGRES, CHATBUS_REDIS
 from ._config import Sizes
 from ._harness import subscriber_process
 from ._report import Row, measured, percentile
@@ -121,14 +122,15 @@ async def _memory_run(sizes: Sizes) -> Collected:
     return result
 
 
-async def _postgres_run(sizes: Sizes, dsn: str, keyed: bool) -> Collected:
+async def _remote_run(sizes: Sizes, backend: str, url: str, keyed: bool) -> Collected:
+    """One run with the subscriber in another OS process (Postgres or Redis at ``url``)."""
     rate = sizes.latency_rate
     warmup = int(sizes.latency_warmup_seconds * rate)
     count = int(sizes.latency_seconds * rate)
-    schema = _pg.scratch_schema("lat")
+    schema = _pg.scratch_schema("lat")  # the Postgres schema, or the Redis key prefix
     async with (
-        _backends.open_backend_bus("postgres", dsn, schema=schema) as bus,
-        subscriber_process(dsn, schema, STREAM) as child,
+        _backends.open_backend_bus(backend, url, schema=schema) as bus,
+        subscriber_process(url, schema, STREAM, backend=backend) as child,
     ):
         async with bus.open_publisher(STREAM) as publisher:
             await offer_load(
@@ -210,26 +212,38 @@ def _side_rows(backend: str, runs: list[Collected]) -> list[Row]:
     return rows
 
 
+#: p99 targets (ms): memory in-process; Postgres and Redis cross-process.
+TARGET_MS = {"memory": 1.0, "postgres": 10.0, "redis": 2.0}
+
+
 def run(context: Context, backend: str) -> list[Row]:
-    """Latency rows for ``backend``; for Postgres, unkeyed and keyed runs interleaved."""
+    """Latency rows for ``backend``; cross-process ones unkeyed and keyed, interleaved."""
     sizes = context.sizes
     offered = f"{sizes.latency_rate:g} msg/s offered"
     if backend == "memory":
         runs = [trio.run(_memory_run, sizes) for _ in range(sizes.repeats)]
-        return _rows("memory", runs, 1.0, offered) + _side_rows("memory", runs)
+        return _rows("memory", runs, TARGET_MS["memory"], offered) + _side_rows("memory", runs)
+    if backend == "redis":
+        offered += ", standalone AOF everysec"
+    with _redis.url_for(backend, context.dsn) as url:
+        return _remote_rows(sizes, backend, url, offered)
+
+
+def _remote_rows(sizes: Sizes, backend: str, url: str, offered: str) -> list[Row]:
     unkeyed: list[Collected] = []
     keyed: list[Collected] = []
     for _ in range(sizes.repeats):
-        unkeyed.append(trio.run(_postgres_run, sizes, context.dsn, False))
-        keyed.append(trio.run(_postgres_run, sizes, context.dsn, True))
+        unkeyed.append(trio.run(_remote_run, sizes, backend, url, False))
+        keyed.append(trio.run(_remote_run, sizes, backend, url, True))
     offered += ", subscriber in another process"
+    target = TARGET_MS[backend]
     return [
-        *_rows("postgres", unkeyed, 10.0, offered),
-        *_side_rows("postgres", unkeyed),
+        *_rows(backend, unkeyed, target, offered),
+        *_side_rows(backend, unkeyed),
         *_rows(
-            "postgres",
+            backend,
             keyed,
-            10.0,
+            target,
             offered + ", a unique key on every publish (runs interleaved with the above)",
             prefix="keyed ",
             metrics=("p50", "p99", "max"),
@@ -238,7 +252,7 @@ def run(context: Context, backend: str) -> list[Row]:
         ),
         measured(
             scenario="latency",
-            backend="postgres",
+            backend=backend,
             metric="keyed sender lag p99",
             unit="ms",
             samples=[summarize(run.lags)["p99"] for run in keyed],
@@ -249,7 +263,8 @@ def run(context: Context, backend: str) -> list[Row]:
 SCENARIO = Scenario(
     name="latency",
     label="latency",
-    needs={"memory": (), "postgres": CHATBUS_POSTGRES},
+    needs={"memory": (), "postgres": CHATBUS_POSTGRES, "redis": CHATBUS_REDIS},
     entry=run,
-    summary="publish -> receipt at 1,000 msg/s offered (Postgres: cross-process, also keyed)",
+    summary="publish -> receipt at 1,000 msg/s offered (Postgres, Redis: cross-process,"
+    " also keyed)",
 )

@@ -50,13 +50,24 @@ PEERS = {
 class PeerRun:
     """Runs one peer's subprocess per call; after one skip, returns None for good."""
 
-    def __init__(self, peer: str, context: Context, shape: PgShape, messages: int) -> None:
+    def __init__(
+        self,
+        peer: str,
+        context: Context,
+        shape: PgShape,
+        messages: int,
+        *,
+        url: str | None = None,
+    ) -> None:
+        """``url``: a server of the suite's own instead of the peer's configured one
+        (then only the peer's client is checked)."""
         self.peer = peer
-        self.url = context.peer_urls[peer]
+        self.url = url or context.peer_urls[peer]
         self.shape = shape
         self.per_caller = max(1, messages // (shape.streams * shape.callers))
         self.timeout = context.sizes.peers_timeout_seconds
-        self.problem: str | None = context.problem(*PEERS[peer][0])
+        needs = PEERS[peer][0] if url is None else PEERS[peer][0][:1]
+        self.problem: str | None = context.problem(*needs)
         self.infos: list[dict[str, object]] = []
 
     def __call__(self) -> float | None:

@@ -21,8 +21,8 @@ import trio.testing
 
 import chatbus
 
-from . import _backends, _pg
-from ._backends import CHATBUS_POSTGRES
+from . import _backends, _pg, _redis
+from ._backends import CHATBUS_POSTGRES, CHATBUS_REDIS
 from ._report import Row, measured
 from ._scenario import Context, Scenario
 
@@ -96,7 +96,8 @@ def run(context: Context, backend: str) -> list[Row]:
     sizes = context.sizes
     rows: list[Row] = []
     count = sizes.scale_subscriptions if backend == "memory" else sizes.scale_pg_subscriptions
-    result = trio.run(_run, backend, context.dsn, count, sizes.scale_settle_seconds)
+    with _redis.url_for(backend, context.dsn) as url:
+        result = trio.run(_run, backend, url, count, sizes.scale_settle_seconds)
     note = (
         f"{count} idle subscriptions on distinct streams; opened in"
         f" {result['open_seconds']:.1f} s, started in {result['settle_seconds']:.1f} s"
@@ -152,7 +153,7 @@ def run(context: Context, backend: str) -> list[Row]:
 SCENARIO = Scenario(
     name="scale",
     label="scale",
-    needs={"memory": (), "postgres": CHATBUS_POSTGRES},
+    needs={"memory": (), "postgres": CHATBUS_POSTGRES, "redis": CHATBUS_REDIS},
     entry=run,
     summary="10,000 idle subscriptions: bytes each, and connections held",
 )

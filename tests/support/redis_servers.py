@@ -82,7 +82,8 @@ class RespError(Exception):
 def _encode(args: Sequence[object]) -> bytes:
     parts = [b"*%d\r\n" % len(args)]
     for arg in args:
-        data = arg if isinstance(arg, bytes) else str(arg).encode()
+        # surrogateescape: key names read back (any bytes) can be sent back as they were.
+        data = arg if isinstance(arg, bytes) else str(arg).encode(errors="surrogateescape")
         parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
     return b"".join(parts)
 
@@ -103,7 +104,7 @@ def _read_reply(stream: Any) -> Any:
         if size < 0:
             return None
         data = stream.read(size + 2)[:-2]
-        return data.decode(errors="replace")
+        return data.decode(errors="surrogateescape")
     if kind == b"*":
         size = int(rest)
         return None if size < 0 else [_read_reply(stream) for _ in range(size)]
@@ -128,6 +129,31 @@ def info(port: int, section: str) -> dict[str, str]:
     text = command(port, "INFO", section)
     pairs = (line.split(":", 1) for line in text.splitlines() if ":" in line)
     return {name: value for name, value in pairs}
+
+
+@final
+class AdminConnection:
+    """One open connection to a server, for commands that must be read in one go.
+
+    A command sent on an already open connection is read by the server in the same
+    event-loop turn as other clients' pending requests (a new connection is only
+    accepted in that turn): the way to kill a client right after its request ran and
+    before its reply is written (see ``support.redis_bus.lose_reply``).
+    """
+
+    def __init__(self, port: int) -> None:
+        self._socket = socket.create_connection((HOST, port), timeout=10)
+        self._stream = self._socket.makefile("rb")
+
+    def command(self, *args: object) -> Any:
+        """Send one command and return its reply."""
+        self._socket.sendall(_encode(args))
+        return _read_reply(self._stream)
+
+    def close(self) -> None:
+        """Close the connection."""
+        self._stream.close()
+        self._socket.close()
 
 
 # ---- one server ----
