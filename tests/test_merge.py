@@ -254,7 +254,7 @@ async def test_any_interleaving_keeps_events_in_place(actions, cache_size):
                     notices.append(committed[-1].id)
                 case ("fill", i) if fills:
                     topic.appending -= 1
-                    topic.committed(fills.pop(i % len(fills)))
+                    topic.committed(fills.pop(i % len(fills)), topic.cache.generation)
                 case ("notice", i, how) if notices:
                     last_id = notices.pop(i % len(notices))
                     for _ in range({"once": 1, "twice": 2, "drop": 0}[how]):
@@ -285,7 +285,7 @@ async def test_any_interleaving_keeps_events_in_place(actions, cache_size):
                     await bus.emit("s", "local", key="status" if keyed else None)
         while fills:
             topic.appending -= 1
-            topic.committed(fills.pop())
+            topic.committed(fills.pop(), topic.cache.generation)
         for batch in batches:
             router.events(batch)
         router.resync()
