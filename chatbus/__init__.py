@@ -43,6 +43,7 @@ from ._protocols import LifecycleStore as LifecycleStore
 from ._protocols import NoticeHandler as NoticeHandler
 from ._protocols import Notifier as Notifier
 from ._protocols import Store as Store
+from ._protocols import WatchingNotifier as WatchingNotifier
 from ._publisher import Publisher as Publisher
 from ._publisher import PublisherStatistics as PublisherStatistics
 from ._retention import Retention as Retention
@@ -86,6 +87,7 @@ __all__ = [
     "Subscriber",
     "SubscriberStatistics",
     "UndecodableMessage",
+    "WatchingNotifier",
     "open_bus",
 ]
 
