@@ -9,13 +9,17 @@ body's own exception from our tasks' failures inside an ExceptionGroup
 from __future__ import annotations
 
 import random
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from types import TracebackType
-from typing import Final, final
+from typing import Final, TypeVar, final
 
 import attrs
 import trio
 
 from ._exceptions import BusError
+
+T = TypeVar("T")
 
 #: How long cleanup may run shielded from cancellation (closing connections, giving
 #: them back to a pool): long enough for a live server, short enough for a dead one.
@@ -74,6 +78,29 @@ def sole_error(
             return None
         node = node.exceptions[0]
     return node
+
+
+@asynccontextmanager
+async def unwrapped_groups(opened: AbstractAsyncContextManager[T]) -> AsyncIterator[T]:
+    """``opened``, entered, with what a foreign library's task group wraps unwrapped
+    (see :func:`sole_error`): the body's exception comes out as the very object the
+    body raised (a group included), a single failure of ours as itself."""
+    body_error: BaseException | None = None
+    unwrapped: BaseException
+    try:
+        async with opened as value:
+            try:
+                yield value
+            except BaseException as exc:
+                body_error = exc
+                raise
+        return
+    except BaseExceptionGroup as group:
+        sole = sole_error(group, body_error)
+        if sole is None:
+            raise
+        unwrapped = sole
+    raise unwrapped  # outside the except block: no group chained as its context
 
 
 def _leaves(error: BaseException) -> list[BaseException]:

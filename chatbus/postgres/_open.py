@@ -21,7 +21,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from .._exceptions import store_error
 from .._options import check_identifier, check_int_range, check_range
-from .._tasks import shielded_cleanup, sole_error
+from .._tasks import shielded_cleanup, unwrapped_groups
 from . import _aio
 from ._aio import AioRunner
 from ._connections import LentConnections
@@ -225,22 +225,16 @@ async def _open_on_a_loop(
     body's) in ExceptionGroups: the body's exception comes out as the very object the
     body raised (a group included), a single failure of ours as itself.
     """
-    body_error: BaseException | None = None
-    unwrapped: BaseException
-    try:
-        async with _aio.open_loop() as loop, _open_pair(AioRunner(loop), settings) as pair:
-            try:
-                yield pair
-            except BaseException as exc:
-                body_error = exc
-                raise
-        return
-    except BaseExceptionGroup as group:
-        sole = sole_error(group, body_error)
-        if sole is None:
-            raise
-        unwrapped = sole
-    raise unwrapped  # outside the except block: no group chained as its context
+    async with unwrapped_groups(_open_loop_and_pair(settings)) as pair:
+        yield pair
+
+
+@asynccontextmanager
+async def _open_loop_and_pair(
+    settings: _Settings,
+) -> AsyncIterator[tuple[PostgresStore, PostgresNotifier]]:
+    async with _aio.open_loop() as loop, _open_pair(AioRunner(loop), settings) as pair:
+        yield pair
 
 
 @asynccontextmanager

@@ -25,7 +25,7 @@ from coredis.retry import NoRetryPolicy
 
 from .._exceptions import StoreError, store_error
 from .._options import check_identifier, check_int_range, check_range
-from .._tasks import sole_error
+from .._tasks import unwrapped_groups
 from ._listen import RedisNotifier, Server
 from ._store import DEFAULT_MAX_IN_FLIGHT, REDIS_ERRORS, Client, RedisStore
 
@@ -251,32 +251,8 @@ async def open_redis(
         ping_timeout=ping_timeout,
         max_backoff=max_backoff,
     )
-    async with _unwrapped(_open_pair(settings)) as pair:
+    async with unwrapped_groups(_open_pair(settings)) as pair:
         yield pair
-
-
-@asynccontextmanager
-async def _unwrapped(
-    opened: AbstractAsyncContextManager[tuple[RedisStore, RedisNotifier]],
-) -> AsyncIterator[tuple[RedisStore, RedisNotifier]]:
-    """``opened``, with what coredis's task group wraps unwrapped: the body's own
-    exception comes out as the very object the body raised, ours as itself."""
-    body_error: BaseException | None = None
-    unwrapped: BaseException
-    try:
-        async with opened as pair:
-            try:
-                yield pair
-            except BaseException as exc:
-                body_error = exc
-                raise
-        return
-    except BaseExceptionGroup as group:
-        sole = sole_error(group, body_error)
-        if sole is None:
-            raise
-        unwrapped = sole
-    raise unwrapped  # outside the except block: no group chained as its context
 
 
 @asynccontextmanager
