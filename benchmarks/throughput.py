@@ -91,7 +91,7 @@ async def _chatbus_run(
     done: list[float] = []
     async with _backends.open_backend_bus(backend, dsn) as bus:
         store_stats = getattr(bus.store, "statistics", None)
-        statements_before = store_stats().statements if store_stats else 0
+        statements_before = _round_trips(store_stats)
         async with trio.open_nursery() as nursery:
             for name in names:
                 for _ in range(subscribers):
@@ -103,7 +103,7 @@ async def _chatbus_run(
             )
         elapsed = max(done) - start
         cpu = time.process_time() - cpu_start
-        statements = store_stats().statements - statements_before if store_stats else 0
+        statements = _round_trips(store_stats) - statements_before
     messages = per_stream * streams
     batches = sum(s.batches for s in stats)
     deliveries = last_id * streams * subscribers
@@ -114,6 +114,17 @@ async def _chatbus_run(
         cpu_us=cpu / messages * 1e6,
         per_statement=messages / statements if statements else None,
     )
+
+
+def _round_trips(statistics: Callable[[], object] | None) -> int:
+    """Append round trips so far: a Postgres store's statements, a Redis one's round trips."""
+    if statistics is None:
+        return 0
+    record = statistics()
+    count = getattr(record, "statements", None)
+    if count is None:
+        count = getattr(record, "round_trips", 0)
+    return int(count)
 
 
 def interleave(
