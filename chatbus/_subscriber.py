@@ -13,6 +13,7 @@ import trio
 
 from ._event import RETAINED_EVENTS, Arrival, EmitterOrder, Event
 from ._exceptions import (
+    HistoryReset,
     StoreError,
     StreamDeleted,
     UndecodableMessage,
@@ -254,6 +255,17 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
         if self._epoch is None or self._epoch == 0:
             self._epoch = info.epoch
         elif info.epoch != self._epoch:
+            if info.exists and info.reset_by_store:
+                # Not a delete: the history may have lost what this subscription saw.
+                raise HistoryReset(
+                    f"stream {self._stream!r} started a new epoch ({info.epoch}) while this"
+                    f" subscription followed it at id {self._last_id}: the store found it"
+                    " on another server process (a restart, failover or slot migration)"
+                    " and may have lost messages acknowledged before; start again from"
+                    " stream_info",
+                    self._stream,
+                    info.epoch,
+                )
             raise StreamDeleted(
                 f"stream {self._stream!r} was deleted"
                 + (f" and created again (epoch {info.epoch})" if info.exists else "")
@@ -468,6 +480,10 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
                         state.check_first(self._stream, info.first_id)
                     await backoff.sleep()
                     continue
+            if run and topic.resyncs != self._seen_resyncs:
+                # The history was reset while the run was gathered (a store reading its
+                # epoch before a Redis reset, the cache filled after it): check first.
+                continue
             if run:
                 backoff.reset()
                 if self._epoch == 0:  # the stream did not exist at open; it does now
