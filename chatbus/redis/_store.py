@@ -514,14 +514,12 @@ class RedisStore:
             await trio.lowlevel.checkpoint()
             return [0]
         try:
-            layout = await self._client.cluster_slots()
+            shards: list[Any] = await self._client.cluster_shards()
         except REDIS_ERRORS as exc:
             raise store_error("retention", exc) from exc
-        firsts: dict[tuple[str, int], int] = {}
-        for (low, _), nodes in layout.items():
-            address = (nodes[0]["host"], nodes[0]["port"])
-            firsts[address] = min(low, firsts.get(address, low))
-        return sorted(firsts.values())
+        # One shard per master: its slot ranges as [start, end, start, end, ...].
+        ranges = [shard.get(b"slots") or shard.get("slots") or [] for shard in shards]
+        return sorted(min(int(low) for low in slots[::2]) for slots in ranges if slots)
 
     async def delete_stream(self, stream: str) -> None:
         """Delete ``stream``: every key of it, in one script call (``UNLINK``: freed off
