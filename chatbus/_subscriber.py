@@ -460,6 +460,7 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
                 self._seen_resyncs = topic.resyncs
                 await self._check_epoch_retrying(backoff)
                 state.request_rescan()
+            cursor = state.cursor
             run: list[Message] | None = state.from_cache(cache, limit)
             if not run and state.wants_store(topic.high_water):
                 if topic.appending and not state.rescan and cache.top <= state.cursor:
@@ -482,7 +483,10 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
                     continue
             if run and topic.resyncs != self._seen_resyncs:
                 # The history was reset while the run was gathered (a store reading its
-                # epoch before a Redis reset, the cache filled after it): check first.
+                # epoch before a Redis reset, the cache filled after it): check the
+                # epoch first, then gather again from the same cursor.
+                state.cursor = cursor
+                state.delivered -= len(run)
                 continue
             if run:
                 backoff.reset()

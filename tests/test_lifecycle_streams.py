@@ -387,3 +387,39 @@ async def test_an_epoch_the_store_moved_is_a_history_reset_on_memory():
                 await bus.delete_stream("room")
                 with pytest.raises(chatbus.StreamDeleted, match="was deleted"):
                     await sub.receive()
+
+
+async def test_a_resync_while_a_run_is_gathered_skips_nothing():
+    """A run read across a resync is checked before delivery (the epoch may have
+    moved), then gathered again from the same cursor: never lost."""
+    from chatbus.memory import MemoryNotifier, MemoryStore
+
+    class Capturing(MemoryNotifier):
+        handlers: list = []  # noqa: RUF012 - one test's
+
+        async def listen(self, handler, *, task_status=trio.TASK_STATUS_IGNORED):
+            self.handlers.append(handler)
+            await super().listen(handler, task_status=task_status)
+
+    class ResyncingReads(MemoryStore):
+        resyncs = 0
+
+        async def read(self, stream, after, limit):
+            page = await super().read(stream, after, limit)
+            if page and self.resyncs < 5:
+                self.resyncs += 1
+                for handler in notifier.handlers:
+                    handler.resync()  # as a listener reconnect would, mid-read
+            return page
+
+    store, notifier = ResyncingReads(), Capturing()
+    with trio.fail_after(10):
+        async with (
+            chatbus.open_bus(store=store, notifier=notifier, read_batch=3) as bus,
+            chatbus.open_bus(store=store, notifier=notifier) as writer,
+            bus.open_subscriber("room") as sub,
+        ):
+            for i in range(1, 13):
+                await writer.publish("room", i)
+            assert await collect(sub, 12) == dense(12)
+            assert store.resyncs == 5
