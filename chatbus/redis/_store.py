@@ -468,9 +468,11 @@ class RedisStore:
         if after:
             slot_text, _, cursor_text = after.partition(":")
             slot, cursor = int(slot_text), int(cursor_text)
-        slot = next((first for first in servers if first >= slot), -1)
-        if slot < 0:
+        server = next((first for first in servers if first >= slot), -1)
+        if server < 0:
             return RetentionPage(trims=[], next_after=None)
+        if server != slot:  # the layout changed since: that cursor means nothing here
+            slot, cursor = server, 0
         route = f"{self._prefix}:{{{_slot_tag(slot)}}}:scan"
         pattern = _glob_escape(self._prefix) + ":{*}:m"
         next_cursor, found = await self._call(
