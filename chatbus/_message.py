@@ -97,6 +97,10 @@ class StreamInfo:
             deleted and created again. 0 for a stream that does not exist. Keep it
             with a cursor: ``open_subscriber(..., after=k, epoch=e)``.
         exists: Whether the stream exists (has or had messages since it was made).
+        reset_by_store: The store itself started this epoch, without a delete: it
+            found the stream on another server process than before (a Redis
+            restart, failover or slot migration in fast mode), so messages a reader
+            saw in the epoch before may be gone.
     """
 
     stream: str
@@ -104,6 +108,7 @@ class StreamInfo:
     first_id: int
     epoch: int
     exists: bool
+    reset_by_store: bool = False
 
 
 @attrs.frozen(kw_only=True)
@@ -146,10 +151,22 @@ def check_epoch(info: StreamInfo, epoch: int | None, after: int) -> None:
     if epoch is not None and info.epoch != epoch and not (epoch == 0 and after == 0):
         raise HistoryReset(
             f"stream {info.stream!r} is at epoch {info.epoch}, not {epoch}: its history"
-            " was replaced (deleted and created again); start again from stream_info",
+            f" was replaced ({_why_reset(info)}); start again from stream_info",
             info.stream,
             info.epoch,
         )
+
+
+def _why_reset(info: StreamInfo) -> str:
+    """Why ``info``'s epoch is not an earlier one (for error messages)."""
+    if not info.exists:
+        return "deleted"
+    if info.reset_by_store:
+        return (
+            "the store found it on another server process, after a restart, failover"
+            " or slot migration, and may have lost messages acknowledged before"
+        )
+    return "deleted and created again"
 
 
 def check_cursor(info: StreamInfo, after: int) -> None:

@@ -13,6 +13,7 @@ import trio
 
 from ._event import RETAINED_EVENTS, Arrival, EmitterOrder, Event
 from ._exceptions import (
+    HistoryReset,
     StoreError,
     StreamDeleted,
     UndecodableMessage,
@@ -254,6 +255,17 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
         if self._epoch is None or self._epoch == 0:
             self._epoch = info.epoch
         elif info.epoch != self._epoch:
+            if info.exists and info.reset_by_store:
+                # Not a delete: the history may have lost what this subscription saw.
+                raise HistoryReset(
+                    f"stream {self._stream!r} started a new epoch ({info.epoch}) while this"
+                    f" subscription followed it at id {self._last_id}: the store found it"
+                    " on another server process (a restart, failover or slot migration)"
+                    " and may have lost messages acknowledged before; start again from"
+                    " stream_info",
+                    self._stream,
+                    info.epoch,
+                )
             raise StreamDeleted(
                 f"stream {self._stream!r} was deleted"
                 + (f" and created again (epoch {info.epoch})" if info.exists else "")
@@ -448,6 +460,7 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
                 self._seen_resyncs = topic.resyncs
                 await self._check_epoch_retrying(backoff)
                 state.request_rescan()
+            cursor = state.cursor
             run: list[Message] | None = state.from_cache(cache, limit)
             if not run and state.wants_store(topic.high_water):
                 if topic.appending and not state.rescan and cache.top <= state.cursor:
@@ -468,6 +481,13 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
                         state.check_first(self._stream, info.first_id)
                     await backoff.sleep()
                     continue
+            if run and topic.resyncs != self._seen_resyncs:
+                # The history was reset while the run was gathered (a store reading its
+                # epoch before a Redis reset, the cache filled after it): check the
+                # epoch first, then gather again from the same cursor.
+                state.cursor = cursor
+                state.delivered -= len(run)
+                continue
             if run:
                 backoff.reset()
                 if self._epoch == 0:  # the stream did not exist at open; it does now

@@ -5,6 +5,7 @@ Each ``backend.open_bus()`` is a separate "process" over the same store.
 
 from __future__ import annotations
 
+import attrs
 import pytest
 import trio
 
@@ -256,3 +257,169 @@ async def test_delete_racing_publishers_leaves_streams_consistent(backend):
         async with bus.open_subscriber("race") as sub:
             assert await collect(sub, len(stored)) == [m.id for m in stored]
             await assert_quiet(sub)
+
+
+# ---- the store tells every bus; epochs the store itself moves ----------------------
+
+#: The backends whose store (not the bus) carries a redaction to other processes.
+_TELLING_STORES = pytest.mark.parametrize(
+    "backend",
+    [
+        pytest.param("postgres", marks=pytest.mark.postgres),
+        pytest.param("redis", marks=pytest.mark.redis),
+        pytest.param("redis-cluster", marks=pytest.mark.redis),
+    ],
+    indirect=True,
+)
+_REDIS = pytest.mark.parametrize(
+    "backend",
+    [
+        pytest.param("redis", marks=pytest.mark.redis),
+        pytest.param("redis-cluster", marks=pytest.mark.redis),
+    ],
+    indirect=True,
+)
+
+
+@_TELLING_STORES
+async def test_a_store_redaction_reaches_other_buses_caches_without_its_event(backend):
+    """The store's own notice (Postgres: NOTIFY in the redact statement; Redis: SPUBLISH
+    from the redact script) clears every bus's cache, even with the redaction event
+    lost: here the store redacts directly, so no bus emits one."""
+    with trio.fail_after(20):
+        async with backend.open_bus() as bus, backend.open_bus() as other:
+            async with bus.open_subscriber("room") as live:
+                for i in range(1, 6):
+                    await bus.publish("room", {"text": "my password"} if i == 3 else i)
+                assert await collect(live, 5) == [1, 2, 3, 4, 5]  # bus's cache holds them
+                assert await other.store.redact("room", 3) is not None
+                while True:
+                    async with bus.open_subscriber("room", after=2) as sub:
+                        message = await sub.receive()
+                    if message.redacted:
+                        break
+                    await trio.sleep(0.05)
+            assert (message.id, message.body) == (3, None)
+
+
+@_REDIS
+async def test_a_fast_mode_reset_is_a_history_reset_not_a_delete(backend):
+    """A stream found on another server process (restart, failover: the recorded
+    run_id differs) starts a new epoch in fast mode; subscribers learn it as a
+    HistoryReset saying so, never as StreamDeleted; a real delete still is one."""
+    with trio.fail_after(20):
+        async with backend.open_bus() as bus:
+            for i in range(3):
+                await bus.publish("room", i)
+            old = await bus.stream_info("room")
+            assert not old.reset_by_store
+            async with bus.open_subscriber("room", after=3, epoch=old.epoch) as sub:
+                store = bus.store
+                # What a restart looks like to the append script.
+                await store.client.hset(store.keys("room").meta, {"run": "another-process"})
+                await bus.publish("room", "after the restart")
+                with pytest.raises(chatbus.HistoryReset) as reset:
+                    await sub.receive()
+            assert not isinstance(reset.value, chatbus.StreamDeleted)
+            assert "another server process" in str(reset.value)
+            now = await bus.stream_info("room")
+            assert now.reset_by_store and now.epoch not in (0, old.epoch)
+            with pytest.raises(chatbus.HistoryReset, match="another server process") as stale:
+                async with bus.open_subscriber("room", after=3, epoch=old.epoch):
+                    pass
+            assert not isinstance(stale.value, chatbus.StreamDeleted)
+            # A delete after it is a delete again.
+            async with bus.open_subscriber("room", after=4, epoch=now.epoch) as sub:
+                await bus.delete_stream("room")
+                with pytest.raises(chatbus.StreamDeleted):
+                    await sub.receive()
+            await bus.publish("room", "new conversation")
+            assert not (await bus.stream_info("room")).reset_by_store
+
+
+@_REDIS
+async def test_a_fast_append_after_durable_ones_keeps_the_epoch(backend):
+    """Durable appends record no run_id (what was visible is on a replica, so also on
+    a promoted replica or a slot migration's target): a fast append on such a stream,
+    on whichever server holds it, takes it over without a reset."""
+    with trio.fail_after(20):
+        async with backend.open_bus() as bus:
+            for i in range(3):
+                await bus.publish("room", i)
+            old = await bus.stream_info("room")
+            store = bus.store
+            await store.client.hset(store.keys("room").meta, {"run": "durable"})
+            async with bus.open_subscriber("room", after=3, epoch=old.epoch) as sub:
+                await bus.publish("room", "fast again")
+                assert await collect(sub, 1) == [4]
+                await bus.publish("room", "and again")  # the run is recorded now
+                assert await collect(sub, 1) == [5]
+            assert (await bus.stream_info("room")).epoch == old.epoch
+
+
+async def test_an_epoch_the_store_moved_is_a_history_reset_on_memory():
+    """The subscription's wording, on any store: an epoch moved by the store itself
+    (``reset_by_store``) is a HistoryReset naming it; one moved by a delete is
+    StreamDeleted."""
+    from chatbus.memory import MemoryNotifier, MemoryStore
+
+    class Restarted(MemoryStore):
+        moved = False
+
+        async def stream_info(self, stream):
+            info = await super().stream_info(stream)
+            if self.moved:
+                return attrs.evolve(info, epoch=info.epoch + 1, reset_by_store=True)
+            return info
+
+    store, notifier = Restarted(), MemoryNotifier()
+    with trio.fail_after(10):
+        async with chatbus.open_bus(store=store, notifier=notifier) as bus:
+            await bus.publish("room", 1)
+            async with bus.open_subscriber("room", after=1) as sub:
+                store.moved = True
+                await notifier.notify_reset("room")  # what a store's reset notice does
+                with pytest.raises(chatbus.HistoryReset, match="another server process") as got:
+                    await sub.receive()
+            assert not isinstance(got.value, chatbus.StreamDeleted)
+            store.moved = False
+            async with bus.open_subscriber("room", after=1) as sub:
+                await bus.delete_stream("room")
+                with pytest.raises(chatbus.StreamDeleted, match="was deleted"):
+                    await sub.receive()
+
+
+async def test_a_resync_while_a_run_is_gathered_skips_nothing():
+    """A run read across a resync is checked before delivery (the epoch may have
+    moved), then gathered again from the same cursor: never lost."""
+    from chatbus.memory import MemoryNotifier, MemoryStore
+
+    class Capturing(MemoryNotifier):
+        handlers: list = []  # noqa: RUF012 - one test's
+
+        async def listen(self, handler, *, task_status=trio.TASK_STATUS_IGNORED):
+            self.handlers.append(handler)
+            await super().listen(handler, task_status=task_status)
+
+    class ResyncingReads(MemoryStore):
+        resyncs = 0
+
+        async def read(self, stream, after, limit):
+            page = await super().read(stream, after, limit)
+            if page and self.resyncs < 5:
+                self.resyncs += 1
+                for handler in notifier.handlers:
+                    handler.resync()  # as a listener reconnect would, mid-read
+            return page
+
+    store, notifier = ResyncingReads(), Capturing()
+    with trio.fail_after(10):
+        async with (
+            chatbus.open_bus(store=store, notifier=notifier, read_batch=3) as bus,
+            chatbus.open_bus(store=store, notifier=notifier) as writer,
+            bus.open_subscriber("room") as sub,
+        ):
+            for i in range(1, 13):
+                await writer.publish("room", i)
+            assert await collect(sub, 12) == dense(12)
+            assert store.resyncs == 5

@@ -349,3 +349,32 @@ async def test_a_store_trim_for_another_epoch_changes_nothing(backend):
             assert (await bus.stream_info("room")).first_id == 1
             assert await store.trim("room", 4, epoch=epoch) == 4
             assert [m.id for m in await bus.read("room")] == [4, 5]
+
+
+async def test_over_retention_pages_cover_every_stream(backend):
+    """Page by page (bounded per call), a store's listing finds every stream over the
+    policy, on a Cluster on every master, and none that is not."""
+    names = [f"room-{i}" for i in range(24)]
+    with trio.fail_after(30):
+        async with backend.open_bus() as bus:
+            for name in names:
+                for i in range(3):
+                    await bus.publish(name, i)
+            await bus.publish("short", "only one")
+            store = bus.store
+            found: dict[str, tuple[int, int]] = {}
+            after: str | None = ""
+            pages = 0
+            while after is not None:
+                page = await store.over_retention(
+                    after, 4, max_messages=2, max_age=None, keys_for=None
+                )
+                pages += 1
+                assert pages < 10_000, "the listing never ends"
+                for stream, before, epoch in page.trims:
+                    found[stream] = (before, epoch)
+                after = page.next_after
+            assert sorted(found) == sorted(names)
+            assert pages > 1
+            for name in names:
+                assert found[name] == (2, (await bus.stream_info(name)).epoch)

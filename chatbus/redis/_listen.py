@@ -22,7 +22,7 @@ from typing import Final, final
 import attrs
 import trio
 
-from .._codec import parse_notice, parse_reset
+from .._codec import parse_notice, parse_redacted, parse_reset
 from .._event import Event, decode_events
 from .._listener import Beat, ListenLost, Liveness, Reconnecting
 from .._protocols import NoticeHandler
@@ -262,6 +262,11 @@ class ListenSession:
                     on_reset(stream)
             elif (on_trim := getattr(handler, "trimmed", None)) is not None:
                 on_trim(stream, first_id)
+        elif (redaction := parse_redacted(payload)) is not None and (
+            on_redacted := getattr(handler, "redacted", None)
+        ) is not None:
+            # Sent by the redact script: every bus's cache drops the body.
+            on_redacted(*redaction)
         return False
 
     async def serve_link(self, link: Link, ping_timeout: float) -> None:
@@ -398,6 +403,10 @@ class RedisNotifier:
 
     async def notify_reset(self, stream: str, first_id: int | None = None) -> None:
         """Do nothing: the delete and trim scripts published it."""
+        await trio.lowlevel.checkpoint()
+
+    async def notify_redacted(self, stream: str, id: int) -> None:
+        """Do nothing: the redact script published it."""
         await trio.lowlevel.checkpoint()
 
     async def notify_events(self, events: Sequence[Event], encoded: Sequence[str]) -> None:

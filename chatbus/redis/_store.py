@@ -9,6 +9,8 @@ mode's second phase. Imports this package's :mod:`._lua`; never the listener.
 from __future__ import annotations
 
 import datetime
+import functools
+import itertools
 import json
 import random
 import secrets
@@ -25,9 +27,11 @@ from .._codec import BadBody, decode_bodies, pack_bodies
 from .._event import Event, decode_event_items, encode_events, from_micros, to_micros
 from .._exceptions import BusError, OutcomeUnknown, StoreError, store_error
 from .._message import Draft, Message, StreamInfo, check_after, check_stream
+from .._retention import RetentionPage
 from ._lua import (
     APPEND,
     DELETE,
+    EXAMINE,
     INFO,
     JOINER_EVENTS,
     LIFECYCLE_BATCH,
@@ -35,9 +39,11 @@ from ._lua import (
     READ,
     REDACT,
     RETAIN_EVENTS,
+    SCAN_STREAMS,
     TOKENS_KEPT,
     TRIM_BATCH,
     TRIM_FIRST,
+    TRIM_KEYS,
     Script,
     StreamKeys,
 )
@@ -84,6 +90,34 @@ def _abandoned() -> OutcomeUnknown:
         "the round trip carrying this append was abandoned or ran out of time;"
         " it may or may not have been committed. Retry with the same key to find out."
     )
+
+
+def _no_limit(value: int | None) -> int:
+    """A script argument for an optional limit: -1 for none."""
+    return -1 if value is None else value
+
+
+@functools.cache
+def _slot_tag(slot: int) -> str:
+    """A short hash tag whose key lands in ``slot`` (routes a script to its server)."""
+    return next(str(n) for n in itertools.count() if hash_slot(str(n).encode()) == slot)
+
+
+def _glob_escape(text: str) -> str:
+    """``text`` as a literal in a ``SCAN MATCH`` pattern."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+def _stream_of(key: bytes, prefix: str) -> str | None:
+    """The stream whose meta key is ``key`` (None for a key that is not one)."""
+    text = key.decode("utf-8", "replace")
+    head, tail = f"{prefix}:{{", "}:m"
+    if not (text.startswith(head) and text.endswith(tail)):
+        return None
+    try:
+        return bytes.fromhex(text[len(head) : -len(tail)]).decode("utf-8")
+    except ValueError:
+        return None
 
 
 def _not_sent(exc: BaseException) -> bool:
@@ -324,22 +358,37 @@ class RedisStore:
             StoreError: the script failed.
         """
         check_stream(stream)
-        head, first_id, epoch = await self._call(
+        head, first_id, epoch, reset = await self._call(
             "stream info", INFO, [self.keys(stream).meta], [], stream
         )
-        if epoch is None:
+        if not epoch:
             return StreamInfo(stream=stream, head=0, first_id=1, epoch=0, exists=False)
         return StreamInfo(
-            stream=stream, head=int(head), first_id=int(first_id), epoch=int(epoch), exists=True
+            stream=stream,
+            head=int(head),
+            first_id=int(first_id),
+            epoch=int(epoch),
+            exists=True,
+            reset_by_store=bool(reset),
         )
 
-    async def trim(self, stream: str, before: int) -> int:
-        """Drop the messages of ``stream`` below ``before``, in bounded batches.
+    async def trim(
+        self,
+        stream: str,
+        before: int,
+        *,
+        keys_for: float | None = None,
+        epoch: int | None = None,
+    ) -> int:
+        """Drop the messages of ``stream`` below ``before``, in bounded batches; see
+        :meth:`chatbus._protocols.LifecycleStore.trim`.
 
-        The first retained id moves first (readers stop at it at once); then the
-        entries go, :data:`LIFECYCLE_BATCH` per script call. An entry with an
-        idempotency key leaves its body in the key's record: a retried publish
-        returns the original message.
+        The first retained id moves first (readers stop at it at once, listeners are
+        told); then the entries go, :data:`LIFECYCLE_BATCH` per script call. An entry
+        with an idempotency key leaves its body in the key's record (a retried
+        publish returns the original message) until it is ``keys_for`` seconds old
+        by the server's clock (None: as long as the stream exists). With ``epoch``,
+        nothing changes unless the stream is at that epoch.
 
         Returns:
             The stream's first retained id now.
@@ -349,19 +398,130 @@ class RedisStore:
         """
         check_stream(stream)
         keys = self.keys(stream)
-        first = int(
-            await self._call(
-                "trim", TRIM_FIRST, [keys.meta], [before, keys.channel, stream], stream
+        wanted = "" if epoch is None else epoch
+        first, go = (
+            int(value)
+            for value in await self._call(
+                "trim", TRIM_FIRST, [keys.meta], [before, keys.channel, stream, wanted], stream
             )
         )
         if first == 0:
             return 1
+        if not go:
+            return first  # another history than the caller examined
         while True:
             removed = await self._call(
-                "trim", TRIM_BATCH, [keys.entries, keys.keys], [first, LIFECYCLE_BATCH], stream
+                "trim",
+                TRIM_BATCH,
+                [keys.entries, keys.keys, keys.trimmed],
+                [first, LIFECYCLE_BATCH],
+                stream,
             )
             if int(removed) < LIFECYCLE_BATCH:
-                return first
+                break
+        if keys_for is not None:
+            window = round(keys_for * 1_000_000)
+            while True:
+                examined = await self._call(
+                    "trim",
+                    TRIM_KEYS,
+                    [keys.keys, keys.trimmed],
+                    [window, LIFECYCLE_BATCH, first],
+                    stream,
+                )
+                if int(examined) < LIFECYCLE_BATCH:
+                    break
+        return first
+
+    async def over_retention(
+        self,
+        after: str,
+        limit: int,
+        *,
+        max_messages: int | None,
+        max_age: float | None,
+        keys_for: float | None,
+    ) -> RetentionPage:
+        """Which streams hold messages beyond a retention policy, by the server's clock;
+        see :meth:`chatbus._protocols.LifecycleStore.over_retention`.
+
+        Redis keeps no list of streams, and on a Cluster no key could hold one (a
+        stream's keys live in its own slot, and the append script can write no other):
+        the streams are found with ``SCAN`` of ``<prefix>:{*}:m`` (one server at a time
+        on a Cluster, in the order of its first slot), ``2 * limit`` keys walked per
+        call (every stream has at least two keys, so at most about ``limit`` streams),
+        each found stream examined by one script call (the age rule walks at most
+        :data:`LIFECYCLE_BATCH` entries; a stream with more is examined again:
+        ``next_after`` is then ``after``). ``after`` is the position of the scan,
+        ``"<first slot of the server>:<cursor>"`` ("" to start). A stream that exists
+        for the whole sweep is found at least once (``SCAN``'s guarantee); a slot
+        moved during a sweep may be missed by it, and found by the next.
+
+        Raises:
+            StoreError: a script call failed.
+        """
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"limit must be an int >= 1, got {limit!r}")
+        await self._check_open("retention")
+        servers = await self._servers()
+        slot, cursor = 0, 0
+        if after:
+            slot_text, _, cursor_text = after.partition(":")
+            slot, cursor = int(slot_text), int(cursor_text)
+        server = next((first for first in servers if first >= slot), -1)
+        if server < 0:
+            return RetentionPage(trims=[], next_after=None)
+        if server != slot:  # the layout changed since: that cursor means nothing here
+            slot, cursor = server, 0
+        route = f"{self._prefix}:{{{_slot_tag(slot)}}}:scan"
+        pattern = _glob_escape(self._prefix) + ":{*}:m"
+        next_cursor, found = await self._call(
+            "retention", SCAN_STREAMS, [route], [cursor, pattern, 2 * limit]
+        )
+        names = [_stream_of(key, self._prefix) for key in found]
+        streams = list(dict.fromkeys(name for name in names if name is not None))
+        policy = [
+            _no_limit(max_messages),
+            _no_limit(None if max_age is None else round(max_age * 1_000_000)),
+            _no_limit(None if keys_for is None else round(keys_for * 1_000_000)),
+            LIFECYCLE_BATCH,
+        ]
+        results: dict[str, list[Any]] = {}
+
+        async def examine(stream: str) -> None:
+            keys = self.keys(stream)
+            script_keys = [keys.meta, keys.entries, keys.redactions, keys.trimmed]
+            results[stream] = await self._call("retention", EXAMINE, script_keys, policy, stream)
+
+        await self._each(streams, examine)
+        trims: list[tuple[str, int, int]] = []
+        again = False
+        for stream in streams:
+            epoch, before, more, stale, first = results[stream]
+            if not epoch:
+                continue  # deleted since the scan
+            if int(before) > int(first) or int(stale):
+                trims.append((stream, int(before), int(epoch)))
+            again = again or bool(int(more))
+        if again:
+            return RetentionPage(trims=trims, next_after=after)
+        if int(next_cursor) != 0:
+            return RetentionPage(trims=trims, next_after=f"{slot}:{int(next_cursor)}")
+        later = [first for first in servers if first > slot]
+        return RetentionPage(trims=trims, next_after=f"{later[0]}:0" if later else None)
+
+    async def _servers(self) -> list[int]:
+        """The first slot of each server holding slots (one server: ``[0]``), sorted."""
+        if not self._cluster:
+            await trio.lowlevel.checkpoint()
+            return [0]
+        try:
+            shards: list[Any] = await self._client.cluster_shards()
+        except REDIS_ERRORS as exc:
+            raise store_error("retention", exc) from exc
+        # One shard per master: its slot ranges as [start, end, start, end, ...].
+        ranges = [shard.get(b"slots") or shard.get("slots") or [] for shard in shards]
+        return sorted(min(int(low) for low in slots[::2]) for slots in ranges if slots)
 
     async def delete_stream(self, stream: str) -> None:
         """Delete ``stream``: every key of it, in one script call (``UNLINK``: freed off
@@ -386,7 +546,11 @@ class RedisStore:
         check_stream(stream)
         keys = self.keys(stream)
         found = await self._call(
-            "redact", REDACT, [keys.meta, keys.entries, keys.keys, keys.redactions], [id], stream
+            "redact",
+            REDACT,
+            [keys.meta, keys.entries, keys.keys, keys.redactions],
+            [id, keys.channel, stream],
+            stream,
         )
         if found is None:
             return None
