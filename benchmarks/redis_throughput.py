@@ -47,7 +47,7 @@ def chatbus_redis_run(
     """One chatbus Redis run of the workload under a fresh key prefix; publishes/s."""
 
     def run() -> float:
-        _, rate, batch = trio.run(
+        result = trio.run(
             functools.partial(
                 _chatbus_run,
                 "redis",
@@ -60,8 +60,8 @@ def chatbus_redis_run(
                 keys=keys,
             )
         )
-        batches.append(batch)
-        return rate
+        batches.append(result.batch)
+        return result.publishes_per_s
 
     return run
 
