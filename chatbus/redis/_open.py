@@ -27,7 +27,7 @@ from .._exceptions import StoreError, store_error
 from .._options import check_identifier, check_int_range, check_range
 from .._tasks import sole_error
 from ._listen import RedisNotifier, Server
-from ._store import DEFAULT_MAX_IN_FLIGHT, REDIS_ERRORS, Client, RedisStore
+from ._store import DEFAULT_MAX_IN_FLIGHT, REDIS_ERRORS, Client, LayoutRefresh, RedisStore
 
 logger = logging.getLogger("chatbus.redis")
 
@@ -301,6 +301,11 @@ async def _open_pair(settings: _Settings) -> AsyncIterator[tuple[RedisStore, Red
                 max_backoff=settings.max_backoff,
                 first_slots=_slots_of(client) if server.cluster else None,
             )
+            layout = None
+            if isinstance(client, coredis.RedisCluster):
+                layout = LayoutRefresh(
+                    client, timeout=settings.connect_timeout + settings.command_timeout
+                )
             store = RedisStore(
                 client,
                 settings.prefix,
@@ -309,11 +314,17 @@ async def _open_pair(settings: _Settings) -> AsyncIterator[tuple[RedisStore, Red
                 wait_timeout=settings.wait_timeout,
                 max_in_flight=settings.max_in_flight,
                 shield_timeout=settings.command_timeout * 2 + settings.wait_timeout + 5,
+                command_timeout=settings.command_timeout,
                 reset=notifier.reset_locally,
                 cluster=server.cluster,
+                layout=layout,
             )
             try:
-                yield store, notifier
+                async with trio.open_nursery() as nursery:
+                    if layout is not None:
+                        nursery.start_soon(layout.run)
+                    yield store, notifier
+                    nursery.cancel_scope.cancel()
             finally:
                 store.close()
     except REDIS_ERRORS as exc:
