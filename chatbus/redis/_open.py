@@ -221,7 +221,11 @@ async def open_redis(
         connect_timeout: Seconds a new connection may take (0.1 to 600): what makes
             a publish fail promptly with :class:`~chatbus.StoreError` while Redis is
             down.
-        command_timeout: Seconds a command's reply may take (0.1 to 3600).
+        command_timeout: Seconds a command's reply may take (0.1 to 3600). A
+            publish to a server that stops answering gives up after about this
+            long plus at most ``min(command_timeout, 2)`` seconds re-running the
+            batch with its token to learn whether it ran (then
+            :class:`~chatbus.OutcomeUnknown`); durable mode adds ``wait_timeout``.
         ping_interval: Seconds between the listener's liveness pings (0.1 to 3600).
         ping_timeout: Seconds a ping (or a subscription) may take before the
             listening connections are replaced (0.1 to 3600).
