@@ -307,10 +307,14 @@ def _tag_in(address: Address, slots: Callable[[int], Address | None], seed: str)
     raise ListenLost(f"no slot of {address} found for a ping channel")
 
 
-async def cluster_slots(server: Server, timeout: float) -> list[Address | None]:
-    """Slot → primary address, asked of the first seed node that answers."""
+async def cluster_slots(
+    server: Server, timeout: float, known: Sequence[Address] = ()
+) -> tuple[list[Address | None], list[Address]]:
+    """Slot → primary address, asked of the first node that answers (the seeds, then
+    the ``known`` nodes of an earlier answer: the seeds may all be gone by now); and
+    every node this answer names."""
     errors = []
-    for address in server.addresses:
+    for address in dict.fromkeys([*server.addresses, *known]):
         try:
             with trio.fail_after(timeout):
                 conn = await RespConnection.connect(
@@ -332,12 +336,15 @@ async def cluster_slots(server: Server, timeout: float) -> list[Address | None]:
             errors.append(f"{address[0]}:{address[1]}: CLUSTER SLOTS gave {reply!r}")
             continue
         slots: list[Address | None] = [None] * 16384
+        nodes: dict[Address, None] = {}
         for row in reply:
             start, end, primary = row[0], row[1], row[2]
+            for node in row[2:]:
+                nodes[(node[0].decode() if node[0] else address[0], int(node[1]))] = None
             host = primary[0].decode() if primary[0] else address[0]
             for slot in range(start, end + 1):
                 slots[slot] = (host, int(primary[1]))
-        return slots
+        return slots, list(nodes)
     raise ListenLost("no cluster node answered: " + "; ".join(errors))
 
 
@@ -372,6 +379,8 @@ class RedisNotifier:
     _handlers: set[NoticeHandler] = attrs.field(factory=set, init=False)
     _reconnects: int = attrs.field(default=0, init=False)
     _sessions_opened: int = attrs.field(default=0, init=False)
+    #: Every node the last ``CLUSTER SLOTS`` named: asked too when no seed answers.
+    _known_nodes: list[Address] = attrs.field(factory=list, init=False)
 
     @property
     def reconnects(self) -> int:
@@ -490,7 +499,10 @@ class RedisNotifier:
             if self.first_slots is not None and not self._sessions_opened:
                 slots = self.first_slots  # the store's client has just asked
             else:
-                slots = (await cluster_slots(server, self.ping_timeout)).__getitem__
+                layout, self._known_nodes = await cluster_slots(
+                    server, self.ping_timeout, self._known_nodes
+                )
+                slots = layout.__getitem__
         self._sessions_opened += 1
         session = ListenSession(server, self._prefix, handler, slots, self.ping_interval)
         try:

@@ -27,7 +27,7 @@ from .._exceptions import StoreError, store_error
 from .._options import check_identifier, check_int_range, check_range
 from .._tasks import unwrapped_groups
 from ._listen import RedisNotifier, Server
-from ._store import DEFAULT_MAX_IN_FLIGHT, REDIS_ERRORS, Client, RedisStore
+from ._store import DEFAULT_MAX_IN_FLIGHT, REDIS_ERRORS, Client, LayoutRefresh, RedisStore
 
 logger = logging.getLogger("chatbus.redis")
 
@@ -221,7 +221,11 @@ async def open_redis(
         connect_timeout: Seconds a new connection may take (0.1 to 600): what makes
             a publish fail promptly with :class:`~chatbus.StoreError` while Redis is
             down.
-        command_timeout: Seconds a command's reply may take (0.1 to 3600).
+        command_timeout: Seconds a command's reply may take (0.1 to 3600). A
+            publish to a server that stops answering gives up after about this
+            long plus at most ``min(command_timeout, 2)`` seconds re-running the
+            batch with its token to learn whether it ran (then
+            :class:`~chatbus.OutcomeUnknown`); durable mode adds ``wait_timeout``.
         ping_interval: Seconds between the listener's liveness pings (0.1 to 3600).
         ping_timeout: Seconds a ping (or a subscription) may take before the
             listening connections are replaced (0.1 to 3600).
@@ -277,6 +281,11 @@ async def _open_pair(settings: _Settings) -> AsyncIterator[tuple[RedisStore, Red
                 max_backoff=settings.max_backoff,
                 first_slots=_slots_of(client) if server.cluster else None,
             )
+            layout = None
+            if isinstance(client, coredis.RedisCluster):
+                layout = LayoutRefresh(
+                    client, timeout=settings.connect_timeout + settings.command_timeout
+                )
             store = RedisStore(
                 client,
                 settings.prefix,
@@ -285,11 +294,17 @@ async def _open_pair(settings: _Settings) -> AsyncIterator[tuple[RedisStore, Red
                 wait_timeout=settings.wait_timeout,
                 max_in_flight=settings.max_in_flight,
                 shield_timeout=settings.command_timeout * 2 + settings.wait_timeout + 5,
+                command_timeout=settings.command_timeout,
                 reset=notifier.reset_locally,
                 cluster=server.cluster,
+                layout=layout,
             )
             try:
-                yield store, notifier
+                async with trio.open_nursery() as nursery:
+                    if layout is not None:
+                        nursery.start_soon(layout.run)
+                    yield store, notifier
+                    nursery.cancel_scope.cancel()
             finally:
                 store.close()
     except REDIS_ERRORS as exc:

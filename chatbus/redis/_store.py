@@ -12,6 +12,7 @@ import datetime
 import functools
 import itertools
 import json
+import logging
 import random
 import secrets
 from collections.abc import Awaitable, Callable, Sequence
@@ -28,6 +29,7 @@ from .._event import Event, decode_event_items, encode_events, from_micros, to_m
 from .._exceptions import BusError, OutcomeUnknown, StoreError, store_error
 from .._message import Draft, Message, StreamInfo, check_after, check_stream
 from .._retention import RetentionPage
+from .._tasks import Backoff
 from ._lua import (
     APPEND,
     DELETE,
@@ -53,12 +55,24 @@ from ._resp import hash_slot
 REDIS_ERRORS: Final = (coredis.exceptions.RedisError, TimeoutError, OSError)
 #: What a lost reply looks like: the command may or may not have run.
 _LOST: Final = (coredis.exceptions.ConnectionError, TimeoutError, OSError)
+#: Failures after which a Cluster's slot layout may be stale: a primary that died or
+#: lost its slots (a connection refused or lost, a timeout, MOVED past coredis's own
+#: redirects, CLUSTERDOWN, TRYAGAIN).
+_LAYOUT_SUSPECT: Final = (
+    coredis.exceptions.ConnectionError,
+    coredis.exceptions.RedisClusterError,
+    TimeoutError,
+    OSError,
+)
 #: Default limit on append round trips running at once (see open_redis).
 DEFAULT_MAX_IN_FLIGHT: Final = 3
-#: How often a batch whose reply was lost is re-run to learn its outcome.
-_RERUNS: Final = 3
+#: Most seconds spent re-running a batch whose reply was lost to learn its outcome
+#: (at most ``command_timeout`` too): what a publish may take past ``command_timeout``.
+RESOLVE_LIMIT: Final = 2.0
 
 Client = coredis.Redis[bytes] | coredis.RedisCluster[bytes]
+
+logger = logging.getLogger("chatbus.redis")
 
 
 @attrs.frozen(kw_only=True)
@@ -130,6 +144,50 @@ def _not_sent(exc: BaseException) -> bool:
 
 @final
 @attrs.define(eq=False)
+class LayoutRefresh:
+    """Re-reads a Cluster's slot layout when a failure says it may have changed.
+
+    coredis re-reads it only after errors it reports itself, and a connection that
+    cannot be opened to a dead primary is not one of them (nor is anything its retry
+    hook would report: chatbus runs it without retries). Left alone, every command
+    for the dead primary's slots keeps failing after its replica has taken over.
+    Here a failure asks (:meth:`request`), and :meth:`run` re-reads the layout from
+    the nodes (``ClusterLayout.initialize``), at once when all was calm, then at
+    most once per pause while failures keep coming (doubling up to ``cap``): a
+    promotion is seen within about ``cap`` of happening, and a cluster in trouble
+    is not flooded with ``CLUSTER SLOTS``.
+    """
+
+    _client: coredis.RedisCluster[bytes]
+    #: Most seconds one re-read may take (the nodes are asked one after another).
+    timeout: float
+    first: float = 0.05
+    cap: float = 1.0
+    _wanted: trio.Event = attrs.field(factory=trio.Event, init=False)
+
+    def request(self) -> None:
+        """Ask for a re-read (no I/O here; :meth:`run` does it)."""
+        self._wanted.set()
+
+    async def run(self) -> None:
+        """Re-read the layout whenever asked, paced; until cancelled."""
+        backoff = Backoff(self.first, self.cap)
+        while True:
+            if not self._wanted.is_set():
+                backoff.reset()  # calm since the last pause: answer the next at once
+                await self._wanted.wait()
+            self._wanted = trio.Event()
+            with trio.move_on_after(self.timeout):
+                try:
+                    await self._client.connection_pool.cluster_layout.initialize()
+                except REDIS_ERRORS as exc:
+                    # The next failure asks again; the caller has its own error.
+                    logger.debug("re-reading the Redis Cluster layout failed: %r", exc)
+            await backoff.sleep()
+
+
+@final
+@attrs.define(eq=False)
 class RedisStore:
     """A :class:`~chatbus.Store` in Redis (standalone or Cluster). Made by :func:`open_redis`.
 
@@ -147,10 +205,14 @@ class RedisStore:
     _wait_timeout: float = 1.0
     _max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
     _shield_timeout: float = 65.0
+    #: A reply's limit (the client's ``stream_timeout``); bounds a lost reply's re-runs.
+    _command_timeout: float = 10.0
     #: Told at once when an append started a new epoch (the notifier's listeners).
     _reset: Callable[[str], None] | None = None
     #: A Cluster: one script call per hash slot.
     _cluster: bool = False
+    #: A Cluster: asked to re-read the slot layout after a failure that may mean it moved.
+    _layout: LayoutRefresh | None = None
     _closed: bool = attrs.field(default=False, init=False)
     _group: GroupCommit = attrs.field(init=False)
     _reruns: int = attrs.field(default=0, init=False)
@@ -294,6 +356,8 @@ class RedisStore:
                 requests = [pipe.hget(self.keys(stream).meta, "vis") for stream in wanted]
             values = [await request for request in requests]
         except REDIS_ERRORS as exc:
+            if isinstance(exc, _LAYOUT_SUSPECT):
+                self._suspect_layout()
             raise store_error("heads", exc) from exc
         return {stream: int(value or 0) for stream, value in zip(wanted, values, strict=True)}
 
@@ -680,8 +744,10 @@ class RedisStore:
 
         The re-run finds the first run's record (and returns its outcome) or, when no
         record of the token can have been dropped since it was sent, appends: either
-        way the batch is stored once. Only if the server stays out of reach, or the
-        record may have been dropped, is the outcome unknown.
+        way the batch is stored once. Re-runs go on, paced, for at most
+        ``min(command_timeout, RESOLVE_LIMIT)``: if none answers by then (the server
+        stays out of reach, or frozen), or the record may have been dropped, the
+        outcome is unknown. A command that was never sent is a plain failure.
 
         ``durable``: WAIT for the replicas right after the script, on its connection;
         if they do not confirm in time the batch is stored but invisible: unknown.
@@ -697,22 +763,38 @@ class RedisStore:
             if _not_sent(exc):
                 raise
             lost: BaseException = exc
-        for _ in range(_RERUNS):
-            await trio.sleep(0.05)
-            self._reruns += 1
-            # The window: a record made since the first send must not have been dropped.
-            args[1] = round((trio.current_time() - sent_at + 1.0) * 1_000_000)
-            try:
-                again: list[Any] = await self._script(APPEND, keys, args, durable=durable)
-                return again
-            except coredis.exceptions.ReplicationError as exc:
-                raise self._unreplicated(names, exc) from exc
-            except _LOST as exc:
-                lost = exc
+        # It may have run. One budget for all the re-runs: a server that did not answer
+        # the first run seldom answers the next, and each would wait a command_timeout.
+        budget = min(self._command_timeout, RESOLVE_LIMIT)
+        last: BaseException | None = None
+        pause = Backoff(0.05, 0.4)
+        with trio.move_on_after(budget):
+            while True:
+                await pause.sleep()
+                self._reruns += 1
+                # The window: a record made since the first send must not have been dropped.
+                args[1] = round((trio.current_time() - sent_at + 1.0) * 1_000_000)
+                try:
+                    again: list[Any] = await self._script(APPEND, keys, args, durable=durable)
+                    return again
+                except coredis.exceptions.ReplicationError as exc:
+                    raise self._unreplicated(names, exc) from exc
+                except (*_LOST, *_LAYOUT_SUSPECT) as exc:
+                    last = exc  # out of reach (or its slot moving) for now: again
+                except REDIS_ERRORS as exc:
+                    last = exc  # refused outright: the first run's outcome stays unknown
+                    break
+        if isinstance(lost, TimeoutError):
+            what = f"no reply came within command_timeout ({self._command_timeout:g} s)"
+        else:
+            what = f"the connection was lost while the append was in flight ({lost!r})"
+        if last is None:
+            tried = f"re-running it with its token got no answer within {budget:g} s"
+        else:
+            tried = f"re-running it with its token did not tell ({last!r})"
         error = OutcomeUnknown(
-            f"append on stream {names}: the connection was lost after the append"
-            f" reached the server ({lost!r}); it may or may not have been stored."
-            " Retry with the same key to find out."
+            f"append on stream {names}: {what}, so it may have run; {tried}. It may or"
+            " may not have been stored: retry with the same key to find out."
         )
         raise error from lost
 
@@ -770,7 +852,15 @@ class RedisStore:
                 if attempt:
                     raise
                 await client.script_load(script.text)
+            except _LAYOUT_SUSPECT:
+                self._suspect_layout()
+                raise
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _suspect_layout(self) -> None:
+        """A Cluster command failed in a way a moved slot explains: re-read the layout."""
+        if self._layout is not None:
+            self._layout.request()
 
     async def _each(self, items: Any, run: Callable[[Any], Awaitable[None]]) -> None:
         """Run ``run(item)`` for every item, concurrently when there are several."""

@@ -105,3 +105,18 @@ async def test_a_silent_server_is_noticed_by_the_ping(
 
 def test_listen_connections_are_named() -> None:
     assert LISTEN_CLIENT_NAME == "chatbus-listen"
+
+
+async def test_the_cluster_layout_is_asked_of_known_nodes_when_no_seed_answers() -> None:
+    """After a failover the seeds of the URL may all be gone: the listener then asks
+    the nodes the last CLUSTER SLOTS named."""
+    from chatbus.redis._listen import ListenLost, Server, cluster_slots
+
+    server, _ = parse_url(redis_cluster_url())
+    with trio.fail_after(10):
+        slots, nodes = await cluster_slots(server, 2)
+        assert set(server.addresses) <= set(nodes)
+        gone = Server(addresses=(("127.0.0.1", 1),), cluster=True)
+        with pytest.raises(ListenLost, match="no cluster node answered"):
+            await cluster_slots(gone, 2)
+        assert await cluster_slots(gone, 2, nodes) == (slots, nodes)

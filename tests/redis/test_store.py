@@ -249,3 +249,57 @@ async def test_a_lost_reply_is_resolved_by_running_the_batch_again(nursery: trio
             assert [(m.id, m.body) for m in messages] == [(2, "lost-reply-marker"), (3, "too")]
             page = await store.read("s", 0, 10)
             assert [m.body for m in page] == ["first", "lost-reply-marker", "too"]
+
+
+async def test_a_refused_connection_is_a_store_error_and_a_lost_one_is_unknown(
+    nursery: trio.Nursery,
+) -> None:
+    """Redis out of reach before the append was sent: a plain StoreError (nothing
+    stored), at once. Lost while in flight, then out of reach for the re-run: an
+    OutcomeUnknown that says so, after about command_timeout at most."""
+    from chatbus.redis._open import parse_url
+
+    from support.tcp_proxy import TcpProxy
+
+    url = redis_url()
+    (host, port), *_ = parse_url(url)[0].addresses
+    proxy = TcpProxy(host, port)
+    await proxy.start(nursery)
+    with trio.fail_after(20):
+        async with (
+            fresh_prefix(url) as prefix,
+            open_redis(
+                f"redis://127.0.0.1:{proxy.port}/{parse_url(url)[0].db}",
+                prefix=prefix,
+                command_timeout=1,
+            ) as (store, _),
+        ):
+            await store.append("s", [draft("first")])
+            proxy.down()
+            await trio.sleep(0.2)  # the client has seen its connections cut
+            started = trio.current_time()
+            with pytest.raises(chatbus.StoreError, match="Unable to establish"):
+                await store.append("s", [draft("refused")])
+            assert trio.current_time() - started < 0.5
+            assert store.statistics().reruns == 0
+
+            await proxy.up()
+
+            async def down_once_lost() -> None:
+                while not proxy.replies_lost:  # noqa: ASYNC110
+                    await trio.sleep(0.001)
+                proxy.down()
+
+            nursery.start_soon(down_once_lost)
+            proxy.lose_reply_to(b"lost-then-down")
+            started = trio.current_time()
+            with pytest.raises(chatbus.OutcomeUnknown) as caught:
+                await store.append("s", [draft("lost-then-down")])
+            assert trio.current_time() - started < 1.5
+            text = str(caught.value)
+            assert "lost while the append was in flight" in text, text
+            assert "re-running it with its token did not tell" in text, text
+            assert "Unable to establish" in text, text
+            await proxy.up()
+            page = await store.read("s", 0, 10)
+            assert [m.body for m in page] == ["first", "lost-then-down"]  # it had run
