@@ -599,8 +599,8 @@ return 1
 """,
 )
 
-# What a joiner at message ARGV[1] gets: unkeyed events positioned there, keyed ones
-# not expired at ARGV[2] µs, oldest first. KEYS: events, event order.
+# What a joiner at message ARGV[1] gets: unkeyed events positioned there and keyed
+# ones, each unless its ttl ran out by ARGV[2] µs, oldest first. KEYS: events, event order.
 JOINER_EVENTS: Final = Script(
     "joiner_events",
     """
@@ -612,10 +612,8 @@ for _, slot in ipairs(redis.call('ZRANGE', z, 0, -1)) do
   if value then
     local expires, after, encoded = string.match(value, '^(%d+) (%-?%d+) (.*)$')
     expires, after = tonumber(expires), tonumber(after)
-    if string.sub(slot, 1, 2) == 'u:' then
-      if after == head then out[#out + 1] = encoded end
-    elseif expires == 0 or expires > now then
-      out[#out + 1] = encoded
+    if expires == 0 or expires > now then
+      if string.sub(slot, 1, 2) ~= 'u:' or after == head then out[#out + 1] = encoded end
     end
   end
 end

@@ -382,7 +382,7 @@ class RedisStore:
         for event, text in pairs:
             created = to_micros(event.created_at)
             expires = 0
-            if event.key is not None and event.ttl is not None:
+            if event.ttl is not None:  # keyed or not: a joiner never gets it after
                 expires = created + round(event.ttl * 1_000_000)
             slot = (
                 f"k:{event.key}"
