@@ -631,9 +631,14 @@ _DELETE_BATCH: Final = """
 # Delete, last: one transaction of these statements, one by one (psycopg; each takes
 # a new snapshot): lock the counter row, so no append of the stream runs meanwhile; delete
 # what is left of the messages, the retained events and the counter row; tell every
-# listener. The next append creates the row again: a new epoch, ids from 1.
+# listener. The next append creates the row again: a new epoch, ids from 1. The lock
+# is an upsert, not SELECT … FOR UPDATE: a stream with no counter row yet (only
+# events) would give that nothing to lock, and appends committing between these
+# statements would keep their messages but lose their row to the delete, so the next
+# append reused their ids.
 _DELETE_STREAM: Final = """
-    SELECT st.last_id FROM {streams} AS st WHERE st.stream = %(stream)s::text FOR UPDATE;
+    INSERT INTO {streams} AS st (stream, last_id) VALUES (%(stream)s::text, 0)
+        ON CONFLICT (stream) DO UPDATE SET last_id = st.last_id;
     DELETE FROM {messages} WHERE stream = %(stream)s::text;
     DELETE FROM {events} WHERE stream = %(stream)s::text;
     DELETE FROM {streams} WHERE stream = %(stream)s::text;
