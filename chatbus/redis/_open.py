@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import urllib.parse
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Final, final
 
@@ -100,6 +100,21 @@ class _Settings:
             max_connections=self.max_connections,
             client_name=CLIENT_NAME,
             **common,
+        )
+
+    def node_client(self, host: str, port: int) -> coredis.Redis[Any]:
+        """A one-connection client of one server (a Cluster's node), no retries."""
+        server = self.server
+        return coredis.Redis(
+            host,
+            port,
+            max_connections=1,
+            client_name=CLIENT_NAME,
+            username=server.username,
+            password=server.password,
+            connect_timeout=self.connect_timeout,
+            stream_timeout=self.command_timeout,
+            retry_policy=NoRetryPolicy(),
         )
 
 
@@ -211,7 +226,9 @@ async def open_redis(
             new epoch, so subscribers get :class:`~chatbus.HistoryReset` rather than
             a silent gap. ``"durable"``: a publish returns, and its message becomes
             visible and is announced, only once ``wait_replicas`` replicas have it
-            (``WAIT``): an acknowledged message survives a failover. Needs replicas.
+            (``WAIT``): an acknowledged message survives a failover. Needs replicas:
+            opening refuses (:class:`~chatbus.StoreError`) unless every primary has
+            ``wait_replicas`` replicas online then.
         wait_replicas: Replicas that must confirm a durable append (1 to 100).
         wait_timeout: Seconds a durable append waits for them (0.001 to 600); past
             it the publish raises :class:`~chatbus.OutcomeUnknown`.
@@ -233,7 +250,8 @@ async def open_redis(
 
     Raises:
         ValueError: an option is not valid.
-        StoreError: Redis could not be reached.
+        StoreError: Redis could not be reached, or (durable mode) a primary has
+            fewer than ``wait_replicas`` replicas online.
     """
     server, query = parse_url(url)
     if query:
@@ -273,6 +291,8 @@ async def _open_pair(settings: _Settings) -> AsyncIterator[tuple[RedisStore, Red
                         await client.ping()
                 except (*REDIS_ERRORS, trio.TooSlowError) as exc:
                     raise store_error("opening the Redis store", exc) from exc
+            if settings.durability == "durable":
+                await _check_replicas(settings, client)
             notifier = RedisNotifier(
                 server,
                 settings.prefix,
@@ -312,6 +332,55 @@ async def _open_pair(settings: _Settings) -> AsyncIterator[tuple[RedisStore, Red
             raise
         # The client's start-up (a Cluster's topology) failed.
         raise store_error("opening the Redis store", exc) from exc
+
+
+async def _check_replicas(settings: _Settings, client: Client) -> None:
+    """Durable mode: refuse to open unless every primary has ``wait_replicas`` replicas
+    online now (else every publish would wait ``wait_timeout`` and fail).
+
+    Raises:
+        StoreError: a primary has too few replicas online, or is a replica itself.
+    """
+    if isinstance(client, coredis.RedisCluster):
+        layout = client.connection_pool.cluster_layout
+        nodes = [(node.host, node.port) for node in layout.primaries]
+    else:
+        nodes = [settings.server.addresses[0]]
+    for host, port in nodes:
+        try:
+            with trio.fail_after(settings.connect_timeout + settings.command_timeout):
+                if isinstance(client, coredis.RedisCluster):
+                    async with settings.node_client(host, port) as node:
+                        info = await node.info("replication")
+                else:
+                    info = await client.info("replication")
+        except (*REDIS_ERRORS, trio.TooSlowError) as exc:
+            raise store_error("checking the replicas for durable mode", exc) from exc
+        if info.get("role") != "master":
+            raise StoreError(
+                f"durable mode: {host}:{port} has role {info.get('role')!r}, not a primary;"
+                " give the url of the primary (or of the Cluster)"
+            )
+        online = _online_replicas(info)
+        if online < settings.wait_replicas:
+            raise StoreError(
+                f"durable mode needs wait_replicas={settings.wait_replicas} replica(s)"
+                f" online on every primary, but {host}:{port} has {online}: every publish"
+                " would fail after wait_timeout. Add replicas, lower wait_replicas, or use"
+                " durability='fast'"
+            )
+
+
+def _online_replicas(info: Mapping[str, Any]) -> int:
+    """Replicas in ``INFO replication`` whose link is up (``slaveN: …state=online``)."""
+    online = 0
+    for name, value in info.items():
+        if name.startswith("slave") and name[5:].isdigit():
+            state = value.get("state") if isinstance(value, Mapping) else None
+            if state is None and isinstance(value, str):
+                state = dict(part.partition("=")[::2] for part in value.split(",")).get("state")
+            online += state == "online"
+    return online
 
 
 def _slots_of(client: Client) -> Callable[[int], tuple[str, int] | None]:

@@ -126,3 +126,33 @@ async def test_durable_publishes_are_visible_only_once_a_replica_has_them() -> N
                 assert (await bus.publish("s", "three")).id == 3
                 assert [m.body for m in await bus.read("s")] == ["one", "two", "three"]
                 assert await collect(sub, 2) == [2, 3]
+
+
+async def test_durable_mode_refuses_to_open_without_enough_replicas_online() -> None:
+    """Without the replicas it waits for, every durable publish would fail after
+    wait_timeout: refuse at open, naming the primary and the count."""
+    with trio.fail_after(60):
+        async with open_standalone() as primary, open_standalone() as replica:
+            with pytest.raises(chatbus.StoreError, match=r"wait_replicas=1 .* has 0"):
+                async with open_redis(primary.url, prefix="p", durability="durable"):
+                    pass
+            with pytest.raises(chatbus.StoreError, match="durable mode needs"):
+                async with chatbus.open_bus(primary.url + "?durability=durable"):
+                    pass
+            await _replicate(primary, replica)
+            with pytest.raises(chatbus.StoreError, match=r"wait_replicas=2 .* has 1"):
+                async with open_redis(
+                    primary.url, prefix="p", durability="durable", wait_replicas=2
+                ):
+                    pass
+            with pytest.raises(chatbus.StoreError, match="not a primary"):
+                async with open_redis(replica.url, prefix="p", durability="durable"):
+                    pass
+            async with (
+                open_redis(primary.url, prefix="p", durability="durable") as (store, notifier),
+                chatbus.open_bus(store=store, notifier=notifier) as bus,
+            ):
+                assert (await bus.publish("s", "kept")).id == 1
+            # The fast mode needs no replica.
+            async with open_redis(primary.url, prefix="q") as (store, notifier):
+                assert store.durability == "fast"

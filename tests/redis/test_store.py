@@ -18,7 +18,13 @@ from chatbus.redis._lua import APPEND, TOKENS_KEPT, StreamKeys
 from chatbus.redis._resp import hash_slot
 
 from support.pg import draft
-from support.redis import fresh_prefix, fresh_redis_pair, redis_cluster_url, redis_url
+from support.redis import (
+    fresh_prefix,
+    fresh_redis_pair,
+    redis_cluster_url,
+    redis_url,
+    unique_prefix,
+)
 
 pytestmark = pytest.mark.redis
 
@@ -303,3 +309,10 @@ async def test_a_refused_connection_is_a_store_error_and_a_lost_one_is_unknown(
             await proxy.up()
             page = await store.read("s", 0, 10)
             assert [m.body for m in page] == ["first", "lost-then-down"]  # it had run
+
+
+async def test_durable_mode_on_a_cluster_without_replicas_is_refused_at_open() -> None:
+    url = redis_cluster_url()
+    with trio.fail_after(60), pytest.raises(chatbus.StoreError, match="durable mode needs"):
+        async with open_redis(url, prefix=unique_prefix(), durability="durable"):
+            pass
