@@ -459,7 +459,7 @@ class Bus(metaclass=NoPublicConstructor):
         if before is not None:
             if after is not None:
                 raise ValueError("pass after or before, not both")
-            check_after(before)
+            check_after(before, "before")
             if before < 1:
                 raise ValueError(f"before must be >= 1, got {before}")
             return await self._read_before(stream, before, limit, epoch)

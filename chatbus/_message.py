@@ -133,12 +133,12 @@ def check_stream(stream: object) -> str:
     return stream
 
 
-def check_after(after: object) -> int:
-    """Return ``after`` if it is a valid cursor (an int >= 0)."""
+def check_after(after: object, name: str = "after") -> int:
+    """Return ``after`` if it is a valid cursor (an int >= 0); errors call it ``name``."""
     if isinstance(after, bool) or not isinstance(after, int):
-        raise TypeError(f"after must be an int, not {type(after).__name__}")
+        raise TypeError(f"{name} must be an int, not {type(after).__name__}")
     if not 0 <= after <= MAX_ID:
-        raise ValueError(f"after must be >= 0 and <= {MAX_ID}, got {after}")
+        raise ValueError(f"{name} must be >= 0 and <= {MAX_ID}, got {after}")
     return after
 
 

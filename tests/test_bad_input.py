@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 
@@ -134,6 +135,9 @@ async def test_bad_cursor(backend, after, error, names):
                 pass
         with pytest.raises(error, match=names):
             await bus.read("room", after=after)
+        # A bad `before` is named as such, not as `after`.
+        with pytest.raises(error, match=f"^before must .*{re.escape(names)}"):
+            await bus.read("room", before=after)
         await check_still_serving(bus, backend)
 
 
