@@ -19,25 +19,44 @@ A framework takes the generator as a streaming body::
 What goes on the wire:
 
 - first, once the subscription is open: a ``: chatbus`` comment, the ``retry:``
-  hint and ``id: <cursor>``, the id of the last message before the stream's start
-  (``last=N`` resolved), with no data, so no event fires; it sets the browser's
-  ``Last-Event-ID``, so a page that reconnects before any message came resumes
-  where it started, not at a newer tail;
-- a message is ``id: <message id>``, ``event: message`` and its JSON
+  hint and ``id: <cursor>:<epoch>``, the id of the last message before the stream's
+  start (``last=N`` resolved) and the stream's epoch, with no data, so no event
+  fires; it sets the browser's ``Last-Event-ID``, so a page that reconnects before
+  any message came resumes where it started, not at a newer tail;
+- a message is ``id: <message id>:<epoch>``, ``event: message`` and its JSON
   (:func:`message_json`) as ``data``; so the browser's ``Last-Event-ID`` always names
-  the last durable message it got, and its ``EventSource`` resumes right after it;
+  the last durable message it got and the history (epoch) it belongs to, and its
+  ``EventSource`` resumes right after it, in that history only;
 - an event (``events=True``) is ``event: event`` with its JSON (:func:`event_json`)
   and no ``id:`` line, so it never moves the resume point;
 - ``event: status`` with ``{"state": "reconnecting"}`` when the store stops
-  answering (the subscription's reads fail, or the bus's safety-net polls of the
-  stream heads, which run every ``poll_interval`` even while the room is quiet), and
-  ``{"state": "ok"}`` when it answers again;
+  answering, and ``{"state": "ok"}`` once when it answers again (see below);
 - ``event: end`` with ``{"reason": ..., "error": ..., "detail": ...}`` when the
   stream cannot go on (history trimmed or reset under the cursor, the cursor past the
-  head, the stream deleted, the bus closed), then the response ends; a page should
-  close its ``EventSource`` on it rather than let it reconnect;
+  head or in another epoch, the stream deleted, the bus closed), then the response
+  ends; a page should close its ``EventSource`` on it rather than let it reconnect;
 - ``: ping`` comments every ``heartbeat`` seconds of silence, so proxies keep the
   connection open.
+
+Resume ids: ``<message id>:<epoch>`` (the epoch is ``Subscriber.epoch``, which
+changes when the stream is deleted and created again, or when an in-memory server
+restarts and starts its history anew); ``<message id>`` alone when the store has no
+epochs. :func:`parse_cursor` reads both forms from ``Last-Event-ID`` and ``?after=``:
+with the epoch, a cursor from another history ends the stream with ``end``
+``history_reset`` instead of resuming after the same number in the new history (and
+splicing it onto what the page showed); a plain id (an older client, a hand-made
+``?after=5``) is checked only against the head, as before.
+
+Store health: one probe per bus (a trio system task, while any SSE stream of the bus
+is open) calls the store's ``heads`` every :data:`PROBE_INTERVAL` seconds. A probe
+that fails, or has not answered within :data:`PROBE_DEADLINE` seconds (a frozen
+store, a TCP black hole, whose calls never return), makes every stream of the bus say
+``reconnecting``; only an answer to a call begun after the last failure makes it say
+``ok``, once (an attempt in flight is no answer; a failure of a call begun before a
+later answer is stale). A stream opened while the store is down sends the ``: chatbus``
+comment and ``retry:`` at once with the ``reconnecting`` status, retries opening its
+subscription (pings between tries), and sends its ``id:`` start once it opens: never
+an aborted response.
 
 Why the generator is safe to hand to a framework: the subscription's merge task runs
 in the bus's nursery, so the generator opens no cancel scope or nursery across a
@@ -51,20 +70,25 @@ messages.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import re
-from collections.abc import AsyncGenerator, Mapping
-from typing import Any, Final, final
+from collections.abc import AsyncGenerator, Callable, Mapping
+from typing import Any, Final, TypeAlias, final
 
 import attrs
 import trio
 
 import chatbus
 
+from ._sse_health import PROBE_DEADLINE, PROBE_INTERVAL, _HealthProbe, _probe_for, _StoreHealth
+
 __all__ = [
     "DEFAULT_HEARTBEAT",
     "DEFAULT_RETRY_MS",
+    "PROBE_DEADLINE",
+    "PROBE_INTERVAL",
     "SSE_HEADERS",
     "Cursor",
     "InvalidCursor",
@@ -74,8 +98,11 @@ __all__ = [
     "message_frame",
     "message_json",
     "parse_cursor",
+    "resume_id",
     "sse_stream",
 ]
+# For the tests: the health of the store, in its own module.
+_TESTED: Final = (_HealthProbe, _StoreHealth)
 
 #: Seconds of silence after which a ``: ping`` comment is sent.
 DEFAULT_HEARTBEAT: Final = 5.0
@@ -92,11 +119,14 @@ SSE_HEADERS: Final[Mapping[str, str]] = {
 
 _MAX_ID: Final = 2**63 - 1
 _DIGITS: Final = re.compile(r"[0-9]{1,19}")
-# How often the generator looks at the subscription's counters while idle.
+# A resume id: ``<message id>`` or ``<message id>:<epoch>`` (see the module's doc).
+_RESUME_ID: Final = re.compile(r"([0-9]{1,19})(?::([0-9]{1,19}))?")
+# How often the generator looks at the store's health while idle.
 _STATUS_POLL: Final = 0.5
-# Store errors quiet for this long after a read attempt: the store is back. Longer
-# than the subscription's largest retry pause (1 s), so a pause is not taken for it.
-_RECOVERY_QUIET: Final = 2.5
+# Longest wait for a subscription to open before trying again (a frozen connection).
+_OPEN_DEADLINE: Final = 10.0
+# Pause between attempts to open a subscription while the store is unreachable.
+_REOPEN_PAUSE: Final = 1.0
 # Most frames joined into one chunk when the subscription has more ready.
 _MAX_COALESCE: Final = 64
 
@@ -112,12 +142,15 @@ class Cursor:
     Attributes:
         after: Start after this message id (exclusive with ``last``).
         last: Start at the stream's last ``last`` messages (0: only new ones).
+        epoch: The stream's epoch ``after`` belongs to (from an ``<id>:<epoch>``
+            resume id), or None: then ``after`` is checked only against the head.
         source: Where it came from: ``"last-event-id"``, ``"after"``, ``"last"`` or
             ``"default"``.
     """
 
     after: int | None = None
     last: int | None = None
+    epoch: int | None = None
     source: str = "default"
 
 
@@ -131,6 +164,27 @@ def _parse_count(name: str, value: str, *, low: int, high: int) -> int:
     if not low <= number <= high:
         raise InvalidCursor(f"{name} must be from {low} to {high}, got {number}")
     return number
+
+
+def _parse_resume_id(name: str, value: str, source: str) -> Cursor:
+    """``<message id>`` or ``<message id>:<epoch>`` (what :func:`sse_stream` sends)."""
+    match = _RESUME_ID.fullmatch(value.strip())
+    if match is None:
+        raise InvalidCursor(
+            f"{name} must be a message id, or a message id and an epoch as"
+            f" '<id>:<epoch>' (whole numbers), got {value[:60]!r}"
+        )
+    after, epoch = int(match[1]), None if match[2] is None else int(match[2])
+    for what, number in (("message id", after), ("epoch", epoch)):
+        if number is not None and number > _MAX_ID:
+            raise InvalidCursor(f"{name}: the {what} must be from 0 to {_MAX_ID}, got {number}")
+    return Cursor(after=after, epoch=epoch, source=source)
+
+
+def resume_id(after: int, epoch: int | None) -> str:
+    """The SSE ``id:`` of a point in a stream: ``<after>:<epoch>`` (``<after>`` alone
+    when the store has no epochs). :func:`parse_cursor` reads both forms back."""
+    return str(after) if epoch is None else f"{after}:{epoch}"
 
 
 def parse_cursor(
@@ -147,9 +201,15 @@ def parse_cursor(
     got: so the header, when present and not empty, is the cursor and the query
     values are ignored. Otherwise ``after`` or ``last`` from the query (not both).
 
+    The header and ``after`` take either form of a resume id: ``<id>:<epoch>`` (what
+    :func:`sse_stream` sends; the stream then resumes only in that epoch's history)
+    or a plain ``<id>`` (an older client, or a hand-made ``?after=``: checked only
+    against the head).
+
     Args:
         last_event_id: The ``Last-Event-ID`` header value, or None.
-        after: The ``after`` query value: the last message id already seen.
+        after: The ``after`` query value: the last message id already seen (or
+            ``<id>:<epoch>``).
         last: The ``last`` query value: start at the stream's last N messages.
         default: The cursor when none is given (default: after 0, all history).
 
@@ -161,14 +221,11 @@ def parse_cursor(
             ``last`` are given (without the header).
     """
     if last_event_id is not None and last_event_id.strip():
-        return Cursor(
-            after=_parse_count("Last-Event-ID", last_event_id, low=0, high=_MAX_ID),
-            source="last-event-id",
-        )
+        return _parse_resume_id("Last-Event-ID", last_event_id, "last-event-id")
     if after is not None and last is not None:
         raise InvalidCursor("pass after or last, not both")
     if after is not None:
-        return Cursor(after=_parse_count("after", after, low=0, high=_MAX_ID), source="after")
+        return _parse_resume_id("after", after, "after")
     if last is not None:
         return Cursor(last=_parse_count("last", last, low=0, high=MAX_LAST), source="last")
     return default if default is not None else Cursor(after=0)
@@ -267,9 +324,15 @@ def _dumps(value: object) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
-def message_frame(message: chatbus.Message) -> str:
-    """The SSE frame of a message: ``id:``, ``event: message`` and its JSON."""
-    return format_frame(_dumps(message_json(message)), event="message", id=message.id)
+def message_frame(message: chatbus.Message, epoch: int | None = None) -> str:
+    """The SSE frame of a message: ``id:``, ``event: message`` and its JSON.
+
+    The id is :func:`resume_id` of the message's id and ``epoch``, the epoch of the
+    history it belongs to (``Subscriber.epoch``; None: the id alone).
+    """
+    return format_frame(
+        _dumps(message_json(message)), event="message", id=resume_id(message.id, epoch)
+    )
 
 
 @final
@@ -279,15 +342,17 @@ class _FrameCache:
     encoded once (a bus hands every local subscriber the same Message object)."""
 
     size: int = 1024
-    _frames: dict[tuple[str, int], tuple[chatbus.Message, str]] = attrs.field(factory=dict)
+    _frames: dict[tuple[str, int], tuple[chatbus.Message, int | None, str]] = attrs.field(
+        factory=dict
+    )
 
-    def frame(self, message: chatbus.Message) -> str:
+    def frame(self, message: chatbus.Message, epoch: int | None) -> str:
         key = (message.stream, message.id)
         hit = self._frames.get(key)
-        if hit is not None and hit[0] is message:
-            return hit[1]
-        text = message_frame(message)
-        self._frames[key] = (message, text)
+        if hit is not None and hit[0] is message and hit[1] == epoch:
+            return hit[2]
+        text = message_frame(message, epoch)
+        self._frames[key] = (message, epoch, text)
         if len(self._frames) > self.size:
             del self._frames[next(iter(self._frames))]
         return text
@@ -335,43 +400,9 @@ def _ending_reason(exc: BaseException) -> str | None:
     return None
 
 
-@final
-@attrs.define(eq=False)
-class _StoreHealth:
-    """Pure: turns store counters (failed and attempted store calls, of the subscription
-    and of the bus's polls) into reconnecting / ok transitions."""
-
-    quiet: float = _RECOVERY_QUIET
-    reconnecting: bool = False
-    _errors: int = 0
-    _reads_at_error: int = 0
-    _error_time: float = 0.0
-
-    def observe(self, store_errors: int, store_reads: int, now: float) -> str | None:
-        """Feed the counters; return ``"reconnecting"`` or ``"ok"`` on a change."""
-        if store_errors > self._errors:
-            self._errors = store_errors
-            self._reads_at_error = store_reads
-            self._error_time = now
-            if not self.reconnecting:
-                self.reconnecting = True
-                return "reconnecting"
-            return None
-        if (
-            self.reconnecting
-            and store_reads > self._reads_at_error
-            and now - self._error_time >= self.quiet
-        ):
-            self.reconnecting = False
-            return "ok"
-        return None
-
-    def delivered(self) -> str | None:
-        """A message came through: the store works."""
-        if self.reconnecting:
-            self.reconnecting = False
-            return "ok"
-        return None
+_AnySubscriber: TypeAlias = (
+    chatbus.Subscriber[chatbus.Message | chatbus.Event] | chatbus.Subscriber[chatbus.Message]
+)
 
 
 def sse_stream(
@@ -387,8 +418,10 @@ def sse_stream(
 
     The arguments are checked at once, before any response is started, so a bad
     stream name or option raises here (answer 400). Errors that only entering or
-    following the subscription can find (the cursor past the head, history trimmed,
-    the stream deleted) become an ``end`` frame, and the generator stops.
+    following the subscription can find (the cursor past the head or in another
+    epoch, history trimmed, the stream deleted) become an ``end`` frame, and the
+    generator stops. A store that cannot be reached, also while the subscription
+    opens, is a ``status`` frame, and the stream goes on (it retries).
 
     Args:
         bus: The bus to subscribe on.
@@ -410,74 +443,125 @@ def sse_stream(
         raise ValueError(f"heartbeat must be > 0, got {heartbeat}")
     if retry_ms is not None and retry_ms < 0:
         raise ValueError(f"retry_ms must be >= 0, got {retry_ms}")
-    cursor = cursor if cursor is not None else Cursor(after=0)
-    subscriber = bus.open_subscriber(stream, cursor.after, last=cursor.last, events=events)
-    return _frames(bus, subscriber, heartbeat, retry_ms)
+    start = cursor if cursor is not None else Cursor(after=0)
+
+    def open_subscriber() -> _AnySubscriber:
+        if events:
+            return bus.open_subscriber(
+                stream, start.after, last=start.last, epoch=start.epoch, events=True
+            )
+        return bus.open_subscriber(stream, start.after, last=start.last, epoch=start.epoch)
+
+    first = open_subscriber()  # checks the arguments now
+    return _frames(bus, stream, first, open_subscriber, heartbeat, retry_ms)
 
 
 async def _frames(
     bus: chatbus.Bus,
-    subscriber: chatbus.Subscriber[chatbus.Message | chatbus.Event]
-    | chatbus.Subscriber[chatbus.Message],
+    stream: str,
+    subscriber: _AnySubscriber | None,
+    open_subscriber: Callable[[], _AnySubscriber],
     heartbeat: float,
     retry_ms: int | None,
 ) -> AsyncGenerator[str, None]:
-    # Poll errors from before this stream (an outage long over) are not news to it.
-    health = _StoreHealth(errors=bus.statistics().poll_errors)
+    probe = _probe_for(bus)
+    probe.join(stream)
+    health = _StoreHealth()
+    # The ``: chatbus`` comment and the ``retry:`` hint, until they went out.
+    preamble = format_frame(retry=retry_ms, comment="chatbus")
+    last_sent = trio.current_time()
     ending: str | None = None
     try:
-        async with subscriber as sub:
-            # The first chunk goes out once the subscription is open (so a client that
-            # has it misses nothing published from then on, even with last=0). Its
-            # id is where the stream starts (``last=N`` resolved): a browser that
-            # reconnects before any message came resumes there, not at a new tail.
-            yield format_frame(retry=retry_ms, comment="chatbus", id=sub.cursor)
-            last_sent = trio.current_time()
-            last_poll = last_sent
-            while True:
-                chunk: list[str] = []
-                # Messages already buffered come from receive() at once, each with
-                # only a cancellation check before it takes one: take them (and the
-                # events due among them) into one chunk with no cancel scope, so a
-                # busy stream costs no scope per chunk. Only when none is buffered
-                # wait, in a fresh scope around one receive() alone, which can only
-                # time out while waiting, with nothing taken. No cancel scope spans
-                # a yield.
-                ready = _buffered(sub)
-                if not ready:
-                    with trio.move_on_after(_STATUS_POLL):
-                        chunk.append(_frame_of(await sub.receive(), health, chunk))
-                    ready = _buffered(sub) if chunk else 0
-                for _ in range(min(ready, _MAX_COALESCE)):
-                    chunk.append(_frame_of(await sub.receive(), health, chunk))
+        while ending is None:
+            # Open the subscription. While the store cannot be reached (the probe
+            # says so, or opening failed or hung), tell the client once and try
+            # again: never an aborted response.
+            began = trio.current_time()
+            change = health.observe(probe.down(began), probe.answered)
+            if change is not None or (preamble and health.reconnecting):
+                yield preamble + (status_frame(change) if change else "")
+                preamble, last_sent = "", began
+            opened = False
+            try:
+                if subscriber is None:
+                    subscriber = open_subscriber()
+                async with contextlib.AsyncExitStack() as stack:
+                    with trio.move_on_after(_OPEN_DEADLINE):
+                        sub = await stack.enter_async_context(subscriber)
+                        opened = True
+                    subscriber = None  # entered (or given up): the next try opens anew
+                    if not opened:
+                        raise chatbus.StoreError(
+                            f"opening the subscription took over {_OPEN_DEADLINE} s"
+                        )
+                    # The first chunk goes out once the subscription is open (so a
+                    # client that has it misses nothing published from then on, even
+                    # with last=0). Its id is where the stream starts (``last=N``
+                    # resolved): a browser that reconnects before any message came
+                    # resumes there, not at a new tail.
+                    start_id = resume_id(sub.cursor, sub.epoch)
+                    if preamble:
+                        yield format_frame(retry=retry_ms, comment="chatbus", id=start_id)
+                    else:  # sent with the news that the store was unreachable
+                        yield format_frame(id=start_id)
+                    preamble = ""
+                    last_sent = trio.current_time()
+                    last_poll = last_sent
+                    while True:
+                        chunk: list[str] = []
+                        # Messages already buffered come from receive() at once, each
+                        # with only a cancellation check before it takes one: take them
+                        # (and the events due among them) into one chunk with no cancel
+                        # scope, so a busy stream costs no scope per chunk. Only when
+                        # none is buffered wait, in a fresh scope around one receive()
+                        # alone, which can only time out while waiting, with nothing
+                        # taken. No cancel scope spans a yield.
+                        ready = _buffered(sub)
+                        if not ready:
+                            with trio.move_on_after(_STATUS_POLL):
+                                chunk.append(_frame_of(await sub.receive(), sub))
+                            ready = _buffered(sub) if chunk else 0
+                        for _ in range(min(ready, _MAX_COALESCE)):
+                            chunk.append(_frame_of(await sub.receive(), sub))
+                        now = trio.current_time()
+                        if now - last_poll >= _STATUS_POLL or not chunk:
+                            last_poll = now
+                            # The bus's probe of the store: an idle subscription reads
+                            # nothing, so its own calls cannot tell the store went away.
+                            change = health.observe(probe.down(now), probe.answered)
+                            if change is not None:
+                                chunk.append(status_frame(change))
+                        if not chunk and now - last_sent >= heartbeat:
+                            chunk.append(": ping\n\n")
+                        if chunk:
+                            last_sent = now
+                            yield "".join(chunk)
+            except trio.EndOfChannel:
+                ending = end_frame("bus_closed")
+            except chatbus.StoreError:
+                if opened:
+                    raise
+                # Opening failed: the store did not answer (handled below).
+            except Exception as exc:
+                reason = _ending_reason(exc)
+                if reason is None:
+                    raise
+                ending = end_frame(reason, exc)
+            if ending is None:
+                # The subscription did not open: say so (once), pause, try again.
+                subscriber = None
+                change = health.failed(began)
                 now = trio.current_time()
-                if now - last_poll >= _STATUS_POLL or not chunk:
-                    last_poll = now
-                    # An idle subscription reads nothing, so its own counters cannot
-                    # tell that the store went away: the bus's safety-net polls of
-                    # the stream heads (every second) can.
-                    stats, polls = sub.statistics(), bus.statistics()
-                    change = health.observe(
-                        stats.store_errors + polls.poll_errors,
-                        stats.store_reads + polls.polls,
-                        now,
-                    )
-                    if change is not None:
-                        chunk.append(status_frame(change))
-                if not chunk and now - last_sent >= heartbeat:
-                    chunk.append(": ping\n\n")
-                if chunk:
-                    last_sent = now
-                    yield "".join(chunk)
-    except trio.EndOfChannel:
-        ending = end_frame("bus_closed")
-    except Exception as exc:
-        reason = _ending_reason(exc)
-        if reason is None:
-            raise
-        ending = end_frame(reason, exc)
-    if ending is not None:
-        yield ending
+                if change is not None or preamble or now - last_sent >= heartbeat:
+                    yield preamble + (status_frame(change) if change else ": ping\n\n")
+                    preamble, last_sent = "", now
+                with trio.move_on_after(_REOPEN_PAUSE):
+                    # Sooner if the probe gets an answer from the store meanwhile.
+                    while probe.answered <= began:  # noqa: ASYNC110 (no event to wait on)
+                        await trio.sleep(_REOPEN_PAUSE / 10)
+    finally:
+        probe.leave(stream)
+    yield ending  # the loop ends only with one
 
 
 def _buffered(sub: chatbus.Subscriber[Any]) -> int:
@@ -488,12 +572,7 @@ def _buffered(sub: chatbus.Subscriber[Any]) -> int:
     return sub.statistics().buffered
 
 
-def _frame_of(
-    item: chatbus.Message | chatbus.Event, health: _StoreHealth, chunk: list[str]
-) -> str:
+def _frame_of(item: chatbus.Message | chatbus.Event, sub: _AnySubscriber) -> str:
     if isinstance(item, chatbus.Message):
-        change = health.delivered()
-        if change is not None:
-            chunk.append(status_frame(change))
-        return _FRAMES.frame(item)
+        return _FRAMES.frame(item, sub.epoch)
     return event_frame(item)

@@ -39,6 +39,11 @@ def parse(text: str) -> list[dict[str, object]]:
     return frames
 
 
+def mid(frame: dict[str, object]) -> str:
+    """The message id of a frame's ``id:`` (``<id>:<epoch>``, or ``<id>`` alone)."""
+    return str(frame["id"]).partition(":")[0]
+
+
 async def take(gen, count: int, *, what=lambda f: "data" in f) -> list[dict[str, object]]:
     """Pull chunks from ``gen`` until ``count`` frames matching ``what`` came."""
     got: list[dict[str, object]] = []
@@ -85,6 +90,25 @@ def test_bad_cursor_is_invalid_cursor(kwargs):
     assert issubclass(InvalidCursor, ValueError)
 
 
+def test_resume_ids_carry_the_epoch_and_plain_ids_still_parse():
+    cursor = parse_cursor(last_event_id="7:123", last="50")
+    assert cursor == Cursor(after=7, epoch=123, source="last-event-id")
+    assert parse_cursor(after=" 0:0 ") == Cursor(after=0, epoch=0, source="after")
+    assert parse_cursor(after="12").epoch is None  # checked only against the head
+    assert chatbus.sse.resume_id(7, 123) == "7:123"
+    assert chatbus.sse.resume_id(7, None) == "7"
+
+
+@pytest.mark.parametrize(
+    "value", ["7:", ":5", "7:x", "7:1:2", "7: 1", "-7:1", "7:99999999999999999999", "7;1"]
+)
+def test_bad_resume_ids_are_invalid_cursor(value):
+    with pytest.raises(InvalidCursor, match="Last-Event-ID"):
+        parse_cursor(last_event_id=value)
+    with pytest.raises(InvalidCursor, match="after"):
+        parse_cursor(after=value)
+
+
 # -- frames --------------------------------------------------------------------------
 
 
@@ -102,7 +126,7 @@ async def test_message_frame_keeps_text_with_newlines_and_markup():
         text = "line1\nline2\r\n<script>alert(1)</script>"
         msg = await bus.publish("s", {"text": text})
         (frame,) = parse(chatbus.sse.message_frame(msg))
-        assert frame["id"] == "1" and frame["event"] == "message"
+        assert frame["id"] == "1" and frame["event"] == "message"  # no epoch given
         assert frame["data"]["body"] == {"text": text}
 
 
@@ -116,15 +140,19 @@ async def test_stream_messages_then_live_then_events_without_ids():
         gen = chatbus.sse.sse_stream(bus, "room", parse_cursor(last="2"), heartbeat=0.2)
         first = parse(await gen.__anext__())
         assert first[0]["retry"] == str(chatbus.sse.DEFAULT_RETRY_MS)
-        assert first[0]["id"] == "1" and "data" not in first[0]  # last=2 of 3: after 1
+        epoch = (await bus.stream_info("room")).epoch
+        assert first[0]["id"] == f"1:{epoch}" and "data" not in first[0]  # last=2 of 3
         frames = await take(gen, 2)
-        assert [(f["id"], f["data"]["body"]) for f in frames] == [("2", 2), ("3", 3)]
+        assert [(f["id"], f["data"]["body"]) for f in frames] == [
+            (f"2:{epoch}", 2),
+            (f"3:{epoch}", 3),
+        ]
         await bus.emit("room", {"typing": "al"}, key="typing:al", ttl=5)
         await bus.publish("room", 4)
         frames = await take(gen, 2)
         assert frames[0]["event"] == "event" and "id" not in frames[0]
         assert frames[0]["data"]["key"] == "typing:al" and frames[0]["data"]["ttl"] == 5
-        assert frames[1]["event"] == "message" and frames[1]["id"] == "4"
+        assert frames[1]["event"] == "message" and frames[1]["id"] == f"4:{epoch}"
         pings = await take(gen, 1, what=lambda f: f.get("comment") == "ping")
         assert pings
         await gen.aclose()
@@ -137,7 +165,7 @@ async def test_resume_from_last_event_id_gets_each_message_once():
             await bus.publish("room", i)
         gen = chatbus.sse.sse_stream(bus, "room", parse_cursor(last_event_id="6", last="50"))
         frames = await take(gen, 4)
-        assert [f["id"] for f in frames] == ["7", "8", "9", "10"]
+        assert [mid(f) for f in frames] == ["7", "8", "9", "10"]
         await gen.aclose()
 
 
@@ -151,9 +179,10 @@ async def test_first_chunk_names_where_the_stream_starts(cursor, start):
     async with chatbus.open_bus() as bus:
         for i in range(1, 8):
             await bus.publish("room", i)
+        epoch = (await bus.stream_info("room")).epoch
         gen = chatbus.sse.sse_stream(bus, "room", cursor)
         (first,) = parse(await gen.__anext__())
-        assert first == {"comment": "chatbus", "retry": "2000", "id": start}
+        assert first == {"comment": "chatbus", "retry": "2000", "id": f"{start}:{epoch}"}
         await gen.aclose()
 
 
@@ -170,7 +199,7 @@ async def test_a_client_that_stops_reading_holds_a_bounded_backlog():
         held = sub.statistics()  # a buffer of one read batch, one more run in hand
         assert held.cursor == 0 and held.buffered <= 256 and held.fetched <= 2 * 256
         frames = await take(gen, 3000)  # and then it gets every one, in order
-        assert [int(f["id"]) for f in frames] == list(range(1, 3001))
+        assert [int(mid(f)) for f in frames] == list(range(1, 3001))
         await gen.aclose()
 
 
@@ -193,6 +222,55 @@ async def test_cursor_ahead_ends_the_stream_with_a_reason():
         with pytest.raises(StopAsyncIteration):
             await gen.__anext__()
         assert bus.statistics().subscribers == 0
+
+
+async def test_a_resume_id_from_another_history_ends_the_stream_and_splices_nothing():
+    """Review B, D8: an in-memory server restarted under a page (a new history with
+    as many messages as the page had seen, or more) resumed after id n of the NEW
+    history and spliced it onto the old. The id carries the epoch: it ends instead."""
+    async with chatbus.open_bus() as old:
+        for i in range(5):
+            await old.publish("room", f"old{i}")
+        gen = chatbus.sse.sse_stream(old, "room", Cursor(last=50))
+        await gen.__anext__()
+        last_event_id = (await take(gen, 5))[-1]["id"]
+        await gen.aclose()
+    async with chatbus.open_bus() as new:  # the restarted server
+        for i in range(8):
+            await new.publish("room", f"new{i}")
+        cursor = parse_cursor(last_event_id=last_event_id, last="50")
+        gen = chatbus.sse.sse_stream(new, "room", cursor)
+        frames = []
+        with trio.move_on_after(5):  # (it ends by itself: the end frame)
+            async for chunk in gen:
+                frames.extend(parse(chunk))
+        assert [f.get("event") for f in frames] == ["end"]  # no message, no start id
+        assert frames[0]["data"]["reason"] == "history_reset"
+        # An old client's plain id is checked only against the head, as before.
+        gen = chatbus.sse.sse_stream(new, "room", parse_cursor(last_event_id="5"))
+        epoch = (await new.stream_info("room")).epoch
+        assert [f["id"] for f in await take(gen, 3)] == [f"{i}:{epoch}" for i in (6, 7, 8)]
+        await gen.aclose()
+
+
+async def test_a_stream_deleted_and_created_again_is_not_resumed_across():
+    async with chatbus.open_bus() as bus:
+        for i in range(3):
+            await bus.publish("room", i)
+        gen = chatbus.sse.sse_stream(bus, "room")
+        await gen.__anext__()
+        last_event_id = (await take(gen, 3))[-1]["id"]
+        await gen.aclose()
+        await bus.delete_stream("room")
+        for i in range(5):
+            await bus.publish("room", i)
+        gen = chatbus.sse.sse_stream(bus, "room", parse_cursor(last_event_id=last_event_id))
+        (frame,) = await take(gen, 1)
+        assert frame["event"] == "end" and frame["data"]["reason"] == "history_reset"
+        # (0, 0): nothing seen before the stream existed fits any history.
+        gen = chatbus.sse.sse_stream(bus, "room", parse_cursor(last_event_id="0:0"))
+        assert [mid(f) for f in await take(gen, 5)] == ["1", "2", "3", "4", "5"]
+        await gen.aclose()
 
 
 async def test_bus_closing_ends_the_stream():
@@ -320,9 +398,9 @@ async def test_status_reconnecting_then_ok_when_the_store_comes_back():
         (frame,) = await take(gen, 1)
         assert frame["event"] == "status" and frame["data"]["state"] == "reconnecting"
         store.broken = False
-        frames = await take(gen, 4)
-        assert frames[0]["event"] == "status" and frames[0]["data"]["state"] == "ok"
-        assert [f["id"] for f in frames[1:]] == ["1", "2", "3"]
+        frames = await take(gen, 4)  # the messages, and ok once the probe got an answer
+        assert [f["data"]["state"] for f in frames if f["event"] == "status"] == ["ok"]
+        assert [f["id"] for f in frames if f["event"] == "message"] == ["1", "2", "3"]
         await gen.aclose()
 
 
@@ -365,16 +443,138 @@ async def test_an_outage_long_over_is_not_news_to_a_new_stream(autojump_clock):
         assert sum(f.get("comment") == "ping" for f in frames) >= 2
 
 
-def test_store_health_needs_a_quiet_read_to_call_it_ok():
-    health = chatbus.sse._StoreHealth(quiet=2.0)
-    assert health.observe(0, 1, 0.0) is None
-    assert health.observe(1, 2, 1.0) == "reconnecting"
-    assert health.observe(2, 3, 1.5) is None
-    assert health.observe(2, 3, 2.0) is None  # no read since the last error
-    assert health.observe(2, 4, 3.0) is None  # quiet only 1.5 s
-    assert health.observe(2, 4, 3.6) == "ok"
-    assert health.observe(3, 5, 4.0) == "reconnecting"
-    assert health.delivered() == "ok"
+def test_store_health_is_ok_only_after_an_answer_to_a_call_begun_after_the_failure():
+    health = chatbus.sse._StoreHealth()
+    assert health.observe(False, 0.0) is None
+    assert health.observe(True, 0.0) == "reconnecting"
+    assert health.observe(True, 0.0) is None
+    assert health.observe(False, 5.0) == "ok"
+    assert health.failed(began=10.0) == "reconnecting"  # opening failed
+    assert health.observe(False, 9.0) is None  # an answer to an older call: stale
+    assert health.observe(False, 10.5) == "ok"
+    assert health.failed(began=11.0) == "reconnecting"
+    assert health.failed(began=12.0) is None
+
+
+async def test_probe_in_flight_past_its_deadline_counts_as_down():
+    async with chatbus.open_bus() as bus:
+        probe = chatbus.sse._HealthProbe(bus, deadline=3.0)
+        assert not probe.down(0.0)
+        probe._began = 10.0  # a probe that hangs
+        assert not probe.down(12.9)
+        assert probe.down(13.0)
+
+
+class Outage:
+    """A memory store (with its stream lifecycle) whose calls, while ``mode`` is
+    ``"refuse"``, fail after ``fail_after`` seconds (a pool timeout), and while it is
+    ``"freeze"`` hang until the mode changes (a TCP black hole)."""
+
+    def __init__(self, fail_after: float = 5.0) -> None:
+        self.inner = chatbus.memory.MemoryStore()
+        self.mode = "up"
+        self.fail_after = fail_after
+        self.changed = trio.Event()
+
+    def set(self, mode: str) -> None:
+        self.mode = mode
+        self.changed.set()
+        self.changed = trio.Event()
+
+    async def _gate(self) -> None:
+        while self.mode == "freeze":
+            await self.changed.wait()
+        if self.mode == "refuse":
+            await trio.sleep(self.fail_after)
+            raise chatbus.StoreError("couldn't get a connection after 5.00 sec")
+
+    async def append(self, stream, drafts):
+        await self._gate()
+        return await self.inner.append(stream, drafts)
+
+    async def read(self, stream, after, limit):
+        await self._gate()
+        return await self.inner.read(stream, after, limit)
+
+    async def heads(self, streams):
+        await self._gate()
+        return await self.inner.heads(streams)
+
+    async def stream_info(self, stream):
+        await self._gate()
+        return await self.inner.stream_info(stream)
+
+
+async def statuses(gen, seconds: float) -> list[tuple[float, str]]:
+    """(time, state) of each status frame within ``seconds`` (pings keep chunks coming:
+    cancelling a pull would end the generator)."""
+    got = []
+    end = trio.current_time() + seconds
+    while trio.current_time() < end:
+        for frame in parse(await gen.__anext__()):
+            if frame.get("event") == "status":
+                got.append((trio.current_time(), frame["data"]["state"]))
+    return got
+
+
+@pytest.mark.parametrize("mode", ["refuse", "freeze"])
+async def test_status_holds_through_an_outage_and_says_ok_once_after(autojump_clock, mode):
+    """Review B, D2 and D3: "reconnecting" from shortly after the cut until the store
+    answers again, then "ok" once. Counting attempts (not answers) flapped to "ok"
+    while attempts were in flight; a frozen store, whose calls never return, was not
+    reported at all."""
+    store = Outage()
+    async with chatbus.open_bus(store=store, poll_interval=1.0) as bus:
+        await bus.publish("room", 1)
+        gen = chatbus.sse.sse_stream(bus, "room", events=False, heartbeat=1.0)
+        await gen.__anext__()
+        assert [mid(f) for f in await take(gen, 1)] == ["1"]
+        await trio.sleep(2)
+        cut = trio.current_time()
+        store.set(mode)
+        during = await statuses(gen, 30)
+        assert [state for _, state in during] == ["reconnecting"]
+        assert during[0][0] - cut <= 5.0  # within a few seconds, even when frozen
+        restored = trio.current_time()
+        store.set("up")
+        after = await statuses(gen, 20)
+        assert [state for _, state in after] == ["ok"]
+        # A probe in flight at the restore may still fail: the next one answers.
+        assert (
+            after[0][0] - restored <= chatbus.sse.PROBE_DEADLINE + chatbus.sse.PROBE_INTERVAL + 1
+        )
+        await gen.aclose()
+
+
+async def test_a_stream_opened_while_the_store_is_down_says_so_and_recovers(autojump_clock):
+    """Review B, D4: opening with a cursor to check while the store is down must not
+    abort the response with the StoreError: status "reconnecting", pings, and once
+    the store answers the stream's start and its messages."""
+    store = Outage()
+    async with chatbus.open_bus(store=store, poll_interval=1.0) as bus:
+        for i in range(1, 4):
+            await bus.publish("room", i)
+        epoch = (await bus.stream_info("room")).epoch
+        store.set("refuse")
+        gen = chatbus.sse.sse_stream(bus, "room", parse_cursor(last="2"), heartbeat=1.0)
+        frames = []
+        while trio.current_time() < 20:
+            frames.extend(parse(await gen.__anext__()))
+        assert frames[0] == {"comment": "chatbus", "retry": "2000"}
+        assert frames[1]["event"] == "status" and frames[1]["data"]["state"] == "reconnecting"
+        assert not [f for f in frames if "id" in f]  # nothing to resume from yet
+        assert sum(f.get("comment") == "ping" for f in frames) >= 2  # between tries
+        store.set("up")
+        frames = []
+        while trio.current_time() < 30:
+            frames.extend(f for f in parse(await gen.__anext__()) if "id" in f or "data" in f)
+        assert frames[0] == {"id": f"1:{epoch}"}  # where it starts: last=2 of 3
+        assert [f["data"]["state"] for f in frames if f.get("event") == "status"] == ["ok"]
+        assert [f["id"] for f in frames if f.get("event") == "message"] == [
+            f"2:{epoch}",
+            f"3:{epoch}",
+        ]
+        await gen.aclose()
 
 
 async def test_nothing_lost_when_the_idle_poll_expires_around_a_burst(monkeypatch):
@@ -393,5 +593,5 @@ async def test_nothing_lost_when_the_idle_poll_expires_around_a_burst(monkeypatc
 
         nursery.start_soon(publish_bursts)
         frames = await take(gen, 400)
-        assert [int(f["id"]) for f in frames] == list(range(1, 401))
+        assert [int(mid(f)) for f in frames] == list(range(1, 401))
         await gen.aclose()

@@ -33,6 +33,7 @@ import json
 import pathlib
 import signal
 import sys
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -57,6 +58,8 @@ MAX_NAME = 40
 MAX_BODY = 16 * 1024
 #: Most messages in one history page.
 MAX_PAGE = 200
+#: Seconds a client is asked to wait (``Retry-After``) when the store is unavailable.
+RETRY_AFTER = 1
 
 
 class BadRequest(Exception):
@@ -79,6 +82,8 @@ async def _json_body(request: Request) -> dict[str, Any]:
         value = json.loads(b"".join(parts))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BadRequest(f"body is not JSON: {exc}") from None
+    except RecursionError:  # [[[[…]]]]: the decoder's recursion limit
+        raise BadRequest("body is not JSON this app takes: nested too deeply") from None
     if not isinstance(value, dict):
         raise BadRequest("body must be a JSON object")
     return value
@@ -111,11 +116,28 @@ def _query_int(request: Request, name: str, low: int, high: int) -> int | None:
     return number
 
 
+def _room(request: Request) -> str:
+    """The room of a ``/rooms/{room}/…`` route: a valid stream name, without ``/``,
+    spelled in UTF-8 in the URL (``%FF`` would otherwise decode to U+FFFD, and
+    ``%FF`` and ``%FE`` would be one room)."""
+    raw = request.scope.get("raw_path")
+    if isinstance(raw, bytes):
+        try:
+            urllib.parse.unquote_to_bytes(raw).decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadRequest("room name is not valid UTF-8 (percent-encoded)") from None
+    room: str = request.path_params["room"]
+    if "/" in room:
+        raise BadRequest("room name must not contain '/'")
+    return room  # (chatbus checks the rest: InvalidStream, a 400)
+
+
 Handler = Callable[[Request], Awaitable[Response]]
 
 
 def _answers_bad_input(handler: Handler) -> Handler:
-    """Turn bad input (ours or chatbus's ValueErrors) into 400 with the reason."""
+    """Turn bad input (ours or chatbus's ValueErrors) into 400 with the reason, and a
+    store that cannot be reached into 503 (the page retries a send with its key)."""
 
     async def wrapper(request: Request) -> Response:
         try:
@@ -124,6 +146,10 @@ def _answers_bad_input(handler: Handler) -> Handler:
             return _error(409, str(exc))
         except (BadRequest, ValueError) as exc:  # InvalidStream, InvalidMessage, …
             return _error(400, str(exc))
+        except (chatbus.StoreError, chatbus.OutcomeUnknown, chatbus.BusClosed) as exc:
+            response = _error(503, f"the message store is unavailable: {exc}")
+            response.headers["retry-after"] = str(RETRY_AFTER)
+            return response
 
     return wrapper
 
@@ -144,14 +170,12 @@ def make_app(bus: chatbus.Bus, *, typing_ttl: float = 4.0, heartbeat: float = 5.
             after=request.query_params.get("after"),
             last=request.query_params.get("last"),
         )
-        frames = chatbus.sse.sse_stream(
-            bus, request.path_params["room"], cursor, heartbeat=heartbeat
-        )
+        frames = chatbus.sse.sse_stream(bus, _room(request), cursor, heartbeat=heartbeat)
         return StreamingResponse(frames, headers=dict(chatbus.sse.SSE_HEADERS))
 
     @_answers_bad_input
     async def history(request: Request) -> Response:
-        room = request.path_params["room"]
+        room = _room(request)
         limit = _query_int(request, "limit", 1, MAX_PAGE) or 50
         before = _query_int(request, "before", 1, 2**63 - 1)
         after = _query_int(request, "after", 0, 2**63 - 1)
@@ -165,7 +189,7 @@ def make_app(bus: chatbus.Bus, *, typing_ttl: float = 4.0, heartbeat: float = 5.
 
     @_answers_bad_input
     async def post_message(request: Request) -> Response:
-        room = request.path_params["room"]
+        room = _room(request)
         body = await _json_body(request)
         text = _text_field(body, "text", limit=MAX_TEXT, required=True)
         key = _text_field(body, "key", limit=chatbus.MAX_KEY_LENGTH, required=False)
@@ -176,7 +200,7 @@ def make_app(bus: chatbus.Bus, *, typing_ttl: float = 4.0, heartbeat: float = 5.
 
     @_answers_bad_input
     async def typing(request: Request) -> Response:
-        room = request.path_params["room"]
+        room = _room(request)
         body = await _json_body(request)
         name = _text_field(body, "name", limit=MAX_NAME, required=True)
         await bus.emit(room, {"typing": name}, key=f"typing:{name}", ttl=typing_ttl)
@@ -192,10 +216,10 @@ def make_app(bus: chatbus.Bus, *, typing_ttl: float = 4.0, heartbeat: float = 5.
             Route("/", page),
             Route("/chat.js", script),
             Route("/stats", stats),
-            Route("/rooms/{room}/events", events),
-            Route("/rooms/{room}/messages", history, methods=["GET"]),
-            Route("/rooms/{room}/messages", post_message, methods=["POST"]),
-            Route("/rooms/{room}/typing", typing, methods=["POST"]),
+            Route("/rooms/{room:path}/events", events),
+            Route("/rooms/{room:path}/messages", history, methods=["GET"]),
+            Route("/rooms/{room:path}/messages", post_message, methods=["POST"]),
+            Route("/rooms/{room:path}/typing", typing, methods=["POST"]),
         ]
     )
 

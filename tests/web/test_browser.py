@@ -287,3 +287,49 @@ def test_app_exits_cleanly_on_a_signal_with_a_page_open(start_app, new_page, sig
     log = app.log.read_text()
     assert f"{signal.Signals(signum).name}, stopping" in log and "web_chat: stopped" in log
     assert "Traceback" not in log
+
+
+def test_a_page_open_across_an_in_memory_restart_is_told_and_splices_nothing(start_app, new_page):
+    """Review B, D8 (t_mem_restart): the page showed 1..5; the in-memory app was killed
+    and restarted and 8 new messages came. The page's EventSource resumed after id 5
+    of the NEW history, showing new5..new7 as if they followed old0..old4. Its resume
+    id carries the epoch now: the stream ends, and the page says why."""
+    app = start_app()
+    r = room()
+    a = new_page(f"{app.url}/?room={r}&name=al")
+    send_many(a, "old", 5)
+    wait_count(a, 5)
+    app.kill()
+    a.wait_for_function("document.body.dataset.state === 'reconnecting'")
+    start_app(port=app.port)
+    import httpx  # (a send from elsewhere: the page is not sending)
+
+    for i in range(8):
+        httpx.post(f"{app.url}/rooms/{r}/messages", json={"text": f"new{i}"}, timeout=10)
+    a.wait_for_function("document.body.dataset.state === 'ended'", timeout=30_000)
+    assert a.evaluate("() => document.getElementById('status').textContent") == (
+        "history was reset: reload"
+    )
+    time.sleep(0.5)
+    assert a.evaluate(JS_IDS) == [1, 2, 3, 4, 5]
+    assert a.evaluate(JS_TEXTS) == [f"old{i}" for i in range(1, 6)]
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"), [("a%2Fb", "must not contain '/'"), ("x" * 300, "the limit is 256")]
+)
+def test_a_page_for_a_refused_room_says_why(start_app, browser, name, reason):
+    """Review B, D7: it said "connecting…" forever."""
+    app = start_app()
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.goto(f"{app.url}/?room={name}&name=al")
+        page.wait_for_function("document.body.dataset.state === 'ended'", timeout=20_000)
+        page.wait_for_function(
+            "document.getElementById('status').textContent.includes(':')", timeout=20_000
+        )
+        text = page.evaluate("() => document.getElementById('status').textContent")
+        assert text.startswith("stream refused: ") and reason in text, text
+    finally:
+        context.close()

@@ -33,6 +33,11 @@ def sse_lines(client, url: str, *, headers=None, until: int) -> list[str]:
     return lines
 
 
+def message_ids(lines: list[str]) -> list[str]:
+    """The message ids of the ``id:`` lines (``id: <id>:<epoch>``), in order."""
+    return [x.removeprefix("id: ").partition(":")[0] for x in lines if x.startswith("id: ")]
+
+
 def post(client, room: str, text: object, key: str | None = None, **extra):
     return client.post(f"/rooms/{room}/messages", json={"text": text, "key": key, **extra})
 
@@ -120,13 +125,20 @@ def test_sse_frames_resume_and_header_wins(client):
     lines = sse_lines(client, "/rooms/s/events?last=2", until=2)
     # First the start: retry hint and the id before the first message (last=2
     # resolved), with no data, so a browser resumes there even if none came yet.
-    assert lines[:4] == [": chatbus", "retry: 2000", "id: 3", ""]
-    assert [x for x in lines if x.startswith("id: ")] == ["id: 3", "id: 4", "id: 5"]
+    epoch = lines[2].rpartition(":")[2]  # id: <message id>:<the stream's epoch>
+    assert lines[:4] == [": chatbus", "retry: 2000", f"id: 3:{epoch}", ""]
+    assert [x for x in lines if x.startswith("id: ")] == [f"id: {i}:{epoch}" for i in (3, 4, 5)]
     lines = sse_lines(client, "/rooms/s/events?last=2", headers={"last-event-id": "1"}, until=4)
-    ids = [x for x in lines if x.startswith("id: ")]
-    assert ids == ["id: 1", "id: 2", "id: 3", "id: 4", "id: 5"]
+    assert message_ids(lines) == ["1", "2", "3", "4", "5"]
+    headers = {"last-event-id": f"2:{epoch}"}  # the header wins over ?last
+    assert message_ids(sse_lines(client, "/rooms/s/events?last=2", headers=headers, until=3)) == [
+        "2",
+        "3",
+        "4",
+        "5",
+    ]
     lines = sse_lines(client, "/rooms/s/events?after=5", until=0)
-    assert lines[:4] == [": chatbus", "retry: 2000", "id: 5", ""]
+    assert lines[:4] == [": chatbus", "retry: 2000", f"id: 5:{epoch}", ""]
 
 
 def test_sse_heartbeats_and_typing_events_have_no_id(client):
@@ -180,4 +192,96 @@ def test_two_processes_on_postgres_share_a_room(start_app):
         r = client.post(f"{two.url}/rooms/{room}/messages", json={"text": "b"})
         assert r.status_code == 201 and r.json()["id"] == 2
         lines = sse_lines(client, f"{one.url}/rooms/{room}/events?after=0", until=2)
-    assert [x for x in lines if x.startswith("id: ")] == ["id: 0", "id: 1", "id: 2"]
+    assert message_ids(lines) == ["0", "1", "2"]
+
+
+# -- review B: D1, D5, D7, D8 ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("route", ["messages", "typing"])
+def test_deeply_nested_json_gets_400_not_500(client, route):
+    """A 3 KB body nested 1,500 deep blew the JSON decoder's recursion limit: a 500."""
+    deep = b'{"text": "x", "name": "al", "extra": ' + b"[" * 1500 + b"]" * 1500 + b"}"
+    r = client.post(f"/rooms/r/{route}", content=deep)
+    assert r.status_code == 400, r.text
+    assert "nested too deeply" in r.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("path", "reason"),
+    [
+        ("a%2Fb", "must not contain '/'"),
+        ("a/b", "must not contain '/'"),
+        ("%FF", "not valid UTF-8"),
+        ("%ED%A0%80", "not valid UTF-8"),  # a surrogate, which UTF-8 never encodes
+    ],
+)
+def test_refused_room_paths_get_400_with_a_reason(client, path, reason):
+    for method, route in [("GET", "events"), ("GET", "messages"), ("POST", "messages")]:
+        r = client.request(method, f"/rooms/{path}/{route}", json={"text": "hi"})
+        assert r.status_code == 400, (method, route, r.text)
+        assert reason in r.json()["error"]
+    r = client.post(f"/rooms/{path}/typing", json={"name": "al"})
+    assert r.status_code == 400 and reason in r.json()["error"]
+
+
+def test_store_outage_gives_json_503_with_retry_after(start_app, postgres_proxy):
+    """A store that cannot be reached was a bare 500 with a traceback in the log."""
+    dsn, proxy = postgres_proxy
+    app = start_app("--dsn", dsn)
+    room = "o-" + uuid.uuid4().hex[:8]
+    with httpx.Client(base_url=app.url, timeout=30) as client:
+        assert client.post(f"/rooms/{room}/messages", json={"text": "a"}).status_code == 201
+        proxy.cut()
+        for r in (
+            client.post(f"/rooms/{room}/messages", json={"text": "b", "key": "k"}),
+            client.get(f"/rooms/{room}/messages"),
+        ):
+            assert r.status_code == 503, r.text
+            assert "store is unavailable" in r.json()["error"]
+            assert r.headers["retry-after"] == "1"
+        proxy.restore()
+        deadline = time.monotonic() + 20
+        while (
+            r := client.post(f"/rooms/{room}/messages", json={"text": "b", "key": "k"})
+        ).status_code == 503:
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+        assert r.status_code in (200, 201) and r.json()["id"] == 2
+    assert "Traceback" not in app.log.read_text()
+
+
+def last_id(lines: list[str]) -> str:
+    return [x for x in lines if x.startswith("id: ")][-1].removeprefix("id: ")
+
+
+def test_resume_after_an_in_memory_restart_ends_instead_of_splicing(start_app):
+    """Review B, D8 (t_mem_restart): the page's Last-Event-ID names id 5 of the old
+    history; the restarted server has 8 new messages. It resumed after id 5 of the NEW
+    history (new5..new7 shown as if they followed old0..old4); it must end the stream
+    with a reason instead."""
+    app = start_app()
+    with httpx.Client(base_url=app.url, timeout=10) as client:
+        for i in range(5):
+            assert post(client, "mr", f"old{i}").status_code == 201
+        seen = last_id(sse_lines(client, "/rooms/mr/events?last=50", until=5))
+        app.kill()
+        start_app(port=app.port)
+        for i in range(8):
+            assert post(client, "mr", f"new{i}").status_code == 201
+        lines = []
+        with client.stream(
+            "GET", "/rooms/mr/events?last=50", headers={"last-event-id": seen}
+        ) as response:
+            assert response.status_code == 200
+            for line in response.iter_lines():  # ends with the end frame
+                lines.append(line)
+                if "event: message" in lines:
+                    break
+        assert "event: message" not in lines, f"spliced another history: {lines}"
+        assert "event: end" in lines
+        assert '"reason":"history_reset"' in lines[lines.index("event: end") + 1]
+        # A client without the epoch (an old page, ?after=5) is checked only against
+        # the head, as documented.
+        lines = sse_lines(client, "/rooms/mr/events?after=5", until=3)
+        assert message_ids(lines) == ["5", "6", "7", "8"]

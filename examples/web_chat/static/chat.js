@@ -87,10 +87,30 @@ function onEvent(ev) {
   }
 }
 
+// Why a stream ended, for the eye; each tells the reader to reload.
+const ENDED = {
+  history_reset: "history was reset: reload",
+  stream_deleted: "room was deleted: reload",
+  cursor_ahead: "history was reset: reload",
+  history_truncated: "history was trimmed: reload",
+};
+
 const source = new EventSource(base + "/events?last=50");
 source.addEventListener("open", () => setStatus("live", "live"));
 source.addEventListener("error", () => {
-  if (source.readyState !== EventSource.CLOSED) setStatus("reconnecting", "reconnecting…");
+  if (source.readyState !== EventSource.CLOSED) {
+    setStatus("reconnecting", "reconnecting…");
+    return;
+  }
+  // The server refused the stream (a 4xx, e.g. a bad room name): EventSource does
+  // not say why, the history route does (same room checks, JSON {"error"}).
+  setStatus("ended", "stream refused");
+  fetch(base + "/messages?limit=1")
+    .then(async (r) => {
+      const why = r.ok ? "HTTP error" : (await r.json().catch(() => ({}))).error;
+      setStatus("ended", "stream refused: " + (why || "HTTP " + r.status));
+    })
+    .catch(() => {});
 });
 source.addEventListener("message", (e) => append(JSON.parse(e.data)));
 source.addEventListener("event", (e) => onEvent(JSON.parse(e.data)));
@@ -103,7 +123,7 @@ source.addEventListener("end", (e) => {
   const end = JSON.parse(e.data);
   if (end.reason === "bus_closed") return; // the server is going away: let it reconnect
   source.close();
-  setStatus("ended", "stream ended: " + end.reason.replace(/_/g, " "));
+  setStatus("ended", ENDED[end.reason] || "stream ended: " + end.reason.replace(/_/g, " "));
 });
 
 earlier.addEventListener("click", async () => {
