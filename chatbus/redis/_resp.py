@@ -200,10 +200,17 @@ class RespConnection:
         return conn
 
     async def send(self, commands: Sequence[Sequence[bytes | str | int]]) -> None:
-        """Send ``commands`` in one write (safe from several tasks)."""
+        """Send ``commands`` in one write (safe from several tasks).
+
+        Raises:
+            OSError: the connection failed or was closed (as :meth:`receive` says it).
+        """
         data = b"".join(encode(*command) for command in commands)
         async with self._send_lock:
-            await self.stream.send_all(data)
+            try:
+                await self.stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise ConnectionResetError(str(exc) or "connection lost") from exc
 
     async def receive(self) -> None:
         """Wait for more bytes and feed them to the parser.
