@@ -411,14 +411,17 @@ def open_backend(
 
 
 async def drop_prefix(url: str, prefix: str) -> None:
-    """Delete every key under ``prefix`` (on a Cluster, on every primary).
+    """Delete every key of ``prefix`` (on a Cluster, on every primary); the keys of
+    another prefix are left alone, also one that starts with this one (``chat:eu``).
 
     For tests and tooling: SCAN, then UNLINK, in batches. Not atomic; writers still
     running under the prefix may leave keys behind.
     """
     server, _ = parse_url(url.split("?", 1)[0])
     settings = _Settings(server=server, prefix=prefix)
-    pattern = "".join("\\" + ch if ch in "*?[]\\" else ch for ch in prefix) + ":*"
+    # Every key of the prefix is `prefix:{tag}:…`: matching `prefix:*` would also
+    # take a prefix that starts with this one and a colon ("chat" and "chat:eu").
+    pattern = "".join("\\" + ch if ch in "*?[]\\" else ch for ch in prefix) + ":{*"
     try:
         async with settings.client() as client:
             keys = [key async for key in client.scan_iter(match=pattern, count=1000)]
