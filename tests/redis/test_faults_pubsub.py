@@ -205,7 +205,7 @@ async def test_subscriptions_opened_and_closed_while_pubsub_is_killed_keep_the_b
                                 await stop.wait()
                         except chatbus.BusError:
                             pass  # a clear error while the listener reconnects is fine
-                        except Exception as exc:  # noqa: BLE001 - what the test is about
+                        except Exception as exc:  # what the test is about
                             problems.append(repr(exc))
 
                     async with trio.open_nursery() as nursery:
