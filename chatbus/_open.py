@@ -105,6 +105,9 @@ async def open_bus(
 
     Raises:
         ValueError: an option is out of range or the URL scheme is unknown.
+        TypeError: an option has the wrong type (``event_retention`` not an
+            :class:`~chatbus.EventRetention`, ``retention`` not a
+            :class:`~chatbus.Retention`, a count not an int).
     """
     options = BusOptions(
         cache_size=cache_size,
