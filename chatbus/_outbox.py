@@ -11,12 +11,14 @@ and :mod:`chatbus._protocols`.
 from __future__ import annotations
 
 import collections
+import functools
 from typing import Any, Final, final
 
 import attrs
 import trio
 
 from ._event import Event
+from ._options import EventRetention
 
 #: Most events in one flush: bounds the statement, and how long encoding it keeps the
 #: loop, when the store fell behind a burst.
@@ -29,8 +31,12 @@ class Outbox:
     """Events waiting to be flushed; the oldest are dropped past ``capacity``."""
 
     capacity: int
-    _waiting: collections.deque[tuple[Event, str]] = attrs.field(init=False)
+    #: The events waiting, and their encodings (two deques: no pair made per event).
+    _waiting: collections.deque[Event] = attrs.field(init=False)
+    _encoded: collections.deque[str] = attrs.field(init=False)
     _ready: trio.Event = attrs.field(factory=trio.Event, init=False)
+    #: ``_ready`` is set (a put then need not call it: one put per event).
+    _signalled: bool = attrs.field(default=False, init=False)
     flushes: int = attrs.field(default=0, init=False)
     dropped: int = attrs.field(default=0, init=False)
     errors: int = attrs.field(default=0, init=False)
@@ -45,16 +51,22 @@ class Outbox:
 
     def __attrs_post_init__(self) -> None:
         self._waiting = collections.deque()
+        self._encoded = collections.deque()
 
     def put(self, event: Event, encoded: str) -> None:
         """Queue ``event`` (never blocks)."""
-        if len(self._waiting) >= self.capacity:
-            self._waiting.popleft()
+        waiting = self._waiting
+        if len(waiting) >= self.capacity:
+            waiting.popleft()
+            self._encoded.popleft()
             self.dropped += 1
-        self._waiting.append((event, encoded))
+        waiting.append(event)
+        self._encoded.append(encoded)
         self._put += 1
         self._last_put[event.stream] = self._put
-        self._ready.set()
+        if not self._signalled:
+            self._signalled = True
+            self._ready.set()
 
     def mark(self, stream: str) -> int:
         """Where the events put so far for ``stream`` end (0: all flushed already)."""
@@ -81,9 +93,9 @@ class Outbox:
             progress = self._progress
             await progress.wait()
 
-    async def run(self, store: Any, notifier: Any) -> None:
-        """Flush until cancelled: to ``store.retain_events`` and ``notifier.notify_events``
-        (each optional), everything waiting at once."""
+    async def run(self, store: Any, notifier: Any, retention: EventRetention) -> None:
+        """Flush until cancelled: to ``store.retain_events`` (bounded by ``retention``)
+        and ``notifier.notify_events`` (each optional), everything waiting at once."""
         retain = getattr(store, "retain_events", None)
         carry = getattr(notifier, "notify_events", None)
         if retain is None and carry is None:
@@ -93,17 +105,22 @@ class Outbox:
             while True:
                 await self._ready.wait()
                 self._ready = trio.Event()
-                waiting = self._waiting
+                self._signalled = False
+                waiting, waiting_encoded = self._waiting, self._encoded
                 if len(waiting) <= _MAX_FLUSH:
-                    batch = list(waiting)
+                    events, encoded = list(waiting), list(waiting_encoded)
                     waiting.clear()
+                    waiting_encoded.clear()
                 else:  # the rest in the next flush, at once
-                    batch = [waiting.popleft() for _ in range(_MAX_FLUSH)]
+                    events = [waiting.popleft() for _ in range(_MAX_FLUSH)]
+                    encoded = [waiting_encoded.popleft() for _ in range(_MAX_FLUSH)]
+                    self._signalled = True
                     self._ready.set()
-                events = [event for event, _ in batch]
-                encoded = [text for _, text in batch]
                 self.flushes += 1
-                for flush in (retain, carry):
+                for flush in (
+                    None if retain is None else functools.partial(retain, retention=retention),
+                    carry,
+                ):
                     if flush is None:
                         continue
                     try:
@@ -112,9 +129,10 @@ class Outbox:
                         self.errors += 1  # best effort: events are at most once
                 self._advance(self._put - len(self._waiting))
                 last_put, done = self._last_put, self._done
-                for event in events:  # forget what is flushed: bounded by the streams
-                    if last_put.get(event.stream, done + 1) <= done:
-                        del last_put[event.stream]
+                for stream in {event.stream for event in events}:
+                    # Forget what is flushed: bounded by the streams.
+                    if last_put.get(stream, done + 1) <= done:
+                        del last_put[stream]
         finally:
             self._running = False
             self._last_put.clear()

@@ -13,8 +13,6 @@ from typing import Final, final
 import attrs
 from psycopg import sql
 
-from .._event import RETAINED_EVENT_BYTES, RETAINED_EVENTS
-
 
 def channel_for_schema(schema: str) -> str:
     """Return the NOTIFY channel used by the store and notifier of ``schema``.
@@ -230,12 +228,8 @@ def _names(schema: str) -> dict[str, sql.Composable]:
         "group_bytes": sql.Literal(READ_GROUP_BYTES),
         "conflict_inline": sql.Literal(CONFLICT_INLINE_BYTES),
         "events": sql.Identifier(schema, "events"),
-        "max_events": sql.Literal(RETAINED_EVENTS),
-        "max_event_bytes": sql.Literal(RETAINED_EVENT_BYTES),
         "events_lock_seed": sql.Literal(_events_lock_seed(schema)),
         "event_totals": sql.Identifier(schema, "event_totals"),
-        "keep_events": sql.Literal(RETAINED_EVENTS * 9 // 10),
-        "keep_event_bytes": sql.Literal(RETAINED_EVENT_BYTES * 9 // 10),
         "lifecycle_batch": sql.Literal(LIFECYCLE_BATCH),
         "reset_notice": sql.SQL(
             "json_build_object('stream', %(stream)s::text, 'reset', true)::text"
@@ -497,17 +491,18 @@ _LOCK_EVENT_STREAMS: Final = """
     ) AS s
 """
 
-# Per stream at most RETAINED_EVENTS rows and RETAINED_EVENT_BYTES bytes; the oldest go.
-# Ranking a stream's rows costs O(rows), so not every flush does it: event_totals
-# holds per stream an upper bound of what is retained (every flush adds what it
-# wrote; replaced and cleared rows are not taken off), and only a stream whose bound
-# passes a limit is ranked, newest first along events_stream_order, cut to 9/10 of
-# the limits, and its totals set to the exact figures of what is left.
+# Per stream at most $2 rows and $3 bytes (the flushing bus's EventRetention); the
+# oldest go. Ranking a stream's rows costs O(rows), so not every flush does it:
+# event_totals holds per stream an upper bound of what is retained (every flush adds
+# what it wrote; replaced and cleared rows are not taken off), and only a stream whose
+# bound passes a limit is ranked, newest first along events_stream_order, cut to $4
+# rows and $5 bytes (9/10 of the limits), and its totals set to the exact figures of
+# what is left.
 _TRIM_EVENTS: Final = """
     WITH over AS (
         SELECT t.stream FROM {event_totals} AS t
         WHERE t.stream IN (SELECT json_array_elements_text($1::json))
-            AND (t.n > {max_events} OR t.bytes > {max_event_bytes})
+            AND (t.n > $2::bigint OR t.bytes > $3::bigint)
     ), ranked AS MATERIALIZED (
         SELECT o.stream, x.ctid, x.size, x.n, x.bytes FROM over AS o,
         LATERAL (
@@ -519,14 +514,14 @@ _TRIM_EVENTS: Final = """
     ), dropped AS (
         DELETE FROM {events} AS r WHERE r.ctid IN (
             SELECT k.ctid FROM ranked AS k
-            WHERE k.n > {keep_events} OR k.bytes > {keep_event_bytes}
+            WHERE k.n > $4::bigint OR k.bytes > $5::bigint
         )
     )
     UPDATE {event_totals} AS t SET n = k.n, bytes = k.bytes
     FROM (
         SELECT o.stream, count(k.ctid) AS n, coalesce(sum(k.size), 0) AS bytes
         FROM over AS o LEFT JOIN ranked AS k ON k.stream = o.stream
-            AND k.n <= {keep_events} AND k.bytes <= {keep_event_bytes}
+            AND k.n <= $4::bigint AND k.bytes <= $5::bigint
         GROUP BY o.stream
     ) AS k
     WHERE t.stream = k.stream
@@ -629,18 +624,21 @@ _DELETE_BATCH: Final = """
 """
 
 # Delete, last: one transaction of these statements, one by one (psycopg; each takes
-# a new snapshot): lock the counter row, so no append of the stream runs meanwhile; delete
-# what is left of the messages, the retained events and the counter row; tell every
-# listener. The next append creates the row again: a new epoch, ids from 1. The lock
-# is an upsert, not SELECT … FOR UPDATE: a stream with no counter row yet (only
-# events) would give that nothing to lock, and appends committing between these
-# statements would keep their messages but lose their row to the delete, so the next
-# append reused their ids.
+# a new snapshot): lock the stream's events (as a flush does: one in progress commits
+# first, and is deleted) and the counter row, so no append of the stream runs
+# meanwhile; delete what is left of the messages, the retained events, their totals
+# and the counter row; tell every listener. The next append creates the row again: a
+# new epoch, ids from 1. The lock on the counter row is an upsert, not SELECT … FOR
+# UPDATE: a stream with no counter row yet (only events) would give that nothing to
+# lock, and appends committing between these statements would keep their messages but
+# lose their row to the delete, so the next append reused their ids.
 _DELETE_STREAM: Final = """
+    SELECT pg_advisory_xact_lock(hashtextextended(%(stream)s::text, {events_lock_seed}));
     INSERT INTO {streams} AS st (stream, last_id) VALUES (%(stream)s::text, 0)
         ON CONFLICT (stream) DO UPDATE SET last_id = st.last_id;
     DELETE FROM {messages} WHERE stream = %(stream)s::text;
     DELETE FROM {events} WHERE stream = %(stream)s::text;
+    DELETE FROM {event_totals} WHERE stream = %(stream)s::text;
     DELETE FROM {streams} WHERE stream = %(stream)s::text;
     SELECT pg_notify(%(channel)s::text, {reset_notice});
 """

@@ -26,6 +26,7 @@ from .._codec import BadBody, pack_bodies
 from .._event import Event, decode_event_items, encode_events, to_micros
 from .._exceptions import BusError, OutcomeUnknown, StoreError, UndecodableMessage, store_error
 from .._message import Draft, Message, StreamInfo, check_after, check_stream
+from .._options import EventRetention
 from .._retention import RetentionPage
 from . import _pq
 from ._aio import AioRunner
@@ -39,6 +40,16 @@ DB_ERRORS: Final = (psycopg.Error, OSError)
 _KEYED_ATTEMPTS: Final = 5
 #: Default limit on append statements running at once (see open_postgres).
 DEFAULT_MAX_IN_FLIGHT: Final = 3
+
+# ---- events: the bounds of what a stream retains (see _sql._TRIM_EVENTS) ----
+_DEFAULT_RETENTION: Final = EventRetention()
+
+
+def _trim_bounds(retention: EventRetention) -> list[bytes]:
+    """_TRIM_EVENTS's $2 to $5: the bounds (count, bytes), then what a stream over one
+    is cut to, 9/10 of each rounded up (a bound of 1 keeps 1)."""
+    count, size = retention.max_events, retention.max_bytes
+    return [b"%d" % n for n in (count, size, count - count // 10, size - size // 10)]
 
 
 @attrs.frozen(kw_only=True)
@@ -259,7 +270,13 @@ class PostgresStore:
         heads: dict[str, int] = {} if found is None else json.loads(found)
         return {stream: heads.get(stream, 0) for stream in wanted}
 
-    async def retain_events(self, events: Sequence[Event], encoded: Sequence[str]) -> None:
+    async def retain_events(
+        self,
+        events: Sequence[Event],
+        encoded: Sequence[str],
+        *,
+        retention: EventRetention | None = None,
+    ) -> None:
         """Retain ``events`` for joiners and NOTIFY them, in one transaction and round trip.
 
         See :meth:`chatbus.EventStore.retain_events`; :class:`PostgresNotifier` then
@@ -281,6 +298,7 @@ class PostgresStore:
             json.dumps(encode_events(encoded), ensure_ascii=False).encode("utf-8"),
         ]
         streams = [json.dumps(sorted({e.stream for e in events}), ensure_ascii=False).encode()]
+        bounds = _trim_bounds(retention or _DEFAULT_RETENTION)
         queries = self._queries
         await self._check_open("emit")
         try:
@@ -289,7 +307,7 @@ class PostgresStore:
                 [
                     (queries.lock_event_streams, streams),
                     (queries.retain_events, params),
-                    (queries.trim_events, streams),
+                    (queries.trim_events, [*streams, *bounds]),
                 ]
             )
         except DB_ERRORS as exc:

@@ -28,6 +28,7 @@ from .._codec import BadBody, decode_bodies, pack_bodies
 from .._event import Event, decode_event_items, encode_events, from_micros, to_micros
 from .._exceptions import BusError, OutcomeUnknown, StoreError, store_error
 from .._message import Draft, Message, StreamInfo, check_after, check_stream
+from .._options import EventRetention
 from .._retention import RetentionPage
 from .._tasks import Backoff
 from ._lua import (
@@ -69,6 +70,8 @@ DEFAULT_MAX_IN_FLIGHT: Final = 3
 #: Most seconds spent re-running a batch whose reply was lost to learn its outcome
 #: (at most ``command_timeout`` too): what a publish may take past ``command_timeout``.
 RESOLVE_LIMIT: Final = 2.0
+#: The bounds of a stream's retained events when the flush names none.
+_DEFAULT_RETENTION: Final = EventRetention()
 
 Client = coredis.Redis[bytes] | coredis.RedisCluster[bytes]
 
@@ -363,22 +366,31 @@ class RedisStore:
 
     # ---- events ----
 
-    async def retain_events(self, events: Sequence[Event], encoded: Sequence[str]) -> None:
+    async def retain_events(
+        self,
+        events: Sequence[Event],
+        encoded: Sequence[str],
+        *,
+        retention: EventRetention | None = None,
+    ) -> None:
         """Keep ``events`` for joiners and publish them live, one script call per stream
         (concurrently); see :meth:`chatbus.EventStore.retain_events`.
 
         Raises:
             StoreError: a script call failed.
         """
+        bounds = retention or _DEFAULT_RETENTION
         by_stream: dict[str, list[tuple[Event, str]]] = {}
         for event, text in zip(events, encoded, strict=True):
             by_stream.setdefault(event.stream, []).append((event, text))
-        await self._each(by_stream.items(), self._retain_stream_events)
+        await self._each(by_stream.items(), functools.partial(self._retain_stream_events, bounds))
 
-    async def _retain_stream_events(self, item: tuple[str, list[tuple[Event, str]]]) -> None:
+    async def _retain_stream_events(
+        self, bounds: EventRetention, item: tuple[str, list[tuple[Event, str]]]
+    ) -> None:
         stream, pairs = item
         keys = self.keys(stream)
-        args: list[str | int] = [keys.channel, len(pairs)]
+        args: list[str | int] = [keys.channel, len(pairs), bounds.max_events, bounds.max_bytes]
         for event, text in pairs:
             created = to_micros(event.created_at)
             expires = 0
