@@ -12,6 +12,7 @@ import contextlib
 import datetime
 import json
 import random
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any, Final, final
 
@@ -37,6 +38,13 @@ from ._sql import LIFECYCLE_BATCH, Queries
 DB_ERRORS: Final = (psycopg.Error, OSError)
 #: How often a keyed statement runs again after losing a same-key race.
 _KEYED_ATTEMPTS: Final = 5
+#: How many ``(stream, key)`` pairs a store remembers having sent: a batch with none
+#: of them is inserted without looking its keys up first (see _sql._APPEND_KEYED_NEW).
+_SENT_KEYS: Final = 16384
+#: After the unique index refused a key this store had not sent, this many keyed
+#: statements look their keys up first: a workload where other processes send the
+#: same keys (deduplication) pays for a refused insert once in a while, not each time.
+_LOOKUP_AFTER_REFUSAL: Final = 64
 #: Default limit on append statements running at once (see open_postgres).
 DEFAULT_MAX_IN_FLIGHT: Final = 3
 
@@ -58,10 +66,13 @@ class PostgresStoreStatistics:
             when the next operation starts), or when it failed or was cancelled.
         borrows: Connections taken from the pool so far: steady traffic keeps this
             flat; a climbing count means connections keep failing.
-        keyed_reruns: Keyed statements run again because a same-key append (another
-            process, or another statement of this one) committed while they waited
-            for a stream's lock: their key lookup had not seen it, so they stored
-            nothing and ran again. Rare unless the same keys race.
+        keyed_reruns: Keyed statements run again, storing nothing the first time:
+            a batch whose keys this store had not sent before is inserted without
+            looking them up, and runs again with the lookup when the unique index
+            refuses one (a key another process, or this one before a restart, stored);
+            or a same-key append (another process, or another statement of this one)
+            committed while a statement waited for a stream's lock, unseen by its
+            key lookup. Rare unless retries cross processes or the same keys race.
     """
 
     appends: int
@@ -112,6 +123,10 @@ class PostgresStore:
     _closed: bool = attrs.field(default=False, init=False)
     _group: GroupCommit = attrs.field(init=False)
     _keyed_reruns: int = attrs.field(default=0, init=False)
+    #: The ``(stream, key)`` pairs sent lately (oldest first), at most _SENT_KEYS.
+    _sent_keys: OrderedDict[tuple[str, str], None] = attrs.field(factory=OrderedDict, init=False)
+    #: Keyed statements still to look their keys up first (see _LOOKUP_AFTER_REFUSAL).
+    _lookups_due: int = attrs.field(default=0, init=False)
 
     def __attrs_post_init__(self) -> None:
         self._group = GroupCommit(
@@ -477,15 +492,22 @@ class PostgresStore:
         rows: Sequence[tuple[str, int | None, datetime.datetime, dict[str, Message] | None]]
         try:
             if keyed:
+                request = KeyedRequest.of(groups)
+                lookup = self._lookup_first(request)
                 for attempt in range(_KEYED_ATTEMPTS):
                     try:
-                        rows = await self._append_keyed_rows(groups, token)
+                        rows = await self._append_keyed_rows(groups, request, token, lookup)
                         break
                     except psycopg.errors.UniqueViolation:
-                        # A same-key append committed while this one waited for the
-                        # lock (see _sql._APPEND_KEYED); nothing was stored: again.
+                        # A key stored before that this store had not sent (see
+                        # _sql._APPEND_KEYED_NEW), or a same-key append that committed
+                        # while this one waited for the lock (see _sql._APPEND_KEYED);
+                        # nothing was stored: again, looking the keys up.
                         if attempt == _KEYED_ATTEMPTS - 1:
                             raise
+                        if not lookup:
+                            self._lookups_due = _LOOKUP_AFTER_REFUSAL
+                        lookup = True
                         self._keyed_reruns += 1
             else:
                 rows = await self._append_rows(groups, token)
@@ -529,22 +551,45 @@ class PostgresStore:
             for row in range(result.ntuples)
         ]
 
-    async def _append_keyed_rows(
-        self, groups: dict[str, list[PendingAppend]], token: int
-    ) -> list[tuple[str, int | None, datetime.datetime, dict[str, Message]]]:
-        """The keyed append statement; per stream, also the messages found for its keys.
+    def _lookup_first(self, request: KeyedRequest) -> bool:
+        """Whether ``request`` looks its keys up before inserting; remember its keys.
 
-        A stream the statement stored nothing in has no last id (None).
+        Yes if it sends a key this store sent lately (a retry: its original is likely
+        stored), or lately had a key refused by the unique index; otherwise the keys
+        are inserted at once and the unique index checks them (the cheaper statement).
         """
-        request = KeyedRequest.of(groups)
-        params = [
-            json.dumps(request.streams, ensure_ascii=False, separators=(",", ":")).encode("utf-8"),
-            json.dumps(request.keys, ensure_ascii=False, separators=(",", ":")).encode("utf-8"),
-            request.packed.encode("utf-8"),
-            self._channel.encode("utf-8"),
-            b"%d" % token,
-        ]
-        result = await self._run_append(self._queries.append_keyed, params)
+        sent = self._sent_keys
+        lookup = self._lookups_due > 0
+        if lookup:
+            self._lookups_due -= 1
+        for pair in request.stream_keys():
+            if pair in sent:
+                lookup = True
+                sent.move_to_end(pair)
+            else:
+                sent[pair] = None
+        while len(sent) > _SENT_KEYS:
+            sent.popitem(last=False)
+        return lookup
+
+    async def _append_keyed_rows(
+        self,
+        groups: dict[str, list[PendingAppend]],
+        request: KeyedRequest,
+        token: int,
+        lookup: bool,
+    ) -> list[tuple[str, int | None, datetime.datetime, dict[str, Message]]]:
+        """A keyed append statement; per stream, also the messages found for its keys.
+
+        ``lookup``: the statement that looks every key up (_sql._APPEND_KEYED), else
+        the one that inserts them at once (_sql._APPEND_KEYED_NEW), which raises
+        UniqueViolation if one was stored before. A stream the statement stored
+        nothing in has no last id (None).
+        """
+        params = request.params(self._channel.encode("utf-8"), token)
+        queries = self._queries
+        query = queries.append_keyed if lookup else queries.append_keyed_new
+        result = await self._run_append(query, params)
         bumped: dict[str, tuple[int, datetime.datetime]] = {}
         found: dict[str, list[Found]] = {}
         for row in range(result.ntuples):

@@ -455,3 +455,55 @@ async def test_same_key_from_two_processes_while_the_lock_is_held_stores_once() 
 
 async def _append_into(store: PostgresStore, results: list[Message]) -> None:
     results.extend(await store.append("race", [draft("same", "the-key")]))
+
+
+async def test_keys_this_store_never_sent_go_in_at_once_and_a_refused_one_is_looked_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A batch of keys this store has not sent is inserted without looking them up (the
+    unique index checks each key as it goes in). A key another process stored makes the
+    unique index refuse the batch: nothing is stored, and the batch runs again with the
+    lookup, so the original comes back as a replay (its own body: a different body is
+    a conflict) and ids stay dense. A key this store sent before is looked up at once."""
+    async with fresh_schema() as (dsn, schema):
+        async with (
+            open_postgres(dsn, schema=schema) as (one, _),
+            open_postgres(dsn, schema=schema) as (two, _),
+        ):
+            with trio.fail_after(20):
+                [a] = await one.append("x", [draft("a", "ka")])
+                statements: list[bytes] = []
+                execute = chatbus.postgres._pq.execute
+
+                async def recording(*args: Any, **kwargs: Any) -> Any:
+                    statements.append(args[1])
+                    return await execute(*args, **kwargs)
+
+                monkeypatch.setattr(chatbus.postgres._pq, "execute", recording)
+                queries = two._queries
+                [b] = await two.append("x", [draft("b", "kb")])
+                assert statements == [queries.append_keyed_new]
+                assert (b.id, b.replay) == (2, False)
+                statements.clear()
+                result = await two.append(
+                    "x", [draft("c", "kc"), draft("a, edited", "ka"), draft("d", "kd")]
+                )
+                assert statements == [queries.append_keyed_new, queries.append_keyed]
+                assert [(m.id, m.body, m.replay) for m in result] == [
+                    (3, "c", False),
+                    (a.id, "a", True),
+                    (4, "d", False),
+                ]
+                assert two.statistics().keyed_reruns == 1
+                statements.clear()
+                [again] = await one.append("x", [draft("a", "ka")])  # one sent it: looked up
+                assert statements == [one._queries.append_keyed]
+                assert again == a
+                assert one.statistics().keyed_reruns == 0
+                stored = await one.read("x", 0, 10)
+                assert [(m.id, m.key) for m in stored] == [
+                    (1, "ka"),
+                    (2, "kb"),
+                    (3, "kc"),
+                    (4, "kd"),
+                ]
