@@ -89,22 +89,31 @@ class KeyedRequest:
             streams.extend([stream] * sent)
         return cls(counts, streams, keys, BODY_SEPARATOR.join(packs))
 
-    def params(self, channel: bytes, token: int) -> list[bytes]:
-        """The parameters of either keyed statement (``_sql._APPEND_KEYED*``)."""
-        return [
+    def params(self, channel: bytes, token: int, look: bytes | None) -> list[bytes]:
+        """The parameters of a keyed statement: ``_sql._APPEND_KEYED_NEW``'s, and with
+        ``look`` (per draft sent, ``t`` to look its key up, else ``f``) ``_APPEND_KEYED``'s.
+        """
+        params = [
             json.dumps(self.counts, ensure_ascii=False, separators=(",", ":")).encode("utf-8"),
             json.dumps(self.keys, ensure_ascii=False, separators=(",", ":")).encode("utf-8"),
             self.packed.encode("utf-8"),
             channel,
             b"%d" % token,
         ]
+        if look is not None:
+            params.append(look)
+        return params
 
-    def stream_keys(self) -> list[tuple[str, str]]:
-        """Every ``(stream, key)`` the request sends."""
+    def params_one(self, channel: bytes, token: int) -> list[bytes]:
+        """The parameters of ``_sql._APPEND_KEYED_NEW_ONE`` (a request of one stream)."""
+        ((stream, count),) = self.counts
         return [
-            (stream, key)
-            for stream, key in zip(self.streams, self.keys, strict=True)
-            if key is not None
+            str(stream).encode("utf-8"),
+            b"%d" % int(count),
+            self.packed.encode("utf-8"),
+            channel,
+            b"%d" % token,
+            json.dumps(self.keys, ensure_ascii=False, separators=(",", ":")).encode("utf-8"),
         ]
 
     def found(self, rows: list[list[Any]]) -> dict[str, list[Found]]:

@@ -173,6 +173,7 @@ class Queries:
     append_streams: bytes
     append_keyed: bytes
     append_keyed_new: bytes
+    append_keyed_new_one: bytes
     read: bytes
     heads: bytes
     outcome: bytes
@@ -199,6 +200,9 @@ class Queries:
             append_keyed=_bytes(_APPEND_KEYED, names),
             append_keyed_new=_bytes(
                 _APPEND_KEYED_NEW, names, _notice("bump.stream", "bump.last_id")
+            ),
+            append_keyed_new_one=_bytes(
+                _APPEND_KEYED_NEW_ONE, names, _notice("$1::text", "bump.last_id")
             ),
             read=_bytes(_READ, names),
             heads=_bytes(_HEADS, names),
@@ -338,13 +342,18 @@ _APPEND_STREAMS: Final = """
 # goes out); the store then runs _APPEND_KEYED for the batch.
 #
 # _APPEND_KEYED, for a batch with a key this store has sent before (a retry), or after
-# the unique index refused one: each key is looked up with one probe of the unique
-# index; the drafts not found are inserted with the ids the counter bump reserves
+# the unique index refused one: the keys marked in $6 (one character per draft sent,
+# 't': look it up) are looked up, each with one probe of the unique index; the store
+# marks the keys it sent before, or every key after a refusal (a key not looked up
+# that was stored before fails the statement on the unique index, as above, and the
+# store runs it again with every key marked). The drafts not found are inserted with
+# the ids the counter bump reserves
 # (rows locked in sorted order, as for unkeyed batches), and each stream that stored
 # something is notified once (pg_notify in the bump's RETURNING: once per bumped row,
 # whatever reads it). A stream whose drafts were all found is not bumped: no lock, no
 # write, no notice; a statement that stores nothing writes no WAL and commits without
-# waiting for a flush (a batch of retries).
+# waiting for a flush (a batch of retries of keys this store sent; retries of keys
+# another process stored go in first, are refused, and then take this way).
 #
 # The key lookup runs on the statement's snapshot, taken before any lock wait: a
 # same-key append that commits while this one waits is not seen, so this statement
@@ -389,6 +398,27 @@ _APPEND_KEYED_NEW: Final = """
     FROM bump
 """
 
+# _APPEND_KEYED_NEW for one stream (the usual batch at a low rate): $1 the stream, $2
+# how many drafts, $3 the bodies, $4 the channel, $5 the token, $6 the keys; the
+# unkeyed single-stream statement's shape, so it costs about as much.
+_APPEND_KEYED_NEW_ONE: Final = """
+    WITH bump AS (
+        INSERT INTO {streams} AS st (stream, last_id, last_at, last_token)
+        VALUES ($1::text, $2::bigint, clock_timestamp(), $5::bigint)
+        ON CONFLICT (stream) DO UPDATE SET last_id = st.last_id + EXCLUDED.last_id,
+            last_at = greatest(clock_timestamp(), st.last_at),
+            last_token = EXCLUDED.last_token
+        RETURNING st.last_id, st.last_at
+    ), ins AS (
+        INSERT INTO {messages} (stream, id, key, body, created_at)
+        SELECT $1::text, bump.last_id - $2::bigint + x.ord, x.key, x.body::json, bump.last_at
+        FROM bump, ROWS FROM (
+            unnest(string_to_array($3::text, chr(30))), json_array_elements_text($6::json)
+        ) WITH ORDINALITY AS x(body, key, ord)
+    )
+    SELECT $1::text, bump.last_id, {bump_micros}, pg_notify($4::text, {notice}) FROM bump
+"""
+
 _APPEND_KEYED: Final = """
     WITH input AS MATERIALIZED (
         SELECT s.value->>0 AS stream, (s.value->>1)::bigint AS n,
@@ -400,14 +430,16 @@ _APPEND_KEYED: Final = """
         SELECT i.stream, x.key, x.body, x.ord, m.id, m.micros, m.same, m.body AS stored,
             m.redacted
         FROM ROWS FROM (
-            unnest(string_to_array($3::text, chr(30))), json_array_elements_text($2::json)
-        ) WITH ORDINALITY AS x(body, key, ord)
+            unnest(string_to_array($3::text, chr(30))), json_array_elements_text($2::json),
+            unnest(string_to_array($6::text, NULL))
+        ) WITH ORDINALITY AS x(body, key, look, ord)
         JOIN input AS i ON x.ord > i.upto - i.n AND x.ord <= i.upto
         LEFT JOIN LATERAL (
             SELECT m.id, {found_micros} AS micros, m.body::text = x.body AS same, m.body,
                 m.redacted
             FROM {messages} AS m
-            WHERE m.stream = i.stream AND m.key = x.key AND m.key IS NOT NULL
+            WHERE x.look = 't' AND m.stream = i.stream AND m.key = x.key
+                AND m.key IS NOT NULL
             LIMIT 1
         ) AS m ON true
     ), fresh AS MATERIALIZED (

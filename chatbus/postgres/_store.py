@@ -67,8 +67,8 @@ class PostgresStoreStatistics:
         borrows: Connections taken from the pool so far: steady traffic keeps this
             flat; a climbing count means connections keep failing.
         keyed_reruns: Keyed statements run again, storing nothing the first time:
-            a batch whose keys this store had not sent before is inserted without
-            looking them up, and runs again with the lookup when the unique index
+            the keys this store had not sent before are inserted without a lookup,
+            and the batch runs again looking every key up when the unique index
             refuses one (a key another process, or this one before a restart, stored);
             or a same-key append (another process, or another statement of this one)
             committed while a statement waited for a stream's lock, unseen by its
@@ -493,21 +493,21 @@ class PostgresStore:
         try:
             if keyed:
                 request = KeyedRequest.of(groups)
-                lookup = self._lookup_first(request)
+                look = self._keys_to_look_up(request)
                 for attempt in range(_KEYED_ATTEMPTS):
                     try:
-                        rows = await self._append_keyed_rows(groups, request, token, lookup)
+                        rows = await self._append_keyed_rows(groups, request, token, look)
                         break
                     except psycopg.errors.UniqueViolation:
                         # A key stored before that this store had not sent (see
                         # _sql._APPEND_KEYED_NEW), or a same-key append that committed
                         # while this one waited for the lock (see _sql._APPEND_KEYED);
-                        # nothing was stored: again, looking the keys up.
+                        # nothing was stored: again, looking every key up.
                         if attempt == _KEYED_ATTEMPTS - 1:
                             raise
-                        if not lookup:
+                        if look is None or b"f" in look:
                             self._lookups_due = _LOOKUP_AFTER_REFUSAL
-                        lookup = True
+                        look = b"t" * len(request.keys)
                         self._keyed_reruns += 1
             else:
                 rows = await self._append_rows(groups, token)
@@ -551,44 +551,57 @@ class PostgresStore:
             for row in range(result.ntuples)
         ]
 
-    def _lookup_first(self, request: KeyedRequest) -> bool:
-        """Whether ``request`` looks its keys up before inserting; remember its keys.
+    def _keys_to_look_up(self, request: KeyedRequest) -> bytes | None:
+        """Which keys of ``request`` to look up before inserting; remember its keys.
 
-        Yes if it sends a key this store sent lately (a retry: its original is likely
-        stored), or lately had a key refused by the unique index; otherwise the keys
-        are inserted at once and the unique index checks them (the cheaper statement).
+        Those this store sent lately (a retry: the original is likely stored), per
+        draft sent ``t`` (look up) or ``f``; every one for a while after the unique
+        index refused a key not looked up. None if there is none: the batch goes in at
+        once and the unique index checks its keys (the cheaper statement).
         """
         sent = self._sent_keys
-        lookup = self._lookups_due > 0
-        if lookup:
+        if self._lookups_due > 0:
             self._lookups_due -= 1
-        for pair in request.stream_keys():
+            look = bytearray(b"t" * len(request.keys))
+            suspects = len(look)
+        else:
+            look = bytearray(b"f" * len(request.keys))
+            suspects = 0
+        for number, (stream, key) in enumerate(zip(request.streams, request.keys, strict=True)):
+            if key is None:
+                continue
+            pair = (stream, key)
             if pair in sent:
-                lookup = True
+                look[number] = 0x74  # "t"
+                suspects += 1
                 sent.move_to_end(pair)
             else:
                 sent[pair] = None
         while len(sent) > _SENT_KEYS:
             sent.popitem(last=False)
-        return lookup
+        return bytes(look) if suspects else None
 
     async def _append_keyed_rows(
         self,
         groups: dict[str, list[PendingAppend]],
         request: KeyedRequest,
         token: int,
-        lookup: bool,
+        look: bytes | None,
     ) -> list[tuple[str, int | None, datetime.datetime, dict[str, Message]]]:
         """A keyed append statement; per stream, also the messages found for its keys.
 
-        ``lookup``: the statement that looks every key up (_sql._APPEND_KEYED), else
-        the one that inserts them at once (_sql._APPEND_KEYED_NEW), which raises
-        UniqueViolation if one was stored before. A stream the statement stored
-        nothing in has no last id (None).
+        ``look``: the statement that looks up the keys marked ``t`` (_sql._APPEND_KEYED);
+        None: the one that inserts every key at once (_sql._APPEND_KEYED_NEW, or its
+        one-stream form). Each raises UniqueViolation if a key not looked up was
+        stored before. A stream the statement stored nothing in has no last id (None).
         """
-        params = request.params(self._channel.encode("utf-8"), token)
-        queries = self._queries
-        query = queries.append_keyed if lookup else queries.append_keyed_new
+        channel, queries = self._channel.encode("utf-8"), self._queries
+        if look is not None:
+            query, params = queries.append_keyed, request.params(channel, token, look)
+        elif len(groups) == 1:
+            query, params = queries.append_keyed_new_one, request.params_one(channel, token)
+        else:
+            query, params = queries.append_keyed_new, request.params(channel, token, None)
         result = await self._run_append(query, params)
         bumped: dict[str, tuple[int, datetime.datetime]] = {}
         found: dict[str, list[Found]] = {}
