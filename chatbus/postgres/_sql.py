@@ -170,6 +170,8 @@ class Queries:
     append_unkeyed: bytes
     append_streams: bytes
     append_keyed: bytes
+    append_keyed_new: bytes
+    append_keyed_new_one: bytes
     read: bytes
     heads: bytes
     outcome: bytes
@@ -194,6 +196,12 @@ class Queries:
             append_unkeyed=_bytes(_APPEND_UNKEYED, names, _notice("$1::text", "bump.last_id")),
             append_streams=_bytes(_APPEND_STREAMS, names, _notice("bump.stream", "bump.last_id")),
             append_keyed=_bytes(_APPEND_KEYED, names),
+            append_keyed_new=_bytes(
+                _APPEND_KEYED_NEW, names, _notice("bump.stream", "bump.last_id")
+            ),
+            append_keyed_new_one=_bytes(
+                _APPEND_KEYED_NEW_ONE, names, _notice("$1::text", "bump.last_id")
+            ),
             read=_bytes(_READ, names),
             heads=_bytes(_HEADS, names),
             outcome=_bytes(_OUTCOME, names),
@@ -307,17 +315,39 @@ _APPEND_STREAMS: Final = """
 """
 
 # Appends with idempotency keys, any number of streams, in ONE statement: no client
-# holds a stream's lock across its own work (or while frozen). Input, one item per
-# draft sent, in order: $1 a JSON array of stream names, $2 a JSON array of keys (null
-# for none), $3 the bodies packed as above. The client sends each key of a stream at
-# most once per statement (a repeat within the batch is its first draft's message,
-# settled client-side), so the server needs no per-key window. Each key is looked up
-# with one probe of the unique index; the drafts not found are inserted with the ids
-# the counter bump reserves (rows locked in sorted order, as for unkeyed batches), and
-# each stream that stored something is notified once (pg_notify in the bump's
-# RETURNING: once per bumped row, whatever reads it). A stream whose drafts were all
-# found is not bumped: no lock, no write, no notice; a statement that stores nothing
-# writes no WAL and commits without waiting for a flush (a batch of retries).
+# holds a stream's lock across its own work (or while frozen). Input, shared by both
+# statements below: $1 a JSON array of [stream, drafts sent] in the order of the
+# drafts, each stream once; $2 a JSON array of keys, one per draft sent (null for
+# none); $3 the bodies packed as above. The client sends each key of a stream at most
+# once per statement (a repeat within the batch is its first draft's message, settled
+# client-side), so the server needs no per-key window. Drafts, keys and bodies are
+# zipped by position (ROWS FROM), and a draft's stream is the one whose range of
+# positions holds it: no join on the JSON, no per-draft stream name sent.
+#
+# Two statements, chosen by the store for each batch (see PostgresStore._send_batch):
+#
+# _APPEND_KEYED_NEW, for keys this store has not sent before (the usual case: a
+# retry usually comes back to the process that sent the original): no lookup at all.
+# The drafts are inserted with the ids the counter bump reserves, exactly like an
+# unkeyed batch, and the unique index on (stream, key) checks each key as its entry
+# goes in (one descent of the index per key, where a lookup first costs two). A key
+# stored before (by another process, or before this store started) makes the
+# statement fail with a unique violation, storing nothing (ids stay dense, no notice
+# goes out); the store then runs _APPEND_KEYED for the batch.
+#
+# _APPEND_KEYED, for a batch with a key this store has sent before (a retry), or after
+# the unique index refused one: the keys marked in $6 (one character per draft sent,
+# 't': look it up) are looked up, each with one probe of the unique index; the store
+# marks the keys it sent before, or every key after a refusal (a key not looked up
+# that was stored before fails the statement on the unique index, as above, and the
+# store runs it again with every key marked). The drafts not found are inserted with
+# the ids the counter bump reserves
+# (rows locked in sorted order, as for unkeyed batches), and each stream that stored
+# something is notified once (pg_notify in the bump's RETURNING: once per bumped row,
+# whatever reads it). A stream whose drafts were all found is not bumped: no lock, no
+# write, no notice; a statement that stores nothing writes no WAL and commits without
+# waiting for a flush (a batch of retries of keys this store sent; retries of keys
+# another process stored go in first, are refused, and then take this way).
 #
 # The key lookup runs on the statement's snapshot, taken before any lock wait: a
 # same-key append that commits while this one waits is not seen, so this statement
@@ -325,9 +355,10 @@ _APPEND_STREAMS: Final = """
 # nothing. The store runs it again (a new snapshot sees the key): rare, and correct
 # thanks to the unique index.
 #
-# Output: a row per bumped stream: (stream, new last id, created_at µs of the batch,
-# NULL); and if any key was found, one row (NULL, NULL, NULL, [[draft number (from 1),
-# id, created_at µs, same body?, original inlined?, original body, redacted?], …]).
+# Output of both: a row per bumped stream: (stream, new last id, created_at µs of the
+# batch, NULL); and (_APPEND_KEYED only) if any key was found, one row (NULL, NULL,
+# NULL, [[draft number (from 1), id, created_at µs, same body?, original inlined?,
+# original body, redacted?], …]).
 # A redacted message is a tombstone: a retry of it replays it, never a conflict. "Same
 # body" compares the stored text with the text sent (json keeps it verbatim): a replay needs
 # no body back. A key reused with another body (a conflict) gets the original body
@@ -335,36 +366,80 @@ _APPEND_STREAMS: Final = """
 # round trip; a bigger one is read afterwards (_BODIES_OF_KEYS), for the reply is
 # written while the streams' locks are held, and a client that stops reading a big
 # reply (frozen) would hold the locks with it.
+_APPEND_KEYED_NEW: Final = """
+    WITH input AS MATERIALIZED (
+        SELECT s.value->>0 AS stream, (s.value->>1)::bigint AS n,
+            (sum((s.value->>1)::bigint) OVER (ORDER BY s.ord))::bigint AS upto
+        FROM json_array_elements($1::json) WITH ORDINALITY AS s(value, ord)
+    ), bump AS (
+        INSERT INTO {streams} AS st (stream, last_id, last_at, last_token)
+        SELECT input.stream, input.n, clock_timestamp(), $5::bigint
+        FROM input ORDER BY input.stream COLLATE "C"
+        ON CONFLICT (stream) DO UPDATE SET last_id = st.last_id + EXCLUDED.last_id,
+            last_at = greatest(clock_timestamp(), st.last_at),
+            last_token = EXCLUDED.last_token
+        RETURNING st.stream, st.last_id, st.last_at
+    ), ins AS (
+        INSERT INTO {messages} (stream, id, key, body, created_at)
+        SELECT b.stream, b.last_id - i.upto + x.ord, x.key, x.body::json, b.last_at
+        FROM ROWS FROM (
+            unnest(string_to_array($3::text, chr(30))), json_array_elements_text($2::json)
+        ) WITH ORDINALITY AS x(body, key, ord)
+        JOIN input AS i ON x.ord > i.upto - i.n AND x.ord <= i.upto
+        JOIN bump AS b ON b.stream = i.stream
+    )
+    SELECT bump.stream, bump.last_id, {bump_micros}, pg_notify($4::text, {notice})
+    FROM bump
+"""
+
+# _APPEND_KEYED_NEW for one stream (the usual batch at a low rate): $1 the stream, $2
+# how many drafts, $3 the bodies, $4 the channel, $5 the token, $6 the keys; the
+# unkeyed single-stream statement's shape, so it costs about as much.
+_APPEND_KEYED_NEW_ONE: Final = """
+    WITH bump AS (
+        INSERT INTO {streams} AS st (stream, last_id, last_at, last_token)
+        VALUES ($1::text, $2::bigint, clock_timestamp(), $5::bigint)
+        ON CONFLICT (stream) DO UPDATE SET last_id = st.last_id + EXCLUDED.last_id,
+            last_at = greatest(clock_timestamp(), st.last_at),
+            last_token = EXCLUDED.last_token
+        RETURNING st.last_id, st.last_at
+    ), ins AS (
+        INSERT INTO {messages} (stream, id, key, body, created_at)
+        SELECT $1::text, bump.last_id - $2::bigint + x.ord, x.key, x.body::json, bump.last_at
+        FROM bump, ROWS FROM (
+            unnest(string_to_array($3::text, chr(30))), json_array_elements_text($6::json)
+        ) WITH ORDINALITY AS x(body, key, ord)
+    )
+    SELECT $1::text, bump.last_id, {bump_micros}, pg_notify($4::text, {notice}) FROM bump
+"""
+
 _APPEND_KEYED: Final = """
-    WITH d AS MATERIALIZED (
-        SELECT s.stream, k.key, b.body, b.ord
-        FROM unnest(string_to_array($3::text, chr(30))) WITH ORDINALITY AS b(body, ord)
-        JOIN json_array_elements_text($1::json) WITH ORDINALITY AS s(stream, ord)
-            ON s.ord = b.ord
-        JOIN json_array_elements_text($2::json) WITH ORDINALITY AS k(key, ord)
-            ON k.ord = b.ord
-    ), found AS MATERIALIZED (
+    WITH input AS MATERIALIZED (
+        SELECT s.value->>0 AS stream, (s.value->>1)::bigint AS n,
+            (sum((s.value->>1)::bigint) OVER (ORDER BY s.ord))::bigint AS upto
+        FROM json_array_elements($1::json) WITH ORDINALITY AS s(value, ord)
+    ), d AS MATERIALIZED (
         -- LATERAL ... LIMIT 1: one probe of the unique index per key, never a scan of
         -- the table (a join here may be planned as one, the row counts being unknown).
-        SELECT d.ord, m.id, m.micros, m.same AND NOT m.redacted AS same,
-            NOT m.same AND NOT m.redacted
-                AND octet_length(m.body::text) <= {conflict_inline} AS inline,
-            CASE WHEN NOT m.same AND NOT m.redacted
-                AND octet_length(m.body::text) <= {conflict_inline}
-                THEN m.body END AS original,
+        SELECT i.stream, x.key, x.body, x.ord, m.id, m.micros, m.same, m.body AS stored,
             m.redacted
-        FROM d CROSS JOIN LATERAL (
-            SELECT m.id, {found_micros} AS micros, m.body::text = d.body AS same, m.body,
+        FROM ROWS FROM (
+            unnest(string_to_array($3::text, chr(30))), json_array_elements_text($2::json),
+            unnest(string_to_array($6::text, NULL))
+        ) WITH ORDINALITY AS x(body, key, look, ord)
+        JOIN input AS i ON x.ord > i.upto - i.n AND x.ord <= i.upto
+        LEFT JOIN LATERAL (
+            SELECT m.id, {found_micros} AS micros, m.body::text = x.body AS same, m.body,
                 m.redacted
             FROM {messages} AS m
-            WHERE m.stream = d.stream AND m.key = d.key AND m.key IS NOT NULL
+            WHERE x.look = 't' AND m.stream = i.stream AND m.key = x.key
+                AND m.key IS NOT NULL
             LIMIT 1
-        ) AS m
-        WHERE d.key IS NOT NULL
+        ) AS m ON true
     ), fresh AS MATERIALIZED (
         SELECT d.stream, d.key, d.body, row_number() OVER w AS n, count(*) OVER w AS of
         FROM d
-        WHERE NOT EXISTS (SELECT 1 FROM found AS f WHERE f.ord = d.ord)
+        WHERE d.id IS NULL
         WINDOW w AS (PARTITION BY d.stream ORDER BY d.ord
             ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING)
     ), bump AS (
@@ -384,9 +459,15 @@ _APPEND_KEYED: Final = """
     UNION ALL
     SELECT NULL, NULL, NULL,
         json_agg(json_build_array(
-            f.ord, f.id, f.micros, f.same, f.inline, f.original, f.redacted
+            d.ord, d.id, d.micros, d.same AND NOT d.redacted,
+            NOT d.same AND NOT d.redacted
+                AND octet_length(d.stored::text) <= {conflict_inline},
+            CASE WHEN NOT d.same AND NOT d.redacted
+                AND octet_length(d.stored::text) <= {conflict_inline}
+                THEN d.stored END,
+            d.redacted
         ))::text
-    FROM found AS f HAVING count(*) > 0
+    FROM d WHERE d.id IS NOT NULL HAVING count(*) > 0
 """
 
 # The bodies of the messages stored under keys $2 (a JSON array) of stream $1.

@@ -12,6 +12,7 @@ import contextlib
 import datetime
 import json
 import random
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any, Final, final
 
@@ -38,6 +39,13 @@ from ._sql import LIFECYCLE_BATCH, Queries
 DB_ERRORS: Final = (psycopg.Error, OSError)
 #: How often a keyed statement runs again after losing a same-key race.
 _KEYED_ATTEMPTS: Final = 5
+#: How many ``(stream, key)`` pairs a store remembers having sent: a batch with none
+#: of them is inserted without looking its keys up first (see _sql._APPEND_KEYED_NEW).
+_SENT_KEYS: Final = 16384
+#: After the unique index refused a key this store had not sent, this many keyed
+#: statements look their keys up first: a workload where other processes send the
+#: same keys (deduplication) pays for a refused insert once in a while, not each time.
+_LOOKUP_AFTER_REFUSAL: Final = 64
 #: Default limit on append statements running at once (see open_postgres).
 DEFAULT_MAX_IN_FLIGHT: Final = 3
 
@@ -69,10 +77,13 @@ class PostgresStoreStatistics:
             when the next operation starts), or when it failed or was cancelled.
         borrows: Connections taken from the pool so far: steady traffic keeps this
             flat; a climbing count means connections keep failing.
-        keyed_reruns: Keyed statements run again because a same-key append (another
-            process, or another statement of this one) committed while they waited
-            for a stream's lock: their key lookup had not seen it, so they stored
-            nothing and ran again. Rare unless the same keys race.
+        keyed_reruns: Keyed statements run again, storing nothing the first time:
+            the keys this store had not sent before are inserted without a lookup,
+            and the batch runs again looking every key up when the unique index
+            refuses one (a key another process, or this one before a restart, stored);
+            or a same-key append (another process, or another statement of this one)
+            committed while a statement waited for a stream's lock, unseen by its
+            key lookup. Rare unless retries cross processes or the same keys race.
     """
 
     appends: int
@@ -123,6 +134,10 @@ class PostgresStore:
     _closed: bool = attrs.field(default=False, init=False)
     _group: GroupCommit = attrs.field(init=False)
     _keyed_reruns: int = attrs.field(default=0, init=False)
+    #: The ``(stream, key)`` pairs sent lately (oldest first), at most _SENT_KEYS.
+    _sent_keys: OrderedDict[tuple[str, str], None] = attrs.field(factory=OrderedDict, init=False)
+    #: Keyed statements still to look their keys up first (see _LOOKUP_AFTER_REFUSAL).
+    _lookups_due: int = attrs.field(default=0, init=False)
 
     def __attrs_post_init__(self) -> None:
         self._group = GroupCommit(
@@ -495,15 +510,22 @@ class PostgresStore:
         rows: Sequence[tuple[str, int | None, datetime.datetime, dict[str, Message] | None]]
         try:
             if keyed:
+                request = KeyedRequest.of(groups)
+                look = self._keys_to_look_up(request)
                 for attempt in range(_KEYED_ATTEMPTS):
                     try:
-                        rows = await self._append_keyed_rows(groups, token)
+                        rows = await self._append_keyed_rows(groups, request, token, look)
                         break
                     except psycopg.errors.UniqueViolation:
-                        # A same-key append committed while this one waited for the
-                        # lock (see _sql._APPEND_KEYED); nothing was stored: again.
+                        # A key stored before that this store had not sent (see
+                        # _sql._APPEND_KEYED_NEW), or a same-key append that committed
+                        # while this one waited for the lock (see _sql._APPEND_KEYED);
+                        # nothing was stored: again, looking every key up.
                         if attempt == _KEYED_ATTEMPTS - 1:
                             raise
+                        if look is None or b"f" in look:
+                            self._lookups_due = _LOOKUP_AFTER_REFUSAL
+                        look = b"t" * len(request.keys)
                         self._keyed_reruns += 1
             else:
                 rows = await self._append_rows(groups, token)
@@ -547,22 +569,58 @@ class PostgresStore:
             for row in range(result.ntuples)
         ]
 
-    async def _append_keyed_rows(
-        self, groups: dict[str, list[PendingAppend]], token: int
-    ) -> list[tuple[str, int | None, datetime.datetime, dict[str, Message]]]:
-        """The keyed append statement; per stream, also the messages found for its keys.
+    def _keys_to_look_up(self, request: KeyedRequest) -> bytes | None:
+        """Which keys of ``request`` to look up before inserting; remember its keys.
 
-        A stream the statement stored nothing in has no last id (None).
+        Those this store sent lately (a retry: the original is likely stored), per
+        draft sent ``t`` (look up) or ``f``; every one for a while after the unique
+        index refused a key not looked up. None if there is none: the batch goes in at
+        once and the unique index checks its keys (the cheaper statement).
         """
-        request = KeyedRequest.of(groups)
-        params = [
-            json.dumps(request.streams, ensure_ascii=False, separators=(",", ":")).encode("utf-8"),
-            json.dumps(request.keys, ensure_ascii=False, separators=(",", ":")).encode("utf-8"),
-            request.packed.encode("utf-8"),
-            self._channel.encode("utf-8"),
-            b"%d" % token,
-        ]
-        result = await self._run_append(self._queries.append_keyed, params)
+        sent = self._sent_keys
+        if self._lookups_due > 0:
+            self._lookups_due -= 1
+            look = bytearray(b"t" * len(request.keys))
+            suspects = len(look)
+        else:
+            look = bytearray(b"f" * len(request.keys))
+            suspects = 0
+        for number, (stream, key) in enumerate(zip(request.streams, request.keys, strict=True)):
+            if key is None:
+                continue
+            pair = (stream, key)
+            if pair in sent:
+                look[number] = 0x74  # "t"
+                suspects += 1
+                sent.move_to_end(pair)
+            else:
+                sent[pair] = None
+        while len(sent) > _SENT_KEYS:
+            sent.popitem(last=False)
+        return bytes(look) if suspects else None
+
+    async def _append_keyed_rows(
+        self,
+        groups: dict[str, list[PendingAppend]],
+        request: KeyedRequest,
+        token: int,
+        look: bytes | None,
+    ) -> list[tuple[str, int | None, datetime.datetime, dict[str, Message]]]:
+        """A keyed append statement; per stream, also the messages found for its keys.
+
+        ``look``: the statement that looks up the keys marked ``t`` (_sql._APPEND_KEYED);
+        None: the one that inserts every key at once (_sql._APPEND_KEYED_NEW, or its
+        one-stream form). Each raises UniqueViolation if a key not looked up was
+        stored before. A stream the statement stored nothing in has no last id (None).
+        """
+        channel, queries = self._channel.encode("utf-8"), self._queries
+        if look is not None:
+            query, params = queries.append_keyed, request.params(channel, token, look)
+        elif len(groups) == 1:
+            query, params = queries.append_keyed_new_one, request.params_one(channel, token)
+        else:
+            query, params = queries.append_keyed_new, request.params(channel, token, None)
+        result = await self._run_append(query, params)
         bumped: dict[str, tuple[int, datetime.datetime]] = {}
         found: dict[str, list[Found]] = {}
         for row in range(result.ntuples):
