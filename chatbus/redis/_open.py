@@ -228,7 +228,7 @@ async def open_redis(
             visible and is announced, only once ``wait_replicas`` replicas have it
             (``WAIT``): an acknowledged message survives a failover. Needs replicas:
             opening refuses (:class:`~chatbus.StoreError`) unless every primary has
-            ``wait_replicas`` replicas online then.
+            ``wait_replicas`` replicas connected then.
         wait_replicas: Replicas that must confirm a durable append (1 to 100).
         wait_timeout: Seconds a durable append waits for them (0.001 to 600); past
             it the publish raises :class:`~chatbus.OutcomeUnknown`.
@@ -251,7 +251,7 @@ async def open_redis(
     Raises:
         ValueError: an option is not valid.
         StoreError: Redis could not be reached, or (durable mode) a primary has
-            fewer than ``wait_replicas`` replicas online.
+            fewer than ``wait_replicas`` replicas connected.
     """
     server, query = parse_url(url)
     if query:
@@ -336,10 +336,10 @@ async def _open_pair(settings: _Settings) -> AsyncIterator[tuple[RedisStore, Red
 
 async def _check_replicas(settings: _Settings, client: Client) -> None:
     """Durable mode: refuse to open unless every primary has ``wait_replicas`` replicas
-    online now (else every publish would wait ``wait_timeout`` and fail).
+    connected now (else every publish would wait ``wait_timeout`` and fail).
 
     Raises:
-        StoreError: a primary has too few replicas online, or is a replica itself.
+        StoreError: a primary has too few replicas connected, or is a replica itself.
     """
     if isinstance(client, coredis.RedisCluster):
         layout = client.connection_pool.cluster_layout
@@ -361,26 +361,23 @@ async def _check_replicas(settings: _Settings, client: Client) -> None:
                 f"durable mode: {host}:{port} has role {info.get('role')!r}, not a primary;"
                 " give the url of the primary (or of the Cluster)"
             )
-        online = _online_replicas(info)
-        if online < settings.wait_replicas:
+        attached = _replicas(info)
+        if attached < settings.wait_replicas:
             raise StoreError(
                 f"durable mode needs wait_replicas={settings.wait_replicas} replica(s)"
-                f" online on every primary, but {host}:{port} has {online}: every publish"
+                f" connected to every primary, but {host}:{port} has {attached}: every publish"
                 " would fail after wait_timeout. Add replicas, lower wait_replicas, or use"
                 " durability='fast'"
             )
 
 
-def _online_replicas(info: Mapping[str, Any]) -> int:
-    """Replicas in ``INFO replication`` whose link is up (``slaveN: …state=online``)."""
-    online = 0
-    for name, value in info.items():
-        if name.startswith("slave") and name[5:].isdigit():
-            state = value.get("state") if isinstance(value, Mapping) else None
-            if state is None and isinstance(value, str):
-                state = dict(part.partition("=")[::2] for part in value.split(",")).get("state")
-            online += state == "online"
-    return online
+def _replicas(info: Mapping[str, Any]) -> int:
+    """Replicas attached to a primary (``INFO replication``'s ``connected_slaves``: one
+    still in its first sync counts, for it will confirm once synced)."""
+    try:
+        return int(info.get("connected_slaves") or 0)
+    except (TypeError, ValueError):
+        return 0
 
 
 def _slots_of(client: Client) -> Callable[[int], tuple[str, int] | None]:
