@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 from typing import Final, final
 
 import attrs
 from psycopg import sql
 
-from .._event import RETAINED_EVENT_BYTES, RETAINED_EVENTS
+from .._event import MAX_PAYLOAD_BYTES, RETAINED_EVENT_BYTES, RETAINED_EVENTS
 
 
 def channel_for_schema(schema: str) -> str:
@@ -38,6 +39,25 @@ def ddl_lock_key(schema: str) -> int:
     """A signed 64-bit advisory lock key, fixed per schema, that serialises the DDL."""
     digest = hashlib.md5(b"chatbus-ddl:" + schema.encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big", signed=True)
+
+
+#: Most bytes of a payload of events with its emitter tail: under NOTIFY's 8000.
+_MAX_NOTIFY_BYTES: Final = 7999
+
+
+def events_payload_tail(emitter: str) -> str | None:
+    """What ends a payload of ``emitter``'s events instead of its last ``}``.
+
+    ``{"events":[...],"emitter":"…"}``: a listener of the emitting bus tells its own
+    events (which its subscriptions had at once) by this end, and skips them without
+    decoding; others read the payload as any (the key is ignored). No body can make
+    a payload end so: the events array closes after every body. None if the emitter
+    is too long to fit beside the biggest payload.
+    """
+    tail = ',"emitter":' + json.dumps(emitter, ensure_ascii=False) + "}"
+    if MAX_PAYLOAD_BYTES + len(tail.encode("utf-8")) > _MAX_NOTIFY_BYTES:
+        return None
+    return tail
 
 
 def _events_lock_seed(schema: str) -> int:

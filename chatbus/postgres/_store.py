@@ -31,7 +31,7 @@ from . import _pq
 from ._aio import AioRunner
 from ._connections import LentConnections
 from ._rows import Found, KeyedRequest, decode_page, joined_bodies, replays, sent_by_key
-from ._sql import LIFECYCLE_BATCH, Queries
+from ._sql import LIFECYCLE_BATCH, Queries, events_payload_tail
 
 #: Exceptions that mean "the store failed" rather than "chatbus has a bug".
 DB_ERRORS: Final = (psycopg.Error, OSError)
@@ -87,8 +87,44 @@ def _abandoned() -> OutcomeUnknown:
     )
 
 
+def _payloads(events: Sequence[Event], encoded: Sequence[str]) -> list[str]:
+    """The NOTIFY payloads of ``events``: packed, each ending with its emitter's tail
+    (:func:`._sql.events_payload_tail`)."""
+    by_emitter: dict[str, list[str]] = {}
+    for event, text in zip(events, encoded, strict=True):
+        by_emitter.setdefault(event.emitter, []).append(text)
+    payloads = []
+    for emitter, texts in by_emitter.items():
+        tail = events_payload_tail(emitter)
+        for payload in encode_events(texts):
+            payloads.append(payload if tail is None else payload[:-1] + tail)
+    return payloads
+
+
 class _MaybeCommitted(Exception):
     """The append statement reached the server and its reply was lost."""
+
+
+@final
+@attrs.frozen
+class _CarriedEvents:
+    """Events that go in an append's transaction (see PostgresStore.append_carrying)."""
+
+    events: list[Event]
+    encoded: list[str]
+
+    @classmethod
+    def of(cls, events: Sequence[Event], encoded: Sequence[str]) -> _CarriedEvents:
+        return cls(list(events), list(encoded))
+
+    @classmethod
+    def joined(cls, parts: Sequence[_CarriedEvents]) -> _CarriedEvents | None:
+        """The events of ``parts``, in order; None if there are none."""
+        if not parts:
+            return None
+        if len(parts) == 1:
+            return parts[0]
+        return cls([e for p in parts for e in p.events], [t for p in parts for t in p.encoded])
 
 
 @final
@@ -112,6 +148,8 @@ class PostgresStore:
     _closed: bool = attrs.field(default=False, init=False)
     _group: GroupCommit = attrs.field(init=False)
     _keyed_reruns: int = attrs.field(default=0, init=False)
+    #: Events carried by appends waiting or running (see append_carrying).
+    _carried: dict[PendingAppend, _CarriedEvents] = attrs.field(factory=dict, init=False)
 
     def __attrs_post_init__(self) -> None:
         self._group = GroupCommit(
@@ -168,8 +206,28 @@ class PostgresStore:
             OutcomeUnknown: the reply was lost after the append reached the server,
                 and whether it committed could not be found out.
         """
+        return await self._append(stream, drafts, None)
+
+    async def append_carrying(
+        self, stream: str, drafts: Sequence[Draft], events: Sequence[Event], encoded: Sequence[str]
+    ) -> list[Message]:
+        """:meth:`append`, with ``events`` retained and NOTIFYed in the same transaction,
+        ahead of the messages' notice (see :meth:`retain_events`).
+
+        The bus hands a stream's waiting events to that stream's next append this
+        way (see :class:`chatbus._outbox.Outbox`): they cost no transaction of their
+        own (nor a second turn at NOTIFY's lock), and the publish waits for no flush.
+        If the append fails, the events are lost with it (they are at most once).
+        """
+        return await self._append(stream, drafts, _CarriedEvents.of(events, encoded))
+
+    async def _append(
+        self, stream: str, drafts: Sequence[Draft], carried: _CarriedEvents | None
+    ) -> list[Message]:
         check_stream(stream)
         if not drafts:
+            if carried is not None:
+                await self.retain_events(carried.events, carried.encoded)
             await trio.lowlevel.checkpoint()
             return []
         drafts = list(drafts)
@@ -185,7 +243,13 @@ class PostgresStore:
         entry = PendingAppend(
             stream, len(drafts), len(packed), Batch(drafts, packed, bodies, keyed)
         )
-        await self._group.submit(entry)
+        if carried is not None:
+            self._carried[entry] = carried
+        try:
+            await self._group.submit(entry)
+        finally:
+            if carried is not None:
+                del self._carried[entry]
         if entry.cause is not None:
             if isinstance(entry.cause, BusError):
                 raise entry.cause
@@ -271,6 +335,20 @@ class PostgresStore:
         if not events:
             await trio.lowlevel.checkpoint()
             return
+        before, after = self._event_statements(_CarriedEvents.of(events, encoded))
+        await self._check_open("emit")
+        try:
+            # Locked, written, bounded: one transaction, one round trip (see _sql).
+            await self._run_pipeline([*before, *after])
+        except DB_ERRORS as exc:
+            raise store_error("emit", exc) from exc
+
+    def _event_statements(
+        self, carried: _CarriedEvents
+    ) -> tuple[list[tuple[bytes, list[bytes]]], list[tuple[bytes, list[bytes]]]]:
+        """What a transaction runs for ``carried``: before anything else (lock the
+        streams' events, retain and NOTIFY them), and last (bound what is retained)."""
+        events, encoded = carried.events, carried.encoded
         rows = [
             [e.stream, e.key, e.emitter, e.seq, e.after, text, to_micros(e.created_at), e.ttl]
             for e, text in zip(events, encoded, strict=True)
@@ -278,22 +356,14 @@ class PostgresStore:
         params = [
             json.dumps(rows, ensure_ascii=False, separators=(",", ":")).encode("utf-8"),
             self._channel.encode("utf-8"),
-            json.dumps(encode_events(encoded), ensure_ascii=False).encode("utf-8"),
+            json.dumps(_payloads(events, encoded), ensure_ascii=False).encode("utf-8"),
         ]
         streams = [json.dumps(sorted({e.stream for e in events}), ensure_ascii=False).encode()]
         queries = self._queries
-        await self._check_open("emit")
-        try:
-            # Locked, written, bounded: one transaction, one round trip (see _sql).
-            await self._run_pipeline(
-                [
-                    (queries.lock_event_streams, streams),
-                    (queries.retain_events, params),
-                    (queries.trim_events, streams),
-                ]
-            )
-        except DB_ERRORS as exc:
-            raise store_error("emit", exc) from exc
+        return (
+            [(queries.lock_event_streams, streams), (queries.retain_events, params)],
+            [(queries.trim_events, streams)],
+        )
 
     async def retained_events(self, stream: str, head: int) -> list[Event]:
         """Events a joiner at ``head`` gets; see :meth:`chatbus.EventStore.retained_events`.
@@ -474,12 +544,13 @@ class PostgresStore:
             groups.setdefault(member.stream, []).append(member)
         token = random.getrandbits(63)
         keyed = any(member.payload.keyed for member in batch)
+        carry = _CarriedEvents.joined([self._carried[m] for m in batch if m in self._carried])
         rows: Sequence[tuple[str, int | None, datetime.datetime, dict[str, Message] | None]]
         try:
             if keyed:
                 for attempt in range(_KEYED_ATTEMPTS):
                     try:
-                        rows = await self._append_keyed_rows(groups, token)
+                        rows = await self._append_keyed_rows(groups, token, carry)
                         break
                     except psycopg.errors.UniqueViolation:
                         # A same-key append committed while this one waited for the
@@ -488,7 +559,7 @@ class PostgresStore:
                             raise
                         self._keyed_reruns += 1
             else:
-                rows = await self._append_rows(groups, token)
+                rows = await self._append_rows(groups, token, carry)
         except _MaybeCommitted as lost:
             await self._resolve(groups, token, lost)
             return
@@ -498,7 +569,7 @@ class PostgresStore:
             raise psycopg.DataError(f"no counter row returned for {len(groups)} streams")
 
     async def _append_rows(
-        self, groups: dict[str, list[PendingAppend]], token: int
+        self, groups: dict[str, list[PendingAppend]], token: int, carry: _CarriedEvents | None
     ) -> list[tuple[str, int, datetime.datetime, None]]:
         """The unkeyed append statement; per stream ``(stream, last id, created_at, None)``."""
         channel = self._channel.encode("utf-8")
@@ -510,14 +581,14 @@ class PostgresStore:
             ((stream, n, packed),) = request
             params = [stream.encode("utf-8"), b"%d" % n, packed.encode("utf-8"), channel]
             params.append(b"%d" % token)
-            result = await self._run_append(self._queries.append_unkeyed, params)
+            result = await self._run_append(self._queries.append_unkeyed, params, carry)
             if result.ntuples != 1:  # pragma: no cover - the upsert returns its row
                 return []
             last_id, micros = _pq.value(result, 0, 0), _pq.value(result, 0, 1)
             return [(stream, int(last_id), _pq.from_epoch_micros(int(micros)), None)]
         document = json.dumps(request, ensure_ascii=False, separators=(",", ":"))
         result = await self._run_append(
-            self._queries.append_streams, [document.encode("utf-8"), channel, b"%d" % token]
+            self._queries.append_streams, [document.encode("utf-8"), channel, b"%d" % token], carry
         )
         return [
             (
@@ -530,7 +601,7 @@ class PostgresStore:
         ]
 
     async def _append_keyed_rows(
-        self, groups: dict[str, list[PendingAppend]], token: int
+        self, groups: dict[str, list[PendingAppend]], token: int, carry: _CarriedEvents | None
     ) -> list[tuple[str, int | None, datetime.datetime, dict[str, Message]]]:
         """The keyed append statement; per stream, also the messages found for its keys.
 
@@ -544,7 +615,7 @@ class PostgresStore:
             self._channel.encode("utf-8"),
             b"%d" % token,
         ]
-        result = await self._run_append(self._queries.append_keyed, params)
+        result = await self._run_append(self._queries.append_keyed, params, carry)
         bumped: dict[str, tuple[int, datetime.datetime]] = {}
         found: dict[str, list[Found]] = {}
         for row in range(result.ntuples):
@@ -590,10 +661,21 @@ class PostgresStore:
                 bodies = {} if text is None else dict(json.loads(text))
         return replays(stream, found, sent, bodies)
 
-    async def _run_append(self, query: bytes, params: list[bytes]) -> pq.abc.PGresult:
-        """:meth:`_run_prepared` for an append: a reply lost once sent is _MaybeCommitted."""
+    async def _run_append(
+        self, query: bytes, params: list[bytes], carry: _CarriedEvents | None = None
+    ) -> pq.abc.PGresult:
+        """:meth:`_run_prepared` for an append: a reply lost once sent is _MaybeCommitted.
+
+        With ``carry``, the events' statements go in the same transaction and round
+        trip (a pipeline): theirs first (their NOTIFYs precede the append's), the
+        bound on what is retained last.
+        """
         sent: list[bool] = []
         try:
+            if carry is not None:
+                before, after = self._event_statements(carry)
+                results = await self._run_pipeline([*before, (query, params), *after], sent=sent)
+                return results[len(before)]
             return await self._run_prepared(query, params, sent=sent)
         except DB_ERRORS as exc:
             refused = isinstance(exc, psycopg.Error) and exc.sqlstate is not None
@@ -658,10 +740,13 @@ class PostgresStore:
             raise store_error(operation, exc, stream=stream) from exc
 
     async def _run_pipeline(
-        self, statements: Sequence[tuple[bytes, list[bytes]]]
+        self, statements: Sequence[tuple[bytes, list[bytes]]], *, sent: list[bool] | None = None
     ) -> list[pq.abc.PGresult]:
         """Run prepared ``statements`` as one transaction in one round trip on a lent
-        connection (:func:`._pq.execute_pipeline`); psycopg errors as is."""
+        connection (:func:`._pq.execute_pipeline`); psycopg errors as is.
+
+        ``sent`` (if given) gets an item once the statements may have reached the server.
+        """
         connections = self._connections
         conn = await connections.acquire()
         try:
@@ -670,6 +755,8 @@ class PostgresStore:
                     (await connections.prepared(conn, query), params)
                     for query, params in statements
                 ]
+                if sent is not None:
+                    sent.append(True)
                 try:
                     return_value = await _pq.execute_pipeline(conn.pgconn, named)
                     break
