@@ -27,7 +27,7 @@ from ._protocols import Store
 
 #: Most events in one flush: bounds the statement, and how long encoding it keeps the
 #: loop, when the store fell behind a burst.
-_MAX_FLUSH: Final = 1000
+_MAX_FLUSH: Final = 4000
 #: A stream's events wait this long (seconds) after a publish to the stream was
 #: called, or an append of it ended, before a flush takes them: that publish's
 #: append (or a busy publisher's next one) is about to go and carries them (see

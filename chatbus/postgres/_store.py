@@ -23,7 +23,7 @@ from psycopg import pq
 
 from .._coalesce import Batch, GroupCommit, PendingAppend, settle
 from .._codec import BadBody, pack_bodies
-from .._event import Event, decode_event_items, encode_events, to_micros
+from .._event import Event, decode_event_items, encode_events
 from .._exceptions import BusError, OutcomeUnknown, StoreError, UndecodableMessage, store_error
 from .._message import Draft, Message, StreamInfo, check_after, check_stream
 from .._retention import RetentionPage
@@ -37,6 +37,9 @@ from ._sql import LIFECYCLE_BATCH, Queries, events_payload_tail
 DB_ERRORS: Final = (psycopg.Error, OSError)
 #: How often a keyed statement runs again after losing a same-key race.
 _KEYED_ATTEMPTS: Final = 5
+#: Joins the encoded events (and their payloads) of a flush into one text parameter:
+#: JSON text never holds it unescaped (see _sql._RETAIN_EVENTS).
+_RS: Final = "\x1e"
 #: Default limit on append statements running at once (see open_postgres).
 DEFAULT_MAX_IN_FLIGHT: Final = 3
 
@@ -335,35 +338,31 @@ class PostgresStore:
         if not events:
             await trio.lowlevel.checkpoint()
             return
-        before, after = self._event_statements(_CarriedEvents.of(events, encoded))
+        statements = self._event_statements(_CarriedEvents.of(events, encoded))
         await self._check_open("emit")
         try:
             # Locked, written, bounded: one transaction, one round trip (see _sql).
-            await self._run_pipeline([*before, *after])
+            await self._run_pipeline(statements)
         except DB_ERRORS as exc:
             raise store_error("emit", exc) from exc
 
-    def _event_statements(
-        self, carried: _CarriedEvents
-    ) -> tuple[list[tuple[bytes, list[bytes]]], list[tuple[bytes, list[bytes]]]]:
-        """What a transaction runs for ``carried``: before anything else (lock the
-        streams' events, retain and NOTIFY them), and last (bound what is retained)."""
+    def _event_statements(self, carried: _CarriedEvents) -> list[tuple[bytes, list[bytes]]]:
+        """What a transaction runs for ``carried``, before anything else: lock the
+        streams' events, retain and NOTIFY them, bound what is retained (all before an
+        append's statement: its counter rows are locked for no longer than alone)."""
         events, encoded = carried.events, carried.encoded
-        rows = [
-            [e.stream, e.key, e.emitter, e.seq, e.after, text, to_micros(e.created_at), e.ttl]
-            for e, text in zip(events, encoded, strict=True)
-        ]
         params = [
-            json.dumps(rows, ensure_ascii=False, separators=(",", ":")).encode("utf-8"),
+            _RS.join(encoded).encode("utf-8"),
             self._channel.encode("utf-8"),
-            json.dumps(_payloads(events, encoded), ensure_ascii=False).encode("utf-8"),
+            _RS.join(_payloads(events, encoded)).encode("utf-8"),
         ]
         streams = [json.dumps(sorted({e.stream for e in events}), ensure_ascii=False).encode()]
         queries = self._queries
-        return (
-            [(queries.lock_event_streams, streams), (queries.retain_events, params)],
-            [(queries.trim_events, streams)],
-        )
+        return [
+            (queries.lock_event_streams, streams),
+            (queries.retain_events, params),
+            (queries.trim_events, streams),
+        ]
 
     async def retained_events(self, stream: str, head: int) -> list[Event]:
         """Events a joiner at ``head`` gets; see :meth:`chatbus.EventStore.retained_events`.
@@ -666,16 +665,15 @@ class PostgresStore:
     ) -> pq.abc.PGresult:
         """:meth:`_run_prepared` for an append: a reply lost once sent is _MaybeCommitted.
 
-        With ``carry``, the events' statements go in the same transaction and round
-        trip (a pipeline): theirs first (their NOTIFYs precede the append's), the
-        bound on what is retained last.
+        With ``carry``, the events' statements go first in the same transaction and
+        round trip (a pipeline): their NOTIFYs precede the append's.
         """
         sent: list[bool] = []
         try:
             if carry is not None:
-                before, after = self._event_statements(carry)
-                results = await self._run_pipeline([*before, (query, params), *after], sent=sent)
-                return results[len(before)]
+                before = self._event_statements(carry)
+                results = await self._run_pipeline([*before, (query, params)], sent=sent)
+                return results[-1]
             return await self._run_prepared(query, params, sent=sent)
         except DB_ERRORS as exc:
             refused = isinstance(exc, psycopg.Error) and exc.sqlstate is not None
