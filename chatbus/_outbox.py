@@ -102,9 +102,20 @@ class Outbox:
         stream's events to it for a moment (see _LINGER).
         """
         if self._carry is not None:
-            self._expected_at[stream] = trio.current_time()
+            self._expect(stream)
         pending = self._pending.get(stream)
         return pending[-1] if pending else 0
+
+    def _expect(self, stream: str) -> None:
+        """An append of ``stream`` is coming (see _LINGER). Entries expire; pruned here
+        too, so a bus publishing to many streams and emitting none keeps few."""
+        expected = self._expected_at
+        now = trio.current_time()
+        if len(expected) >= 1024 and stream not in expected:
+            for name, at in list(expected.items()):
+                if now - at >= _LINGER:
+                    del expected[name]
+        expected[stream] = now
 
     def _flushed_upto(self, stream: str, mark: int) -> bool:
         pending = self._pending.get(stream)
@@ -156,7 +167,7 @@ class Outbox:
             if not appending[stream]:
                 del appending[stream]
                 if self._carry is not None:
-                    self._expected_at[stream] = trio.current_time()
+                    self._expect(stream)
                 if stream in self._pending:
                     self._ready.set()  # the flusher takes what this append left
 
