@@ -2,8 +2,10 @@
 
 Owns: how appends, reads and heads become statements. Appends, keyed or not, are
 single statements run over :mod:`._pq` on lent connections, group-committed across
-streams (:mod:`chatbus._coalesce`). Imports this package's
-:mod:`._pq`, :mod:`._sql`, :mod:`._aio`, :mod:`._connections`; never the listener.
+streams (:mod:`chatbus._coalesce`); an append may carry emitted events
+(:meth:`PostgresStore.append_carrying`, statements from :mod:`._events`). Imports
+this package's :mod:`._pq`, :mod:`._sql`, :mod:`._events`, :mod:`._aio`,
+:mod:`._connections`; never the listener.
 """
 
 from __future__ import annotations
@@ -23,23 +25,21 @@ from psycopg import pq
 
 from .._coalesce import Batch, GroupCommit, PendingAppend, settle
 from .._codec import BadBody, pack_bodies
-from .._event import Event, decode_event_items, encode_events
+from .._event import Event, decode_event_items
 from .._exceptions import BusError, OutcomeUnknown, StoreError, UndecodableMessage, store_error
 from .._message import Draft, Message, StreamInfo, check_after, check_stream
 from .._retention import RetentionPage
 from . import _pq
 from ._aio import AioRunner
 from ._connections import LentConnections
+from ._events import CarriedEvents, event_statements
 from ._rows import Found, KeyedRequest, decode_page, joined_bodies, replays, sent_by_key
-from ._sql import LIFECYCLE_BATCH, Queries, events_payload_tail
+from ._sql import LIFECYCLE_BATCH, Queries
 
 #: Exceptions that mean "the store failed" rather than "chatbus has a bug".
 DB_ERRORS: Final = (psycopg.Error, OSError)
 #: How often a keyed statement runs again after losing a same-key race.
 _KEYED_ATTEMPTS: Final = 5
-#: Joins the encoded events (and their payloads) of a flush into one text parameter:
-#: JSON text never holds it unescaped (see _sql._RETAIN_EVENTS).
-_RS: Final = "\x1e"
 #: Default limit on append statements running at once (see open_postgres).
 DEFAULT_MAX_IN_FLIGHT: Final = 3
 
@@ -90,44 +90,8 @@ def _abandoned() -> OutcomeUnknown:
     )
 
 
-def _payloads(events: Sequence[Event], encoded: Sequence[str]) -> list[str]:
-    """The NOTIFY payloads of ``events``: packed, each ending with its emitter's tail
-    (:func:`._sql.events_payload_tail`)."""
-    by_emitter: dict[str, list[str]] = {}
-    for event, text in zip(events, encoded, strict=True):
-        by_emitter.setdefault(event.emitter, []).append(text)
-    payloads = []
-    for emitter, texts in by_emitter.items():
-        tail = events_payload_tail(emitter)
-        for payload in encode_events(texts):
-            payloads.append(payload if tail is None else payload[:-1] + tail)
-    return payloads
-
-
 class _MaybeCommitted(Exception):
     """The append statement reached the server and its reply was lost."""
-
-
-@final
-@attrs.frozen
-class _CarriedEvents:
-    """Events that go in an append's transaction (see PostgresStore.append_carrying)."""
-
-    events: list[Event]
-    encoded: list[str]
-
-    @classmethod
-    def of(cls, events: Sequence[Event], encoded: Sequence[str]) -> _CarriedEvents:
-        return cls(list(events), list(encoded))
-
-    @classmethod
-    def joined(cls, parts: Sequence[_CarriedEvents]) -> _CarriedEvents | None:
-        """The events of ``parts``, in order; None if there are none."""
-        if not parts:
-            return None
-        if len(parts) == 1:
-            return parts[0]
-        return cls([e for p in parts for e in p.events], [t for p in parts for t in p.encoded])
 
 
 @final
@@ -152,7 +116,7 @@ class PostgresStore:
     _group: GroupCommit = attrs.field(init=False)
     _keyed_reruns: int = attrs.field(default=0, init=False)
     #: Events carried by appends waiting or running (see append_carrying).
-    _carried: dict[PendingAppend, _CarriedEvents] = attrs.field(factory=dict, init=False)
+    _carried: dict[PendingAppend, CarriedEvents] = attrs.field(factory=dict, init=False)
 
     def __attrs_post_init__(self) -> None:
         self._group = GroupCommit(
@@ -222,10 +186,10 @@ class PostgresStore:
         own (nor a second turn at NOTIFY's lock), and the publish waits for no flush.
         If the append fails, the events are lost with it (they are at most once).
         """
-        return await self._append(stream, drafts, _CarriedEvents.of(events, encoded))
+        return await self._append(stream, drafts, CarriedEvents.of(events, encoded))
 
     async def _append(
-        self, stream: str, drafts: Sequence[Draft], carried: _CarriedEvents | None
+        self, stream: str, drafts: Sequence[Draft], carried: CarriedEvents | None
     ) -> list[Message]:
         check_stream(stream)
         if not drafts:
@@ -338,31 +302,14 @@ class PostgresStore:
         if not events:
             await trio.lowlevel.checkpoint()
             return
-        statements = self._event_statements(_CarriedEvents.of(events, encoded))
+        carried = CarriedEvents.of(events, encoded)
+        statements = event_statements(self._queries, self._channel, carried)
         await self._check_open("emit")
         try:
             # Locked, written, bounded: one transaction, one round trip (see _sql).
             await self._run_pipeline(statements)
         except DB_ERRORS as exc:
             raise store_error("emit", exc) from exc
-
-    def _event_statements(self, carried: _CarriedEvents) -> list[tuple[bytes, list[bytes]]]:
-        """What a transaction runs for ``carried``, before anything else: lock the
-        streams' events, retain and NOTIFY them, bound what is retained (all before an
-        append's statement: its counter rows are locked for no longer than alone)."""
-        events, encoded = carried.events, carried.encoded
-        params = [
-            _RS.join(encoded).encode("utf-8"),
-            self._channel.encode("utf-8"),
-            _RS.join(_payloads(events, encoded)).encode("utf-8"),
-        ]
-        streams = [json.dumps(sorted({e.stream for e in events}), ensure_ascii=False).encode()]
-        queries = self._queries
-        return [
-            (queries.lock_event_streams, streams),
-            (queries.retain_events, params),
-            (queries.trim_events, streams),
-        ]
 
     async def retained_events(self, stream: str, head: int) -> list[Event]:
         """Events a joiner at ``head`` gets; see :meth:`chatbus.EventStore.retained_events`.
@@ -543,7 +490,7 @@ class PostgresStore:
             groups.setdefault(member.stream, []).append(member)
         token = random.getrandbits(63)
         keyed = any(member.payload.keyed for member in batch)
-        carry = _CarriedEvents.joined([self._carried[m] for m in batch if m in self._carried])
+        carry = CarriedEvents.joined([self._carried[m] for m in batch if m in self._carried])
         rows: Sequence[tuple[str, int | None, datetime.datetime, dict[str, Message] | None]]
         try:
             if keyed:
@@ -568,7 +515,7 @@ class PostgresStore:
             raise psycopg.DataError(f"no counter row returned for {len(groups)} streams")
 
     async def _append_rows(
-        self, groups: dict[str, list[PendingAppend]], token: int, carry: _CarriedEvents | None
+        self, groups: dict[str, list[PendingAppend]], token: int, carry: CarriedEvents | None
     ) -> list[tuple[str, int, datetime.datetime, None]]:
         """The unkeyed append statement; per stream ``(stream, last id, created_at, None)``."""
         channel = self._channel.encode("utf-8")
@@ -600,7 +547,7 @@ class PostgresStore:
         ]
 
     async def _append_keyed_rows(
-        self, groups: dict[str, list[PendingAppend]], token: int, carry: _CarriedEvents | None
+        self, groups: dict[str, list[PendingAppend]], token: int, carry: CarriedEvents | None
     ) -> list[tuple[str, int | None, datetime.datetime, dict[str, Message]]]:
         """The keyed append statement; per stream, also the messages found for its keys.
 
@@ -661,7 +608,7 @@ class PostgresStore:
         return replays(stream, found, sent, bodies)
 
     async def _run_append(
-        self, query: bytes, params: list[bytes], carry: _CarriedEvents | None = None
+        self, query: bytes, params: list[bytes], carry: CarriedEvents | None = None
     ) -> pq.abc.PGresult:
         """:meth:`_run_prepared` for an append: a reply lost once sent is _MaybeCommitted.
 
@@ -671,7 +618,7 @@ class PostgresStore:
         sent: list[bool] = []
         try:
             if carry is not None:
-                before = self._event_statements(carry)
+                before = event_statements(self._queries, self._channel, carry)
                 results = await self._run_pipeline([*before, (query, params)], sent=sent)
                 return results[-1]
             return await self._run_prepared(query, params, sent=sent)
