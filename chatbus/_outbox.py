@@ -135,10 +135,16 @@ class Outbox:
             await self._progress.wait()
 
     async def append(
-        self, store: Store, stream: str, drafts: Sequence[Draft], mark: int
+        self,
+        store: Store,
+        stream: str,
+        drafts: Sequence[Draft],
+        mark: int,
+        sending: Callable[[], object],
     ) -> list[Message]:
         """``store.append(stream, drafts)``, after this bus's events on ``stream`` up to
-        ``mark`` (see :meth:`mark`, taken when the publish was called).
+        ``mark`` (see :meth:`mark`, taken when the publish was called); ``sending()``
+        is called just before the store is.
 
         So the events a bus emitted on a stream before a publish reach other
         processes before its message (notifications arrive in commit order). With a
@@ -156,11 +162,13 @@ class Outbox:
                 if carry is not None and not self._busy.get(stream):
                     taken = self._take(stream)
                     if taken:
+                        sending()
                         return await self._append_carrying(carry, stream, drafts, taken)
                     break  # none waiting nor in flight
                 if not self._running or self._flushed_upto(stream, mark):
                     break
                 await self._progress.wait()
+            sending()
             return await store.append(stream, drafts)
         finally:
             appending[stream] -= 1

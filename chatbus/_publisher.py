@@ -132,8 +132,9 @@ class Producer:
     on_retire: Callable[[Producer], None]
     #: The mark of the bus's events on this stream emitted so far (Outbox.mark) ...
     events_mark: Callable[[], int]
-    #: ... and the append that goes after them (Outbox.append: stream, drafts, mark).
-    append: Callable[[str, list[Draft], int], Awaitable[list[Message]]]
+    #: ... and the append that goes after them (Outbox.append: stream, drafts, mark,
+    #: and what to call just before the store is).
+    append: Callable[[str, list[Draft], int, Callable[[], object]], Awaitable[list[Message]]]
     _send: trio.MemorySendChannel[_Request] = attrs.field(init=False)
     _receive: trio.MemoryReceiveChannel[_Request] = attrs.field(init=False)
     _cancel_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
@@ -264,10 +265,16 @@ class Producer:
         self.topic.appending += 1
         try:
             generation = self.topic.cache.generation
+
+            def sending() -> None:  # after any wait for events: as the append goes
+                nonlocal generation
+                generation = self.topic.cache.generation
+
             messages = await self.append(
                 stream,
                 [request.draft for request in live],
                 max(request.events_mark for request in live),
+                sending,
             )
             if len(messages) != len(live):
                 raise StoreError(f"store returned {len(messages)} messages for {len(live)} drafts")
