@@ -579,7 +579,7 @@ class Bus(metaclass=NoPublicConstructor):
             self._options.max_pending,
             on_retire=self._producer_retired,
             events_mark=functools.partial(self._outbox.mark, topic.name),
-            before_append=self._outbox.flushed_upto,
+            append=functools.partial(self._outbox.append, self._store),
         )
 
     def _producer_retired(self, producer: Producer) -> None:

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 from typing import Final, final
 
 import attrs
 from psycopg import sql
+
+from .._event import MAX_PAYLOAD_BYTES
 
 
 def channel_for_schema(schema: str) -> str:
@@ -36,6 +39,25 @@ def ddl_lock_key(schema: str) -> int:
     """A signed 64-bit advisory lock key, fixed per schema, that serialises the DDL."""
     digest = hashlib.md5(b"chatbus-ddl:" + schema.encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big", signed=True)
+
+
+#: Most bytes of a payload of events with its emitter tail: under NOTIFY's 8000.
+_MAX_NOTIFY_BYTES: Final = 7999
+
+
+def events_payload_tail(emitter: str) -> str | None:
+    """What ends a payload of ``emitter``'s events instead of its last ``}``.
+
+    ``{"events":[...],"emitter":"…"}``: a listener of the emitting bus tells its own
+    events (which its subscriptions had at once) by this end, and skips them without
+    decoding; others read the payload as any (the key is ignored). No body can make
+    a payload end so: the events array closes after every body. None if the emitter
+    is too long to fit beside the biggest payload.
+    """
+    tail = ',"emitter":' + json.dumps(emitter, ensure_ascii=False) + "}"
+    if MAX_PAYLOAD_BYTES + len(tail.encode("utf-8")) > _MAX_NOTIFY_BYTES:
+        return None
+    return tail
 
 
 def _events_lock_seed(schema: str) -> int:
@@ -517,15 +539,25 @@ _HEADS: Final = (
 # Emitted events, one round trip per flush of a bus's outbox: retain them for joiners
 # (keyed: the latest per key, with its expiry; unkeyed: those after the newest
 # position, older ones of the stream cleared; bounded by _TRIM_EVENTS) and NOTIFY
-# them, packed into few payloads ($3, made by chatbus._event.encode_events). Input $1:
-# a JSON array of [stream, key, emitter, seq, after, encoded event, created µs, ttl].
-# event_totals: see _TRIM_EVENTS.
+# them, packed into few payloads; of a stream's unkeyed events in one flush (a burst)
+# only the newest $4 (the bus's EventRetention.max_events) are written, the rest would
+# be trimmed at once. Input: $1 the encoded events (see
+# chatbus._event.encode_event: [stream, after, key, ttl, created µs, emitter, seq,
+# body]) and $3 the payloads (made by chatbus._event.encode_events), each list
+# joined with U+001E, which JSON text never holds unescaped (as for message bodies):
+# no JSON string escaping on the client, and each event parsed once here (as jsonb,
+# for its fields, once: OFFSET 0 keeps the planner from parsing it per field; it is
+# kept as the text sent). event_totals: see _TRIM_EVENTS.
 _RETAIN_EVENTS: Final = """
     WITH input AS MATERIALIZED (
-        SELECT x.e->>0 AS stream, x.e->>1 AS key, x.e->>2 AS emitter,
-            (x.e->>3)::bigint AS seq, (x.e->>4)::bigint AS after, x.e->>5 AS encoded,
-            (x.e->>6)::bigint AS micros, (x.e->>7)::float8 AS ttl, x.ord
-        FROM json_array_elements($1::json) WITH ORDINALITY AS x(e, ord)
+        SELECT x.j->>0 AS stream, x.j->>2 AS key, x.j->>5 AS emitter,
+            (x.j->>6)::bigint AS seq, (x.j->>1)::bigint AS after, x.encoded,
+            (x.j->>4)::bigint AS micros, (x.j->>3)::float8 AS ttl, x.ord
+        FROM (
+            SELECT e.encoded, e.encoded::jsonb AS j, e.ord
+            FROM unnest(string_to_array($1::text, chr(30))) WITH ORDINALITY AS e(encoded, ord)
+            OFFSET 0
+        ) AS x
     ), keyed AS (
         INSERT INTO {events} AS r (stream, key, emitter, seq, after, encoded, micros, expires_at)
         SELECT DISTINCT ON (i.stream, i.key) i.stream, i.key, i.emitter, i.seq, i.after,
@@ -541,7 +573,11 @@ _RETAIN_EVENTS: Final = """
         INSERT INTO {events} (stream, key, emitter, seq, after, encoded, micros, expires_at)
         SELECT i.stream, NULL, i.emitter, i.seq, i.after, i.encoded, i.micros,
             to_timestamp(i.micros / 1000000.0) + i.ttl * interval '1 second'
-        FROM input AS i WHERE i.key IS NULL
+        FROM (
+            SELECT u.*, row_number() OVER (PARTITION BY u.stream ORDER BY u.ord DESC) AS newest
+            FROM input AS u WHERE u.key IS NULL
+        ) AS i
+        WHERE i.newest <= $4::bigint
     ), cleared AS (
         DELETE FROM {events} AS r
         USING (
@@ -556,7 +592,7 @@ _RETAIN_EVENTS: Final = """
         ON CONFLICT (stream) DO UPDATE SET n = t.n + EXCLUDED.n, bytes = t.bytes + EXCLUDED.bytes
     )
     SELECT count(pg_notify($2::text, p.payload))
-    FROM json_array_elements_text($3::json) AS p(payload)
+    FROM unnest(string_to_array($3::text, chr(30))) AS p(payload)
 """
 
 # A flush of events is one transaction of three statements sent together (one round
@@ -565,6 +601,9 @@ _RETAIN_EVENTS: Final = """
 # deadlock between flushers); then _RETAIN_EVENTS, whose snapshot, taken once the
 # locks are held, has every earlier flush; then the bound, by a statement of its own
 # (a data-modifying CTE cannot see the rows its sibling inserts). $1: the streams.
+# An append carrying events (PostgresStore.append_carrying) runs the three first, then
+# its own statement, in the same transaction: event locks are always taken before
+# counter rows, by anyone, so the two kinds of lock cannot deadlock either.
 _LOCK_EVENT_STREAMS: Final = """
     SELECT count(pg_advisory_xact_lock(s.key)) FROM (
         SELECT DISTINCT hashtextextended(x.stream, {events_lock_seed}) AS key

@@ -2,8 +2,10 @@
 
 Owns: how appends, reads and heads become statements. Appends, keyed or not, are
 single statements run over :mod:`._pq` on lent connections, group-committed across
-streams (:mod:`chatbus._coalesce`). Imports this package's
-:mod:`._pq`, :mod:`._sql`, :mod:`._aio`, :mod:`._connections`; never the listener.
+streams (:mod:`chatbus._coalesce`); an append may carry emitted events
+(:meth:`PostgresStore.append_carrying`, statements from :mod:`._events`). Imports
+this package's :mod:`._pq`, :mod:`._sql`, :mod:`._events`, :mod:`._aio`,
+:mod:`._connections`; never the listener.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from psycopg import pq
 
 from .._coalesce import Batch, GroupCommit, PendingAppend, settle
 from .._codec import BadBody, pack_bodies
-from .._event import Event, decode_event_items, encode_events, to_micros
+from .._event import Event, decode_event_items
 from .._exceptions import BusError, OutcomeUnknown, StoreError, UndecodableMessage, store_error
 from .._message import Draft, Message, StreamInfo, check_after, check_stream
 from .._options import EventRetention
@@ -32,6 +34,7 @@ from .._retention import RetentionPage
 from . import _pq
 from ._aio import AioRunner
 from ._connections import LentConnections
+from ._events import CarriedEvents, event_statements
 from ._rows import Found, KeyedRequest, decode_page, joined_bodies, replays, sent_by_key
 from ._sql import LIFECYCLE_BATCH, Queries
 
@@ -49,15 +52,8 @@ _LOOKUP_AFTER_REFUSAL: Final = 64
 #: Default limit on append statements running at once (see open_postgres).
 DEFAULT_MAX_IN_FLIGHT: Final = 3
 
-# ---- events: the bounds of what a stream retains (see _sql._TRIM_EVENTS) ----
+# What a stream retains of its events when the bus names no bounds.
 _DEFAULT_RETENTION: Final = EventRetention()
-
-
-def _trim_bounds(retention: EventRetention) -> list[bytes]:
-    """_TRIM_EVENTS's $2 to $5: the bounds (count, bytes), then what a stream over one
-    is cut to, 9/10 of each rounded up (a bound of 1 keeps 1)."""
-    count, size = retention.max_events, retention.max_bytes
-    return [b"%d" % n for n in (count, size, count - count // 10, size - size // 10)]
 
 
 @attrs.frozen(kw_only=True)
@@ -138,6 +134,8 @@ class PostgresStore:
     _sent_keys: OrderedDict[tuple[str, str], None] = attrs.field(factory=OrderedDict, init=False)
     #: Keyed statements still to look their keys up first (see _LOOKUP_AFTER_REFUSAL).
     _lookups_due: int = attrs.field(default=0, init=False)
+    #: Events carried by appends waiting or running (see append_carrying).
+    _carried: dict[PendingAppend, CarriedEvents] = attrs.field(factory=dict, init=False)
 
     def __attrs_post_init__(self) -> None:
         self._group = GroupCommit(
@@ -194,8 +192,37 @@ class PostgresStore:
             OutcomeUnknown: the reply was lost after the append reached the server,
                 and whether it committed could not be found out.
         """
+        return await self._append(stream, drafts, None)
+
+    async def append_carrying(
+        self,
+        stream: str,
+        drafts: Sequence[Draft],
+        events: Sequence[Event],
+        encoded: Sequence[str],
+        *,
+        retention: EventRetention | None = None,
+    ) -> list[Message]:
+        """:meth:`append`, with ``events`` retained and NOTIFYed in the same transaction,
+        ahead of the messages' notice (see :meth:`retain_events`).
+
+        The bus hands a stream's waiting events to that stream's next append this
+        way (see :class:`chatbus._outbox.Outbox`): they cost no transaction of their
+        own (nor a second turn at NOTIFY's lock), and the publish waits for no flush.
+        If the append fails, the events are lost with it (they are at most once).
+        """
+        carried = CarriedEvents.of(events, encoded, retention or _DEFAULT_RETENTION)
+        return await self._append(stream, drafts, carried)
+
+    async def _append(
+        self, stream: str, drafts: Sequence[Draft], carried: CarriedEvents | None
+    ) -> list[Message]:
         check_stream(stream)
         if not drafts:
+            if carried is not None:
+                await self.retain_events(
+                    carried.events, carried.encoded, retention=carried.retention
+                )
             await trio.lowlevel.checkpoint()
             return []
         drafts = list(drafts)
@@ -211,7 +238,13 @@ class PostgresStore:
         entry = PendingAppend(
             stream, len(drafts), len(packed), Batch(drafts, packed, bodies, keyed)
         )
-        await self._group.submit(entry)
+        if carried is not None:
+            self._carried[entry] = carried
+        try:
+            await self._group.submit(entry)
+        finally:
+            if carried is not None:
+                del self._carried[entry]
         if entry.cause is not None:
             if isinstance(entry.cause, BusError):
                 raise entry.cause
@@ -303,28 +336,12 @@ class PostgresStore:
         if not events:
             await trio.lowlevel.checkpoint()
             return
-        rows = [
-            [e.stream, e.key, e.emitter, e.seq, e.after, text, to_micros(e.created_at), e.ttl]
-            for e, text in zip(events, encoded, strict=True)
-        ]
-        params = [
-            json.dumps(rows, ensure_ascii=False, separators=(",", ":")).encode("utf-8"),
-            self._channel.encode("utf-8"),
-            json.dumps(encode_events(encoded), ensure_ascii=False).encode("utf-8"),
-        ]
-        streams = [json.dumps(sorted({e.stream for e in events}), ensure_ascii=False).encode()]
-        bounds = _trim_bounds(retention or _DEFAULT_RETENTION)
-        queries = self._queries
+        carried = CarriedEvents.of(events, encoded, retention or _DEFAULT_RETENTION)
+        statements = event_statements(self._queries, self._channel, carried)
         await self._check_open("emit")
         try:
             # Locked, written, bounded: one transaction, one round trip (see _sql).
-            await self._run_pipeline(
-                [
-                    (queries.lock_event_streams, streams),
-                    (queries.retain_events, params),
-                    (queries.trim_events, [*streams, *bounds]),
-                ]
-            )
+            await self._run_pipeline(statements)
         except DB_ERRORS as exc:
             raise store_error("emit", exc) from exc
 
@@ -507,6 +524,7 @@ class PostgresStore:
             groups.setdefault(member.stream, []).append(member)
         token = random.getrandbits(63)
         keyed = any(member.payload.keyed for member in batch)
+        carry = CarriedEvents.joined([self._carried[m] for m in batch if m in self._carried])
         rows: Sequence[tuple[str, int | None, datetime.datetime, dict[str, Message] | None]]
         try:
             if keyed:
@@ -514,7 +532,7 @@ class PostgresStore:
                 look = self._keys_to_look_up(request)
                 for attempt in range(_KEYED_ATTEMPTS):
                     try:
-                        rows = await self._append_keyed_rows(groups, request, token, look)
+                        rows = await self._append_keyed_rows(groups, request, token, look, carry)
                         break
                     except psycopg.errors.UniqueViolation:
                         # A key stored before that this store had not sent (see
@@ -528,7 +546,7 @@ class PostgresStore:
                         look = b"t" * len(request.keys)
                         self._keyed_reruns += 1
             else:
-                rows = await self._append_rows(groups, token)
+                rows = await self._append_rows(groups, token, carry)
         except _MaybeCommitted as lost:
             await self._resolve(groups, token, lost)
             return
@@ -538,7 +556,7 @@ class PostgresStore:
             raise psycopg.DataError(f"no counter row returned for {len(groups)} streams")
 
     async def _append_rows(
-        self, groups: dict[str, list[PendingAppend]], token: int
+        self, groups: dict[str, list[PendingAppend]], token: int, carry: CarriedEvents | None
     ) -> list[tuple[str, int, datetime.datetime, None]]:
         """The unkeyed append statement; per stream ``(stream, last id, created_at, None)``."""
         channel = self._channel.encode("utf-8")
@@ -550,14 +568,14 @@ class PostgresStore:
             ((stream, n, packed),) = request
             params = [stream.encode("utf-8"), b"%d" % n, packed.encode("utf-8"), channel]
             params.append(b"%d" % token)
-            result = await self._run_append(self._queries.append_unkeyed, params)
+            result = await self._run_append(self._queries.append_unkeyed, params, carry)
             if result.ntuples != 1:  # pragma: no cover - the upsert returns its row
                 return []
             last_id, micros = _pq.value(result, 0, 0), _pq.value(result, 0, 1)
             return [(stream, int(last_id), _pq.from_epoch_micros(int(micros)), None)]
         document = json.dumps(request, ensure_ascii=False, separators=(",", ":"))
         result = await self._run_append(
-            self._queries.append_streams, [document.encode("utf-8"), channel, b"%d" % token]
+            self._queries.append_streams, [document.encode("utf-8"), channel, b"%d" % token], carry
         )
         return [
             (
@@ -605,6 +623,7 @@ class PostgresStore:
         request: KeyedRequest,
         token: int,
         look: bytes | None,
+        carry: CarriedEvents | None,
     ) -> list[tuple[str, int | None, datetime.datetime, dict[str, Message]]]:
         """A keyed append statement; per stream, also the messages found for its keys.
 
@@ -620,7 +639,7 @@ class PostgresStore:
             query, params = queries.append_keyed_new_one, request.params_one(channel, token)
         else:
             query, params = queries.append_keyed_new, request.params(channel, token, None)
-        result = await self._run_append(query, params)
+        result = await self._run_append(query, params, carry)
         bumped: dict[str, tuple[int, datetime.datetime]] = {}
         found: dict[str, list[Found]] = {}
         for row in range(result.ntuples):
@@ -666,10 +685,20 @@ class PostgresStore:
                 bodies = {} if text is None else dict(json.loads(text))
         return replays(stream, found, sent, bodies)
 
-    async def _run_append(self, query: bytes, params: list[bytes]) -> pq.abc.PGresult:
-        """:meth:`_run_prepared` for an append: a reply lost once sent is _MaybeCommitted."""
+    async def _run_append(
+        self, query: bytes, params: list[bytes], carry: CarriedEvents | None = None
+    ) -> pq.abc.PGresult:
+        """:meth:`_run_prepared` for an append: a reply lost once sent is _MaybeCommitted.
+
+        With ``carry``, the events' statements go first in the same transaction and
+        round trip (a pipeline): their NOTIFYs precede the append's.
+        """
         sent: list[bool] = []
         try:
+            if carry is not None:
+                before = event_statements(self._queries, self._channel, carry)
+                results = await self._run_pipeline([*before, (query, params)], sent=sent)
+                return results[-1]
             return await self._run_prepared(query, params, sent=sent)
         except DB_ERRORS as exc:
             refused = isinstance(exc, psycopg.Error) and exc.sqlstate is not None
@@ -734,10 +763,13 @@ class PostgresStore:
             raise store_error(operation, exc, stream=stream) from exc
 
     async def _run_pipeline(
-        self, statements: Sequence[tuple[bytes, list[bytes]]]
+        self, statements: Sequence[tuple[bytes, list[bytes]]], *, sent: list[bool] | None = None
     ) -> list[pq.abc.PGresult]:
         """Run prepared ``statements`` as one transaction in one round trip on a lent
-        connection (:func:`._pq.execute_pipeline`); psycopg errors as is."""
+        connection (:func:`._pq.execute_pipeline`); psycopg errors as is.
+
+        ``sent`` (if given) gets an item once the statements may have reached the server.
+        """
         connections = self._connections
         conn = await connections.acquire()
         try:
@@ -746,6 +778,8 @@ class PostgresStore:
                     (await connections.prepared(conn, query), params)
                     for query, params in statements
                 ]
+                if sent is not None:
+                    sent.append(True)
                 try:
                     return_value = await _pq.execute_pipeline(conn.pgconn, named)
                     break
