@@ -23,9 +23,7 @@ pytestmark = pytest.mark.redis
 need_redis()
 
 
-def _streams_by_master(
-    nodes: RedisCluster, store: RedisStore, count: int
-) -> dict[int, list[str]]:
+def _streams_by_master(nodes: RedisCluster, store: RedisStore, count: int) -> dict[int, list[str]]:
     """``count`` stream names for each master (by its port), found by their slots."""
     slots: dict[int, RedisServer] = {}
     for master in nodes.masters():
