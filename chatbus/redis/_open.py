@@ -233,7 +233,8 @@ async def open_redis(
         wait_timeout: Seconds a durable append waits for them (0.001 to 600); past
             it the publish raises :class:`~chatbus.OutcomeUnknown`.
         max_connections: Most connections of the store's client (per server).
-        max_in_flight: Most append round trips running at once (1 to 1000); appends
+        max_in_flight: Most append round trips running at once per server (1 to 1000;
+            a stalled Cluster primary holds up only its own streams); appends
             made meanwhile are merged into the next (group commit).
         connect_timeout: Seconds a new connection may take (0.1 to 600): what makes
             a publish fail promptly with :class:`~chatbus.StoreError` while Redis is

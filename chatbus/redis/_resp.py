@@ -1,11 +1,12 @@
-"""RESP3, by hand, for the listener's own connections: commands out, values in.
+"""RESP3, by hand, for the listener's and the store lanes' own connections.
 
 Owns: encoding commands (:func:`encode`), an incremental parser that never holds
 more than one partial value (:class:`Parser`), the hash slot of a key or channel
 (:func:`hash_slot`), and :class:`RespConnection` (a trio TCP stream speaking RESP3,
-with the HELLO handshake). The store uses coredis; the listener does not, so that a
-lost subscription is never silently re-made behind its back and what it reads is
-bounded by what it has handled (TCP pushes back). Imports only trio.
+with the HELLO handshake). The listener does not use coredis, so that a lost
+subscription is never silently re-made behind its back and what it reads is bounded
+by what it has handled (TCP pushes back); the store's hot scripts use it through
+:mod:`._lane` (pipelined), everything else through coredis. Imports only trio.
 """
 
 from __future__ import annotations
@@ -32,9 +33,17 @@ class Push:
 def encode(*args: bytes | str | int) -> bytes:
     """One command as a RESP array of bulk strings."""
     parts = [b"*%d\r\n" % len(args)]
+    append = parts.append  # the store's hot path: no formatting of the data itself
     for arg in args:
-        data = arg if isinstance(arg, bytes) else str(arg).encode("utf-8")
-        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+        if type(arg) is str:
+            data = arg.encode("utf-8")
+        elif isinstance(arg, bytes):
+            data = arg
+        else:
+            data = str(arg).encode("utf-8")
+        append(b"$%d\r\n" % len(data))
+        append(data)
+        append(b"\r\n")
     return b"".join(parts)
 
 
