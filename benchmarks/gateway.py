@@ -2,7 +2,7 @@
 
 One ``examples/web_chat/app.py`` process (in memory, hypercorn's trio worker) serves
 one room. A load generator in another OS process (this module run as
-``python -m benchmarks.gateway --child …``, httpx under trio) opens the SSE clients
+``python -m benchmarks.gateway --child …``, under trio) opens the SSE clients
 (``?last=0``), waits until every one has its stream open, then POSTs messages at a
 fixed offered rate on an absolute schedule (open loop: a slow answer never delays the
 next send). Each message's text carries its sequence number and the ``time.time()``
@@ -16,6 +16,15 @@ late in the percentiles. The sends start on schedule even when one round of the 
 generator's scheduler takes longer than the interval (all that are due go at once);
 the rate they actually started at is reported.
 
+The clients: bare trio sockets by default (the request a browser's ``EventSource``
+makes; one ``receive_some`` and one regex pass per network read; POSTs on keep-alive
+sockets), or httpx (``CHATBUS_BENCH_GATEWAY_CLIENT=httpx``, the earlier generator).
+The bare one is the fairer measure of the app: on one 2-core machine the generator
+shares the cores with the app, and httpx's per-read and per-request work (and its
+connection pool's bookkeeping) cost about six times the bare client's CPU per
+delivery, taken from the app, so with httpx the figures say more about httpx. Each
+side's CPU per delivery is reported, which the machine's other load does not change.
+
 Sizes: full, 1,000 clients at 200 msgs/s for 10 s; ``--quick``, 50 clients at
 100 msgs/s for 2 s.
 """
@@ -24,9 +33,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import faulthandler
 import json
 import math
+import os
 import re
 import signal
 import socket
@@ -53,6 +64,9 @@ _CLIENTS_PER_POOL = 50
 _SENDERS = 64
 #: Seconds after the last send started that clients may still take to get everything.
 DRAIN = 30.0
+#: The SSE clients of the load generator: bare trio sockets, or httpx streams.
+CLIENT_KINDS = ("raw", "httpx")
+_CONTENT_LENGTH = re.compile(rb"(?i)\r\ncontent-length: *(\d+)")
 _FRAME = re.compile(rb'"id":(\d+),"body":\{"name":"anon","text":"(\d+) ([0-9.]+)"')
 
 
@@ -112,7 +126,127 @@ async def _client_run(
         await response.aclose()
 
 
-async def _child(url: str, clients: int, rate: float, seconds: float) -> dict[str, object]:
+async def _raw_client_run(
+    url: str,
+    index: int,
+    received: list[list[tuple[int, int, float]]],
+    ready: list[int],
+    all_ready: trio.Event,
+    clients: int,
+    connect_limit: trio.Semaphore,
+    last_receipt: list[float],
+) -> None:
+    # The same HTTP/1.1 request a browser's EventSource makes, on a bare trio socket:
+    # one receive_some() per network read and one regex pass, no HTTP client library.
+    # The response is chunked; the app writes whole SSE frames per HTTP chunk, so the
+    # chunk-size lines fall between frames, never inside one, and the frame pattern
+    # below ignores them.
+    host, _, port = url.removeprefix("http://").partition(":")
+    got = received[index]
+    request = (
+        f"GET /rooms/{ROOM}/events?last=0 HTTP/1.1\r\nHost: {host}:{port}\r\n"
+        "Accept: text/event-stream\r\nCache-Control: no-cache\r\n\r\n"
+    ).encode()
+    for attempt in range(5):
+        # A connection reset before the answer came (a full listen queue on a busy
+        # machine) is retried, as a browser would; nothing was received on it.
+        async with connect_limit:
+            stream = await trio.open_tcp_stream(host, int(port))
+            try:
+                await stream.send_all(request)
+                first = await stream.receive_some(1 << 16)
+            except (OSError, trio.BrokenResourceError):
+                await stream.aclose()
+                if attempt == 4:
+                    raise
+                await trio.sleep(0.1)
+                continue
+        break
+    try:
+        rest = b""
+        head = True
+        pending = first
+        while True:
+            chunk = pending or await stream.receive_some(1 << 16)
+            pending = b""
+            if not chunk:
+                return
+            now = time.time()
+            _READS[0] += 1
+            data = rest + chunk
+            if head:
+                end = data.find(b"\r\n\r\n")
+                if end < 0:
+                    rest = data
+                    continue
+                status = data[: data.find(b"\r\n")]
+                if b" 200 " not in status:
+                    raise RuntimeError(f"SSE request answered {status!r}")
+                head = False
+                ready[0] += 1
+                if ready[0] == clients:
+                    all_ready.set()
+                data = data[end + 4 :]
+            cut = data.rfind(b"\n\n")
+            if cut < 0:
+                rest = data
+                continue
+            rest = data[cut + 2 :]
+            for match in _FRAME.finditer(data, 0, cut):
+                got.append((int(match[1]), int(match[2]), now - float(match[3])))
+                last_receipt[0] = max(last_receipt[0], now)
+    finally:
+        with trio.CancelScope(shield=True):
+            await stream.aclose()
+
+
+@dataclasses.dataclass
+class _RawPoster:
+    """POSTs on keep-alive HTTP/1.1 connections over bare trio sockets (a free one
+    reused, else a new one: at most as many as posts in flight)."""
+
+    host: str
+    port: int
+    _free: list[trio.SocketStream] = dataclasses.field(default_factory=list)
+
+    async def post(self, path: str, body: bytes) -> int:
+        """Send one POST with a JSON body; return the answer's status."""
+        stream = self._free.pop() if self._free else None
+        if stream is None:
+            stream = await trio.open_tcp_stream(self.host, self.port)
+        try:
+            await stream.send_all(
+                f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            data = b""
+            while (end := data.find(b"\r\n\r\n")) < 0:
+                data += await self._more(stream)
+            head = data[:end]
+            length = _CONTENT_LENGTH.search(head)
+            if length is None:
+                raise OSError(f"no content-length in {head[:200]!r}")
+            while len(data) < end + 4 + int(length[1]):
+                data += await self._more(stream)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+            raise
+        self._free.append(stream)
+        return int(head.split(b" ", 2)[1])
+
+    @staticmethod
+    async def _more(stream: trio.SocketStream) -> bytes:
+        data = await stream.receive_some(1 << 16)
+        if not data:
+            raise OSError("connection closed by the app")
+        return bytes(data)
+
+
+async def _child(
+    url: str, clients: int, rate: float, seconds: float, client_kind: str = "raw"
+) -> dict[str, object]:
     import httpx
 
     total = max(1, int(rate * seconds))
@@ -127,14 +261,17 @@ async def _child(url: str, clients: int, rate: float, seconds: float) -> dict[st
     limits = httpx.Limits(max_connections=_CLIENTS_PER_POOL + 1)
     timeout = httpx.Timeout(30.0, read=None)
     in_flight = trio.Semaphore(_SENDERS)
+    host, _, port = url.removeprefix("http://").partition(":")
+    poster = _RawPoster(host, int(port))
     lag: list[float] = []
     post_errors = [0]
+    post_times: list[float] = []  # POST started -> its answer read
     answered = [0]
     last_receipt = [0.0]
     async with contextlib.AsyncExitStack() as stack:
         readers = [
             await stack.enter_async_context(httpx.AsyncClient(limits=limits, timeout=timeout))
-            for _ in range(pools)
+            for _ in range(pools if client_kind == "httpx" else 0)
         ]
         writer = await stack.enter_async_context(
             httpx.AsyncClient(limits=httpx.Limits(max_connections=_SENDERS), timeout=30.0)
@@ -142,10 +279,16 @@ async def _child(url: str, clients: int, rate: float, seconds: float) -> dict[st
         nursery = await stack.enter_async_context(trio.open_nursery())
         connect_limit = trio.Semaphore(50)
         for index in range(clients):
-            nursery.start_soon(
-                _client_run, readers[index // _CLIENTS_PER_POOL], url, index, received, ready,
-                all_ready, clients, connect_limit, last_receipt,
-            )  # fmt: skip
+            if client_kind == "httpx":
+                nursery.start_soon(
+                    _client_run, readers[index // _CLIENTS_PER_POOL], url, index, received,
+                    ready, all_ready, clients, connect_limit, last_receipt,
+                )  # fmt: skip
+            else:
+                nursery.start_soon(
+                    _raw_client_run, url, index, received, ready, all_ready, clients,
+                    connect_limit, last_receipt,
+                )  # fmt: skip
         with trio.fail_after(120):
             await all_ready.wait()
         _phase(f"{clients} clients connected")
@@ -157,11 +300,18 @@ async def _child(url: str, clients: int, rate: float, seconds: float) -> dict[st
             for _ in range(5):
                 try:
                     async with in_flight:  # (the wait counts in the latency)
-                        r = await writer.post(f"{url}/rooms/{ROOM}/messages", json=body)
-                    if r.status_code in (200, 201):
+                        if client_kind == "httpx":
+                            r = await writer.post(f"{url}/rooms/{ROOM}/messages", json=body)
+                            status = r.status_code
+                        else:
+                            status = await poster.post(
+                                f"/rooms/{ROOM}/messages", json.dumps(body).encode()
+                            )
+                    if status in (200, 201):
                         answered[0] += 1
+                        post_times.append(time.time() - stamp)
                         return
-                except httpx.HTTPError:
+                except (httpx.HTTPError, OSError, trio.BrokenResourceError):
                     pass
                 post_errors[0] += 1
                 await trio.sleep(0.05)
@@ -217,21 +367,40 @@ async def _child(url: str, clients: int, rate: float, seconds: float) -> dict[st
         "p99": percentile(latencies, 0.99) * 1e3,
         "max": (latencies[-1] if latencies else float("nan")) * 1e3,
         "generator_lag_p99": percentile(sorted(lag), 0.99) * 1e3,
+        "post_p50": percentile(sorted(post_times), 0.50) * 1e3,
+        "post_p99": percentile(sorted(post_times), 0.99) * 1e3,
         "offered_rate": total / max(posting_done - t0, 1e-9),
         "post_retries": post_errors[0],
         "posts_answered": answered[0],
         "reads": _READS[0],  # network reads by all clients: deliveries per read = batching
+        "client_cpu": time.process_time(),  # this process, connecting and draining too
     }
 
 
 # -- the parent ----------------------------------------------------------------------
 
 
-def _one_run(clients: int, rate: float, seconds: float) -> dict[str, object]:
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux ``/proc``; else NaN)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return math.nan
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _one_run(
+    clients: int, rate: float, seconds: float, client_kind: str, flush: str | None
+) -> dict[str, object]:
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
+    # Another app file (another branch's, to compare in the same conditions).
+    app_file = os.environ.get("CHATBUS_BENCH_GATEWAY_APP", str(APP))
     app = subprocess.Popen(
-        [sys.executable, str(APP), "--port", str(port), "--heartbeat", "5"],
+        [
+            *(sys.executable, app_file, "--port", str(port), "--heartbeat", "5"),
+            *(("--flush", flush) if flush is not None else ()),
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         cwd=REPO_ROOT,
@@ -246,10 +415,12 @@ def _one_run(clients: int, rate: float, seconds: float) -> dict[str, object]:
                 if time.monotonic() > deadline or app.poll() is not None:
                     raise RuntimeError("the web chat app did not start") from None
                 time.sleep(0.1)
+        app_cpu = _cpu_seconds(app.pid)
         child = subprocess.run(
             [
                 *(sys.executable, "-m", "benchmarks.gateway", "--child", url),
                 *("--clients", str(clients), "--rate", str(rate), "--seconds", str(seconds)),
+                *("--client", client_kind),
             ],
             capture_output=True,
             text=True,
@@ -260,6 +431,10 @@ def _one_run(clients: int, rate: float, seconds: float) -> dict[str, object]:
         if child.returncode != 0:
             raise RuntimeError(f"load generator failed: {child.stderr[-2000:]}")
         result: dict[str, object] = json.loads(child.stdout.strip().splitlines()[-1])
+        # CPU per delivery, each side: what the figures cost whatever else the
+        # machine runs (the app's share of the cores is not ours to set).
+        result["app_cpu"] = _cpu_seconds(app.pid) - app_cpu
+        result["client_kind"] = client_kind
         return result
     finally:
         app.kill()
@@ -277,13 +452,27 @@ def run(context: Context, backend: str) -> list[Row]:
     """The gateway rows: deliveries/s and receipt p99 at the offered rate."""
     clients, rate, seconds = _shape(context.sizes)
     repeats = min(context.sizes.repeats, 3)
-    results = [_one_run(clients, rate, seconds) for _ in range(repeats)]
+    client_kind = os.environ.get("CHATBUS_BENCH_GATEWAY_CLIENT", "raw")
+    if client_kind not in CLIENT_KINDS:
+        raise ValueError(f"CHATBUS_BENCH_GATEWAY_CLIENT must be one of {CLIENT_KINDS}")
+    flush = os.environ.get("CHATBUS_BENCH_GATEWAY_FLUSH")  # the app's --flush
+    results = [_one_run(clients, rate, seconds, client_kind, flush) for _ in range(repeats)]
     broken = sum(int(r["broken_clients"]) for r in results)  # type: ignore[call-overload]
     pending = sum(int(r["pending_at_deadline"]) for r in results)  # type: ignore[call-overload]
     lost = broken + pending
     lag = max(float(r["generator_lag_p99"]) for r in results)  # type: ignore[arg-type]
     offered = min(float(r["offered_rate"]) for r in results)  # type: ignore[arg-type]
-    note = f"{clients} SSE clients, 1 room, {rate:.0f} msgs/s offered for {seconds:.0f} s"
+    note = (
+        f"{clients} SSE clients ({client_kind} load generator"
+        + (f", app --flush {flush}" if flush is not None else "")
+        + f"), 1 room, {rate:.0f} msgs/s offered for {seconds:.0f} s"
+    )
+    cpu = [
+        (float(r["app_cpu"]), float(r["client_cpu"]), max(int(r["delivered"]), 1))  # type: ignore[arg-type,call-overload]
+        for r in results
+    ]
+    app_us = sorted(a / d * 1e6 for a, _, d in cpu)[len(cpu) // 2]
+    client_us = sorted(c / d * 1e6 for _, c, d in cpu)[len(cpu) // 2]
     extra = {"runs": results}
     return [
         measured(
@@ -299,7 +488,8 @@ def run(context: Context, backend: str) -> list[Row]:
             note=note + f"; clients with a gap, a double or a reordering: {broken};"
             f" (client, message) pairs not received within the drain deadline: {pending};"
             f" load generator's own lag p99 {lag:.0f} ms, sends started at"
-            f" >= {offered:.0f} msgs/s",
+            f" >= {offered:.0f} msgs/s; CPU per delivery (median run): app {app_us:.1f} us,"
+            f" load generator {client_us:.1f} us",
             extra=extra,
         ),
         measured(
@@ -313,7 +503,9 @@ def run(context: Context, backend: str) -> list[Row]:
             note=note
             + "; p50 "
             + "/".join(f"{float(r['p50']):.1f}" for r in results)  # type: ignore[arg-type]
-            + " ms",
+            + " ms; POST answered p50 "
+            + "/".join(f"{float(r['post_p50']):.1f}" for r in results)  # type: ignore[arg-type]
+            + " ms (of the latency, the part before the message was committed)",
         ),
     ]
 
@@ -335,9 +527,10 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=1000)
     parser.add_argument("--rate", type=float, default=200.0)
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--client", choices=CLIENT_KINDS, default="raw")
     args = parser.parse_args()
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1`: where a stuck run is
-    result = trio.run(_child, args.child, args.clients, args.rate, args.seconds)
+    result = trio.run(_child, args.child, args.clients, args.rate, args.seconds, args.client)
     print(json.dumps(result), flush=True)
 
 

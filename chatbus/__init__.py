@@ -6,7 +6,7 @@ history after a cursor, then every new message live, exactly once and in id orde
 
 # Layering (a module imports only modules on its left, never its right):
 #   _util, _exceptions, _options < _message < _codec, _event, _cache < _protocols, _tasks
-#   < _coalesce, _listener, _merge, _outbox, _topic < _publisher, _subscriber < _bus
+#   < _coalesce, _listener, _merge, _outbox, _topic < _emit, _publisher, _subscriber < _bus
 #   < _open < this file.
 # Backends sit on that: memory and postgres/ import from it (_faults and _scratch, made
 # public by testing, and sse also from _bus and _open, _scratch from memory;
@@ -37,6 +37,7 @@ from ._message import Draft as Draft
 from ._message import Message as Message
 from ._message import StreamInfo as StreamInfo
 from ._open import open_bus as open_bus
+from ._options import EventRetention as EventRetention
 from ._protocols import EventNotifier as EventNotifier
 from ._protocols import EventStore as EventStore
 from ._protocols import LifecycleStore as LifecycleStore
@@ -65,6 +66,7 @@ __all__ = [
     "Draft",
     "Event",
     "EventNotifier",
+    "EventRetention",
     "EventStore",
     "HistoryReset",
     "HistoryTruncated",

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import datetime
 import functools
-import json
 import random
-import secrets
 from typing import Any, Literal, cast, final, overload
 
 import attrs
 import trio
 
-from ._event import MAX_EVENT_WIRE_BYTES, Event, encode_event, make_event_draft
-from ._exceptions import BusClosed, BusError, MessageTooLarge
+from ._emit import Emitter
+from ._event import Event
+from ._exceptions import BusClosed, BusError
 from ._message import (
     Message,
     StreamInfo,
@@ -39,15 +37,6 @@ from ._util import NoPublicConstructor
 
 #: How long :meth:`Bus.publish`'s shared per-stream producer idles before it retires.
 _SHARED_PRODUCER_IDLE_SECONDS = 5.0
-#: Emits between two schedule points of :meth:`Bus.emit` (each one is a cancel point).
-_EMITS_PER_SCHEDULE_POINT = 32
-#: Body types an event shares with its subscribers as is (JSON decodes them equal).
-_IMMUTABLE_JSON = frozenset({str, int, float, bool, type(None)})
-_EARLIEST = datetime.datetime.min.replace(tzinfo=datetime.UTC)
-#: A stream emitted on stays known to the bus (its head kept current by notices) until
-#: this long without an emit; at most this many such streams at once.
-_EMIT_HOLD_SECONDS = 5.0
-_MAX_EMIT_HOLDS = 10_000
 
 
 @attrs.frozen(kw_only=True)
@@ -110,13 +99,9 @@ class Bus(metaclass=NoPublicConstructor):
     _service_scopes: list[trio.CancelScope] = attrs.field(factory=list, init=False)
     _polls: int = attrs.field(default=0, init=False)
     _poll_errors: int = attrs.field(default=0, init=False)
-    #: Identifies this bus's events (see Event.emitter); seq numbers them.
-    _emitter: str = attrs.field(factory=lambda: secrets.token_hex(8), init=False)
-    _events_emitted: int = attrs.field(default=0, init=False)
-    _last_emitted_at: datetime.datetime = attrs.field(default=_EARLIEST, init=False)
-    #: Streams held for emits (see _hold_for_emits), with the time of the last one.
-    _emit_holds: dict[str, float] = attrs.field(factory=dict, init=False)
     _outbox: Outbox = attrs.field(init=False)
+    #: The emit path (see _emit).
+    _emitter: Emitter = attrs.field(init=False)
     _retention_sweeps: int = attrs.field(default=0, init=False)
     _retention_trims: int = attrs.field(default=0, init=False)
     _retention_errors: int = attrs.field(default=0, init=False)
@@ -129,8 +114,16 @@ class Bus(metaclass=NoPublicConstructor):
         unwatch = getattr(self._notifier, "unwatch", None)
         if watch is not None and unwatch is not None:
             self._topics.watcher = (watch, unwatch)
-        self._router = Router(self._topics.by_name, self._emitter)
         self._outbox = Outbox(self._options.outbox_size)
+        self._emitter = Emitter(
+            self._topics,
+            self._store,
+            self._outbox,
+            self._nursery,
+            self._service_scopes,
+            self._options.max_event_bytes,
+        )
+        self._router = Router(self._topics.by_name, self._emitter.id)
 
     @property
     def store(self) -> Store:
@@ -166,7 +159,7 @@ class Bus(metaclass=NoPublicConstructor):
             self._options.max_body_bytes,
             functools.partial(self._start_producer, stream, max_batch),
             self._stop_producer,
-            self.emit,
+            self._emitter.emit,
         )
 
     def _start_producer(self, stream: str, max_batch: int) -> Producer:
@@ -269,6 +262,7 @@ class Bus(metaclass=NoPublicConstructor):
             self._options.event_buffer,
             epoch,
             functools.partial(self._outbox.flushed, stream),
+            self._options.event_retention.max_events,
         )
         return cast("Subscriber[Message] | Subscriber[Message | Event]", subscriber)
 
@@ -302,89 +296,7 @@ class Bus(metaclass=NoPublicConstructor):
             ValueError: ``ttl`` is not a positive number of seconds (up to a day).
             BusClosed: the bus is closed.
         """
-        check_stream(stream)
-        draft = make_event_draft(body, key, ttl, max_event_bytes=self._options.max_event_bytes)
-        topic = self._topics.acquire(stream)
-        try:
-            after = await self._head_of(topic)
-            # Never earlier than this bus's previous event: subscriptions order events
-            # by (after, created_at), and one emitter's must stay in emit order.
-            now = max(datetime.datetime.now(datetime.UTC), self._last_emitted_at)
-            self._last_emitted_at = now
-            event = Event(
-                stream=stream,
-                after=after,
-                # Each subscriber gets its own decoded copy; immutable ones need none.
-                body=body if type(body) in _IMMUTABLE_JSON else json.loads(draft.body_json),
-                key=draft.key,
-                ttl=draft.ttl,
-                created_at=now,
-                emitter=self._emitter,
-                seq=self._events_emitted + 1,
-            )
-            encoded = encode_event(event, draft.body_json)
-            size = len(encoded) if encoded.isascii() else len(encoded.encode("utf-8"))
-            if size > MAX_EVENT_WIRE_BYTES:
-                raise MessageTooLarge(
-                    f"event is {size} bytes on the wire with its stream name and key;"
-                    f" the limit is {MAX_EVENT_WIRE_BYTES} (shorten the body, key or name)"
-                )
-            self._events_emitted += 1
-            self._outbox.put(event, encoded)
-            topic.deliver_events([event])
-            self._hold_for_emits(topic)
-        finally:
-            self._topics.release(topic)
-        return event
-
-    async def _head_of(self, topic: Topic) -> int:
-        """The stream's head as this bus knows it; asked of the store the first time.
-
-        Otherwise a cancel point every time, but a schedule point only every
-        :data:`_EMITS_PER_SCHEDULE_POINT` emits: a loop of emits still lets the
-        subscriptions and the flusher run, without a trip through the scheduler (and
-        a wake-up of every consumer) per event.
-        """
-        if not topic.head_known or topic.head_asked_at_resync != topic.resyncs:
-            resyncs = topic.resyncs
-            heads = await self._store.heads([topic.name])
-            topic.advance(heads.get(topic.name, 0))
-            topic.head_known = True
-            topic.head_asked_at_resync = resyncs
-            return topic.high_water
-        # Read before the checkpoint: a reset meanwhile (a resync) would give 0.
-        head = topic.high_water
-        if self._events_emitted % _EMITS_PER_SCHEDULE_POINT:
-            await trio.lowlevel.checkpoint_if_cancelled()
-        else:
-            await trio.lowlevel.checkpoint()
-        return head
-
-    def _hold_for_emits(self, topic: Topic) -> None:
-        """Keep ``topic`` while emits on it go on, so the next one need not ask the
-        store for the head (a round trip per emit on a stream this bus neither
-        publishes nor subscribes to)."""
-        holds = self._emit_holds
-        if topic.name not in holds and len(holds) >= _MAX_EMIT_HOLDS:
-            return
-        fresh = topic.name not in holds
-        holds[topic.name] = trio.current_time()
-        if fresh:
-            self._topics.acquire(topic.name)
-            self._nursery.start_soon(self._release_emit_hold, topic)
-
-    async def _release_emit_hold(self, topic: Topic) -> None:
-        with trio.CancelScope() as scope:
-            self._service_scopes.append(scope)
-            try:
-                holds = self._emit_holds
-                # The deadline moves with every emit: sleep until the latest one.
-                while (due := holds[topic.name] + _EMIT_HOLD_SECONDS) > trio.current_time():  # noqa: ASYNC110
-                    await trio.sleep_until(due)
-            finally:
-                del self._emit_holds[topic.name]
-                self._service_scopes.remove(scope)
-                self._topics.release(topic)
+        return await self._emitter.emit(stream, body, key=key, ttl=ttl)
 
     async def publish(self, stream: str, body: object, *, key: str | None = None) -> Message:
         """Publish one message to ``stream`` without opening a publisher.
@@ -628,7 +540,7 @@ class Bus(metaclass=NoPublicConstructor):
             resyncs=self._router.resyncs,
             polls=self._polls,
             poll_errors=self._poll_errors,
-            events_emitted=self._events_emitted,
+            events_emitted=self._emitter.emitted,
             events_received=self._router.events_received,
             event_flushes=self._outbox.flushes,
             events_dropped=self._outbox.dropped,
@@ -667,7 +579,7 @@ class Bus(metaclass=NoPublicConstructor):
             self._options.max_pending,
             on_retire=self._producer_retired,
             events_mark=functools.partial(self._outbox.mark, topic.name),
-            before_append=self._outbox.flushed_upto,
+            append=functools.partial(self._outbox.append, self._store),
         )
 
     def _producer_retired(self, producer: Producer) -> None:
@@ -688,7 +600,7 @@ class Bus(metaclass=NoPublicConstructor):
     async def _flush_events(self) -> None:
         with trio.CancelScope() as scope:
             self._service_scopes.append(scope)
-            await self._outbox.run(self._store, self._notifier)
+            await self._outbox.run(self._store, self._notifier, self._options.event_retention)
 
     async def _poll(self, interval: float) -> None:
         with trio.CancelScope() as scope:

@@ -291,11 +291,13 @@ class LaggingStore:
                 heads[stream] = min(heads[stream], visible)
         return heads
 
-    async def retain_events(self, events: Sequence[Event], encoded: Sequence[str]) -> None:
+    async def retain_events(
+        self, events: Sequence[Event], encoded: Sequence[str], *, retention: Any = None
+    ) -> None:
         """Retain events in the wrapped store, if it keeps any (events do not lag)."""
         retain = getattr(self.inner, "retain_events", None)
         if retain is not None:
-            await retain(events, encoded)
+            await retain(events, encoded, retention=retention)
         else:
             await trio.lowlevel.checkpoint()
 

@@ -16,7 +16,7 @@ from typing import Final
 
 from ._bus import Bus
 from ._exceptions import BusError
-from ._options import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_EVENT_BYTES, BusOptions
+from ._options import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_EVENT_BYTES, BusOptions, EventRetention
 from ._protocols import Notifier, Store
 from ._retention import Retention
 from ._tasks import ServiceNursery, shielded_cleanup
@@ -61,6 +61,7 @@ async def open_bus(
     poll_interval: float | None = _DEFAULTS.poll_interval,
     max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
     event_buffer: int = _DEFAULTS.event_buffer,
+    event_retention: EventRetention = _DEFAULTS.event_retention,
     retention: Retention | None = None,
     trimmed_keys_for: float | None = _DEFAULTS.trimmed_keys_for,
 ) -> AsyncIterator[Bus]:
@@ -90,6 +91,9 @@ async def open_bus(
             ride in Postgres NOTIFY payloads).
         event_buffer: Most events a subscription buffers for its consumer; past it
             the oldest are dropped (and counted), never a message (1..1000000).
+        event_retention: What each stream keeps of its events for joiners, an
+            :class:`~chatbus.EventRetention` (default: 1000 events and 1 MiB per
+            stream, oldest dropped first); applied to the events this bus emits.
         retention: A :class:`~chatbus.Retention` policy this bus applies to every
             stream of its store in the background (None: keep everything; trim by
             hand). Several buses over one store may all run it.
@@ -101,6 +105,9 @@ async def open_bus(
 
     Raises:
         ValueError: an option is out of range or the URL scheme is unknown.
+        TypeError: an option has the wrong type (``event_retention`` not an
+            :class:`~chatbus.EventRetention`, ``retention`` not a
+            :class:`~chatbus.Retention`, a count not an int).
     """
     options = BusOptions(
         cache_size=cache_size,
@@ -112,6 +119,7 @@ async def open_bus(
         poll_interval=poll_interval,
         max_event_bytes=max_event_bytes,
         event_buffer=event_buffer,
+        event_retention=event_retention,
         trimmed_keys_for=trimmed_keys_for,
     )
     if retention is not None and not isinstance(retention, Retention):

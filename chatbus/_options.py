@@ -50,9 +50,38 @@ DEFAULT_MAX_BODY_BYTES = 256 * 1024
 #: Default limit on an event body's JSON encoding (events ride in NOTIFY payloads,
 #: at most 8000 bytes with the envelope).
 DEFAULT_MAX_EVENT_BYTES = 4000
+#: Default bounds on what a stream retains of its events for joiners (count, bytes).
+DEFAULT_RETAINED_EVENTS = 1000
+DEFAULT_RETAINED_EVENT_BYTES = 1024 * 1024
 #: Default time (a day, in seconds, from a message's creation) that the idempotency
 #: key of a trimmed message keeps answering a retried publish.
 DEFAULT_TRIMMED_KEYS_FOR = 86_400.0
+
+
+@attrs.frozen(kw_only=True)
+class EventRetention:
+    """How much of its events a stream keeps for joiners: ``open_bus(event_retention=...)``.
+
+    A subscription opened with ``events=True`` gets, right after catching up, what its
+    stream retained (the parts of a reply so far, the latest value of each key). Per
+    stream at most ``max_events`` events and ``max_bytes`` bytes of them (UTF-8, as
+    sent) are kept; past either bound the oldest go first. The bus that flushes
+    events applies its own bounds to their streams (give every bus of a deployment
+    the same). On Postgres a stream over a bound is cut to 9/10 of it at once (ranking
+    a stream's events costs O(events), so it is not done on every flush).
+
+    Attributes:
+        max_events: Most events retained per stream (1..100000; default 1000).
+        max_bytes: Most bytes of events retained per stream (1..64 MiB; default 1 MiB).
+            An event bigger than that alone is not retained (it is still delivered).
+    """
+
+    max_events: int = DEFAULT_RETAINED_EVENTS
+    max_bytes: int = DEFAULT_RETAINED_EVENT_BYTES
+
+    def __attrs_post_init__(self) -> None:
+        check_int_range("max_events", self.max_events, 1, 100_000)
+        check_int_range("max_bytes", self.max_bytes, 1, 64 * 1024 * 1024)
 
 
 @attrs.frozen(kw_only=True)
@@ -69,6 +98,7 @@ class BusOptions:
     max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES
     event_buffer: int = 256
     outbox_size: int = 10_000
+    event_retention: EventRetention = EventRetention()
     #: Seconds a trimmed message's idempotency key still answers retries (None: ever).
     trimmed_keys_for: float | None = DEFAULT_TRIMMED_KEYS_FOR
 
@@ -84,5 +114,10 @@ class BusOptions:
         check_int_range("max_event_bytes", self.max_event_bytes, 1, 6000)
         check_int_range("event_buffer", self.event_buffer, 1, 1_000_000)
         check_int_range("outbox_size", self.outbox_size, 1, 10_000_000)
+        if not isinstance(self.event_retention, EventRetention):
+            raise TypeError(
+                "event_retention must be a chatbus.EventRetention,"
+                f" not {type(self.event_retention).__name__}"
+            )
         if self.trimmed_keys_for is not None:
             check_range("trimmed_keys_for", self.trimmed_keys_for, 0, 10 * 366 * 86_400)

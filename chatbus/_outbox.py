@@ -1,47 +1,78 @@
 """The bus's outbox of emitted events: bounded, never waited on, flushed in batches.
 
 Owns: what happens to an event between :meth:`chatbus.Bus.emit` returning and the
-store (retention for joiners) and the notifier (other processes) having it. One
-flush carries everything waiting, so events that arrive together cost one store
-round trip and one notification (Postgres: NOTIFY takes a cluster-wide lock at
-commit; one per event would throttle every writer). Imports :mod:`chatbus._event`
-and :mod:`chatbus._protocols`.
+store (retention for joiners) and the notifier (other processes) having it, and the
+rule that a publish goes out after the events its bus emitted on its stream before
+it. One flush carries everything waiting, so events that arrive together cost one
+store round trip and one notification (Postgres: NOTIFY takes a cluster-wide lock at
+commit; one per event would throttle every writer). A store that can carry events in
+an append's own transaction (``append_carrying``) gets a stream's waiting events with
+that stream's next append instead: no second transaction, and the publish waits for
+no flush. Imports :mod:`chatbus._event`, :mod:`chatbus._message` and
+:mod:`chatbus._protocols`.
 """
 
 from __future__ import annotations
 
 import collections
+import functools
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final, final
 
 import attrs
 import trio
 
 from ._event import Event
+from ._message import Draft, Message
+from ._options import EventRetention
+from ._protocols import Store
 
 #: Most events in one flush: bounds the statement, and how long encoding it keeps the
 #: loop, when the store fell behind a burst.
-_MAX_FLUSH: Final = 1000
+_MAX_FLUSH: Final = 4000
+#: A stream's events wait this long (seconds) after a publish to the stream was
+#: called, or an append of it ended, before a flush takes them: that publish's
+#: append (or a busy publisher's next one) is about to go and carries them (see
+#: Outbox.append). Only with a store that carries events.
+_LINGER: Final = 0.005
+
+#: ``store.append_carrying(stream, drafts, events, encoded)``: see Outbox.append.
+Carry = Callable[[str, Sequence[Draft], Sequence[Event], Sequence[str]], Awaitable[list[Message]]]
 
 
 @final
 @attrs.define(eq=False)
 class Outbox:
-    """Events waiting to be flushed; the oldest are dropped past ``capacity``."""
+    """Events waiting to be flushed; the oldest are dropped past ``capacity``.
+
+    Events of one stream leave in emit order: a flush and an append carrying a
+    stream's events never run at once for that stream (``_busy``), each takes the
+    oldest of its waiting events, and a flush leaves alone the events of a stream
+    an append is about to carry.
+    """
 
     capacity: int
-    _waiting: collections.deque[tuple[Event, str]] = attrs.field(init=False)
+    #: (number in put order, event, encoded), in put order.
+    _waiting: collections.deque[tuple[int, Event, str]] = attrs.field(init=False)
     _ready: trio.Event = attrs.field(factory=trio.Event, init=False)
     flushes: int = attrs.field(default=0, init=False)
     dropped: int = attrs.field(default=0, init=False)
     errors: int = attrs.field(default=0, init=False)
-    #: Events put so far, and how many of them are flushed (or dropped, or failed).
+    #: Events put so far.
     _put: int = attrs.field(default=0, init=False)
-    _done: int = attrs.field(default=0, init=False)
+    #: Per stream, the numbers of its events not flushed (nor dropped) yet, waiting or
+    #: in flight, in order: what a publish to that stream waits for. Bounded by
+    #: ``capacity`` plus one flush.
+    _pending: dict[str, collections.deque[int]] = attrs.field(factory=dict, init=False)
+    #: Streams whose events a flush or a carrying append has in flight now.
+    _busy: dict[str, int] = attrs.field(factory=dict, init=False)
+    #: Streams with an append under way (its events are left for it), and when a
+    #: publish to a stream was last called or an append of it ended (see _LINGER).
+    _appending: dict[str, int] = attrs.field(factory=dict, init=False)
+    _expected_at: dict[str, float] = attrs.field(factory=dict, init=False)
     _progress: trio.Event = attrs.field(factory=trio.Event, init=False)
     _running: bool = attrs.field(default=False, init=False)
-    #: Per stream, the number (in put order) of the last event put for it that is
-    #: not known flushed yet: what a publish to that stream waits for.
-    _last_put: dict[str, int] = attrs.field(factory=dict, init=False)
+    _carry: Carry | None = attrs.field(default=None, init=False)
 
     def __attrs_post_init__(self) -> None:
         self._waiting = collections.deque()
@@ -49,78 +80,238 @@ class Outbox:
     def put(self, event: Event, encoded: str) -> None:
         """Queue ``event`` (never blocks)."""
         if len(self._waiting) >= self.capacity:
-            self._waiting.popleft()
+            number, old, _ = self._waiting.popleft()
             self.dropped += 1
-        self._waiting.append((event, encoded))
+            pending = self._pending[old.stream]
+            front = pending[0] == number
+            pending.remove(number)
+            if not pending:
+                del self._pending[old.stream]
+            if front:
+                self._advance()
         self._put += 1
-        self._last_put[event.stream] = self._put
+        self._waiting.append((self._put, event, encoded))
+        queued = self._pending.get(event.stream)
+        if queued is None:
+            self._pending[event.stream] = queued = collections.deque()
+        queued.append(self._put)
         self._ready.set()
 
     def mark(self, stream: str) -> int:
-        """Where the events put so far for ``stream`` end (0: all flushed already)."""
-        return self._last_put.get(stream, 0)
+        """Where the events put so far for ``stream`` end (0: all flushed already).
+
+        Called when a publish is: its append is coming, so a flush leaves the
+        stream's events to it for a moment (see _LINGER).
+        """
+        if self._carry is not None:
+            self._expect(stream)
+        pending = self._pending.get(stream)
+        return pending[-1] if pending else 0
+
+    def _expect(self, stream: str) -> None:
+        """An append of ``stream`` is coming (see _LINGER). Entries expire; pruned here
+        too, so a bus publishing to many streams and emitting none keeps few."""
+        expected = self._expected_at
+        now = trio.current_time()
+        if len(expected) >= 1024 and stream not in expected:
+            for name, at in list(expected.items()):
+                if now - at >= _LINGER:
+                    del expected[name]
+        expected[stream] = now
+
+    def _flushed_upto(self, stream: str, mark: int) -> bool:
+        pending = self._pending.get(stream)
+        return not pending or pending[0] > mark
 
     async def flushed(self, stream: str | None = None) -> None:
         """Wait until the events put so far for ``stream`` (None: for every stream) are
-        flushed (or given up on)."""
-        await self.flushed_upto(self._put if stream is None else self.mark(stream))
-
-    async def flushed_upto(self, mark: int) -> None:
-        """Wait until the events put up to ``mark`` (see :meth:`mark`) are flushed.
-
-        A publish waits for this first, with the mark of its stream taken when it was
-        called, so the events a bus emitted on a stream before a publish reach other
-        processes before its message (NOTIFYs arrive in commit order). Returns at
-        once, without a checkpoint, when they are: a publish waits for no flush of
-        another stream's events, nor of events emitted after it was called.
-        """
-        target = mark
-        if not self._running or self._done >= target:
+        flushed (or given up on). Returns at once, without a checkpoint, when they are."""
+        if stream is not None:
+            pending = self._pending.get(stream)
+            mark = pending[-1] if pending else 0
+            while self._running and not self._flushed_upto(stream, mark):
+                await self._progress.wait()
             return
-        while self._done < target:
-            progress = self._progress
-            await progress.wait()
+        target = self._put
+        while self._running and any(p[0] <= target for p in self._pending.values()):
+            await self._progress.wait()
 
-    async def run(self, store: Any, notifier: Any) -> None:
-        """Flush until cancelled: to ``store.retain_events`` and ``notifier.notify_events``
-        (each optional), everything waiting at once."""
+    async def append(
+        self,
+        store: Store,
+        stream: str,
+        drafts: Sequence[Draft],
+        mark: int,
+        sending: Callable[[], object],
+    ) -> list[Message]:
+        """``store.append(stream, drafts)``, after this bus's events on ``stream`` up to
+        ``mark`` (see :meth:`mark`, taken when the publish was called); ``sending()``
+        is called just before the store is.
+
+        So the events a bus emitted on a stream before a publish reach other
+        processes before its message (notifications arrive in commit order). With a
+        store that can, the stream's waiting events go in the append's own
+        transaction, ahead of its notice (``store.append_carrying``); else, or when
+        some are in a flush already, the append waits until they are flushed. It
+        waits for nothing when they are: not for another stream's events, nor for
+        those emitted after the publish was called.
+        """
+        appending = self._appending
+        appending[stream] = appending.get(stream, 0) + 1
+        try:
+            while True:
+                carry = self._carry
+                if carry is not None and not self._busy.get(stream):
+                    taken = self._take(stream)
+                    if taken:
+                        sending()
+                        return await self._append_carrying(carry, stream, drafts, taken)
+                    break  # none waiting nor in flight
+                if not self._running or self._flushed_upto(stream, mark):
+                    break
+                await self._progress.wait()
+            sending()
+            return await store.append(stream, drafts)
+        finally:
+            appending[stream] -= 1
+            if not appending[stream]:
+                del appending[stream]
+                if self._carry is not None:
+                    self._expect(stream)
+                if stream in self._pending:
+                    self._ready.set()  # the flusher takes what this append left
+
+    def _take(self, stream: str) -> list[tuple[int, Event, str]]:
+        """Remove and return the waiting events of ``stream`` (none of it is in flight)."""
+        pending = self._pending.get(stream)
+        if not pending:
+            return []
+        waiting = self._waiting
+        if len(pending) == len(waiting):
+            taken = list(waiting)
+            waiting.clear()
+            return taken
+        taken, kept = [], collections.deque[tuple[int, Event, str]]()
+        for item in waiting:
+            (taken if item[1].stream == stream else kept).append(item)
+        self._waiting = kept
+        return taken
+
+    async def _append_carrying(
+        self,
+        carry: Carry,
+        stream: str,
+        drafts: Sequence[Draft],
+        taken: list[tuple[int, Event, str]],
+    ) -> list[Message]:
+        self._busy[stream] = self._busy.get(stream, 0) + 1
+        self.flushes += 1
+        try:
+            return await carry(stream, drafts, [e for _, e, _ in taken], [t for _, _, t in taken])
+        except Exception:
+            self.errors += 1  # the publish fails; the events are lost (at most once)
+            raise
+        finally:
+            self._done({stream: len(taken)})
+            self._advance()
+
+    def _done(self, counts: dict[str, int]) -> None:
+        """The oldest ``counts[stream]`` pending events of each stream are done (they
+        were in flight, so no drop took them)."""
+        for stream, count in counts.items():
+            busy = self._busy[stream] - 1
+            if busy:
+                self._busy[stream] = busy
+            else:
+                del self._busy[stream]
+            pending = self._pending.get(stream)
+            if pending is None:
+                continue  # the flusher stopped meanwhile: nothing is pending
+            for _ in range(min(count, len(pending))):
+                pending.popleft()
+            if not pending:
+                del self._pending[stream]
+
+    def _next_batch(self) -> tuple[list[tuple[int, Event, str]], float]:
+        """Take the next flush's events, and when to look again for events left
+        lingering (inf: not before the next put or append end)."""
+        waiting = self._waiting
+        wake = float("inf")
+        skip: set[str] = set(self._busy)
+        if self._carry is not None:
+            skip.update(self._appending)
+            now = trio.current_time()
+            for stream, expected in list(self._expected_at.items()):
+                if now - expected >= _LINGER:
+                    del self._expected_at[stream]
+                elif stream in self._pending:
+                    skip.add(stream)
+                    wake = min(wake, expected + _LINGER)
+        if not skip:
+            if len(waiting) <= _MAX_FLUSH:
+                batch = list(waiting)
+                waiting.clear()
+            else:  # the rest in the next flush, at once
+                batch = [waiting.popleft() for _ in range(_MAX_FLUSH)]
+                self._ready.set()
+            return batch, wake
+        batch, kept = [], collections.deque[tuple[int, Event, str]]()
+        for item in waiting:
+            if len(batch) < _MAX_FLUSH and item[1].stream not in skip:
+                batch.append(item)
+            else:
+                if item[1].stream not in skip:
+                    self._ready.set()  # over the cap: the rest in the next flush
+                kept.append(item)
+        self._waiting = kept
+        return batch, wake
+
+    async def run(self, store: Any, notifier: Any, retention: EventRetention) -> None:
+        """Flush until cancelled: to ``store.retain_events`` (bounded by ``retention``)
+        and ``notifier.notify_events`` (each optional), everything waiting at once."""
         retain = getattr(store, "retain_events", None)
         carry = getattr(notifier, "notify_events", None)
         if retain is None and carry is None:
             await trio.sleep_forever()
+        if retain is not None:
+            retain = functools.partial(retain, retention=retention)
+        appends = getattr(store, "append_carrying", None) if retain is not None else None
+        self._carry = None if appends is None else functools.partial(appends, retention=retention)
         self._running = True
         try:
+            wake = float("inf")
             while True:
-                await self._ready.wait()
+                with trio.move_on_at(wake):
+                    await self._ready.wait()
                 self._ready = trio.Event()
-                waiting = self._waiting
-                if len(waiting) <= _MAX_FLUSH:
-                    batch = list(waiting)
-                    waiting.clear()
-                else:  # the rest in the next flush, at once
-                    batch = [waiting.popleft() for _ in range(_MAX_FLUSH)]
-                    self._ready.set()
-                events = [event for event, _ in batch]
-                encoded = [text for _, text in batch]
+                batch, wake = self._next_batch()
+                if not batch:
+                    continue
+                events = [event for _, event, _ in batch]
+                encoded = [text for _, _, text in batch]
+                counts: dict[str, int] = {}
+                for event in events:
+                    counts[event.stream] = counts.get(event.stream, 0) + 1
+                for stream in counts:
+                    self._busy[stream] = self._busy.get(stream, 0) + 1
                 self.flushes += 1
-                for flush in (retain, carry):
-                    if flush is None:
-                        continue
-                    try:
-                        await flush(events, encoded)
-                    except Exception:
-                        self.errors += 1  # best effort: events are at most once
-                self._advance(self._put - len(self._waiting))
-                last_put, done = self._last_put, self._done
-                for event in events:  # forget what is flushed: bounded by the streams
-                    if last_put.get(event.stream, done + 1) <= done:
-                        del last_put[event.stream]
+                try:
+                    for flush in (retain, carry):
+                        if flush is None:
+                            continue
+                        try:
+                            await flush(events, encoded)
+                        except Exception:
+                            self.errors += 1  # best effort: events are at most once
+                finally:
+                    self._done(counts)
+                    self._advance()
         finally:
             self._running = False
-            self._last_put.clear()
-            self._advance(self._put)  # nobody waits for a flusher that is gone
+            self._carry = None
+            self._pending.clear()
+            self._advance()  # nobody waits for a flusher that is gone
 
-    def _advance(self, done: int) -> None:
-        self._done = done
+    def _advance(self) -> None:
         self._progress.set()
         self._progress = trio.Event()

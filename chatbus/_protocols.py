@@ -13,6 +13,7 @@ import trio
 
 from ._event import Event
 from ._message import Draft, Message, StreamInfo
+from ._options import EventRetention
 from ._retention import RetentionPage
 
 
@@ -55,11 +56,18 @@ class EventStore(Protocol):
     subscriptions that are open when they are emitted.
     """
 
-    async def retain_events(self, events: Sequence[Event], encoded: Sequence[str]) -> None:
+    async def retain_events(
+        self,
+        events: Sequence[Event],
+        encoded: Sequence[str],
+        *,
+        retention: EventRetention | None = None,
+    ) -> None:
         """Keep ``events`` (with their wire encodings) for joiners, by the rule of
-        :class:`chatbus._event.RetainedEvents`; best effort, bounded per stream. A store
-        whose backend also carries them between processes (Postgres NOTIFY) does so
-        here, in the same round trip."""
+        :class:`chatbus._event.RetainedEvents`; best effort, bounded per stream by
+        ``retention`` (the flushing bus's :class:`~chatbus.EventRetention`; None: the
+        defaults), oldest out first. A store whose backend also carries them between
+        processes (Postgres NOTIFY) does so here, in the same round trip."""
         ...
 
     async def retained_events(self, stream: str, head: int) -> list[Event]:

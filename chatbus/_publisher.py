@@ -132,8 +132,9 @@ class Producer:
     on_retire: Callable[[Producer], None]
     #: The mark of the bus's events on this stream emitted so far (Outbox.mark) ...
     events_mark: Callable[[], int]
-    #: ... awaited (flushed) before an append carrying a publish made after them.
-    before_append: Callable[[int], Awaitable[None]]
+    #: ... and the append that goes after them (Outbox.append: stream, drafts, mark,
+    #: and what to call just before the store is).
+    append: Callable[[str, list[Draft], int, Callable[[], object]], Awaitable[list[Message]]]
     _send: trio.MemorySendChannel[_Request] = attrs.field(init=False)
     _receive: trio.MemoryReceiveChannel[_Request] = attrs.field(init=False)
     _cancel_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
@@ -263,9 +264,18 @@ class Producer:
         stream = self.topic.name
         self.topic.appending += 1
         try:
-            await self.before_append(max(request.events_mark for request in live))
             generation = self.topic.cache.generation
-            messages = await self.store.append(stream, [request.draft for request in live])
+
+            def sending() -> None:  # after any wait for events: as the append goes
+                nonlocal generation
+                generation = self.topic.cache.generation
+
+            messages = await self.append(
+                stream,
+                [request.draft for request in live],
+                max(request.events_mark for request in live),
+                sending,
+            )
             if len(messages) != len(live):
                 raise StoreError(f"store returned {len(messages)} messages for {len(live)} drafts")
         except BaseException as exc:

@@ -109,6 +109,8 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
     _epoch: int | None = None
     #: Awaited before reading the retained events: this bus's own are flushed.
     _events_flushed: Callable[[], Awaitable[None]] | None = None
+    #: Most events a stream retains for joiners (the bus's EventRetention.max_events).
+    _retained_limit: int = RETAINED_EVENTS
     _state: MergeState = attrs.field(init=False)
     _topic: Topic | None = attrs.field(default=None, init=False)
     _entered: bool = attrs.field(default=False, init=False)
@@ -332,11 +334,10 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
                 continue
             # Here, where the consumer takes it, whatever way it came (live, retained,
             # a copy): not behind an event of its emitter received already.
-            arrival = self._emitter_order.arrival(event)
+            arrival = self._emitter_order.take(event)
             if arrival is not Arrival.NEW:
                 self._events_stale += arrival is Arrival.LATE
                 continue
-            self._emitter_order.received(event)
             self._events_delivered += 1
             return event
         buffer = self._buffer
@@ -375,7 +376,7 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
                         continue
                 else:
                     early[event.origin] = None
-                    if len(early) > RETAINED_EVENTS:  # a stream retains no more
+                    if len(early) > self._retained_limit:  # a stream retains no more
                         del early[next(iter(early))]
             if buffer and _event_order(event) < _event_order(buffer[-1]):
                 bisect.insort(buffer, event, key=_event_order)  # rare: mostly in order
@@ -386,10 +387,44 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
                 self._events_dropped += 1
         self._wake_consumer()
 
+    def push_emitted(self, event: Event) -> None:
+        """(Called by the topic, never blocking.) Buffer an event this bus has just
+        emitted: :meth:`push_events` for one event, without its copy check (it is its
+        emitter's newest; its order is checked where the consumer takes it)."""
+        if self._closed:
+            return
+        if event.key is None and event.after < self._last_id:
+            self._events_stale += 1
+            return
+        early = self._early_origins
+        if early is not None:
+            early[event.emitter, event.seq] = None
+            if len(early) > self._retained_limit:
+                del early[next(iter(early))]
+        buffer = self._events
+        if buffer and (
+            event.after < (last := buffer[-1]).after
+            or (event.after == last.after and event.created_at < last.created_at)
+        ):
+            bisect.insort(buffer, event, key=_event_order)  # rare: another's clock ahead
+        else:
+            buffer.append(event)
+        if len(buffer) > self._event_limit:
+            buffer.popleft()
+            self._events_dropped += 1
+        if self._messages_ready is not None:
+            self._wake_consumer()
+
     def __aiter__(self) -> Subscriber[Item]:
         return self
 
     async def __anext__(self) -> Item:
+        if (self._buffer or self._events) and not self._closed:
+            # receive()'s first step, without its frame: what is here already.
+            await trio.lowlevel.checkpoint_if_cancelled()
+            item = self._next_item()
+            if item is not None:
+                return cast("Item", item)
         try:
             return await self.receive()
         except trio.EndOfChannel:

@@ -77,6 +77,15 @@ class Topic:
         for sink in list(self.event_sinks):
             sink.push_events(events)
 
+    def deliver_emitted(self, event: Event) -> None:
+        """:meth:`deliver_events` for one event this bus has just emitted (the emit
+        path: once per event, so without the batch's lists)."""
+        if event.after > self.high_water:
+            self.high_water = event.after
+            self._wake()
+        for sink in self.event_sinks:  # push_emitted never changes the set
+            sink.push_emitted(event)
+
     def committed(self, messages: Sequence[Message], generation: int) -> int:
         """A local append committed ``messages``: cache them, wake subscriptions.
 
@@ -212,6 +221,8 @@ class EventSink(Protocol):
     """A subscription that takes events."""
 
     def push_events(self, events: list[Event]) -> None: ...
+
+    def push_emitted(self, event: Event) -> None: ...
 
 
 #: The key of the event :meth:`chatbus.Bus.redact` emits, before the redacted id.

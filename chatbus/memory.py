@@ -18,14 +18,16 @@ from typing import final
 import attrs
 import trio
 
-from ._event import RETAINED_EVENT_BYTES, RETAINED_EVENTS, Event, RetainedEvents
+from ._event import Event, RetainedEvents
 from ._message import Draft, Message, StreamInfo
+from ._options import EventRetention
 from ._protocols import NoticeHandler
 from ._retention import RetentionPage
 
 __all__ = ["MemoryNotifier", "MemoryStore", "open_backend"]
 
 _EARLIEST = datetime.datetime.min.replace(tzinfo=datetime.UTC)
+_DEFAULT_RETENTION = EventRetention()
 
 
 @final
@@ -207,20 +209,34 @@ class MemoryStore:
         await trio.lowlevel.checkpoint()
         return {stream: self.last_id(stream) for stream in streams}
 
-    async def retain_events(self, events: Sequence[Event], encoded: Sequence[str]) -> None:
+    async def retain_events(
+        self,
+        events: Sequence[Event],
+        encoded: Sequence[str],
+        *,
+        retention: EventRetention | None = None,
+    ) -> None:
         """Keep ``events`` for joiners; see :meth:`chatbus.EventStore.retain_events`."""
         await trio.lowlevel.checkpoint()
+        if retention is None:
+            retention = _DEFAULT_RETENTION
         by_stream: dict[str, list[tuple[Event, int]]] = {}
         for event, text in zip(events, encoded, strict=True):
             # The bound is in UTF-8 bytes, as on the wire (str.isascii is O(1)).
             size = len(text) if text.isascii() else len(text.encode("utf-8"))
-            by_stream.setdefault(event.stream, []).append((event, size))
+            sized = by_stream.get(event.stream)
+            if sized is None:
+                sized = by_stream[event.stream] = []
+            sized.append((event, size))
         for stream, sized in by_stream.items():
             retained = self._events.get(stream)
             if retained is None:
                 retained = self._events[stream] = RetainedEvents(
-                    RETAINED_EVENTS, RETAINED_EVENT_BYTES
+                    retention.max_events, retention.max_bytes
                 )
+            else:  # this flush's bus's bounds, from now on
+                retained.max_events = retention.max_events
+                retained.max_bytes = retention.max_bytes
             retained.add(sized)
 
     async def retained_events(self, stream: str, head: int) -> list[Event]:

@@ -13,7 +13,7 @@ import pytest
 import trio
 
 import chatbus
-from chatbus._event import Arrival, EmitterOrder
+from chatbus._event import Arrival, EmitterOrder, decode_events, from_micros, to_micros
 from chatbus.memory import MemoryStore
 from chatbus.testing import FaultyNotifier
 
@@ -417,7 +417,7 @@ async def test_emits_on_a_stream_without_a_subscription_ask_the_store_once(autoj
         bus._router.resync()  # notices may have been lost: ask once more
         await bus.emit("typing", "after a resync")
         assert store.heads_asked == 2
-        await trio.sleep(6)  # idle: let go of the stream
+        await trio.sleep(11)  # idle (5 to 10 s): let go of the stream
         assert bus.statistics().streams == 0
         await bus.emit("typing", "again")
         assert store.heads_asked == 3
@@ -457,3 +457,51 @@ def _event(emitter: str, seq: int, *, ms: int = 0) -> chatbus.Event:
         stream="s", after=0, body=None, key=None, ttl=None, created_at=at,
         emitter=emitter, seq=seq,
     )  # fmt: skip
+
+
+class _RecordingStore(MemoryStore):
+    """A memory store that keeps every flushed event's encoding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flushed: list[tuple[chatbus.Event, str]] = []
+
+    async def retain_events(self, events, encoded, *, retention=None):
+        self.flushed.extend(zip(events, encoded, strict=True))
+        await super().retain_events(events, encoded, retention=retention)
+
+
+async def test_an_emitted_event_decodes_elsewhere_to_the_event_emit_returned():
+    """The emit path's quick steps (one-pass validation, its own encoding, the event
+    made slot by slot, the clock) give what another process decodes, field for field."""
+    bodies = [
+        {"i": 1, "text": "hello"},
+        [1, 2.5, None, True],
+        "plain",
+        7,
+        {"nested": {"deep": [{"x": "é"}]}, 1: "int key"},
+        "é" * 10,
+        {"big": "x" * 3000},
+    ]
+    store = _RecordingStore()
+    async with chatbus.open_bus(store=store) as bus:
+        await bus.publish("s", "m")
+        emitted = [await bus.emit("s", body) for body in bodies]
+        emitted.append(await bus.emit("s", {"k": 1}, key="state", ttl=2.5))
+        emitted.append(await bus.emit("s", "t", ttl=1))
+    assert [event for event, _ in store.flushed] == emitted
+    for event, text in store.flushed:
+        (decoded,) = decode_events('{"events":[' + text + "]}")
+        assert decoded == event
+        assert type(decoded.created_at) is datetime.datetime
+    assert emitted[4].body == {"nested": {"deep": [{"x": "é"}]}, "1": "int key"}
+    assert [e.seq for e in emitted] == list(range(1, len(bodies) + 3))
+    assert all(a.created_at <= b.created_at for a, b in itertools.pairwise(emitted))
+
+
+def test_from_micros_is_exact_either_way():
+    for micros in [0, 1, 999_999, 1_700_000_000_123_457, 2**32 * 1_000_000 - 1, 2**32 * 10**6]:
+        slow = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC) + datetime.timedelta(
+            microseconds=micros
+        )
+        assert from_micros(micros) == slow and to_micros(slow) == micros

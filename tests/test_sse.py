@@ -10,6 +10,7 @@ import trio
 import trio.testing
 
 import chatbus
+import chatbus._flush_clock
 import chatbus.memory
 import chatbus.sse
 from chatbus.sse import Cursor, InvalidCursor, parse_cursor
@@ -595,3 +596,127 @@ async def test_nothing_lost_when_the_idle_poll_expires_around_a_burst(monkeypatc
         frames = await take(gen, 400)
         assert [int(mid(f)) for f in frames] == list(range(1, 401))
         await gen.aclose()
+
+
+# -- writes: a busy room's messages are gathered, a quiet room's go out at once -------
+
+
+async def _publish_every(bus, stream: str, count: int, interval: float, sent: dict) -> None:
+    async with bus.open_publisher(stream) as pub:
+        for i in range(count):
+            sent[i + 1] = trio.current_time()
+            await pub.publish(i)
+            await trio.sleep(interval)
+
+
+async def _chunks_until(gen, count: int) -> list[tuple[float, list[int]]]:
+    """(time, message ids) of each chunk that carried messages, until ``count`` came."""
+    chunks: list[tuple[float, list[int]]] = []
+    got = 0
+    while got < count:
+        ids = [int(mid(f)) for f in parse(await gen.__anext__()) if "data" in f]
+        if ids:
+            chunks.append((trio.current_time(), ids))
+            got += len(ids)
+    return chunks
+
+
+@pytest.mark.parametrize("make", [chatbus.sse.sse_stream, chatbus.sse.sse_bytes])
+async def test_a_busy_room_goes_out_in_one_write_per_flush_interval(autojump_clock, make):
+    """200 msgs/s for 1 s, flush 20 ms: about 50 writes, not 200, each message late by
+    at most the flush interval, all of them once, in order."""
+    async with chatbus.open_bus() as bus, trio.open_nursery() as nursery:
+        gen = make(bus, "busy", Cursor(last=0), events=False, flush=0.02)
+        await gen.__anext__()
+        sent: dict[int, float] = {}
+        nursery.start_soon(_publish_every, bus, "busy", 200, 0.005, sent)
+        chunks = await _chunks_until(gen if make is chatbus.sse.sse_stream else _text(gen), 200)
+        assert [i for _, ids in chunks for i in ids] == list(range(1, 201))
+        assert 40 <= len(chunks) <= 60, len(chunks)
+        assert max(at - sent[i] for at, ids in chunks for i in ids) <= 0.02 + 1e-9
+        await gen.aclose()
+
+
+async def _text(gen):
+    async for chunk in gen:
+        assert isinstance(chunk, bytes)
+        yield chunk.decode()
+
+
+async def test_a_quiet_room_writes_each_message_at_once(autojump_clock):
+    async with chatbus.open_bus() as bus, trio.open_nursery() as nursery:
+        gen = chatbus.sse.sse_stream(bus, "quiet", Cursor(last=0), events=False, flush=0.02)
+        await gen.__anext__()
+        sent: dict[int, float] = {}
+        nursery.start_soon(_publish_every, bus, "quiet", 5, 0.1, sent)
+        chunks = await _chunks_until(gen, 5)
+        assert [ids for _, ids in chunks] == [[1], [2], [3], [4], [5]]
+        assert all(at == sent[ids[0]] for at, ids in chunks)
+        await gen.aclose()
+
+
+async def test_flush_zero_writes_whatever_is_ready_at_once(autojump_clock):
+    async with chatbus.open_bus() as bus, trio.open_nursery() as nursery:
+        gen = chatbus.sse.sse_stream(bus, "busy", Cursor(last=0), events=False, flush=0)
+        await gen.__anext__()
+        sent: dict[int, float] = {}
+        nursery.start_soon(_publish_every, bus, "busy", 50, 0.005, sent)
+        chunks = await _chunks_until(gen, 50)
+        assert len(chunks) == 50 and all(at == sent[ids[0]] for at, ids in chunks)
+        await gen.aclose()
+
+
+async def test_streams_of_a_busy_room_share_one_flush_clock(autojump_clock):
+    """100 clients: they wake together, once per interval (one timer, not 100)."""
+    async with chatbus.open_bus() as bus, trio.open_nursery() as nursery:
+        gens = [
+            chatbus.sse.sse_stream(bus, "busy", Cursor(last=0), events=False, flush=0.02)
+            for _ in range(100)
+        ]
+        for gen in gens:
+            await gen.__anext__()
+        sent: dict[int, float] = {}
+        nursery.start_soon(_publish_every, bus, "busy", 100, 0.005, sent)
+        times: list[set[float]] = [set() for _ in gens]
+
+        async def pull(gen, into: set[float]) -> None:
+            into.update(at for at, _ in await _chunks_until(gen, 100))
+            await gen.aclose()
+
+        async with trio.open_nursery() as pullers:
+            for gen, into in zip(gens, times, strict=True):
+                pullers.start_soon(pull, gen, into)
+        assert len(set.union(*times)) <= 30  # every client flushed at the same instants
+
+
+async def test_a_stream_leaving_mid_flush_does_not_hold_the_others():
+    clock = chatbus._flush_clock.FlushClock(3600.0)
+    async with trio.open_nursery() as nursery:
+        leader = trio.CancelScope()
+
+        async def lead() -> None:
+            with leader:
+                await clock.wait()
+
+        nursery.start_soon(lead)
+        await trio.testing.wait_all_tasks_blocked()
+        done = trio.Event()
+
+        async def follow() -> None:
+            await clock.wait()
+            done.set()
+
+        nursery.start_soon(follow)
+        await trio.testing.wait_all_tasks_blocked()
+        leader.cancel()  # its client left: the follower flushes now, not in an hour
+        with trio.fail_after(1):
+            await done.wait()
+
+
+async def test_bad_flush_raises_before_any_response():
+    async with chatbus.open_bus() as bus:
+        for make in (chatbus.sse.sse_stream, chatbus.sse.sse_bytes):
+            with pytest.raises(ValueError, match="flush"):
+                make(bus, "s", flush=-0.01)
+            with pytest.raises(ValueError, match="flush"):
+                make(bus, "s", flush=float("nan"))

@@ -24,6 +24,7 @@ from .._listener import Beat, ListenLost, Liveness, Reconnecting
 from .._protocols import NoticeHandler
 from .._tasks import Backoff
 from . import _pq
+from ._sql import events_payload_tail
 
 #: Exceptions that mean "the server or the connection failed" rather than a bug.
 DB_ERRORS: Final = (psycopg.Error, OSError)
@@ -49,9 +50,15 @@ class ListenSession:
     notices: int = attrs.field(default=0, init=False)
     #: Notifications left in libpq's buffer by :meth:`pump` (the socket will not say).
     buffered: bool = attrs.field(default=False, init=False)
+    #: How the payloads of the handler's own bus's events end (see
+    #: _sql.events_payload_tail): skipped undecoded, its subscriptions had them.
+    own_events_tail: bytes | None = attrs.field(default=None, init=False)
 
     def __attrs_post_init__(self) -> None:
         self.sock = self.pgconn.socket
+        emitter = getattr(self.handler, "emitter", None)
+        if isinstance(emitter, str) and (tail := events_payload_tail(emitter)) is not None:
+            self.own_events_tail = tail.encode("utf-8")
 
     @property
     def backend_pid(self) -> int:
@@ -130,6 +137,9 @@ class ListenSession:
         if notify.relname == self.channel:
             payload = notify.extra
             if payload.startswith(_EVENTS_PREFIX):
+                own = self.own_events_tail
+                if own is not None and payload.endswith(own):
+                    return False
                 events = decode_events(payload)
                 if events:
                     self.handler.events(events)

@@ -47,12 +47,15 @@ def joined_bodies(members: list[PendingAppend]) -> str:
 @final
 @attrs.frozen
 class KeyedRequest:
-    """What a keyed statement sends: per draft sent, its stream, key and body.
+    """What a keyed statement sends: per stream its drafts sent, per draft its key and body.
 
     A key repeated within one stream's drafts of the statement is sent once (its first
     draft); :func:`settle` gives the repeats that draft's message, as a replay.
     """
 
+    #: Per stream, in the order of the drafts: ``[stream, drafts sent]``.
+    counts: list[list[str | int]]
+    #: Per draft sent: its stream and its key.
     streams: list[str]
     keys: list[str | None]
     packed: str
@@ -60,6 +63,7 @@ class KeyedRequest:
     @classmethod
     def of(cls, groups: dict[str, list[PendingAppend]]) -> KeyedRequest:
         """The request for ``groups`` (stream -> its members, in order)."""
+        counts: list[list[str | int]] = []
         streams: list[str] = []
         keys: list[str | None] = []
         packs: list[str] = []
@@ -81,8 +85,36 @@ class KeyedRequest:
                     texts.append(draft.body_json)
                 packs.append(BODY_SEPARATOR.join(texts))
                 sent = len(texts)
+            counts.append([stream, sent])
             streams.extend([stream] * sent)
-        return cls(streams, keys, BODY_SEPARATOR.join(packs))
+        return cls(counts, streams, keys, BODY_SEPARATOR.join(packs))
+
+    def params(self, channel: bytes, token: int, look: bytes | None) -> list[bytes]:
+        """The parameters of a keyed statement: ``_sql._APPEND_KEYED_NEW``'s, and with
+        ``look`` (per draft sent, ``t`` to look its key up, else ``f``) ``_APPEND_KEYED``'s.
+        """
+        params = [
+            json.dumps(self.counts, ensure_ascii=False, separators=(",", ":")).encode("utf-8"),
+            json.dumps(self.keys, ensure_ascii=False, separators=(",", ":")).encode("utf-8"),
+            self.packed.encode("utf-8"),
+            channel,
+            b"%d" % token,
+        ]
+        if look is not None:
+            params.append(look)
+        return params
+
+    def params_one(self, channel: bytes, token: int) -> list[bytes]:
+        """The parameters of ``_sql._APPEND_KEYED_NEW_ONE`` (a request of one stream)."""
+        ((stream, count),) = self.counts
+        return [
+            str(stream).encode("utf-8"),
+            b"%d" % int(count),
+            self.packed.encode("utf-8"),
+            channel,
+            b"%d" % token,
+            json.dumps(self.keys, ensure_ascii=False, separators=(",", ":")).encode("utf-8"),
+        ]
 
     def found(self, rows: list[list[Any]]) -> dict[str, list[Found]]:
         """The statement's found rows ``[draft number, id, µs, same body, inlined,

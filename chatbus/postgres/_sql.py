@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 from typing import Final, final
 
 import attrs
 from psycopg import sql
 
-from .._event import RETAINED_EVENT_BYTES, RETAINED_EVENTS
+from .._event import MAX_PAYLOAD_BYTES
 
 
 def channel_for_schema(schema: str) -> str:
@@ -38,6 +39,25 @@ def ddl_lock_key(schema: str) -> int:
     """A signed 64-bit advisory lock key, fixed per schema, that serialises the DDL."""
     digest = hashlib.md5(b"chatbus-ddl:" + schema.encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big", signed=True)
+
+
+#: Most bytes of a payload of events with its emitter tail: under NOTIFY's 8000.
+_MAX_NOTIFY_BYTES: Final = 7999
+
+
+def events_payload_tail(emitter: str) -> str | None:
+    """What ends a payload of ``emitter``'s events instead of its last ``}``.
+
+    ``{"events":[...],"emitter":"…"}``: a listener of the emitting bus tells its own
+    events (which its subscriptions had at once) by this end, and skips them without
+    decoding; others read the payload as any (the key is ignored). No body can make
+    a payload end so: the events array closes after every body. None if the emitter
+    is too long to fit beside the biggest payload.
+    """
+    tail = ',"emitter":' + json.dumps(emitter, ensure_ascii=False) + "}"
+    if MAX_PAYLOAD_BYTES + len(tail.encode("utf-8")) > _MAX_NOTIFY_BYTES:
+        return None
+    return tail
 
 
 def _events_lock_seed(schema: str) -> int:
@@ -172,6 +192,8 @@ class Queries:
     append_unkeyed: bytes
     append_streams: bytes
     append_keyed: bytes
+    append_keyed_new: bytes
+    append_keyed_new_one: bytes
     read: bytes
     heads: bytes
     outcome: bytes
@@ -196,6 +218,12 @@ class Queries:
             append_unkeyed=_bytes(_APPEND_UNKEYED, names, _notice("$1::text", "bump.last_id")),
             append_streams=_bytes(_APPEND_STREAMS, names, _notice("bump.stream", "bump.last_id")),
             append_keyed=_bytes(_APPEND_KEYED, names),
+            append_keyed_new=_bytes(
+                _APPEND_KEYED_NEW, names, _notice("bump.stream", "bump.last_id")
+            ),
+            append_keyed_new_one=_bytes(
+                _APPEND_KEYED_NEW_ONE, names, _notice("$1::text", "bump.last_id")
+            ),
             read=_bytes(_READ, names),
             heads=_bytes(_HEADS, names),
             outcome=_bytes(_OUTCOME, names),
@@ -230,12 +258,8 @@ def _names(schema: str) -> dict[str, sql.Composable]:
         "group_bytes": sql.Literal(READ_GROUP_BYTES),
         "conflict_inline": sql.Literal(CONFLICT_INLINE_BYTES),
         "events": sql.Identifier(schema, "events"),
-        "max_events": sql.Literal(RETAINED_EVENTS),
-        "max_event_bytes": sql.Literal(RETAINED_EVENT_BYTES),
         "events_lock_seed": sql.Literal(_events_lock_seed(schema)),
         "event_totals": sql.Identifier(schema, "event_totals"),
-        "keep_events": sql.Literal(RETAINED_EVENTS * 9 // 10),
-        "keep_event_bytes": sql.Literal(RETAINED_EVENT_BYTES * 9 // 10),
         "lifecycle_batch": sql.Literal(LIFECYCLE_BATCH),
         "reset_notice": sql.SQL(
             "json_build_object('stream', %(stream)s::text, 'reset', true)::text"
@@ -313,17 +337,39 @@ _APPEND_STREAMS: Final = """
 """
 
 # Appends with idempotency keys, any number of streams, in ONE statement: no client
-# holds a stream's lock across its own work (or while frozen). Input, one item per
-# draft sent, in order: $1 a JSON array of stream names, $2 a JSON array of keys (null
-# for none), $3 the bodies packed as above. The client sends each key of a stream at
-# most once per statement (a repeat within the batch is its first draft's message,
-# settled client-side), so the server needs no per-key window. Each key is looked up
-# with one probe of the unique index; the drafts not found are inserted with the ids
-# the counter bump reserves (rows locked in sorted order, as for unkeyed batches), and
-# each stream that stored something is notified once (pg_notify in the bump's
-# RETURNING: once per bumped row, whatever reads it). A stream whose drafts were all
-# found is not bumped: no lock, no write, no notice; a statement that stores nothing
-# writes no WAL and commits without waiting for a flush (a batch of retries).
+# holds a stream's lock across its own work (or while frozen). Input, shared by both
+# statements below: $1 a JSON array of [stream, drafts sent] in the order of the
+# drafts, each stream once; $2 a JSON array of keys, one per draft sent (null for
+# none); $3 the bodies packed as above. The client sends each key of a stream at most
+# once per statement (a repeat within the batch is its first draft's message, settled
+# client-side), so the server needs no per-key window. Drafts, keys and bodies are
+# zipped by position (ROWS FROM), and a draft's stream is the one whose range of
+# positions holds it: no join on the JSON, no per-draft stream name sent.
+#
+# Two statements, chosen by the store for each batch (see PostgresStore._send_batch):
+#
+# _APPEND_KEYED_NEW, for keys this store has not sent before (the usual case: a
+# retry usually comes back to the process that sent the original): no lookup at all.
+# The drafts are inserted with the ids the counter bump reserves, exactly like an
+# unkeyed batch, and the unique index on (stream, key) checks each key as its entry
+# goes in (one descent of the index per key, where a lookup first costs two). A key
+# stored before (by another process, or before this store started) makes the
+# statement fail with a unique violation, storing nothing (ids stay dense, no notice
+# goes out); the store then runs _APPEND_KEYED for the batch.
+#
+# _APPEND_KEYED, for a batch with a key this store has sent before (a retry), or after
+# the unique index refused one: the keys marked in $6 (one character per draft sent,
+# 't': look it up) are looked up, each with one probe of the unique index; the store
+# marks the keys it sent before, or every key after a refusal (a key not looked up
+# that was stored before fails the statement on the unique index, as above, and the
+# store runs it again with every key marked). The drafts not found are inserted with
+# the ids the counter bump reserves
+# (rows locked in sorted order, as for unkeyed batches), and each stream that stored
+# something is notified once (pg_notify in the bump's RETURNING: once per bumped row,
+# whatever reads it). A stream whose drafts were all found is not bumped: no lock, no
+# write, no notice; a statement that stores nothing writes no WAL and commits without
+# waiting for a flush (a batch of retries of keys this store sent; retries of keys
+# another process stored go in first, are refused, and then take this way).
 #
 # The key lookup runs on the statement's snapshot, taken before any lock wait: a
 # same-key append that commits while this one waits is not seen, so this statement
@@ -331,9 +377,10 @@ _APPEND_STREAMS: Final = """
 # nothing. The store runs it again (a new snapshot sees the key): rare, and correct
 # thanks to the unique index.
 #
-# Output: a row per bumped stream: (stream, new last id, created_at µs of the batch,
-# NULL); and if any key was found, one row (NULL, NULL, NULL, [[draft number (from 1),
-# id, created_at µs, same body?, original inlined?, original body, redacted?], …]).
+# Output of both: a row per bumped stream: (stream, new last id, created_at µs of the
+# batch, NULL); and (_APPEND_KEYED only) if any key was found, one row (NULL, NULL,
+# NULL, [[draft number (from 1), id, created_at µs, same body?, original inlined?,
+# original body, redacted?], …]).
 # A redacted message is a tombstone: a retry of it replays it, never a conflict. "Same
 # body" compares the stored text with the text sent (json keeps it verbatim): a replay needs
 # no body back. A key reused with another body (a conflict) gets the original body
@@ -341,36 +388,80 @@ _APPEND_STREAMS: Final = """
 # round trip; a bigger one is read afterwards (_BODIES_OF_KEYS), for the reply is
 # written while the streams' locks are held, and a client that stops reading a big
 # reply (frozen) would hold the locks with it.
+_APPEND_KEYED_NEW: Final = """
+    WITH input AS MATERIALIZED (
+        SELECT s.value->>0 AS stream, (s.value->>1)::bigint AS n,
+            (sum((s.value->>1)::bigint) OVER (ORDER BY s.ord))::bigint AS upto
+        FROM json_array_elements($1::json) WITH ORDINALITY AS s(value, ord)
+    ), bump AS (
+        INSERT INTO {streams} AS st (stream, last_id, last_at, last_token)
+        SELECT input.stream, input.n, clock_timestamp(), $5::bigint
+        FROM input ORDER BY input.stream COLLATE "C"
+        ON CONFLICT (stream) DO UPDATE SET last_id = st.last_id + EXCLUDED.last_id,
+            last_at = greatest(clock_timestamp(), st.last_at),
+            last_token = EXCLUDED.last_token
+        RETURNING st.stream, st.last_id, st.last_at
+    ), ins AS (
+        INSERT INTO {messages} (stream, id, key, body, created_at)
+        SELECT b.stream, b.last_id - i.upto + x.ord, x.key, x.body::json, b.last_at
+        FROM ROWS FROM (
+            unnest(string_to_array($3::text, chr(30))), json_array_elements_text($2::json)
+        ) WITH ORDINALITY AS x(body, key, ord)
+        JOIN input AS i ON x.ord > i.upto - i.n AND x.ord <= i.upto
+        JOIN bump AS b ON b.stream = i.stream
+    )
+    SELECT bump.stream, bump.last_id, {bump_micros}, pg_notify($4::text, {notice})
+    FROM bump
+"""
+
+# _APPEND_KEYED_NEW for one stream (the usual batch at a low rate): $1 the stream, $2
+# how many drafts, $3 the bodies, $4 the channel, $5 the token, $6 the keys; the
+# unkeyed single-stream statement's shape, so it costs about as much.
+_APPEND_KEYED_NEW_ONE: Final = """
+    WITH bump AS (
+        INSERT INTO {streams} AS st (stream, last_id, last_at, last_token)
+        VALUES ($1::text, $2::bigint, clock_timestamp(), $5::bigint)
+        ON CONFLICT (stream) DO UPDATE SET last_id = st.last_id + EXCLUDED.last_id,
+            last_at = greatest(clock_timestamp(), st.last_at),
+            last_token = EXCLUDED.last_token
+        RETURNING st.last_id, st.last_at
+    ), ins AS (
+        INSERT INTO {messages} (stream, id, key, body, created_at)
+        SELECT $1::text, bump.last_id - $2::bigint + x.ord, x.key, x.body::json, bump.last_at
+        FROM bump, ROWS FROM (
+            unnest(string_to_array($3::text, chr(30))), json_array_elements_text($6::json)
+        ) WITH ORDINALITY AS x(body, key, ord)
+    )
+    SELECT $1::text, bump.last_id, {bump_micros}, pg_notify($4::text, {notice}) FROM bump
+"""
+
 _APPEND_KEYED: Final = """
-    WITH d AS MATERIALIZED (
-        SELECT s.stream, k.key, b.body, b.ord
-        FROM unnest(string_to_array($3::text, chr(30))) WITH ORDINALITY AS b(body, ord)
-        JOIN json_array_elements_text($1::json) WITH ORDINALITY AS s(stream, ord)
-            ON s.ord = b.ord
-        JOIN json_array_elements_text($2::json) WITH ORDINALITY AS k(key, ord)
-            ON k.ord = b.ord
-    ), found AS MATERIALIZED (
+    WITH input AS MATERIALIZED (
+        SELECT s.value->>0 AS stream, (s.value->>1)::bigint AS n,
+            (sum((s.value->>1)::bigint) OVER (ORDER BY s.ord))::bigint AS upto
+        FROM json_array_elements($1::json) WITH ORDINALITY AS s(value, ord)
+    ), d AS MATERIALIZED (
         -- LATERAL ... LIMIT 1: one probe of the unique index per key, never a scan of
         -- the table (a join here may be planned as one, the row counts being unknown).
-        SELECT d.ord, m.id, m.micros, m.same AND NOT m.redacted AS same,
-            NOT m.same AND NOT m.redacted
-                AND octet_length(m.body::text) <= {conflict_inline} AS inline,
-            CASE WHEN NOT m.same AND NOT m.redacted
-                AND octet_length(m.body::text) <= {conflict_inline}
-                THEN m.body END AS original,
+        SELECT i.stream, x.key, x.body, x.ord, m.id, m.micros, m.same, m.body AS stored,
             m.redacted
-        FROM d CROSS JOIN LATERAL (
-            SELECT m.id, {found_micros} AS micros, m.body::text = d.body AS same, m.body,
+        FROM ROWS FROM (
+            unnest(string_to_array($3::text, chr(30))), json_array_elements_text($2::json),
+            unnest(string_to_array($6::text, NULL))
+        ) WITH ORDINALITY AS x(body, key, look, ord)
+        JOIN input AS i ON x.ord > i.upto - i.n AND x.ord <= i.upto
+        LEFT JOIN LATERAL (
+            SELECT m.id, {found_micros} AS micros, m.body::text = x.body AS same, m.body,
                 m.redacted
             FROM {messages} AS m
-            WHERE m.stream = d.stream AND m.key = d.key AND m.key IS NOT NULL
+            WHERE x.look = 't' AND m.stream = i.stream AND m.key = x.key
+                AND m.key IS NOT NULL
             LIMIT 1
-        ) AS m
-        WHERE d.key IS NOT NULL
+        ) AS m ON true
     ), fresh AS MATERIALIZED (
         SELECT d.stream, d.key, d.body, row_number() OVER w AS n, count(*) OVER w AS of
         FROM d
-        WHERE NOT EXISTS (SELECT 1 FROM found AS f WHERE f.ord = d.ord)
+        WHERE d.id IS NULL
         WINDOW w AS (PARTITION BY d.stream ORDER BY d.ord
             ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING)
     ), bump AS (
@@ -390,9 +481,15 @@ _APPEND_KEYED: Final = """
     UNION ALL
     SELECT NULL, NULL, NULL,
         json_agg(json_build_array(
-            f.ord, f.id, f.micros, f.same, f.inline, f.original, f.redacted
+            d.ord, d.id, d.micros, d.same AND NOT d.redacted,
+            NOT d.same AND NOT d.redacted
+                AND octet_length(d.stored::text) <= {conflict_inline},
+            CASE WHEN NOT d.same AND NOT d.redacted
+                AND octet_length(d.stored::text) <= {conflict_inline}
+                THEN d.stored END,
+            d.redacted
         ))::text
-    FROM found AS f HAVING count(*) > 0
+    FROM d WHERE d.id IS NOT NULL HAVING count(*) > 0
 """
 
 # The bodies of the messages stored under keys $2 (a JSON array) of stream $1.
@@ -442,15 +539,25 @@ _HEADS: Final = (
 # Emitted events, one round trip per flush of a bus's outbox: retain them for joiners
 # (keyed: the latest per key, with its expiry; unkeyed: those after the newest
 # position, older ones of the stream cleared; bounded by _TRIM_EVENTS) and NOTIFY
-# them, packed into few payloads ($3, made by chatbus._event.encode_events). Input $1:
-# a JSON array of [stream, key, emitter, seq, after, encoded event, created µs, ttl].
-# event_totals: see _TRIM_EVENTS.
+# them, packed into few payloads; of a stream's unkeyed events in one flush (a burst)
+# only the newest $4 (the bus's EventRetention.max_events) are written, the rest would
+# be trimmed at once. Input: $1 the encoded events (see
+# chatbus._event.encode_event: [stream, after, key, ttl, created µs, emitter, seq,
+# body]) and $3 the payloads (made by chatbus._event.encode_events), each list
+# joined with U+001E, which JSON text never holds unescaped (as for message bodies):
+# no JSON string escaping on the client, and each event parsed once here (as jsonb,
+# for its fields, once: OFFSET 0 keeps the planner from parsing it per field; it is
+# kept as the text sent). event_totals: see _TRIM_EVENTS.
 _RETAIN_EVENTS: Final = """
     WITH input AS MATERIALIZED (
-        SELECT x.e->>0 AS stream, x.e->>1 AS key, x.e->>2 AS emitter,
-            (x.e->>3)::bigint AS seq, (x.e->>4)::bigint AS after, x.e->>5 AS encoded,
-            (x.e->>6)::bigint AS micros, (x.e->>7)::float8 AS ttl, x.ord
-        FROM json_array_elements($1::json) WITH ORDINALITY AS x(e, ord)
+        SELECT x.j->>0 AS stream, x.j->>2 AS key, x.j->>5 AS emitter,
+            (x.j->>6)::bigint AS seq, (x.j->>1)::bigint AS after, x.encoded,
+            (x.j->>4)::bigint AS micros, (x.j->>3)::float8 AS ttl, x.ord
+        FROM (
+            SELECT e.encoded, e.encoded::jsonb AS j, e.ord
+            FROM unnest(string_to_array($1::text, chr(30))) WITH ORDINALITY AS e(encoded, ord)
+            OFFSET 0
+        ) AS x
     ), keyed AS (
         INSERT INTO {events} AS r (stream, key, emitter, seq, after, encoded, micros, expires_at)
         SELECT DISTINCT ON (i.stream, i.key) i.stream, i.key, i.emitter, i.seq, i.after,
@@ -466,7 +573,11 @@ _RETAIN_EVENTS: Final = """
         INSERT INTO {events} (stream, key, emitter, seq, after, encoded, micros, expires_at)
         SELECT i.stream, NULL, i.emitter, i.seq, i.after, i.encoded, i.micros,
             to_timestamp(i.micros / 1000000.0) + i.ttl * interval '1 second'
-        FROM input AS i WHERE i.key IS NULL
+        FROM (
+            SELECT u.*, row_number() OVER (PARTITION BY u.stream ORDER BY u.ord DESC) AS newest
+            FROM input AS u WHERE u.key IS NULL
+        ) AS i
+        WHERE i.newest <= $4::bigint
     ), cleared AS (
         DELETE FROM {events} AS r
         USING (
@@ -481,7 +592,7 @@ _RETAIN_EVENTS: Final = """
         ON CONFLICT (stream) DO UPDATE SET n = t.n + EXCLUDED.n, bytes = t.bytes + EXCLUDED.bytes
     )
     SELECT count(pg_notify($2::text, p.payload))
-    FROM json_array_elements_text($3::json) AS p(payload)
+    FROM unnest(string_to_array($3::text, chr(30))) AS p(payload)
 """
 
 # A flush of events is one transaction of three statements sent together (one round
@@ -490,6 +601,9 @@ _RETAIN_EVENTS: Final = """
 # deadlock between flushers); then _RETAIN_EVENTS, whose snapshot, taken once the
 # locks are held, has every earlier flush; then the bound, by a statement of its own
 # (a data-modifying CTE cannot see the rows its sibling inserts). $1: the streams.
+# An append carrying events (PostgresStore.append_carrying) runs the three first, then
+# its own statement, in the same transaction: event locks are always taken before
+# counter rows, by anyone, so the two kinds of lock cannot deadlock either.
 _LOCK_EVENT_STREAMS: Final = """
     SELECT count(pg_advisory_xact_lock(s.key)) FROM (
         SELECT DISTINCT hashtextextended(x.stream, {events_lock_seed}) AS key
@@ -497,17 +611,18 @@ _LOCK_EVENT_STREAMS: Final = """
     ) AS s
 """
 
-# Per stream at most RETAINED_EVENTS rows and RETAINED_EVENT_BYTES bytes; the oldest go.
-# Ranking a stream's rows costs O(rows), so not every flush does it: event_totals
-# holds per stream an upper bound of what is retained (every flush adds what it
-# wrote; replaced and cleared rows are not taken off), and only a stream whose bound
-# passes a limit is ranked, newest first along events_stream_order, cut to 9/10 of
-# the limits, and its totals set to the exact figures of what is left.
+# Per stream at most $2 rows and $3 bytes (the flushing bus's EventRetention); the
+# oldest go. Ranking a stream's rows costs O(rows), so not every flush does it:
+# event_totals holds per stream an upper bound of what is retained (every flush adds
+# what it wrote; replaced and cleared rows are not taken off), and only a stream whose
+# bound passes a limit is ranked, newest first along events_stream_order, cut to $4
+# rows and $5 bytes (9/10 of the limits), and its totals set to the exact figures of
+# what is left.
 _TRIM_EVENTS: Final = """
     WITH over AS (
         SELECT t.stream FROM {event_totals} AS t
         WHERE t.stream IN (SELECT json_array_elements_text($1::json))
-            AND (t.n > {max_events} OR t.bytes > {max_event_bytes})
+            AND (t.n > $2::bigint OR t.bytes > $3::bigint)
     ), ranked AS MATERIALIZED (
         SELECT o.stream, x.ctid, x.size, x.n, x.bytes FROM over AS o,
         LATERAL (
@@ -519,14 +634,14 @@ _TRIM_EVENTS: Final = """
     ), dropped AS (
         DELETE FROM {events} AS r WHERE r.ctid IN (
             SELECT k.ctid FROM ranked AS k
-            WHERE k.n > {keep_events} OR k.bytes > {keep_event_bytes}
+            WHERE k.n > $4::bigint OR k.bytes > $5::bigint
         )
     )
     UPDATE {event_totals} AS t SET n = k.n, bytes = k.bytes
     FROM (
         SELECT o.stream, count(k.ctid) AS n, coalesce(sum(k.size), 0) AS bytes
         FROM over AS o LEFT JOIN ranked AS k ON k.stream = o.stream
-            AND k.n <= {keep_events} AND k.bytes <= {keep_event_bytes}
+            AND k.n <= $4::bigint AND k.bytes <= $5::bigint
         GROUP BY o.stream
     ) AS k
     WHERE t.stream = k.stream
@@ -629,18 +744,21 @@ _DELETE_BATCH: Final = """
 """
 
 # Delete, last: one transaction of these statements, one by one (psycopg; each takes
-# a new snapshot): lock the counter row, so no append of the stream runs meanwhile; delete
-# what is left of the messages, the retained events and the counter row; tell every
-# listener. The next append creates the row again: a new epoch, ids from 1. The lock
-# is an upsert, not SELECT … FOR UPDATE: a stream with no counter row yet (only
-# events) would give that nothing to lock, and appends committing between these
-# statements would keep their messages but lose their row to the delete, so the next
-# append reused their ids.
+# a new snapshot): lock the stream's events (as a flush does: one in progress commits
+# first, and is deleted) and the counter row, so no append of the stream runs
+# meanwhile; delete what is left of the messages, the retained events, their totals
+# and the counter row; tell every listener. The next append creates the row again: a
+# new epoch, ids from 1. The lock on the counter row is an upsert, not SELECT … FOR
+# UPDATE: a stream with no counter row yet (only events) would give that nothing to
+# lock, and appends committing between these statements would keep their messages but
+# lose their row to the delete, so the next append reused their ids.
 _DELETE_STREAM: Final = """
+    SELECT pg_advisory_xact_lock(hashtextextended(%(stream)s::text, {events_lock_seed}));
     INSERT INTO {streams} AS st (stream, last_id) VALUES (%(stream)s::text, 0)
         ON CONFLICT (stream) DO UPDATE SET last_id = st.last_id;
     DELETE FROM {messages} WHERE stream = %(stream)s::text;
     DELETE FROM {events} WHERE stream = %(stream)s::text;
+    DELETE FROM {event_totals} WHERE stream = %(stream)s::text;
     DELETE FROM {streams} WHERE stream = %(stream)s::text;
     SELECT pg_notify(%(channel)s::text, {reset_notice});
 """

@@ -2,8 +2,10 @@
 
 Owns: how appends, reads and heads become statements. Appends, keyed or not, are
 single statements run over :mod:`._pq` on lent connections, group-committed across
-streams (:mod:`chatbus._coalesce`). Imports this package's
-:mod:`._pq`, :mod:`._sql`, :mod:`._aio`, :mod:`._connections`; never the listener.
+streams (:mod:`chatbus._coalesce`); an append may carry emitted events
+(:meth:`PostgresStore.append_carrying`, statements from :mod:`._events`). Imports
+this package's :mod:`._pq`, :mod:`._sql`, :mod:`._events`, :mod:`._aio`,
+:mod:`._connections`; never the listener.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import contextlib
 import datetime
 import json
 import random
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any, Final, final
 
@@ -23,13 +26,15 @@ from psycopg import pq
 
 from .._coalesce import Batch, GroupCommit, PendingAppend, settle
 from .._codec import BadBody, pack_bodies
-from .._event import Event, decode_event_items, encode_events, to_micros
+from .._event import Event, decode_event_items
 from .._exceptions import BusError, OutcomeUnknown, StoreError, UndecodableMessage, store_error
 from .._message import Draft, Message, StreamInfo, check_after, check_stream
+from .._options import EventRetention
 from .._retention import RetentionPage
 from . import _pq
 from ._aio import AioRunner
 from ._connections import LentConnections
+from ._events import CarriedEvents, event_statements
 from ._rows import Found, KeyedRequest, decode_page, joined_bodies, replays, sent_by_key
 from ._sql import LIFECYCLE_BATCH, Queries
 
@@ -37,8 +42,18 @@ from ._sql import LIFECYCLE_BATCH, Queries
 DB_ERRORS: Final = (psycopg.Error, OSError)
 #: How often a keyed statement runs again after losing a same-key race.
 _KEYED_ATTEMPTS: Final = 5
+#: How many ``(stream, key)`` pairs a store remembers having sent: a batch with none
+#: of them is inserted without looking its keys up first (see _sql._APPEND_KEYED_NEW).
+_SENT_KEYS: Final = 16384
+#: After the unique index refused a key this store had not sent, this many keyed
+#: statements look their keys up first: a workload where other processes send the
+#: same keys (deduplication) pays for a refused insert once in a while, not each time.
+_LOOKUP_AFTER_REFUSAL: Final = 64
 #: Default limit on append statements running at once (see open_postgres).
 DEFAULT_MAX_IN_FLIGHT: Final = 3
+
+# What a stream retains of its events when the bus names no bounds.
+_DEFAULT_RETENTION: Final = EventRetention()
 
 
 @attrs.frozen(kw_only=True)
@@ -58,10 +73,13 @@ class PostgresStoreStatistics:
             when the next operation starts), or when it failed or was cancelled.
         borrows: Connections taken from the pool so far: steady traffic keeps this
             flat; a climbing count means connections keep failing.
-        keyed_reruns: Keyed statements run again because a same-key append (another
-            process, or another statement of this one) committed while they waited
-            for a stream's lock: their key lookup had not seen it, so they stored
-            nothing and ran again. Rare unless the same keys race.
+        keyed_reruns: Keyed statements run again, storing nothing the first time:
+            the keys this store had not sent before are inserted without a lookup,
+            and the batch runs again looking every key up when the unique index
+            refuses one (a key another process, or this one before a restart, stored);
+            or a same-key append (another process, or another statement of this one)
+            committed while a statement waited for a stream's lock, unseen by its
+            key lookup. Rare unless retries cross processes or the same keys race.
     """
 
     appends: int
@@ -112,6 +130,12 @@ class PostgresStore:
     _closed: bool = attrs.field(default=False, init=False)
     _group: GroupCommit = attrs.field(init=False)
     _keyed_reruns: int = attrs.field(default=0, init=False)
+    #: The ``(stream, key)`` pairs sent lately (oldest first), at most _SENT_KEYS.
+    _sent_keys: OrderedDict[tuple[str, str], None] = attrs.field(factory=OrderedDict, init=False)
+    #: Keyed statements still to look their keys up first (see _LOOKUP_AFTER_REFUSAL).
+    _lookups_due: int = attrs.field(default=0, init=False)
+    #: Events carried by appends waiting or running (see append_carrying).
+    _carried: dict[PendingAppend, CarriedEvents] = attrs.field(factory=dict, init=False)
 
     def __attrs_post_init__(self) -> None:
         self._group = GroupCommit(
@@ -168,8 +192,37 @@ class PostgresStore:
             OutcomeUnknown: the reply was lost after the append reached the server,
                 and whether it committed could not be found out.
         """
+        return await self._append(stream, drafts, None)
+
+    async def append_carrying(
+        self,
+        stream: str,
+        drafts: Sequence[Draft],
+        events: Sequence[Event],
+        encoded: Sequence[str],
+        *,
+        retention: EventRetention | None = None,
+    ) -> list[Message]:
+        """:meth:`append`, with ``events`` retained and NOTIFYed in the same transaction,
+        ahead of the messages' notice (see :meth:`retain_events`).
+
+        The bus hands a stream's waiting events to that stream's next append this
+        way (see :class:`chatbus._outbox.Outbox`): they cost no transaction of their
+        own (nor a second turn at NOTIFY's lock), and the publish waits for no flush.
+        If the append fails, the events are lost with it (they are at most once).
+        """
+        carried = CarriedEvents.of(events, encoded, retention or _DEFAULT_RETENTION)
+        return await self._append(stream, drafts, carried)
+
+    async def _append(
+        self, stream: str, drafts: Sequence[Draft], carried: CarriedEvents | None
+    ) -> list[Message]:
         check_stream(stream)
         if not drafts:
+            if carried is not None:
+                await self.retain_events(
+                    carried.events, carried.encoded, retention=carried.retention
+                )
             await trio.lowlevel.checkpoint()
             return []
         drafts = list(drafts)
@@ -185,7 +238,13 @@ class PostgresStore:
         entry = PendingAppend(
             stream, len(drafts), len(packed), Batch(drafts, packed, bodies, keyed)
         )
-        await self._group.submit(entry)
+        if carried is not None:
+            self._carried[entry] = carried
+        try:
+            await self._group.submit(entry)
+        finally:
+            if carried is not None:
+                del self._carried[entry]
         if entry.cause is not None:
             if isinstance(entry.cause, BusError):
                 raise entry.cause
@@ -259,7 +318,13 @@ class PostgresStore:
         heads: dict[str, int] = {} if found is None else json.loads(found)
         return {stream: heads.get(stream, 0) for stream in wanted}
 
-    async def retain_events(self, events: Sequence[Event], encoded: Sequence[str]) -> None:
+    async def retain_events(
+        self,
+        events: Sequence[Event],
+        encoded: Sequence[str],
+        *,
+        retention: EventRetention | None = None,
+    ) -> None:
         """Retain ``events`` for joiners and NOTIFY them, in one transaction and round trip.
 
         See :meth:`chatbus.EventStore.retain_events`; :class:`PostgresNotifier` then
@@ -271,27 +336,12 @@ class PostgresStore:
         if not events:
             await trio.lowlevel.checkpoint()
             return
-        rows = [
-            [e.stream, e.key, e.emitter, e.seq, e.after, text, to_micros(e.created_at), e.ttl]
-            for e, text in zip(events, encoded, strict=True)
-        ]
-        params = [
-            json.dumps(rows, ensure_ascii=False, separators=(",", ":")).encode("utf-8"),
-            self._channel.encode("utf-8"),
-            json.dumps(encode_events(encoded), ensure_ascii=False).encode("utf-8"),
-        ]
-        streams = [json.dumps(sorted({e.stream for e in events}), ensure_ascii=False).encode()]
-        queries = self._queries
+        carried = CarriedEvents.of(events, encoded, retention or _DEFAULT_RETENTION)
+        statements = event_statements(self._queries, self._channel, carried)
         await self._check_open("emit")
         try:
             # Locked, written, bounded: one transaction, one round trip (see _sql).
-            await self._run_pipeline(
-                [
-                    (queries.lock_event_streams, streams),
-                    (queries.retain_events, params),
-                    (queries.trim_events, streams),
-                ]
-            )
+            await self._run_pipeline(statements)
         except DB_ERRORS as exc:
             raise store_error("emit", exc) from exc
 
@@ -474,21 +524,29 @@ class PostgresStore:
             groups.setdefault(member.stream, []).append(member)
         token = random.getrandbits(63)
         keyed = any(member.payload.keyed for member in batch)
+        carry = CarriedEvents.joined([self._carried[m] for m in batch if m in self._carried])
         rows: Sequence[tuple[str, int | None, datetime.datetime, dict[str, Message] | None]]
         try:
             if keyed:
+                request = KeyedRequest.of(groups)
+                look = self._keys_to_look_up(request)
                 for attempt in range(_KEYED_ATTEMPTS):
                     try:
-                        rows = await self._append_keyed_rows(groups, token)
+                        rows = await self._append_keyed_rows(groups, request, token, look, carry)
                         break
                     except psycopg.errors.UniqueViolation:
-                        # A same-key append committed while this one waited for the
-                        # lock (see _sql._APPEND_KEYED); nothing was stored: again.
+                        # A key stored before that this store had not sent (see
+                        # _sql._APPEND_KEYED_NEW), or a same-key append that committed
+                        # while this one waited for the lock (see _sql._APPEND_KEYED);
+                        # nothing was stored: again, looking every key up.
                         if attempt == _KEYED_ATTEMPTS - 1:
                             raise
+                        if look is None or b"f" in look:
+                            self._lookups_due = _LOOKUP_AFTER_REFUSAL
+                        look = b"t" * len(request.keys)
                         self._keyed_reruns += 1
             else:
-                rows = await self._append_rows(groups, token)
+                rows = await self._append_rows(groups, token, carry)
         except _MaybeCommitted as lost:
             await self._resolve(groups, token, lost)
             return
@@ -498,7 +556,7 @@ class PostgresStore:
             raise psycopg.DataError(f"no counter row returned for {len(groups)} streams")
 
     async def _append_rows(
-        self, groups: dict[str, list[PendingAppend]], token: int
+        self, groups: dict[str, list[PendingAppend]], token: int, carry: CarriedEvents | None
     ) -> list[tuple[str, int, datetime.datetime, None]]:
         """The unkeyed append statement; per stream ``(stream, last id, created_at, None)``."""
         channel = self._channel.encode("utf-8")
@@ -510,14 +568,14 @@ class PostgresStore:
             ((stream, n, packed),) = request
             params = [stream.encode("utf-8"), b"%d" % n, packed.encode("utf-8"), channel]
             params.append(b"%d" % token)
-            result = await self._run_append(self._queries.append_unkeyed, params)
+            result = await self._run_append(self._queries.append_unkeyed, params, carry)
             if result.ntuples != 1:  # pragma: no cover - the upsert returns its row
                 return []
             last_id, micros = _pq.value(result, 0, 0), _pq.value(result, 0, 1)
             return [(stream, int(last_id), _pq.from_epoch_micros(int(micros)), None)]
         document = json.dumps(request, ensure_ascii=False, separators=(",", ":"))
         result = await self._run_append(
-            self._queries.append_streams, [document.encode("utf-8"), channel, b"%d" % token]
+            self._queries.append_streams, [document.encode("utf-8"), channel, b"%d" % token], carry
         )
         return [
             (
@@ -529,22 +587,59 @@ class PostgresStore:
             for row in range(result.ntuples)
         ]
 
-    async def _append_keyed_rows(
-        self, groups: dict[str, list[PendingAppend]], token: int
-    ) -> list[tuple[str, int | None, datetime.datetime, dict[str, Message]]]:
-        """The keyed append statement; per stream, also the messages found for its keys.
+    def _keys_to_look_up(self, request: KeyedRequest) -> bytes | None:
+        """Which keys of ``request`` to look up before inserting; remember its keys.
 
-        A stream the statement stored nothing in has no last id (None).
+        Those this store sent lately (a retry: the original is likely stored), per
+        draft sent ``t`` (look up) or ``f``; every one for a while after the unique
+        index refused a key not looked up. None if there is none: the batch goes in at
+        once and the unique index checks its keys (the cheaper statement).
         """
-        request = KeyedRequest.of(groups)
-        params = [
-            json.dumps(request.streams, ensure_ascii=False, separators=(",", ":")).encode("utf-8"),
-            json.dumps(request.keys, ensure_ascii=False, separators=(",", ":")).encode("utf-8"),
-            request.packed.encode("utf-8"),
-            self._channel.encode("utf-8"),
-            b"%d" % token,
-        ]
-        result = await self._run_append(self._queries.append_keyed, params)
+        sent = self._sent_keys
+        if self._lookups_due > 0:
+            self._lookups_due -= 1
+            look = bytearray(b"t" * len(request.keys))
+            suspects = len(look)
+        else:
+            look = bytearray(b"f" * len(request.keys))
+            suspects = 0
+        for number, (stream, key) in enumerate(zip(request.streams, request.keys, strict=True)):
+            if key is None:
+                continue
+            pair = (stream, key)
+            if pair in sent:
+                look[number] = 0x74  # "t"
+                suspects += 1
+                sent.move_to_end(pair)
+            else:
+                sent[pair] = None
+        while len(sent) > _SENT_KEYS:
+            sent.popitem(last=False)
+        return bytes(look) if suspects else None
+
+    async def _append_keyed_rows(
+        self,
+        groups: dict[str, list[PendingAppend]],
+        request: KeyedRequest,
+        token: int,
+        look: bytes | None,
+        carry: CarriedEvents | None,
+    ) -> list[tuple[str, int | None, datetime.datetime, dict[str, Message]]]:
+        """A keyed append statement; per stream, also the messages found for its keys.
+
+        ``look``: the statement that looks up the keys marked ``t`` (_sql._APPEND_KEYED);
+        None: the one that inserts every key at once (_sql._APPEND_KEYED_NEW, or its
+        one-stream form). Each raises UniqueViolation if a key not looked up was
+        stored before. A stream the statement stored nothing in has no last id (None).
+        """
+        channel, queries = self._channel.encode("utf-8"), self._queries
+        if look is not None:
+            query, params = queries.append_keyed, request.params(channel, token, look)
+        elif len(groups) == 1:
+            query, params = queries.append_keyed_new_one, request.params_one(channel, token)
+        else:
+            query, params = queries.append_keyed_new, request.params(channel, token, None)
+        result = await self._run_append(query, params, carry)
         bumped: dict[str, tuple[int, datetime.datetime]] = {}
         found: dict[str, list[Found]] = {}
         for row in range(result.ntuples):
@@ -590,10 +685,20 @@ class PostgresStore:
                 bodies = {} if text is None else dict(json.loads(text))
         return replays(stream, found, sent, bodies)
 
-    async def _run_append(self, query: bytes, params: list[bytes]) -> pq.abc.PGresult:
-        """:meth:`_run_prepared` for an append: a reply lost once sent is _MaybeCommitted."""
+    async def _run_append(
+        self, query: bytes, params: list[bytes], carry: CarriedEvents | None = None
+    ) -> pq.abc.PGresult:
+        """:meth:`_run_prepared` for an append: a reply lost once sent is _MaybeCommitted.
+
+        With ``carry``, the events' statements go first in the same transaction and
+        round trip (a pipeline): their NOTIFYs precede the append's.
+        """
         sent: list[bool] = []
         try:
+            if carry is not None:
+                before = event_statements(self._queries, self._channel, carry)
+                results = await self._run_pipeline([*before, (query, params)], sent=sent)
+                return results[-1]
             return await self._run_prepared(query, params, sent=sent)
         except DB_ERRORS as exc:
             refused = isinstance(exc, psycopg.Error) and exc.sqlstate is not None
@@ -658,10 +763,13 @@ class PostgresStore:
             raise store_error(operation, exc, stream=stream) from exc
 
     async def _run_pipeline(
-        self, statements: Sequence[tuple[bytes, list[bytes]]]
+        self, statements: Sequence[tuple[bytes, list[bytes]]], *, sent: list[bool] | None = None
     ) -> list[pq.abc.PGresult]:
         """Run prepared ``statements`` as one transaction in one round trip on a lent
-        connection (:func:`._pq.execute_pipeline`); psycopg errors as is."""
+        connection (:func:`._pq.execute_pipeline`); psycopg errors as is.
+
+        ``sent`` (if given) gets an item once the statements may have reached the server.
+        """
         connections = self._connections
         conn = await connections.acquire()
         try:
@@ -670,6 +778,8 @@ class PostgresStore:
                     (await connections.prepared(conn, query), params)
                     for query, params in statements
                 ]
+                if sent is not None:
+                    sent.append(True)
                 try:
                     return_value = await _pq.execute_pipeline(conn.pgconn, named)
                     break

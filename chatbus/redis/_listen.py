@@ -181,7 +181,14 @@ class ListenSession:
         return waits
 
     async def unsubscribe(self, channel: bytes) -> None:
-        link = self.links.get(self.address_of(channel))
+        """SUNSUBSCRIBE ``channel`` (in the background: never raises; a session that
+        cannot is given up, and its replacement no longer subscribes the channel)."""
+        try:
+            address = self.address_of(channel)
+        except ListenLost as exc:
+            self.fail(str(exc))
+            return
+        link = self.links.get(address)
         if link is None or channel not in link.subscribed:
             return
         link.subscribed.discard(channel)
@@ -453,8 +460,11 @@ class RedisNotifier:
         del self._watched[stream]
         channel = self.channel(stream).encode()
         for session in self._sessions:
-            if session.nursery is not None:
-                session.nursery.start_soon(session.unsubscribe, channel)
+            if session.nursery is not None and not session.broken.is_set():
+                try:
+                    session.nursery.start_soon(session.unsubscribe, channel)
+                except RuntimeError:  # closing already: its replacement won't subscribe
+                    session.fail("closing")
 
     async def listen(
         self,

@@ -13,8 +13,6 @@ from typing import Final, final
 
 import attrs
 
-from .._event import RETAINED_EVENT_BYTES, RETAINED_EVENTS
-
 #: Most token records kept per stream (see APPEND): a re-run of a batch whose
 #: record was dropped since cannot be told from a new one.
 TOKENS_KEPT: Final = 64
@@ -542,16 +540,17 @@ return {key, tonumber(us)}
 
 # Events of one stream in one flush: retain them for joiners and publish them live.
 # KEYS: events (hash: slot → "expires after encoded"), event order (zset: slot → the
-# event's created µs). ARGV: channel, count, then per event: slot ('k:' key, or
-# 'u:' emitter and zero-padded seq), after, created µs, expires µs (0: never),
-# encoded; then the payloads to publish. Unkeyed events are kept only while their
-# after is the newest; keyed ones replace their key's; at most RETAINED_EVENTS and
-# RETAINED_EVENT_BYTES per stream, oldest out.
+# event's created µs). ARGV: channel, count, the most events and bytes to retain (the
+# flushing bus's EventRetention), then per event: slot ('k:' key, or 'u:' emitter and
+# zero-padded seq), after, created µs, expires µs (0: never), encoded; then the
+# payloads to publish. Unkeyed events are kept only while their after is the newest;
+# keyed ones replace their key's; at most those bounds per stream, oldest out.
 RETAIN_EVENTS: Final = Script(
     "retain_events",
     f"""
 local e, z = KEYS[1], KEYS[2]
 local channel, count = ARGV[1], tonumber(ARGV[2])
+local max_events, max_bytes = tonumber(ARGV[3]), tonumber(ARGV[4])
 -- The bookkeeping lives in the events hash itself (fields that are not slots), so it
 -- expires with the events.
 local newest = tonumber(redis.call('HGET', e, '#after') or '-1')
@@ -565,8 +564,8 @@ local function drop(slot)
   end
 end
 for i = 0, count - 1 do
-  local slot, after = ARGV[3 + 5 * i], tonumber(ARGV[4 + 5 * i])
-  local created, expires, encoded = ARGV[5 + 5 * i], ARGV[6 + 5 * i], ARGV[7 + 5 * i]
+  local slot, after = ARGV[5 + 5 * i], tonumber(ARGV[6 + 5 * i])
+  local created, expires, encoded = ARGV[7 + 5 * i], ARGV[8 + 5 * i], ARGV[9 + 5 * i]
   local keep = true
   if string.sub(slot, 1, 2) == 'u:' then
     if after < newest then
@@ -586,7 +585,7 @@ for i = 0, count - 1 do
     bytes = bytes + #value
   end
 end
-while redis.call('ZCARD', z) > {RETAINED_EVENTS} or bytes > {RETAINED_EVENT_BYTES} do
+while redis.call('ZCARD', z) > max_events or bytes > max_bytes do
   local oldest = redis.call('ZRANGE', z, 0, 0)
   if #oldest == 0 then bytes = 0 break end
   drop(oldest[1])
@@ -594,7 +593,7 @@ end
 redis.call('HSET', e, '#after', newest, '#bytes', bytes)
 redis.call('EXPIRE', e, {EVENTS_TTL_SECONDS})
 redis.call('EXPIRE', z, {EVENTS_TTL_SECONDS})
-for i = 3 + 5 * count, #ARGV do redis.call('SPUBLISH', channel, ARGV[i]) end
+for i = 5 + 5 * count, #ARGV do redis.call('SPUBLISH', channel, ARGV[i]) end
 return 1
 """,
 )

@@ -228,12 +228,13 @@ async def open_redis(
             visible and is announced, only once ``wait_replicas`` replicas have it
             (``WAIT``): an acknowledged message survives a failover. Needs replicas:
             opening refuses (:class:`~chatbus.StoreError`) unless every primary has
-            ``wait_replicas`` replicas online then.
+            ``wait_replicas`` replicas connected then.
         wait_replicas: Replicas that must confirm a durable append (1 to 100).
         wait_timeout: Seconds a durable append waits for them (0.001 to 600); past
             it the publish raises :class:`~chatbus.OutcomeUnknown`.
         max_connections: Most connections of the store's client (per server).
-        max_in_flight: Most append round trips running at once (1 to 1000); appends
+        max_in_flight: Most append round trips running at once per server (1 to 1000;
+            a stalled Cluster primary holds up only its own streams); appends
             made meanwhile are merged into the next (group commit).
         connect_timeout: Seconds a new connection may take (0.1 to 600): what makes
             a publish fail promptly with :class:`~chatbus.StoreError` while Redis is
@@ -251,7 +252,7 @@ async def open_redis(
     Raises:
         ValueError: an option is not valid.
         StoreError: Redis could not be reached, or (durable mode) a primary has
-            fewer than ``wait_replicas`` replicas online.
+            fewer than ``wait_replicas`` replicas connected.
     """
     server, query = parse_url(url)
     if query:
@@ -336,10 +337,10 @@ async def _open_pair(settings: _Settings) -> AsyncIterator[tuple[RedisStore, Red
 
 async def _check_replicas(settings: _Settings, client: Client) -> None:
     """Durable mode: refuse to open unless every primary has ``wait_replicas`` replicas
-    online now (else every publish would wait ``wait_timeout`` and fail).
+    connected now (else every publish would wait ``wait_timeout`` and fail).
 
     Raises:
-        StoreError: a primary has too few replicas online, or is a replica itself.
+        StoreError: a primary has too few replicas connected, or is a replica itself.
     """
     if isinstance(client, coredis.RedisCluster):
         layout = client.connection_pool.cluster_layout
@@ -361,26 +362,23 @@ async def _check_replicas(settings: _Settings, client: Client) -> None:
                 f"durable mode: {host}:{port} has role {info.get('role')!r}, not a primary;"
                 " give the url of the primary (or of the Cluster)"
             )
-        online = _online_replicas(info)
-        if online < settings.wait_replicas:
+        attached = _replicas(info)
+        if attached < settings.wait_replicas:
             raise StoreError(
                 f"durable mode needs wait_replicas={settings.wait_replicas} replica(s)"
-                f" online on every primary, but {host}:{port} has {online}: every publish"
+                f" connected to every primary, but {host}:{port} has {attached}: every publish"
                 " would fail after wait_timeout. Add replicas, lower wait_replicas, or use"
                 " durability='fast'"
             )
 
 
-def _online_replicas(info: Mapping[str, Any]) -> int:
-    """Replicas in ``INFO replication`` whose link is up (``slaveN: …state=online``)."""
-    online = 0
-    for name, value in info.items():
-        if name.startswith("slave") and name[5:].isdigit():
-            state = value.get("state") if isinstance(value, Mapping) else None
-            if state is None and isinstance(value, str):
-                state = dict(part.partition("=")[::2] for part in value.split(",")).get("state")
-            online += state == "online"
-    return online
+def _replicas(info: Mapping[str, Any]) -> int:
+    """Replicas attached to a primary (``INFO replication``'s ``connected_slaves``: one
+    still in its first sync counts, for it will confirm once synced)."""
+    try:
+        return int(info.get("connected_slaves") or 0)
+    except (TypeError, ValueError):
+        return 0
 
 
 def _slots_of(client: Client) -> Callable[[int], tuple[str, int] | None]:
@@ -411,14 +409,17 @@ def open_backend(
 
 
 async def drop_prefix(url: str, prefix: str) -> None:
-    """Delete every key under ``prefix`` (on a Cluster, on every primary).
+    """Delete every key of ``prefix`` (on a Cluster, on every primary); the keys of
+    another prefix are left alone, also one that starts with this one (``chat:eu``).
 
     For tests and tooling: SCAN, then UNLINK, in batches. Not atomic; writers still
     running under the prefix may leave keys behind.
     """
     server, _ = parse_url(url.split("?", 1)[0])
     settings = _Settings(server=server, prefix=prefix)
-    pattern = "".join("\\" + ch if ch in "*?[]\\" else ch for ch in prefix) + ":*"
+    # Every key of the prefix is `prefix:{tag}:…`: matching `prefix:*` would also
+    # take a prefix that starts with this one and a colon ("chat" and "chat:eu").
+    pattern = "".join("\\" + ch if ch in "*?[]\\" else ch for ch in prefix) + ":{*"
     try:
         async with settings.client() as client:
             keys = [key async for key in client.scan_iter(match=pattern, count=1000)]

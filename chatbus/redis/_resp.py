@@ -1,11 +1,12 @@
-"""RESP3, by hand, for the listener's own connections: commands out, values in.
+"""RESP3, by hand, for the listener's and the store lanes' own connections.
 
 Owns: encoding commands (:func:`encode`), an incremental parser that never holds
 more than one partial value (:class:`Parser`), the hash slot of a key or channel
 (:func:`hash_slot`), and :class:`RespConnection` (a trio TCP stream speaking RESP3,
-with the HELLO handshake). The store uses coredis; the listener does not, so that a
-lost subscription is never silently re-made behind its back and what it reads is
-bounded by what it has handled (TCP pushes back). Imports only trio.
+with the HELLO handshake). The listener does not use coredis, so that a lost
+subscription is never silently re-made behind its back and what it reads is bounded
+by what it has handled (TCP pushes back); the store's hot scripts use it through
+:mod:`._lane` (pipelined), everything else through coredis. Imports only trio.
 """
 
 from __future__ import annotations
@@ -32,9 +33,17 @@ class Push:
 def encode(*args: bytes | str | int) -> bytes:
     """One command as a RESP array of bulk strings."""
     parts = [b"*%d\r\n" % len(args)]
+    append = parts.append  # the store's hot path: no formatting of the data itself
     for arg in args:
-        data = arg if isinstance(arg, bytes) else str(arg).encode("utf-8")
-        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+        if type(arg) is str:
+            data = arg.encode("utf-8")
+        elif isinstance(arg, bytes):
+            data = arg
+        else:
+            data = str(arg).encode("utf-8")
+        append(b"$%d\r\n" % len(data))
+        append(data)
+        append(b"\r\n")
     return b"".join(parts)
 
 
@@ -200,10 +209,17 @@ class RespConnection:
         return conn
 
     async def send(self, commands: Sequence[Sequence[bytes | str | int]]) -> None:
-        """Send ``commands`` in one write (safe from several tasks)."""
+        """Send ``commands`` in one write (safe from several tasks).
+
+        Raises:
+            OSError: the connection failed or was closed (as :meth:`receive` says it).
+        """
         data = b"".join(encode(*command) for command in commands)
         async with self._send_lock:
-            await self.stream.send_all(data)
+            try:
+                await self.stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise ConnectionResetError(str(exc) or "connection lost") from exc
 
     async def receive(self) -> None:
         """Wait for more bytes and feed them to the parser.

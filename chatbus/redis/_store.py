@@ -1,9 +1,10 @@
 """The Redis store: :class:`RedisStore` and its statistics.
 
-Owns: how appends, reads, heads, events and the stream lifecycle become script
-calls on a coredis client (standalone or Cluster), the group commit across streams
-(:mod:`chatbus._coalesce`), the re-run that resolves a lost reply, and the durable
-mode's second phase. Imports this package's :mod:`._lua`; never the listener.
+Owns: how reads, heads, events and the stream lifecycle become script calls on a
+coredis client (standalone or Cluster), the script runner (NOSCRIPT, durable WAIT,
+layout hints), and the Cluster layout refresh. Appends are :mod:`._append`'s (group
+commit per server, re-run, durable second phase). Imports this package's
+:mod:`._lua` and :mod:`._append`; never the listener.
 """
 
 from __future__ import annotations
@@ -13,9 +14,7 @@ import functools
 import itertools
 import json
 import logging
-import random
-import secrets
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Final, final
 
 import attrs
@@ -23,13 +22,19 @@ import coredis
 import coredis.exceptions
 import trio
 
-from .._coalesce import Batch, GroupCommit, PendingAppend, settle
+from .._coalesce import Batch, PendingAppend
 from .._codec import BadBody, decode_bodies, pack_bodies
 from .._event import Event, decode_event_items, encode_events, from_micros, to_micros
-from .._exceptions import BusError, OutcomeUnknown, StoreError, store_error
+from .._exceptions import BusError, StoreError, store_error
 from .._message import Draft, Message, StreamInfo, check_after, check_stream
+from .._options import EventRetention
 from .._retention import RetentionPage
 from .._tasks import Backoff
+from ._append import DEFAULT_MAX_IN_FLIGHT as DEFAULT_MAX_IN_FLIGHT
+from ._append import LAYOUT_SUSPECT, Appender, each
+from ._append import REDIS_ERRORS as REDIS_ERRORS
+from ._append import Client as Client
+from ._lane import Lane, Lanes, Unsupported
 from ._lua import (
     APPEND,
     DELETE,
@@ -37,12 +42,10 @@ from ._lua import (
     INFO,
     JOINER_EVENTS,
     LIFECYCLE_BATCH,
-    PUBLISH,
     READ,
     REDACT,
     RETAIN_EVENTS,
     SCAN_STREAMS,
-    TOKENS_KEPT,
     TRIM_BATCH,
     TRIM_FIRST,
     TRIM_KEYS,
@@ -51,28 +54,28 @@ from ._lua import (
 )
 from ._resp import hash_slot
 
-#: Exceptions that mean "the server or the connection failed" rather than a bug.
-REDIS_ERRORS: Final = (coredis.exceptions.RedisError, TimeoutError, OSError)
-#: What a lost reply looks like: the command may or may not have run.
-_LOST: Final = (coredis.exceptions.ConnectionError, TimeoutError, OSError)
-#: Failures after which a Cluster's slot layout may be stale: a primary that died or
-#: lost its slots (a connection refused or lost, a timeout, MOVED past coredis's own
-#: redirects, CLUSTERDOWN, TRYAGAIN).
-_LAYOUT_SUSPECT: Final = (
-    coredis.exceptions.ConnectionError,
-    coredis.exceptions.RedisClusterError,
-    TimeoutError,
-    OSError,
-)
-#: Default limit on append round trips running at once (see open_redis).
-DEFAULT_MAX_IN_FLIGHT: Final = 3
-#: Most seconds spent re-running a batch whose reply was lost to learn its outcome
-#: (at most ``command_timeout`` too): what a publish may take past ``command_timeout``.
-RESOLVE_LIMIT: Final = 2.0
-
-Client = coredis.Redis[bytes] | coredis.RedisCluster[bytes]
+#: The bounds of a stream's retained events when the flush names none.
+_DEFAULT_RETENTION: Final = EventRetention()
 
 logger = logging.getLogger("chatbus.redis")
+
+#: The scripts run over the pipelined connections (the hot paths).
+_PIPELINED: Final = (APPEND, READ)
+
+
+def _lanes_of(client: Client, command_timeout: float) -> Lanes | None:
+    """Pipelined connections with ``client``'s credentials (None over TLS: coredis only)."""
+    kwargs: dict[str, Any] = dict(client.connection_pool.connection_kwargs)
+    if kwargs.get("ssl_context") is not None or kwargs.get("credential_provider") is not None:
+        return None
+    return Lanes(
+        username=kwargs.get("username"),
+        password=kwargs.get("password"),
+        db=int(kwargs.get("db") or 0),
+        client_name=str(kwargs.get("client_name") or "chatbus"),
+        connect_timeout=float(kwargs.get("connect_timeout") or command_timeout),
+        command_timeout=command_timeout,
+    )
 
 
 @attrs.frozen(kw_only=True)
@@ -82,12 +85,16 @@ class RedisStoreStatistics:
     Attributes:
         appends: :meth:`~RedisStore.append` calls that reached the queue.
         round_trips: Append round trips sent (one script call, on a Cluster one per
-            hash slot).
+            hash slot), over all servers (each has its own group commit).
         merged_round_trips: Round trips that carried more than one append.
         largest_round_trip: The most appends one round trip carried.
-        in_flight: Round trips running now.
+        in_flight: Round trips running now (at most ``max_in_flight`` per server).
         pending: Appends waiting for a round trip now.
         reruns: Batches run again after a lost reply (each answered by its token).
+        pipelined_calls: Script calls (appends and reads) made on the store's own
+            pipelined connections rather than through coredis.
+        pipelined_writes: Socket writes those took (fewer when calls were made at
+            the same time: they share one write).
     """
 
     appends: int
@@ -97,13 +104,8 @@ class RedisStoreStatistics:
     in_flight: int
     pending: int
     reruns: int
-
-
-def _abandoned() -> OutcomeUnknown:
-    return OutcomeUnknown(
-        "the round trip carrying this append was abandoned or ran out of time;"
-        " it may or may not have been committed. Retry with the same key to find out."
-    )
+    pipelined_calls: int = 0
+    pipelined_writes: int = 0
 
 
 def _no_limit(value: int | None) -> int:
@@ -132,14 +134,6 @@ def _stream_of(key: bytes, prefix: str) -> str | None:
         return bytes.fromhex(text[len(head) : -len(tail)]).decode("utf-8")
     except ValueError:
         return None
-
-
-def _not_sent(exc: BaseException) -> bool:
-    """Whether a client error happened before the command could reach the server."""
-    text = str(exc)
-    return isinstance(exc, coredis.exceptions.ConnectionError) and (
-        "Unable to establish" in text or "not usable" in text
-    )
 
 
 @final
@@ -213,17 +207,25 @@ class RedisStore:
     _cluster: bool = False
     #: A Cluster: asked to re-read the slot layout after a failure that may mean it moved.
     _layout: LayoutRefresh | None = None
+    #: Run APPEND and READ over a pipelined connection per server (see :mod:`._lane`).
+    _pipelined: bool = True
     _closed: bool = attrs.field(default=False, init=False)
-    _group: GroupCommit = attrs.field(init=False)
-    _reruns: int = attrs.field(default=0, init=False)
+    _appender: Appender = attrs.field(init=False)
+    _lanes: Lanes | None = attrs.field(default=None, init=False)
 
     def __attrs_post_init__(self) -> None:
-        self._group = GroupCommit(
-            send=self._send_batch,
-            failures=(*REDIS_ERRORS, BusError),
-            abandoned=_abandoned,
+        self._lanes = _lanes_of(self._client, self._command_timeout) if self._pipelined else None
+        self._appender = Appender(
+            self._client,
+            self._prefix,
+            self._script,
+            durability=self._durability,
+            wait_replicas=self._wait_replicas,
             max_in_flight=self._max_in_flight,
             shield_timeout=self._shield_timeout,
+            command_timeout=self._command_timeout,
+            reset=self._reset,
+            cluster=self._cluster,
         )
 
     @property
@@ -248,18 +250,23 @@ class RedisStore:
     def close(self) -> None:
         """Refuse further operations (those running finish); the opener closes the client."""
         self._closed = True
+        if self._lanes is not None:
+            self._lanes.close()
 
     def statistics(self) -> RedisStoreStatistics:
         """Return a snapshot of the append coalescing counters."""
-        group = self._group
+        groups = list(self._appender.groups.values())
+        lanes = list(self._lanes or ())
         return RedisStoreStatistics(
-            appends=group.appends,
-            round_trips=group.batches,
-            merged_round_trips=group.merged_batches,
-            largest_round_trip=group.largest_batch,
-            in_flight=group.in_flight,
-            pending=len(group.pending),
-            reruns=self._reruns,
+            appends=sum(group.appends for group in groups),
+            round_trips=sum(group.batches for group in groups),
+            merged_round_trips=sum(group.merged_batches for group in groups),
+            largest_round_trip=max((group.largest_batch for group in groups), default=0),
+            in_flight=sum(group.in_flight for group in groups),
+            pending=sum(len(group.pending) for group in groups),
+            reruns=self._appender.reruns,
+            pipelined_calls=sum(lane.calls for lane in lanes),
+            pipelined_writes=sum(lane.writes for lane in lanes),
         )
 
     # ---- the Store protocol ----
@@ -267,7 +274,7 @@ class RedisStore:
     async def append(self, stream: str, drafts: Sequence[Draft]) -> list[Message]:
         """Append ``drafts`` to ``stream`` in one script call; see :meth:`chatbus.Store.append`.
 
-        Appends that wait while ``max_in_flight`` round trips run are merged into the
+        Appends that wait while ``max_in_flight`` round trips run (per server) are merged into the
         next one (one script call for all of them; on a Cluster one per hash slot,
         sent at once). A repeated key returns the
         original message with ``replay=True``.
@@ -294,7 +301,7 @@ class RedisStore:
         entry = PendingAppend(
             stream, len(drafts), len(packed), Batch(drafts, packed, bodies, keyed)
         )
-        await self._group.submit(entry)
+        await self._appender.submit(entry)
         if entry.cause is not None:
             if isinstance(entry.cause, BusError):
                 raise entry.cause
@@ -356,29 +363,38 @@ class RedisStore:
                 requests = [pipe.hget(self.keys(stream).meta, "vis") for stream in wanted]
             values = [await request for request in requests]
         except REDIS_ERRORS as exc:
-            if isinstance(exc, _LAYOUT_SUSPECT):
+            if isinstance(exc, LAYOUT_SUSPECT):
                 self._suspect_layout()
             raise store_error("heads", exc) from exc
         return {stream: int(value or 0) for stream, value in zip(wanted, values, strict=True)}
 
     # ---- events ----
 
-    async def retain_events(self, events: Sequence[Event], encoded: Sequence[str]) -> None:
+    async def retain_events(
+        self,
+        events: Sequence[Event],
+        encoded: Sequence[str],
+        *,
+        retention: EventRetention | None = None,
+    ) -> None:
         """Keep ``events`` for joiners and publish them live, one script call per stream
         (concurrently); see :meth:`chatbus.EventStore.retain_events`.
 
         Raises:
             StoreError: a script call failed.
         """
+        bounds = retention or _DEFAULT_RETENTION
         by_stream: dict[str, list[tuple[Event, str]]] = {}
         for event, text in zip(events, encoded, strict=True):
             by_stream.setdefault(event.stream, []).append((event, text))
-        await self._each(by_stream.items(), self._retain_stream_events)
+        await each(by_stream.items(), functools.partial(self._retain_stream_events, bounds))
 
-    async def _retain_stream_events(self, item: tuple[str, list[tuple[Event, str]]]) -> None:
+    async def _retain_stream_events(
+        self, bounds: EventRetention, item: tuple[str, list[tuple[Event, str]]]
+    ) -> None:
         stream, pairs = item
         keys = self.keys(stream)
-        args: list[str | int] = [keys.channel, len(pairs)]
+        args: list[str | int] = [keys.channel, len(pairs), bounds.max_events, bounds.max_bytes]
         for event, text in pairs:
             created = to_micros(event.created_at)
             expires = 0
@@ -557,7 +573,7 @@ class RedisStore:
             script_keys = [keys.meta, keys.entries, keys.redactions, keys.trimmed]
             results[stream] = await self._call("retention", EXAMINE, script_keys, policy, stream)
 
-        await self._each(streams, examine)
+        await each(streams, examine)
         trims: list[tuple[str, int, int]] = []
         again = False
         for stream in streams:
@@ -628,193 +644,6 @@ class RedisStore:
             redacted=True,
         )
 
-    # ---- appends ----
-
-    async def _send_batch(self, batch: list[PendingAppend]) -> None:
-        """One script call for ``batch`` (on a Cluster, one per hash slot, sent at
-        once); each stream's callers get that stream's outcome."""
-        groups: dict[str, list[PendingAppend]] = {}
-        for member in batch:
-            groups.setdefault(member.stream, []).append(member)
-        calls: dict[int, list[tuple[str, list[PendingAppend]]]] = {}
-        for stream, members in groups.items():
-            slot = hash_slot(self.keys(stream).meta.encode()) if self._cluster else 0
-            calls.setdefault(slot, []).append((stream, members))
-        await self._each(calls.values(), self._append_call)
-
-    async def _append_call(self, streams: list[tuple[str, list[PendingAppend]]]) -> None:
-        """One APPEND script call for ``streams`` (all in one slot on a Cluster)."""
-        try:
-            await self._append_streams(streams)
-        except Exception as exc:
-            if not isinstance(exc, (*REDIS_ERRORS, BusError)):
-                raise
-            for _, members in streams:
-                for member in members:
-                    if member.result is None and member.cause is None:
-                        member.cause = exc
-
-    async def _append_streams(self, streams: list[tuple[str, list[PendingAppend]]]) -> None:
-        durable = self._durability == "durable"
-        script_keys: list[str] = []
-        args: list[str | int] = [1 if durable else 0, 0, TOKENS_KEPT, len(streams)]
-        all_drafts: list[list[Draft]] = []
-        for stream, members in streams:
-            keys = self.keys(stream)
-            script_keys += [keys.meta, keys.entries, keys.keys, keys.tokens]
-            script_keys += [keys.token_order, keys.redactions]
-            drafts = [draft for member in members for draft in member.payload.drafts]
-            all_drafts.append(drafts)
-            args += [secrets.token_hex(12), keys.channel, stream, random.getrandbits(52) + 1]
-            args.append(len(drafts))
-            args += [draft.key or "" for draft in drafts]
-            args += [draft.body_json for draft in drafts]
-        reply = await self._run_append(script_keys, args, streams, durable=durable)
-        at = 0
-        for (stream, members), drafts in zip(streams, all_drafts, strict=True):
-            status, epoch, vis, last_id, micros, nfound = reply[at : at + 6]
-            flat = reply[at + 6 : at + 6 + 5 * int(nfound)]
-            at += 6 + 5 * int(nfound)
-            try:
-                await self._settle_stream(
-                    stream, members, drafts, status, epoch, int(vis), int(last_id), micros, flat
-                )
-            except (*REDIS_ERRORS, BusError) as exc:
-                for member in members:
-                    if member.result is None:
-                        member.cause = exc
-
-    async def _settle_stream(
-        self,
-        stream: str,
-        members: list[PendingAppend],
-        drafts: list[Draft],
-        status: bytes,
-        epoch: Any,
-        vis: int,
-        last_id: int,
-        micros: Any,
-        flat: Sequence[Any],
-    ) -> None:
-        if status == b"reset" and self._reset is not None:
-            # A new epoch: this process's subscriptions must learn it before the
-            # batch reaches them through the bus's cache (others get the notice).
-            self._reset(stream)
-        if status == b"unknown":
-            raise OutcomeUnknown(
-                f"append on stream {stream!r}: the reply was lost, and the batch's record"
-                " is gone: it may or may not have been stored. Retry with the same key."
-            )
-        found = self._found(stream, drafts, flat)
-        created_at = from_micros(int(micros))
-        keyed = any(member.payload.keyed for member in members)
-        settle(stream, members, last_id, created_at, found if keyed else None)
-        if self._durability == "durable":
-            newest = max([last_id, *(message.id for message in found.values())])
-            if newest > vis:
-                await self._publish_durable(stream, self.keys(stream), newest, epoch)
-
-    def _found(self, stream: str, drafts: list[Draft], flat: Sequence[Any]) -> dict[str, Message]:
-        """The messages the script found under the batch's keys (stored before it)."""
-        found: dict[str, Message] = {}
-        for i in range(0, len(flat), 5):
-            index, id_, micros, body, redacted = flat[i : i + 5]
-            key = drafts[int(index) - 1].key
-            assert key is not None
-            found[key] = Message(
-                stream=stream,
-                id=int(id_),
-                body=None if body is None or redacted else json.loads(body),
-                key=key,
-                created_at=from_micros(int(micros)),
-                replay=True,
-                redacted=bool(redacted),
-            )
-        return found
-
-    async def _run_append(
-        self,
-        keys: list[str],
-        args: list[str | int],
-        streams: list[tuple[str, list[PendingAppend]]],
-        *,
-        durable: bool,
-    ) -> list[Any]:
-        """Run the append script; after a lost reply, run it again with the same token.
-
-        The re-run finds the first run's record (and returns its outcome) or, when no
-        record of the token can have been dropped since it was sent, appends: either
-        way the batch is stored once. Re-runs go on, paced, for at most
-        ``min(command_timeout, RESOLVE_LIMIT)``: if none answers by then (the server
-        stays out of reach, or frozen), or the record may have been dropped, the
-        outcome is unknown. A command that was never sent is a plain failure.
-
-        ``durable``: WAIT for the replicas right after the script, on its connection;
-        if they do not confirm in time the batch is stored but invisible: unknown.
-        """
-        names = ", ".join(repr(stream) for stream, _ in streams)
-        sent_at = trio.current_time()
-        try:
-            reply: list[Any] = await self._script(APPEND, keys, args, durable=durable)
-            return reply
-        except coredis.exceptions.ReplicationError as exc:
-            raise self._unreplicated(names, exc) from exc
-        except _LOST as exc:
-            if _not_sent(exc):
-                raise
-            lost: BaseException = exc
-        # It may have run. One budget for all the re-runs: a server that did not answer
-        # the first run seldom answers the next, and each would wait a command_timeout.
-        budget = min(self._command_timeout, RESOLVE_LIMIT)
-        last: BaseException | None = None
-        pause = Backoff(0.05, 0.4)
-        with trio.move_on_after(budget):
-            while True:
-                await pause.sleep()
-                self._reruns += 1
-                # The window: a record made since the first send must not have been dropped.
-                args[1] = round((trio.current_time() - sent_at + 1.0) * 1_000_000)
-                try:
-                    again: list[Any] = await self._script(APPEND, keys, args, durable=durable)
-                    return again
-                except coredis.exceptions.ReplicationError as exc:
-                    raise self._unreplicated(names, exc) from exc
-                except (*_LOST, *_LAYOUT_SUSPECT) as exc:
-                    last = exc  # out of reach (or its slot moving) for now: again
-                except REDIS_ERRORS as exc:
-                    last = exc  # refused outright: the first run's outcome stays unknown
-                    break
-        if isinstance(lost, TimeoutError):
-            what = f"no reply came within command_timeout ({self._command_timeout:g} s)"
-        else:
-            what = f"the connection was lost while the append was in flight ({lost!r})"
-        if last is None:
-            tried = f"re-running it with its token got no answer within {budget:g} s"
-        else:
-            tried = f"re-running it with its token did not tell ({last!r})"
-        error = OutcomeUnknown(
-            f"append on stream {names}: {what}, so it may have run; {tried}. It may or"
-            " may not have been stored: retry with the same key to find out."
-        )
-        raise error from lost
-
-    def _unreplicated(self, names: str, exc: BaseException) -> OutcomeUnknown:
-        return OutcomeUnknown(
-            f"append on stream {names}: stored, but not confirmed by"
-            f" {self._wait_replicas} replica(s) in time ({exc!r}); it becomes visible with"
-            " the next durable append of the stream, or is lost with a failover. Retry"
-            " with the same key to find out."
-        )
-
-    async def _publish_durable(
-        self, stream: str, keys: StreamKeys, newest: int, epoch: Any
-    ) -> None:
-        """Durable mode, after WAIT: make the stream visible up to ``newest``, notify."""
-        try:
-            await self._script(PUBLISH, [keys.meta], [newest, epoch, keys.channel, stream])
-        except REDIS_ERRORS as exc:
-            raise self._unreplicated(repr(stream), exc) from exc
-
     # ---- script calls ----
 
     async def _call(
@@ -837,10 +666,22 @@ class RedisStore:
     ) -> Any:
         """EVALSHA ``script``; on NOSCRIPT load it (on a Cluster: on every primary) and run
         it again (NOSCRIPT means it did not run). ``durable``: WAIT for the replicas on
-        the same connection first (it covers every write before it on that server)."""
+        the same connection first (it covers every write before it on that server).
+
+        APPEND and READ go over the server's pipelined connection (:mod:`._lane`):
+        calls made meanwhile share one write. A redirect there (the script did not
+        run) sends the call through coredis, which follows it."""
         client = self._client
+        lane = self._lane_for(script, keys, durable)
         for attempt in range(2):
             try:
+                if lane is not None:
+                    try:
+                        return await lane.call(["EVALSHA", script.sha, len(keys), *keys, *args])
+                    except Unsupported:
+                        # A redirect (or a server in transition): coredis follows it.
+                        self._suspect_layout()
+                        lane = None
                 if durable:
                     # WAIT runs on the connection of the command before it.
                     with client.ensure_replication(
@@ -852,25 +693,33 @@ class RedisStore:
                 if attempt:
                     raise
                 await client.script_load(script.text)
-            except _LAYOUT_SUSPECT:
+            except LAYOUT_SUSPECT:
                 self._suspect_layout()
                 raise
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _lane_for(self, script: Script, keys: list[str], durable: bool) -> Lane | None:
+        """The pipelined connection for this call, or None to use coredis: the hot
+        scripts only (APPEND, READ), not in durable mode (WAIT runs on coredis's
+        connection), on a Cluster to the primary the layout names for the slot."""
+        if self._lanes is None or durable or script not in _PIPELINED or not keys:
+            return None
+        if not self._cluster:
+            location: Any = getattr(self._client.connection_pool, "location", None)
+            if not isinstance(getattr(location, "port", None), int):
+                return None  # not TCP (a Unix socket): coredis
+            return self._lanes.to((location.host, location.port))
+        client: Any = self._client
+        try:
+            node = client.connection_pool.cluster_layout.node_for_slot(hash_slot(keys[0].encode()))
+        except (*REDIS_ERRORS, LookupError, AttributeError):
+            return None  # no layout for it now: coredis says why
+        return self._lanes.to((node.host, node.port))
 
     def _suspect_layout(self) -> None:
         """A Cluster command failed in a way a moved slot explains: re-read the layout."""
         if self._layout is not None:
             self._layout.request()
-
-    async def _each(self, items: Any, run: Callable[[Any], Awaitable[None]]) -> None:
-        """Run ``run(item)`` for every item, concurrently when there are several."""
-        items = list(items)
-        if len(items) == 1:
-            await run(items[0])
-            return
-        async with trio.open_nursery() as nursery:
-            for item in items:
-                nursery.start_soon(run, item)
 
     async def _check_open(self, operation: str) -> None:
         if self._closed:

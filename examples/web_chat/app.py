@@ -29,12 +29,14 @@ It serves on hypercorn's trio worker with Starlette; see README.md for why.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import pathlib
+import re
 import signal
 import sys
 import urllib.parse
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 import attrs
@@ -43,7 +45,7 @@ import hypercorn.trio
 import trio
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
 import chatbus
@@ -120,13 +122,15 @@ def _room(request: Request) -> str:
     """The room of a ``/rooms/{room}/…`` route: a valid stream name, without ``/``,
     spelled in UTF-8 in the URL (``%FF`` would otherwise decode to U+FFFD, and
     ``%FF`` and ``%FE`` would be one room)."""
-    raw = request.scope.get("raw_path")
-    if isinstance(raw, bytes):
+    return _room_name(request.path_params["room"], request.scope.get("raw_path"))
+
+
+def _room_name(room: str, raw_path: object) -> str:
+    if isinstance(raw_path, bytes):
         try:
-            urllib.parse.unquote_to_bytes(raw).decode("utf-8")
+            urllib.parse.unquote_to_bytes(raw_path).decode("utf-8")
         except UnicodeDecodeError:
             raise BadRequest("room name is not valid UTF-8 (percent-encoded)") from None
-    room: str = request.path_params["room"]
     if "/" in room:
         raise BadRequest("room name must not contain '/'")
     return room  # (chatbus checks the rest: InvalidStream, a 400)
@@ -154,7 +158,81 @@ def _answers_bad_input(handler: Handler) -> Handler:
     return wrapper
 
 
-def make_app(bus: chatbus.Bus, *, typing_ttl: float = 4.0, heartbeat: float = 5.0) -> Starlette:
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+_EVENTS_PATH = re.compile(r"/rooms/(.*)/events")
+_SSE_HEADERS = [(k.encode(), v.encode()) for k, v in chatbus.sse.SSE_HEADERS.items()]
+
+
+async def _send_error(send: Send, status: int, reason: str) -> None:
+    body = json.dumps({"error": reason}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _events_endpoint(bus: chatbus.Bus, *, heartbeat: float, flush: float) -> ASGIApp:
+    """``GET /rooms/{room}/events`` as a bare ASGI app.
+
+    The SSE stream is the one route that writes all the time (1,000 clients of a busy
+    room: tens of thousands of writes a second), so it skips Starlette's
+    ``StreamingResponse`` and its middleware, which cost a task group and several
+    wrappers per chunk: the chunks of ``chatbus.sse.sse_bytes`` go to the server as
+    they are. It watches for ``http.disconnect`` as Starlette does, so a closed tab
+    closes its subscription at once.
+    """
+
+    async def endpoint(scope: Scope, receive: Receive, send: Send) -> None:
+        match = _EVENTS_PATH.fullmatch(scope["path"])
+        assert match is not None
+        query = dict(
+            urllib.parse.parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True)
+        )
+        last_event_id = None
+        for name, value in scope["headers"]:
+            if name == b"last-event-id":
+                last_event_id = value.decode("latin-1")
+        try:
+            cursor = chatbus.sse.parse_cursor(
+                last_event_id=last_event_id, after=query.get("after"), last=query.get("last")
+            )
+            room = _room_name(match[1], scope.get("raw_path"))
+            frames = chatbus.sse.sse_bytes(bus, room, cursor, heartbeat=heartbeat, flush=flush)
+        except (BadRequest, ValueError) as exc:  # InvalidCursor, InvalidStream
+            await _send_error(send, 400, str(exc))
+            return
+
+        async def stream(cancel_scope: trio.CancelScope) -> None:
+            async with contextlib.aclosing(frames):
+                await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+                async for chunk in frames:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+            cancel_scope.cancel()
+
+        async def disconnected(cancel_scope: trio.CancelScope) -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            cancel_scope.cancel()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stream, nursery.cancel_scope)
+            nursery.start_soon(disconnected, nursery.cancel_scope)
+
+    return endpoint
+
+
+def make_app(
+    bus: chatbus.Bus,
+    *,
+    typing_ttl: float = 4.0,
+    heartbeat: float = 5.0,
+    flush: float = chatbus.sse.DEFAULT_FLUSH,
+) -> ASGIApp:
     """Build the ASGI app serving chat rooms on ``bus``."""
 
     async def page(request: Request) -> Response:
@@ -162,16 +240,6 @@ def make_app(bus: chatbus.Bus, *, typing_ttl: float = 4.0, heartbeat: float = 5.
 
     async def script(request: Request) -> Response:
         return FileResponse(STATIC / "chat.js", headers={"cache-control": "no-cache"})
-
-    @_answers_bad_input
-    async def events(request: Request) -> Response:
-        cursor = chatbus.sse.parse_cursor(
-            last_event_id=request.headers.get("last-event-id"),
-            after=request.query_params.get("after"),
-            last=request.query_params.get("last"),
-        )
-        frames = chatbus.sse.sse_stream(bus, _room(request), cursor, heartbeat=heartbeat)
-        return StreamingResponse(frames, headers=dict(chatbus.sse.SSE_HEADERS))
 
     @_answers_bad_input
     async def history(request: Request) -> Response:
@@ -211,17 +279,35 @@ def make_app(bus: chatbus.Bus, *, typing_ttl: float = 4.0, heartbeat: float = 5.
         # connected (a closed tab must not leave one behind).
         return JSONResponse(attrs.asdict(bus.statistics()))
 
-    return Starlette(
+    async def events_head(request: Request) -> Response:
+        # GET is served by the bare endpoint in front; this route makes the others
+        # 405, as for every route (HEAD of an endless stream has no use).
+        return Response(status_code=405, headers={"allow": "GET"})
+
+    events = _events_endpoint(bus, heartbeat=heartbeat, flush=flush)
+    rest = Starlette(
         routes=[
             Route("/", page),
             Route("/chat.js", script),
             Route("/stats", stats),
-            Route("/rooms/{room:path}/events", events),
+            Route("/rooms/{room:path}/events", events_head, methods=["GET"]),
             Route("/rooms/{room:path}/messages", history, methods=["GET"]),
             Route("/rooms/{room:path}/messages", post_message, methods=["POST"]),
             Route("/rooms/{room:path}/typing", typing, methods=["POST"]),
         ]
     )
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] == "http"
+            and scope["method"] == "GET"
+            and _EVENTS_PATH.fullmatch(scope["path"])
+        ):
+            await events(scope, receive, send)
+        else:
+            await rest(scope, receive, send)
+
+    return app
 
 
 async def serve(
@@ -231,11 +317,15 @@ async def serve(
     *,
     typing_ttl: float = 4.0,
     heartbeat: float = 5.0,
+    flush: float = chatbus.sse.DEFAULT_FLUSH,
 ) -> None:
     """Serve the chat app until SIGINT or SIGTERM."""
     config = hypercorn.config.Config()
     config.bind = [f"{host}:{port}"]
     config.graceful_timeout = 1.0  # SSE streams never end by themselves
+    # Every open tab reconnects at once after a restart: hypercorn's default backlog
+    # (100) overflows while the process is busy, and the kernel then resets some.
+    config.backlog = 1024
     config.accesslog = None
     async with chatbus.open_bus(dsn) if dsn else chatbus.open_bus() as bus:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -245,7 +335,7 @@ async def serve(
                     print(f"web_chat: {signal.Signals(signum).name}, stopping", flush=True)
                     return
 
-            app = make_app(bus, typing_ttl=typing_ttl, heartbeat=heartbeat)
+            app = make_app(bus, typing_ttl=typing_ttl, heartbeat=heartbeat, flush=flush)
             print(f"web_chat: serving http://{host}:{port}/", flush=True)
             await hypercorn.trio.serve(
                 app,  # type: ignore[arg-type]
@@ -262,10 +352,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dsn", help="PostgreSQL URL (default: in memory)")
     parser.add_argument("--typing-ttl", type=float, default=4.0, help="seconds")
     parser.add_argument("--heartbeat", type=float, default=5.0, help="seconds")
+    parser.add_argument(
+        "--flush",
+        type=float,
+        default=chatbus.sse.DEFAULT_FLUSH,
+        help="seconds an SSE stream of a busy room gathers messages per write (0: none)",
+    )
     args = parser.parse_args(argv)
+    if not args.flush >= 0:
+        parser.error("--flush must be >= 0")
     trio.run(
         lambda: serve(
-            args.host, args.port, args.dsn, typing_ttl=args.typing_ttl, heartbeat=args.heartbeat
+            args.host,
+            args.port,
+            args.dsn,
+            typing_ttl=args.typing_ttl,
+            heartbeat=args.heartbeat,
+            flush=args.flush,
         )
     )
     print("web_chat: stopped", flush=True)

@@ -13,6 +13,7 @@ import sys
 import time
 from typing import Any
 
+import attrs
 import psycopg
 import pytest
 import trio
@@ -455,3 +456,137 @@ async def test_same_key_from_two_processes_while_the_lock_is_held_stores_once() 
 
 async def _append_into(store: PostgresStore, results: list[Message]) -> None:
     results.extend(await store.append("race", [draft("same", "the-key")]))
+
+
+async def test_keys_this_store_never_sent_go_in_at_once_and_a_refused_one_is_looked_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A batch of keys this store has not sent is inserted without looking them up (the
+    unique index checks each key as it goes in). A key another process stored makes the
+    unique index refuse the batch: nothing is stored, and the batch runs again with the
+    lookup, so the original comes back as a replay (its own body: a different body is
+    a conflict) and ids stay dense. A key this store sent before is looked up at once,
+    and only that one."""
+    async with fresh_schema() as (dsn, schema):
+        async with (
+            open_postgres(dsn, schema=schema) as (one, _),
+            open_postgres(dsn, schema=schema) as (two, _),
+        ):
+            with trio.fail_after(20):
+                [a] = await one.append("x", [draft("a", "ka")])
+                statements: list[bytes] = []
+                execute = chatbus.postgres._pq.execute
+
+                looked_up: list[bytes] = []
+
+                async def recording(*args: Any, **kwargs: Any) -> Any:
+                    statements.append(args[1])
+                    if args[1] == one._queries.append_keyed:  # it looks keys up: which
+                        looked_up.append(args[2][5])
+                    return await execute(*args, **kwargs)
+
+                monkeypatch.setattr(chatbus.postgres._pq, "execute", recording)
+                queries = two._queries
+                [b] = await two.append("x", [draft("b", "kb")])
+                assert statements == [queries.append_keyed_new_one]
+                assert (b.id, b.replay) == (2, False)
+                statements.clear()
+                result = await two.append(
+                    "x", [draft("c", "kc"), draft("a, edited", "ka"), draft("d", "kd")]
+                )
+                assert statements == [queries.append_keyed_new_one, queries.append_keyed]
+                assert looked_up == [b"ttt"]  # after a refusal: every key
+                looked_up.clear()
+                assert [(m.id, m.body, m.replay) for m in result] == [
+                    (3, "c", False),
+                    (a.id, "a", True),
+                    (4, "d", False),
+                ]
+                assert two.statistics().keyed_reruns == 1
+                statements.clear()
+                # One sent ka: only ka is looked up; ke goes in, checked by the index.
+                again, e = await one.append("x", [draft("a", "ka"), draft("e", "ke")])
+                assert statements == [one._queries.append_keyed]
+                assert looked_up == [b"tf"]
+                assert again == a
+                assert (e.id, e.replay) == (5, False)
+                assert one.statistics().keyed_reruns == 0
+                stored = await one.read("x", 0, 10)
+                assert [(m.id, m.key) for m in stored] == [
+                    (1, "ka"),
+                    (2, "kb"),
+                    (3, "kc"),
+                    (4, "kd"),
+                    (5, "ke"),
+                ]
+
+
+async def test_merged_appends_of_new_keys_go_in_at_once_and_a_refused_key_looks_all_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Keyed appends of several streams merged into one statement: with keys the store
+    has not sent, one statement inserts them all (ids dense per stream, a key repeated
+    within the statement stored once); when another process stored one of the keys,
+    nothing of the merged statement is stored, and it runs again looking every key up."""
+    async with fresh_schema() as (dsn, schema):
+        async with (
+            open_postgres(dsn, schema=schema, max_connections=4, max_in_flight=1) as (store, _),
+            open_postgres(dsn, schema=schema) as (other, _),
+        ):
+            [taken] = await other.append("b", [draft("taken", "kt")])
+            statements: list[bytes] = []
+            execute = chatbus.postgres._pq.execute
+
+            async def recording(*args: Any, **kwargs: Any) -> Any:
+                statements.append(args[1])
+                return await execute(*args, **kwargs)
+
+            monkeypatch.setattr(chatbus.postgres._pq, "execute", recording)
+            queries = store._queries
+            for queued, expected in (
+                (
+                    [
+                        ("a", [draft(1, "k1")]),
+                        ("b", [draft(1, "k1"), draft(None)]),
+                        ("a", [draft(2, "k2"), draft("2 again", "k2")]),
+                    ],
+                    [queries.append_keyed_new],
+                ),
+                (
+                    [("a", [draft(3, "k3")]), ("b", [draft("not taken", "kt"), draft(4, "k4")])],
+                    [queries.append_keyed_new, queries.append_keyed],
+                ),
+            ):
+                results: dict[int, list[Message]] = {}
+
+                async def append(
+                    n: int,
+                    stream: str,
+                    drafts: list[Draft],
+                    results: dict[int, list[Message]] = results,
+                ) -> None:
+                    results[n] = await store.append(stream, drafts)
+
+                with trio.fail_after(20):
+                    async with row_lock(schema, "a") as lock, trio.open_nursery() as nursery:
+                        nursery.start_soon(append, 0, "a", [draft(0)])
+                        await eventually(lambda: store.statistics().in_flight == 1)
+                        for n, (stream, drafts) in enumerate(queued, 1):
+                            nursery.start_soon(append, n, stream, drafts)
+                            await eventually(lambda n=n: store.statistics().pending == n)
+                        await lock.release()
+                statements.remove(queries.append_unkeyed)  # the held one, alone
+                assert statements == expected
+                statements.clear()
+                if len(queued) == 3:
+                    assert {n: [(m.id, m.replay) for m in ms] for n, ms in results.items()} == {
+                        0: [(1, False)],
+                        1: [(2, False)],
+                        2: [(2, False), (3, False)],
+                        3: [(3, False), (3, True)],
+                    }
+            assert results[2][0] == attrs.evolve(taken, replay=True)
+            assert [(m.id, m.replay) for m in results[2]] == [(taken.id, True), (4, False)]
+            assert [m.body for m in await store.read("a", 0, 10)] == [0, 1, 2, 0, 3]
+            assert [m.body for m in await store.read("b", 0, 10)] == ["taken", 1, None, 4]
+            assert store.statistics().keyed_reruns == 1

@@ -128,7 +128,7 @@ async def test_durable_publishes_are_visible_only_once_a_replica_has_them() -> N
                 assert await collect(sub, 2) == [2, 3]
 
 
-async def test_durable_mode_refuses_to_open_without_enough_replicas_online() -> None:
+async def test_durable_mode_refuses_to_open_without_enough_replicas() -> None:
     """Without the replicas it waits for, every durable publish would fail after
     wait_timeout: refuse at open, naming the primary and the count."""
     with trio.fail_after(60):

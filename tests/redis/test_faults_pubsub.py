@@ -177,3 +177,51 @@ async def test_slot_migrated_while_subscribed_loses_nothing(durability: str) -> 
                     with trio.fail_after(10):
                         message = await sub.receive()
                     assert (message.id, message.body) == (total + 1, "after the move")
+
+
+@pytest.mark.parametrize("topology", TOPOLOGIES)
+async def test_subscriptions_opened_and_closed_while_pubsub_is_killed_keep_the_bus(
+    topology: str,
+) -> None:
+    """Subscriptions come and go at the moment the listening connections die: entering
+    one may raise a chatbus error, leaving one never raises, and the bus lives on.
+
+    Before the fix a SUNSUBSCRIBE sent on the dead socket raised trio's
+    BrokenResourceError in the listener's nursery and took the whole bus down, and
+    leaving a subscription raised "Nursery is closed to new arrivals".
+    """
+    streams = [f"churn-{i}" for i in range(40)]
+    problems: list[str] = []
+    with trio.fail_after(120):
+        async with open_topology(topology) as world:
+            prefix = unique_prefix()
+            async with open_redis_bus(world.url, prefix=prefix, poll_interval=None) as bus:
+                for cycle in range(8):
+                    stop = trio.Event()
+
+                    async def hold(stream: str, stop: trio.Event = stop) -> None:
+                        try:
+                            async with bus.open_subscriber(stream):
+                                await stop.wait()
+                        except chatbus.BusError:
+                            pass  # a clear error while the listener reconnects is fine
+                        except Exception as exc:  # what the test is about
+                            problems.append(repr(exc))
+
+                    async with trio.open_nursery() as nursery:
+                        for stream in streams:
+                            nursery.start_soon(hold, stream)
+                        await trio.sleep(0.3)
+                        if cycle % 2:
+                            stop.set()
+                            world.kill_clients("TYPE", "pubsub")
+                        else:
+                            world.kill_clients("TYPE", "pubsub")
+                            await trio.sleep(0.001 * cycle)
+                            stop.set()
+                # Still serving: a live message reaches a new subscription.
+                async with bus.open_subscriber("after", after=0) as sub:
+                    await bus.publish("after", "still here")
+                    with trio.fail_after(15):
+                        assert (await sub.__anext__()).body == "still here"
+    assert problems == []

@@ -316,3 +316,20 @@ async def test_durable_mode_on_a_cluster_without_replicas_is_refused_at_open() -
     with trio.fail_after(60), pytest.raises(chatbus.StoreError, match="durable mode needs"):
         async with open_redis(url, prefix=unique_prefix(), durability="durable"):
             pass
+
+
+async def test_drop_prefix_leaves_a_prefix_that_starts_with_it_alone(url: str) -> None:
+    base = unique_prefix()
+    with trio.fail_after(60):
+        for prefix in (base, base + ":eu"):
+            async with open_redis(url, prefix=prefix) as (store, notifier):
+                async with chatbus.open_bus(store=store, notifier=notifier) as bus:
+                    await bus.publish("room", prefix)
+        await chatbus.redis.drop_prefix(url, base)
+        async with open_redis(url, prefix=base + ":eu") as (store, notifier):
+            async with chatbus.open_bus(store=store, notifier=notifier) as bus:
+                assert [m.body for m in await bus.read("room")] == [base + ":eu"]
+        async with open_redis(url, prefix=base) as (store, notifier):
+            async with chatbus.open_bus(store=store, notifier=notifier) as bus:
+                assert await bus.read("room") == []
+        await chatbus.redis.drop_prefix(url, base + ":eu")

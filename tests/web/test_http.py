@@ -107,6 +107,17 @@ def test_unknown_routes_and_methods(client):
     assert client.get("/rooms/r").status_code == 404
     assert client.delete("/rooms/r/messages").status_code == 405
     assert client.get("/rooms/r/typing").status_code == 405
+    assert client.post("/rooms/r/events").status_code == 405
+    assert client.head("/rooms/r/events").status_code == 405
+    assert client.get("/rooms/r/events/x").status_code == 404
+
+
+def test_sse_response_headers(client):
+    with client.stream("GET", "/rooms/hdr/events?last=0") as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"] == "text/event-stream; charset=utf-8"
+        assert response.headers["cache-control"] == "no-cache"
+        assert response.headers["x-accel-buffering"] == "no"
 
 
 def test_history_pages(client):
