@@ -8,6 +8,7 @@ import time
 import uuid
 
 import pytest
+import trio
 
 from .conftest import postgres_or_skip
 
@@ -205,6 +206,43 @@ def test_two_processes_on_postgres_share_a_room(start_app):
         assert r.status_code == 201 and r.json()["id"] == 2
         lines = sse_lines(client, f"{one.url}/rooms/{room}/events?after=0", until=2)
     assert message_ids(lines) == ["0", "1", "2"]
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("kind", ["redis", "redis-cluster"])
+def test_two_processes_on_redis_share_a_room(start_app, kind):
+    """The README's `--dsn redis://…` (and `redis+cluster://…`): two app processes, one
+    room, sends on either, a replayed key, a conflicting one, and scroll-back."""
+    import chatbus.redis
+
+    from support.redis import unique_prefix, url_for
+
+    prefix = unique_prefix()
+    dsn = f"{url_for(kind)}?prefix={prefix}"
+    try:
+        one, two = start_app("--dsn", dsn), start_app("--dsn", dsn)
+        room = "r-" + uuid.uuid4().hex[:8]
+        with httpx.Client(timeout=10) as client:
+            first = client.post(
+                f"{one.url}/rooms/{room}/messages", json={"text": "a", "key": "k1"}
+            )
+            assert first.status_code == 201 and first.json()["id"] == 1
+            again = client.post(
+                f"{two.url}/rooms/{room}/messages", json={"text": "a", "key": "k1"}
+            )
+            assert again.status_code in (200, 201) and again.json()["id"] == 1
+            clash = client.post(
+                f"{two.url}/rooms/{room}/messages", json={"text": "b", "key": "k1"}
+            )
+            assert clash.status_code == 409
+            r = client.post(f"{two.url}/rooms/{room}/messages", json={"text": "b"})
+            assert r.status_code == 201 and r.json()["id"] == 2
+            lines = sse_lines(client, f"{one.url}/rooms/{room}/events?after=0", until=2)
+            page = client.get(f"{two.url}/rooms/{room}/messages", params={"before": 3, "limit": 5})
+        assert message_ids(lines) == ["0", "1", "2"]
+        assert [m["body"]["text"] for m in page.json()["messages"]] == ["a", "b"]
+    finally:
+        trio.run(chatbus.redis.drop_prefix, url_for(kind), prefix)
 
 
 # -- review B: D1, D5, D7, D8 ----------------------------------------------------------
