@@ -91,13 +91,19 @@ def encode_notice(stream: str, last_id: int) -> str:
     return json.dumps({"stream": stream, "last_id": last_id}, ensure_ascii=False)
 
 
-def parse_notice(payload: bytes | str) -> tuple[str, int] | None:
-    """Decode a notice payload; ``None`` for anything that is not a valid notice."""
+def _json_object(payload: bytes | str) -> dict[str, Any] | None:
+    """``payload`` decoded, if it is a JSON object; None for anything else."""
     try:
         data = json.loads(payload)
     except (ValueError, RecursionError):
         return None
-    if not isinstance(data, dict):
+    return data if isinstance(data, dict) else None
+
+
+def parse_notice(payload: bytes | str) -> tuple[str, int] | None:
+    """Decode a notice payload; ``None`` for anything that is not a valid notice."""
+    data = _json_object(payload)
+    if data is None:
         return None
     stream = data.get("stream")
     last_id = data.get("last_id")
@@ -121,11 +127,8 @@ def encode_reset(stream: str, first_id: int | None = None) -> str:
 
 def parse_reset(payload: bytes | str) -> tuple[str, int | None] | None:
     """``(stream, first_id or None)`` of a history-change payload; None otherwise."""
-    try:
-        data = json.loads(payload)
-    except (ValueError, RecursionError):
-        return None
-    if not isinstance(data, dict) or data.get("reset") is not True:
+    data = _json_object(payload)
+    if data is None or data.get("reset") is not True:
         return None
     first_id = data.get("first_id")
     if first_id is not None and (type(first_id) is not int or first_id < 1):
@@ -140,11 +143,8 @@ def parse_redacted(payload: bytes | str) -> tuple[str, int] | None:
     """``(stream, id)`` of a redaction payload, ``{"stream": stream, "redacted": id}``
     (message ``id`` is a tombstone now; the Postgres redact statement sends it); None
     otherwise."""
-    try:
-        data = json.loads(payload)
-    except (ValueError, RecursionError):
-        return None
-    if not isinstance(data, dict):
+    data = _json_object(payload)
+    if data is None:
         return None
     id = data.get("redacted")
     if type(id) is not int or id < 1:
