@@ -666,8 +666,17 @@ async def test_flush_zero_writes_whatever_is_ready_at_once(autojump_clock):
         await gen.aclose()
 
 
-async def test_streams_of_a_busy_room_share_one_flush_clock(autojump_clock):
+async def test_streams_of_a_busy_room_share_one_flush_clock(autojump_clock, monkeypatch):
     """100 clients: they wake together, once per interval (one timer, not 100)."""
+    clock_class = chatbus._flush_clock.FlushClock
+    wait = clock_class.wait
+    timers = [0]
+
+    async def counting_wait(self: chatbus._flush_clock.FlushClock) -> None:
+        timers[0] += self._due is None  # this wait starts a timer of its own
+        await wait(self)
+
+    monkeypatch.setattr(clock_class, "wait", counting_wait)
     async with chatbus.open_bus() as bus, trio.open_nursery() as nursery:
         gens = [
             chatbus.sse.sse_stream(bus, "busy", Cursor(last=0), events=False, flush=0.02)
@@ -687,6 +696,8 @@ async def test_streams_of_a_busy_room_share_one_flush_clock(autojump_clock):
             for gen, into in zip(gens, times, strict=True):
                 pullers.start_soon(pull, gen, into)
         assert len(set.union(*times)) <= 30  # every client flushed at the same instants
+    # One timer per interval for all 100 streams (a timer per stream: about 100 times).
+    assert 1 <= timers[0] <= 30, timers
 
 
 async def test_a_stream_leaving_mid_flush_does_not_hold_the_others():
