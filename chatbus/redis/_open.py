@@ -72,17 +72,21 @@ class _Settings:
         check_range("ping_timeout", self.ping_timeout, 0.1, 3600)
         check_range("max_backoff", self.max_backoff, 0.1, 600)
 
-    def client(self) -> Client:
-        """A coredis client without retries: a lost reply is resolved by the store."""
-        server = self.server
-        common: dict[str, Any] = {
-            "username": server.username,
-            "password": server.password,
+    def _common(self) -> dict[str, Any]:
+        """What every client of the store is made with: credentials, time limits, and
+        no retries (a lost reply is resolved by the store)."""
+        return {
+            "username": self.server.username,
+            "password": self.server.password,
             "connect_timeout": self.connect_timeout,
             "stream_timeout": self.command_timeout,
             "pool_timeout": self.connect_timeout,
             "retry_policy": NoRetryPolicy(),
         }
+
+    def client(self) -> Client:
+        """The store's coredis client (see :meth:`_common`)."""
+        server = self.server
         if server.cluster:
             return coredis.RedisCluster(
                 startup_nodes=[TCPLocation(host, port) for host, port in server.addresses],
@@ -90,7 +94,7 @@ class _Settings:
                 # Not a connection to every node (CONFIG GET) at each start-up: a slot
                 # nobody serves fails its own commands, clearly, when it is used.
                 skip_full_coverage_check=True,
-                **common,
+                **self._common(),
             )
         host, port = server.addresses[0]
         return coredis.Redis(
@@ -99,22 +103,13 @@ class _Settings:
             server.db,
             max_connections=self.max_connections,
             client_name=CLIENT_NAME,
-            **common,
+            **self._common(),
         )
 
     def node_client(self, host: str, port: int) -> coredis.Redis[Any]:
-        """A one-connection client of one server (a Cluster's node), no retries."""
-        server = self.server
+        """A one-connection client of one server (a Cluster's node)."""
         return coredis.Redis(
-            host,
-            port,
-            max_connections=1,
-            client_name=CLIENT_NAME,
-            username=server.username,
-            password=server.password,
-            connect_timeout=self.connect_timeout,
-            stream_timeout=self.command_timeout,
-            retry_policy=NoRetryPolicy(),
+            host, port, max_connections=1, client_name=CLIENT_NAME, **self._common()
         )
 
 
