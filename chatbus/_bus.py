@@ -4,21 +4,19 @@ from __future__ import annotations
 
 import functools
 import random
-from typing import Any, Literal, cast, final, overload
+from typing import Literal, cast, final, overload
 
 import attrs
 import trio
 
+from . import _lifecycle
 from ._emit import Emitter
 from ._event import Event
-from ._exceptions import BusClosed, BusError
+from ._exceptions import BusClosed
 from ._message import (
     Message,
     StreamInfo,
     check_after,
-    check_before,
-    check_cursor,
-    check_epoch,
     check_stream,
     make_draft,
 )
@@ -32,7 +30,7 @@ from ._protocols import LifecycleStore, Notifier, Store
 from ._publisher import Producer, Publisher
 from ._retention import Retention, sweep
 from ._subscriber import Subscriber
-from ._topic import REDACTED_KEY_PREFIX, Router, Topic, Topics
+from ._topic import Router, Topic, Topics
 from ._util import NoPublicConstructor
 
 #: How long :meth:`Bus.publish`'s shared per-stream producer idles before it retires.
@@ -374,54 +372,13 @@ class Bus(metaclass=NoPublicConstructor):
             check_after(before, "before")
             if before < 1:
                 raise ValueError(f"before must be >= 1, got {before}")
-            return await self._read_before(stream, before, limit, epoch)
+            return await _lifecycle.read_before(
+                self._topics, self._store, stream, before, limit, epoch
+            )
         if after is None:
             after = 0
         check_after(after)
-        self._topics.check_open()
-        page = await self._store.read(stream, after, limit)
-        if after > 0 and (not page or page[0].id != after + 1):
-            info = await self._lifecycle_info(stream)
-            if info is not None:
-                check_epoch(info, epoch, after)
-                check_cursor(info, after)
-                return page
-        if epoch is not None:
-            # After the read: the epoch was the caller's before it, so the same epoch
-            # now means the page came from that history (epochs never come back).
-            info = await self._lifecycle_info(stream, required=True)
-            check_epoch(info, epoch, after)
-        return page
-
-    async def _read_before(
-        self, stream: str, before: int, limit: int, epoch: int | None
-    ) -> list[Message]:
-        after = max(0, before - 1 - limit)
-        self._topics.check_open()
-        if before == 1:
-            page: list[Message] = []
-            await trio.lowlevel.checkpoint()
-        else:
-            page = await self._store.read(stream, after, before - 1 - after)
-        if len(page) != before - 1 - after or (page and page[0].id != after + 1):
-            # Short, or starting later (trimmed): where does the stream stand?
-            info = await self._lifecycle_info(stream)
-            if info is not None:
-                check_epoch(info, epoch, before)  # it has seen `before`: no (0, 0)
-                check_before(info, before)
-                epoch = None  # checked, after the read
-            page = [message for message in page if message.id < before]
-        if epoch is not None:
-            check_epoch(await self._lifecycle_info(stream, required=True), epoch, before)
-        return page
-
-    async def _lifecycle_info(self, stream: str, *, required: bool = False) -> Any:
-        ask = getattr(self._store, "stream_info", None)
-        if ask is None:
-            if required:
-                self._lifecycle("stream_info")  # raises BusError naming the store
-            return None
-        return await ask(stream)
+        return await _lifecycle.read_after(self._topics, self._store, stream, after, limit, epoch)
 
     async def stream_info(self, stream: str) -> StreamInfo:
         """Where ``stream`` stands: head, first retained id, epoch.
@@ -432,9 +389,7 @@ class Bus(metaclass=NoPublicConstructor):
             StoreError: the store failed.
         """
         check_stream(stream)
-        self._topics.check_open()
-        info: StreamInfo = await self._lifecycle("stream_info")(stream)
-        return info
+        return await _lifecycle.stream_info(self._topics, self._store, stream)
 
     async def delete_stream(self, stream: str) -> None:
         """Delete ``stream``: its history, idempotency keys and retained events.
@@ -450,17 +405,9 @@ class Bus(metaclass=NoPublicConstructor):
                 call it again).
         """
         check_stream(stream)
-        self._topics.check_open()
-        # This bus's events emitted before the delete belong to the old conversation:
-        # stored now, they go with it (flushed after, they would greet the next one).
-        await self._outbox.flushed()
-        await self._lifecycle("delete_stream")(stream)
-        reset = getattr(self._notifier, "notify_reset", None)
-        if reset is not None:
-            await reset(stream)
-        topic = self._topics.by_name.get(stream)
-        if topic is not None:
-            topic.reset()
+        await _lifecycle.delete_stream(
+            self._topics, self._store, self._notifier, self._outbox, stream
+        )
 
     async def trim(self, stream: str, before: int) -> int:
         """Drop the messages of ``stream`` with ids below ``before`` (ids are never reused).
@@ -483,19 +430,18 @@ class Bus(metaclass=NoPublicConstructor):
         check_after(before)
         if before < 1:
             raise ValueError(f"before must be >= 1, got {before}")
-        self._topics.check_open()
-        first: int = await self._lifecycle("trim")(
-            stream, before, keys_for=self._options.trimmed_keys_for
+        return await _lifecycle.trim(
+            self._topics,
+            self._store,
+            stream,
+            before,
+            self._options.trimmed_keys_for,
+            self._trimmed,
         )
-        await self._trimmed(stream, first)
-        return first
 
     async def _trimmed(self, stream: str, first_id: int) -> None:
         """Tell this bus's subscriptions, and (through the notifier) other buses'."""
-        self._router.trimmed(stream, first_id)
-        reset = getattr(self._notifier, "notify_reset", None)
-        if reset is not None:
-            await reset(stream, first_id)
+        await _lifecycle.trimmed(self._router, self._notifier, stream, first_id)
 
     async def redact(self, stream: str, id: int) -> Message:
         """Replace message ``id``'s body by a tombstone (``body=None``, ``redacted=True``).
@@ -512,23 +458,9 @@ class Bus(metaclass=NoPublicConstructor):
         """
         check_stream(stream)
         check_after(id)
-        self._topics.check_open()
-        tombstone: Message | None = await self._lifecycle("redact")(stream, id)
-        if tombstone is None:
-            raise ValueError(f"stream {stream!r} has no retained message {id}")
-        # Every bus's cache (also serving subscriptions opened later) drops the body.
-        self._router.redacted(stream, id)
-        tell = getattr(self._notifier, "notify_redacted", None)
-        if tell is not None:
-            await tell(stream, id)
-        await self.emit(stream, {"redacted": id}, key=f"{REDACTED_KEY_PREFIX}{id}", ttl=3600)
-        return tombstone
-
-    def _lifecycle(self, name: str) -> Any:
-        method = getattr(self._store, name, None)
-        if method is None:
-            raise BusError(f"this bus's store ({type(self._store).__name__}) has no {name}")
-        return method
+        return await _lifecycle.redact(
+            self._topics, self._store, self._notifier, self._router, self.emit, stream, id
+        )
 
     def statistics(self) -> BusStatistics:
         """Return a snapshot of this bus's counters."""

@@ -5,7 +5,9 @@ Owns: the resume cursor of an SSE request (:func:`parse_cursor`), the SSE wire f
 a message and an event (:func:`message_json`, :func:`event_json`) and the generator
 that turns a subscription into a stream of frames (:func:`sse_stream`, or
 :func:`sse_bytes` for chunks already UTF-8). Imports trio and the public chatbus API
-only; no web framework.
+only; no web framework. The frames, their JSON and the per-process frame cache live in
+the private ``_sse_frames``, the store's health in ``_sse_health``; their public names
+are exported and documented here.
 
 A framework takes the generator as a streaming body::
 
@@ -81,11 +83,9 @@ messages.
 from __future__ import annotations
 
 import contextlib
-import datetime
-import json
 import re
 from collections.abc import AsyncGenerator, Callable, Mapping
-from typing import Any, Final, Generic, TypeAlias, TypeVar, final
+from typing import Any, Final, TypeAlias
 
 import attrs
 import trio
@@ -93,7 +93,15 @@ import trio
 import chatbus
 from chatbus._flush_clock import flush_clock as _flush_clock
 
+from ._sse_frames import _BYTES, _TEXT, _Chunk, _Encoding, end_frame, status_frame
+from ._sse_frames import event_frame as event_frame
+from ._sse_frames import event_json as event_json
+from ._sse_frames import format_frame as format_frame
+from ._sse_frames import message_frame as message_frame
+from ._sse_frames import message_json as message_json
+from ._sse_frames import resume_id as resume_id
 from ._sse_health import PROBE_DEADLINE, PROBE_INTERVAL, _HealthProbe, _probe_for, _StoreHealth
+from ._util import fixup_module_metadata as _fixup_module_metadata
 
 __all__ = [
     "DEFAULT_FLUSH",
@@ -196,12 +204,6 @@ def _parse_resume_id(name: str, value: str, source: str) -> Cursor:
     return Cursor(after=after, epoch=epoch, source=source)
 
 
-def resume_id(after: int, epoch: int | None) -> str:
-    """The SSE ``id:`` of a point in a stream: ``<after>:<epoch>`` (``<after>`` alone
-    when the store has no epochs). :func:`parse_cursor` reads both forms back."""
-    return str(after) if epoch is None else f"{after}:{epoch}"
-
-
 def parse_cursor(
     *,
     last_event_id: str | None = None,
@@ -244,164 +246,6 @@ def parse_cursor(
     if last is not None:
         return Cursor(last=_parse_count("last", last, low=0, high=MAX_LAST), source="last")
     return default if default is not None else Cursor(after=0)
-
-
-def format_frame(
-    data: str | None = None,
-    *,
-    event: str | None = None,
-    id: int | str | None = None,
-    retry: int | None = None,
-    comment: str | None = None,
-) -> str:
-    """Encode one SSE frame (ends with the blank line that dispatches it).
-
-    Args:
-        data: The payload; each of its lines becomes a ``data:`` line.
-        event: The event name (``event:`` line), if not the default ``message``.
-        id: The event id (``id:`` line): becomes the browser's ``Last-Event-ID``.
-        retry: Reconnect delay hint in milliseconds (``retry:`` line).
-        comment: A comment line (``: comment``), ignored by browsers.
-
-    Returns:
-        The frame's text.
-
-    Raises:
-        ValueError: ``event``, ``id`` or ``comment`` holds a line break (or ``id`` a
-            NUL), or ``retry`` is negative.
-    """
-    lines: list[str] = []
-    if comment is not None:
-        _check_line("comment", comment)
-        lines.append(f": {comment}")
-    if retry is not None:
-        if retry < 0:
-            raise ValueError(f"retry must be >= 0, got {retry}")
-        lines.append(f"retry: {int(retry)}")
-    if id is not None:
-        text = str(id)
-        _check_line("id", text)
-        if "\0" in text:
-            raise ValueError("id must not contain NUL")
-        lines.append(f"id: {text}")
-    if event is not None:
-        _check_line("event", event)
-        lines.append(f"event: {event}")
-    if data is not None:
-        lines.extend(f"data: {line}" for line in data.replace("\r\n", "\n").split("\n"))
-    return "\n".join(lines) + "\n\n"
-
-
-def _check_line(name: str, value: str) -> None:
-    if "\n" in value or "\r" in value:
-        raise ValueError(f"{name} must be one line")
-
-
-def _time(value: datetime.datetime) -> str:
-    return value.astimezone(datetime.UTC).isoformat().replace("+00:00", "Z")
-
-
-def message_json(message: chatbus.Message) -> dict[str, Any]:
-    """The JSON shape of a message on the wire (and in a history page).
-
-    Returns:
-        ``{"stream", "id", "body", "key", "created_at", "redacted"}``, with
-        ``created_at`` in ISO 8601 UTC.
-    """
-    return {
-        "stream": message.stream,
-        "id": message.id,
-        "body": message.body,
-        "key": message.key,
-        "created_at": _time(message.created_at),
-        "redacted": message.redacted,
-    }
-
-
-def event_json(event: chatbus.Event) -> dict[str, Any]:
-    """The JSON shape of an event on the wire.
-
-    Returns:
-        ``{"stream", "after", "body", "key", "ttl", "created_at"}``.
-    """
-    return {
-        "stream": event.stream,
-        "after": event.after,
-        "body": event.body,
-        "key": event.key,
-        "ttl": event.ttl,
-        "created_at": _time(event.created_at),
-    }
-
-
-def _dumps(value: object) -> str:
-    # Compact, and never a raw line break (json escapes them inside strings).
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-
-
-def message_frame(message: chatbus.Message, epoch: int | None = None) -> str:
-    """The SSE frame of a message: ``id:``, ``event: message`` and its JSON.
-
-    The id is :func:`resume_id` of the message's id and ``epoch``, the epoch of the
-    history it belongs to (``Subscriber.epoch``; None: the id alone).
-    """
-    return format_frame(
-        _dumps(message_json(message)), event="message", id=resume_id(message.id, epoch)
-    )
-
-
-@final
-@attrs.define(eq=False)
-class _FrameCache:
-    """The frames of recent messages, as text and as UTF-8: a message reaching 1,000
-    local subscribers is encoded once (a bus hands every local subscriber the same
-    Message object), and its bytes are shared by every response that writes it."""
-
-    size: int = 1024
-    _frames: dict[tuple[str, int], tuple[chatbus.Message, int | None, str, bytes]] = attrs.field(
-        factory=dict
-    )
-
-    def _entry(
-        self, message: chatbus.Message, epoch: int | None
-    ) -> tuple[chatbus.Message, int | None, str, bytes]:
-        key = (message.stream, message.id)
-        hit = self._frames.get(key)
-        if hit is not None and hit[0] is message and hit[1] == epoch:
-            return hit
-        text = message_frame(message, epoch)
-        entry = self._frames[key] = (message, epoch, text, text.encode())
-        if len(self._frames) > self.size:
-            del self._frames[next(iter(self._frames))]
-        return entry
-
-    def frame(self, message: chatbus.Message, epoch: int | None) -> str:
-        return self._entry(message, epoch)[2]
-
-    def frame_bytes(self, message: chatbus.Message, epoch: int | None) -> bytes:
-        return self._entry(message, epoch)[3]
-
-
-_FRAMES: Final = _FrameCache()
-
-
-def event_frame(event: chatbus.Event) -> str:
-    """The SSE frame of an event: ``event: event`` and its JSON, no ``id:`` line."""
-    return format_frame(_dumps(event_json(event)), event="event")
-
-
-def status_frame(state: str, **details: object) -> str:
-    """The SSE ``status`` frame: ``{"state": state, ...details}``."""
-    return format_frame(_dumps({"state": state, **details}), event="status")
-
-
-def end_frame(reason: str, exc: BaseException | None = None) -> str:
-    """The SSE ``end`` frame: why the stream stops (the page should not reconnect)."""
-    body: dict[str, object] = {"reason": reason}
-    if exc is not None:
-        body["error"] = type(exc).__name__
-        body["detail"] = str(exc)
-    return format_frame(_dumps(body), event="end")
 
 
 # Errors that end a stream, by the reason the page is told. Looked up on chatbus by
@@ -525,23 +369,6 @@ def _subscriber(
 
     open_subscriber()  # checks the arguments now (an unentered one holds nothing)
     return open_subscriber
-
-
-_Chunk = TypeVar("_Chunk", str, bytes)
-
-
-@final
-@attrs.frozen
-class _Encoding(Generic[_Chunk]):
-    """How the generator's chunks are made: text, or UTF-8 bytes."""
-
-    message: Callable[[chatbus.Message, int | None], _Chunk]
-    other: Callable[[str], _Chunk]
-    join: Callable[[list[_Chunk]], _Chunk]
-
-
-_TEXT: Final = _Encoding[str](_FRAMES.frame, str, "".join)
-_BYTES: Final = _Encoding[bytes](_FRAMES.frame_bytes, str.encode, b"".join)
 
 
 async def _frames(
@@ -681,3 +508,7 @@ def _frame_of(
     if isinstance(item, chatbus.Message):
         return encoding.message(item, sub.epoch)
     return encoding.other(event_frame(item))
+
+
+_fixup_module_metadata(__name__, globals())
+del _fixup_module_metadata
