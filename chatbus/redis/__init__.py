@@ -5,8 +5,10 @@ of chatbus follows:
 
 * ``__init__`` (this file): the public names, and :func:`open_backend` for
   :func:`chatbus.open_bus`'s scheme table (``redis://``, ``redis+cluster://``);
-* ``_lua``: server-side text (key and channel names, the Lua scripts);
-* ``_store``: :class:`RedisStore`;
+* ``_lua``: server-side text (key and channel names, the Lua scripts; the
+  lifecycle's in ``_lua_lifecycle``);
+* ``_store``: :class:`RedisStore` (appends in ``_append``, the lifecycle in
+  ``_lifecycle``);
 * ``_listen``: the sharded pub/sub session and :class:`RedisNotifier`;
 * ``_open``: :func:`open_redis`, its options, and :func:`drop_prefix`;
 * and what only Redis needs: ``_resp`` (RESP3 by hand for the listener).

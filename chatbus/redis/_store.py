@@ -1,17 +1,18 @@
 """The Redis store: :class:`RedisStore` and its statistics.
 
-Owns: how reads, heads, events and the stream lifecycle become script calls on a
-coredis client (standalone or Cluster), the script runner (NOSCRIPT, durable WAIT,
-layout hints), and the Cluster layout refresh. Appends are :mod:`._append`'s (group
-commit per server, re-run, durable second phase). Imports this package's
-:mod:`._lua` and :mod:`._append`; never the listener.
+Owns: how reads, heads and events become script calls on a coredis client
+(standalone or Cluster), the script runner (NOSCRIPT, durable WAIT, layout hints),
+and the Cluster layout refresh. Appends are :mod:`._append`'s (group commit per
+server, re-run, durable second phase); the stream lifecycle (info, trim, retention,
+delete, redact) is :mod:`._lifecycle`'s, which the store hands its script call.
+Imports this package's :mod:`._lua`, :mod:`._append` and :mod:`._lifecycle`; never
+the listener.
 """
 
 from __future__ import annotations
 
 import datetime
 import functools
-import itertools
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -30,28 +31,13 @@ from .._message import Draft, Message, StreamInfo, check_after, check_stream
 from .._options import EventRetention
 from .._retention import RetentionPage
 from .._tasks import Backoff
+from . import _lifecycle
 from ._append import DEFAULT_MAX_IN_FLIGHT as DEFAULT_MAX_IN_FLIGHT
 from ._append import LAYOUT_SUSPECT, Appender, each
 from ._append import REDIS_ERRORS as REDIS_ERRORS
 from ._append import Client as Client
 from ._lane import Lane, Lanes, Unsupported
-from ._lua import (
-    APPEND,
-    DELETE,
-    EXAMINE,
-    INFO,
-    JOINER_EVENTS,
-    LIFECYCLE_BATCH,
-    READ,
-    REDACT,
-    RETAIN_EVENTS,
-    SCAN_STREAMS,
-    TRIM_BATCH,
-    TRIM_FIRST,
-    TRIM_KEYS,
-    Script,
-    StreamKeys,
-)
+from ._lua import APPEND, JOINER_EVENTS, READ, RETAIN_EVENTS, Script, StreamKeys
 from ._resp import hash_slot
 
 #: The bounds of a stream's retained events when the flush names none.
@@ -106,34 +92,6 @@ class RedisStoreStatistics:
     reruns: int
     pipelined_calls: int = 0
     pipelined_writes: int = 0
-
-
-def _no_limit(value: int | None) -> int:
-    """A script argument for an optional limit: -1 for none."""
-    return -1 if value is None else value
-
-
-@functools.cache
-def _slot_tag(slot: int) -> str:
-    """A short hash tag whose key lands in ``slot`` (routes a script to its server)."""
-    return next(str(n) for n in itertools.count() if hash_slot(str(n).encode()) == slot)
-
-
-def _glob_escape(text: str) -> str:
-    """``text`` as a literal in a ``SCAN MATCH`` pattern."""
-    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
-
-
-def _stream_of(key: bytes, prefix: str) -> str | None:
-    """The stream whose meta key is ``key`` (None for a key that is not one)."""
-    text = key.decode("utf-8", "replace")
-    head, tail = f"{prefix}:{{", "}:m"
-    if not (text.startswith(head) and text.endswith(tail)):
-        return None
-    try:
-        return bytes.fromhex(text[len(head) : -len(tail)]).decode("utf-8")
-    except ValueError:
-        return None
 
 
 @final
@@ -437,20 +395,7 @@ class RedisStore:
         Raises:
             StoreError: the script failed.
         """
-        check_stream(stream)
-        head, first_id, epoch, reset = await self._call(
-            "stream info", INFO, [self.keys(stream).meta], [], stream
-        )
-        if not epoch:
-            return StreamInfo(stream=stream, head=0, first_id=1, epoch=0, exists=False)
-        return StreamInfo(
-            stream=stream,
-            head=int(head),
-            first_id=int(first_id),
-            epoch=int(epoch),
-            exists=True,
-            reset_by_store=bool(reset),
-        )
+        return await _lifecycle.stream_info(self._call, self._prefix, stream)
 
     async def trim(
         self,
@@ -476,42 +421,9 @@ class RedisStore:
         Raises:
             StoreError: a script call failed (the first id may have moved already).
         """
-        check_stream(stream)
-        keys = self.keys(stream)
-        wanted = "" if epoch is None else epoch
-        first, go = (
-            int(value)
-            for value in await self._call(
-                "trim", TRIM_FIRST, [keys.meta], [before, keys.channel, stream, wanted], stream
-            )
+        return await _lifecycle.trim(
+            self._call, self._prefix, stream, before, keys_for=keys_for, epoch=epoch
         )
-        if first == 0:
-            return 1
-        if not go:
-            return first  # another history than the caller examined
-        while True:
-            removed = await self._call(
-                "trim",
-                TRIM_BATCH,
-                [keys.entries, keys.keys, keys.trimmed],
-                [first, LIFECYCLE_BATCH],
-                stream,
-            )
-            if int(removed) < LIFECYCLE_BATCH:
-                break
-        if keys_for is not None:
-            window = round(keys_for * 1_000_000)
-            while True:
-                examined = await self._call(
-                    "trim",
-                    TRIM_KEYS,
-                    [keys.keys, keys.trimmed],
-                    [window, LIFECYCLE_BATCH, first],
-                    stream,
-                )
-                if int(examined) < LIFECYCLE_BATCH:
-                    break
-        return first
 
     async def over_retention(
         self,
@@ -543,65 +455,17 @@ class RedisStore:
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise ValueError(f"limit must be an int >= 1, got {limit!r}")
         await self._check_open("retention")
-        servers = await self._servers()
-        slot, cursor = 0, 0
-        if after:
-            slot_text, _, cursor_text = after.partition(":")
-            slot, cursor = int(slot_text), int(cursor_text)
-        server = next((first for first in servers if first >= slot), -1)
-        if server < 0:
-            return RetentionPage(trims=[], next_after=None)
-        if server != slot:  # the layout changed since: that cursor means nothing here
-            slot, cursor = server, 0
-        route = f"{self._prefix}:{{{_slot_tag(slot)}}}:scan"
-        pattern = _glob_escape(self._prefix) + ":{*}:m"
-        next_cursor, found = await self._call(
-            "retention", SCAN_STREAMS, [route], [cursor, pattern, 2 * limit]
+        servers = await _lifecycle.servers(self._client, self._cluster)
+        return await _lifecycle.over_retention(
+            self._call,
+            self._prefix,
+            servers,
+            after,
+            limit,
+            max_messages=max_messages,
+            max_age=max_age,
+            keys_for=keys_for,
         )
-        names = [_stream_of(key, self._prefix) for key in found]
-        streams = list(dict.fromkeys(name for name in names if name is not None))
-        policy = [
-            _no_limit(max_messages),
-            _no_limit(None if max_age is None else round(max_age * 1_000_000)),
-            _no_limit(None if keys_for is None else round(keys_for * 1_000_000)),
-            LIFECYCLE_BATCH,
-        ]
-        results: dict[str, list[Any]] = {}
-
-        async def examine(stream: str) -> None:
-            keys = self.keys(stream)
-            script_keys = [keys.meta, keys.entries, keys.redactions, keys.trimmed]
-            results[stream] = await self._call("retention", EXAMINE, script_keys, policy, stream)
-
-        await each(streams, examine)
-        trims: list[tuple[str, int, int]] = []
-        again = False
-        for stream in streams:
-            epoch, before, more, stale, first = results[stream]
-            if not epoch:
-                continue  # deleted since the scan
-            if int(before) > int(first) or int(stale):
-                trims.append((stream, int(before), int(epoch)))
-            again = again or bool(int(more))
-        if again:
-            return RetentionPage(trims=trims, next_after=after)
-        if int(next_cursor) != 0:
-            return RetentionPage(trims=trims, next_after=f"{slot}:{int(next_cursor)}")
-        later = [first for first in servers if first > slot]
-        return RetentionPage(trims=trims, next_after=f"{later[0]}:0" if later else None)
-
-    async def _servers(self) -> list[int]:
-        """The first slot of each server holding slots (one server: ``[0]``), sorted."""
-        if not self._cluster:
-            await trio.lowlevel.checkpoint()
-            return [0]
-        try:
-            shards: list[Any] = await self._client.cluster_shards()
-        except REDIS_ERRORS as exc:
-            raise store_error("retention", exc) from exc
-        # One shard per master: its slot ranges as [start, end, start, end, ...].
-        ranges = [shard.get(b"slots") or shard.get("slots") or [] for shard in shards]
-        return sorted(min(int(low) for low in slots[::2]) for slots in ranges if slots)
 
     async def delete_stream(self, stream: str) -> None:
         """Delete ``stream``: every key of it, in one script call (``UNLINK``: freed off
@@ -610,9 +474,7 @@ class RedisStore:
         Raises:
             StoreError: the script failed.
         """
-        check_stream(stream)
-        keys = self.keys(stream)
-        await self._call("delete", DELETE, keys.all, [keys.channel, stream], stream)
+        await _lifecycle.delete_stream(self._call, self._prefix, stream)
 
     async def redact(self, stream: str, id: int) -> Message | None:
         """Replace message ``id``'s body by a tombstone; see :meth:`chatbus.Bus.redact`.
@@ -623,26 +485,7 @@ class RedisStore:
         Raises:
             StoreError: the script failed.
         """
-        check_stream(stream)
-        keys = self.keys(stream)
-        found = await self._call(
-            "redact",
-            REDACT,
-            [keys.meta, keys.entries, keys.keys, keys.redactions],
-            [id, keys.channel, stream],
-            stream,
-        )
-        if found is None:
-            return None
-        key, micros = found
-        return Message(
-            stream=stream,
-            id=id,
-            body=None,
-            key=key.decode("utf-8") or None,
-            created_at=from_micros(int(micros)),
-            redacted=True,
-        )
+        return await _lifecycle.redact(self._call, self._prefix, stream, id)
 
     # ---- script calls ----
 
