@@ -424,13 +424,3 @@ end
 return out
 """,
 )
-
-#: The scripts of this module (the lifecycle's are :mod:`._lua_lifecycle`'s
-#: ``LIFECYCLE_SCRIPTS``).
-SCRIPTS: Final = (
-    APPEND,
-    PUBLISH,
-    READ,
-    RETAIN_EVENTS,
-    JOINER_EVENTS,
-)

@@ -212,14 +212,3 @@ redis.call('SPUBLISH', ARGV[2], cjson.encode({stream = ARGV[3], redacted = id}))
 return {key, tonumber(us)}
 """,
 )
-
-LIFECYCLE_SCRIPTS: Final = (
-    INFO,
-    TRIM_FIRST,
-    TRIM_BATCH,
-    TRIM_KEYS,
-    SCAN_STREAMS,
-    EXAMINE,
-    DELETE,
-    REDACT,
-)
