@@ -340,7 +340,7 @@ class PostgresStore:
         statements = event_statements(self._queries, self._channel, carried)
         await self._check_open("emit")
         try:
-            # Locked, written, bounded: one transaction, one round trip (see _sql).
+            # Locked, written, bounded: one transaction, one round trip (see _sql_events).
             await self._run_pipeline(statements)
         except DB_ERRORS as exc:
             raise store_error("emit", exc) from exc
