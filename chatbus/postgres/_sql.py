@@ -359,7 +359,7 @@ _APPEND_STREAMS: Final = """
 # zipped by position (ROWS FROM), and a draft's stream is the one whose range of
 # positions holds it: no join on the JSON, no per-draft stream name sent.
 #
-# Two statements, chosen by the store for each batch (see PostgresStore._send_batch):
+# Two statements, chosen by the store for each batch (see _append.Appends.send_batch):
 #
 # _APPEND_KEYED_NEW, for keys this store has not sent before (the usual case: a
 # retry usually comes back to the process that sent the original): no lookup at all.
