@@ -1,6 +1,6 @@
 """What a Postgres transaction runs for emitted events: their statements and payloads.
 
-Owns: the parameters of the event statements of :mod:`._sql` (a flush of its own, or
+Owns: the parameters of the event statements of :mod:`._sql_events` (a flush of its own, or
 carried by an append: :meth:`PostgresStore.append_carrying`) and how events are
 packed into NOTIFY payloads. No I/O; imports :mod:`chatbus._event` and :mod:`._sql`.
 """
@@ -18,7 +18,7 @@ from .._options import EventRetention
 from ._sql import Queries, events_payload_tail
 
 #: Joins the encoded events (and their payloads) of a flush into one text parameter:
-#: JSON text never holds it unescaped (see _sql._RETAIN_EVENTS).
+#: JSON text never holds it unescaped (see _sql_events._RETAIN_EVENTS).
 _RS: Final = "\x1e"
 
 Statement = tuple[bytes, list[bytes]]
@@ -75,7 +75,7 @@ def event_statements(queries: Queries, channel: str, carried: CarriedEvents) -> 
 
 
 def trim_bounds(retention: EventRetention) -> list[bytes]:
-    """_sql._TRIM_EVENTS's $2 to $5: the bounds (count, bytes), then what a stream over
+    """_sql_events._TRIM_EVENTS's $2 to $5: the bounds (count, bytes), then what a stream over
     one is cut to, 9/10 of each rounded up (a bound of 1 keeps 1)."""
     count, size = retention.max_events, retention.max_bytes
     return [b"%d" % n for n in (count, size, count - count // 10, size - size // 10)]

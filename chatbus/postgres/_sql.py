@@ -1,7 +1,10 @@
 """The Postgres backend's server-side text: statements, DDL, channel and statement names.
 
-Pure text, composed once per schema with :class:`psycopg.sql.Identifier` (never by
-string formatting). Imports psycopg's :mod:`psycopg.sql` only; no I/O.
+Owns: the DDL, the append, read and heads statements, and :class:`Queries`, which
+composes every statement once per schema with :class:`psycopg.sql.Identifier` (never
+by string formatting), the event statements from :mod:`._sql_events` and the
+lifecycle ones from :mod:`._sql_lifecycle` included. Imports psycopg's
+:mod:`psycopg.sql` only; no I/O.
 """
 
 from __future__ import annotations
@@ -15,6 +18,16 @@ import attrs
 from psycopg import sql
 
 from .._event import MAX_PAYLOAD_BYTES
+from ._sql_events import _LOCK_EVENT_STREAMS, _RETAIN_EVENTS, _RETAINED_EVENTS, _TRIM_EVENTS
+from ._sql_lifecycle import (
+    _DELETE_BATCH,
+    _DELETE_STREAM,
+    _OVER_RETENTION,
+    _REDACT,
+    _STREAM_INFO,
+    _TRIM_BATCH,
+    _TRIM_FIRST,
+)
 
 
 def channel_for_schema(schema: str) -> str:
@@ -61,7 +74,7 @@ def events_payload_tail(emitter: str) -> str | None:
 
 
 def _events_lock_seed(schema: str) -> int:
-    """Seeds the advisory lock keys of ``schema``'s streams' events (see _LOCK_EVENT_STREAMS)."""
+    """Seeds the advisory lock keys of ``schema``'s streams' events (see _sql_events)."""
     digest = hashlib.md5(b"chatbus-events:" + schema.encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big", signed=True)
 
@@ -135,7 +148,7 @@ def ddl(schema: str) -> list[sql.Composed]:
             "CREATE INDEX IF NOT EXISTS events_stream_after ON {} (stream, after)"
             " WHERE key IS NULL"
         ).format(sql.Identifier(schema, "events")),
-        # What a flush's trim walks, newest first, and when (see _TRIM_EVENTS).
+        # What a flush's trim walks, newest first, and when (see _sql_events._TRIM_EVENTS).
         sql.SQL(
             "CREATE INDEX IF NOT EXISTS events_stream_order ON {} (stream, micros, seq)"
         ).format(sql.Identifier(schema, "events")),
@@ -346,7 +359,7 @@ _APPEND_STREAMS: Final = """
 # zipped by position (ROWS FROM), and a draft's stream is the one whose range of
 # positions holds it: no join on the JSON, no per-draft stream name sent.
 #
-# Two statements, chosen by the store for each batch (see PostgresStore._send_batch):
+# Two statements, chosen by the store for each batch (see _append.Appends.send_batch):
 #
 # _APPEND_KEYED_NEW, for keys this store has not sent before (the usual case: a
 # retry usually comes back to the process that sent the original): no lookup at all.
@@ -535,246 +548,3 @@ _HEADS: Final = (
     "SELECT json_object_agg(st.stream, st.last_id) FROM {streams} AS st"
     " WHERE st.stream IN (SELECT json_array_elements_text($1::json))"
 )
-
-# Emitted events, one round trip per flush of a bus's outbox: retain them for joiners
-# (keyed: the latest per key, with its expiry; unkeyed: those after the newest
-# position, older ones of the stream cleared; bounded by _TRIM_EVENTS) and NOTIFY
-# them, packed into few payloads; of a stream's unkeyed events in one flush (a burst)
-# only the newest $4 (the bus's EventRetention.max_events) are written, the rest would
-# be trimmed at once. Input: $1 the encoded events (see
-# chatbus._event.encode_event: [stream, after, key, ttl, created µs, emitter, seq,
-# body]) and $3 the payloads (made by chatbus._event.encode_events), each list
-# joined with U+001E, which JSON text never holds unescaped (as for message bodies):
-# no JSON string escaping on the client, and each event parsed once here (as jsonb,
-# for its fields, once: OFFSET 0 keeps the planner from parsing it per field; it is
-# kept as the text sent). event_totals: see _TRIM_EVENTS.
-_RETAIN_EVENTS: Final = """
-    WITH input AS MATERIALIZED (
-        SELECT x.j->>0 AS stream, x.j->>2 AS key, x.j->>5 AS emitter,
-            (x.j->>6)::bigint AS seq, (x.j->>1)::bigint AS after, x.encoded,
-            (x.j->>4)::bigint AS micros, (x.j->>3)::float8 AS ttl, x.ord
-        FROM (
-            SELECT e.encoded, e.encoded::jsonb AS j, e.ord
-            FROM unnest(string_to_array($1::text, chr(30))) WITH ORDINALITY AS e(encoded, ord)
-            OFFSET 0
-        ) AS x
-    ), keyed AS (
-        INSERT INTO {events} AS r (stream, key, emitter, seq, after, encoded, micros, expires_at)
-        SELECT DISTINCT ON (i.stream, i.key) i.stream, i.key, i.emitter, i.seq, i.after,
-            i.encoded, i.micros,
-            to_timestamp(i.micros / 1000000.0) + i.ttl * interval '1 second'
-        FROM input AS i WHERE i.key IS NOT NULL
-        ORDER BY i.stream, i.key, i.ord DESC
-        ON CONFLICT (stream, key) WHERE key IS NOT NULL DO UPDATE SET
-            emitter = EXCLUDED.emitter, seq = EXCLUDED.seq, after = EXCLUDED.after,
-            encoded = EXCLUDED.encoded, micros = EXCLUDED.micros,
-            expires_at = EXCLUDED.expires_at
-    ), unkeyed AS (
-        INSERT INTO {events} (stream, key, emitter, seq, after, encoded, micros, expires_at)
-        SELECT i.stream, NULL, i.emitter, i.seq, i.after, i.encoded, i.micros,
-            to_timestamp(i.micros / 1000000.0) + i.ttl * interval '1 second'
-        FROM (
-            SELECT u.*, row_number() OVER (PARTITION BY u.stream ORDER BY u.ord DESC) AS newest
-            FROM input AS u WHERE u.key IS NULL
-        ) AS i
-        WHERE i.newest <= $4::bigint
-    ), cleared AS (
-        DELETE FROM {events} AS r
-        USING (
-            SELECT i.stream, max(i.after) AS after FROM input AS i
-            WHERE i.key IS NULL GROUP BY i.stream
-        ) AS m
-        WHERE r.stream = m.stream AND r.key IS NULL AND r.after < m.after
-    ), totals AS (
-        INSERT INTO {event_totals} AS t (stream, n, bytes)
-        SELECT i.stream, count(*), sum(octet_length(i.encoded)) FROM input AS i
-        GROUP BY i.stream
-        ON CONFLICT (stream) DO UPDATE SET n = t.n + EXCLUDED.n, bytes = t.bytes + EXCLUDED.bytes
-    )
-    SELECT count(pg_notify($2::text, p.payload))
-    FROM unnest(string_to_array($3::text, chr(30))) AS p(payload)
-"""
-
-# A flush of events is one transaction of three statements sent together (one round
-# trip, see _pq.execute_pipeline), so that the bound on what a stream retains holds
-# at every commit, whoever emits: first the streams' event locks, in one order (no
-# deadlock between flushers); then _RETAIN_EVENTS, whose snapshot, taken once the
-# locks are held, has every earlier flush; then the bound, by a statement of its own
-# (a data-modifying CTE cannot see the rows its sibling inserts). $1: the streams.
-# An append carrying events (PostgresStore.append_carrying) runs the three first, then
-# its own statement, in the same transaction: event locks are always taken before
-# counter rows, by anyone, so the two kinds of lock cannot deadlock either.
-_LOCK_EVENT_STREAMS: Final = """
-    SELECT count(pg_advisory_xact_lock(s.key)) FROM (
-        SELECT DISTINCT hashtextextended(x.stream, {events_lock_seed}) AS key
-        FROM json_array_elements_text($1::json) AS x(stream) ORDER BY 1
-    ) AS s
-"""
-
-# Per stream at most $2 rows and $3 bytes (the flushing bus's EventRetention); the
-# oldest go. Ranking a stream's rows costs O(rows), so not every flush does it:
-# event_totals holds per stream an upper bound of what is retained (every flush adds
-# what it wrote; replaced and cleared rows are not taken off), and only a stream whose
-# bound passes a limit is ranked, newest first along events_stream_order, cut to $4
-# rows and $5 bytes (9/10 of the limits), and its totals set to the exact figures of
-# what is left.
-_TRIM_EVENTS: Final = """
-    WITH over AS (
-        SELECT t.stream FROM {event_totals} AS t
-        WHERE t.stream IN (SELECT json_array_elements_text($1::json))
-            AND (t.n > $2::bigint OR t.bytes > $3::bigint)
-    ), ranked AS MATERIALIZED (
-        SELECT o.stream, x.ctid, x.size, x.n, x.bytes FROM over AS o,
-        LATERAL (
-            SELECT e.ctid, octet_length(e.encoded) AS size,
-                count(*) OVER w AS n, sum(octet_length(e.encoded)) OVER w AS bytes
-            FROM {events} AS e WHERE e.stream = o.stream
-            WINDOW w AS (ORDER BY e.micros DESC, e.seq DESC ROWS UNBOUNDED PRECEDING)
-        ) AS x
-    ), dropped AS (
-        DELETE FROM {events} AS r WHERE r.ctid IN (
-            SELECT k.ctid FROM ranked AS k
-            WHERE k.n > $4::bigint OR k.bytes > $5::bigint
-        )
-    )
-    UPDATE {event_totals} AS t SET n = k.n, bytes = k.bytes
-    FROM (
-        SELECT o.stream, count(k.ctid) AS n, coalesce(sum(k.size), 0) AS bytes
-        FROM over AS o LEFT JOIN ranked AS k ON k.stream = o.stream
-            AND k.n <= $4::bigint AND k.bytes <= $5::bigint
-        GROUP BY o.stream
-    ) AS k
-    WHERE t.stream = k.stream
-"""
-
-# What a joiner caught up to message $2 of stream $1 gets: the unkeyed events
-# positioned at $2, and every keyed one, none expired, oldest first.
-_RETAINED_EVENTS: Final = """
-    SELECT json_agg(r.encoded::json ORDER BY r.micros, r.seq) FROM {events} AS r
-    WHERE r.stream = $1::text AND (r.key IS NOT NULL OR r.after = $2::bigint)
-        AND (r.expires_at IS NULL OR r.expires_at > now())
-"""
-
-_STREAM_INFO: Final = (
-    "SELECT st.last_id, st.first_id, st.epoch FROM {streams} AS st WHERE st.stream = $1::text"
-)
-
-# Trim, first: the stream's first retained id moves (never past head + 1, never
-# back), at once for every reader, if the stream is at epoch $4 (-1: whatever its
-# epoch; the statements take text parameters only, so -1 stands for "none" here and
-# below, made NULL by nullif); returns it. Then the rows go, in batches
-# (_TRIM_BATCH): rows without a key are deleted; rows with a key stay (their keys
-# still answer a retried publish with the original id) but are no longer history
-# (see _READ), until they are $3 seconds old ($3 = -1: as long as the stream lives).
-_TRIM_FIRST: Final = """
-    WITH t AS (
-        UPDATE {streams} AS st
-        SET first_id = greatest(st.first_id, least($2::bigint, st.last_id + 1))
-        WHERE st.stream = $1::text
-            AND (nullif($4::bigint, -1) IS NULL OR st.epoch = $4::bigint)
-        RETURNING st.first_id
-    )
-    SELECT t.first_id, pg_notify($3::text, json_build_object(
-        'stream', $1::text, 'reset', true, 'first_id', t.first_id)::text)
-    FROM t
-"""
-
-_TRIM_BATCH: Final = """
-    DELETE FROM {messages} AS m WHERE m.ctid IN (
-        SELECT x.ctid FROM {messages} AS x
-        WHERE x.stream = $1::text AND x.id < $2::bigint
-            AND (x.key IS NULL
-                OR x.created_at < now() - nullif($3::float8, -1) * interval '1 second')
-        LIMIT {lifecycle_batch}
-    )
-"""
-
-# Retention: examine the streams named after $1, $2 of them in name order (one index
-# range of the counter table), and return, as one JSON value, [last name examined,
-# how many, [[stream, before, more, epoch], ...]] for those holding messages beyond the
-# policy: not among the last $3 ($3 = -1: no count rule), or created more than $4
-# seconds ago ($4 = -1: no age rule); or trimmed rows whose keys are older than $5
-# seconds. created_at never decreases in id order, so the first young message is
-# found by walking the primary key from the first retained id, at most $6 rows per
-# stream (more = true: the window was all old, there is more to trim after it).
-# A probe or two of the primary key per stream: bounded work, no lock taken.
-_OVER_RETENTION: Final = """
-    WITH policy AS MATERIALIZED (
-        SELECT nullif($3::bigint, -1) AS max_messages, nullif($4::float8, -1) AS max_age,
-            nullif($5::float8, -1) AS keys_for
-    ), page AS MATERIALIZED (
-        SELECT st.stream, st.last_id, st.first_id, st.epoch FROM {streams} AS st
-        WHERE st.stream > $1::text ORDER BY st.stream LIMIT $2::bigint
-    ), aged AS (
-        SELECT p.*, CASE WHEN pol.max_age IS NULL THEN NULL ELSE coalesce((
-            SELECT m.id FROM {messages} AS m
-            WHERE m.stream = p.stream AND m.id >= p.first_id
-                AND m.id < p.first_id + $6::bigint
-                AND m.created_at >= now() - pol.max_age * interval '1 second'
-            ORDER BY m.id LIMIT 1), least(p.first_id + $6::bigint, p.last_id + 1)) END AS young
-        FROM page AS p, policy AS pol
-    ), t AS (
-        SELECT a.stream, a.first_id, a.epoch,
-            greatest(a.first_id, a.last_id + 1 - pol.max_messages, a.young) AS before,
-            coalesce(a.young = a.first_id + $6::bigint AND a.young <= a.last_id, false) AS more,
-            pol.keys_for IS NOT NULL AND EXISTS (
-                SELECT 1 FROM (
-                    SELECT m.id, m.created_at FROM {messages} AS m
-                    WHERE m.stream = a.stream ORDER BY m.id LIMIT 1
-                ) AS o
-                WHERE o.id < a.first_id
-                    AND o.created_at < now() - pol.keys_for * interval '1 second'
-            ) AS stale_keys
-        FROM aged AS a, policy AS pol
-    )
-    SELECT json_build_array(
-        (SELECT p.stream FROM page AS p ORDER BY p.stream DESC LIMIT 1),
-        (SELECT count(*) FROM page),
-        coalesce((
-            SELECT json_agg(
-                json_build_array(t.stream, t.before, t.more, t.epoch) ORDER BY t.stream)
-            FROM t WHERE t.before > t.first_id OR t.stale_keys), '[]'::json))::text
-"""
-
-# Delete, first: the stream's messages in batches (readers may still see the rest).
-_DELETE_BATCH: Final = """
-    DELETE FROM {messages} AS m WHERE m.ctid IN (
-        SELECT x.ctid FROM {messages} AS x WHERE x.stream = $1::text LIMIT {lifecycle_batch}
-    )
-"""
-
-# Delete, last: one transaction of these statements, one by one (psycopg; each takes
-# a new snapshot): lock the stream's events (as a flush does: one in progress commits
-# first, and is deleted) and the counter row, so no append of the stream runs
-# meanwhile; delete what is left of the messages, the retained events, their totals
-# and the counter row; tell every listener. The next append creates the row again: a
-# new epoch, ids from 1. The lock on the counter row is an upsert, not SELECT … FOR
-# UPDATE: a stream with no counter row yet (only events) would give that nothing to
-# lock, and appends committing between these statements would keep their messages but
-# lose their row to the delete, so the next append reused their ids.
-_DELETE_STREAM: Final = """
-    SELECT pg_advisory_xact_lock(hashtextextended(%(stream)s::text, {events_lock_seed}));
-    INSERT INTO {streams} AS st (stream, last_id) VALUES (%(stream)s::text, 0)
-        ON CONFLICT (stream) DO UPDATE SET last_id = st.last_id;
-    DELETE FROM {messages} WHERE stream = %(stream)s::text;
-    DELETE FROM {events} WHERE stream = %(stream)s::text;
-    DELETE FROM {event_totals} WHERE stream = %(stream)s::text;
-    DELETE FROM {streams} WHERE stream = %(stream)s::text;
-    SELECT pg_notify(%(channel)s::text, {reset_notice});
-"""
-
-# Redact: the body becomes JSON null, the row keeps id, key and created_at; every
-# listener is told at the commit (their caches drop the body); returns the tombstone
-# as [key, created_at µs] (no row: not retained).
-_REDACT: Final = """
-    WITH r AS (
-        UPDATE {messages} AS m SET body = 'null'::json, redacted = true
-        WHERE m.stream = $1::text AND m.id = $2::bigint
-            AND m.id >= coalesce(
-                (SELECT st.first_id FROM {streams} AS st WHERE st.stream = $1::text), 1)
-        RETURNING json_build_array(m.key, {found_micros}) AS tombstone
-    )
-    SELECT r.tombstone, pg_notify($3::text, json_build_object(
-        'stream', $1::text, 'redacted', $2::bigint)::text)
-    FROM r
-"""
