@@ -29,11 +29,10 @@ from .._message import Message
 from . import _pq
 from ._connections import LentConnections
 from ._events import CarriedEvents, event_statements
+from ._pq import DB_ERRORS
 from ._rows import Found, KeyedRequest, joined_bodies, replays, sent_by_key
 from ._sql import Queries
 
-#: Exceptions that mean "the store failed" rather than "chatbus has a bug".
-DB_ERRORS: Final = (psycopg.Error, OSError)
 #: How often a keyed statement runs again after losing a same-key race.
 _KEYED_ATTEMPTS: Final = 5
 #: How many ``(stream, key)`` pairs a store remembers having sent: a batch with none

@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from typing import Final, final
 
 import attrs
-import psycopg
 import trio
 from psycopg import pq, sql
 
@@ -24,10 +23,8 @@ from .._listener import Beat, ListenLost, Liveness, Reconnecting
 from .._protocols import NoticeHandler
 from .._tasks import Backoff
 from . import _pq
+from ._pq import DB_ERRORS
 from ._sql import events_payload_tail
-
-#: Exceptions that mean "the server or the connection failed" rather than a bug.
-DB_ERRORS: Final = (psycopg.Error, OSError)
 
 _PING_QUERY: Final = b"SELECT pg_notify($1, $2)"
 #: How a payload of events begins (see chatbus._event.encode_events).

@@ -26,8 +26,9 @@ from . import _aio
 from ._aio import AioRunner
 from ._connections import LentConnections
 from ._listen import PostgresNotifier
+from ._pq import DB_ERRORS
 from ._sql import Queries, channel_for_schema
-from ._store import DB_ERRORS, DEFAULT_MAX_IN_FLIGHT, PostgresStore
+from ._store import DEFAULT_MAX_IN_FLIGHT, PostgresStore
 
 logger = logging.getLogger("chatbus.postgres")
 

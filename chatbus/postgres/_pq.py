@@ -27,6 +27,10 @@ import trio
 from psycopg import pq
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+#: Exceptions that mean "the server or the connection failed" rather than a bug (every
+#: module of the package catches these, never a wider net).
+DB_ERRORS: Final = (psycopg.Error, OSError)
+
 _OK: Final = (pq.ExecStatus.TUPLES_OK, pq.ExecStatus.COMMAND_OK)
 EPOCH: Final = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
 

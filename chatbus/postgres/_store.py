@@ -34,11 +34,10 @@ from ._aio import AioRunner
 from ._append import Appends
 from ._connections import LentConnections
 from ._events import CarriedEvents, event_statements
+from ._pq import DB_ERRORS
 from ._rows import decode_page
 from ._sql import LIFECYCLE_BATCH, Queries
 
-#: Exceptions that mean "the store failed" rather than "chatbus has a bug".
-DB_ERRORS: Final = (psycopg.Error, OSError)
 #: Default limit on append statements running at once (see open_postgres).
 DEFAULT_MAX_IN_FLIGHT: Final = 3
 
