@@ -10,7 +10,7 @@ No I/O; imports only :mod:`chatbus._message`.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 from ._message import Draft, Message, check_stream
@@ -34,13 +34,21 @@ def pack_bodies(drafts: Sequence[Draft]) -> tuple[str, list[Any]]:
     """
     texts = [draft.body_json for draft in drafts]
     packed = BODY_SEPARATOR.join(texts)
+    document = "[" + ",".join(texts) + "]"
     try:
-        bodies: list[Any] = json.loads(
-            "[" + ",".join(texts) + "]", parse_constant=_reject_json_constant
-        )
+        # The decoder's scanner, not json.loads: that builds a decoder per call when
+        # given parse_constant, then checks for whitespace we never put around.
+        bodies, end = _SCAN_STRICT(document, 0)
+    except StopIteration as stop:  # a value missing (json.loads says it so, too)
+        error = json.JSONDecodeError("Expecting value", document, stop.value)
+        raise BadBody(f"a message body is not valid JSON: {error}") from None
     except (ValueError, RecursionError) as exc:
         raise BadBody(f"a message body is not valid JSON: {exc}") from None
-    if len(bodies) != len(texts) or packed.count(BODY_SEPARATOR) != len(texts) - 1:
+    if (
+        end != len(document)
+        or len(bodies) != len(texts)
+        or packed.count(BODY_SEPARATOR) != len(texts) - 1
+    ):
         raise BadBody("a message body is not exactly one JSON value")
     return packed, bodies
 
@@ -48,6 +56,12 @@ def pack_bodies(drafts: Sequence[Draft]) -> tuple[str, list[Any]]:
 def _reject_json_constant(name: str) -> Any:
     # NaN, Infinity, -Infinity: Python's json accepts them, a server's json does not.
     raise ValueError(f"{name} is not valid JSON")
+
+
+#: Decodes a batch of bodies, refusing the constants a server's json does not accept.
+_SCAN_STRICT: Final[Callable[[str, int], tuple[Any, int]]] = json.JSONDecoder(
+    parse_constant=_reject_json_constant
+).scan_once
 
 
 def decode_bodies(texts: Sequence[str]) -> list[Any]:

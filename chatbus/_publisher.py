@@ -256,11 +256,19 @@ class Producer:
         self.on_retire(self)
 
     async def _commit(self, batch: list[_Request]) -> None:
-        live = [request for request in batch if request.phase is _Phase.QUEUED]
+        live: list[_Request] = []
+        drafts: list[Draft] = []
+        mark = 0
+        queued, taken = _Phase.QUEUED, _Phase.TAKEN
+        for request in batch:  # one pass: this runs once per batch of up to max_batch
+            if request.phase is queued:
+                request.phase = taken
+                live.append(request)
+                drafts.append(request.draft)
+                if request.events_mark > mark:
+                    mark = request.events_mark
         if not live:
             return
-        for request in live:
-            request.phase = _Phase.TAKEN
         stream = self.topic.name
         self.topic.appending += 1
         try:
@@ -270,12 +278,7 @@ class Producer:
                 nonlocal generation
                 generation = self.topic.cache.generation
 
-            messages = await self.append(
-                stream,
-                [request.draft for request in live],
-                max(request.events_mark for request in live),
-                sending,
-            )
+            messages = await self.append(stream, drafts, mark, sending)
             if len(messages) != len(live):
                 raise StoreError(f"store returned {len(messages)} messages for {len(live)} drafts")
         except BaseException as exc:

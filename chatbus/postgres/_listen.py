@@ -292,8 +292,11 @@ class PostgresNotifier:
     async def _serve(self, session: ListenSession) -> None:
         liveness = Liveness.starting(self.ping_interval, self.ping_timeout, trio.current_time())
         while True:
+            # One cancel scope for every wake-up until the schedule needs a step: the
+            # wake-at time, or a ping's answer (not one per batch of notifications).
             with trio.move_on_at(liveness.wake_at()):
-                await session.drain()
+                while not (liveness.awaiting_answer and session.ping_done):
+                    await session.drain()
             beat = liveness.step(trio.current_time(), session.ping_done)
             if beat is Beat.DEAD:
                 session.pump()  # the answer may be waiting, unread, in the socket

@@ -17,7 +17,7 @@ from psycopg import pq
 
 from .._coalesce import Batch, PendingAppend, keys_unique
 from .._codec import BODY_SEPARATOR
-from .._message import Message
+from .._message import Message, make_message
 from . import _pq
 
 
@@ -34,7 +34,7 @@ def decode_page(stream: str, result: pq.abc.PGresult) -> list[Message]:
             redacted=redacted,
         )
         if redacted
-        else Message.from_row(stream, id_, body, key, to_datetime(micros))
+        else make_message(stream, id_, body, key, to_datetime(micros))
         for group in range(result.ntuples)
         for id_, key, body, micros, redacted in json.loads(_pq.value(result, group, 0))
     ]
