@@ -10,6 +10,7 @@ No I/O; imports only :mod:`chatbus._message`.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Sequence
 from typing import Any, Final
 
@@ -114,8 +115,28 @@ def _json_object(payload: bytes | str) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+#: A notice as the stores write it (:func:`encode_notice`, Postgres's json_build_object:
+#: ``{"stream" : "s", "last_id" : 1}``), with no escape in the stream name: read
+#: without a JSON decoder (one notice per stream per commit). Anything else (or what
+#: this cannot read) goes the exact way.
+_NOTICE_PATTERN: Final = r'\{"stream" ?: "([^"\\\x00-\x1f]+)", "last_id" ?: ([1-9][0-9]{0,18})\}'
+_NOTICE_BYTES: Final = re.compile(_NOTICE_PATTERN.encode("ascii"))
+_NOTICE_TEXT: Final = re.compile(_NOTICE_PATTERN)
+
+
 def parse_notice(payload: bytes | str) -> tuple[str, int] | None:
     """Decode a notice payload; ``None`` for anything that is not a valid notice."""
+    if isinstance(payload, bytes):
+        if (match := _NOTICE_BYTES.fullmatch(payload)) is not None:
+            try:
+                return check_stream(match[1].decode("utf-8")), int(match[2])
+            except ValueError:  # UnicodeDecodeError, InvalidStream: the exact way says
+                pass
+    elif (text_match := _NOTICE_TEXT.fullmatch(payload)) is not None:
+        try:
+            return check_stream(text_match[1]), int(text_match[2])
+        except ValueError:
+            pass
     data = _json_object(payload)
     if data is None:
         return None

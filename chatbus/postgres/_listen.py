@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from typing import Final, final
+from typing import ClassVar, Final, final
 
 import attrs
 import trio
@@ -179,6 +179,10 @@ class PostgresNotifier:
     failed or silent connection is replaced (exponential backoff with jitter, up to
     ``max_backoff`` seconds) and each reconnect ends with ``handler.resync()``.
     """
+
+    #: The store's append transaction sends the notice (its :meth:`notify` does
+    #: nothing): the bus's producers need not call :meth:`notify`.
+    notifies_at_commit: ClassVar[bool] = True
 
     _conninfo: str
     _channel: str
