@@ -233,9 +233,7 @@ def settle(
         first = last_id - len(bodies) + 1
         result = [
             make_message(stream, id, body, draft.key, created_at)
-            for id, draft, body in zip(
-                range(first, last_id + 1), drafts, bodies, strict=True
-            )
+            for id, draft, body in zip(range(first, last_id + 1), drafts, bodies, strict=True)
         ]
     else:
         slots, new = plan_keyed_batch(drafts, found)

@@ -60,9 +60,8 @@ def _reject_json_constant(name: str) -> Any:
 
 
 #: Decodes a batch of bodies, refusing the constants a server's json does not accept.
-_SCAN_STRICT: Final[Callable[[str, int], tuple[Any, int]]] = json.JSONDecoder(
-    parse_constant=_reject_json_constant
-).scan_once
+_STRICT_DECODER: Final[Any] = json.JSONDecoder(parse_constant=_reject_json_constant)
+_SCAN_STRICT: Final[Callable[[str, int], tuple[Any, int]]] = _STRICT_DECODER.scan_once
 
 
 def decode_bodies(texts: Sequence[str]) -> list[Any]:
