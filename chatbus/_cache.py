@@ -50,13 +50,14 @@ class DurableCache:
         if generation is not None and generation != self.generation:
             return
         by_id = self._by_id
-        floor = self.floor
+        floor, top = self.floor, self.top
         for message in messages:
-            if message.id > floor:
-                by_id[message.id] = message
-                if message.id > self.top:
-                    self.top = message.id
-        new_floor = self.top - self.capacity
+            if (id := message.id) > floor:
+                by_id[id] = message
+                if id > top:
+                    top = id
+        self.top = top
+        new_floor = top - self.capacity
         if new_floor > floor:
             if new_floor - floor < len(by_id):
                 for stale in range(floor + 1, new_floor + 1):

@@ -29,7 +29,7 @@ import attrs
 import trio
 
 from ._codec import plan_keyed_batch
-from ._message import Draft, Message
+from ._message import Draft, Message, make_message
 
 #: What a backend's ``send`` raises that means "the store failed" (not "a bug").
 StoreFailure = tuple[type[BaseException], ...]
@@ -232,8 +232,8 @@ def settle(
             raise RuntimeError(f"no new last id returned for stream {stream!r}")
         first = last_id - len(bodies) + 1
         result = [
-            Message.from_row(stream, first + i, body, draft.key, created_at)
-            for i, (draft, body) in enumerate(zip(drafts, bodies, strict=True))
+            make_message(stream, id, body, draft.key, created_at)
+            for id, draft, body in zip(range(first, last_id + 1), drafts, bodies, strict=True)
         ]
     else:
         slots, new = plan_keyed_batch(drafts, found)
@@ -248,7 +248,7 @@ def settle(
             elif (original := stored.get(slot)) is not None:
                 result.append(attrs.evolve(original, replay=True))  # repeated in the batch
             else:
-                message = Message.from_row(stream, first + slot, body, draft.key, created_at)
+                message = make_message(stream, first + slot, body, draft.key, created_at)
                 stored[slot] = message
                 result.append(message)
     start = 0

@@ -10,7 +10,8 @@ No I/O; imports only :mod:`chatbus._message`.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 from ._message import Draft, Message, check_stream
@@ -34,13 +35,21 @@ def pack_bodies(drafts: Sequence[Draft]) -> tuple[str, list[Any]]:
     """
     texts = [draft.body_json for draft in drafts]
     packed = BODY_SEPARATOR.join(texts)
+    document = "[" + ",".join(texts) + "]"
     try:
-        bodies: list[Any] = json.loads(
-            "[" + ",".join(texts) + "]", parse_constant=_reject_json_constant
-        )
+        # The decoder's scanner, not json.loads: that builds a decoder per call when
+        # given parse_constant, then checks for whitespace we never put around.
+        bodies, end = _SCAN_STRICT(document, 0)
+    except StopIteration as stop:  # a value missing (json.loads says it so, too)
+        error = json.JSONDecodeError("Expecting value", document, stop.value)
+        raise BadBody(f"a message body is not valid JSON: {error}") from None
     except (ValueError, RecursionError) as exc:
         raise BadBody(f"a message body is not valid JSON: {exc}") from None
-    if len(bodies) != len(texts) or packed.count(BODY_SEPARATOR) != len(texts) - 1:
+    if (
+        end != len(document)
+        or len(bodies) != len(texts)
+        or packed.count(BODY_SEPARATOR) != len(texts) - 1
+    ):
         raise BadBody("a message body is not exactly one JSON value")
     return packed, bodies
 
@@ -48,6 +57,11 @@ def pack_bodies(drafts: Sequence[Draft]) -> tuple[str, list[Any]]:
 def _reject_json_constant(name: str) -> Any:
     # NaN, Infinity, -Infinity: Python's json accepts them, a server's json does not.
     raise ValueError(f"{name} is not valid JSON")
+
+
+#: Decodes a batch of bodies, refusing the constants a server's json does not accept.
+_STRICT_DECODER: Final[Any] = json.JSONDecoder(parse_constant=_reject_json_constant)
+_SCAN_STRICT: Final[Callable[[str, int], tuple[Any, int]]] = _STRICT_DECODER.scan_once
 
 
 def decode_bodies(texts: Sequence[str]) -> list[Any]:
@@ -100,8 +114,28 @@ def _json_object(payload: bytes | str) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+#: A notice as the stores write it (:func:`encode_notice`, Postgres's json_build_object:
+#: ``{"stream" : "s", "last_id" : 1}``), with no escape in the stream name: read
+#: without a JSON decoder (one notice per stream per commit). Anything else (or what
+#: this cannot read) goes the exact way.
+_NOTICE_PATTERN: Final = r'\{"stream" ?: "([^"\\\x00-\x1f]+)", "last_id" ?: ([1-9][0-9]{0,18})\}'
+_NOTICE_BYTES: Final = re.compile(_NOTICE_PATTERN.encode("ascii"))
+_NOTICE_TEXT: Final = re.compile(_NOTICE_PATTERN)
+
+
 def parse_notice(payload: bytes | str) -> tuple[str, int] | None:
     """Decode a notice payload; ``None`` for anything that is not a valid notice."""
+    if isinstance(payload, bytes):
+        if (match := _NOTICE_BYTES.fullmatch(payload)) is not None:
+            try:
+                return check_stream(match[1].decode("utf-8")), int(match[2])
+            except ValueError:  # UnicodeDecodeError, InvalidStream: the exact way says
+                pass
+    elif (text_match := _NOTICE_TEXT.fullmatch(payload)) is not None:
+        try:
+            return check_stream(text_match[1]), int(text_match[2])
+        except ValueError:
+            pass
     data = _json_object(payload)
     if data is None:
         return None

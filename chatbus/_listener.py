@@ -125,6 +125,12 @@ class Liveness:
         """When the session must call :meth:`step` again at the latest."""
         return self._next_ping if self._deadline is None else self._deadline
 
+    @property
+    def awaiting_answer(self) -> bool:
+        """A ping is in flight: its answer is news for :meth:`step` (the next ping is
+        due ``interval`` after it)."""
+        return self._deadline is not None
+
     def step(self, now: float, answered: bool) -> Beat:
         """Advance the schedule; ``answered``: the ping in flight came back."""
         if self._deadline is not None:

@@ -146,9 +146,14 @@ class Producer:
     #: Set once the producer has stopped and failed whatever it had not committed.
     finished: trio.Event = attrs.field(factory=trio.Event, init=False)
     notify_errors: int = attrs.field(default=0, init=False)
+    #: Whether to call ``notifier.notify`` after each commit: not for a notifier whose
+    #: store notifies inside the append transaction (``notifies_at_commit``), whose
+    #: notify is a bare checkpoint (a trip through the scheduler per batch).
+    _notify_after_commit: bool = attrs.field(default=True, init=False)
 
     def __attrs_post_init__(self) -> None:
         self._send, self._receive = trio.open_memory_channel[_Request](self.max_pending)
+        self._notify_after_commit = getattr(self.notifier, "notifies_at_commit", False) is not True
 
     async def submit(self, draft: Draft) -> Message:
         """Queue ``draft`` and wait until it is committed.
@@ -256,11 +261,19 @@ class Producer:
         self.on_retire(self)
 
     async def _commit(self, batch: list[_Request]) -> None:
-        live = [request for request in batch if request.phase is _Phase.QUEUED]
+        live: list[_Request] = []
+        drafts: list[Draft] = []
+        mark = 0
+        queued, taken = _Phase.QUEUED, _Phase.TAKEN
+        for request in batch:  # one pass: this runs once per batch of up to max_batch
+            if request.phase is queued:
+                request.phase = taken
+                live.append(request)
+                drafts.append(request.draft)
+                if request.events_mark > mark:
+                    mark = request.events_mark
         if not live:
             return
-        for request in live:
-            request.phase = _Phase.TAKEN
         stream = self.topic.name
         self.topic.appending += 1
         try:
@@ -270,12 +283,7 @@ class Producer:
                 nonlocal generation
                 generation = self.topic.cache.generation
 
-            messages = await self.append(
-                stream,
-                [request.draft for request in live],
-                max(request.events_mark for request in live),
-                sending,
-            )
+            messages = await self.append(stream, drafts, mark, sending)
             if len(messages) != len(live):
                 raise StoreError(f"store returned {len(messages)} messages for {len(live)} drafts")
         except BaseException as exc:
@@ -296,6 +304,8 @@ class Producer:
         self.batches += 1
         self.published += len(live)
         self.largest_batch = max(self.largest_batch, len(live))
+        if not self._notify_after_commit:
+            return  # the loop's next receive is the checkpoint
         try:
             await self.notifier.notify(stream, last_id)
         except Exception:

@@ -8,6 +8,7 @@ never awaiting). Imports the pure layers only.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
+from operator import attrgetter
 from typing import Protocol, final
 
 import attrs
@@ -17,6 +18,8 @@ from ._cache import DurableCache
 from ._event import Event
 from ._exceptions import BusClosed
 from ._message import Message, StreamInfo
+
+_ID: Callable[[Message], int] = attrgetter("id")
 
 
 @final
@@ -95,7 +98,7 @@ class Topic:
 
         Returns the highest id among them.
         """
-        last_id = max(message.id for message in messages)
+        last_id = max(map(_ID, messages))
         if generation == self.cache.generation:
             self.cache.put(messages)
             self.high_water = max(self.high_water, last_id)

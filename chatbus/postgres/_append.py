@@ -30,7 +30,7 @@ from . import _pq
 from ._connections import LentConnections
 from ._events import CarriedEvents, event_statements
 from ._pq import DB_ERRORS
-from ._rows import Found, KeyedRequest, joined_bodies, replays, sent_by_key
+from ._rows import Found, KeyedRequest, compact_json, joined_bodies, replays, sent_by_key
 from ._sql import Queries
 
 #: How often a keyed statement runs again after losing a same-key race.
@@ -128,7 +128,7 @@ class Appends:
                 return []
             last_id, micros = _pq.value(result, 0, 0), _pq.value(result, 0, 1)
             return [(stream, int(last_id), _pq.from_epoch_micros(int(micros)), None)]
-        document = json.dumps(request, ensure_ascii=False, separators=(",", ":"))
+        document = compact_json(request)
         result = await self._run_append(
             self._queries.append_streams, [document.encode("utf-8"), channel, b"%d" % token], carry
         )
@@ -179,8 +179,9 @@ class Appends:
         token: int,
         look: bytes | None,
         carry: CarriedEvents | None,
-    ) -> list[tuple[str, int | None, datetime.datetime, dict[str, Message]]]:
-        """A keyed append statement; per stream, also the messages found for its keys.
+    ) -> list[tuple[str, int | None, datetime.datetime, dict[str, Message] | None]]:
+        """A keyed append statement; per stream, also the messages found for its keys
+        (None: none found, and no key repeated in the statement).
 
         ``look``: the statement that looks up the keys marked ``t`` (_sql._APPEND_KEYED);
         None: the one that inserts every key at once (_sql._APPEND_KEYED_NEW, or its
@@ -209,8 +210,11 @@ class Appends:
         rows = []
         for stream, members in groups.items():
             head, created_at = bumped.get(stream, (None, _pq.EPOCH))
-            stream_found = found.get(stream)
-            replayed = await self._replays(stream, stream_found, members) if stream_found else {}
+            replayed: dict[str, Message] | None
+            if stream_found := found.get(stream):
+                replayed = await self._replays(stream, stream_found, members)
+            else:  # None: no key found nor repeated, every draft is new (see settle)
+                replayed = {} if stream in request.repeating else None
             rows.append((stream, head, created_at, replayed))
         return rows
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from typing import Final, final
+from typing import ClassVar, Final, final
 
 import attrs
 import trio
@@ -180,6 +180,10 @@ class PostgresNotifier:
     ``max_backoff`` seconds) and each reconnect ends with ``handler.resync()``.
     """
 
+    #: The store's append transaction sends the notice (its :meth:`notify` does
+    #: nothing): the bus's producers need not call :meth:`notify`.
+    notifies_at_commit: ClassVar[bool] = True
+
     _conninfo: str
     _channel: str
     connect_timeout: float = 5.0
@@ -292,8 +296,11 @@ class PostgresNotifier:
     async def _serve(self, session: ListenSession) -> None:
         liveness = Liveness.starting(self.ping_interval, self.ping_timeout, trio.current_time())
         while True:
+            # One cancel scope for every wake-up until the schedule needs a step: the
+            # wake-at time, or a ping's answer (not one per batch of notifications).
             with trio.move_on_at(liveness.wake_at()):
-                await session.drain()
+                while not (liveness.awaiting_answer and session.ping_done):
+                    await session.drain()
             beat = liveness.step(trio.current_time(), session.ping_done)
             if beat is Beat.DEAD:
                 session.pump()  # the answer may be waiting, unread, in the socket

@@ -10,15 +10,22 @@ only chatbus's pure layers and this package's :mod:`._pq`.
 from __future__ import annotations
 
 import json
-from typing import Any, final
+from collections.abc import Callable
+from typing import Any, Final, final
 
 import attrs
 from psycopg import pq
 
 from .._coalesce import Batch, PendingAppend, keys_unique
 from .._codec import BODY_SEPARATOR
-from .._message import Message
+from .._message import Message, make_message
 from . import _pq
+
+#: ``json.dumps(value, ensure_ascii=False, separators=(",", ":"))`` without building
+#: an encoder per call (as json.dumps does when given options).
+compact_json: Final[Callable[[Any], str]] = json.JSONEncoder(
+    ensure_ascii=False, separators=(",", ":")
+).encode
 
 
 def decode_page(stream: str, result: pq.abc.PGresult) -> list[Message]:
@@ -34,7 +41,7 @@ def decode_page(stream: str, result: pq.abc.PGresult) -> list[Message]:
             redacted=redacted,
         )
         if redacted
-        else Message.from_row(stream, id_, body, key, to_datetime(micros))
+        else make_message(stream, id_, body, key, to_datetime(micros))
         for group in range(result.ntuples)
         for id_, key, body, micros, redacted in json.loads(_pq.value(result, group, 0))
     ]
@@ -59,6 +66,8 @@ class KeyedRequest:
     streams: list[str]
     keys: list[str | None]
     packed: str
+    #: The streams whose drafts repeat a key within the statement.
+    repeating: frozenset[str] = frozenset()
 
     @classmethod
     def of(cls, groups: dict[str, list[PendingAppend]]) -> KeyedRequest:
@@ -67,6 +76,7 @@ class KeyedRequest:
         streams: list[str] = []
         keys: list[str | None] = []
         packs: list[str] = []
+        repeating: set[str] = set()
         for stream, members in groups.items():
             drafts = [draft for member in members for draft in member.payload.drafts]
             if keys_unique(drafts):  # the usual case: the packs as they are
@@ -85,17 +95,18 @@ class KeyedRequest:
                     texts.append(draft.body_json)
                 packs.append(BODY_SEPARATOR.join(texts))
                 sent = len(texts)
+                repeating.add(stream)
             counts.append([stream, sent])
             streams.extend([stream] * sent)
-        return cls(counts, streams, keys, BODY_SEPARATOR.join(packs))
+        return cls(counts, streams, keys, BODY_SEPARATOR.join(packs), frozenset(repeating))
 
     def params(self, channel: bytes, token: int, look: bytes | None) -> list[bytes]:
         """The parameters of a keyed statement: ``_sql._APPEND_KEYED_NEW``'s, and with
         ``look`` (per draft sent, ``t`` to look its key up, else ``f``) ``_APPEND_KEYED``'s.
         """
         params = [
-            json.dumps(self.counts, ensure_ascii=False, separators=(",", ":")).encode("utf-8"),
-            json.dumps(self.keys, ensure_ascii=False, separators=(",", ":")).encode("utf-8"),
+            compact_json(self.counts).encode("utf-8"),
+            compact_json(self.keys).encode("utf-8"),
             self.packed.encode("utf-8"),
             channel,
             b"%d" % token,
@@ -113,7 +124,7 @@ class KeyedRequest:
             self.packed.encode("utf-8"),
             channel,
             b"%d" % token,
-            json.dumps(self.keys, ensure_ascii=False, separators=(",", ":")).encode("utf-8"),
+            compact_json(self.keys).encode("utf-8"),
         ]
 
     def found(self, rows: list[list[Any]]) -> dict[str, list[Found]]:

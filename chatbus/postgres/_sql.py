@@ -40,10 +40,12 @@ def channel_for_schema(schema: str) -> str:
 
 
 @functools.cache
+@functools.lru_cache(maxsize=1024)
 def statement_name(query: bytes) -> bytes:
     """A prepared-statement name for ``query``: ``chatbus_`` and a digest of its text.
 
     The text holds the schema, so the name stays valid for as long as the session.
+    Remembered: every statement a store runs asks (a few stores' dozen queries each).
     """
     return b"chatbus_" + hashlib.blake2b(query, digest_size=12).hexdigest().encode("ascii")
 
