@@ -157,9 +157,10 @@ class Notifier(Protocol):
     async def notify(self, stream: str, last_id: int) -> None:
         """Announce that ``stream`` has committed messages up to ``last_id``.
 
-        The bus calls this after every committed batch. A notifier whose paired store
-        already announces inside its append transaction (Postgres NOTIFY) may do
-        nothing here.
+        The bus calls this after every committed batch, unless the notifier has a
+        class attribute ``notifies_at_commit = True``: its paired store then announces
+        inside the append itself (Postgres NOTIFY in the transaction), and the bus
+        saves the call.
         """
         ...
 
