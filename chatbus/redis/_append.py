@@ -10,6 +10,7 @@ reply; and the durable mode's second phase. Imports this package's :mod:`._lua` 
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import secrets
@@ -43,12 +44,19 @@ LAYOUT_SUSPECT: Final = (
     OSError,
 )
 #: Default limit on append round trips running at once, per server (see open_redis).
-DEFAULT_MAX_IN_FLIGHT: Final = 3
+#: One: the server runs scripts one at a time and the store has one pipelined
+#: connection per server, so a second round trip in flight only makes the batches
+#: smaller; the bus process's CPU goes by round trips (a script call, its reply, the
+#: notices, the wake-ups), and at one in flight every append made meanwhile joins
+#: the next batch.
+DEFAULT_MAX_IN_FLIGHT: Final = 1
 #: Most seconds spent re-running a batch whose reply was lost to learn its outcome
 #: (at most ``command_timeout`` too): what a publish may take past ``command_timeout``.
 RESOLVE_LIMIT: Final = 2.0
 #: The group of appends whose server the Cluster layout cannot name right now.
 _UNMAPPED: Final = "?"
+#: Most streams whose key names an appender remembers (then it starts afresh).
+_KEYS_KEPT: Final = 4096
 
 Client = coredis.Redis[bytes] | coredis.RedisCluster[bytes]
 #: Runs a script: ``(script, keys, args, *, durable)`` (the store's ``_script``).
@@ -102,10 +110,26 @@ class Appender:
     #: One group commit per server (by ``host:port``), made on first use.
     groups: dict[str, GroupCommit] = attrs.field(factory=dict, init=False)
     reruns: int = attrs.field(default=0, init=False)
+    #: A batch's token: this appender's random prefix and a counter (unique without
+    #: a call to the OS's random source per batch).
+    _token_prefix: str = attrs.field(factory=lambda: secrets.token_hex(8), init=False)
+    _token_count: itertools.count[int] = attrs.field(factory=itertools.count, init=False)
+    #: Each stream's keys, as its appends use them (see :meth:`keys`).
+    _keys: dict[str, StreamKeys] = attrs.field(factory=dict, init=False)
 
     def keys(self, stream: str) -> StreamKeys:
-        """The keys and channel of ``stream``."""
-        return StreamKeys.of(self._prefix, stream)
+        """The keys and channel of ``stream`` (remembered for the most recent streams)."""
+        keys = self._keys.get(stream)
+        if keys is None:
+            if len(self._keys) >= _KEYS_KEPT:
+                self._keys.clear()
+            keys = self._keys[stream] = StreamKeys.of(self._prefix, stream)
+        return keys
+
+    def token(self) -> str:
+        """A new batch token: its counter sets it apart from this appender's other
+        batches, its random prefix from every other appender's."""
+        return f"{self._token_prefix}{next(self._token_count):x}"
 
     async def submit(self, entry: PendingAppend) -> None:
         """Wait until ``entry`` has its outcome, in the group of its stream's server."""
@@ -172,7 +196,7 @@ class Appender:
             script_keys += [keys.token_order, keys.redactions]
             drafts = [draft for member in members for draft in member.payload.drafts]
             all_drafts.append(drafts)
-            args += [secrets.token_hex(12), keys.channel, stream, random.getrandbits(52) + 1]
+            args += [self.token(), keys.channel, stream, random.getrandbits(52) + 1]
             args.append(len(drafts))
             args += [draft.key or "" for draft in drafts]
             args += [draft.body_json for draft in drafts]

@@ -176,9 +176,12 @@ class Lane:
         pipe.out.append(encode(*args))
         try:
             await pipe.flush(self.command_timeout)
-            with trio.fail_after(self.command_timeout):
+            # A bare scope, not trio.fail_after: this is once per script call.
+            with trio.CancelScope(deadline=trio.current_time() + self.command_timeout) as scope:
                 await pipe.await_reply(call)
-        except (trio.TooSlowError, TimeoutError):
+            if scope.cancelled_caught:
+                raise TimeoutError
+        except TimeoutError:
             # Replies behind one that never came cannot be matched: start afresh.
             pipe.drop("no reply in time")
             raise TimeoutError(
@@ -212,7 +215,9 @@ class Lane:
         return f"{self.address[0]}:{self.address[1]}"
 
     async def _connected(self) -> _Pipe:
-        await trio.lowlevel.checkpoint()
+        # No yield to the scheduler before the send (the write's own checkpoint
+        # follows it): a call goes out in the same turn it is made.
+        await trio.lowlevel.checkpoint_if_cancelled()
         pipe = self._pipe
         if pipe is not None and not pipe.waiting and not pipe.dropped and _readable(pipe.conn):
             # Idle, yet something to read: the server closed it (or broke the protocol).

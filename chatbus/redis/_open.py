@@ -230,7 +230,9 @@ async def open_redis(
         max_connections: Most connections of the store's client (per server).
         max_in_flight: Most append round trips running at once per server (1 to 1000;
             a stalled Cluster primary holds up only its own streams); appends
-            made meanwhile are merged into the next (group commit).
+            made meanwhile are merged into the next (group commit). The default,
+            1, makes the largest batches: the server runs scripts one at a time
+            anyway; durable mode, whose round trips wait for replicas, may want more.
         connect_timeout: Seconds a new connection may take (0.1 to 600): what makes
             a publish fail promptly with :class:`~chatbus.StoreError` while Redis is
             down.

@@ -1,0 +1,100 @@
+"""The store's append hot path: RESP3 by hand, batch tokens, one round trip in flight.
+
+The parser and encoder need no server; the round-trip count runs on the standalone
+server ($CHATBUS_TEST_REDIS_URL).
+"""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from chatbus.redis._append import DEFAULT_MAX_IN_FLIGHT
+from chatbus.redis._resp import Parser, Push, RespError, encode
+
+from support.pg import draft
+from support.redis import fresh_redis_pair, redis_url
+
+#: One of every RESP3 type the parser knows, and what it gives for each.
+WIRE = (
+    b"*3\r\n+ok\r\n$5\r\nhello\r\n:-42\r\n"  # array: simple, bulk, integer
+    b">3\r\n$8\r\nsmessage\r\n$2\r\nch\r\n$0\r\n\r\n"  # push, an empty bulk string
+    b"%2\r\n+a\r\n:1\r\n$1\r\nb\r\n,1.5\r\n"  # map, a double
+    b"-ERR wrong\r\n!4\r\nbulk\r\n"  # error, bulk error
+    b"|1\r\n+key\r\n+attribute\r\n(123456789012345678901\r\n"  # attribute, big number
+    b"=8\r\ntxt:abcd\r\n~2\r\n#t\r\n#f\r\n_\r\n$-1\r\n*-1\r\n"  # verbatim, set, null
+)
+EXPECTED = [
+    [b"ok", b"hello", -42],
+    Push([b"smessage", b"ch", b""]),
+    {b"a": 1, b"b": 1.5},
+    RespError("ERR wrong"),
+    RespError("bulk"),
+    b"123456789012345678901",
+    b"txt:abcd",
+    [True, False],
+    None,
+    None,
+    None,
+]
+
+
+def _comparable(values: list[object]) -> list[object]:
+    return [repr(value) if isinstance(value, RespError) else value for value in values]
+
+
+def test_every_value_parses_alike_whole_and_byte_by_byte() -> None:
+    whole = Parser()
+    whole.feed(WIRE)
+    assert _comparable(list(whole.values())) == _comparable(EXPECTED)
+    trickle = Parser()
+    got: list[object] = []
+    for at in range(len(WIRE)):
+        trickle.feed(WIRE[at : at + 1])
+        got += trickle.values()
+    assert _comparable(got) == _comparable(EXPECTED)
+
+
+def test_a_command_encodes_as_bulk_strings() -> None:
+    args = ["EVALSHA", "☃", 0, -7, b"\r\n", True]
+    parser = Parser()
+    parser.feed(encode(*args))
+    assert list(parser.values()) == [[b"EVALSHA", "☃".encode(), b"0", b"-7", b"\r\n", b"True"]]
+
+
+def test_a_malformed_reply_is_a_protocol_error() -> None:
+    parser = Parser()
+    parser.feed(b"?what\r\n")
+    with pytest.raises(RespError, match="unknown type"):
+        list(parser.values())
+
+
+@pytest.mark.redis
+async def test_batch_tokens_differ_between_batches_and_between_stores() -> None:
+    with trio.fail_after(20):
+        async with (
+            fresh_redis_pair(redis_url()) as (one, _),
+            fresh_redis_pair(redis_url()) as (two, _),
+        ):
+            tokens = [one._appender.token() for _ in range(1000)]
+            tokens += [two._appender.token() for _ in range(1000)]
+            assert len(set(tokens)) == len(tokens)
+
+
+@pytest.mark.redis
+async def test_appends_made_while_one_is_in_flight_join_the_next_round_trip() -> None:
+    """One round trip in flight per server by default: of eight appends made at once
+    (to eight streams), the first goes alone and the seven others in one script call."""
+    assert DEFAULT_MAX_IN_FLIGHT == 1
+    with trio.fail_after(20):
+        async with fresh_redis_pair(redis_url()) as (store, _):
+            await store.append("warm-up", [draft(0)])  # connected, scripts loaded
+            before = store.statistics()
+            async with trio.open_nursery() as nursery:
+                for n in range(8):
+                    nursery.start_soon(store.append, f"s{n}", [draft(n)])
+            after = store.statistics()
+            assert after.round_trips - before.round_trips == 2
+            assert after.largest_round_trip == 7
+            for n in range(8):
+                assert [m.body for m in await store.read(f"s{n}", 0, 10)] == [n]
