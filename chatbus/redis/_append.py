@@ -43,13 +43,23 @@ LAYOUT_SUSPECT: Final = (
     TimeoutError,
     OSError,
 )
-#: Default limit on append round trips running at once, per server (see open_redis).
-#: One: the server runs scripts one at a time and the store has one pipelined
-#: connection per server, so a second round trip in flight only makes the batches
-#: smaller; the bus process's CPU goes by round trips (a script call, its reply, the
-#: notices, the wake-ups), and at one in flight every append made meanwhile joins
-#: the next batch.
+#: Default limit on append round trips running at once on one server (see
+#: open_redis). One: the server runs scripts one at a time and the store has one
+#: pipelined connection to it, so a second round trip in flight only makes the
+#: batches smaller; the bus process's CPU goes by round trips (a script call, its
+#: reply, the notices, the wake-ups), and at one in flight every append made
+#: meanwhile joins the next batch.
 DEFAULT_MAX_IN_FLIGHT: Final = 1
+#: The default per Cluster primary: there a batch goes out as one call per hash slot
+#: (a stream's keys share one), so merging streams of other slots saves no calls.
+CLUSTER_MAX_IN_FLIGHT: Final = 3
+
+
+def default_max_in_flight(cluster: bool) -> int:
+    """The ``max_in_flight`` open_redis uses when it is not given."""
+    return CLUSTER_MAX_IN_FLIGHT if cluster else DEFAULT_MAX_IN_FLIGHT
+
+
 #: Most seconds spent re-running a batch whose reply was lost to learn its outcome
 #: (at most ``command_timeout`` too): what a publish may take past ``command_timeout``.
 RESOLVE_LIMIT: Final = 2.0

@@ -9,11 +9,11 @@ from __future__ import annotations
 import pytest
 import trio
 
-from chatbus.redis._append import DEFAULT_MAX_IN_FLIGHT
+from chatbus.redis._append import CLUSTER_MAX_IN_FLIGHT, DEFAULT_MAX_IN_FLIGHT
 from chatbus.redis._resp import Parser, Push, RespError, encode
 
 from support.pg import draft
-from support.redis import fresh_redis_pair, redis_url
+from support.redis import fresh_redis_pair, redis_cluster_url, redis_url
 
 #: One of every RESP3 type the parser knows, and what it gives for each.
 WIRE = (
@@ -98,3 +98,22 @@ async def test_appends_made_while_one_is_in_flight_join_the_next_round_trip() ->
             assert after.largest_round_trip == 7
             for n in range(8):
                 assert [m.body for m in await store.read(f"s{n}", 0, 10)] == [n]
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize(("topology", "expected"), [("standalone", 1), ("cluster", 3)])
+async def test_the_default_in_flight_budget_is_one_per_server_three_per_primary(
+    topology: str, expected: int
+) -> None:
+    """A Cluster batch is one call per hash slot anyway: its primaries keep three."""
+    assert (DEFAULT_MAX_IN_FLIGHT, CLUSTER_MAX_IN_FLIGHT) == (1, 3)
+    url = redis_url() if topology == "standalone" else redis_cluster_url()
+    with trio.fail_after(20):
+        async with fresh_redis_pair(url) as (store, _):
+            await store.append("s", [draft(0)])
+            budgets = {group.max_in_flight for group in store._appender.groups.values()}
+            assert budgets == {expected}
+        async with fresh_redis_pair(url, max_in_flight=2) as (store, _):
+            await store.append("s", [draft(0)])
+            budgets = {group.max_in_flight for group in store._appender.groups.values()}
+            assert budgets == {2}
