@@ -124,17 +124,25 @@ class Appender:
     #: a call to the OS's random source per batch).
     _token_prefix: str = attrs.field(factory=lambda: secrets.token_hex(8), init=False)
     _token_count: itertools.count[int] = attrs.field(factory=itertools.count, init=False)
-    #: Each stream's keys, as its appends use them (see :meth:`keys`).
-    _keys: dict[str, StreamKeys] = attrs.field(factory=dict, init=False)
+    #: Each stream's keys and hash slot, as its appends use them (see :meth:`keys`).
+    _known: dict[str, tuple[StreamKeys, int]] = attrs.field(factory=dict, init=False)
 
     def keys(self, stream: str) -> StreamKeys:
         """The keys and channel of ``stream`` (remembered for the most recent streams)."""
-        keys = self._keys.get(stream)
-        if keys is None:
-            if len(self._keys) >= _KEYS_KEPT:
-                self._keys.clear()
-            keys = self._keys[stream] = StreamKeys.of(self._prefix, stream)
-        return keys
+        return self._of(stream)[0]
+
+    def slot(self, stream: str) -> int:
+        """The hash slot of ``stream``'s keys (remembered as :meth:`keys` are)."""
+        return self._of(stream)[1]
+
+    def _of(self, stream: str) -> tuple[StreamKeys, int]:
+        known = self._known.get(stream)
+        if known is None:
+            if len(self._known) >= _KEYS_KEPT:
+                self._known.clear()
+            keys = StreamKeys.of(self._prefix, stream)
+            known = self._known[stream] = (keys, hash_slot(keys.meta.encode()))
+        return known
 
     def token(self) -> str:
         """A new batch token: its counter sets it apart from this appender's other
@@ -154,7 +162,7 @@ class Appender:
         """
         server = ""
         if self._cluster:
-            slot = hash_slot(self.keys(stream).meta.encode())
+            slot = self.slot(stream)
             client: Any = self._client
             try:
                 server = client.connection_pool.cluster_layout.node_for_slot(slot).name
@@ -179,7 +187,7 @@ class Appender:
             groups.setdefault(member.stream, []).append(member)
         calls: dict[int, list[tuple[str, list[PendingAppend]]]] = {}
         for stream, members in groups.items():
-            slot = hash_slot(self.keys(stream).meta.encode()) if self._cluster else 0
+            slot = self.slot(stream) if self._cluster else 0
             calls.setdefault(slot, []).append((stream, members))
         await each(calls.values(), self._append_call)
 

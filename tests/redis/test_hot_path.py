@@ -6,10 +6,16 @@ server ($CHATBUS_TEST_REDIS_URL).
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import trio
+from hypothesis import given
+from hypothesis import strategies as st
 
+from chatbus._codec import parse_notice
 from chatbus.redis._append import CLUSTER_MAX_IN_FLIGHT, DEFAULT_MAX_IN_FLIGHT
+from chatbus.redis._listen import quick_notice
 from chatbus.redis._resp import Parser, Push, RespError, encode
 
 from support.pg import draft
@@ -117,3 +123,39 @@ async def test_the_default_in_flight_budget_is_one_per_server_three_per_primary(
             await store.append("s", [draft(0)])
             budgets = {group.max_in_flight for group in store._appender.groups.values()}
             assert budgets == {2}
+
+
+def test_a_plain_notice_is_read_without_json_and_alike() -> None:
+    payload = b'{"stream":"chat-1","last_id":1234567890123}'
+    assert quick_notice(payload) == parse_notice(payload) == ("chat-1", 1234567890123)
+    # Left to the JSON parser: escapes, a zero id, a leading zero, anything else.
+    for other in (
+        b'{"stream":"a\\/b","last_id":1}',
+        b'{"stream":"a\\"b","last_id":1}',
+        b'{"stream":"x","last_id":0}',
+        b'{"stream":"x","last_id":01}',
+        b'{"stream":"","last_id":1}',
+        b'{"stream":"x","reset":true}',
+        b'{"stream":"x","last_id":1,"last_id":2}',
+    ):
+        assert quick_notice(other) is None
+
+
+@given(
+    stream=st.text(min_size=0, max_size=12),
+    last_id=st.integers(min_value=-2, max_value=2**53),
+    cut=st.integers(min_value=0, max_value=80),
+    junk=st.binary(max_size=3),
+)
+def test_the_quick_notice_reader_never_disagrees_with_the_json_one(
+    stream: str, last_id: int, cut: int, junk: bytes
+) -> None:
+    """What the script writes (cjson leaves UTF-8 unescaped), whole or mangled: the
+    quick reader gives parse_notice's answer, or leaves it to parse_notice."""
+    name = json.dumps(stream, ensure_ascii=False)
+    payload = ('{"stream":' + name + ',"last_id":' + str(last_id) + "}").encode("utf-8", "replace")
+    for candidate in (payload, payload[:cut] + junk + payload[cut:]):
+        quick = quick_notice(candidate)
+        assert quick is None or quick == parse_notice(candidate)
+    if "\\" not in name[1:-1] and last_id > 0 and parse_notice(payload) is not None:
+        assert quick_notice(payload) == parse_notice(payload)
