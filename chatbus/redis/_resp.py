@@ -103,8 +103,7 @@ class Parser:
             count = int(buffer[pos + 1 : end])
             if count < 0:
                 return None
-            value = self._value
-            items = [value() for _ in range(count)]
+            items = self._items(count)
             return Push(items) if kind == 62 else items
         if kind == 43 or kind == 40:  # + simple string, ( big number
             return bytes(buffer[pos + 1 : end])
@@ -127,6 +126,40 @@ class Parser:
         if kind == 44:  # , double
             return float(rest)
         raise RespError(f"protocol error: unknown type {bytes([kind])!r}")
+
+    def _items(self, count: int) -> list[object]:
+        """An aggregate's items: bulk strings, integers and simple strings (all a
+        script reply or a pub/sub push holds) read here, anything else by
+        :meth:`_value`."""
+        buffer = self._buffer
+        items: list[object] = []
+        append = items.append
+        for _ in range(count):
+            pos = self._pos
+            end = buffer.find(b"\r\n", pos)
+            if end < 0:
+                append(self._value())  # says why it cannot go on
+                continue
+            kind = buffer[pos]
+            if kind == 36:  # $ bulk string
+                size = int(buffer[pos + 1 : end])
+                if 0 <= size <= MAX_VALUE_BYTES:
+                    stop = end + 2 + size
+                    if len(buffer) < stop + 2:
+                        raise _Incomplete
+                    append(bytes(buffer[end + 2 : stop]))
+                    self._pos = stop + 2
+                    continue
+            elif kind == 58:  # : integer
+                append(int(buffer[pos + 1 : end]))
+                self._pos = end + 2
+                continue
+            elif kind == 43:  # + simple string
+                append(bytes(buffer[pos + 1 : end]))
+                self._pos = end + 2
+                continue
+            append(self._value())
+        return items
 
     def _bulk(self, size: int) -> bytes:
         if size > MAX_VALUE_BYTES:
