@@ -11,6 +11,7 @@ by what it has handled (TCP pushes back); the store's hot scripts use it through
 
 from __future__ import annotations
 
+import binascii
 from collections.abc import Iterator, Sequence
 from typing import Final, final
 
@@ -173,30 +174,17 @@ class Parser:
         return data
 
 
-def _crc16_table() -> list[int]:
-    table = []
-    for byte in range(256):
-        crc = byte << 8
-        for _ in range(8):
-            crc = ((crc << 1) ^ 0x1021) if crc & 0x8000 else crc << 1
-        table.append(crc & 0xFFFF)
-    return table
-
-
-_CRC16: Final = _crc16_table()
-
-
 def hash_slot(key: bytes) -> int:
-    """The Redis Cluster slot of ``key`` (CRC16-XMODEM of its hash tag, mod 16384)."""
+    """The Redis Cluster slot of ``key`` (CRC16-XMODEM of its hash tag, mod 16384).
+
+    ``binascii.crc_hqx`` is that CRC (CCITT polynomial, initial value 0), in C.
+    """
     start = key.find(b"{")
     if start >= 0:
         end = key.find(b"}", start + 1)
         if end > start + 1:
             key = key[start + 1 : end]
-    crc = 0
-    for byte in key:
-        crc = ((crc << 8) & 0xFFFF) ^ _CRC16[((crc >> 8) ^ byte) & 0xFF]
-    return crc % 16384
+    return binascii.crc_hqx(key, 0) % 16384
 
 
 @final

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from chatbus._codec import parse_notice
 from chatbus.redis._append import CLUSTER_MAX_IN_FLIGHT, DEFAULT_MAX_IN_FLIGHT
 from chatbus.redis._listen import quick_notice
-from chatbus.redis._resp import Parser, Push, RespError, encode
+from chatbus.redis._resp import Parser, Push, RespError, encode, hash_slot
 
 from support.pg import draft
 from support.redis import fresh_redis_pair, redis_cluster_url, redis_url
@@ -159,3 +159,14 @@ def test_the_quick_notice_reader_never_disagrees_with_the_json_one(
         assert quick is None or quick == parse_notice(candidate)
     if "\\" not in name[1:-1] and last_id > 0 and parse_notice(payload) is not None:
         assert quick_notice(payload) == parse_notice(payload)
+
+
+@pytest.mark.redis
+async def test_hash_slots_agree_with_the_cluster() -> None:
+    keys = [b"", b"foo", b"123456789", b"{user1000}.following", b"a{}b", b"{}{x}", b"x{y"]
+    keys += ["☃ {tag} {other}".encode(), bytes(range(256))]
+    keys += [b"cb:{%x}:m" % n for n in range(0, 5000, 37)]
+    with trio.fail_after(20):
+        async with fresh_redis_pair(redis_cluster_url()) as (store, _):
+            for key in keys:
+                assert hash_slot(key) == await store.client.cluster_keyslot(key), key
