@@ -100,6 +100,11 @@ async def each(items: Any, run: Callable[[Any], Awaitable[None]]) -> None:
             nursery.start_soon(run, item)
 
 
+def _names(streams: list[tuple[str, list[PendingAppend]]]) -> str:
+    """The streams of a call, for its error messages."""
+    return ", ".join(repr(stream) for stream, _ in streams)
+
+
 @final
 @attrs.define(eq=False)
 class Appender:
@@ -301,19 +306,19 @@ class Appender:
         ``durable``: WAIT for the replicas right after the script, on its connection;
         if they do not confirm in time the batch is stored but invisible: unknown.
         """
-        names = ", ".join(repr(stream) for stream, _ in streams)
         sent_at = trio.current_time()
         try:
             reply: list[Any] = await self._script(APPEND, keys, args, durable=durable)
             return reply
         except coredis.exceptions.ReplicationError as exc:
-            raise self._unreplicated(names, exc) from exc
+            raise self._unreplicated(_names(streams), exc) from exc
         except LOST as exc:
             if not_sent(exc):
                 raise
             lost: BaseException = exc
         # It may have run. One budget for all the re-runs: a server that did not answer
         # the first run seldom answers the next, and each would wait a command_timeout.
+        names = _names(streams)
         budget = min(self._command_timeout, RESOLVE_LIMIT)
         last: BaseException | None = None
         pause = Backoff(0.05, 0.4)

@@ -306,7 +306,8 @@ class ListenSession:
         liveness = Liveness.starting(self.ping_interval, ping_timeout, trio.current_time())
         try:
             while True:
-                with trio.move_on_at(liveness.wake_at()):
+                # A bare scope, not trio.move_on_at: this is once per read.
+                with trio.CancelScope(deadline=liveness.wake_at()):
                     await self.pump(link)
                 beat = liveness.step(trio.current_time(), link.ping_answered)
                 if beat is Beat.DEAD:
