@@ -10,6 +10,7 @@ reply; and the durable mode's second phase. Imports this package's :mod:`._lua` 
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import secrets
@@ -42,13 +43,30 @@ LAYOUT_SUSPECT: Final = (
     TimeoutError,
     OSError,
 )
-#: Default limit on append round trips running at once, per server (see open_redis).
-DEFAULT_MAX_IN_FLIGHT: Final = 3
+#: Default limit on append round trips running at once on one server (see
+#: open_redis). One: the server runs scripts one at a time and the store has one
+#: pipelined connection to it, so a second round trip in flight only makes the
+#: batches smaller; the bus process's CPU goes by round trips (a script call, its
+#: reply, the notices, the wake-ups), and at one in flight every append made
+#: meanwhile joins the next batch.
+DEFAULT_MAX_IN_FLIGHT: Final = 1
+#: The default per Cluster primary: there a batch goes out as one call per hash slot
+#: (a stream's keys share one), so merging streams of other slots saves no calls.
+CLUSTER_MAX_IN_FLIGHT: Final = 3
+
+
+def default_max_in_flight(cluster: bool) -> int:
+    """The ``max_in_flight`` open_redis uses when it is not given."""
+    return CLUSTER_MAX_IN_FLIGHT if cluster else DEFAULT_MAX_IN_FLIGHT
+
+
 #: Most seconds spent re-running a batch whose reply was lost to learn its outcome
 #: (at most ``command_timeout`` too): what a publish may take past ``command_timeout``.
 RESOLVE_LIMIT: Final = 2.0
 #: The group of appends whose server the Cluster layout cannot name right now.
 _UNMAPPED: Final = "?"
+#: Most streams whose key names an appender remembers (then it starts afresh).
+_KEYS_KEPT: Final = 4096
 
 Client = coredis.Redis[bytes] | coredis.RedisCluster[bytes]
 #: Runs a script: ``(script, keys, args, *, durable)`` (the store's ``_script``).
@@ -82,6 +100,11 @@ async def each(items: Any, run: Callable[[Any], Awaitable[None]]) -> None:
             nursery.start_soon(run, item)
 
 
+def _names(streams: list[tuple[str, list[PendingAppend]]]) -> str:
+    """The streams of a call, for its error messages."""
+    return ", ".join(repr(stream) for stream, _ in streams)
+
+
 @final
 @attrs.define(eq=False)
 class Appender:
@@ -102,10 +125,34 @@ class Appender:
     #: One group commit per server (by ``host:port``), made on first use.
     groups: dict[str, GroupCommit] = attrs.field(factory=dict, init=False)
     reruns: int = attrs.field(default=0, init=False)
+    #: A batch's token: this appender's random prefix and a counter (unique without
+    #: a call to the OS's random source per batch).
+    _token_prefix: str = attrs.field(factory=lambda: secrets.token_hex(8), init=False)
+    _token_count: itertools.count[int] = attrs.field(factory=itertools.count, init=False)
+    #: Each stream's keys and hash slot, as its appends use them (see :meth:`keys`).
+    _known: dict[str, tuple[StreamKeys, int]] = attrs.field(factory=dict, init=False)
 
     def keys(self, stream: str) -> StreamKeys:
-        """The keys and channel of ``stream``."""
-        return StreamKeys.of(self._prefix, stream)
+        """The keys and channel of ``stream`` (remembered for the most recent streams)."""
+        return self._of(stream)[0]
+
+    def slot(self, stream: str) -> int:
+        """The hash slot of ``stream``'s keys (remembered as :meth:`keys` are)."""
+        return self._of(stream)[1]
+
+    def _of(self, stream: str) -> tuple[StreamKeys, int]:
+        known = self._known.get(stream)
+        if known is None:
+            if len(self._known) >= _KEYS_KEPT:
+                self._known.clear()
+            keys = StreamKeys.of(self._prefix, stream)
+            known = self._known[stream] = (keys, hash_slot(keys.meta.encode()))
+        return known
+
+    def token(self) -> str:
+        """A new batch token: its counter sets it apart from this appender's other
+        batches, its random prefix from every other appender's."""
+        return f"{self._token_prefix}{next(self._token_count):x}"
 
     async def submit(self, entry: PendingAppend) -> None:
         """Wait until ``entry`` has its outcome, in the group of its stream's server."""
@@ -120,7 +167,7 @@ class Appender:
         """
         server = ""
         if self._cluster:
-            slot = hash_slot(self.keys(stream).meta.encode())
+            slot = self.slot(stream)
             client: Any = self._client
             try:
                 server = client.connection_pool.cluster_layout.node_for_slot(slot).name
@@ -145,7 +192,7 @@ class Appender:
             groups.setdefault(member.stream, []).append(member)
         calls: dict[int, list[tuple[str, list[PendingAppend]]]] = {}
         for stream, members in groups.items():
-            slot = hash_slot(self.keys(stream).meta.encode()) if self._cluster else 0
+            slot = self.slot(stream) if self._cluster else 0
             calls.setdefault(slot, []).append((stream, members))
         await each(calls.values(), self._append_call)
 
@@ -172,7 +219,7 @@ class Appender:
             script_keys += [keys.token_order, keys.redactions]
             drafts = [draft for member in members for draft in member.payload.drafts]
             all_drafts.append(drafts)
-            args += [secrets.token_hex(12), keys.channel, stream, random.getrandbits(52) + 1]
+            args += [self.token(), keys.channel, stream, random.getrandbits(52) + 1]
             args.append(len(drafts))
             args += [draft.key or "" for draft in drafts]
             args += [draft.body_json for draft in drafts]
@@ -259,19 +306,19 @@ class Appender:
         ``durable``: WAIT for the replicas right after the script, on its connection;
         if they do not confirm in time the batch is stored but invisible: unknown.
         """
-        names = ", ".join(repr(stream) for stream, _ in streams)
         sent_at = trio.current_time()
         try:
             reply: list[Any] = await self._script(APPEND, keys, args, durable=durable)
             return reply
         except coredis.exceptions.ReplicationError as exc:
-            raise self._unreplicated(names, exc) from exc
+            raise self._unreplicated(_names(streams), exc) from exc
         except LOST as exc:
             if not_sent(exc):
                 raise
             lost: BaseException = exc
         # It may have run. One budget for all the re-runs: a server that did not answer
         # the first run seldom answers the next, and each would wait a command_timeout.
+        names = _names(streams)
         budget = min(self._command_timeout, RESOLVE_LIMIT)
         last: BaseException | None = None
         pause = Backoff(0.05, 0.4)

@@ -58,6 +58,16 @@ class _Pipe:
     turn: trio.Event = attrs.field(factory=trio.Event)
     #: Socket writes made (each carries every call queued by then).
     writes: int = 0
+    #: Polls the socket for :meth:`readable` (made once: an idle call asks each time).
+    _poller: Any = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._poller = select.poll()
+        self._poller.register(self.conn.stream.socket.fileno(), select.POLLIN | select.POLLHUP)
+
+    def readable(self) -> bool:
+        """Whether the socket has something to read now (without waiting)."""
+        return bool(self._poller.poll(0))
 
     async def flush(self, timeout: float) -> None:
         """Write what is queued, in as few writes as possible; whoever finds no writer
@@ -73,8 +83,7 @@ class _Pipe:
             return
         self.writing = True
         try:
-            with trio.CancelScope(shield=True) as scope:
-                scope.deadline = trio.current_time() + timeout
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + timeout) as scope:
                 while self.out and not self.dropped:
                     data = b"".join(self.out)
                     self.out.clear()
@@ -176,9 +185,12 @@ class Lane:
         pipe.out.append(encode(*args))
         try:
             await pipe.flush(self.command_timeout)
-            with trio.fail_after(self.command_timeout):
+            # A bare scope, not trio.fail_after: this is once per script call.
+            with trio.CancelScope(deadline=trio.current_time() + self.command_timeout) as scope:
                 await pipe.await_reply(call)
-        except (trio.TooSlowError, TimeoutError):
+            if scope.cancelled_caught:
+                raise TimeoutError
+        except TimeoutError:
             # Replies behind one that never came cannot be matched: start afresh.
             pipe.drop("no reply in time")
             raise TimeoutError(
@@ -212,9 +224,11 @@ class Lane:
         return f"{self.address[0]}:{self.address[1]}"
 
     async def _connected(self) -> _Pipe:
-        await trio.lowlevel.checkpoint()
+        # No yield to the scheduler before the send (the write's own checkpoint
+        # follows it): a call goes out in the same turn it is made.
+        await trio.lowlevel.checkpoint_if_cancelled()
         pipe = self._pipe
-        if pipe is not None and not pipe.waiting and not pipe.dropped and _readable(pipe.conn):
+        if pipe is not None and not pipe.waiting and not pipe.dropped and pipe.readable():
             # Idle, yet something to read: the server closed it (or broke the protocol).
             # Caught before sending, a server that went away is "not sent", not "lost".
             pipe.drop("closed by the server while idle")
@@ -243,13 +257,6 @@ class Lane:
                 self._connecting = None
                 done.set()
         return self._pipe
-
-
-def _readable(conn: RespConnection) -> bool:
-    """Whether ``conn``'s socket has something to read now (without waiting)."""
-    poller = select.poll()
-    poller.register(conn.stream.socket.fileno(), select.POLLIN | select.POLLHUP)
-    return bool(poller.poll(0))
 
 
 @final

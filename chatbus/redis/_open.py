@@ -27,7 +27,13 @@ from .._exceptions import StoreError, store_error
 from .._options import check_identifier, check_int_range, check_range
 from .._tasks import unwrapped_groups
 from ._listen import RedisNotifier, Server
-from ._store import DEFAULT_MAX_IN_FLIGHT, REDIS_ERRORS, Client, LayoutRefresh, RedisStore
+from ._store import (
+    REDIS_ERRORS,
+    Client,
+    LayoutRefresh,
+    RedisStore,
+    default_max_in_flight,
+)
 
 logger = logging.getLogger("chatbus.redis")
 
@@ -48,7 +54,8 @@ class _Settings:
     wait_replicas: int = 1
     wait_timeout: float = 1.0
     max_connections: int = 16
-    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
+    #: None: :func:`default_max_in_flight` (1 on one server, 3 per Cluster primary).
+    max_in_flight: int | None = None
     connect_timeout: float = 5.0
     command_timeout: float = 10.0
     ping_interval: float = 5.0
@@ -65,7 +72,8 @@ class _Settings:
         check_int_range("wait_replicas", self.wait_replicas, 1, 100)
         check_range("wait_timeout", self.wait_timeout, 0.001, 600)
         check_int_range("max_connections", self.max_connections, 1, 10_000)
-        check_int_range("max_in_flight", self.max_in_flight, 1, 1000)
+        if self.max_in_flight is not None:
+            check_int_range("max_in_flight", self.max_in_flight, 1, 1000)
         check_range("connect_timeout", self.connect_timeout, 0.1, 600)
         check_range("command_timeout", self.command_timeout, 0.1, 3600)
         check_range("ping_interval", self.ping_interval, 0.1, 3600)
@@ -192,7 +200,7 @@ async def open_redis(
     wait_replicas: int = 1,
     wait_timeout: float = 1.0,
     max_connections: int = 16,
-    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+    max_in_flight: int | None = None,
     connect_timeout: float = 5.0,
     command_timeout: float = 10.0,
     ping_interval: float = 5.0,
@@ -230,7 +238,11 @@ async def open_redis(
         max_connections: Most connections of the store's client (per server).
         max_in_flight: Most append round trips running at once per server (1 to 1000;
             a stalled Cluster primary holds up only its own streams); appends
-            made meanwhile are merged into the next (group commit).
+            made meanwhile are merged into the next (group commit). By default 1
+            on one server, which makes the largest batches (the server runs scripts
+            one at a time anyway; durable mode, whose round trips wait for replicas,
+            may want more), and 3 per Cluster primary (a batch goes out there as one
+            call per hash slot, so merging the streams of other slots saves none).
         connect_timeout: Seconds a new connection may take (0.1 to 600): what makes
             a publish fail promptly with :class:`~chatbus.StoreError` while Redis is
             down.
@@ -308,7 +320,11 @@ async def _open_pair(settings: _Settings) -> AsyncIterator[tuple[RedisStore, Red
                 durability=settings.durability,
                 wait_replicas=settings.wait_replicas,
                 wait_timeout=settings.wait_timeout,
-                max_in_flight=settings.max_in_flight,
+                max_in_flight=(
+                    settings.max_in_flight
+                    if settings.max_in_flight is not None
+                    else default_max_in_flight(server.cluster)
+                ),
                 shield_timeout=settings.command_timeout * 2 + settings.wait_timeout + 5,
                 command_timeout=settings.command_timeout,
                 reset=notifier.reset_locally,

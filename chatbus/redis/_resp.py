@@ -11,6 +11,7 @@ by what it has handled (TCP pushes back); the store's hot scripts use it through
 
 from __future__ import annotations
 
+import binascii
 from collections.abc import Iterator, Sequence
 from typing import Final, final
 
@@ -33,17 +34,17 @@ class Push:
 def encode(*args: bytes | str | int) -> bytes:
     """One command as a RESP array of bulk strings."""
     parts = [b"*%d\r\n" % len(args)]
-    append = parts.append  # the store's hot path: no formatting of the data itself
+    append = parts.append  # the store's hot path: one append per argument
     for arg in args:
         if type(arg) is str:
             data = arg.encode("utf-8")
+        elif type(arg) is int:
+            data = b"%d" % arg
         elif isinstance(arg, bytes):
             data = arg
         else:
             data = str(arg).encode("utf-8")
-        append(b"$%d\r\n" % len(data))
-        append(data)
-        append(b"\r\n")
+        append(b"$%d\r\n%b\r\n" % (len(data), data))
     return b"".join(parts)
 
 
@@ -82,86 +83,108 @@ class Parser:
         del self._buffer[: self._pos]
         self._pos = 0
 
-    def _line(self) -> bytes:
-        end = self._buffer.find(b"\r\n", self._pos)
+    def _value(self) -> object:
+        # The hot path (every reply and push): one find per line, dispatch on the
+        # type byte, no intermediate copies of a line.
+        buffer = self._buffer
+        pos = self._pos
+        end = buffer.find(b"\r\n", pos)
         if end < 0:
-            if len(self._buffer) - self._pos > 1024 * 1024:
+            if len(buffer) - pos > 1024 * 1024:
                 raise RespError("protocol error: line too long")
             raise _Incomplete
-        line = bytes(self._buffer[self._pos : end])
         self._pos = end + 2
-        return line
+        kind = buffer[pos]
+        if kind == 36 or kind == 61:  # $ bulk string, = verbatim string
+            size = int(buffer[pos + 1 : end])
+            return None if size < 0 else self._bulk(size)
+        if kind == 58:  # : integer
+            return int(buffer[pos + 1 : end])
+        if kind == 42 or kind == 126 or kind == 62:  # * array, ~ set, > push
+            count = int(buffer[pos + 1 : end])
+            if count < 0:
+                return None
+            items = self._items(count)
+            return Push(items) if kind == 62 else items
+        if kind == 43 or kind == 40:  # + simple string, ( big number
+            return bytes(buffer[pos + 1 : end])
+        rest = bytes(buffer[pos + 1 : end])
+        if kind == 45:  # - error
+            return RespError(rest.decode("utf-8", "replace"))
+        if kind == 33:  # ! bulk error
+            return RespError(self._bulk(int(rest)).decode("utf-8", "replace"))
+        if kind == 37:  # % map
+            pairs = [(self._value(), self._value()) for _ in range(int(rest))]
+            return {key: value for key, value in pairs if isinstance(key, bytes)}
+        if kind == 124:  # | attributes: skip them, the value follows
+            for _ in range(2 * int(rest)):
+                self._value()
+            return self._value()
+        if kind == 95:  # _ null
+            return None
+        if kind == 35:  # # boolean
+            return rest == b"t"
+        if kind == 44:  # , double
+            return float(rest)
+        raise RespError(f"protocol error: unknown type {bytes([kind])!r}")
+
+    def _items(self, count: int) -> list[object]:
+        """An aggregate's items: bulk strings, integers and simple strings (all a
+        script reply or a pub/sub push holds) read here, anything else by
+        :meth:`_value`."""
+        buffer = self._buffer
+        items: list[object] = []
+        append = items.append
+        for _ in range(count):
+            pos = self._pos
+            end = buffer.find(b"\r\n", pos)
+            if end < 0:
+                append(self._value())  # says why it cannot go on
+                continue
+            kind = buffer[pos]
+            if kind == 36:  # $ bulk string
+                size = int(buffer[pos + 1 : end])
+                if 0 <= size <= MAX_VALUE_BYTES:
+                    stop = end + 2 + size
+                    if len(buffer) < stop + 2:
+                        raise _Incomplete
+                    append(bytes(buffer[end + 2 : stop]))
+                    self._pos = stop + 2
+                    continue
+            elif kind == 58:  # : integer
+                append(int(buffer[pos + 1 : end]))
+                self._pos = end + 2
+                continue
+            elif kind == 43:  # + simple string
+                append(bytes(buffer[pos + 1 : end]))
+                self._pos = end + 2
+                continue
+            append(self._value())
+        return items
 
     def _bulk(self, size: int) -> bytes:
         if size > MAX_VALUE_BYTES:
             raise RespError(f"protocol error: value of {size} bytes")
-        end = self._pos + size
+        start = self._pos
+        end = start + size
         if len(self._buffer) < end + 2:
             raise _Incomplete
-        data = bytes(self._buffer[self._pos : end])
+        data = bytes(self._buffer[start:end])
         self._pos = end + 2
         return data
 
-    def _value(self) -> object:
-        line = self._line()
-        kind, rest = line[:1], line[1:]
-        if kind in (b"+", b"("):
-            return rest
-        if kind == b"-":
-            return RespError(rest.decode("utf-8", "replace"))
-        if kind == b":":
-            return int(rest)
-        if kind in (b"$", b"="):
-            size = int(rest)
-            return None if size < 0 else self._bulk(size)
-        if kind == b"!":
-            return RespError(self._bulk(int(rest)).decode("utf-8", "replace"))
-        if kind in (b"*", b"~", b">"):
-            count = int(rest)
-            if count < 0:
-                return None
-            items = [self._value() for _ in range(count)]
-            return Push(items) if kind == b">" else items
-        if kind == b"%":
-            pairs = [(self._value(), self._value()) for _ in range(int(rest))]
-            return {key: value for key, value in pairs if isinstance(key, bytes)}
-        if kind == b"|":  # attributes: skip them, the value follows
-            for _ in range(2 * int(rest)):
-                self._value()
-            return self._value()
-        if kind == b"_":
-            return None
-        if kind == b"#":
-            return rest == b"t"
-        if kind == b",":
-            return float(rest)
-        raise RespError(f"protocol error: unknown type {kind!r}")
-
-
-def _crc16_table() -> list[int]:
-    table = []
-    for byte in range(256):
-        crc = byte << 8
-        for _ in range(8):
-            crc = ((crc << 1) ^ 0x1021) if crc & 0x8000 else crc << 1
-        table.append(crc & 0xFFFF)
-    return table
-
-
-_CRC16: Final = _crc16_table()
-
 
 def hash_slot(key: bytes) -> int:
-    """The Redis Cluster slot of ``key`` (CRC16-XMODEM of its hash tag, mod 16384)."""
+    """The Redis Cluster slot of ``key`` (CRC16-XMODEM of its hash tag, mod 16384).
+
+    ``binascii.crc_hqx`` is that CRC (CCITT polynomial, initial value 0), in C.
+    """
     start = key.find(b"{")
     if start >= 0:
         end = key.find(b"}", start + 1)
         if end > start + 1:
             key = key[start + 1 : end]
-    crc = 0
-    for byte in key:
-        crc = ((crc << 8) & 0xFFFF) ^ _CRC16[((crc >> 8) ^ byte) & 0xFF]
-    return crc % 16384
+    return binascii.crc_hqx(key, 0) % 16384
 
 
 @final

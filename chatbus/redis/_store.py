@@ -36,6 +36,7 @@ from ._append import DEFAULT_MAX_IN_FLIGHT as DEFAULT_MAX_IN_FLIGHT
 from ._append import LAYOUT_SUSPECT, Appender, each
 from ._append import REDIS_ERRORS as REDIS_ERRORS
 from ._append import Client as Client
+from ._append import default_max_in_flight as default_max_in_flight
 from ._lane import Lane, Lanes, Unsupported
 from ._lua import APPEND, JOINER_EVENTS, READ, RETAIN_EVENTS, Script, StreamKeys
 from ._resp import hash_slot
