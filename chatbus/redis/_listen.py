@@ -18,7 +18,7 @@ import collections
 import random
 import re
 from collections.abc import Callable, Sequence
-from typing import Final, final
+from typing import ClassVar, Final, final
 
 import attrs
 import trio
@@ -398,6 +398,10 @@ class RedisNotifier:
     command replaces the whole session (with exponential backoff and jitter up to
     ``max_backoff``), and each replacement ends with ``handler.resync()``.
     """
+
+    #: The append script publishes the notice with the data (:meth:`notify` does
+    #: nothing): the bus's producers need not call :meth:`notify`.
+    notifies_at_commit: ClassVar[bool] = True
 
     _server: Server
     _prefix: str
