@@ -353,6 +353,11 @@ class DurableRun:
     events_per_s: float
     events_received: int
     batch: float
+    #: This process's CPU per durable message (µs, time.process_time over the run):
+    #: on a shared machine a steadier measure of what events cost the client.
+    cpu_per_message: float
+    #: Events per transaction that carried events (an append's or a flush's).
+    events_per_flush: float
 
 
 async def _durable_run(dsn: str, shape: PgShape, total: int, rate: float | None) -> DurableRun:
@@ -381,10 +386,15 @@ async def _durable_run(dsn: str, shape: PgShape, total: int, rate: float | None)
                     )
                     await trio.sleep(0.1)  # events are flowing before the clock starts
                 start = time.perf_counter()
+                cpu_start, emitted_start = time.process_time(), emitted[0]
+                flushes_start = bus.statistics().event_flushes
                 stats = await _harness.drive_publishers(
                     bus, names, 1, shape.callers, per_stream * shape.streams
                 )
             end = max(done)
+            cpu = time.process_time() - cpu_start
+            flushes = bus.statistics().event_flushes - flushes_start
+            events = emitted[0] - emitted_start
             outer.cancel_scope.cancel()
     messages = per_stream * shape.streams
     elapsed = end - start
@@ -394,6 +404,8 @@ async def _durable_run(dsn: str, shape: PgShape, total: int, rate: float | None)
         events_per_s=emitted[0] / (elapsed + 0.05) if rate is not None else 0.0,
         events_received=sum(events_seen),
         batch=messages / max(1, batches),
+        cpu_per_message=cpu / messages * 1e6,
+        events_per_flush=events / max(1, flushes),
     )
 
 
@@ -432,10 +444,17 @@ def durable_with_events(context: Context, backend: str) -> list[Row]:
             f" {median_text([r.events_per_s for r in with_runs])}/s, subscribers take"
             f" them: median {median_text([r.events_received for r in with_runs])} received"
             f" per run); median batch with {median_text([r.batch for r in with_runs])},"
-            f" without {median_text([r.batch for r in runs['without']])}",
+            f" without {median_text([r.batch for r in runs['without']])}; client CPU"
+            f" per message with {median_text([r.cpu_per_message for r in with_runs])} µs,"
+            f" without {median_text([r.cpu_per_message for r in runs['without']])} µs;"
+            f" events per outbox flush (an append carrying some counts one)"
+            f" {median_text([r.events_per_flush for r in with_runs])}",
             extra={
                 "events_per_s": [r.events_per_s for r in with_runs],
                 "events_received": [r.events_received for r in with_runs],
+                "cpu_per_message_with": [r.cpu_per_message for r in with_runs],
+                "cpu_per_message_without": [r.cpu_per_message for r in runs["without"]],
+                "events_per_flush": [r.events_per_flush for r in with_runs],
             },
         )
     ]

@@ -161,8 +161,15 @@ _IMMUTABLE_JSON: Final = frozenset({str, int, float, bool, type(None)})
 def copy_body(body: object, body_json: str) -> Any:
     """What subscribers get of an emitted ``body`` (encoded as ``body_json``): the body
     itself if it is immutable, else a decoded copy, as another process would see it."""
-    if type(body) in _IMMUTABLE_JSON:
+    kind = type(body)
+    if kind in _IMMUTABLE_JSON:
         return body
+    if kind is dict:  # a flat object of str keys and immutable values: a shallow copy
+        for name, value in body.items():  # type: ignore[attr-defined]
+            if type(name) is not str or type(value) not in _IMMUTABLE_JSON:
+                break
+        else:
+            return body.copy()  # type: ignore[attr-defined]
     return _SCAN(body_json, 0)[0]
 
 
@@ -414,6 +421,11 @@ class RetainedEvents:
         unkeyed = self._unkeyed
         if not self._keyed:  # the common case: only the parts of a reply, oldest first
             excess, size, max_bytes = len(unkeyed) - self.max_events, self._bytes, self.max_bytes
+            if size <= max_bytes:  # only the count is over (if anything): no sizes to watch
+                if excess > 0:
+                    popleft = unkeyed.popleft
+                    self._bytes = size - sum([popleft()[1] for _ in range(excess)])
+                return
             while unkeyed and (excess > 0 or size > max_bytes):
                 size -= unkeyed.popleft()[1]
                 excess -= 1

@@ -505,3 +505,64 @@ def test_from_micros_is_exact_either_way():
             microseconds=micros
         )
         assert from_micros(micros) == slow and to_micros(slow) == micros
+
+
+async def test_subscribers_of_the_emitting_bus_get_a_copy_as_json_would_give_it():
+    """A flat object body is copied (the emitter may change it afterwards), and what
+    JSON would change (int keys become strings, tuples lists) is changed here too."""
+    async with chatbus.open_bus() as bus, bus.open_subscriber("s", events=True) as sub:
+        flat = {"i": 1, "text": "hello", "f": 0.5, "ok": True, "none": None}
+        await bus.emit("s", flat)
+        await bus.emit("s", {1: "a"})
+        await bus.emit("s", {"t": (1, 2)})
+        nested = {"n": {"deep": [1]}}
+        await bus.emit("s", nested)
+        flat["i"] = 2
+        nested["n"]["deep"].append(2)
+        got = [(await sub.receive()).body for _ in range(4)]  # type: ignore[union-attr]
+    assert got == [
+        {"i": 1, "text": "hello", "f": 0.5, "ok": True, "none": None},
+        {"1": "a"},
+        {"t": [1, 2]},
+        {"n": {"deep": [1]}},
+    ]
+
+
+def test_retained_events_keep_their_byte_count_when_the_count_bound_drops_some():
+    """Dropping for the count must take the dropped events' bytes off too: else the
+    byte bound, counting bytes no longer there, drops events it should keep."""
+    from chatbus._event import RetainedEvents
+
+    retained = RetainedEvents(max_events=3, max_bytes=40)
+    now = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
+    retained.add([(_event("a", seq, ms=seq), 3) for seq in range(1, 11)])  # 30 bytes
+    for seq in (11, 12, 13):  # bigger ones: the last three always fit (36 bytes at most)
+        retained.add([(_event("a", seq, ms=seq), 12)])
+        assert [e.seq for e in retained.retained(0, now)] == [seq - 2, seq - 1, seq]
+
+
+def test_notify_payloads_of_one_emitter_are_packed_as_encode_events_packs_them():
+    from chatbus._event import encode_event, encode_events
+    from chatbus.postgres._events import payloads
+    from chatbus.postgres._sql import events_payload_tail
+
+    for count, body in (
+        (1, "x"),
+        (3, "y"),
+        (16, "z" * 400),
+        (16, "u" * 600),
+        (17, "w"),
+        (40, "v" * 300),
+    ):
+        events = [_event("em", seq) for seq in range(count)]
+        encoded = [encode_event(e, f'"{body}{e.seq}"') for e in events]
+        tail = events_payload_tail("em")
+        assert tail is not None
+        expected = [p[:-1] + tail for p in encode_events(encoded)]
+        assert payloads(events, encoded) == expected
+    mixed = [_event("a", 1), _event("b", 1), _event("a", 2)]
+    texts = [encode_event(e, "1") for e in mixed]
+    assert payloads(mixed, texts) == [
+        encode_events([texts[0], texts[2]])[0][:-1] + (events_payload_tail("a") or ""),
+        encode_events([texts[1]])[0][:-1] + (events_payload_tail("b") or ""),
+    ]

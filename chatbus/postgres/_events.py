@@ -7,13 +7,14 @@ packed into NOTIFY payloads. No I/O; imports :mod:`chatbus._event` and :mod:`._s
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from typing import Final, final
 
 import attrs
 
-from .._event import Event, encode_events
+from .._event import MAX_PAYLOAD_BYTES, Event, encode_events
 from .._options import EventRetention
 from ._sql import Queries, events_payload_tail
 
@@ -62,11 +63,12 @@ def event_statements(queries: Queries, channel: str, carried: CarriedEvents) -> 
     retention = carried.retention
     params = [
         _RS.join(encoded).encode("utf-8"),
-        channel.encode("utf-8"),
+        _utf8(channel),
         _RS.join(payloads(events, encoded)).encode("utf-8"),
         b"%d" % retention.max_events,
     ]
-    streams = [json.dumps(sorted({e.stream for e in events}), ensure_ascii=False).encode()]
+    names = {e.stream for e in events}
+    streams = [_streams_json(next(iter(names))) if len(names) == 1 else _json_list(names)]
     return [
         (queries.lock_event_streams, streams),
         (queries.retain_events, params),
@@ -74,22 +76,51 @@ def event_statements(queries: Queries, channel: str, carried: CarriedEvents) -> 
     ]
 
 
+def _json_list(names: set[str]) -> bytes:
+    return json.dumps(sorted(names), ensure_ascii=False).encode("utf-8")
+
+
+# Once per flush: the same few channels, streams and bounds come back each time.
+_utf8: Final = functools.lru_cache(maxsize=64)(lambda text: text.encode("utf-8"))
+_streams_json: Final = functools.lru_cache(maxsize=4096)(lambda name: _json_list({name}))
+
+
+@functools.lru_cache(maxsize=64)
+def _trim_bounds(count: int, size: int) -> tuple[bytes, ...]:
+    return tuple(b"%d" % n for n in (count, size, count - count // 10, size - size // 10))
+
+
 def trim_bounds(retention: EventRetention) -> list[bytes]:
     """_sql_events._TRIM_EVENTS's $2 to $5: the bounds (count, bytes), then what a stream over
     one is cut to, 9/10 of each rounded up (a bound of 1 keeps 1)."""
-    count, size = retention.max_events, retention.max_bytes
-    return [b"%d" % n for n in (count, size, count - count // 10, size - size // 10)]
+    return list(_trim_bounds(retention.max_events, retention.max_bytes))
 
 
 def payloads(events: Sequence[Event], encoded: Sequence[str]) -> list[str]:
     """The NOTIFY payloads of ``events``: packed, each ending with its emitter's tail
     (:func:`._sql.events_payload_tail`)."""
-    by_emitter: dict[str, list[str]] = {}
-    for event, text in zip(events, encoded, strict=True):
-        by_emitter.setdefault(event.emitter, []).append(text)
+    emitter = events[0].emitter if events else ""
+    if all(event.emitter == emitter for event in events):
+        # The usual case: one bus's outbox, one emitter. A few ASCII events fit one
+        # payload with room to spare: no need to measure each in bytes.
+        tail = _payload_tail(emitter)
+        if len(encoded) <= 16:
+            joined = ",".join(encoded)
+            if len(joined) + _ENVELOPE < MAX_PAYLOAD_BYTES and joined.isascii():
+                return [f'{{"events":[{joined}]{"}" if tail is None else tail}']
+        by_emitter = {emitter: list(encoded)}
+    else:
+        by_emitter = {}
+        for event, text in zip(events, encoded, strict=True):
+            by_emitter.setdefault(event.emitter, []).append(text)
     packed = []
     for emitter, texts in by_emitter.items():
-        tail = events_payload_tail(emitter)
+        tail = _payload_tail(emitter)
         for payload in encode_events(texts):
             packed.append(payload if tail is None else payload[:-1] + tail)
     return packed
+
+
+_payload_tail: Final = functools.lru_cache(maxsize=1024)(events_payload_tail)
+#: ``{"events":[]}`` around a payload's events, as encode_events counts it.
+_ENVELOPE: Final = len('{"events":[]}') + 1

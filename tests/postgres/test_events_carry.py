@@ -152,6 +152,39 @@ async def test_a_flush_waits_for_the_append_carrying_its_streams_earlier_events(
             assert remote.statistics().events_stale == 0
 
 
+async def test_an_event_left_for_an_append_that_never_comes_is_flushed_after_the_linger(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An event on a stream just published to waits a moment for that stream's next
+    append without waking the flusher; when none comes, the flusher's timer takes it
+    (in a flush of its own) within the linger, not never."""
+    flushes = _Flushes(monkeypatch)
+    with trio.fail_after(30):
+        async with (
+            fresh_schema() as (dsn, schema),
+            open_postgres(dsn, schema=schema) as (store, notifier),
+            open_postgres(dsn, schema=schema) as (remote_store, remote_notifier),
+            chatbus.open_bus(store=remote_store, notifier=remote_notifier) as watcher,
+            watcher.open_subscriber("chat", events=True) as remote,
+            chatbus.open_bus(store=store, notifier=notifier) as bus,
+            bus.open_publisher("chat") as pub,
+        ):
+            await pub.publish("question")
+            assert (await remote.receive()).id == 1  # type: ignore[union-attr]
+            for i in range(3):  # the stream lingers: each time, the timer is kept
+                await pub.publish(f"m{i}")
+                await pub.emit({"delta": i})
+                await trio.lowlevel.checkpoint()
+                with trio.fail_after(2):
+                    got = []
+                    while len(got) < 2:
+                        item = await remote.receive()
+                        got.append(item.id if isinstance(item, chatbus.Message) else item.body)
+                assert got == [i + 2, {"delta": i}]
+            assert flushes.streams == [["chat"]] * 3
+            assert remote.statistics().events_stale == 0
+
+
 class _Notify:
     def __init__(self, relname: bytes, extra: bytes) -> None:
         self.relname, self.extra, self.be_pid = relname, extra, 0
