@@ -482,6 +482,9 @@ async def _frames(
                         if _HUB:
                             # Switch to the room's hub once it holds our place (what our
                             # subscription buffered is in it too, after the cursor).
+                            if hub is not None and hub.ended:  # (it failed to open, say)
+                                old, hub = hub, None
+                                await old.leave()
                             if hub is None:
                                 hub = hub_for(bus, stream, events, encoding)
                                 hub.join()
@@ -560,8 +563,8 @@ async def _frames(
                             ending = end_frame("bus_closed")
                         elif error is not None and _ending_reason(error) is not None:
                             ending = end_frame(_ending_reason(error) or "", error)
-                        await hub.leave()
-                        hub = None
+                        old, hub = hub, None
+                        await old.leave()
                         break
                     # Busy: frames came and none is left over (see above).
                     busy = data is not None and position == hub.end
@@ -594,7 +597,8 @@ async def _frames(
     finally:
         probe.leave(stream)
         if hub is not None:
-            await hub.leave()
+            old, hub = hub, None
+            await old.leave()
     yield encoding.other(ending)  # the loop ends only with one
 
 

@@ -273,3 +273,49 @@ async def test_streams_on_the_hub_end_as_their_own_subscription_would(monkeypatc
                 async for chunk in gen:
                     got.extend(parse(chunk))
         assert got[-1]["event"] == "end" and got[-1]["data"]["reason"] == "bus_closed"
+
+
+async def test_streams_outlive_a_hub_that_stops_and_join_the_next():
+    """A hub whose subscription stops for no reason a stream ends with (here:
+    cancelled) leaves its streams on subscriptions of their own, at their cursors,
+    and they join the room's next hub, also one that was waiting to switch."""
+    async with chatbus.open_bus() as bus:
+        on = chatbus.sse.sse_stream(bus, "room", Cursor(last=0), flush=0)
+        await on.__anext__()
+        got_on: list[dict[str, object]] = []
+        count = 0
+        with trio.fail_after(10):
+            while not on_hub(on):
+                count += 1
+                await bus.publish("room", count)
+                await follow(on, count, got_on)
+        waiting = chatbus.sse.sse_stream(bus, "room", Cursor(last=0), flush=0)
+        await waiting.__anext__()
+        got_waiting: list[dict[str, object]] = []
+
+        async def pull() -> None:
+            async for chunk in waiting:
+                got_waiting.extend(parse(chunk))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pull)
+            await trio.testing.wait_all_tasks_blocked()  # it joined, waits for a message
+            (first,) = chatbus._sse_hub._HUBS[bus].values()
+            assert not on_hub(waiting) and first._members == 2
+            first._scope.cancel()
+            start = count
+            with trio.fail_after(10):
+                while not (on_hub(on) and on_hub(waiting)):
+                    count += 1
+                    await bus.publish("room", count)
+                    await follow(on, count, got_on)
+                    while count not in message_ids(got_waiting):  # noqa: ASYNC110
+                        await trio.sleep(0.001)
+            assert first.ended and first.error is None
+            (second,) = chatbus._sse_hub._HUBS[bus].values()
+            assert second is not first and second._members == 2
+            nursery.cancel_scope.cancel()
+        assert message_ids(got_on) == list(range(1, count + 1))
+        assert message_ids(got_waiting) == list(range(start + 1, count + 1))
+        await on.aclose()
+        assert bus.statistics().subscribers == 0
