@@ -39,6 +39,7 @@ import trio.lowlevel
 
 import chatbus
 
+from ._flush_clock import WAKE_BATCH
 from ._sse_frames import _Chunk, _Encoding, event_frame
 
 #: Most frames (messages and events) a room's ring holds.
@@ -79,7 +80,8 @@ class _Hub(Generic[_Chunk]):
         | chatbus.Subscriber[chatbus.Message]
         | None
     ) = None
-    _news: trio.Event = attrs.field(factory=trio.Event)
+    #: The streams waiting for frames.
+    _waiting: trio.lowlevel.ParkingLot = attrs.field(factory=trio.lowlevel.ParkingLot)
     _members: int = 0
     _scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     _done: trio.Event = attrs.field(factory=trio.Event)
@@ -134,7 +136,7 @@ class _Hub(Generic[_Chunk]):
 
     async def wait(self) -> None:
         """Return when frames come (or the pump ends)."""
-        await self._news.wait()
+        await self._waiting.park()
 
     # -- members ---------------------------------------------------------------------
 
@@ -165,8 +167,20 @@ class _Hub(Generic[_Chunk]):
             del hubs[key]
 
     def _announce(self) -> None:
-        self._news.set()
-        self._news = trio.Event()
+        self._waiting.unpark_all()
+        self._waiting = trio.lowlevel.ParkingLot()
+
+    async def _wake(self) -> None:
+        # The streams waiting for frames, WAKE_BATCH per scheduler pass (as the flush
+        # clock does): 1,000 of them in one pass would hold every other task for it.
+        # Those that wait again meanwhile wait for the next frames.
+        waiting, self._waiting = self._waiting, trio.lowlevel.ParkingLot()
+        try:
+            while waiting:
+                waiting.unpark(count=WAKE_BATCH)
+                await trio.lowlevel.checkpoint()
+        finally:
+            waiting.unpark_all()
 
     def _append(self, item: chatbus.Message | chatbus.Event, epoch: int | None) -> None:
         if isinstance(item, chatbus.Message):
@@ -202,7 +216,7 @@ class _Hub(Generic[_Chunk]):
                         for _ in range(sub.statistics().buffered):
                             self._append(await sub.receive(), sub.epoch)
                         self._trim()
-                        self._announce()
+                        await self._wake()
         except Exception as exc:  # (a system task must not raise: the streams see it)
             self.error = exc
         finally:

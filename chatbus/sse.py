@@ -46,9 +46,11 @@ message into a quiet room goes out at once; while the room is busy (the last chu
 carried messages) a stream first waits up to ``flush`` seconds (default
 :data:`DEFAULT_FLUSH`, 20 ms) and sends what came meanwhile in one chunk, on a clock
 shared by all the streams of the trio run: 1,000 clients of a room with 200 messages
-a second get about 50 writes a second each, not 200, and wake together once per
-interval. Each message's frame is encoded once per process, as text and as UTF-8,
-however many clients get it.
+a second get about 50 writes a second each, not 200, and wake once per interval,
+a batch of streams per pass of trio's scheduler (so the app's other tasks, a POST
+being answered, run between the batches, not after all 1,000 wrote; the room's hub
+wakes the streams waiting for it the same way). Each message's frame is encoded once
+per process, as text and as UTF-8, however many clients get it.
 
 The room's hub (``_sse_hub``): a stream starts on a subscription of its own (its
 cursor, the history, the epoch check, the events retained for joiners), and once it
@@ -321,8 +323,8 @@ def sse_stream(
     so that the messages arriving meanwhile go out in one write: a client of a room
     with 200 messages a second gets about ``1 / flush`` writes a second, not 200.
     That wait is a clock shared by every stream of the trio run with the same
-    ``flush``, so 1,000 streams wake once per interval together, not each on a timer
-    of its own. A message into a quiet room goes out at once.
+    ``flush``, so 1,000 streams wake once per interval (in batches), not each on a
+    timer of its own. A message into a quiet room goes out at once.
 
     Args:
         bus: The bus to subscribe on.

@@ -12,6 +12,7 @@ import trio.testing
 from test_sse import mid, parse
 
 import chatbus
+import chatbus._flush_clock
 import chatbus._sse_hub
 import chatbus.sse
 from chatbus.sse import Cursor
@@ -319,3 +320,70 @@ async def test_streams_outlive_a_hub_that_stops_and_join_the_next():
         assert message_ids(got_waiting) == list(range(start + 1, count + 1))
         await on.aclose()
         assert bus.statistics().subscribers == 0
+
+
+async def _passes(counter: list[int]) -> None:
+    # Counts trio's scheduler passes (one checkpoint per pass).
+    while True:
+        counter[0] += 1
+        await trio.lowlevel.checkpoint()
+
+
+async def test_the_flush_clock_wakes_its_streams_a_batch_per_scheduler_pass():
+    """Other tasks (a POST being answered) run between the batches, not after all
+    1,000 streams of a room wrote."""
+    clock = chatbus._flush_clock.FlushClock(0.01)
+    passes = [0]
+    woken: list[int] = []
+
+    async def stream() -> None:
+        await clock.wait()
+        woken.append(passes[0])
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_passes, passes)
+        for _ in range(10 * chatbus._flush_clock.WAKE_BATCH):
+            nursery.start_soon(stream)
+        with trio.fail_after(5):
+            while len(woken) < 10 * chatbus._flush_clock.WAKE_BATCH:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert len(set(woken)) >= 10  # in (at least) ten passes, with others between
+
+
+async def test_the_hub_wakes_its_waiting_streams_a_batch_per_scheduler_pass():
+    async with chatbus.open_bus() as bus:
+        gens = [
+            chatbus.sse.sse_stream(bus, "room", Cursor(last=0), flush=0, events=False)
+            for _ in range(4 * chatbus._flush_clock.WAKE_BATCH)
+        ]
+        for gen in gens:
+            await gen.__anext__()
+        frames: list[list[dict[str, object]]] = [[] for _ in gens]
+        count = 0
+        with trio.fail_after(20):
+            while not all(on_hub(g) for g in gens):
+                count += 1
+                await bus.publish("room", count)
+                for gen, got in zip(gens, frames, strict=True):
+                    await follow(gen, count, got)
+        passes = [0]
+        woken: list[int] = []
+
+        async def pull(gen) -> None:
+            await gen.__anext__()
+            woken.append(passes[0])
+
+        async with trio.open_nursery() as nursery:
+            for gen in gens:
+                nursery.start_soon(pull, gen)
+            await trio.testing.wait_all_tasks_blocked(cushion=0.01)
+            nursery.start_soon(_passes, passes)
+            await bus.publish("room", "news")
+            with trio.fail_after(5):
+                while len(woken) < len(gens):  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+        assert len(set(woken)) >= 4
+        for gen in gens:
+            await gen.aclose()
