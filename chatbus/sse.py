@@ -46,9 +46,28 @@ message into a quiet room goes out at once; while the room is busy (the last chu
 carried messages) a stream first waits up to ``flush`` seconds (default
 :data:`DEFAULT_FLUSH`, 20 ms) and sends what came meanwhile in one chunk, on a clock
 shared by all the streams of the trio run: 1,000 clients of a room with 200 messages
-a second get about 50 writes a second each, not 200, and wake together once per
-interval. Each message's frame is encoded once per process, as text and as UTF-8,
-however many clients get it.
+a second get about 50 writes a second each, not 200, and wake once per interval,
+a batch of streams per pass of trio's scheduler (so the app's other tasks, a POST
+being answered, run between the batches, not after all 1,000 wrote; the room's hub
+wakes the streams waiting for it the same way). Each message's frame is encoded once
+per process, as text and as UTF-8, however many clients get it.
+
+The room's hub (``_sse_hub``): a stream starts on a subscription of its own (its
+cursor, the history, the epoch check, the events retained for joiners), and once it
+has nothing left to catch up on it closes it and follows the room's one shared
+subscription instead: one per (bus, stream, ``events``, text or bytes) per process,
+feeding a bounded ring of encoded frames. Each flush, a caught-up stream takes the
+frames after its position as one joined chunk (streams at the same position share
+the join): no subscription, merge task or per-message work per client. It switches
+at an exact id (the ring holds every message after its start, in order), so nothing
+is lost or doubled; events after its cursor that came before the switch are left
+out (an event arrives in its place or not at all). A stream that falls behind the
+ring (a slow client) goes back to a subscription of its own at its cursor, as a
+slow subscriber always did, and switches again once caught up; when the hub's
+subscription ends (the bus closed, the stream deleted or reset), each stream takes
+what the ring holds and ends as its own subscription would have. The last stream
+to leave closes the hub's subscription before it returns. ``Bus.statistics()``'s
+``subscribers`` counts the hub's subscription once for all the streams on it.
 
 Resume ids: ``<message id>:<epoch>`` (the epoch is ``Subscriber.epoch``, which
 changes when the stream is deleted and created again, or when an in-memory server
@@ -77,7 +96,8 @@ generator closed, or dropped and finalised by trio); each ends the ``async with`
 around the subscription, which closes it at once. A slow client is bounded like any
 subscription: while the framework does not pull the next frame, the subscription
 fetches at most one read batch ahead and drops events beyond its buffer, never
-messages.
+messages; on the hub, the ring is bounded, and a client it left behind catches up
+on a subscription of its own.
 """
 
 from __future__ import annotations
@@ -101,6 +121,7 @@ from ._sse_frames import message_frame as message_frame
 from ._sse_frames import message_json as message_json
 from ._sse_frames import resume_id as resume_id
 from ._sse_health import PROBE_DEADLINE, PROBE_INTERVAL, _HealthProbe, _probe_for, _StoreHealth
+from ._sse_hub import _Hub, hub_for
 from ._util import fixup_module_metadata as _fixup_module_metadata
 
 __all__ = [
@@ -152,6 +173,11 @@ _OPEN_DEADLINE: Final = 10.0
 _REOPEN_PAUSE: Final = 1.0
 # Most frames joined into one chunk when the subscription has more ready.
 _MAX_COALESCE: Final = 64
+# Caught-up streams take the room's shared ring (``_sse_hub``); False: each keeps a
+# subscription of its own (for comparisons).
+_HUB = True
+# Where a stream left the hub: (the id of its last message, that message's epoch).
+_Resume: TypeAlias = tuple[int, int | None]
 
 
 class InvalidCursor(ValueError):
@@ -297,8 +323,8 @@ def sse_stream(
     so that the messages arriving meanwhile go out in one write: a client of a room
     with 200 messages a second gets about ``1 / flush`` writes a second, not 200.
     That wait is a clock shared by every stream of the trio run with the same
-    ``flush``, so 1,000 streams wake once per interval together, not each on a timer
-    of its own. A message into a quiet room goes out at once.
+    ``flush``, so 1,000 streams wake once per interval (in batches), not each on a
+    timer of its own. A message into a quiet room goes out at once.
 
     Args:
         bus: The bus to subscribe on.
@@ -320,7 +346,7 @@ def sse_stream(
             negative, or the cursor is out of range.
     """
     opener = _subscriber(bus, stream, cursor, events, heartbeat, retry_ms, flush)
-    return _frames(bus, stream, opener, heartbeat, retry_ms, flush, _TEXT)
+    return _frames(bus, stream, opener, heartbeat, retry_ms, flush, _TEXT, events)
 
 
 def sse_bytes(
@@ -340,7 +366,7 @@ def sse_bytes(
     Same arguments and errors as :func:`sse_stream`.
     """
     opener = _subscriber(bus, stream, cursor, events, heartbeat, retry_ms, flush)
-    return _frames(bus, stream, opener, heartbeat, retry_ms, flush, _BYTES)
+    return _frames(bus, stream, opener, heartbeat, retry_ms, flush, _BYTES, events)
 
 
 def _subscriber(
@@ -351,7 +377,7 @@ def _subscriber(
     heartbeat: float,
     retry_ms: int | None,
     flush: float,
-) -> Callable[[], _AnySubscriber]:
+) -> Callable[[_Resume | None], _AnySubscriber]:
     if not heartbeat > 0:
         raise ValueError(f"heartbeat must be > 0, got {heartbeat}")
     if retry_ms is not None and retry_ms < 0:
@@ -360,25 +386,31 @@ def _subscriber(
         raise ValueError(f"flush must be >= 0, got {flush}")
     start = cursor if cursor is not None else Cursor(after=0)
 
-    def open_subscriber() -> _AnySubscriber:
+    def open_subscriber(resume: _Resume | None) -> _AnySubscriber:
+        # At the request's cursor, or (``resume``) where the stream left the room's
+        # hub: after its last message, in that message's epoch.
+        after, last, epoch = (
+            (start.after, start.last, start.epoch)
+            if resume is None
+            else (resume[0], None, resume[1])
+        )
         if events:
-            return bus.open_subscriber(
-                stream, start.after, last=start.last, epoch=start.epoch, events=True
-            )
-        return bus.open_subscriber(stream, start.after, last=start.last, epoch=start.epoch)
+            return bus.open_subscriber(stream, after, last=last, epoch=epoch, events=True)
+        return bus.open_subscriber(stream, after, last=last, epoch=epoch)
 
-    open_subscriber()  # checks the arguments now (an unentered one holds nothing)
+    open_subscriber(None)  # checks the arguments now (an unentered one holds nothing)
     return open_subscriber
 
 
 async def _frames(
     bus: chatbus.Bus,
     stream: str,
-    open_subscriber: Callable[[], _AnySubscriber],
+    open_subscriber: Callable[[_Resume | None], _AnySubscriber],
     heartbeat: float,
     retry_ms: int | None,
     flush: float,
     encoding: _Encoding[_Chunk],
+    events: bool,
 ) -> AsyncGenerator[_Chunk, None]:
     probe = _probe_for(bus)
     probe.join(stream)
@@ -389,6 +421,12 @@ async def _frames(
     preamble = format_frame(retry=retry_ms, comment="chatbus")
     last_sent = trio.current_time()
     ending: str | None = None
+    started = False  # the ``id:`` of the start went out
+    # Where to open the next subscription of our own (None: the request's cursor).
+    resume: _Resume | None = None
+    # The room's hub, once joined (see ``_sse_hub``): caught up, the stream takes its
+    # frames from there and closes its own subscription.
+    hub: _Hub[_Chunk] | None = None
     try:
         while ending is None:
             # Open the subscription. While the store cannot be reached (the probe
@@ -400,9 +438,10 @@ async def _frames(
                 yield encoding.other(preamble + (status_frame(change) if change else ""))
                 preamble, last_sent = "", began
             opened = False
+            switch = False
             try:
                 if subscriber is None:
-                    subscriber = open_subscriber()
+                    subscriber = open_subscriber(resume)
                 async with contextlib.AsyncExitStack() as stack:
                     with trio.move_on_after(_OPEN_DEADLINE):
                         sub = await stack.enter_async_context(subscriber)
@@ -412,18 +451,19 @@ async def _frames(
                         raise chatbus.StoreError(
                             f"opening the subscription took over {_OPEN_DEADLINE} s"
                         )
-                    # The first chunk goes out once the subscription is open (so a
-                    # client that has it misses nothing published from then on, even
-                    # with last=0). Its id is where the stream starts (``last=N``
-                    # resolved): a browser that reconnects before any message came
-                    # resumes there, not at a new tail.
-                    start_id = resume_id(sub.cursor, sub.epoch)
-                    if preamble:
-                        first = format_frame(retry=retry_ms, comment="chatbus", id=start_id)
-                    else:  # sent with the news that the store was unreachable
-                        first = format_frame(id=start_id)
-                    yield encoding.other(first)
-                    preamble = ""
+                    if not started:
+                        # The first chunk goes out once the subscription is open (so a
+                        # client that has it misses nothing published from then on,
+                        # even with last=0). Its id is where the stream starts
+                        # (``last=N`` resolved): a browser that reconnects before any
+                        # message came resumes there, not at a new tail.
+                        start_id = resume_id(sub.cursor, sub.epoch)
+                        if preamble:
+                            first = format_frame(retry=retry_ms, comment="chatbus", id=start_id)
+                        else:  # sent with the news that the store was unreachable
+                            first = format_frame(id=start_id)
+                        yield encoding.other(first)
+                        preamble, started = "", True
                     last_sent = trio.current_time()
                     last_poll = last_sent
                     busy = False
@@ -441,6 +481,20 @@ async def _frames(
                         # none is buffered wait, in a fresh scope around one receive()
                         # alone, which can only time out while waiting, with nothing
                         # taken. No cancel scope spans a yield.
+                        if _HUB:
+                            # Switch to the room's hub once it holds our place (what our
+                            # subscription buffered is in it too, after the cursor).
+                            if hub is not None and hub.ended:  # (it failed to open, say)
+                                old, hub = hub, None
+                                await old.leave()
+                            if hub is None:
+                                hub = hub_for(bus, stream, events, encoding)
+                                hub.join()
+                            if _may_switch(sub, events) and (
+                                hub.position(sub.cursor, sub.epoch) is not None
+                            ):
+                                resume, switch = (sub.cursor, sub.epoch), True
+                                break
                         ready = _buffered(sub)
                         if not ready:
                             with trio.move_on_after(_STATUS_POLL):
@@ -476,6 +530,59 @@ async def _frames(
                 if reason is None:
                     raise
                 ending = end_frame(reason, exc)
+            if switch:
+                assert hub is not None
+                assert resume is not None
+                # Follow the room's hub from our cursor until it ends or we fall
+                # behind its ring; then (unless it ended the stream) a subscription of
+                # our own again, at the cursor.
+                cursor, epoch = resume
+                position = hub.position(cursor, epoch)
+                busy = False
+                last_poll = trio.current_time()
+                while position is not None and position >= hub.base:
+                    if busy and clock is not None:
+                        await clock.wait()
+                        if position < hub.base:
+                            break  # fell behind the ring (a slow client)
+                    data, after = hub.take(position)
+                    if data is None and not hub.ended:
+                        # Nothing new: wait for the hub, in a scope around the wait alone.
+                        with trio.move_on_after(_STATUS_POLL):
+                            await hub.wait()
+                        if position < hub.base:
+                            break
+                        data, after = hub.take(position)
+                    chunk = []
+                    if data is not None:
+                        position, cursor, epoch = after, hub.cursor_at(after), hub.epoch
+                        chunk.append(data)
+                    elif hub.ended:
+                        # It took all the hub had: end as its own subscription would
+                        # have, or (an error no stream ends with) open one again.
+                        error = hub.error
+                        if isinstance(error, trio.EndOfChannel):
+                            ending = end_frame("bus_closed")
+                        elif error is not None and _ending_reason(error) is not None:
+                            ending = end_frame(_ending_reason(error) or "", error)
+                        old, hub = hub, None
+                        await old.leave()
+                        break
+                    # Busy: frames came and none is left over (see above).
+                    busy = data is not None and position == hub.end
+                    now = trio.current_time()
+                    if now - last_poll >= _STATUS_POLL or not chunk:
+                        last_poll = now
+                        change = health.observe(probe.down(now), probe.answered)
+                        if change is not None:
+                            chunk.append(encoding.other(status_frame(change)))
+                    if not chunk and now - last_sent >= heartbeat:
+                        chunk.append(encoding.other(": ping\n\n"))
+                    if chunk:
+                        last_sent = now
+                        yield encoding.join(chunk)
+                resume = (cursor, epoch)
+                continue
             if ending is None:
                 # The subscription did not open: say so (once), pause, try again.
                 subscriber = None
@@ -491,7 +598,19 @@ async def _frames(
                         await trio.sleep(_REOPEN_PAUSE / 10)
     finally:
         probe.leave(stream)
+        if hub is not None:
+            old, hub = hub, None
+            await old.leave()
     yield encoding.other(ending)  # the loop ends only with one
+
+
+def _may_switch(sub: _AnySubscriber, events: bool) -> bool:
+    # No event buffered for the consumer and, with events, the retained ones for
+    # joiners already in: leaving now loses no event it owes (the messages it
+    # buffered after its cursor are in the hub's ring).
+    if sub.statistics().events_buffered:
+        return False
+    return not events or bool(getattr(sub, "_retained_fetched", True))
 
 
 def _buffered(sub: chatbus.Subscriber[Any]) -> int:

@@ -309,7 +309,8 @@ async def test_generator_dropped_mid_stream_does_not_crash_or_leak():
         gen = chatbus.sse.sse_stream(bus, "room", heartbeat=0.1)
         await gen.__anext__()
         await take(gen, 2)
-        assert bus.statistics().subscribers == 1
+        # Its own subscription, and the room's hub's if it joined it (see _sse_hub).
+        assert 1 <= bus.statistics().subscribers <= 2
         del gen
         gc.collect()
         with trio.fail_after(5):
