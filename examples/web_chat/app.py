@@ -22,7 +22,8 @@ Routes:
   ``typing:<name>`` with a ttl, shown as "who is typing";
 - ``GET /stats``: the bus's statistics as JSON, and ``sse_clients``, the number of
   SSE clients connected now (``subscribers`` counts subscriptions: the caught-up
-  clients of a room share one, see :mod:`chatbus.sse`).
+  clients of a room share one, see :mod:`chatbus.sse`), and ``sse_direct_chunks``, the
+  SSE body chunks written straight to their sockets so far (see :class:`_DirectBody`).
 
 It serves on hypercorn's trio worker with Starlette; see README.md for why.
 """
@@ -182,9 +183,11 @@ async def _send_error(send: Send, status: int, reason: str) -> None:
 
 @attrs.define
 class _Clients:
-    """The SSE clients connected now (for ``/stats``)."""
+    """The SSE clients connected now, and the body chunks written straight to their
+    sockets so far (for ``/stats``)."""
 
     count: int = 0
+    direct_chunks: int = 0
 
 
 @attrs.define(eq=False)
@@ -298,6 +301,7 @@ def _events_endpoint(
                             await direct.write(chunk)
                         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
                             break  # the client is gone (its disconnect ends us)
+                        clients.direct_chunks += 1
                         continue
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                     # Headers and a first chunk went out through the server: the
@@ -375,7 +379,13 @@ def make_app(
     async def stats(request: Request) -> Response:
         # For operators and the tests: the SSE clients now connected, and the open
         # subscriptions (a closed tab must leave neither behind).
-        return JSONResponse({**attrs.asdict(bus.statistics()), "sse_clients": clients.count})
+        return JSONResponse(
+            {
+                **attrs.asdict(bus.statistics()),
+                "sse_clients": clients.count,
+                "sse_direct_chunks": clients.direct_chunks,
+            }
+        )
 
     async def events_head(request: Request) -> Response:
         # GET is served by the bare endpoint in front; this route makes the others
@@ -419,6 +429,7 @@ async def serve(
     typing_ttl: float = 4.0,
     heartbeat: float = 5.0,
     flush: float = chatbus.sse.DEFAULT_FLUSH,
+    direct_writes: bool = True,
 ) -> None:
     """Serve the chat app until SIGINT or SIGTERM."""
     config = hypercorn.config.Config()
@@ -436,7 +447,13 @@ async def serve(
                     print(f"web_chat: {signal.Signals(signum).name}, stopping", flush=True)
                     return
 
-            app = make_app(bus, typing_ttl=typing_ttl, heartbeat=heartbeat, flush=flush)
+            app = make_app(
+                bus,
+                typing_ttl=typing_ttl,
+                heartbeat=heartbeat,
+                flush=flush,
+                direct_writes=direct_writes,
+            )
             print(f"web_chat: serving http://{host}:{port}/", flush=True)
             await hypercorn.trio.serve(
                 app,  # type: ignore[arg-type]
@@ -465,6 +482,12 @@ def main(argv: list[str] | None = None) -> int:
         default=GC_THRESHOLD,
         help="allocations between young-generation collections (0: Python's default)",
     )
+    parser.add_argument(
+        "--no-direct-writes",
+        dest="direct_writes",
+        action="store_false",
+        help="send every SSE chunk through the ASGI server (see _DirectBody)",
+    )
     args = parser.parse_args(argv)
     if args.gc_threshold:
         # 1,000 open streams are many long-lived objects, and a busy room allocates
@@ -481,6 +504,7 @@ def main(argv: list[str] | None = None) -> int:
             typing_ttl=args.typing_ttl,
             heartbeat=args.heartbeat,
             flush=args.flush,
+            direct_writes=args.direct_writes,
         )
     )
     print("web_chat: stopped", flush=True)

@@ -154,6 +154,34 @@ def test_sse_frames_resume_and_header_wins(client):
     assert lines[:4] == [": chatbus", "retry: 2000", f"id: 5:{epoch}", ""]
 
 
+@pytest.mark.parametrize("direct", [True, False], ids=["direct-writes", "through-send"])
+def test_sse_chunks_written_straight_to_the_socket_or_through_send_are_the_same(
+    start_app, direct
+):
+    """The app's direct socket writes (``_DirectBody``) are taken under this
+    hypercorn (a hypercorn whose objects changed would silently fall back to
+    ``send``), and a stream through either path carries the same frames: chunked
+    framing right, every message once, in order, across many chunks."""
+    app = start_app("--heartbeat", "60", *([] if direct else ["--no-direct-writes"]))
+    with httpx.Client(base_url=app.url, timeout=10) as client:
+        with client.stream("GET", "/rooms/w/events?last=0") as response:
+            lines = response.iter_lines()
+            assert next(lines) == ": chatbus"
+            texts = []
+            for i in range(1, 41):
+                sent = post(client, "w", f"m{i} " + "x" * (i * 47))  # chunks of many sizes
+                assert sent.status_code == 201, sent.text
+                for line in lines:
+                    if line.startswith("data: "):
+                        texts.append(json.loads(line.removeprefix("data: "))["body"]["text"])
+                        break
+        assert [t.partition(" ")[0] for t in texts] == [f"m{i}" for i in range(1, 41)]
+        assert [len(t) for t in texts] == [len(f"m{i} ") + i * 47 for i in range(1, 41)]
+        direct_chunks = client.get("/stats").json()["sse_direct_chunks"]
+    assert (direct_chunks > 0) is direct, direct_chunks
+    assert app.stop() == 0
+
+
 def test_sse_heartbeats_and_typing_events_have_no_id(client):
     with client.stream("GET", "/rooms/t/events?last=0") as response:
         lines = response.iter_lines()
