@@ -155,9 +155,7 @@ def test_sse_frames_resume_and_header_wins(client):
 
 
 @pytest.mark.parametrize("direct", [True, False], ids=["direct-writes", "through-send"])
-def test_sse_chunks_written_straight_to_the_socket_or_through_send_are_the_same(
-    start_app, direct
-):
+def test_sse_chunks_written_straight_to_the_socket_or_through_send_are_the_same(start_app, direct):
     """The app's direct socket writes (``_DirectBody``) are taken under this
     hypercorn (a hypercorn whose objects changed would silently fall back to
     ``send``), and a stream through either path carries the same frames: chunked
