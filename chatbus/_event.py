@@ -55,7 +55,9 @@ class Event:
         after: The id of the last durable message of the stream when it was emitted
             (as the emitter's bus knew it): it reaches a consumer after that message
             and, if unkeyed, before the next one, or not at all.
-        body: The decoded JSON value that was emitted.
+        body: The decoded JSON value that was emitted. Treat it as read-only: the
+            same object is what :meth:`~chatbus.Bus.emit` returns and what every local
+            subscriber gets (a copy of what the emitter passed, never that object).
         key: For latest-value state (``"status"``, ``"typing:al"``): a later event
             with the same key replaces it for joiners. None for a plain event.
         ttl: Seconds the event stays retained for joiners, or None (keyed: until

@@ -295,7 +295,11 @@ class Producer:
             return
         finally:
             self.topic.appending -= 1
-        last_id = self.topic.committed(messages, generation)
+        # The bus's cache (what subscriptions receive) takes only what this batch
+        # stored: a replay or a conflict's original is the caller's answer, not the
+        # stored message (replay=True, or a body that could not be read back).
+        stored = [message for message in messages if not message.replay]
+        last_id = self.topic.committed(stored, generation) if stored else 0
         for request, message in zip(live, messages, strict=True):
             if message.replay and (conflict := _conflict(request.draft, message)) is not None:
                 request.fail(conflict)
@@ -304,7 +308,7 @@ class Producer:
         self.batches += 1
         self.published += len(live)
         self.largest_batch = max(self.largest_batch, len(live))
-        if not self._notify_after_commit:
+        if not self._notify_after_commit or not stored:
             return  # the loop's next receive is the checkpoint
         try:
             await self.notifier.notify(stream, last_id)

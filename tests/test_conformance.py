@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import trio
 import trio.lowlevel
@@ -136,6 +138,31 @@ async def test_concurrent_same_key_commits_once(backend):
         assert len({m.id for m in results}) == 1
         assert sum(not m.replay for m in results) == 1
         assert len(await bus.read("room")) == 1
+
+
+async def test_subscribers_never_receive_replays(backend):
+    """A replayed or conflicting publish is told as such to its caller only: what
+    subscriptions receive (live, from the bus's cache, or opened later) is the stored
+    message, ``replay=False``, with its stored body."""
+    async with backend.open_bus() as bus, bus.open_publisher("room") as pub:
+        async with bus.open_subscriber("room") as live:
+            for i in range(5):
+                await pub.publish({"n": i}, key=f"k{i}")
+            assert (await pub.publish({"n": 3}, key="k3")).replay
+            with pytest.raises(chatbus.IdempotencyConflict):
+                await pub.publish({"n": "other"}, key="k4")
+            async with trio.open_nursery() as nursery:  # repeated within one batch
+                for _ in range(3):
+                    nursery.start_soon(functools.partial(pub.publish, {"n": 5}, key="k5"))
+            await pub.publish({"n": 6}, key="k6")
+            got = [await live.receive() for _ in range(7)]
+            await assert_quiet(live)
+        async with bus.open_subscriber("room", after=0) as later:
+            again = [await later.receive() for _ in range(7)]
+        for messages in (got, again):
+            assert [(m.id, m.body, m.replay) for m in messages] == [
+                (i + 1, {"n": i}, False) for i in range(7)
+            ]
 
 
 async def test_racing_publishers_and_subscribers_before_during_after(backend):
