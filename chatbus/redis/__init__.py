@@ -51,8 +51,10 @@ ids, records the keys and the batch's token, takes ``created_at`` from ``TIME``
 stream's channel — in the stream's slot, so it leaves from the same server, after
 the data, in commit order. Appends waiting while ``max_in_flight`` round trips run
 are merged into the next round trip: one script call for all of them on one
-server; on a Cluster one per hash slot (a script's keys must share a slot), all
-sent at once.
+server, and on each Cluster primary in fast mode (a script that reads every key of
+every stream before writing any, so a slot on the move refuses it with nothing
+written; it then goes out again as one call per hash slot, with the same tokens);
+in durable mode one per hash slot, all sent at once.
 
 A lost reply: the batch runs again with the same token. The script finds the
 token's record and returns the first run's outcome, or (no record, and none made

@@ -3,8 +3,10 @@
 Owns: one :class:`~chatbus._coalesce.GroupCommit` per Cluster primary (one in all
 on a standalone server), so round trips stuck on a stalled primary use only that
 primary's ``max_in_flight`` budget and appends to the others go on; how a batch
-becomes APPEND script calls (one per hash slot); the re-run that resolves a lost
-reply; and the durable mode's second phase. Imports this package's :mod:`._lua` and
+becomes script calls (one APPEND call; on a Cluster in fast mode one APPEND_SLOTS
+call per primary, which falls back to one APPEND call per hash slot with the same
+tokens, and in durable mode one APPEND call per hash slot); the re-run that resolves
+a lost reply; and the durable mode's second phase. Imports this package's :mod:`._lua` and
 :mod:`._resp`; the store (:mod:`._store`) hands it its script runner.
 """
 
@@ -27,7 +29,8 @@ from .._event import from_micros
 from .._exceptions import BusError, OutcomeUnknown
 from .._message import Draft, Message
 from .._tasks import Backoff
-from ._lua import APPEND, PUBLISH, TOKENS_KEPT, StreamKeys
+from ._lane import Unsupported
+from ._lua import APPEND, APPEND_SLOTS, PUBLISH, TOKENS_KEPT, StreamKeys
 from ._resp import hash_slot
 
 #: Exceptions that mean "the server or the connection failed" rather than a bug.
@@ -50,14 +53,18 @@ LAYOUT_SUSPECT: Final = (
 #: reply, the notices, the wake-ups), and at one in flight every append made
 #: meanwhile joins the next batch.
 DEFAULT_MAX_IN_FLIGHT: Final = 1
-#: The default per Cluster primary: there a batch goes out as one call per hash slot
-#: (a stream's keys share one), so merging streams of other slots saves no calls.
-CLUSTER_MAX_IN_FLIGHT: Final = 3
+#: The default per Cluster primary in durable mode: there a batch goes out as one
+#: call per hash slot (a stream's keys share one), so merging streams of other slots
+#: saves no calls. (In fast mode one APPEND_SLOTS call carries a primary's batch, as
+#: one call does on a single server: the default is DEFAULT_MAX_IN_FLIGHT.)
+CLUSTER_DURABLE_MAX_IN_FLIGHT: Final = 3
 
 
-def default_max_in_flight(cluster: bool) -> int:
+def default_max_in_flight(cluster: bool, durability: str = "fast") -> int:
     """The ``max_in_flight`` open_redis uses when it is not given."""
-    return CLUSTER_MAX_IN_FLIGHT if cluster else DEFAULT_MAX_IN_FLIGHT
+    if cluster and durability == "durable":
+        return CLUSTER_DURABLE_MAX_IN_FLIGHT
+    return DEFAULT_MAX_IN_FLIGHT
 
 
 #: Most seconds spent re-running a batch whose reply was lost to learn its outcome
@@ -67,6 +74,9 @@ RESOLVE_LIMIT: Final = 2.0
 _UNMAPPED: Final = "?"
 #: Most streams whose key names an appender remembers (then it starts afresh).
 _KEYS_KEPT: Final = 4096
+#: Whether a Cluster batch goes out as one APPEND_SLOTS call per primary (else one
+#: APPEND call per hash slot); tests and benchmarks turn it off to compare.
+CROSS_SLOT = True
 
 Client = coredis.Redis[bytes] | coredis.RedisCluster[bytes]
 #: Runs a script: ``(script, keys, args, *, durable)`` (the store's ``_script``).
@@ -125,6 +135,10 @@ class Appender:
     #: One group commit per server (by ``host:port``), made on first use.
     groups: dict[str, GroupCommit] = attrs.field(factory=dict, init=False)
     reruns: int = attrs.field(default=0, init=False)
+    #: Calls for streams of several slots (APPEND_SLOTS), and those that failed and
+    #: went out again as one call per slot.
+    cross_slot_calls: int = attrs.field(default=0, init=False)
+    cross_slot_fallbacks: int = attrs.field(default=0, init=False)
     #: A batch's token: this appender's random prefix and a counter (unique without
     #: a call to the OS's random source per batch).
     _token_prefix: str = attrs.field(factory=lambda: secrets.token_hex(8), init=False)
@@ -165,14 +179,7 @@ class Appender:
         primary's group; a batch already queued in the old one still runs each slot's
         call where the layout says then, so this is only about whose budget it uses.
         """
-        server = ""
-        if self._cluster:
-            slot = self.slot(stream)
-            client: Any = self._client
-            try:
-                server = client.connection_pool.cluster_layout.node_for_slot(slot).name
-            except (*REDIS_ERRORS, LookupError, AttributeError):
-                server = _UNMAPPED  # no layout for it now: the call will say why
+        server = self._server_of(self.slot(stream)) if self._cluster else ""
         group = self.groups.get(server)
         if group is None:
             group = self.groups[server] = GroupCommit(
@@ -184,9 +191,19 @@ class Appender:
             )
         return group
 
+    def _server_of(self, slot: int) -> str:
+        """The Cluster primary (``host:port``) the layout names for ``slot`` now."""
+        client: Any = self._client
+        try:
+            name: str = client.connection_pool.cluster_layout.node_for_slot(slot).name
+        except (*REDIS_ERRORS, LookupError, AttributeError):
+            return _UNMAPPED  # no layout for it now: the call will say why
+        return name
+
     async def _send_batch(self, batch: list[PendingAppend]) -> None:
-        """One script call for ``batch`` (on a Cluster, one per hash slot, sent at
-        once); each stream's callers get that stream's outcome."""
+        """One script call for ``batch`` (on a Cluster, one per primary the layout
+        names for its streams, or one per hash slot; sent at once); each stream's
+        callers get that stream's outcome."""
         groups: dict[str, list[PendingAppend]] = {}
         for member in batch:
             groups.setdefault(member.stream, []).append(member)
@@ -194,12 +211,66 @@ class Appender:
         for stream, members in groups.items():
             slot = self.slot(stream) if self._cluster else 0
             calls.setdefault(slot, []).append((stream, members))
-        await each(calls.values(), self._append_call)
+        if len(calls) == 1 or not CROSS_SLOT or self._durability == "durable":
+            await each(calls.values(), self._append_call)
+            return
+        servers: dict[str, list[list[tuple[str, list[PendingAppend]]]]] = {}
+        for slot, streams in calls.items():
+            server = self._server_of(slot)
+            if server == _UNMAPPED:
+                server = f"{_UNMAPPED}{slot}"  # unknown: a call of its own
+            servers.setdefault(server, []).append(streams)
+        await each(servers.values(), self._server_call)
 
-    async def _append_call(self, streams: list[tuple[str, list[PendingAppend]]]) -> None:
-        """One APPEND script call for ``streams`` (all in one slot on a Cluster)."""
+    async def _server_call(self, slots: list[list[tuple[str, list[PendingAppend]]]]) -> None:
+        """One APPEND_SLOTS call for the streams of ``slots`` (one primary's, as the
+        layout says); if it fails, one APPEND call per slot, with the same tokens.
+
+        A reply that says the call was refused (a redirect, a key the server may not
+        serve: APPEND_SLOTS aborts before writing) sends them as first runs; a lost
+        reply (it may have run) as re-runs, as :meth:`_run_append` does after its own.
+        """
+        if len(slots) == 1:
+            await self._append_call(slots[0])
+            return
+        streams = [item for call in slots for item in call]
+        tokens = {stream: self.token() for stream, _ in streams}
+        self.cross_slot_calls += 1
+        sent_at = trio.current_time()
         try:
-            await self._append_streams(streams)
+            await self._append_streams(streams, tokens, cross_slot=True)
+            return
+        except BusError as exc:  # stored, not replicated in time (durable mode)
+            for _, members in streams:
+                for member in members:
+                    if member.result is None and member.cause is None:
+                        member.cause = exc
+            return
+        except Unsupported:
+            lost = None  # redirected, or no pipelined connection: it did not run
+        except REDIS_ERRORS as exc:
+            lost = exc if isinstance(exc, LOST) and not not_sent(exc) else None
+        self.cross_slot_fallbacks += 1
+
+        async def one_slot(call: list[tuple[str, list[PendingAppend]]]) -> None:
+            await self._append_call(call, tokens, lost, sent_at)
+
+        await each(slots, one_slot)
+
+    async def _append_call(
+        self,
+        streams: list[tuple[str, list[PendingAppend]]],
+        tokens: dict[str, str] | None = None,
+        lost: BaseException | None = None,
+        sent_at: float = 0.0,
+    ) -> None:
+        """One APPEND script call for ``streams`` (all in one slot on a Cluster).
+
+        ``tokens``: the streams' batch tokens (else new ones); ``lost``: the reply of
+        an earlier call of them with those tokens, sent at ``sent_at``, was lost, so
+        this call re-runs it."""
+        try:
+            await self._append_streams(streams, tokens, lost=lost, sent_at=sent_at)
         except Exception as exc:
             if not isinstance(exc, (*REDIS_ERRORS, BusError)):
                 raise
@@ -208,7 +279,19 @@ class Appender:
                     if member.result is None and member.cause is None:
                         member.cause = exc
 
-    async def _append_streams(self, streams: list[tuple[str, list[PendingAppend]]]) -> None:
+    async def _append_streams(
+        self,
+        streams: list[tuple[str, list[PendingAppend]]],
+        tokens: dict[str, str] | None = None,
+        *,
+        cross_slot: bool = False,
+        lost: BaseException | None = None,
+        sent_at: float = 0.0,
+    ) -> None:
+        """The script call for ``streams`` and their outcomes (see :meth:`_append_call`).
+
+        ``cross_slot``: one APPEND_SLOTS call, no re-run; a failure of the call
+        propagates (the caller sends the streams again, per slot)."""
         durable = self._durability == "durable"
         script_keys: list[str] = []
         args: list[str | int] = [1 if durable else 0, 0, TOKENS_KEPT, len(streams)]
@@ -219,11 +302,22 @@ class Appender:
             script_keys += [keys.token_order, keys.redactions]
             drafts = [draft for member in members for draft in member.payload.drafts]
             all_drafts.append(drafts)
-            args += [self.token(), keys.channel, stream, random.getrandbits(52) + 1]
+            token = self.token() if tokens is None else tokens[stream]
+            args += [token, keys.channel, stream, random.getrandbits(52) + 1]
             args.append(len(drafts))
             args += [draft.key or "" for draft in drafts]
             args += [draft.body_json for draft in drafts]
-        reply = await self._run_append(script_keys, args, streams, durable=durable)
+        if cross_slot:
+            try:
+                reply: list[Any] = await self._script(
+                    APPEND_SLOTS, script_keys[:1], [*args, *script_keys], durable=durable
+                )
+            except coredis.exceptions.ReplicationError as exc:
+                raise self._unreplicated(_names(streams), exc) from exc
+        else:
+            reply = await self._run_append(
+                script_keys, args, streams, durable=durable, lost=lost, sent_at=sent_at
+            )
         at = 0
         for (stream, members), drafts in zip(streams, all_drafts, strict=True):
             status, epoch, vis, last_id, micros, nfound = reply[at : at + 6]
@@ -293,6 +387,8 @@ class Appender:
         streams: list[tuple[str, list[PendingAppend]]],
         *,
         durable: bool,
+        lost: BaseException | None = None,
+        sent_at: float = 0.0,
     ) -> list[Any]:
         """Run the append script; after a lost reply, run it again with the same token.
 
@@ -305,17 +401,20 @@ class Appender:
 
         ``durable``: WAIT for the replicas right after the script, on its connection;
         if they do not confirm in time the batch is stored but invisible: unknown.
+        ``lost``: the first run (with these tokens, sent at ``sent_at``) was made
+        elsewhere and its reply was lost: only re-runs are made here.
         """
-        sent_at = trio.current_time()
-        try:
-            reply: list[Any] = await self._script(APPEND, keys, args, durable=durable)
-            return reply
-        except coredis.exceptions.ReplicationError as exc:
-            raise self._unreplicated(_names(streams), exc) from exc
-        except LOST as exc:
-            if not_sent(exc):
-                raise
-            lost: BaseException = exc
+        if lost is None:
+            sent_at = trio.current_time()
+            try:
+                reply: list[Any] = await self._script(APPEND, keys, args, durable=durable)
+                return reply
+            except coredis.exceptions.ReplicationError as exc:
+                raise self._unreplicated(_names(streams), exc) from exc
+            except LOST as exc:
+                if not_sent(exc):
+                    raise
+                lost = exc
         # It may have run. One budget for all the re-runs: a server that did not answer
         # the first run seldom answers the next, and each would wait a command_timeout.
         names = _names(streams)

@@ -115,11 +115,22 @@ local function notice(stream, last_id)
 end
 """
 
-# Append a batch to each of several streams (on a Cluster: streams of one slot; on
-# one server: any). KEYS: per stream, its meta, entries, keys, tokens, token order,
-# redactions. ARGV: durable (1/0), window µs (0 on a first run), token records to
-# keep, how many streams; then per stream: token, channel, stream, proposed epoch,
+# Append a batch to each of several streams (APPEND: on a Cluster, streams of one
+# slot; on one server, any). KEYS: per stream, its meta, entries, keys, tokens, token
+# order, redactions. ARGV: durable (1/0), window µs (0 on a first run), token records
+# to keep, how many streams; then per stream: token, channel, stream, proposed epoch,
 # n, then n idempotency keys ('' for none), then n bodies.
+#
+# APPEND_SLOTS is the same for streams of several slots of one Cluster primary: a
+# declared key of another slot is refused (CROSSSLOT, whatever the script's flags),
+# so KEYS is the first stream's meta only (it routes the call) and the key names
+# follow the arguments above, 6 per stream. It reads every key of every stream
+# before it writes anything: a key this server may not serve now (its slot moved,
+# or is moving and the key is gone from here) aborts the script on that read, with
+# nothing written (a script's writes are not rolled back); the client then sends
+# the batch as one call per slot (APPEND). Nothing after the reads can be refused:
+# the layout cannot change while a script runs, and no key read is emptied before
+# it is used again.
 #
 # * The token: a re-run of a batch (after a lost reply) finds its record and gets
 #   the first run's outcome instead of appending again. Records are bounded
@@ -140,8 +151,7 @@ end
 # drafts found a stored key, then [draft index, id, µs, body, redacted] for each.
 # status: 'ok', 'reset' (ok, in a new epoch), 'again' (a re-run that found the
 # first run's record), 'unknown'.
-APPEND: Final = Script(
-    "append",
+_APPEND_BODY: Final = (
     _FIND
     + """
 local durable, window, keep = ARGV[1] == '1', tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -151,8 +161,7 @@ local run = 'durable'
 if not durable then run = string.match(redis.call('INFO', 'server'), 'run_id:(%w+)') end
 
 local function append(kb, ab)
-  local m, x, k, t, q, r = KEYS[kb], KEYS[kb + 1], KEYS[kb + 2], KEYS[kb + 3],
-    KEYS[kb + 4], KEYS[kb + 5]
+  local m, x, k, t, q, r = K[kb], K[kb + 1], K[kb + 2], K[kb + 3], K[kb + 4], K[kb + 5]
   local token, channel, stream = ARGV[ab], ARGV[ab + 1], ARGV[ab + 2]
   local proposed, n = ARGV[ab + 3], tonumber(ARGV[ab + 4])
   local now = time_now
@@ -267,7 +276,23 @@ for s = 0, tonumber(ARGV[4]) - 1 do
   ab = ab + 5 + 2 * tonumber(ARGV[ab + 4])
 end
 return out
-""".replace("@TOKENS_TTL@", str(TOKENS_TTL)),
+""".replace("@TOKENS_TTL@", str(TOKENS_TTL))
+)
+APPEND: Final = Script("append", "local K = KEYS\n" + _APPEND_BODY)
+APPEND_SLOTS: Final = Script(
+    "append_slots",
+    """#!lua flags=allow-cross-slot-keys
+local K = {}
+do
+  local nk = 6 * tonumber(ARGV[4])
+  local base = #ARGV - nk
+  for i = 1, nk do
+    K[i] = ARGV[base + i]
+    redis.call('EXISTS', K[i])  -- refused here, or never (see above)
+  end
+end
+"""
+    + _APPEND_BODY,
 )
 
 # Durable mode, phase 2, after WAIT: make the stream visible up to ARGV[1] (which

@@ -54,7 +54,7 @@ class _Settings:
     wait_replicas: int = 1
     wait_timeout: float = 1.0
     max_connections: int = 16
-    #: None: :func:`default_max_in_flight` (1 on one server, 3 per Cluster primary).
+    #: None: :func:`default_max_in_flight` (1 per server; 3 per durable Cluster primary).
     max_in_flight: int | None = None
     connect_timeout: float = 5.0
     command_timeout: float = 10.0
@@ -241,8 +241,10 @@ async def open_redis(
             made meanwhile are merged into the next (group commit). By default 1
             on one server, which makes the largest batches (the server runs scripts
             one at a time anyway; durable mode, whose round trips wait for replicas,
-            may want more), and 3 per Cluster primary (a batch goes out there as one
-            call per hash slot, so merging the streams of other slots saves none).
+            may want more); 1 per Cluster primary too (in fast mode a batch goes out
+            there as one call for the streams of all its slots), 3 per Cluster
+            primary in durable mode (one call per hash slot there, so merging the
+            streams of other slots saves none).
         connect_timeout: Seconds a new connection may take (0.1 to 600): what makes
             a publish fail promptly with :class:`~chatbus.StoreError` while Redis is
             down.
@@ -323,7 +325,7 @@ async def _open_pair(settings: _Settings) -> AsyncIterator[tuple[RedisStore, Red
                 max_in_flight=(
                     settings.max_in_flight
                     if settings.max_in_flight is not None
-                    else default_max_in_flight(server.cluster)
+                    else default_max_in_flight(server.cluster, settings.durability)
                 ),
                 shield_timeout=settings.command_timeout * 2 + settings.wait_timeout + 5,
                 command_timeout=settings.command_timeout,

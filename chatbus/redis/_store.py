@@ -38,7 +38,7 @@ from ._append import REDIS_ERRORS as REDIS_ERRORS
 from ._append import Client as Client
 from ._append import default_max_in_flight as default_max_in_flight
 from ._lane import Lane, Lanes, Unsupported
-from ._lua import APPEND, JOINER_EVENTS, READ, RETAIN_EVENTS, Script, StreamKeys
+from ._lua import APPEND, APPEND_SLOTS, JOINER_EVENTS, READ, RETAIN_EVENTS, Script, StreamKeys
 from ._resp import hash_slot
 
 #: The bounds of a stream's retained events when the flush names none.
@@ -47,7 +47,7 @@ _DEFAULT_RETENTION: Final = EventRetention()
 logger = logging.getLogger("chatbus.redis")
 
 #: The scripts run over the pipelined connections (the hot paths).
-_PIPELINED: Final = (APPEND, READ)
+_PIPELINED: Final = (APPEND, APPEND_SLOTS, READ)
 
 
 def _lanes_of(client: Client, command_timeout: float) -> Lanes | None:
@@ -162,7 +162,7 @@ class RedisStore:
     _command_timeout: float = 10.0
     #: Told at once when an append started a new epoch (the notifier's listeners).
     _reset: Callable[[str], None] | None = None
-    #: A Cluster: one script call per hash slot.
+    #: A Cluster: one script call per primary or per hash slot (see :mod:`._append`).
     _cluster: bool = False
     #: A Cluster: asked to re-read the slot layout after a failure that may mean it moved.
     _layout: LayoutRefresh | None = None
@@ -234,8 +234,8 @@ class RedisStore:
         """Append ``drafts`` to ``stream`` in one script call; see :meth:`chatbus.Store.append`.
 
         Appends that wait while ``max_in_flight`` round trips run (per server) are merged into the
-        next one (one script call for all of them; on a Cluster one per hash slot,
-        sent at once). A repeated key returns the
+        next one (one script call for all of them; on a Cluster one per primary in
+        fast mode, else one per hash slot, sent at once). A repeated key returns the
         original message with ``replay=True``.
 
         Raises:
@@ -514,9 +514,13 @@ class RedisStore:
 
         APPEND and READ go over the server's pipelined connection (:mod:`._lane`):
         calls made meanwhile share one write. A redirect there (the script did not
-        run) sends the call through coredis, which follows it."""
+        run) sends the call through coredis, which follows it; except APPEND_SLOTS,
+        which goes over a lane only (never with ASKING: see :mod:`._lua`), and whose
+        redirect, or a missing lane, raises :class:`~._lane.Unsupported`."""
         client = self._client
         lane = self._lane_for(script, keys, durable)
+        if lane is None and script is APPEND_SLOTS:
+            raise Unsupported("APPEND_SLOTS runs over a pipelined connection only")
         for attempt in range(2):
             try:
                 if lane is not None:
@@ -525,6 +529,8 @@ class RedisStore:
                     except Unsupported:
                         # A redirect (or a server in transition): coredis follows it.
                         self._suspect_layout()
+                        if script is APPEND_SLOTS:
+                            raise
                         lane = None
                 if durable:
                     # WAIT runs on the connection of the command before it.

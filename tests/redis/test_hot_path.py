@@ -14,7 +14,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from chatbus._codec import parse_notice
-from chatbus.redis._append import CLUSTER_MAX_IN_FLIGHT, DEFAULT_MAX_IN_FLIGHT
+from chatbus.redis._append import (
+    CLUSTER_DURABLE_MAX_IN_FLIGHT,
+    DEFAULT_MAX_IN_FLIGHT,
+    default_max_in_flight,
+)
 from chatbus.redis._listen import quick_notice
 from chatbus.redis._resp import Parser, Push, RespError, encode, hash_slot
 
@@ -107,12 +111,16 @@ async def test_appends_made_while_one_is_in_flight_join_the_next_round_trip() ->
 
 
 @pytest.mark.redis
-@pytest.mark.parametrize(("topology", "expected"), [("standalone", 1), ("cluster", 3)])
-async def test_the_default_in_flight_budget_is_one_per_server_three_per_primary(
+@pytest.mark.parametrize(("topology", "expected"), [("standalone", 1), ("cluster", 1)])
+async def test_the_default_in_flight_budget_is_one_per_server_three_per_durable_primary(
     topology: str, expected: int
 ) -> None:
-    """A Cluster batch is one call per hash slot anyway: its primaries keep three."""
-    assert (DEFAULT_MAX_IN_FLIGHT, CLUSTER_MAX_IN_FLIGHT) == (1, 3)
+    """In fast mode a Cluster primary's batch is one call (APPEND_SLOTS), as on one
+    server: one in flight. In durable mode it is one call per hash slot anyway: its
+    primaries keep three."""
+    assert (DEFAULT_MAX_IN_FLIGHT, CLUSTER_DURABLE_MAX_IN_FLIGHT) == (1, 3)
+    assert default_max_in_flight(True, "durable") == 3
+    assert default_max_in_flight(False, "durable") == default_max_in_flight(True) == 1
     url = redis_url() if topology == "standalone" else redis_cluster_url()
     with trio.fail_after(20):
         async with fresh_redis_pair(url) as (store, _):
