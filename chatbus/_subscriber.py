@@ -147,6 +147,16 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
     #: The store failed at open: the merge task places an ``after=0`` cursor instead.
     _place_at_start: bool = attrs.field(default=False, init=False)
 
+    def _continue_stream(self) -> None:
+        """(Before entering.) This subscription continues a consumer's stream that
+        another source fed up to its cursor (``chatbus.sse`` leaving its room's hub),
+        so it is no joiner: it fetches no retained events, whose block would land in
+        the middle of that stream, out of place, with copies of what came before.
+        Live events are taken as usual."""
+        assert not self._entered
+        self._retained_fetched = True
+        self._early_origins = None
+
     def __attrs_post_init__(self) -> None:
         # A negative cursor -(n + 1) means "the last n messages": resolved on entry.
         self._state = MergeState(cursor=max(0, self._after))

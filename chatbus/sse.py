@@ -394,9 +394,13 @@ def _subscriber(
             if resume is None
             else (resume[0], None, resume[1])
         )
-        if events:
-            return bus.open_subscriber(stream, after, last=last, epoch=epoch, events=True)
-        return bus.open_subscriber(stream, after, last=last, epoch=epoch)
+        if not events:
+            return bus.open_subscriber(stream, after, last=last, epoch=epoch)
+        subscriber = bus.open_subscriber(stream, after, last=last, epoch=epoch, events=True)
+        if resume is not None:
+            # The stream goes on: not a joiner's retained events in its middle.
+            subscriber._continue_stream()
+        return subscriber
 
     open_subscriber(None)  # checks the arguments now (an unentered one holds nothing)
     return open_subscriber
