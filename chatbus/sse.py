@@ -274,13 +274,14 @@ def parse_cursor(
     return default if default is not None else Cursor(after=0)
 
 
-# Errors that end a stream, by the reason the page is told. Looked up on chatbus by
-# name, so a chatbus without one of them still works.
+# Errors that end a stream, by the reason the page is told, the first that matches
+# (so a subclass before its base: StreamDeleted is a HistoryReset). Looked up on
+# chatbus by name, so a chatbus without one of them still works.
 _ENDING_ERRORS: Final = (
     ("HistoryTruncated", "history_truncated"),
+    ("StreamDeleted", "stream_deleted"),
     ("HistoryReset", "history_reset"),
     ("CursorAhead", "cursor_ahead"),
-    ("StreamDeleted", "stream_deleted"),
     ("UndecodableMessage", "undecodable_message"),
     ("BusClosed", "bus_closed"),
 )

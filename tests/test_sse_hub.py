@@ -252,8 +252,8 @@ async def test_streams_on_the_hub_end_as_their_own_subscription_would(monkeypatc
                     got.extend(parse(chunk))
             assert message_ids(got) == list(range(1, count + 1))
             assert got[-1]["event"] == "end"
-            # (StreamDeleted is a HistoryReset: the page is told the history reset.)
-            assert got[-1]["data"]["reason"] == "history_reset"
+            # (StreamDeleted is a HistoryReset, told apart: the page says so.)
+            assert got[-1]["data"]["reason"] == "stream_deleted"
             assert got[-1]["data"]["error"] == "StreamDeleted"
         assert bus.statistics().subscribers == 0
 
