@@ -180,6 +180,37 @@ def test_sse_chunks_written_straight_to_the_socket_or_through_send_are_the_same(
     assert app.stop() == 0
 
 
+@pytest.mark.parametrize("direct", [True, False], ids=["direct-writes", "through-send"])
+def test_sse_a_client_that_stops_reading_gets_everything_in_order_after(start_app, direct):
+    """A client whose socket buffer fills (writes taken in part, the rest sent before
+    anything later; the stream falls behind its room's hub) still gets every message
+    once, in order, when it reads again."""
+    app = start_app("--heartbeat", "60", *([] if direct else ["--no-direct-writes"]))
+    with httpx.Client(base_url=app.url, timeout=30) as client:
+        with client.stream("GET", "/rooms/z/events?last=0") as response:
+            lines = response.iter_lines()
+            assert next(lines) == ": chatbus"
+            for line in lines:
+                if line.startswith("id: "):
+                    break
+            with httpx.Client(base_url=app.url, timeout=30) as poster:
+                for i in range(1, 2501):  # ~5 MB: far more than the socket buffers
+                    sent = post(poster, "z", f"m{i} " + "y" * 1_990)
+                    assert sent.status_code == 201, sent.text
+                    if i % 250 == 0:
+                        time.sleep(0.05)  # (a few lulls)
+            texts = []
+            for line in lines:
+                if line.startswith("data: "):
+                    texts.append(json.loads(line.removeprefix("data: "))["body"]["text"])
+                    if len(texts) == 2500:
+                        break
+        assert [t.partition(" ")[0] for t in texts] == [f"m{i}" for i in range(1, 2501)]
+        assert all(len(t) == len(t.partition(" ")[0]) + 1_991 for t in texts)
+        assert (client.get("/stats").json()["sse_direct_chunks"] > 0) is direct
+    assert app.stop() == 0
+
+
 def test_sse_heartbeats_and_typing_events_have_no_id(client):
     with client.stream("GET", "/rooms/t/events?last=0") as response:
         lines = response.iter_lines()
