@@ -10,6 +10,7 @@ notifier. Imports every other module of this package; nothing imports it but
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import urllib.parse
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -19,6 +20,7 @@ from typing import Any, Final, final
 import attrs
 import coredis
 import coredis.exceptions
+import coredis.pool
 import trio
 from coredis.connection import TCPLocation
 from coredis.retry import NoRetryPolicy
@@ -36,6 +38,36 @@ from ._store import (
 )
 
 logger = logging.getLogger("chatbus.redis")
+
+
+# coredis 6.9's pools hold one token per allowed connection, and ``release`` gives a
+# connection's token back only if the connection is still usable: each connection
+# that dies while lent out (killed by the server, reset) loses its token for good,
+# and once a node's few are gone every later command there waits for a connection
+# forever (a durable-mode Cluster, whose commands all go through coredis, stopped
+# for good after a few seconds of CLIENT KILL). These pools give the token back, as
+# an empty place: the next command makes a new connection.
+
+
+class _Pool(coredis.pool.ConnectionPool):  # type: ignore[type-arg]
+    def release(self, connection: Any) -> None:
+        if connection.usable:
+            super().release(connection)
+            return
+        self.statistics.connection_released(connection)
+        with contextlib.suppress(Exception):  # (QueueFull: nothing was lost)
+            self._available_connections.put_nowait(None)
+
+
+class _ClusterPool(coredis.pool.ClusterConnectionPool):
+    def release(self, connection: Any) -> None:
+        if connection.usable:
+            super().release(connection)
+            return
+        self.statistics.connection_released(connection)
+        with contextlib.suppress(Exception):  # (QueueFull: nothing was lost)
+            self._node_pool(connection.location).put_nowait(None)
+
 
 #: ``CLIENT SETNAME`` of the store's connections.
 CLIENT_NAME: Final = "chatbus"
@@ -102,6 +134,7 @@ class _Settings:
                 # Not a connection to every node (CONFIG GET) at each start-up: a slot
                 # nobody serves fails its own commands, clearly, when it is used.
                 skip_full_coverage_check=True,
+                connection_pool_cls=_ClusterPool,
                 **self._common(),
             )
         host, port = server.addresses[0]
@@ -111,6 +144,7 @@ class _Settings:
             server.db,
             max_connections=self.max_connections,
             client_name=CLIENT_NAME,
+            connection_pool_cls=_Pool,
             **self._common(),
         )
 
