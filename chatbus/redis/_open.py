@@ -49,24 +49,27 @@ logger = logging.getLogger("chatbus.redis")
 # an empty place: the next command makes a new connection.
 
 
+def _give_back_place(pool: Any, connection: Any, places: Any) -> None:
+    """``release`` of a connection that is no longer usable: its place, empty."""
+    pool.statistics.connection_released(connection)
+    with contextlib.suppress(Exception):  # (QueueFull: nothing was lost)
+        places.put_nowait(None)
+
+
 class _Pool(coredis.pool.ConnectionPool):  # type: ignore[type-arg]
     def release(self, connection: Any) -> None:
         if connection.usable:
             super().release(connection)
-            return
-        self.statistics.connection_released(connection)
-        with contextlib.suppress(Exception):  # (QueueFull: nothing was lost)
-            self._available_connections.put_nowait(None)
+        else:
+            _give_back_place(self, connection, self._available_connections)
 
 
 class _ClusterPool(coredis.pool.ClusterConnectionPool):
     def release(self, connection: Any) -> None:
         if connection.usable:
             super().release(connection)
-            return
-        self.statistics.connection_released(connection)
-        with contextlib.suppress(Exception):  # (QueueFull: nothing was lost)
-            self._node_pool(connection.location).put_nowait(None)
+        else:
+            _give_back_place(self, connection, self._node_pool(connection.location))
 
 
 #: ``CLIENT SETNAME`` of the store's connections.
