@@ -34,12 +34,26 @@ class CarriedEvents:
     encoded: list[str]
     #: The bounds of what each stream retains (the flushing bus's).
     retention: EventRetention
+    #: Per event: whether joiners may still want it (else it is only NOTIFYed).
+    retain: list[bool]
 
     @classmethod
     def of(
-        cls, events: Sequence[Event], encoded: Sequence[str], retention: EventRetention
+        cls,
+        events: Sequence[Event],
+        encoded: Sequence[str],
+        retention: EventRetention,
+        *,
+        behind_head: bool = False,
     ) -> CarriedEvents:
-        return cls(list(events), list(encoded), retention)
+        """``behind_head``: an append that surely stores a message of their stream
+        carries them. Its unkeyed events are positioned at the head before it (their
+        ``after``), and a joiner gets the unkeyed events of the head it caught up to,
+        which is then past them: they are NOTIFYed (live subscriptions place them
+        before the append's messages) but not retained. Keyed ones are retained, as a
+        flush retains them (new messages do not clear them)."""
+        retain = [not behind_head or event.key is not None for event in events]
+        return cls(list(events), list(encoded), retention, retain)
 
     @classmethod
     def joined(cls, parts: Sequence[CarriedEvents]) -> CarriedEvents | None:
@@ -52,19 +66,27 @@ class CarriedEvents:
             [e for p in parts for e in p.events],
             [t for p in parts for t in p.encoded],
             parts[0].retention,
+            [r for p in parts for r in p.retain],
         )
 
 
 def event_statements(queries: Queries, channel: str, carried: CarriedEvents) -> list[Statement]:
     """What a transaction runs for ``carried``, before anything else: lock the streams'
     events, retain and NOTIFY them, bound what is retained (all before an append's
-    statement: its counter rows are locked for no longer than alone)."""
+    statement: its counter rows are locked for no longer than alone). Events none of
+    which is to be retained are only NOTIFYed: one statement, no lock, no write."""
     events, encoded = carried.events, carried.encoded
     retention = carried.retention
+    notices = _RS.join(payloads(events, encoded)).encode("utf-8")
+    if not any(carried.retain):
+        return [(queries.notify_events, [_utf8(channel), notices])]
+    if not all(carried.retain):
+        kept = [i for i, retain in enumerate(carried.retain) if retain]
+        events, encoded = [events[i] for i in kept], [encoded[i] for i in kept]
     params = [
         _RS.join(encoded).encode("utf-8"),
         _utf8(channel),
-        _RS.join(payloads(events, encoded)).encode("utf-8"),
+        notices,
         b"%d" % retention.max_events,
     ]
     names = {e.stream for e in events}

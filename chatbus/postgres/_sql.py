@@ -18,7 +18,13 @@ import attrs
 from psycopg import sql
 
 from .._event import MAX_PAYLOAD_BYTES
-from ._sql_events import _LOCK_EVENT_STREAMS, _RETAIN_EVENTS, _RETAINED_EVENTS, _TRIM_EVENTS
+from ._sql_events import (
+    _LOCK_EVENT_STREAMS,
+    _NOTIFY_EVENTS,
+    _RETAIN_EVENTS,
+    _RETAINED_EVENTS,
+    _TRIM_EVENTS,
+)
 from ._sql_lifecycle import (
     _DELETE_BATCH,
     _DELETE_STREAM,
@@ -214,6 +220,7 @@ class Queries:
     outcome: bytes
     lock_event_streams: bytes
     retain_events: bytes
+    notify_events: bytes
     trim_events: bytes
     retained_events: bytes
     bodies_of_keys: bytes
@@ -244,6 +251,7 @@ class Queries:
             outcome=_bytes(_OUTCOME, names),
             lock_event_streams=_bytes(_LOCK_EVENT_STREAMS, names),
             retain_events=_bytes(_RETAIN_EVENTS, names),
+            notify_events=_bytes(_NOTIFY_EVENTS, names),
             trim_events=_bytes(_TRIM_EVENTS, names),
             retained_events=_bytes(_RETAINED_EVENTS, names),
             bodies_of_keys=_bytes(_BODIES_OF_KEYS, names),

@@ -68,6 +68,14 @@ _RETAIN_EVENTS: Final = """
     FROM unnest(string_to_array($3::text, chr(30))) AS p(payload)
 """
 
+# What an append carrying only unkeyed events runs before its own statement: their
+# NOTIFYs, nothing retained (see _events.event_statements: such events are behind the
+# head the append makes). $1 the channel, $2 the payloads joined with U+001E.
+_NOTIFY_EVENTS: Final = """
+    SELECT count(pg_notify($1::text, p.payload))
+    FROM unnest(string_to_array($2::text, chr(30))) AS p(payload)
+"""
+
 # A flush of events is one transaction of three statements sent together (one round
 # trip, see _pq.execute_pipeline), so that the bound on what a stream retains holds
 # at every commit, whoever emits: first the streams' event locks, in one order (no

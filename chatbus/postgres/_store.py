@@ -192,14 +192,21 @@ class PostgresStore:
         retention: EventRetention | None = None,
     ) -> list[Message]:
         """:meth:`append`, with ``events`` retained and NOTIFYed in the same transaction,
-        ahead of the messages' notice (see :meth:`retain_events`).
+        ahead of the messages' notice (see :meth:`retain_events`). Unkeyed events an
+        append of an unkeyed message carries are only NOTIFYed: the message moves the
+        stream's head past them, so no joiner would be given them.
 
         The bus hands a stream's waiting events to that stream's next append this
         way (see :class:`chatbus._outbox.Outbox`): they cost no transaction of their
         own (nor a second turn at NOTIFY's lock), and the publish waits for no flush.
         If the append fails, the events are lost with it (they are at most once).
         """
-        carried = CarriedEvents.of(events, encoded, retention or _DEFAULT_RETENTION)
+        # An unkeyed draft is stored whatever happens to keyed ones (replays store
+        # nothing): then the head moves past the carried events (see CarriedEvents.of).
+        behind_head = any(draft.key is None for draft in drafts)
+        carried = CarriedEvents.of(
+            events, encoded, retention or _DEFAULT_RETENTION, behind_head=behind_head
+        )
         return await self._append(stream, drafts, carried)
 
     async def _append(

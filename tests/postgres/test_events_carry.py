@@ -13,12 +13,13 @@ from typing import Any
 
 import pytest
 import trio
+from psycopg import sql
 
 import chatbus
 from chatbus.postgres import PostgresStore, open_postgres
 from chatbus.postgres._listen import ListenSession
 
-from support.pg import fresh_schema
+from support.pg import admin_execute, fresh_schema
 
 pytestmark = pytest.mark.postgres
 
@@ -101,6 +102,84 @@ async def test_a_publish_carries_its_streams_waiting_events_in_its_own_transacti
                         item = await joiner.receive()
                         seen.append(item.id if isinstance(item, chatbus.Message) else item.body)
                 assert seen == [1, 2, {"state": "done"}]
+
+
+def _retained_keys(schema: str, stream: str) -> list[str | None]:
+    """The keys of the events the table holds for ``stream`` (None: unkeyed), oldest first."""
+    query = sql.SQL("SELECT key FROM {} WHERE stream = %s ORDER BY micros, seq").format(
+        sql.Identifier(schema, "events")
+    )
+    return [key for (key,) in admin_execute(query, [stream])]
+
+
+async def test_an_unkeyed_publish_retains_only_the_keyed_events_it_carries(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its message moves the head past the unkeyed events it carries (positioned at the
+    head before it), so no joiner would be given them: they are NOTIFYed, not written
+    (the cost of events beside messages). Keyed ones are retained as a flush would."""
+    flushes = _Flushes(monkeypatch)
+    with trio.fail_after(30):
+        async with (
+            fresh_schema() as (dsn, schema),
+            open_postgres(dsn, schema=schema) as (store, notifier),
+            open_postgres(dsn, schema=schema) as (remote_store, remote_notifier),
+            chatbus.open_bus(store=remote_store, notifier=remote_notifier) as watcher,
+            watcher.open_subscriber("chat", events=True) as remote,
+            chatbus.open_bus(store=store, notifier=notifier) as bus,
+            bus.open_publisher("chat") as pub,
+        ):
+            async with flushes.stalled(bus, "elsewhere"):
+                await pub.emit({"delta": 0})
+                await pub.emit({"state": "typing"}, key="status")
+                assert (await pub.publish("answer")).id == 1
+                got = []
+                while len(got) < 3:
+                    item = await remote.receive()
+                    got.append(item.id if isinstance(item, chatbus.Message) else item.body)
+                assert got == [{"delta": 0}, {"state": "typing"}, 1]
+                assert flushes.streams == []  # carried, not flushed
+            assert _retained_keys(schema, "chat") == ["status"]
+            async with (
+                chatbus.open_bus(store=remote_store, notifier=remote_notifier) as joiner_bus,
+                joiner_bus.open_subscriber("chat", events=True) as joiner,
+            ):
+                seen = []
+                while len(seen) < 2:
+                    item = await joiner.receive()
+                    seen.append(item.id if isinstance(item, chatbus.Message) else item.body)
+                assert seen == [1, {"state": "typing"}]
+
+
+async def test_a_replayed_keyed_publish_still_retains_the_unkeyed_events_it_carries(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A publish whose every key was stored before stores nothing: the head stays
+    where the events it carries are positioned, and a joiner must still get them."""
+    flushes = _Flushes(monkeypatch)
+    with trio.fail_after(30):
+        async with (
+            fresh_schema() as (dsn, schema),
+            open_postgres(dsn, schema=schema) as (store, notifier),
+            open_postgres(dsn, schema=schema) as (remote_store, remote_notifier),
+            chatbus.open_bus(store=store, notifier=notifier) as bus,
+            bus.open_publisher("chat") as pub,
+        ):
+            first = await pub.publish("question", key="q-1")
+            async with flushes.stalled(bus, "elsewhere"):
+                await pub.emit({"delta": "thinking"})
+                again = await pub.publish("question", key="q-1")
+                assert (again.id, again.replay) == (first.id, True)
+                assert flushes.streams == []  # carried by the replay's transaction
+            async with (
+                chatbus.open_bus(store=remote_store, notifier=remote_notifier) as joiner_bus,
+                joiner_bus.open_subscriber("chat", events=True) as joiner,
+            ):
+                seen = []
+                while len(seen) < 2:
+                    item = await joiner.receive()
+                    seen.append(item.id if isinstance(item, chatbus.Message) else item.body)
+                assert seen == [1, {"delta": "thinking"}]
 
 
 async def test_a_flush_waits_for_the_append_carrying_its_streams_earlier_events(
