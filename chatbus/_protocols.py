@@ -135,6 +135,23 @@ class LifecycleStore(Protocol):
         ...
 
 
+class EpochReader(Protocol):
+    """What a :class:`Store` whose epochs can move under a reader adds (optional).
+
+    On Redis a server restart or failover starts a new epoch, and a read on one
+    connection can see it before the notice saying so arrives on another. A
+    subscription reads through this method when the store has it, so that it never
+    takes a page of the new history for the rest of the one it follows.
+    """
+
+    async def read_in_epoch(
+        self, stream: str, after: int, limit: int, epoch: int
+    ) -> list[Message] | None:
+        """:meth:`Store.read`, if ``stream`` is in ``epoch`` (0: it does not exist) at
+        the read; else None, and nothing read."""
+        ...
+
+
 class NoticeHandler(Protocol):
     """What a notifier's listener reports to. Both methods are synchronous and cheap."""
 

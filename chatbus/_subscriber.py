@@ -588,9 +588,13 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
         done = topic.reads[cursor] = trio.Event()
         state.begin_read(topic.high_water)
         generation = topic.cache.generation
+        read_in_epoch = getattr(self._store, "read_in_epoch", None)
         try:
             async with self._topics.read_limiter:
-                page = await self._store.read(self._stream, cursor, self._read_limit)
+                if read_in_epoch is not None and self._epoch:
+                    page = await read_in_epoch(self._stream, cursor, self._read_limit, self._epoch)
+                else:
+                    page = await self._store.read(self._stream, cursor, self._read_limit)
         except UndecodableMessage:
             raise  # no retry can help: the consumer learns which message it is
         except StoreError:
@@ -600,6 +604,12 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
         finally:
             del topic.reads[cursor]
             done.set()
+        if page is None:
+            # Another history (a restart or failover's new epoch, a delete): its notice
+            # is on its way; say so now (HistoryReset, StreamDeleted), never go on.
+            await self._check_epoch_retrying(backoff)
+            await backoff.sleep()  # the same epoch after all: look again, paced
+            return None
         topic.cache.put(page, generation)  # not if the history changed meanwhile
         return state.take(page, self._read_limit)
 

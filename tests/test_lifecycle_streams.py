@@ -338,6 +338,33 @@ async def test_a_fast_mode_reset_is_a_history_reset_not_a_delete(backend):
 
 
 @_REDIS
+async def test_a_read_of_a_new_epoch_is_a_history_reset_before_its_notice(backend, monkeypatch):
+    """A read that meets the new epoch of a restart or failover before the notice of
+    it arrives (another connection) never hands its page on as the rest of the old
+    history: the subscription ends with HistoryReset. Here the reset notices are
+    lost, so the read is the only way to learn it."""
+    from chatbus.redis import _listen
+
+    parse_reset = _listen.parse_reset
+    monkeypatch.setattr(
+        _listen,
+        "parse_reset",
+        lambda payload: None if b'"reset"' in payload else parse_reset(payload),
+    )
+    with trio.fail_after(20):
+        async with backend.open_bus() as bus, backend.open_bus() as other:
+            for i in range(3):
+                await bus.publish("room", i)
+            old = await bus.stream_info("room")
+            async with bus.open_subscriber("room", after=3, epoch=old.epoch) as sub:
+                store = other.store
+                await store.client.hset(store.keys("room").meta, {"run": "another-process"})
+                await other.publish("room", "after the restart")  # its notice wakes sub
+                with pytest.raises(chatbus.HistoryReset, match="another server process"):
+                    await sub.receive()
+
+
+@_REDIS
 async def test_a_fast_append_after_durable_ones_keeps_the_epoch(backend):
     """Durable appends record no run_id (what was visible is on a replica, so also on
     a promoted replica or a slot migration's target): a fast append on such a stream,
