@@ -6,8 +6,8 @@ history after a cursor, then every new message live, exactly once and in id orde
 
 # Layering (a module imports only modules on its left, never its right):
 #   _util, _exceptions, _options < _message < _codec, _event, _cache < _protocols, _tasks
-#   < _coalesce, _listener, _merge, _outbox, _topic < _emit, _lifecycle, _publisher,
-#   _subscriber < _bus < _open < this file.
+#   < _coalesce, _listener, _merge, _outbox, _subscriber_events, _topic < _emit,
+#   _lifecycle, _publisher, _subscriber < _bus < _open < this file.
 # Backends sit on that: memory and postgres/ import from it (_faults and _scratch, made
 # public by testing, and sse also from _bus and _open, _scratch from memory;
 # sse's private _sse_frames, _sse_health and _flush_clock import at most this file, and

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import bisect
 import collections
 from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import Any, Generic, TypeVar, cast, final
+from typing import Generic, TypeVar, cast, final
 
 import attrs
 import trio
 
-from ._event import RETAINED_EVENTS, Arrival, EmitterOrder, Event
+from ._event import RETAINED_EVENTS, Event
 from ._exceptions import (
     HistoryReset,
     StoreError,
@@ -21,6 +20,7 @@ from ._exceptions import (
 from ._merge import MergeState
 from ._message import Message, StreamInfo, check_cursor, check_epoch
 from ._protocols import Store
+from ._subscriber_events import EventQueue
 from ._tasks import Backoff, shielded_cleanup
 from ._topic import Topic, Topics
 from ._util import NoPublicConstructor
@@ -117,19 +117,10 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
     #: The merge task's own scope: closing the bus stops the task, not the body.
     _merge_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
     _merge_done: trio.Event = attrs.field(factory=trio.Event, init=False)
-    #: Events not yet received, ordered by (after, created_at); bounded.
-    _events: collections.deque[Event] = attrs.field(factory=collections.deque, init=False)
-    #: Per emitter, the last of its events the consumer received: one at or below it
-    #: is a copy, or too late for its emitter's order (dropped; bounded).
-    _emitter_order: EmitterOrder = attrs.field(factory=EmitterOrder, init=False)
-    #: Origins of the live events pushed before the retained ones came (bounded):
-    #: the retained copies of those are dropped, so what a slow consumer lost while
-    #: catching up does not come back.
-    _early_origins: dict[tuple[str, int], None] | None = attrs.field(factory=dict, init=False)
-    _retained_fetched: bool = attrs.field(default=False, init=False)
-    _events_delivered: int = attrs.field(default=0, init=False)
-    _events_stale: int = attrs.field(default=0, init=False)
-    _events_dropped: int = attrs.field(default=0, init=False)
+    #: Events not yet received (with ``events=True``); bounded.
+    _event_queue: EventQueue = attrs.field(init=False)
+    #: The queue's buffer, for the hot checks.
+    _events: collections.deque[Event] = attrs.field(init=False)
     #: Fetched, not yet received. The merge task adds a run only while it holds fewer
     #: than ``_read_limit``, so it never holds more than twice that.
     _buffer: collections.deque[Message] = attrs.field(factory=collections.deque, init=False)
@@ -154,13 +145,14 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
         the middle of that stream, out of place, with copies of what came before.
         Live events are taken as usual."""
         assert not self._entered
-        self._retained_fetched = True
-        self._early_origins = None
+        self._event_queue.no_retained()
 
     def __attrs_post_init__(self) -> None:
         # A negative cursor -(n + 1) means "the last n messages": resolved on entry.
         self._state = MergeState(cursor=max(0, self._after))
         self._last_id = max(0, self._after)
+        self._event_queue = EventQueue(self._event_limit, self._retained_limit)
+        self._events = self._event_queue.buffer
 
     async def __aenter__(self) -> Subscriber[Item]:
         if self._entered:
@@ -335,20 +327,7 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
     def _next_item(self) -> Message | Event | None:
         """Take what the consumer gets next, if it is here: an event due at the cursor
         goes before the next message; an event ahead of it waits for its message."""
-        events = self._events
-        # Until the retained events are in, live ones wait: they are newer.
-        while events and self._retained_fetched and events[0].after <= self._last_id:
-            event = events.popleft()
-            if event.key is None and event.after < self._last_id:
-                self._events_stale += 1
-                continue
-            # Here, where the consumer takes it, whatever way it came (live, retained,
-            # a copy): not behind an event of its emitter received already.
-            arrival = self._emitter_order.take(event)
-            if arrival is not Arrival.NEW:
-                self._events_stale += arrival is Arrival.LATE
-                continue
-            self._events_delivered += 1
+        if self._events and (event := self._event_queue.take(self._last_id)) is not None:
             return event
         buffer = self._buffer
         if not buffer:
@@ -362,66 +341,19 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
         return message
 
     def push_events(self, events: list[Event], *, retained: bool = False) -> None:
-        """(Called by the topic, never blocking.) Buffer events for the consumer.
-
-        The retained events a joiner gets come all at once and may exceed the buffer
-        (they are bounded per stream): the start of a streamed reply is not dropped.
-        """
+        """(Called by the topic, never blocking.) Buffer events for the consumer
+        (see :meth:`EventQueue.push`)."""
         if self._closed:
             return
-        buffer, order, last_id = self._events, self._emitter_order, self._last_id
-        early = self._early_origins
-        if retained:
-            self._early_origins = None  # from now on, copies are dropped on delivery
-        for event in events:
-            if event.key is None and event.after < last_id:
-                self._events_stale += 1
-                continue
-            if (arrival := order.arrival(event)) is not Arrival.NEW:
-                self._events_stale += arrival is Arrival.LATE  # see _next_item
-                continue
-            if early is not None:
-                if retained:
-                    if event.origin in early:
-                        continue
-                else:
-                    early[event.origin] = None
-                    if len(early) > self._retained_limit:  # a stream retains no more
-                        del early[next(iter(early))]
-            if buffer and _event_order(event) < _event_order(buffer[-1]):
-                bisect.insort(buffer, event, key=_event_order)  # rare: mostly in order
-            else:
-                buffer.append(event)
-            if not retained and len(buffer) > self._event_limit:
-                buffer.popleft()
-                self._events_dropped += 1
+        self._event_queue.push(events, self._last_id, retained=retained)
         self._wake_consumer()
 
     def push_emitted(self, event: Event) -> None:
         """(Called by the topic, never blocking.) Buffer an event this bus has just
-        emitted: :meth:`push_events` for one event, without its copy check (it is its
-        emitter's newest; its order is checked where the consumer takes it)."""
+        emitted (see :meth:`EventQueue.push_emitted`)."""
         if self._closed:
             return
-        if event.key is None and event.after < self._last_id:
-            self._events_stale += 1
-            return
-        early = self._early_origins
-        if early is not None:
-            early[event.emitter, event.seq] = None
-            if len(early) > self._retained_limit:
-                del early[next(iter(early))]
-        buffer = self._events
-        if buffer and (
-            event.after < (last := buffer[-1]).after
-            or (event.after == last.after and event.created_at < last.created_at)
-        ):
-            bisect.insort(buffer, event, key=_event_order)  # rare: another's clock ahead
-        else:
-            buffer.append(event)
-        if len(buffer) > self._event_limit:
-            buffer.popleft()
-            self._events_dropped += 1
+        self._event_queue.push_emitted(event, self._last_id)
         if self._messages_ready is not None:
             self._wake_consumer()
 
@@ -456,9 +388,9 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
             store_reads=state.store_reads,
             cache_hits=state.cache_hits,
             store_errors=self._store_errors,
-            events_delivered=self._events_delivered,
-            events_stale=self._events_stale,
-            events_dropped=self._events_dropped,
+            events_delivered=self._event_queue.delivered,
+            events_stale=self._event_queue.stale,
+            events_dropped=self._event_queue.dropped,
             events_buffered=len(self._events),
         )
 
@@ -538,7 +470,7 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
                 if self._epoch == 0:  # the stream did not exist at open; it does now
                     await self._check_epoch_retrying(backoff)
                 await self._deliver(run)
-            elif self._with_events and not self._retained_fetched:
+            elif self._with_events and not self._event_queue.retained_fetched:
                 await self._fetch_retained_events()
             else:
                 await changed.wait()
@@ -558,8 +490,7 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
         """
         retained = getattr(self._store, "retained_events", None)
         if retained is None:
-            self._retained_fetched = True
-            self._early_origins = None  # nothing retained: nothing to tell apart
+            self._event_queue.no_retained()  # nothing retained: nothing to tell apart
             self._wake_consumer()
             return
         try:
@@ -570,7 +501,7 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
         except StoreError:
             self._store_errors += 1
             events = []  # best effort: events are hints for the eye, messages are not
-        self._retained_fetched = True
+        self._event_queue.retained_fetched = True
         self.push_events(events, retained=True)
 
     async def _read(self, topic: Topic, backoff: Backoff) -> list[Message] | None:
@@ -612,7 +543,3 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
             return None
         topic.cache.put(page, generation)  # not if the history changed meanwhile
         return state.take(page, self._read_limit)
-
-
-def _event_order(event: Event) -> tuple[int, Any]:
-    return event.after, event.created_at

@@ -517,7 +517,7 @@ def _may_switch(sub: _AnySubscriber, events: bool) -> bool:
     # buffered after its cursor are in the hub's ring).
     if sub.statistics().events_buffered:
         return False
-    return not events or bool(getattr(sub, "_retained_fetched", True))
+    return not events or sub._event_queue.retained_fetched
 
 
 def _buffered(sub: chatbus.Subscriber[Any]) -> int:
