@@ -35,6 +35,14 @@ from ._resp import hash_slot
 
 #: Exceptions that mean "the server or the connection failed" rather than a bug.
 REDIS_ERRORS: Final = (coredis.exceptions.RedisError, TimeoutError, OSError)
+#: What durable mode's WAIT after the append script raises when it did not confirm:
+#: too few replicas in time, or unblocked (the primary turned replica in a failover,
+#: CLIENT UNBLOCK). The script ran: the batch is stored, invisible; outcome unknown.
+UNREPLICATED: Final = (
+    coredis.exceptions.ReplicationError,
+    coredis.exceptions.UnblockedError,
+)
+
 #: What a lost reply looks like: the command may or may not have run.
 LOST: Final = (coredis.exceptions.ConnectionError, TimeoutError, OSError)
 #: Failures after which a Cluster's slot layout may be stale: a primary that died or
@@ -312,7 +320,7 @@ class Appender:
                 reply: list[Any] = await self._script(
                     APPEND_SLOTS, script_keys[:1], [*args, *script_keys], durable=durable
                 )
-            except coredis.exceptions.ReplicationError as exc:
+            except UNREPLICATED as exc:
                 raise self._unreplicated(_names(streams), exc) from exc
         else:
             reply = await self._run_append(
@@ -409,7 +417,7 @@ class Appender:
             try:
                 reply: list[Any] = await self._script(APPEND, keys, args, durable=durable)
                 return reply
-            except coredis.exceptions.ReplicationError as exc:
+            except UNREPLICATED as exc:
                 raise self._unreplicated(_names(streams), exc) from exc
             except LOST as exc:
                 if not_sent(exc):
@@ -430,7 +438,7 @@ class Appender:
                 try:
                     again: list[Any] = await self._script(APPEND, keys, args, durable=durable)
                     return again
-                except coredis.exceptions.ReplicationError as exc:
+                except UNREPLICATED as exc:
                     raise self._unreplicated(names, exc) from exc
                 except (*LOST, *LAYOUT_SUSPECT) as exc:
                     last = exc  # out of reach (or its slot moving) for now: again

@@ -128,6 +128,59 @@ async def test_durable_publishes_are_visible_only_once_a_replica_has_them() -> N
                 assert await collect(sub, 2) == [2, 3]
 
 
+async def test_a_durable_wait_unblocked_is_an_unknown_outcome_not_a_failure() -> None:
+    """A failover turns the primary into a replica while an append's WAIT blocks: the
+    server unblocks the WAIT with an error (here CLIENT UNBLOCK … ERROR, the same
+    reply). The script ran, so the batch is stored, invisible: OutcomeUnknown, never
+    StoreError ("nothing stored"), which would invite an unkeyed retry to store it
+    twice."""
+    with trio.fail_after(60):
+        async with open_standalone() as primary, open_standalone() as replica:
+            await _replicate(primary, replica)
+            async with (
+                open_redis(primary.url, prefix="p", durability="durable", wait_timeout=20) as (
+                    store,
+                    notifier,
+                ),
+                chatbus.open_bus(store=store, notifier=notifier) as bus,
+            ):
+                assert (await bus.publish("s", "one")).id == 1
+                replica.pause()
+                outcome: list[BaseException] = []
+
+                async def publish() -> None:
+                    try:
+                        await bus.publish("s", "two")
+                    except Exception as exc:
+                        outcome.append(exc)
+
+                try:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(publish)
+                        waiting: list[str] = []
+                        while not waiting:
+                            await trio.sleep(0.05)
+                            clients = await trio.to_thread.run_sync(
+                                primary.command, "CLIENT", "LIST"
+                            )
+                            waiting = [
+                                line.split("id=", 1)[1].split(" ", 1)[0]
+                                for line in clients.splitlines()
+                                if " cmd=wait " in line
+                            ]
+                        await trio.to_thread.run_sync(
+                            primary.command, "CLIENT", "UNBLOCK", waiting[0], "ERROR"
+                        )
+                finally:
+                    replica.resume()
+                (error,) = outcome
+                assert isinstance(error, chatbus.OutcomeUnknown), error
+                assert "not confirmed" in str(error)
+                # Stored: the next durable append makes it visible.
+                assert (await bus.publish("s", "three")).id == 3
+                assert [m.body for m in await bus.read("s")] == ["one", "two", "three"]
+
+
 async def test_durable_mode_refuses_to_open_without_enough_replicas() -> None:
     """Without the replicas it waits for, every durable publish would fail after
     wait_timeout: refuse at open, naming the primary and the count."""
