@@ -138,17 +138,17 @@ class LifecycleStore(Protocol):
 class EpochReader(Protocol):
     """What a :class:`Store` whose epochs can move under a reader adds (optional).
 
-    On Redis a server restart or failover starts a new epoch, and a read on one
-    connection can see it before the notice saying so arrives on another. A
-    subscription reads through this method when the store has it, so that it never
-    takes a page of the new history for the rest of the one it follows.
+    A read on one connection can meet a new epoch (a Redis restart or failover; a
+    stream deleted and created again) before the notice saying so arrives on another.
+    A subscription reads through this method when the store has it, so that it never
+    takes a page of one history for the rest of another.
     """
 
-    async def read_in_epoch(
-        self, stream: str, after: int, limit: int, epoch: int
-    ) -> list[Message] | None:
-        """:meth:`Store.read`, if ``stream`` is in ``epoch`` (0: it does not exist) at
-        the read; else None, and nothing read."""
+    async def read_with_epoch(
+        self, stream: str, after: int, limit: int
+    ) -> tuple[int, list[Message]]:
+        """:meth:`Store.read`, with the epoch ``stream`` was in when it was read (0: it
+        did not exist; any value when the page is empty)."""
         ...
 
 

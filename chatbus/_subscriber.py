@@ -519,11 +519,12 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
         done = topic.reads[cursor] = trio.Event()
         state.begin_read(topic.high_water)
         generation = topic.cache.generation
-        read_in_epoch = getattr(self._store, "read_in_epoch", None)
+        read_with_epoch = getattr(self._store, "read_with_epoch", None)
+        epoch: int | None = None
         try:
             async with self._topics.read_limiter:
-                if read_in_epoch is not None and self._epoch:
-                    page = await read_in_epoch(self._stream, cursor, self._read_limit, self._epoch)
+                if read_with_epoch is not None:
+                    epoch, page = await read_with_epoch(self._stream, cursor, self._read_limit)
                 else:
                     page = await self._store.read(self._stream, cursor, self._read_limit)
         except UndecodableMessage:
@@ -535,11 +536,16 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
         finally:
             del topic.reads[cursor]
             done.set()
-        if page is None:
-            # Another history (a restart or failover's new epoch, a delete): its notice
-            # is on its way; say so now (HistoryReset, StreamDeleted), never go on.
-            await self._check_epoch_retrying(backoff)
-            await backoff.sleep()  # the same epoch after all: look again, paced
-            return None
+        if epoch is not None and page:
+            if not self._epoch:
+                # The stream did not exist at open (or was not asked): the history
+                # this page is of is the one followed from now on.
+                self._epoch = epoch
+            elif epoch != self._epoch:
+                # Another history (a restart or failover's new epoch, a delete): its
+                # notice is on its way; say so now (HistoryReset, StreamDeleted).
+                await self._check_epoch_retrying(backoff)
+                await backoff.sleep()  # the same epoch after all: look again, paced
+                return None
         topic.cache.put(page, generation)  # not if the history changed meanwhile
         return state.take(page, self._read_limit)

@@ -364,6 +364,40 @@ async def test_a_read_of_a_new_epoch_is_a_history_reset_before_its_notice(backen
                     await sub.receive()
 
 
+@_TELLING_STORES
+async def test_a_subscription_opened_before_its_stream_follows_the_history_it_read(
+    backend, monkeypatch
+):
+    """Opened on a stream that does not exist yet (epoch 0), a subscription takes
+    the epoch of the first page it reads with that page, not from a later look: a
+    delete and a new history in between end it with StreamDeleted instead of going
+    on with the new history's ids after the old one's (found by a review: a later
+    look adopted the new epoch). Here every later look waits until the new history
+    is there."""
+    with trio.fail_after(20):
+        async with backend.open_bus() as bus, backend.open_bus() as other:
+            async with bus.open_subscriber("room") as sub:
+                assert sub.epoch == 0
+                gate = trio.Event()
+                stream_info = type(bus.store).stream_info
+
+                async def later_look(store, stream):
+                    await gate.wait()
+                    return await stream_info(store, stream)
+
+                monkeypatch.setattr(type(bus.store), "stream_info", later_look)
+                await other.publish("room", "old history")
+                with trio.fail_after(5):
+                    first = await sub.receive()
+                assert (first.id, first.body) == (1, "old history")
+                await other.delete_stream("room")
+                for i in range(3):
+                    await other.publish("room", f"new history {i}")
+                gate.set()
+                with pytest.raises(chatbus.StreamDeleted):
+                    await sub.receive()
+
+
 @_REDIS
 async def test_a_fast_append_after_durable_ones_keeps_the_epoch(backend):
     """Durable appends record no run_id (what was visible is on a replica, so also on

@@ -538,9 +538,13 @@ _OUTCOME: Final = (
 # decodes the ids, keys and bodies of many rows at once (body is a json column,
 # embedded verbatim). Rows are grouped by the running total of their body sizes,
 # 16 MiB a group, so no value nears Postgres's 1 GB limit on one string whatever the
-# page holds.
+# page holds. Beside each group, the stream's epoch (one snapshot: the page is of
+# that epoch; 0: no such stream), so that a subscription never takes a page of a
+# stream deleted and created again for the rest of the history it follows
+# (PostgresStore.read_with_epoch); no row at all for an empty page.
 _READ: Final = """
-    SELECT json_agg(json_build_array(m.id, m.key, m.body, m.micros, m.redacted) ORDER BY m.id)
+    SELECT json_agg(json_build_array(m.id, m.key, m.body, m.micros, m.redacted) ORDER BY m.id),
+        e.epoch
     FROM (
         SELECT id, key, body, redacted,
             {created_micros} AS micros,
@@ -550,7 +554,11 @@ _READ: Final = """
             (SELECT st.first_id - 1 FROM {streams} AS st WHERE st.stream = $1::text), 0))
         ORDER BY id LIMIT $3::bigint
     ) AS m
-    GROUP BY m.running / {group_bytes}
+    CROSS JOIN (
+        SELECT coalesce(max(st.epoch), 0) AS epoch FROM {streams} AS st
+        WHERE st.stream = $1::text
+    ) AS e
+    GROUP BY e.epoch, m.running / {group_bytes}
     ORDER BY min(m.id)
 """
 

@@ -254,19 +254,35 @@ class PostgresStore:
             InvalidStream: ``stream`` is not a valid stream name.
             StoreError: the query failed.
         """
+        return (await self.read_with_epoch(stream, after, limit))[1]
+
+    async def read_with_epoch(
+        self, stream: str, after: int, limit: int
+    ) -> tuple[int, list[Message]]:
+        """:meth:`read`, with the epoch the stream was in when read (0: it did not
+        exist, or the page is empty); see :class:`chatbus._protocols.EpochReader`.
+
+        A subscription reads this way: a page of a stream deleted and created again
+        meanwhile is never taken as the rest of the history it follows.
+
+        Raises:
+            InvalidStream: ``stream`` is not a valid stream name.
+            StoreError: the query failed.
+        """
         check_stream(stream)
         check_after(after)
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
             raise ValueError(f"limit must be an int >= 0, got {limit!r}")
         if limit == 0:
             await trio.lowlevel.checkpoint()
-            return []
+            return 0, []
         params = [stream.encode("utf-8"), b"%d" % after, b"%d" % limit]
         result = await self._query("read", self._queries.read, params, stream=stream)
+        epoch = int(_pq.value(result, 0, 1)) if result.ntuples else 0
         try:
-            return decode_page(stream, result)
+            return epoch, decode_page(stream, result)
         except (ValueError, RecursionError):
-            return await self._read_up_to_undecodable(stream, after, limit)
+            return epoch, await self._read_up_to_undecodable(stream, after, limit)
 
     async def _read_up_to_undecodable(self, stream: str, after: int, limit: int) -> list[Message]:
         """A page failed to decode: return the messages before the culprit, else name it.

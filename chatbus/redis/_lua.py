@@ -322,21 +322,19 @@ return vis
 
 # A page: messages with ids after ARGV[1], at most ARGV[2], up to the visible head,
 # from the first retained id; redacted ones (deleted from the entries) come from the
-# redactions. KEYS: meta, entries, redactions. Returns {id, key ('' none), µs, body,
-# redacted (0/1)} flattened. With ARGV[3], an epoch: {'epoch'} alone, and nothing
-# read, unless the stream is in that epoch (0: does not exist) — a subscription never
-# takes a page of another history for the rest of its own.
+# redactions. KEYS: meta, entries, redactions. Returns the stream's epoch (0: it does
+# not exist), then {id, key ('' none), µs, body, redacted (0/1)} flattened: a
+# subscription never takes a page of another history for the rest of its own.
 READ: Final = Script(
     "read",
     """
 local m, x, r = KEYS[1], KEYS[2], KEYS[3]
 local after, limit = tonumber(ARGV[1]), tonumber(ARGV[2])
 local meta = redis.call('HMGET', m, 'vis', 'first', 'epoch')
-if ARGV[3] and (meta[3] or '0') ~= ARGV[3] then return {'epoch'} end
 local vis, first = tonumber(meta[1] or '0'), tonumber(meta[2] or '1')
 local lo = math.max(after + 1, first)
 local hi = math.min(vis, lo + limit - 1)
-local out = {}
+local out = {meta[3] or '0'}
 if lo > hi then return out end
 local entries = redis.call('XRANGE', x, '0-' .. lo, '0-' .. hi)
 local redacted = redis.call('HLEN', r) > 0

@@ -28,7 +28,7 @@ from .._codec import BadBody, decode_bodies, pack_bodies
 from .._event import Event, decode_event_items, encode_events, from_micros, to_micros
 from .._exceptions import BusError, StoreError, store_error
 from .._message import Draft, Message, StreamInfo, check_after, check_stream
-from .._options import EventRetention, check_int_range
+from .._options import EventRetention
 from .._retention import RetentionPage
 from .._tasks import Backoff
 from . import _lifecycle
@@ -275,48 +275,37 @@ class RedisStore:
             InvalidStream: ``stream`` is not a valid stream name.
             StoreError: the script failed.
         """
-        page = await self._read(stream, after, limit, [after, limit])
-        assert page is not None
-        return page
+        return (await self.read_with_epoch(stream, after, limit))[1]
 
-    async def read_in_epoch(
-        self, stream: str, after: int, limit: int, epoch: int
-    ) -> list[Message] | None:
-        """:meth:`read`, if ``stream`` is in ``epoch`` when read; else None (nothing read).
+    async def read_with_epoch(
+        self, stream: str, after: int, limit: int
+    ) -> tuple[int, list[Message]]:
+        """:meth:`read`, with the epoch the stream was in when read (0: it did not exist).
 
         A subscription reads this way: a page read after a restart or failover of the
-        server (a new epoch, its notice not arrived yet) is never taken as the rest of
-        the history it follows. See :class:`chatbus._protocols.EpochReader`.
+        server (a new epoch, its notice not arrived yet), or of a stream deleted and
+        created again, is never taken as the rest of the history it follows. See
+        :class:`chatbus._protocols.EpochReader`.
 
         Raises:
             InvalidStream: ``stream`` is not a valid stream name.
             StoreError: the script failed.
         """
-        check_int_range("epoch", epoch, 0, 2**63 - 1)
-        return await self._read(stream, after, limit, [after, limit, epoch])
-
-    async def _read(
-        self, stream: str, after: int, limit: int, args: list[int]
-    ) -> list[Message] | None:
         check_stream(stream)
         check_after(after)
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
             raise ValueError(f"limit must be an int >= 0, got {limit!r}")
-        if limit == 0:
-            await trio.lowlevel.checkpoint()
-            return []
         keys = self.keys(stream)
         flat = await self._call(
-            "read", READ, [keys.meta, keys.entries, keys.redactions], args, stream
+            "read", READ, [keys.meta, keys.entries, keys.redactions], [after, limit], stream
         )
-        if len(flat) == 1:
-            return None  # {'epoch'}: not the epoch asked for
-        rows = [flat[i : i + 5] for i in range(0, len(flat), 5)]
+        epoch = int(flat[0])
+        rows = [flat[i : i + 5] for i in range(1, len(flat), 5)]
         try:
             bodies = decode_bodies([row[3].decode("utf-8") for row in rows])
         except (ValueError, RecursionError) as exc:
             raise store_error("read", exc, stream=stream) from exc
-        return [
+        return epoch, [
             Message(
                 stream=stream,
                 id=int(id_),
