@@ -23,6 +23,9 @@ import attrs
 TOKENS_KEPT: Final = 64
 #: Seconds an idle stream keeps its token records (each append starts it again).
 TOKENS_TTL: Final = 600
+#: Most keys the append script passes to one HMGET or HSET (Lua's ``unpack`` is
+#: bounded by its C stack, some thousands of values).
+KEY_CHUNK: Final = 1000
 #: How long retained events live without a new one (seconds): a day, the longest ttl.
 EVENTS_TTL_SECONDS: Final = 86_400
 
@@ -210,29 +213,46 @@ local function append(kb, ab)
     redis.call('SPUBLISH', channel, cjson.encode({stream = stream, reset = true}))
   end
   if now < last_us then now = last_us end
-  local seen = {}
+  local snow = str(now)
+  -- The batch's keys: one HMGET for their first occurrences, and (after the entries)
+  -- one HSET for the new ones, in chunks of @KEY_CHUNK@. A key seen earlier in the batch
+  -- is left to the client (it resolves to that draft's message).
+  local first_at = {}
+  local distinct = {}
+  for i = 1, n do
+    local key = ARGV[ab + 4 + i]
+    if key ~= '' and first_at[key] == nil then
+      first_at[key] = i
+      distinct[#distinct + 1] = key
+    end
+  end
+  local stored = {}
+  for c = 1, #distinct, @KEY_CHUNK@ do
+    local last = math.min(c + @KEY_CHUNK@ - 1, #distinct)
+    local got = redis.call('HMGET', k, unpack(distinct, c, last))
+    for j = c, last do stored[distinct[j]] = got[j - c + 1] end
+  end
+  local records = {}
   local record_parts = {}
   local found = {}
   for i = 1, n do
     local key = ARGV[ab + 4 + i]
-    local body = ARGV[ab + 4 + n + i]
     local old = nil
     if key ~= '' then
-      if seen[key] == nil then
-        seen[key] = true
-        local stored = redis.call('HGET', k, key)
-        if stored then old = stored end
-      else
+      if first_at[key] ~= i then
         old = true  -- repeated in this batch: the client resolves it
+      elseif stored[key] then
+        old = stored[key]
       end
     end
     if old == nil then
       head = head + 1
       if key == '' then
-        redis.call('XADD', x, '0-' .. head, 'b', body, 't', str(now))
+        redis.call('XADD', x, '0-' .. head, 'b', ARGV[ab + 4 + n + i], 't', snow)
       else
-        redis.call('XADD', x, '0-' .. head, 'b', body, 't', str(now), 'k', key)
-        redis.call('HSET', k, key, head .. ' ' .. str(now))
+        redis.call('XADD', x, '0-' .. head, 'b', ARGV[ab + 4 + n + i], 't', snow, 'k', key)
+        records[#records + 1] = key
+        records[#records + 1] = head .. ' ' .. snow
       end
     elseif old ~= true then
       local oid, ous, obody = string.match(old, '^(%d+) (%d+) ?(.*)$')
@@ -243,25 +263,36 @@ local function append(kb, ab)
       record_parts[#record_parts + 1] = i .. ' ' .. oid
     end
   end
-  redis.call('HSET', m, 'head', head, 'last_us', str(now))
+  for c = 1, #records, 2 * @KEY_CHUNK@ do
+    redis.call('HSET', k, unpack(records, c, math.min(c + 2 * @KEY_CHUNK@ - 1, #records)))
+  end
   if not durable and head > vis then
     vis = head
-    redis.call('HSET', m, 'vis', vis)
+    redis.call('HSET', m, 'head', head, 'last_us', snow, 'vis', vis)
     redis.call('SPUBLISH', channel, notice(stream, head))
+  else
+    redis.call('HSET', m, 'head', head, 'last_us', snow)
   end
-  local rec = head .. ' ' .. str(now)
+  local rec = head .. ' ' .. snow
   if #record_parts > 0 then rec = rec .. ' ' .. table.concat(record_parts, ' ') end
   redis.call('HSET', t, token, rec)
-  redis.call('RPUSH', q, token .. ' ' .. str(now))
+  local queued = redis.call('RPUSH', q, token .. ' ' .. snow)
   -- Records matter for seconds (a re-run follows its lost reply at once): an idle
   -- stream's go after some minutes, counted again by every append (so never under a
   -- re-run's feet).
   redis.call('EXPIRE', t, @TOKENS_TTL@)
   redis.call('EXPIRE', q, @TOKENS_TTL@)
-  while redis.call('LLEN', q) > keep do
-    local dropped = redis.call('LPOP', q)
-    local dtoken, dus = string.match(dropped, '^(%S+) (%d+)$')
-    redis.call('HDEL', t, dtoken)
+  if queued > keep then
+    -- The oldest records go; evict_us is the newest of them (records are queued in
+    -- time order).
+    local dropped = redis.call('LPOP', q, queued - keep)
+    local dtokens, dus = {}, nil
+    for j, d in ipairs(dropped) do
+      local dtoken, us = string.match(d, '^(%S+) (%d+)$')
+      dtokens[j] = dtoken
+      dus = us
+    end
+    redis.call('HDEL', t, unpack(dtokens))
     redis.call('HSET', m, 'evict_us', dus)
   end
   local out = {status, epoch, vis, head, now, #found / 5}
@@ -276,7 +307,7 @@ for s = 0, tonumber(ARGV[4]) - 1 do
   ab = ab + 5 + 2 * tonumber(ARGV[ab + 4])
 end
 return out
-""".replace("@TOKENS_TTL@", str(TOKENS_TTL))
+""".replace("@TOKENS_TTL@", str(TOKENS_TTL)).replace("@KEY_CHUNK@", str(KEY_CHUNK))
 )
 APPEND: Final = Script("append", "local K = KEYS\n" + _APPEND_BODY)
 APPEND_SLOTS: Final = Script(
