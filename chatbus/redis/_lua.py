@@ -26,6 +26,17 @@ TOKENS_TTL: Final = 600
 #: Most keys the append script passes to one HMGET or HSET (Lua's ``unpack`` is
 #: bounded by its C stack, some thousands of values).
 KEY_CHUNK: Final = 1000
+#: The value of the field '' (never a key: keys are not empty) that every stream's
+#: keys hash gets with its first key. Longer than Redis's hash-max-listpack-value
+#: (64 bytes by default), it keeps the hash in hashtable encoding, also after a
+#: restart or a migration: a listpack hash (up to hash-max-listpack-entries keys, 512
+#: by default) is scanned from its start by every lookup and insert, a few µs per key
+#: at some hundreds of keys, where a hashtable takes a fraction of one; the price is
+#: about twice the memory for streams of fewer keys than that.
+KEYS_HASH_NOTE: Final = (
+    "chatbus: not an idempotency key. Longer than hash-max-listpack-value, this value"
+    " keeps the hash in hashtable encoding (a listpack is scanned by every lookup)."
+)
 #: How long retained events live without a new one (seconds): a day, the longest ttl.
 EVENTS_TTL_SECONDS: Final = 86_400
 
@@ -168,7 +179,7 @@ local function append(kb, ab)
   local token, channel, stream = ARGV[ab], ARGV[ab + 1], ARGV[ab + 2]
   local proposed, n = ARGV[ab + 3], tonumber(ARGV[ab + 4])
   local now = time_now
-  local meta = redis.call('HMGET', m, 'head', 'vis', 'epoch', 'last_us', 'run', 'evict_us')
+  local meta = redis.call('HMGET', m, 'head', 'vis', 'epoch', 'last_us', 'run', 'evict_us', 'kh')
   local record = redis.call('HGET', t, token)
   if record then
     local parts = {}
@@ -263,6 +274,11 @@ local function append(kb, ab)
       record_parts[#record_parts + 1] = i .. ' ' .. oid
     end
   end
+  if #records > 0 and not meta[7] then
+    -- The stream's first keys: the hash becomes a hashtable (see KEYS_HASH_NOTE).
+    redis.call('HSET', k, '', '@KEYS_HASH_NOTE@')
+    redis.call('HSET', m, 'kh', 1)
+  end
   for c = 1, #records, 2 * @KEY_CHUNK@ do
     redis.call('HSET', k, unpack(records, c, math.min(c + 2 * @KEY_CHUNK@ - 1, #records)))
   end
@@ -307,7 +323,9 @@ for s = 0, tonumber(ARGV[4]) - 1 do
   ab = ab + 5 + 2 * tonumber(ARGV[ab + 4])
 end
 return out
-""".replace("@TOKENS_TTL@", str(TOKENS_TTL)).replace("@KEY_CHUNK@", str(KEY_CHUNK))
+""".replace("@TOKENS_TTL@", str(TOKENS_TTL))
+    .replace("@KEY_CHUNK@", str(KEY_CHUNK))
+    .replace("@KEYS_HASH_NOTE@", KEYS_HASH_NOTE)
 )
 APPEND: Final = Script("append", "local K = KEYS\n" + _APPEND_BODY)
 APPEND_SLOTS: Final = Script(

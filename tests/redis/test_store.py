@@ -14,7 +14,7 @@ import trio
 
 import chatbus
 from chatbus.redis import RedisStore, open_redis, stream_tag
-from chatbus.redis._lua import APPEND, KEY_CHUNK, TOKENS_KEPT, StreamKeys
+from chatbus.redis._lua import APPEND, KEY_CHUNK, KEYS_HASH_NOTE, TOKENS_KEPT, StreamKeys
 from chatbus.redis._resp import hash_slot
 
 from support.pg import draft
@@ -252,6 +252,35 @@ async def test_two_processes_publishing_the_same_keys_at_once_store_each_once(ur
                 page = await store.read("s", 0, 1000)
                 assert sorted(m.body["i"] for m in page) == list(range(50))
                 assert [m.id for m in page] == list(range(1, 51))
+
+
+async def test_a_streams_keys_hash_is_a_hashtable_from_its_first_key(url: str) -> None:
+    """A listpack hash is scanned by every lookup: the first keyed append gives the
+    keys hash the field '' (never a key) with a value too long for a listpack. A
+    stream whose keys hash is still a listpack (made before) gets it at its next keyed
+    append, and its keys keep answering."""
+    with trio.fail_after(20):
+        async with fresh_redis_pair(url) as (store, _):
+            client = store.client
+            keys = store.keys("s")
+            await store.append("s", [draft(0)])
+            assert await client.exists([keys.keys]) == 0  # no key yet, no hash
+            await store.append("s", [draft(1, key="a"), draft(2, key="b")])
+            assert await client.object_encoding(keys.keys) == b"hashtable"
+            assert await client.hget(keys.keys, "") == KEYS_HASH_NOTE.encode()
+            # As a stream keyed before the note existed: a listpack without it.
+            await client.hdel(keys.meta, ["kh"])
+            records = await client.hgetall(keys.keys)
+            await client.delete([keys.keys])
+            await client.hset(keys.keys, {f: v for f, v in records.items() if f != b""})
+            assert await client.object_encoding(keys.keys) == b"listpack"
+            replay, new = await store.append("s", [draft(1, key="a"), draft(3, key="c")])
+            assert (replay.id, replay.replay, new.id, new.replay) == (2, True, 4, False)
+            assert await client.object_encoding(keys.keys) == b"hashtable"
+            assert await client.hlen(keys.keys) == 4  # a, b, c and the note
+            await store.trim("s", 5)
+            [again] = await store.append("s", [draft(2, key="b")])
+            assert (again.id, again.replay, again.body) == (3, True, 2)
 
 
 async def test_trim_keeps_keys_and_redact_keeps_id_and_key(url: str) -> None:
