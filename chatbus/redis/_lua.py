@@ -18,11 +18,18 @@ from typing import Final, final
 
 import attrs
 
-#: Most token records kept per stream (see APPEND): a re-run of a batch whose
-#: record was dropped since cannot be told from a new one.
+#: Fewest token records kept per stream (see APPEND; at most TOKENS_KEPT +
+#: TOKENS_SLACK): a re-run of a batch whose record was dropped since cannot be told
+#: from a new one.
 TOKENS_KEPT: Final = 64
-#: Seconds an idle stream keeps its token records (each append starts it again).
+#: Records past TOKENS_KEPT are dropped this many at a time (one LPOP, HDEL and meta
+#: write per that many batches): a stream keeps its last 64 to 80 batches' records.
+TOKENS_SLACK: Final = 16
+#: Seconds an idle stream keeps its token records (an append renews it, see below).
 TOKENS_TTL: Final = 600
+#: An append renews the records' expiry when it was last renewed this long ago by the
+#: server's clock (so they live TOKENS_TTL - 60 s at least after the last append).
+TOKENS_RENEW_SECONDS: Final = 60
 #: Most keys the append script passes to one HMGET or HSET (Lua's ``unpack`` is
 #: bounded by its C stack, some thousands of values).
 KEY_CHUNK: Final = 1000
@@ -179,7 +186,8 @@ local function append(kb, ab)
   local token, channel, stream = ARGV[ab], ARGV[ab + 1], ARGV[ab + 2]
   local proposed, n = ARGV[ab + 3], tonumber(ARGV[ab + 4])
   local now = time_now
-  local meta = redis.call('HMGET', m, 'head', 'vis', 'epoch', 'last_us', 'run', 'evict_us', 'kh')
+  local meta = redis.call('HMGET', m, 'head', 'vis', 'epoch', 'last_us', 'run', 'evict_us', 'kh',
+    'ttl_us')
   local record = redis.call('HGET', t, token)
   if record then
     local parts = {}
@@ -282,25 +290,14 @@ local function append(kb, ab)
   for c = 1, #records, 2 * @KEY_CHUNK@ do
     redis.call('HSET', k, unpack(records, c, math.min(c + 2 * @KEY_CHUNK@ - 1, #records)))
   end
-  if not durable and head > vis then
-    vis = head
-    redis.call('HSET', m, 'head', head, 'last_us', snow, 'vis', vis)
-    redis.call('SPUBLISH', channel, notice(stream, head))
-  else
-    redis.call('HSET', m, 'head', head, 'last_us', snow)
-  end
   local rec = head .. ' ' .. snow
   if #record_parts > 0 then rec = rec .. ' ' .. table.concat(record_parts, ' ') end
   redis.call('HSET', t, token, rec)
   local queued = redis.call('RPUSH', q, token .. ' ' .. snow)
-  -- Records matter for seconds (a re-run follows its lost reply at once): an idle
-  -- stream's go after some minutes, counted again by every append (so never under a
-  -- re-run's feet).
-  redis.call('EXPIRE', t, @TOKENS_TTL@)
-  redis.call('EXPIRE', q, @TOKENS_TTL@)
-  if queued > keep then
-    -- The oldest records go; evict_us is the newest of them (records are queued in
-    -- time order).
+  local mset = {'head', head, 'last_us', snow}
+  if queued > keep + @TOKENS_SLACK@ then
+    -- The oldest records go, some at a time; evict_us is the newest of them (records
+    -- are queued in time order).
     local dropped = redis.call('LPOP', q, queued - keep)
     local dtokens, dus = {}, nil
     for j, d in ipairs(dropped) do
@@ -309,7 +306,26 @@ local function append(kb, ab)
       dus = us
     end
     redis.call('HDEL', t, unpack(dtokens))
-    redis.call('HSET', m, 'evict_us', dus)
+    mset[#mset + 1] = 'evict_us'
+    mset[#mset + 1] = dus
+  end
+  -- Records matter for seconds (a re-run follows its lost reply at once): an idle
+  -- stream's go after some minutes, counted again by an append once a minute at most
+  -- (so never under a re-run's feet). The server's clock: a jump either way renews.
+  if math.abs(time_now - tonumber(meta[8] or '0')) >= @TOKENS_RENEW_US@ then
+    redis.call('EXPIRE', t, @TOKENS_TTL@)
+    redis.call('EXPIRE', q, @TOKENS_TTL@)
+    mset[#mset + 1] = 'ttl_us'
+    mset[#mset + 1] = str(time_now)
+  end
+  if not durable and head > vis then
+    vis = head
+    mset[#mset + 1] = 'vis'
+    mset[#mset + 1] = vis
+    redis.call('HSET', m, unpack(mset))
+    redis.call('SPUBLISH', channel, notice(stream, head))
+  else
+    redis.call('HSET', m, unpack(mset))
   end
   local out = {status, epoch, vis, head, now, #found / 5}
   for _, v in ipairs(found) do out[#out + 1] = v end
@@ -324,6 +340,8 @@ for s = 0, tonumber(ARGV[4]) - 1 do
 end
 return out
 """.replace("@TOKENS_TTL@", str(TOKENS_TTL))
+    .replace("@TOKENS_SLACK@", str(TOKENS_SLACK))
+    .replace("@TOKENS_RENEW_US@", str(TOKENS_RENEW_SECONDS * 1_000_000))
     .replace("@KEY_CHUNK@", str(KEY_CHUNK))
     .replace("@KEYS_HASH_NOTE@", KEYS_HASH_NOTE)
 )

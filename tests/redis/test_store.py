@@ -8,13 +8,22 @@ from __future__ import annotations
 
 import sys
 import textwrap
+import time
 
 import pytest
 import trio
 
 import chatbus
 from chatbus.redis import RedisStore, open_redis, stream_tag
-from chatbus.redis._lua import APPEND, KEY_CHUNK, KEYS_HASH_NOTE, TOKENS_KEPT, StreamKeys
+from chatbus.redis._lua import (
+    APPEND,
+    KEY_CHUNK,
+    KEYS_HASH_NOTE,
+    TOKENS_KEPT,
+    TOKENS_SLACK,
+    TOKENS_TTL,
+    StreamKeys,
+)
 from chatbus.redis._resp import hash_slot
 
 from support.pg import draft
@@ -191,14 +200,45 @@ async def test_a_rerun_whose_record_may_have_been_dropped_is_unknown(url: str) -
     with trio.fail_after(30):
         async with fresh_redis_pair(url) as (store, _):
             args = _append_args(store, "s", "lost-token", ['"x"'])
-            for i in range(TOKENS_KEPT + 1):  # push the oldest records out
+            for i in range(TOKENS_KEPT + TOKENS_SLACK + 1):  # push the oldest records out
                 await store.append("s", [draft(i)])
             args[1] = 60_000_000  # within the last minute: records of that age were dropped
             reply = await store._script(APPEND, _append_keys(store, "s"), args)
             assert reply[0] == b"unknown"
             args[1] = 1  # 1 µs: no record that young was dropped, so it never ran
             reply = await store._script(APPEND, _append_keys(store, "s"), args)
-            assert reply[0] == b"ok" and reply[3] == TOKENS_KEPT + 2
+            assert reply[0] == b"ok" and reply[3] == TOKENS_KEPT + TOKENS_SLACK + 2
+
+
+async def test_token_records_stay_bounded_and_expire_when_the_stream_idles(url: str) -> None:
+    """A stream keeps the records of its last TOKENS_KEPT to TOKENS_KEPT + TOKENS_SLACK
+    batches, the same in the order list as in the hash. Their expiry is renewed by an
+    append when it was last renewed a minute ago or more (by the server's clock, a jump
+    either way counting), so an idle stream's go within TOKENS_TTL and an active one's
+    always have minutes left."""
+    with trio.fail_after(30):
+        async with fresh_redis_pair(url) as (store, _):
+            client = store.client
+            keys = store.keys("s")
+            for i in range(3 * (TOKENS_KEPT + TOKENS_SLACK)):
+                await store.append("s", [draft(i)])
+                kept = await client.hkeys(keys.tokens)
+                order = await client.lrange(keys.token_order, 0, -1)
+                assert min(i + 1, TOKENS_KEPT) <= len(kept) <= TOKENS_KEPT + TOKENS_SLACK
+                assert sorted(kept) == sorted(entry.split(b" ")[0] for entry in order)
+            for key in (keys.tokens, keys.token_order):
+                assert TOKENS_TTL - 5 < await client.ttl(key) <= TOKENS_TTL
+                await client.expire(key, 100)
+            await store.append("s", [draft("renewed a moment ago: not again")])
+            for key in (keys.tokens, keys.token_order):
+                assert 0 < await client.ttl(key) <= 100
+            now = round(time.time() * 1_000_000)  # the servers run on this machine
+            for renewed_at in (now - 61_000_000, now + 3_600_000_000):  # a minute ago; ahead
+                await client.hset(keys.meta, {"ttl_us": renewed_at})
+                await store.append("s", [draft("renews")])
+                for key in (keys.tokens, keys.token_order):
+                    assert TOKENS_TTL - 5 < await client.ttl(key) <= TOKENS_TTL
+                    await client.expire(key, 100)
 
 
 async def test_keyed_replays_carry_the_stored_body(url: str) -> None:
