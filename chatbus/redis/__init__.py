@@ -35,11 +35,13 @@ brace, whatever the name holds)::
 
     prefix:{tag}:m  hash    head, vis (visible head), first (first retained id),
                             epoch, last_us (created_at of the last batch), run (the
-                            server's run_id at the last append), evict_us
+                            server's run_id at the last append), evict_us, kh (:k has
+                            its note), ttl_us (when :t and :q last got their expiry)
     prefix:{tag}:x  stream  one entry per message, id 0-<n>: b (body JSON), t (µs), k (key)
-    prefix:{tag}:k  hash    idempotency key → "id µs" ("id µs body" once trimmed)
-    prefix:{tag}:t  hash    batch token → its outcome (the last 64 batches, :q orders them;
-                            both expire after 10 idle minutes)
+    prefix:{tag}:k  hash    idempotency key → "id µs" ("id µs body" once trimmed), and
+                            '' → a note whose length keeps the hash a hashtable
+    prefix:{tag}:t  hash    batch token → its outcome (the last 64 to 80 batches, :q
+                            orders them; both expire after 9 to 10 idle minutes)
     prefix:{tag}:r  hash    redacted id → "µs key" (the entry itself is deleted)
     prefix:{tag}:e  hash    retained events (with :z, their order), expiring after a day
     prefix:{tag}:c          the shard channel: notices, events, resets

@@ -18,11 +18,32 @@ from typing import Final, final
 
 import attrs
 
-#: Most token records kept per stream (see APPEND): a re-run of a batch whose
-#: record was dropped since cannot be told from a new one.
+#: Fewest token records kept per stream (see APPEND; at most TOKENS_KEPT +
+#: TOKENS_SLACK): a re-run of a batch whose record was dropped since cannot be told
+#: from a new one.
 TOKENS_KEPT: Final = 64
-#: Seconds an idle stream keeps its token records (each append starts it again).
+#: Records past TOKENS_KEPT are dropped this many at a time (one LPOP, HDEL and meta
+#: write per that many batches): a stream keeps its last 64 to 80 batches' records.
+TOKENS_SLACK: Final = 16
+#: Seconds an idle stream keeps its token records (an append renews it, see below).
 TOKENS_TTL: Final = 600
+#: An append renews the records' expiry when it was last renewed this long ago by the
+#: server's clock (so they live TOKENS_TTL - 60 s at least after the last append).
+TOKENS_RENEW_SECONDS: Final = 60
+#: Most keys the append script passes to one HMGET or HSET (Lua's ``unpack`` is
+#: bounded by its C stack, some thousands of values).
+KEY_CHUNK: Final = 1000
+#: The value of the field '' (never a key: keys are not empty) that every stream's
+#: keys hash gets with its first key. Longer than Redis's hash-max-listpack-value
+#: (64 bytes by default), it keeps the hash in hashtable encoding, also after a
+#: restart or a migration: a listpack hash (up to hash-max-listpack-entries keys, 512
+#: by default) is scanned from its start by every lookup and insert, a few µs per key
+#: at some hundreds of keys, where a hashtable takes a fraction of one; the price is
+#: about twice the memory for streams of fewer keys than that.
+KEYS_HASH_NOTE: Final = (
+    "chatbus: not an idempotency key. Longer than hash-max-listpack-value, this value"
+    " keeps the hash in hashtable encoding (a listpack is scanned by every lookup)."
+)
 #: How long retained events live without a new one (seconds): a day, the longest ttl.
 EVENTS_TTL_SECONDS: Final = 86_400
 
@@ -165,7 +186,8 @@ local function append(kb, ab)
   local token, channel, stream = ARGV[ab], ARGV[ab + 1], ARGV[ab + 2]
   local proposed, n = ARGV[ab + 3], tonumber(ARGV[ab + 4])
   local now = time_now
-  local meta = redis.call('HMGET', m, 'head', 'vis', 'epoch', 'last_us', 'run', 'evict_us')
+  local meta = redis.call('HMGET', m, 'head', 'vis', 'epoch', 'last_us', 'run', 'evict_us', 'kh',
+    'ttl_us')
   local record = redis.call('HGET', t, token)
   if record then
     local parts = {}
@@ -210,29 +232,46 @@ local function append(kb, ab)
     redis.call('SPUBLISH', channel, cjson.encode({stream = stream, reset = true}))
   end
   if now < last_us then now = last_us end
-  local seen = {}
+  local snow = str(now)
+  -- The batch's keys: one HMGET for their first occurrences, and (after the entries)
+  -- one HSET for the new ones, in chunks of @KEY_CHUNK@. A key seen earlier in the batch
+  -- is left to the client (it resolves to that draft's message).
+  local first_at = {}
+  local distinct = {}
+  for i = 1, n do
+    local key = ARGV[ab + 4 + i]
+    if key ~= '' and first_at[key] == nil then
+      first_at[key] = i
+      distinct[#distinct + 1] = key
+    end
+  end
+  local stored = {}
+  for c = 1, #distinct, @KEY_CHUNK@ do
+    local last = math.min(c + @KEY_CHUNK@ - 1, #distinct)
+    local got = redis.call('HMGET', k, unpack(distinct, c, last))
+    for j = c, last do stored[distinct[j]] = got[j - c + 1] end
+  end
+  local records = {}
   local record_parts = {}
   local found = {}
   for i = 1, n do
     local key = ARGV[ab + 4 + i]
-    local body = ARGV[ab + 4 + n + i]
     local old = nil
     if key ~= '' then
-      if seen[key] == nil then
-        seen[key] = true
-        local stored = redis.call('HGET', k, key)
-        if stored then old = stored end
-      else
+      if first_at[key] ~= i then
         old = true  -- repeated in this batch: the client resolves it
+      elseif stored[key] then
+        old = stored[key]
       end
     end
     if old == nil then
       head = head + 1
       if key == '' then
-        redis.call('XADD', x, '0-' .. head, 'b', body, 't', str(now))
+        redis.call('XADD', x, '0-' .. head, 'b', ARGV[ab + 4 + n + i], 't', snow)
       else
-        redis.call('XADD', x, '0-' .. head, 'b', body, 't', str(now), 'k', key)
-        redis.call('HSET', k, key, head .. ' ' .. str(now))
+        redis.call('XADD', x, '0-' .. head, 'b', ARGV[ab + 4 + n + i], 't', snow, 'k', key)
+        records[#records + 1] = key
+        records[#records + 1] = head .. ' ' .. snow
       end
     elseif old ~= true then
       local oid, ous, obody = string.match(old, '^(%d+) (%d+) ?(.*)$')
@@ -243,26 +282,50 @@ local function append(kb, ab)
       record_parts[#record_parts + 1] = i .. ' ' .. oid
     end
   end
-  redis.call('HSET', m, 'head', head, 'last_us', str(now))
-  if not durable and head > vis then
-    vis = head
-    redis.call('HSET', m, 'vis', vis)
-    redis.call('SPUBLISH', channel, notice(stream, head))
+  if #records > 0 and not meta[7] then
+    -- The stream's first keys: the hash becomes a hashtable (see KEYS_HASH_NOTE).
+    redis.call('HSET', k, '', '@KEYS_HASH_NOTE@')
+    redis.call('HSET', m, 'kh', 1)
   end
-  local rec = head .. ' ' .. str(now)
+  for c = 1, #records, 2 * @KEY_CHUNK@ do
+    redis.call('HSET', k, unpack(records, c, math.min(c + 2 * @KEY_CHUNK@ - 1, #records)))
+  end
+  local rec = head .. ' ' .. snow
   if #record_parts > 0 then rec = rec .. ' ' .. table.concat(record_parts, ' ') end
   redis.call('HSET', t, token, rec)
-  redis.call('RPUSH', q, token .. ' ' .. str(now))
+  local queued = redis.call('RPUSH', q, token .. ' ' .. snow)
+  local mset = {'head', head, 'last_us', snow}
+  if queued > keep + @TOKENS_SLACK@ then
+    -- The oldest records go, some at a time; evict_us is the newest of them (records
+    -- are queued in time order).
+    local dropped = redis.call('LPOP', q, queued - keep)
+    local dtokens, dus = {}, nil
+    for j, d in ipairs(dropped) do
+      local dtoken, us = string.match(d, '^(%S+) (%d+)$')
+      dtokens[j] = dtoken
+      dus = us
+    end
+    redis.call('HDEL', t, unpack(dtokens))
+    mset[#mset + 1] = 'evict_us'
+    mset[#mset + 1] = dus
+  end
   -- Records matter for seconds (a re-run follows its lost reply at once): an idle
-  -- stream's go after some minutes, counted again by every append (so never under a
-  -- re-run's feet).
-  redis.call('EXPIRE', t, @TOKENS_TTL@)
-  redis.call('EXPIRE', q, @TOKENS_TTL@)
-  while redis.call('LLEN', q) > keep do
-    local dropped = redis.call('LPOP', q)
-    local dtoken, dus = string.match(dropped, '^(%S+) (%d+)$')
-    redis.call('HDEL', t, dtoken)
-    redis.call('HSET', m, 'evict_us', dus)
+  -- stream's go after some minutes, counted again by an append once a minute at most
+  -- (so never under a re-run's feet). The server's clock: a jump either way renews.
+  if math.abs(time_now - tonumber(meta[8] or '0')) >= @TOKENS_RENEW_US@ then
+    redis.call('EXPIRE', t, @TOKENS_TTL@)
+    redis.call('EXPIRE', q, @TOKENS_TTL@)
+    mset[#mset + 1] = 'ttl_us'
+    mset[#mset + 1] = str(time_now)
+  end
+  if not durable and head > vis then
+    vis = head
+    mset[#mset + 1] = 'vis'
+    mset[#mset + 1] = vis
+    redis.call('HSET', m, unpack(mset))
+    redis.call('SPUBLISH', channel, notice(stream, head))
+  else
+    redis.call('HSET', m, unpack(mset))
   end
   local out = {status, epoch, vis, head, now, #found / 5}
   for _, v in ipairs(found) do out[#out + 1] = v end
@@ -277,6 +340,10 @@ for s = 0, tonumber(ARGV[4]) - 1 do
 end
 return out
 """.replace("@TOKENS_TTL@", str(TOKENS_TTL))
+    .replace("@TOKENS_SLACK@", str(TOKENS_SLACK))
+    .replace("@TOKENS_RENEW_US@", str(TOKENS_RENEW_SECONDS * 1_000_000))
+    .replace("@KEY_CHUNK@", str(KEY_CHUNK))
+    .replace("@KEYS_HASH_NOTE@", KEYS_HASH_NOTE)
 )
 APPEND: Final = Script("append", "local K = KEYS\n" + _APPEND_BODY)
 APPEND_SLOTS: Final = Script(

@@ -8,13 +8,22 @@ from __future__ import annotations
 
 import sys
 import textwrap
+import time
 
 import pytest
 import trio
 
 import chatbus
 from chatbus.redis import RedisStore, open_redis, stream_tag
-from chatbus.redis._lua import APPEND, TOKENS_KEPT, StreamKeys
+from chatbus.redis._lua import (
+    APPEND,
+    KEY_CHUNK,
+    KEYS_HASH_NOTE,
+    TOKENS_KEPT,
+    TOKENS_SLACK,
+    TOKENS_TTL,
+    StreamKeys,
+)
 from chatbus.redis._resp import hash_slot
 
 from support.pg import draft
@@ -77,10 +86,12 @@ async def test_hostile_names_round_trip_and_stay_apart(url: str) -> None:
                     assert (await bus.stream_info(name)).head == n + 1
 
 
-def _append_args(store: RedisStore, stream: str, token: str, bodies: list[str]) -> list[object]:
-    keys = store.keys(stream)
-    return [0, 0, TOKENS_KEPT, 1, token, keys.channel, stream, 7, len(bodies),
-            *[""] * len(bodies), *bodies]  # fmt: skip
+def _append_args(
+    store: RedisStore, stream: str, token: str, bodies: list[str], keys: list[str] | None = None
+) -> list[object]:
+    names = store.keys(stream)
+    return [0, 0, TOKENS_KEPT, 1, token, names.channel, stream, 7, len(bodies),
+            *(keys or [""] * len(bodies)), *bodies]  # fmt: skip
 
 
 def _append_keys(store: RedisStore, stream: str) -> list[str]:
@@ -106,18 +117,128 @@ async def test_running_a_batch_again_returns_the_first_outcome_and_stores_nothin
             assert [m.body for m in page] == ["before", "a", "b", "between"]
 
 
+async def test_running_a_keyed_batch_again_returns_the_first_outcome_and_stores_nothing(
+    url: str,
+) -> None:
+    """A keyed batch re-run with its token (its reply was lost) gets the first run's
+    outcome: the same last id, the same stored message for the key found before it,
+    and no key or entry written twice, though another batch ran in between."""
+    with trio.fail_after(20):
+        async with fresh_redis_pair(url) as (store, _):
+            await store.append("s", [draft("old", key="a")])
+            keys = ["b", "a", "", "b", "c"]  # new, stored before, none, repeated, new
+            bodies = ['"b"', '"a2"', '"none"', '"b"', '"c"']
+            args = _append_args(store, "s", "token-k", bodies, keys)
+            first = await store._script(APPEND, _append_keys(store, "s"), args)
+            await store.append("s", [draft("between", key="d")])
+            args[1] = 5_000_000  # a re-run, 5 s after the first send
+            again = await store._script(APPEND, _append_keys(store, "s"), args)
+            assert first[0] == b"ok" and again[0] == b"again"
+            assert first[3] == again[3] == 4  # b, the unkeyed one, c: ids 2 to 4
+            assert first[5] == again[5] == 1  # one draft found a stored key: a, draft 2
+            assert first[6:11] == again[6:11]
+            index, id_, _, body, redacted = first[6:11]
+            assert (index, id_, body, redacted) == (2, 1, b'"old"', 0)
+            page = await store.read("s", 0, 10)
+            assert [(m.id, m.key, m.body) for m in page] == [
+                (1, "a", "old"),
+                (2, "b", "b"),
+                (3, None, "none"),
+                (4, "c", "c"),
+                (5, "d", "between"),
+            ]
+            replays = await store.append("s", [draft("b", key="b"), draft("c", key="c")])
+            assert [(m.id, m.replay) for m in replays] == [(2, True), (4, True)]
+
+
+async def test_a_batch_of_more_keys_than_one_command_takes_stores_each_once(url: str) -> None:
+    """The script looks the keys up and records them in chunks of KEY_CHUNK: a batch of
+    several chunks, with keys stored before it and keys repeated in it on both sides of
+    a chunk's edge, stores every new key once with dense ids and replays the rest."""
+    size = 3 * KEY_CHUNK
+    with trio.fail_after(60):
+        async with fresh_redis_pair(url) as (store, _):
+            drafts = []
+            for i in range(size):
+                if i % 5 == 4:
+                    key: str | None = f"k{i - KEY_CHUNK}" if i >= KEY_CHUNK else f"k{i - 1}"
+                else:
+                    key = f"k{i}" if i % 11 else None
+                drafts.append(draft(key, key=key))
+            distinct = list(dict.fromkeys(d.key for d in drafts if d.key is not None))
+            assert len(distinct) > 2 * KEY_CHUNK + 1
+            edges = {KEY_CHUNK - 1, KEY_CHUNK, 2 * KEY_CHUNK - 1, 2 * KEY_CHUNK, len(distinct) - 1}
+            stored_before = {distinct[j] for j in range(0, len(distinct), 97)} | {
+                distinct[j] for j in edges
+            }
+            await store.append("s", [draft(key, key=key) for key in sorted(stored_before)])
+            head = len(stored_before)
+            messages = await store.append("s", drafts)
+            expected_ids: dict[str, int] = {}
+            next_id = head
+            for message, d in zip(messages, drafts, strict=True):
+                if d.key is None:
+                    next_id += 1
+                    assert (message.id, message.replay) == (next_id, False)
+                elif d.key in stored_before:
+                    assert message.replay and message.body == d.key, (d.key, message)
+                elif d.key in expected_ids:
+                    assert (message.id, message.replay) == (expected_ids[d.key], True)
+                else:
+                    next_id += 1
+                    expected_ids[d.key] = next_id
+                    assert (message.id, message.replay) == (next_id, False)
+            page = await store.read("s", head, size + 10)
+            assert [m.id for m in page] == list(range(head + 1, next_id + 1))
+            assert len({m.key for m in page if m.key is not None}) == len(expected_ids)
+            again = await store.append("s", [draft(key, key=key) for key in expected_ids])
+            assert all(m.replay for m in again)
+            assert [m.id for m in again] == list(expected_ids.values())
+
+
 async def test_a_rerun_whose_record_may_have_been_dropped_is_unknown(url: str) -> None:
     with trio.fail_after(30):
         async with fresh_redis_pair(url) as (store, _):
             args = _append_args(store, "s", "lost-token", ['"x"'])
-            for i in range(TOKENS_KEPT + 1):  # push the oldest records out
+            for i in range(TOKENS_KEPT + TOKENS_SLACK + 1):  # push the oldest records out
                 await store.append("s", [draft(i)])
             args[1] = 60_000_000  # within the last minute: records of that age were dropped
             reply = await store._script(APPEND, _append_keys(store, "s"), args)
             assert reply[0] == b"unknown"
             args[1] = 1  # 1 µs: no record that young was dropped, so it never ran
             reply = await store._script(APPEND, _append_keys(store, "s"), args)
-            assert reply[0] == b"ok" and reply[3] == TOKENS_KEPT + 2
+            assert reply[0] == b"ok" and reply[3] == TOKENS_KEPT + TOKENS_SLACK + 2
+
+
+async def test_token_records_stay_bounded_and_expire_when_the_stream_idles(url: str) -> None:
+    """A stream keeps the records of its last TOKENS_KEPT to TOKENS_KEPT + TOKENS_SLACK
+    batches, the same in the order list as in the hash. Their expiry is renewed by an
+    append when it was last renewed a minute ago or more (by the server's clock, a jump
+    either way counting), so an idle stream's go within TOKENS_TTL and an active one's
+    always have minutes left."""
+    with trio.fail_after(30):
+        async with fresh_redis_pair(url) as (store, _):
+            client = store.client
+            keys = store.keys("s")
+            for i in range(3 * (TOKENS_KEPT + TOKENS_SLACK)):
+                await store.append("s", [draft(i)])
+                kept = await client.hkeys(keys.tokens)
+                order = await client.lrange(keys.token_order, 0, -1)
+                assert min(i + 1, TOKENS_KEPT) <= len(kept) <= TOKENS_KEPT + TOKENS_SLACK
+                assert sorted(kept) == sorted(entry.split(b" ")[0] for entry in order)
+            for key in (keys.tokens, keys.token_order):
+                assert TOKENS_TTL - 5 < await client.ttl(key) <= TOKENS_TTL
+                await client.expire(key, 100)
+            await store.append("s", [draft("renewed a moment ago: not again")])
+            for key in (keys.tokens, keys.token_order):
+                assert 0 < await client.ttl(key) <= 100
+            now = round(time.time() * 1_000_000)  # the servers run on this machine
+            for renewed_at in (now - 61_000_000, now + 3_600_000_000):  # a minute ago; ahead
+                await client.hset(keys.meta, {"ttl_us": renewed_at})
+                await store.append("s", [draft("renews")])
+                for key in (keys.tokens, keys.token_order):
+                    assert TOKENS_TTL - 5 < await client.ttl(key) <= TOKENS_TTL
+                    await client.expire(key, 100)
 
 
 async def test_keyed_replays_carry_the_stored_body(url: str) -> None:
@@ -171,6 +292,35 @@ async def test_two_processes_publishing_the_same_keys_at_once_store_each_once(ur
                 page = await store.read("s", 0, 1000)
                 assert sorted(m.body["i"] for m in page) == list(range(50))
                 assert [m.id for m in page] == list(range(1, 51))
+
+
+async def test_a_streams_keys_hash_is_a_hashtable_from_its_first_key(url: str) -> None:
+    """A listpack hash is scanned by every lookup: the first keyed append gives the
+    keys hash the field '' (never a key) with a value too long for a listpack. A
+    stream whose keys hash is still a listpack (made before) gets it at its next keyed
+    append, and its keys keep answering."""
+    with trio.fail_after(20):
+        async with fresh_redis_pair(url) as (store, _):
+            client = store.client
+            keys = store.keys("s")
+            await store.append("s", [draft(0)])
+            assert await client.exists([keys.keys]) == 0  # no key yet, no hash
+            await store.append("s", [draft(1, key="a"), draft(2, key="b")])
+            assert await client.object_encoding(keys.keys) == b"hashtable"
+            assert await client.hget(keys.keys, "") == KEYS_HASH_NOTE.encode()
+            # As a stream keyed before the note existed: a listpack without it.
+            await client.hdel(keys.meta, ["kh"])
+            records = await client.hgetall(keys.keys)
+            await client.delete([keys.keys])
+            await client.hset(keys.keys, {f: v for f, v in records.items() if f != b""})
+            assert await client.object_encoding(keys.keys) == b"listpack"
+            replay, new = await store.append("s", [draft(1, key="a"), draft(3, key="c")])
+            assert (replay.id, replay.replay, new.id, new.replay) == (2, True, 4, False)
+            assert await client.object_encoding(keys.keys) == b"hashtable"
+            assert await client.hlen(keys.keys) == 4  # a, b, c and the note
+            await store.trim("s", 5)
+            [again] = await store.append("s", [draft(2, key="b")])
+            assert (again.id, again.replay, again.body) == (3, True, 2)
 
 
 async def test_trim_keeps_keys_and_redact_keeps_id_and_key(url: str) -> None:
@@ -255,6 +405,50 @@ async def test_a_lost_reply_is_resolved_by_running_the_batch_again(nursery: trio
             assert [(m.id, m.body) for m in messages] == [(2, "lost-reply-marker"), (3, "too")]
             page = await store.read("s", 0, 10)
             assert [m.body for m in page] == ["first", "lost-reply-marker", "too"]
+
+
+async def test_a_keyed_batch_whose_reply_is_lost_is_stored_once(nursery: trio.Nursery) -> None:
+    """As above with keys: the re-run returns the first run's messages (the key stored
+    before the batch as a replay, the repeated one as its first draft's) and neither
+    run's keys or entries are stored twice."""
+    from chatbus.redis._open import parse_url
+
+    from support.tcp_proxy import TcpProxy
+
+    url = redis_url()
+    (host, port), *_ = parse_url(url)[0].addresses
+    proxy = TcpProxy(host, port)
+    await proxy.start(nursery)
+    with trio.fail_after(20):
+        async with (
+            fresh_prefix(url) as prefix,
+            open_redis(
+                f"redis://127.0.0.1:{proxy.port}/{parse_url(url)[0].db}", prefix=prefix
+            ) as (store, _),
+        ):
+            await store.append("s", [draft("first", key="a")])
+            proxy.lose_reply_to(b"lost-keyed-marker")
+            messages = await store.append(
+                "s",
+                [
+                    draft("lost-keyed-marker", key="m"),
+                    draft("other", key="a"),
+                    draft("lost-keyed-marker", key="m"),
+                    draft("new", key="n"),
+                ],
+            )
+            assert proxy.replies_lost == 1
+            assert store.statistics().reruns >= 1
+            assert [(m.id, m.body, m.replay) for m in messages] == [
+                (2, "lost-keyed-marker", False),
+                (1, "first", True),
+                (2, "lost-keyed-marker", True),
+                (3, "new", False),
+            ]
+            page = await store.read("s", 0, 10)
+            assert [(m.id, m.key) for m in page] == [(1, "a"), (2, "m"), (3, "n")]
+            again = await store.append("s", [draft("new", key="n"), draft("x", key="m")])
+            assert [(m.id, m.replay) for m in again] == [(3, True), (2, True)]
 
 
 async def test_a_refused_connection_is_a_store_error_and_a_lost_one_is_unknown(
