@@ -359,7 +359,8 @@ class Appender:
         if status == b"unknown":
             raise OutcomeUnknown(
                 f"append on stream {stream!r}: the reply was lost, and the batch's record"
-                " is gone: it may or may not have been stored. Retry with the same key."
+                " is gone or no longer tells its outcome (a message it replayed was trimmed"
+                " since): it may or may not have been stored. Retry with the same key."
             )
         found = self._found(stream, drafts, flat)
         created_at = from_micros(int(micros))

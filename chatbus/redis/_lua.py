@@ -196,15 +196,21 @@ local function append(kb, ab)
       tonumber(parts[2]), (#parts - 2) / 2}
     for i = 3, #parts, 2 do
       local index, id = tonumber(parts[i]), tonumber(parts[i + 1])
-      local body, redacted = find(x, r, id, nil)
+      -- The replayed message as the first run found it: its key's record, if that
+      -- still names it (a trim may have forgotten the key, a later append reused it).
       local rec = redis.call('HGET', k, ARGV[ab + 4 + index])
-      local us = now
-      if rec then
-        local _, rus, rbody = string.match(rec, '^(%d+) (%d+) ?(.*)$')
-        us = tonumber(rus)
-        if body == false then body = rbody end
+      local rid, rus, rbody = nil, nil, nil
+      if rec then rid, rus, rbody = string.match(rec, '^(%d+) (%d+) ?(.*)$') end
+      if rid == nil or tonumber(rid) ~= id then
+        return {'unknown', meta[3] or '0', tonumber(meta[2] or '0'), 0, 0, 0}
       end
-      for _, v in ipairs({index, id, us, body, redacted}) do result[#result + 1] = v end
+      local body, redacted = find(x, r, id, rbody)
+      if body == false then  -- trimmed, its key's body forgotten: cannot be told again
+        return {'unknown', meta[3] or '0', tonumber(meta[2] or '0'), 0, 0, 0}
+      end
+      for _, v in ipairs({index, id, tonumber(rus), body, redacted}) do
+        result[#result + 1] = v
+      end
     end
     return result
   end

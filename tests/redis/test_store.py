@@ -451,6 +451,76 @@ async def test_a_keyed_batch_whose_reply_is_lost_is_stored_once(nursery: trio.Nu
             assert [(m.id, m.replay) for m in again] == [(3, True), (2, True)]
 
 
+@pytest.mark.parametrize("meanwhile", ["trim", "trim and reuse", "redact"])
+async def test_a_rerun_never_rebuilds_a_replay_from_what_changed_since(
+    nursery: trio.Nursery, meanwhile: str
+) -> None:
+    """A keyed batch replays key "a" (id 1) and its reply is lost; before the re-run,
+    message 1 is trimmed with its key forgotten (and "a" maybe used again), or
+    redacted. The re-run tells the first outcome only if it still can (a tombstone:
+    yes); else OutcomeUnknown. Never the replay rebuilt from the stream as it is now
+    (a None body, or another message's: an IdempotencyConflict for an identical body,
+    or an undecodable reply failing a batch that was stored). Found by a review."""
+    from chatbus.redis._open import parse_url
+
+    from support.tcp_proxy import TcpProxy
+
+    url = redis_url()
+    (host, port), *_ = parse_url(url)[0].addresses
+    proxy = TcpProxy(host, port)
+    await proxy.start(nursery)
+    with trio.fail_after(20):
+        async with (
+            fresh_prefix(url) as prefix,
+            open_redis(
+                f"redis://127.0.0.1:{proxy.port}/{parse_url(url)[0].db}", prefix=prefix
+            ) as (via, _),
+            open_redis(url, prefix=prefix) as (direct, _),
+        ):
+            (first,) = await direct.append("s", [draft({"v": "A"}, key="a")])
+            await direct.append("s", [draft("filler")])
+            proxy.lose_reply_to(b"lost-replay-marker")
+            outcome: list[object] = []
+
+            async def lost() -> None:
+                try:
+                    outcome.append(
+                        await via.append(
+                            "s", [draft("lost-replay-marker", key="m"), draft({"v": "A"}, key="a")]
+                        )
+                    )
+                except chatbus.BusError as exc:
+                    outcome.append(exc)
+
+            async def meddle() -> None:
+                while proxy.replies_lost == 0:  # noqa: ASYNC110 - the proxy has no event
+                    await trio.sleep(0.001)
+                proxy.down()
+                if meanwhile.startswith("trim"):
+                    await direct.trim("s", 3, keys_for=0)  # 1 and 2 go, key "a" forgotten
+                if meanwhile == "trim and reuse":
+                    await direct.append("s", [draft({"v": "B"}, key="a")])
+                if meanwhile == "redact":
+                    await direct.redact("s", first.id)
+                await proxy.up()
+
+            async with trio.open_nursery() as inner:
+                inner.start_soon(meddle)
+                inner.start_soon(lost)
+            (result,) = outcome
+            if meanwhile == "redact":
+                assert isinstance(result, list), result
+                marker, replay = result
+                assert (marker.id, marker.replay) == (3, False)
+                assert (replay.id, replay.replay, replay.redacted) == (1, True, True)
+                assert replay.created_at == first.created_at
+            else:
+                assert isinstance(result, chatbus.OutcomeUnknown), result
+            # Stored once either way: a retry with the marker's key replays it.
+            (again,) = await direct.append("s", [draft("lost-replay-marker", key="m")])
+            assert (again.id, again.replay) == (3, True)
+
+
 async def test_a_refused_connection_is_a_store_error_and_a_lost_one_is_unknown(
     nursery: trio.Nursery,
 ) -> None:
