@@ -215,6 +215,15 @@ def check_after(after: object, name: str = "after") -> int:
     return after
 
 
+def check_read(stream: object, after: object, limit: object) -> None:
+    """Check a store read's arguments (:meth:`chatbus.Store.read`): a valid stream name,
+    cursor, and ``limit`` an int >= 0."""
+    check_stream(stream)
+    check_after(after)
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+        raise ValueError(f"limit must be an int >= 0, got {limit!r}")
+
+
 def check_epoch(info: StreamInfo, epoch: int | None, after: int) -> None:
     """Raise :class:`HistoryReset` unless ``epoch`` (if given) is ``info``'s epoch.
 

@@ -26,7 +26,7 @@ from .._coalesce import Batch, GroupCommit, PendingAppend
 from .._codec import BadBody, pack_bodies
 from .._event import Event, decode_event_items
 from .._exceptions import BusError, OutcomeUnknown, StoreError, UndecodableMessage, store_error
-from .._message import Draft, Message, StreamInfo, check_after, check_stream
+from .._message import Draft, Message, StreamInfo, check_read, check_stream
 from .._options import EventRetention
 from .._retention import RetentionPage
 from . import _pq
@@ -269,10 +269,7 @@ class PostgresStore:
             InvalidStream: ``stream`` is not a valid stream name.
             StoreError: the query failed.
         """
-        check_stream(stream)
-        check_after(after)
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
-            raise ValueError(f"limit must be an int >= 0, got {limit!r}")
+        check_read(stream, after, limit)
         if limit == 0:
             await trio.lowlevel.checkpoint()
             return 0, []

@@ -27,7 +27,7 @@ from .._coalesce import Batch, PendingAppend
 from .._codec import BadBody, decode_bodies, pack_bodies
 from .._event import Event, decode_event_items, encode_events, from_micros, to_micros
 from .._exceptions import BusError, StoreError, store_error
-from .._message import Draft, Message, StreamInfo, check_after, check_stream
+from .._message import Draft, Message, StreamInfo, check_read, check_stream
 from .._options import EventRetention
 from .._retention import RetentionPage
 from .._tasks import Backoff
@@ -291,10 +291,7 @@ class RedisStore:
             InvalidStream: ``stream`` is not a valid stream name.
             StoreError: the script failed.
         """
-        check_stream(stream)
-        check_after(after)
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
-            raise ValueError(f"limit must be an int >= 0, got {limit!r}")
+        check_read(stream, after, limit)
         keys = self.keys(stream)
         flat = await self._call(
             "read", READ, [keys.meta, keys.entries, keys.redactions], [after, limit], stream
