@@ -10,10 +10,11 @@ from typing import Final
 
 import attrs
 
+from ._message import MAX_ID
+
 #: Largest ``last`` accepted from a request (a page opens at its last few dozen).
 MAX_LAST: Final = 10_000
 
-_MAX_ID: Final = 2**63 - 1
 _DIGITS: Final = re.compile(r"[0-9]{1,19}")
 # A resume id: ``<message id>`` or ``<message id>:<epoch>`` (see the module's doc).
 _RESUME_ID: Final = re.compile(r"([0-9]{1,19})(?::([0-9]{1,19}))?")
@@ -64,8 +65,8 @@ def _parse_resume_id(name: str, value: str, source: str) -> Cursor:
         )
     after, epoch = int(match[1]), None if match[2] is None else int(match[2])
     for what, number in (("message id", after), ("epoch", epoch)):
-        if number is not None and number > _MAX_ID:
-            raise InvalidCursor(f"{name}: the {what} must be from 0 to {_MAX_ID}, got {number}")
+        if number is not None and number > MAX_ID:
+            raise InvalidCursor(f"{name}: the {what} must be from 0 to {MAX_ID}, got {number}")
     return Cursor(after=after, epoch=epoch, source=source)
 
 

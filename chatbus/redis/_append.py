@@ -248,12 +248,6 @@ class Appender:
         try:
             await self._append_streams(streams, tokens, cross_slot=True)
             return
-        except BusError as exc:  # stored, not replicated in time (durable mode)
-            for _, members in streams:
-                for member in members:
-                    if member.result is None and member.cause is None:
-                        member.cause = exc
-            return
         except Unsupported:
             lost = None  # redirected, or no pipelined connection: it did not run
         except REDIS_ERRORS as exc:
@@ -315,13 +309,10 @@ class Appender:
             args.append(len(drafts))
             args += [draft.key or "" for draft in drafts]
             args += [draft.body_json for draft in drafts]
-        if cross_slot:
-            try:
-                reply: list[Any] = await self._script(
-                    APPEND_SLOTS, script_keys[:1], [*args, *script_keys], durable=durable
-                )
-            except UNREPLICATED as exc:
-                raise self._unreplicated(_names(streams), exc) from exc
+        if cross_slot:  # fast mode only (see _send_batch): no WAIT, nothing to re-run
+            reply: list[Any] = await self._script(
+                APPEND_SLOTS, script_keys[:1], [*args, *script_keys]
+            )
         else:
             reply = await self._run_append(
                 script_keys, args, streams, durable=durable, lost=lost, sent_at=sent_at
