@@ -484,3 +484,69 @@ async def test_a_resync_while_a_run_is_gathered_skips_nothing():
                 await writer.publish("room", i)
             assert await collect(sub, 12) == dense(12)
             assert store.resyncs == 5
+
+
+@_TELLING_STORES
+async def test_a_page_of_a_new_epoch_never_reaches_another_subscription_through_the_cache(
+    backend, monkeypatch
+):
+    """Two subscriptions of one stream in one bus share its cache. One opened before
+    the stream existed (epoch 0) reads, after a delete, the first page of the new
+    history, and adopts it; the other follows the old history. The page must not
+    reach the other through the cache as the rest of the old history: it ends with
+    StreamDeleted. Here the delete notices are lost and the other subscription is
+    woken only by a later message's notice, so it finds the page in the cache before
+    any read of its own (before the fix it delivered ids 2 and 3 of the new history
+    after id 1 of the old)."""
+    from chatbus.postgres import _listen as pg_listen
+    from chatbus.redis import _listen as redis_listen
+
+    heard = [True]
+    for module, name in [
+        (pg_listen, "parse_notice"),
+        (redis_listen, "parse_notice"),
+        (redis_listen, "quick_notice"),
+    ]:
+        parse = getattr(module, name)
+        monkeypatch.setattr(module, "parse_reset", lambda payload: None)
+        monkeypatch.setattr(
+            module, name, lambda payload, parse=parse: parse(payload) if heard[0] else None
+        )
+    with trio.fail_after(20):
+        async with backend.open_bus() as bus, backend.open_bus() as other:
+            gate, reading = trio.Event(), trio.Event()
+            read_with_epoch = type(bus.store).read_with_epoch
+
+            async def held_first_read(store, stream, after, limit):
+                if store is bus.store and after == 0 and not gate.is_set():
+                    reading.set()
+                    await gate.wait()
+                return await read_with_epoch(store, stream, after, limit)
+
+            monkeypatch.setattr(type(bus.store), "read_with_epoch", held_first_read)
+            async with bus.open_subscriber("room") as newcomer:
+                assert newcomer.epoch == 0
+                await other.publish("room", "old history")
+                old = await other.stream_info("room")
+                with trio.fail_after(5):
+                    await reading.wait()  # the newcomer's read of the old history, held
+                async with bus.open_subscriber("room", after=1, epoch=old.epoch) as follower:
+                    heard[0] = False
+                    await other.delete_stream("room")
+                    for i in range(3):
+                        await other.publish("room", f"new history {i}")
+                    gate.set()  # the held read now meets the new history
+                    first = await newcomer.receive()
+                    assert (first.id, first.body) == (1, "new history 0")
+                    assert newcomer.epoch not in (0, old.epoch)
+                    heard[0] = True
+                    await other.publish("room", "new history 3")  # wakes the follower
+                    got: list[chatbus.Message] = []
+
+                    async def drain() -> None:
+                        async for message in follower:
+                            got.append(message)
+
+                    with pytest.raises(chatbus.StreamDeleted):
+                        await drain()
+                    assert got == []  # not ids 2 and 3 of the new history
