@@ -18,13 +18,23 @@ from typing import Final, final
 
 import attrs
 
-#: Fewest token records kept per stream (see APPEND; at most TOKENS_KEPT +
-#: TOKENS_SLACK): a re-run of a batch whose record was dropped since cannot be told
-#: from a new one.
+#: Fewest token records kept per stream (see APPEND): a re-run of a batch whose
+#: record was dropped since cannot be told from a new one.
 TOKENS_KEPT: Final = 64
-#: Records past TOKENS_KEPT are dropped this many at a time (one LPOP, HDEL and meta
-#: write per that many batches): a stream keeps its last 64 to 80 batches' records.
+#: Records past TOKENS_KEPT are looked at for dropping once there are this many more
+#: (one LINDEX per append then; a LRANGE, LTRIM, HDEL and meta write when some go).
 TOKENS_SLACK: Final = 16
+#: ... and go only once older than this (by the server's clock): a re-run comes
+#: within ``command_timeout`` + 2 s + 1 s of its first send (13 s by default), so on a
+#: stream of hundreds of batches a second its record is still there, where a count
+#: alone kept a fraction of a second of them.
+TOKENS_MIN_AGE_SECONDS: Final = 15
+#: ... unless a stream has more than this many: then the oldest go whatever their
+#: age (a stream of over TOKENS_MAX / TOKENS_MIN_AGE_SECONDS batches a second keeps
+#: less than TOKENS_MIN_AGE_SECONDS of them).
+TOKENS_MAX: Final = 4096
+#: Most records one append drops (the list shrinks back after a burst in a few).
+TOKENS_DROP: Final = 64
 #: Seconds an idle stream keeps its token records (an append renews it, see below).
 TOKENS_TTL: Final = 600
 #: An append renews the records' expiry when it was last renewed this long ago by the
@@ -155,8 +165,9 @@ end
 #
 # * The token: a re-run of a batch (after a lost reply) finds its record and gets
 #   the first run's outcome instead of appending again. Records are bounded
-#   (TOKENS_KEPT per stream); a re-run passes the time since the first send, and if
-#   a record created within that window was dropped, the outcome is 'unknown'.
+#   (TOKENS_KEPT per stream, more while younger than TOKENS_MIN_AGE_SECONDS, never
+#   more than TOKENS_MAX); a re-run passes the time since the first send, and if a
+#   record created within that window was dropped, the outcome is 'unknown'.
 # * created_at: the server's TIME, never earlier than the stream's last batch.
 # * The run (fast mode): the server process's run_id. When it differs from the one
 #   recorded (a restart, a failover), acknowledged messages may be gone and their ids
@@ -302,18 +313,25 @@ local function append(kb, ab)
   local queued = redis.call('RPUSH', q, token .. ' ' .. snow)
   local mset = {'head', head, 'last_us', snow}
   if queued > keep + @TOKENS_SLACK@ then
-    -- The oldest records go, some at a time; evict_us is the newest of them (records
-    -- are queued in time order).
-    local dropped = redis.call('LPOP', q, queued - keep)
-    local dtokens, dus = {}, nil
-    for j, d in ipairs(dropped) do
-      local dtoken, us = string.match(d, '^(%S+) (%d+)$')
-      dtokens[j] = dtoken
-      dus = us
+    -- The oldest records go, some at a time, once older than a re-run can come
+    -- (TOKENS_MIN_AGE_SECONDS) or when too many are kept; evict_us is the newest of
+    -- them (records are queued in time order).
+    local cutoff = time_now - @TOKENS_MIN_AGE_US@
+    if queued > @TOKENS_MAX@ then cutoff = math.huge end
+    if tonumber(string.match(redis.call('LINDEX', q, 0), ' (%d+)$')) <= cutoff then
+      local older = redis.call('LRANGE', q, 0, math.min(queued - keep, @TOKENS_DROP@) - 1)
+      local dtokens, dus = {}, nil
+      for _, d in ipairs(older) do
+        local dtoken, us = string.match(d, '^(%S+) (%d+)$')
+        if tonumber(us) > cutoff then break end
+        dtokens[#dtokens + 1] = dtoken
+        dus = us
+      end
+      redis.call('LTRIM', q, #dtokens, -1)
+      redis.call('HDEL', t, unpack(dtokens))
+      mset[#mset + 1] = 'evict_us'
+      mset[#mset + 1] = dus
     end
-    redis.call('HDEL', t, unpack(dtokens))
-    mset[#mset + 1] = 'evict_us'
-    mset[#mset + 1] = dus
   end
   -- Records matter for seconds (a re-run follows its lost reply at once): an idle
   -- stream's go after some minutes, counted again by an append once a minute at most
@@ -347,6 +365,9 @@ end
 return out
 """.replace("@TOKENS_TTL@", str(TOKENS_TTL))
     .replace("@TOKENS_SLACK@", str(TOKENS_SLACK))
+    .replace("@TOKENS_MIN_AGE_US@", str(TOKENS_MIN_AGE_SECONDS * 1_000_000))
+    .replace("@TOKENS_MAX@", str(TOKENS_MAX))
+    .replace("@TOKENS_DROP@", str(TOKENS_DROP))
     .replace("@TOKENS_RENEW_US@", str(TOKENS_RENEW_SECONDS * 1_000_000))
     .replace("@KEY_CHUNK@", str(KEY_CHUNK))
     .replace("@KEYS_HASH_NOTE@", KEYS_HASH_NOTE)

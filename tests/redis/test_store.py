@@ -20,6 +20,8 @@ from chatbus.redis._lua import (
     KEY_CHUNK,
     KEYS_HASH_NOTE,
     TOKENS_KEPT,
+    TOKENS_MAX,
+    TOKENS_MIN_AGE_SECONDS,
     TOKENS_SLACK,
     TOKENS_TTL,
     StreamKeys,
@@ -196,36 +198,74 @@ async def test_a_batch_of_more_keys_than_one_command_takes_stores_each_once(url:
             assert [m.id for m in again] == list(expected_ids.values())
 
 
+async def _age_token_records(store: RedisStore, stream: str, seconds: float) -> None:
+    """Make every token record of ``stream`` look ``seconds`` older (its order list)."""
+    client, keys = store.client, store.keys(stream)
+    for index, entry in enumerate(await client.lrange(keys.token_order, 0, -1)):
+        token, us = entry.split(b" ")
+        older = int(us) - round(seconds * 1_000_000)
+        await client.lset(keys.token_order, index, token + b" %d" % older)
+
+
 async def test_a_rerun_whose_record_may_have_been_dropped_is_unknown(url: str) -> None:
     with trio.fail_after(30):
         async with fresh_redis_pair(url) as (store, _):
             args = _append_args(store, "s", "lost-token", ['"x"'])
-            for i in range(TOKENS_KEPT + TOKENS_SLACK + 1):  # push the oldest records out
+            for i in range(TOKENS_KEPT + TOKENS_SLACK + 1):
                 await store.append("s", [draft(i)])
+            # Older than a re-run can come: the next append drops the oldest.
+            await _age_token_records(store, "s", TOKENS_MIN_AGE_SECONDS + 1)
+            await store.append("s", [draft("drops")])
             args[1] = 60_000_000  # within the last minute: records of that age were dropped
             reply = await store._script(APPEND, _append_keys(store, "s"), args)
             assert reply[0] == b"unknown"
             args[1] = 1  # 1 µs: no record that young was dropped, so it never ran
             reply = await store._script(APPEND, _append_keys(store, "s"), args)
-            assert reply[0] == b"ok" and reply[3] == TOKENS_KEPT + TOKENS_SLACK + 2
+            assert reply[0] == b"ok" and reply[3] == TOKENS_KEPT + TOKENS_SLACK + 3
+
+
+async def test_a_rerun_on_a_busy_stream_finds_its_record(url: str) -> None:
+    """Records go by age, not by count alone: a batch re-run after a lost reply gets
+    its first run's outcome although hundreds of batches were appended to the stream
+    meanwhile (a count of 64 to 80 records lasted a fraction of a second on a busy
+    stream, and every lost reply there was an unknown outcome)."""
+    with trio.fail_after(30):
+        async with fresh_redis_pair(url) as (store, _):
+            args = _append_args(store, "s", "lost-reply", ['"x"'])
+            first = await store._script(APPEND, _append_keys(store, "s"), args)
+            for i in range(4 * (TOKENS_KEPT + TOKENS_SLACK)):
+                await store.append("s", [draft(i)])
+            args[1] = 3_000_000  # the re-run, 3 s after the first send
+            again = await store._script(APPEND, _append_keys(store, "s"), args)
+            assert first[0] == b"ok" and again[0] == b"again"
+            assert again[3:5] == first[3:5] == [1, first[4]]
 
 
 async def test_token_records_stay_bounded_and_expire_when_the_stream_idles(url: str) -> None:
-    """A stream keeps the records of its last TOKENS_KEPT to TOKENS_KEPT + TOKENS_SLACK
-    batches, the same in the order list as in the hash. Their expiry is renewed by an
-    append when it was last renewed a minute ago or more (by the server's clock, a jump
-    either way counting), so an idle stream's go within TOKENS_TTL and an active one's
-    always have minutes left."""
+    """A stream keeps the records of its batches of the last TOKENS_MIN_AGE_SECONDS,
+    and of its last TOKENS_KEPT to TOKENS_KEPT + TOKENS_SLACK batches once older,
+    the same in the order list as in the hash. Their expiry is renewed by an append
+    when it was last renewed a minute ago or more (by the server's clock, a jump
+    either way counting), so an idle stream's go within TOKENS_TTL and an active
+    one's always have minutes left."""
+
+    async def kept_records() -> list[bytes]:
+        kept = await client.hkeys(keys.tokens)
+        order = await client.lrange(keys.token_order, 0, -1)
+        assert sorted(kept) == sorted(entry.split(b" ")[0] for entry in order)
+        return kept
+
     with trio.fail_after(30):
         async with fresh_redis_pair(url) as (store, _):
             client = store.client
             keys = store.keys("s")
             for i in range(3 * (TOKENS_KEPT + TOKENS_SLACK)):
                 await store.append("s", [draft(i)])
-                kept = await client.hkeys(keys.tokens)
-                order = await client.lrange(keys.token_order, 0, -1)
-                assert min(i + 1, TOKENS_KEPT) <= len(kept) <= TOKENS_KEPT + TOKENS_SLACK
-                assert sorted(kept) == sorted(entry.split(b" ")[0] for entry in order)
+                assert len(await kept_records()) == i + 1  # all young: all kept
+            await _age_token_records(store, "s", TOKENS_MIN_AGE_SECONDS + 1)
+            for _ in range(5):  # at most TOKENS_DROP go per append
+                await store.append("s", [draft("drops")])
+            assert TOKENS_KEPT <= len(await kept_records()) <= TOKENS_KEPT + TOKENS_SLACK
             for key in (keys.tokens, keys.token_order):
                 assert TOKENS_TTL - 5 < await client.ttl(key) <= TOKENS_TTL
                 await client.expire(key, 100)
@@ -239,6 +279,17 @@ async def test_token_records_stay_bounded_and_expire_when_the_stream_idles(url: 
                 for key in (keys.tokens, keys.token_order):
                     assert TOKENS_TTL - 5 < await client.ttl(key) <= TOKENS_TTL
                     await client.expire(key, 100)
+
+
+async def test_a_stream_keeps_at_most_tokens_max_records_whatever_their_age(url: str) -> None:
+    with trio.fail_after(60):
+        async with fresh_redis_pair(url) as (store, _):
+            keys = store.keys("s")
+            for i in range(TOKENS_MAX + 200):
+                await store.append("s", [draft(i)])
+            kept = await store.client.llen(keys.token_order)
+            assert TOKENS_MAX - 64 <= kept <= TOKENS_MAX
+            assert await store.client.hlen(keys.tokens) == kept
 
 
 async def test_keyed_replays_carry_the_stored_body(url: str) -> None:
