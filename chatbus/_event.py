@@ -20,8 +20,8 @@ import enum
 import functools
 import json
 import math
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Final, NamedTuple, final
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, Final, NamedTuple, final, overload
 
 import attrs
 
@@ -188,10 +188,14 @@ def fast_body_json(body: object, max_event_bytes: int) -> str | None:
         body_json: str = "".join(_FAST_ENCODER(body, 0))
     except Exception:  # RecursionError included: the slow path says what is wrong
         return None
+    size = len(body_json)
     if (
-        len(body_json) > min(max_event_bytes, MAX_INT_DIGITS)
+        size > max_event_bytes
+        or size > MAX_INT_DIGITS
         or not body_json.isascii()
-        or body_json.count("[") + body_json.count("{") > MAX_BODY_DEPTH
+        # Deeper than MAX_BODY_DEPTH takes more brackets than that: a text no longer
+        # (most streamed parts) needs no count. This runs once per emit.
+        or (size > MAX_BODY_DEPTH and body_json.count("[") + body_json.count("{") > MAX_BODY_DEPTH)
     ):
         return None
     return body_json
@@ -268,6 +272,61 @@ def encode_event(event: Event, body_json: str, micros: int | None = None) -> str
 def json_string(text: str) -> str:
     """``text`` as a JSON string (cached: stream names, emitters and keys repeat)."""
     return json.dumps(text, ensure_ascii=False)
+
+
+@functools.lru_cache(maxsize=4096)
+def json_string_bytes(text: str) -> int:
+    """UTF-8 bytes of :func:`json_string` of ``text`` (cached likewise)."""
+    return len(json_string(text).encode("utf-8"))
+
+
+#: An emitted event on its way out (see :class:`chatbus._outbox.Outbox`): its number
+#: in put order, the event, its body's JSON text, its ``created_at`` in µs since the
+#: epoch, and its :func:`encode_event` text's size in UTF-8 bytes (exact).
+Outgoing = tuple[int, Event, str, int, int]
+
+
+@final
+@attrs.define(eq=False)
+class EncodedEvents(Sequence[str]):
+    """The :func:`encode_event` texts of outgoing events, made when first read.
+
+    What a flush hands a store and a notifier as ``encoded``. The in-memory ones
+    need no text, only each event's size (:meth:`sizes`, known since emit, where the
+    wire limit is checked), so they never pay for it; the networked ones read it,
+    and it is made once for all of them.
+    """
+
+    _items: Sequence[Outgoing]
+    _texts: list[str] | None = attrs.field(default=None, init=False)
+
+    def sizes(self) -> list[int]:
+        """Each text's size in UTF-8 bytes, without making it."""
+        return [item[4] for item in self._items]
+
+    def _encoded(self) -> list[str]:
+        texts = self._texts
+        if texts is None:
+            texts = self._texts = [
+                encode_event(event, body_json, micros)
+                for _, event, body_json, micros, _ in self._items
+            ]
+        return texts
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[str]: ...
+
+    def __getitem__(self, index: int | slice) -> str | list[str]:
+        return self._encoded()[index]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._encoded())
 
 
 def encode_events(encoded: Iterable[str], *, limit: int = MAX_PAYLOAD_BYTES) -> list[str]:
