@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import operator
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final, final
 
@@ -35,6 +36,9 @@ _MAX_FLUSH: Final = 4000
 #: append (or a busy publisher's next one) is about to go and carries them (see
 #: Outbox.append). Only with a store that carries events.
 _LINGER: Final = 0.005
+
+_EVENT: Final = operator.itemgetter(1)
+_STREAM: Final = operator.attrgetter("stream")
 
 #: ``store.append_carrying(stream, drafts, events, encoded)``: see Outbox.append.
 Carry = Callable[[str, Sequence[Draft], Sequence[Event], Sequence[str]], Awaitable[list[Message]]]
@@ -258,10 +262,11 @@ class Outbox:
             pending = self._pending.get(stream)
             if pending is None:
                 continue  # the flusher stopped meanwhile: nothing is pending
-            for _ in range(min(count, len(pending))):
-                pending.popleft()
-            if not pending:
+            if count >= len(pending):  # the usual flush: all of them
                 del self._pending[stream]
+                continue
+            for _ in range(count):
+                pending.popleft()
 
     def _next_batch(self) -> tuple[list[Outgoing], float]:
         """Take the next flush's events, and when to look again for events left
@@ -322,11 +327,9 @@ class Outbox:
                 batch, wake = self._next_batch()
                 if not batch:
                     continue
-                events = [item[1] for item in batch]
+                events = list(map(_EVENT, batch))
                 encoded = EncodedEvents(batch)
-                counts: dict[str, int] = {}
-                for event in events:
-                    counts[event.stream] = counts.get(event.stream, 0) + 1
+                counts = collections.Counter(map(_STREAM, events))
                 for stream in counts:
                     self._busy[stream] = self._busy.get(stream, 0) + 1
                 self.flushes += 1
