@@ -515,6 +515,14 @@ class Arrival(enum.Enum):
     LATE = enum.auto()
 
 
+#: Arrival's members as plain constants for the paths that run once per event: an
+#: enum member's lookup on its class costs about 90 ns on CPython 3.11, ten times a
+#: global's.
+_NEW: Final = Arrival.NEW
+_COPY: Final = Arrival.COPY
+_LATE: Final = Arrival.LATE
+
+
 @final
 @attrs.define(eq=False)
 class EmitterOrder:
@@ -556,9 +564,9 @@ class EmitterOrder:
                     (window << 1 | 1) & _WINDOW_MASK,
                     event.created_at,
                 )
-                return Arrival.NEW
+                return _NEW
         arrival = self.arrival(event)
-        if arrival is Arrival.NEW:
+        if arrival is _NEW:
             self.received(event)
         return arrival
 
@@ -569,17 +577,17 @@ class EmitterOrder:
         if last is None:
             forgotten = self._forgotten_until
             if forgotten is not None and event.created_at <= forgotten:
-                return Arrival.LATE
-            return Arrival.NEW
+                return _LATE
+            return _NEW
         seq, window, created_at = last
         back = seq - event.seq
         if back < 0:
-            return Arrival.NEW
+            return _NEW
         if back < _WINDOW:
             if window >> back & 1:
-                return Arrival.COPY
+                return _COPY
             self._last[event.emitter] = (seq, window | 1 << back, created_at)
-        return Arrival.LATE
+        return _LATE
 
     def received(self, event: Event) -> None:
         """The consumer got ``event`` (a new one)."""
