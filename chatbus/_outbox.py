@@ -38,7 +38,6 @@ _MAX_FLUSH: Final = 4000
 _LINGER: Final = 0.005
 
 _EVENT: Final = operator.itemgetter(1)
-_STREAM: Final = operator.attrgetter("stream")
 
 #: ``store.append_carrying(stream, drafts, events, encoded)``: see Outbox.append.
 Carry = Callable[[str, Sequence[Draft], Sequence[Event], Sequence[str]], Awaitable[list[Message]]]
@@ -329,7 +328,9 @@ class Outbox:
                     continue
                 events = list(map(_EVENT, batch))
                 encoded = EncodedEvents(batch)
-                counts = collections.Counter(map(_STREAM, events))
+                counts: dict[str, int] = {}
+                for event in events:
+                    counts[event.stream] = counts.get(event.stream, 0) + 1
                 for stream in counts:
                     self._busy[stream] = self._busy.get(stream, 0) + 1
                 self.flushes += 1

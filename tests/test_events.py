@@ -559,6 +559,32 @@ async def test_an_emitted_event_decodes_elsewhere_to_the_event_emit_returned():
     assert all(a.created_at <= b.created_at for a, b in itertools.pairwise(emitted))
 
 
+def test_encoded_events_read_as_the_list_of_their_texts():
+    """What a flush hands stores and notifiers as ``encoded``: encode_event's texts,
+    read any way a store reads a list, made once; their sizes without them."""
+    from chatbus._event import EncodedEvents
+
+    events = [_event("é", 1), _event("a", 2, ms=3), _event("a", 3, ms=4)]
+    bodies = ['"é"', "[1,2.5]", '{"k":null}']
+    texts = [
+        encode_event(e, b, to_micros(e.created_at)) for e, b in zip(events, bodies, strict=True)
+    ]
+    sizes = [len(text.encode("utf-8")) for text in texts]
+    items = [
+        (i, e, b, to_micros(e.created_at), n)
+        for i, (e, b, n) in enumerate(zip(events, bodies, sizes, strict=True))
+    ]
+    encoded = EncodedEvents(items)
+    assert encoded.sizes() == sizes
+    assert len(encoded) == 3 and encoded[0] == texts[0] and encoded[-1] == texts[2]
+    assert (
+        encoded[1:] == texts[1:]
+        and list(encoded) == texts
+        and ",".join(encoded) == ",".join(texts)
+    )
+    assert encoded[0] is encoded[0]  # made once
+
+
 def test_from_micros_is_exact_either_way():
     for micros in [0, 1, 999_999, 1_700_000_000_123_457, 2**32 * 1_000_000 - 1, 2**32 * 10**6]:
         slow = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC) + datetime.timedelta(
