@@ -317,9 +317,15 @@ class Outbox:
             wake = float("inf")
             while True:
                 if not self._ready.is_set():
-                    with trio.CancelScope(deadline=wake) as self._timer:
+                    if self._carry is None:
+                        # Nothing is left lingering (wake is inf), and _left_for_append,
+                        # the timer's only reader, is not asked: no scope to make, which
+                        # is much of a small flush's fixed cost.
                         await self._ready.wait()
-                    self._timer = None
+                    else:
+                        with trio.CancelScope(deadline=wake) as self._timer:
+                            await self._ready.wait()
+                        self._timer = None
                 else:
                     await trio.lowlevel.checkpoint()
                 self._ready = trio.Event()
