@@ -559,6 +559,24 @@ async def test_an_emitted_event_decodes_elsewhere_to_the_event_emit_returned():
     assert all(a.created_at <= b.created_at for a, b in itertools.pairwise(emitted))
 
 
+async def test_a_full_outbox_drops_the_oldest_and_a_publish_still_goes():
+    """Past ``outbox_size`` the oldest waiting events are dropped (counted): the newest
+    are flushed, and a publish waits for no event that is gone."""
+    store = MemoryStore()
+    async with chatbus.open_bus(store=store) as bus:
+        bus._outbox.capacity = 3  # BusOptions.outbox_size, which open_bus does not take
+        for i in range(10):  # no schedule point after the first: the flusher waits
+            await bus.emit("s", {"i": i})
+        assert bus.statistics().events_dropped == 7
+        with trio.fail_after(5):
+            await bus.publish("s", "m")
+        assert [e.body for e in await store.retained_events("s", 0)] == [
+            {"i": 7},
+            {"i": 8},
+            {"i": 9},
+        ]
+
+
 def test_encoded_events_read_as_the_list_of_their_texts():
     """What a flush hands stores and notifiers as ``encoded``: encode_event's texts,
     read any way a store reads a list, made once; their sizes without them."""
