@@ -2,14 +2,16 @@
 subscriptions and outbox that take the event.
 
 Owns: the emitter's identity and sequence, an event's position (the stream's head as
-this bus knows it, asked of the store when it does not), its clock, its encoding once
-for every backend, and the streams held while emits on them go on. Imports
-:mod:`chatbus._event`, :mod:`chatbus._message`, :mod:`chatbus._outbox` and
-:mod:`chatbus._topic`; the bus owns one :class:`Emitter`.
+this bus knows it, asked of the store when it does not), its clock, its size on the
+wire (checked here; the text is made by a flush, and only for a store that needs it:
+see :class:`chatbus._event.EncodedEvents`), and the streams held while emits on them
+go on. Imports :mod:`chatbus._event`, :mod:`chatbus._message`, :mod:`chatbus._outbox`
+and :mod:`chatbus._topic`; the bus owns one :class:`Emitter`.
 
 This runs once per event, so the usual case (a stream this bus already knows the
 head of) is one synchronous pass with no schedule point: no topic to acquire, no
-lists, one encoding.
+lists, one encoding of the body, no coroutine of its own (the caller's ``emit`` is
+the only one).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Events: ephemeral, positioned values beside a stream's durable messages.
 
 Owns: the :class:`Event` value, the validation of what is emitted, the wire encoding
-every networked backend shares (:func:`encode_events`, :func:`decode_events`), and
+every networked backend shares (:func:`encode_events`, :func:`decode_events`; a
+flush's texts made on first read, :class:`EncodedEvents`), and
 the retention rule for joiners (:class:`RetainedEvents`, pure). Imports only
 :mod:`chatbus._exceptions`, :mod:`chatbus._options` and :mod:`chatbus._message`.
 
