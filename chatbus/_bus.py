@@ -11,7 +11,7 @@ import trio
 
 from . import _lifecycle
 from ._emit import Emitter
-from ._event import Event
+from ._event import Event, EventDraft
 from ._exceptions import BusClosed
 from ._message import (
     Message,
@@ -157,7 +157,8 @@ class Bus(metaclass=NoPublicConstructor):
             self._options.max_body_bytes,
             functools.partial(self._start_producer, stream, max_batch),
             self._stop_producer,
-            self._emitter.emit,
+            self._emitter.emit_or_draft,
+            self._emitter.emit_at_head,
         )
 
     def _start_producer(self, stream: str, max_batch: int) -> Producer:
@@ -294,7 +295,12 @@ class Bus(metaclass=NoPublicConstructor):
             ValueError: ``ttl`` is not a positive number of seconds (up to a day).
             BusClosed: the bus is closed.
         """
-        return await self._emitter.emit(stream, body, key=key, ttl=ttl)
+        # See Emitter.emit_or_draft: one coroutine per event, this one.
+        await trio.lowlevel.checkpoint_if_cancelled()
+        event = self._emitter.emit_or_draft(stream, body, key, ttl)
+        if isinstance(event, EventDraft):
+            return await self._emitter.emit_at_head(stream, body, event)
+        return event
 
     async def publish(self, stream: str, body: object, *, key: str | None = None) -> Message:
         """Publish one message to ``stream`` without opening a publisher.

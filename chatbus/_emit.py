@@ -2,14 +2,16 @@
 subscriptions and outbox that take the event.
 
 Owns: the emitter's identity and sequence, an event's position (the stream's head as
-this bus knows it, asked of the store when it does not), its clock, its encoding once
-for every backend, and the streams held while emits on them go on. Imports
-:mod:`chatbus._event`, :mod:`chatbus._message`, :mod:`chatbus._outbox` and
-:mod:`chatbus._topic`; the bus owns one :class:`Emitter`.
+this bus knows it, asked of the store when it does not), its clock, its size on the
+wire (checked here; the text is made by a flush, and only for a store that needs it:
+see :class:`chatbus._event.EncodedEvents`), and the streams held while emits on them
+go on. Imports :mod:`chatbus._event`, :mod:`chatbus._message`, :mod:`chatbus._outbox`
+and :mod:`chatbus._topic`; the bus owns one :class:`Emitter`.
 
 This runs once per event, so the usual case (a stream this bus already knows the
 head of) is one synchronous pass with no schedule point: no topic to acquire, no
-lists, one encoding.
+lists, one encoding of the body, no coroutine of its own (the caller's ``emit`` is
+the only one).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from ._event import (
     EventDraft,
     copy_body,
     fast_body_json,
-    json_string,
+    json_string_bytes,
     make_event,
     make_event_draft,
 )
@@ -69,15 +71,23 @@ class Emitter:
     _last_micros: int = attrs.field(default=0, init=False)
     #: Streams held for emits (see _hold), with the emit count at the last one.
     _holds: dict[str, int] = attrs.field(factory=dict, init=False)
-    _id_json: str = attrs.field(init=False)
+    #: What every event of this bus has on the wire besides its own parts (see
+    #: _emit_now): its brackets and commas, and this emitter's id.
+    _fixed_bytes: int = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
-        self._id_json = json_string(self.id)
+        self._fixed_bytes = len("[,,,,,,,]") + json_string_bytes(self.id)
 
-    async def emit(
-        self, stream: str, body: object, *, key: str | None = None, ttl: float | None = None
-    ) -> Event:
-        """Emit one event; see :meth:`chatbus.Bus.emit`."""
+    def emit_or_draft(
+        self, stream: str, body: object, key: str | None, ttl: float | None
+    ) -> Event | EventDraft:
+        """Validate an event and, in the usual case, emit it now; else return its
+        draft, for :meth:`emit_at_head`.
+
+        :meth:`chatbus.Bus.emit` and :meth:`chatbus.Publisher.emit` call it right
+        after a cancel point (``emit()`` is one every time): each emit is then one
+        coroutine, theirs, and in the usual case one synchronous pass.
+        """
         # A stream with a topic was checked when it got it.
         topic = self._topics.by_name.get(stream) if type(stream) is str else None
         if topic is None:
@@ -95,17 +105,17 @@ class Emitter:
             or topic.head_asked_at_resync != topic.resyncs
             or not self.emitted % EMITS_PER_SCHEDULE_POINT
         ):
-            return await self._emit_at_head(stream, body, EventDraft(body_json, key, ttl))
-        # The usual case: no schedule point (unless cancelled), so nothing can change
-        # between reading the head and handing the event over, and the topic (in use
-        # by what made it) needs no hold of ours.
+            return EventDraft(body_json, key, ttl)
+        # The usual case: no schedule point, so nothing can change between reading
+        # the head and handing the event over, and the topic (in use by what made it)
+        # needs no hold of ours.
         if self._topics.closed:
             self._topics.check_open()  # raises BusClosed
-        await trio.lowlevel.checkpoint_if_cancelled()
         return self._emit_now(topic, body, body_json, key, ttl, topic.high_water)
 
-    async def _emit_at_head(self, stream: str, body: object, draft: EventDraft) -> Event:
-        """Emit with a schedule point: asking the store for the head if need be."""
+    async def emit_at_head(self, stream: str, body: object, draft: EventDraft) -> Event:
+        """Emit ``draft`` (see :meth:`emit_or_draft`) with a schedule point: asking the
+        store for the head if need be."""
         topic = self._topics.acquire(stream)
         try:
             if not topic.head_known or topic.head_asked_at_resync != topic.resyncs:
@@ -140,12 +150,21 @@ class Emitter:
             micros = self._last_micros
         seq = self.emitted + 1
         stream = topic.name
-        # As encode_event has it, inline: this runs once per event.
-        encoded = (
-            f"[{json_string(stream)},{after},{'null' if key is None else json_string(key)},"
-            f"{'null' if ttl is None else repr(ttl)},{micros},{self._id_json},{seq},{body_json}]"
+        # The size of encode_event's text in UTF-8 bytes, exactly, without making it
+        # (this runs once per event; a flush makes the text if its store needs it,
+        # see EncodedEvents): "[" stream "," after "," key "," ttl "," micros ","
+        # emitter "," seq "," body "]", the emitter's part in _fixed_bytes.
+        size = (
+            self._fixed_bytes
+            + json_string_bytes(stream)
+            + (4 if key is None else json_string_bytes(key))  # null
+            + (4 if ttl is None else len(repr(ttl)))
+            + len(str(after))
+            # 16 digits from 2001 to 2286
+            + (16 if 10**15 <= micros < 10**16 else len(str(micros)))
+            + len(str(seq))
+            + (len(body_json) if body_json.isascii() else len(body_json.encode("utf-8")))
         )
-        size = len(encoded) if encoded.isascii() else len(encoded.encode("utf-8"))
         if size > MAX_EVENT_WIRE_BYTES:
             raise MessageTooLarge(
                 f"event is {size} bytes on the wire with its stream name and key;"
@@ -165,7 +184,7 @@ class Emitter:
         )
         self._last_micros = micros
         self.emitted = seq
-        self._outbox.put(event, encoded)
+        self._outbox.put(event, body_json, micros, size)
         topic.deliver_emitted(event)
         holds = self._holds
         if stream in holds:

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import collections
 import functools
+import operator
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final, final
 
 import attrs
 import trio
 
-from ._event import Event
+from ._event import EncodedEvents, Event, Outgoing
 from ._message import Draft, Message
 from ._options import EventRetention
 from ._protocols import Store
@@ -35,6 +36,8 @@ _MAX_FLUSH: Final = 4000
 #: append (or a busy publisher's next one) is about to go and carries them (see
 #: Outbox.append). Only with a store that carries events.
 _LINGER: Final = 0.005
+
+_EVENT: Final = operator.itemgetter(1)
 
 #: ``store.append_carrying(stream, drafts, events, encoded)``: see Outbox.append.
 Carry = Callable[[str, Sequence[Draft], Sequence[Event], Sequence[str]], Awaitable[list[Message]]]
@@ -52,8 +55,8 @@ class Outbox:
     """
 
     capacity: int
-    #: (number in put order, event, encoded), in put order.
-    _waiting: collections.deque[tuple[int, Event, str]] = attrs.field(init=False)
+    #: In put order.
+    _waiting: collections.deque[Outgoing] = attrs.field(init=False)
     _ready: trio.Event = attrs.field(factory=trio.Event, init=False)
     flushes: int = attrs.field(default=0, init=False)
     dropped: int = attrs.field(default=0, init=False)
@@ -80,10 +83,13 @@ class Outbox:
     def __attrs_post_init__(self) -> None:
         self._waiting = collections.deque()
 
-    def put(self, event: Event, encoded: str) -> None:
-        """Queue ``event`` (never blocks)."""
-        if len(self._waiting) >= self.capacity:
-            number, old, _ = self._waiting.popleft()
+    def put(self, event: Event, body_json: str, micros: int, size: int) -> None:
+        """Queue ``event`` (never blocks): its body's JSON text, ``created_at`` in µs
+        and encoded size, from which a flush encodes it if its store needs the text
+        (see EncodedEvents)."""
+        waiting = self._waiting
+        if len(waiting) >= self.capacity:
+            number, old = waiting.popleft()[:2]
             self.dropped += 1
             pending = self._pending[old.stream]
             front = pending[0] == number
@@ -92,13 +98,14 @@ class Outbox:
                 del self._pending[old.stream]
             if front:
                 self._advance()
-        self._put += 1
-        self._waiting.append((self._put, event, encoded))
-        queued = self._pending.get(event.stream)
+        number = self._put = self._put + 1
+        waiting.append((number, event, body_json, micros, size))
+        stream = event.stream
+        queued = self._pending.get(stream)
         if queued is None:
-            self._pending[event.stream] = queued = collections.deque()
-        queued.append(self._put)
-        if self._carry is None or not self._left_for_append(event.stream):
+            self._pending[stream] = queued = collections.deque()
+        queued.append(number)
+        if self._carry is None or not self._left_for_append(stream):
             self._ready.set()
 
     def _left_for_append(self, stream: str) -> bool:
@@ -208,7 +215,7 @@ class Outbox:
                 ):
                     self._ready.set()  # the flusher takes what this append left
 
-    def _take(self, stream: str) -> list[tuple[int, Event, str]]:
+    def _take(self, stream: str) -> list[Outgoing]:
         """Remove and return the waiting events of ``stream`` (none of it is in flight)."""
         pending = self._pending.get(stream)
         if not pending:
@@ -218,7 +225,7 @@ class Outbox:
             taken = list(waiting)
             waiting.clear()
             return taken
-        taken, kept = [], collections.deque[tuple[int, Event, str]]()
+        taken, kept = [], collections.deque[Outgoing]()
         for item in waiting:
             (taken if item[1].stream == stream else kept).append(item)
         self._waiting = kept
@@ -229,12 +236,12 @@ class Outbox:
         carry: Carry,
         stream: str,
         drafts: Sequence[Draft],
-        taken: list[tuple[int, Event, str]],
+        taken: list[Outgoing],
     ) -> list[Message]:
         self._busy[stream] = self._busy.get(stream, 0) + 1
         self.flushes += 1
         try:
-            return await carry(stream, drafts, [e for _, e, _ in taken], [t for _, _, t in taken])
+            return await carry(stream, drafts, [item[1] for item in taken], EncodedEvents(taken))
         except Exception:
             self.errors += 1  # the publish fails; the events are lost (at most once)
             raise
@@ -254,12 +261,13 @@ class Outbox:
             pending = self._pending.get(stream)
             if pending is None:
                 continue  # the flusher stopped meanwhile: nothing is pending
-            for _ in range(min(count, len(pending))):
-                pending.popleft()
-            if not pending:
+            if count >= len(pending):  # the usual flush: all of them
                 del self._pending[stream]
+                continue
+            for _ in range(count):
+                pending.popleft()
 
-    def _next_batch(self) -> tuple[list[tuple[int, Event, str]], float]:
+    def _next_batch(self) -> tuple[list[Outgoing], float]:
         """Take the next flush's events, and when to look again for events left
         lingering (inf: not before the next put or append end)."""
         waiting = self._waiting
@@ -282,7 +290,7 @@ class Outbox:
                 batch = [waiting.popleft() for _ in range(_MAX_FLUSH)]
                 self._ready.set()
             return batch, wake
-        batch, kept = [], collections.deque[tuple[int, Event, str]]()
+        batch, kept = [], collections.deque[Outgoing]()
         for item in waiting:
             if len(batch) < _MAX_FLUSH and item[1].stream not in skip:
                 batch.append(item)
@@ -309,17 +317,23 @@ class Outbox:
             wake = float("inf")
             while True:
                 if not self._ready.is_set():
-                    with trio.CancelScope(deadline=wake) as self._timer:
+                    if self._carry is None:
+                        # Nothing is left lingering (wake is inf), and _left_for_append,
+                        # the timer's only reader, is not asked: no scope to make, which
+                        # is much of a small flush's fixed cost.
                         await self._ready.wait()
-                    self._timer = None
+                    else:
+                        with trio.CancelScope(deadline=wake) as self._timer:
+                            await self._ready.wait()
+                        self._timer = None
                 else:
                     await trio.lowlevel.checkpoint()
                 self._ready = trio.Event()
                 batch, wake = self._next_batch()
                 if not batch:
                     continue
-                events = [event for _, event, _ in batch]
-                encoded = [text for _, _, text in batch]
+                events = list(map(_EVENT, batch))
+                encoded = EncodedEvents(batch)
                 counts: dict[str, int] = {}
                 for event in events:
                     counts[event.stream] = counts.get(event.stream, 0) + 1

@@ -11,7 +11,7 @@ from typing import Final, final
 import attrs
 import trio
 
-from ._event import Event
+from ._event import Event, EventDraft
 from ._exceptions import (
     BusClosed,
     BusError,
@@ -361,7 +361,9 @@ class Publisher(metaclass=NoPublicConstructor):
     _max_body_bytes: int
     _start: Callable[[], Producer]
     _stop: Callable[[Producer], None]
-    _emit: Callable[..., Awaitable[Event]]
+    #: The bus's Emitter.emit_or_draft and emit_at_head (see emit).
+    _emit_or_draft: Callable[[str, object, str | None, float | None], Event | EventDraft]
+    _emit_at_head: Callable[[str, object, EventDraft], Awaitable[Event]]
     _producer: Producer | None = attrs.field(default=None, init=False)
     _service: ServiceNursery | None = attrs.field(default=None, init=False)
 
@@ -434,8 +436,14 @@ class Publisher(metaclass=NoPublicConstructor):
         Its ``after`` counts this publisher's own commits at once: an event emitted
         right after ``await publish(...)`` returned comes after that message.
         """
-        self._entered()
-        return await self._emit(self._stream, body, key=key, ttl=ttl)
+        if self._producer is None:
+            self._entered()  # raises
+        # See Emitter.emit_or_draft: one coroutine per event, this one.
+        await trio.lowlevel.checkpoint_if_cancelled()
+        event = self._emit_or_draft(self._stream, body, key, ttl)
+        if isinstance(event, EventDraft):
+            return await self._emit_at_head(self._stream, body, event)
+        return event
 
     def statistics(self) -> PublisherStatistics:
         """Return a snapshot of this publisher's counters."""

@@ -364,6 +364,9 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
         if (self._buffer or self._events) and not self._closed:
             # receive()'s first step, without its frame: what is here already.
             await trio.lowlevel.checkpoint_if_cancelled()
+            # _next_item's first step, inline: once per event.
+            if self._events and (event := self._event_queue.take(self._last_id)) is not None:
+                return cast("Item", event)
             item = self._next_item()
             if item is not None:
                 return cast("Item", item)

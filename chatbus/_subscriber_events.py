@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import bisect
 import collections
-from typing import Any, final
+from typing import Any, Final, final
 
 import attrs
 
 from ._event import RETAINED_EVENTS, Arrival, EmitterOrder, Event
+
+#: Arrival's members as plain constants (see chatbus._event._NEW: quicker per event).
+_NEW: Final = Arrival.NEW
+_LATE: Final = Arrival.LATE
 
 
 @final
@@ -59,8 +63,8 @@ class EventQueue:
             # Here, where the consumer takes it, whatever way it came (live, retained,
             # a copy): not behind an event of its emitter received already.
             arrival = self._order.take(event)
-            if arrival is not Arrival.NEW:
-                self.stale += arrival is Arrival.LATE
+            if arrival is not _NEW:
+                self.stale += arrival is _LATE
                 continue
             self.delivered += 1
             return event
@@ -81,7 +85,7 @@ class EventQueue:
                 self.stale += 1
                 continue
             if (arrival := order.arrival(event)) is not Arrival.NEW:
-                self.stale += arrival is Arrival.LATE  # see take
+                self.stale += arrival is _LATE  # see take
                 continue
             if early is not None:
                 if retained:

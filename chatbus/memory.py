@@ -18,7 +18,7 @@ from typing import final
 import attrs
 import trio
 
-from ._event import Event, RetainedEvents
+from ._event import EncodedEvents, Event, RetainedEvents
 from ._message import Draft, Message, StreamInfo
 from ._options import EventRetention
 from ._protocols import NoticeHandler
@@ -220,14 +220,21 @@ class MemoryStore:
         await trio.lowlevel.checkpoint()
         if retention is None:
             retention = _DEFAULT_RETENTION
+        # The bound is in UTF-8 bytes, as on the wire: a bus's flush knows the sizes
+        # (and never makes the text, which this store does not keep).
+        if type(encoded) is EncodedEvents:
+            sizes = encoded.sizes()
+        else:  # str.isascii is O(1)
+            sizes = [len(t) if t.isascii() else len(t.encode("utf-8")) for t in encoded]
         by_stream: dict[str, list[tuple[Event, int]]] = {}
-        for event, text in zip(events, encoded, strict=True):
-            # The bound is in UTF-8 bytes, as on the wire (str.isascii is O(1)).
-            size = len(text) if text.isascii() else len(text.encode("utf-8"))
-            sized = by_stream.get(event.stream)
-            if sized is None:
-                sized = by_stream[event.stream] = []
-            sized.append((event, size))
+        if len({event.stream for event in events}) == 1:  # the usual flush: no sorting
+            by_stream[events[0].stream] = list(zip(events, sizes, strict=True))
+        else:
+            for event, size in zip(events, sizes, strict=True):
+                sized = by_stream.get(event.stream)
+                if sized is None:
+                    sized = by_stream[event.stream] = []
+                sized.append((event, size))
         for stream, sized in by_stream.items():
             retained = self._events.get(stream)
             if retained is None:

@@ -13,7 +13,16 @@ import pytest
 import trio
 
 import chatbus
-from chatbus._event import Arrival, EmitterOrder, decode_events, from_micros, to_micros
+from chatbus._event import (
+    MAX_EVENT_WIRE_BYTES,
+    Arrival,
+    EmitterOrder,
+    decode_events,
+    encode_event,
+    from_micros,
+    to_micros,
+)
+from chatbus._message import encode_body
 from chatbus.memory import MemoryStore
 from chatbus.testing import FaultyNotifier
 
@@ -312,6 +321,50 @@ async def test_an_event_too_big_for_the_wire_is_refused(backend):
         assert bus.statistics().events_emitted == 0
 
 
+async def test_the_wire_limit_is_exact_to_the_byte(backend):
+    """An event of exactly MAX_EVENT_WIRE_BYTES on the wire (stream name, key, ttl and
+    non-ASCII bytes counted) is emitted; one byte more is refused, nothing sent."""
+    stream, key = "💥" * 256, "🔑" * 256
+    async with backend.open_bus(max_event_bytes=6000) as bus:
+        probe = await bus.emit(stream, "é", key=key, ttl=1.5)
+        # The next events differ from it only in their body (after 0, seqs of one digit).
+        room = MAX_EVENT_WIRE_BYTES - _wire_bytes(probe)
+        at_limit = await bus.emit(stream, "é" + "x" * room, key=key, ttl=1.5)
+        assert _wire_bytes(at_limit) == MAX_EVENT_WIRE_BYTES
+        with pytest.raises(chatbus.MessageTooLarge, match="on the wire"):
+            await bus.emit(stream, "é" + "x" * (room + 1), key=key, ttl=1.5)
+        assert bus.statistics().events_emitted == 2
+
+
+def _wire_bytes(event: chatbus.Event) -> int:
+    """The event's size as sent (UTF-8 bytes of encode_event's text)."""
+    text = encode_event(event, encode_body(event.body), to_micros(event.created_at))
+    return len(text.encode("utf-8"))
+
+
+async def test_memory_retention_counts_each_events_exact_wire_bytes():
+    """In memory the byte bound is exact: events whose wire sizes add up to max_bytes
+    are all retained, and one byte less drops the oldest (any path of emit: fast and
+    exact validation, keyed, with a ttl, non-ASCII)."""
+    stream = "séance"
+    emits = [("é", None, None), ({"i": 1, "text": "hello"}, None, None), ([1.5], "clé", 60.0)]
+
+    async def retained(max_bytes: int) -> tuple[list[int], list[chatbus.Event]]:
+        store = MemoryStore()
+        retention = chatbus.EventRetention(max_bytes=max_bytes)
+        async with chatbus.open_bus(store=store, event_retention=retention) as bus:
+            events = [await bus.emit(stream, b, key=k, ttl=t) for b, k, t in emits]
+            await trio.testing.wait_all_tasks_blocked()  # flushed
+        return [_wire_bytes(e) for e in events], await store.retained_events(stream, 0)
+
+    sizes, kept = await retained(1024 * 1024)
+    assert [e.body for e in kept] == [b for b, _, _ in emits]
+    _, kept = await retained(sum(sizes))
+    assert [e.body for e in kept] == [b for b, _, _ in emits]
+    _, kept = await retained(sum(sizes) - 1)
+    assert [e.body for e in kept] == [b for b, _, _ in emits[1:]]
+
+
 async def _joiner_events(backend, stream: str) -> list[chatbus.Event]:
     """What a joiner on a fresh bus gets right after catching up (the stream is empty)."""
     got: list[chatbus.Event] = []
@@ -504,6 +557,50 @@ async def test_an_emitted_event_decodes_elsewhere_to_the_event_emit_returned():
     assert emitted[4].body == {"nested": {"deep": [{"x": "é"}]}, "1": "int key"}
     assert [e.seq for e in emitted] == list(range(1, len(bodies) + 3))
     assert all(a.created_at <= b.created_at for a, b in itertools.pairwise(emitted))
+
+
+async def test_a_full_outbox_drops_the_oldest_and_a_publish_still_goes():
+    """Past ``outbox_size`` the oldest waiting events are dropped (counted): the newest
+    are flushed, and a publish waits for no event that is gone."""
+    store = MemoryStore()
+    async with chatbus.open_bus(store=store) as bus:
+        bus._outbox.capacity = 3  # BusOptions.outbox_size, which open_bus does not take
+        for i in range(10):  # no schedule point after the first: the flusher waits
+            await bus.emit("s", {"i": i})
+        assert bus.statistics().events_dropped == 7
+        with trio.fail_after(5):
+            await bus.publish("s", "m")
+        assert [e.body for e in await store.retained_events("s", 0)] == [
+            {"i": 7},
+            {"i": 8},
+            {"i": 9},
+        ]
+
+
+def test_encoded_events_read_as_the_list_of_their_texts():
+    """What a flush hands stores and notifiers as ``encoded``: encode_event's texts,
+    read any way a store reads a list, made once; their sizes without them."""
+    from chatbus._event import EncodedEvents
+
+    events = [_event("é", 1), _event("a", 2, ms=3), _event("a", 3, ms=4)]
+    bodies = ['"é"', "[1,2.5]", '{"k":null}']
+    texts = [
+        encode_event(e, b, to_micros(e.created_at)) for e, b in zip(events, bodies, strict=True)
+    ]
+    sizes = [len(text.encode("utf-8")) for text in texts]
+    items = [
+        (i, e, b, to_micros(e.created_at), n)
+        for i, (e, b, n) in enumerate(zip(events, bodies, sizes, strict=True))
+    ]
+    encoded = EncodedEvents(items)
+    assert encoded.sizes() == sizes
+    assert len(encoded) == 3 and encoded[0] == texts[0] and encoded[-1] == texts[2]
+    assert (
+        encoded[1:] == texts[1:]
+        and list(encoded) == texts
+        and ",".join(encoded) == ",".join(texts)
+    )
+    assert encoded[0] is encoded[0]  # made once
 
 
 def test_from_micros_is_exact_either_way():
