@@ -60,6 +60,9 @@ class PendingAppend:
     #: The outcome: what ``send`` recorded, or why it failed.
     result: Any = None
     cause: BaseException | None = None
+    #: The epoch of the stream the outcome was stored in, if the backend said (see
+    #: chatbus._message.Appended).
+    epoch: int | None = None
 
     def settle(self, result: Any) -> None:
         """Record a successful outcome (called by the backend's ``send``)."""

@@ -164,6 +164,20 @@ class StreamInfo:
     reset_by_store: bool = False
 
 
+class Appended(list[Message]):
+    """What this package's stores return from an append: the messages, and the epoch
+    of the history they were stored in (None: not known), so that a bus never puts
+    them in a cache of another history (see :meth:`chatbus._topic.Topic.committed`):
+    a delete and a new history by another process can come before their notice. A
+    store that returns a plain list is trusted as before."""
+
+    __slots__ = ("epoch",)
+
+    def __init__(self, messages: list[Message], epoch: int | None) -> None:
+        super().__init__(messages)
+        self.epoch = epoch
+
+
 @attrs.frozen(kw_only=True)
 class Draft:
     """A validated message waiting to be appended: JSON text plus idempotency key."""

@@ -299,7 +299,8 @@ class Producer:
         # stored: a replay or a conflict's original is the caller's answer, not the
         # stored message (replay=True, or a body that could not be read back).
         stored = [message for message in messages if not message.replay]
-        last_id = self.topic.committed(stored, generation) if stored else 0
+        epoch = getattr(messages, "epoch", None)  # see chatbus._message.Appended
+        last_id = self.topic.committed(stored, generation, epoch) if stored else 0
         for request, message in zip(live, messages, strict=True):
             if message.replay and (conflict := _conflict(request.draft, message)) is not None:
                 request.fail(conflict)

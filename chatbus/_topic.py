@@ -89,16 +89,31 @@ class Topic:
         for sink in self.event_sinks:  # push_emitted never changes the set
             sink.push_emitted(event)
 
-    def committed(self, messages: Sequence[Message], generation: int) -> int:
+    def committed(
+        self, messages: Sequence[Message], generation: int, epoch: int | None = None
+    ) -> int:
         """A local append committed ``messages``: cache them, wake subscriptions.
 
         ``generation`` is the cache's when the append began: if the stream's history
         changed meanwhile (a delete, trim or redaction; a resync), they are not
-        trusted here and the subscriptions look in the store.
+        trusted here and the subscriptions look in the store. ``epoch``, the history
+        they were stored in if the store said (see chatbus._message.Appended): if the
+        cache holds another (a delete and a new history whose notice has not come),
+        it is emptied and every subscription checks (:meth:`reset`), as for a store
+        page of another epoch.
 
         Returns the highest id among them.
         """
         last_id = max(map(_ID, messages))
+        if epoch is not None:
+            known = self.epoch
+            if known and known != epoch:
+                self.reset()  # moves the generation: nothing is cached below
+            elif self.subscribers and (known == 0 or (known is None and not len(self.cache))):
+                # Only with subscriptions: a topic without any may hear no notices (a
+                # watching notifier), so the first subscription must not trust its
+                # cache for the epoch (see validate).
+                self.epoch = epoch
         if generation == self.cache.generation:
             self.cache.put(messages)
             self.high_water = max(self.high_water, last_id)

@@ -550,3 +550,54 @@ async def test_a_page_of_a_new_epoch_never_reaches_another_subscription_through_
                     with pytest.raises(chatbus.StreamDeleted):
                         await drain()
                     assert got == []  # not ids 2 and 3 of the new history
+
+
+@_TELLING_STORES
+async def test_a_local_publish_into_a_new_history_never_reaches_the_old_ones_subscription(
+    backend, monkeypatch
+):
+    """Another process deleted the stream and began a new history with as many
+    messages as the old one had; its notices are late. This bus then publishes: its
+    message (the next id, in the new history) must not reach a subscription of the
+    old history through the bus's cache as the old one's next message: the store
+    says which epoch the append wrote to, and the subscription ends with
+    StreamDeleted (found in review: it delivered the message, then ended)."""
+    from chatbus.postgres import _listen as pg_listen
+    from chatbus.redis import _listen as redis_listen
+
+    heard = [True]
+    for module, name in [
+        (pg_listen, "parse_notice"),
+        (pg_listen, "parse_reset"),
+        (redis_listen, "parse_notice"),
+        (redis_listen, "quick_notice"),
+        (redis_listen, "parse_reset"),
+    ]:
+        parse = getattr(module, name)
+        monkeypatch.setattr(
+            module, name, lambda payload, parse=parse: parse(payload) if heard[0] else None
+        )
+    with trio.fail_after(20):
+        async with backend.open_bus() as bus, backend.open_bus() as other:
+            for i in range(5):
+                await other.publish("room", f"old history {i}")
+            old = await other.stream_info("room")
+            async with bus.open_subscriber("room", after=0, epoch=old.epoch) as follower:
+                assert [m.id for m in [await follower.receive() for _ in range(5)]] == [
+                    1, 2, 3, 4, 5
+                ]  # fmt: skip
+                heard[0] = False  # the notices of what follows are late
+                await other.delete_stream("room")
+                for i in range(5):
+                    await other.publish("room", f"new history {i}")
+                mine = await bus.publish("room", "mine")
+                assert mine.id == 6  # in the new history
+                got: list[chatbus.Message] = []
+
+                async def drain() -> None:
+                    async for message in follower:
+                        got.append(message)
+
+                with pytest.raises(chatbus.StreamDeleted):
+                    await drain()
+                assert got == []

@@ -81,13 +81,17 @@ class Appends:
         keyed = any(member.payload.keyed for member in batch)
         carry = CarriedEvents.joined([self.carried[m] for m in batch if m in self.carried])
         rows: Sequence[tuple[str, int | None, datetime.datetime, dict[str, Message] | None]]
+        #: Per stream that stored something, the epoch the statement wrote to.
+        epochs: dict[str, int] = {}
         try:
             if keyed:
                 request = KeyedRequest.of(groups)
                 look = self._keys_to_look_up(request)
                 for attempt in range(_KEYED_ATTEMPTS):
                     try:
-                        rows = await self._append_keyed_rows(groups, request, token, look, carry)
+                        rows = await self._append_keyed_rows(
+                            groups, request, token, look, carry, epochs
+                        )
                         break
                     except psycopg.errors.UniqueViolation:
                         # A key stored before that this store had not sent (see
@@ -101,19 +105,28 @@ class Appends:
                         look = b"t" * len(request.keys)
                         self.keyed_reruns += 1
             else:
-                rows = await self._append_rows(groups, token, carry)
+                rows = await self._append_rows(groups, token, carry, epochs)
         except _MaybeCommitted as lost:
             await self._resolve(groups, token, lost)
             return
         for stream, last_id, created_at, found in rows:
-            settle(stream, groups.pop(stream), last_id, created_at, found)
+            members = groups.pop(stream)
+            settle(stream, members, last_id, created_at, found)
+            epoch = epochs.get(stream)
+            for member in members:
+                member.epoch = epoch
         if groups:  # pragma: no cover - every upsert returns its row
             raise psycopg.DataError(f"no counter row returned for {len(groups)} streams")
 
     async def _append_rows(
-        self, groups: dict[str, list[PendingAppend]], token: int, carry: CarriedEvents | None
+        self,
+        groups: dict[str, list[PendingAppend]],
+        token: int,
+        carry: CarriedEvents | None,
+        epochs: dict[str, int],
     ) -> list[tuple[str, int, datetime.datetime, None]]:
-        """The unkeyed append statement; per stream ``(stream, last id, created_at, None)``."""
+        """The unkeyed append statement; per stream ``(stream, last id, created_at, None)``
+        (and its epoch in ``epochs``)."""
         channel = self._channel.encode("utf-8")
         request = [
             (stream, sum(m.drafts for m in members), joined_bodies(members))
@@ -127,20 +140,19 @@ class Appends:
             if result.ntuples != 1:  # pragma: no cover - the upsert returns its row
                 return []
             last_id, micros = _pq.value(result, 0, 0), _pq.value(result, 0, 1)
+            epochs[stream] = int(_pq.value(result, 0, 3))
             return [(stream, int(last_id), _pq.from_epoch_micros(int(micros)), None)]
         document = compact_json(request)
         result = await self._run_append(
             self._queries.append_streams, [document.encode("utf-8"), channel, b"%d" % token], carry
         )
-        return [
-            (
-                _pq.value(result, row, 0).decode("utf-8"),
-                int(_pq.value(result, row, 1)),
-                _pq.from_epoch_micros(int(_pq.value(result, row, 2))),
-                None,
-            )
-            for row in range(result.ntuples)
-        ]
+        rows = []
+        for row in range(result.ntuples):
+            stream = _pq.value(result, row, 0).decode("utf-8")
+            epochs[stream] = int(_pq.value(result, row, 4))
+            created_at = _pq.from_epoch_micros(int(_pq.value(result, row, 2)))
+            rows.append((stream, int(_pq.value(result, row, 1)), created_at, None))
+        return rows
 
     def _keys_to_look_up(self, request: KeyedRequest) -> bytes | None:
         """Which keys of ``request`` to look up before inserting; remember its keys.
@@ -179,6 +191,7 @@ class Appends:
         token: int,
         look: bytes | None,
         carry: CarriedEvents | None,
+        epochs: dict[str, int],
     ) -> list[tuple[str, int | None, datetime.datetime, dict[str, Message] | None]]:
         """A keyed append statement; per stream, also the messages found for its keys
         (None: none found, and no key repeated in the statement).
@@ -203,10 +216,12 @@ class Appends:
             if name is None:  # the one row of keys found
                 found = request.found(json.loads(_pq.value(result, row, 3)))
             else:
-                bumped[name.decode("utf-8")] = (
+                stream = name.decode("utf-8")
+                bumped[stream] = (
                     int(_pq.value(result, row, 1)),
                     _pq.from_epoch_micros(int(_pq.value(result, row, 2))),
                 )
+                epochs[stream] = int(_pq.value(result, row, 4))
         rows = []
         for stream, members in groups.items():
             head, created_at = bumped.get(stream, (None, _pq.EPOCH))

@@ -321,14 +321,14 @@ _APPEND_UNKEYED: Final = """
         ON CONFLICT (stream) DO UPDATE SET last_id = st.last_id + EXCLUDED.last_id,
             last_at = greatest(clock_timestamp(), st.last_at),
             last_token = EXCLUDED.last_token
-        RETURNING st.last_id, st.last_at
+        RETURNING st.last_id, st.last_at, st.epoch
     ), ins AS (
         INSERT INTO {messages} (stream, id, key, body, created_at)
         SELECT $1::text, bump.last_id - $2::bigint + b.ord, NULL, b.body::json, bump.last_at
         FROM bump,
             unnest(string_to_array($3::text, chr(30))) WITH ORDINALITY AS b(body, ord)
     )
-    SELECT bump.last_id, {bump_micros}, pg_notify($4::text, {notice}) FROM bump
+    SELECT bump.last_id, {bump_micros}, pg_notify($4::text, {notice}), bump.epoch FROM bump
 """
 
 # Several streams in one statement (coalesced appends): one JSON array of [stream,
@@ -348,14 +348,14 @@ _APPEND_STREAMS: Final = """
         ON CONFLICT (stream) DO UPDATE SET last_id = st.last_id + EXCLUDED.last_id,
             last_at = greatest(clock_timestamp(), st.last_at),
             last_token = EXCLUDED.last_token
-        RETURNING st.stream, st.last_id, st.last_at
+        RETURNING st.stream, st.last_id, st.last_at, st.epoch
     ), ins AS (
         INSERT INTO {messages} (stream, id, key, body, created_at)
         SELECT bump.stream, bump.last_id - input.n + b.ord, NULL, b.body::json, bump.last_at
         FROM bump JOIN input ON input.stream = bump.stream,
             unnest(string_to_array(input.packed, chr(30))) WITH ORDINALITY AS b(body, ord)
     )
-    SELECT bump.stream, bump.last_id, {bump_micros}, pg_notify($2::text, {notice})
+    SELECT bump.stream, bump.last_id, {bump_micros}, pg_notify($2::text, {notice}), bump.epoch
     FROM bump
 """
 
@@ -401,9 +401,10 @@ _APPEND_STREAMS: Final = """
 # thanks to the unique index.
 #
 # Output of both: a row per bumped stream: (stream, new last id, created_at µs of the
-# batch, NULL); and (_APPEND_KEYED only) if any key was found, one row (NULL, NULL,
-# NULL, [[draft number (from 1), id, created_at µs, same body?, original inlined?,
-# original body, redacted?], …]).
+# batch, NULL, the stream's epoch); and (_APPEND_KEYED only) if any key was found, one
+# row (NULL, NULL, NULL, [[draft number (from 1), id, created_at µs, same body?,
+# original inlined?, original body, redacted?], …], NULL). Every append statement
+# returns the epoch it wrote to (see chatbus._message.Appended).
 # A redacted message is a tombstone: a retry of it replays it, never a conflict. "Same
 # body" compares the stored text with the text sent (json keeps it verbatim): a replay needs
 # no body back. A key reused with another body (a conflict) gets the original body
@@ -423,7 +424,7 @@ _APPEND_KEYED_NEW: Final = """
         ON CONFLICT (stream) DO UPDATE SET last_id = st.last_id + EXCLUDED.last_id,
             last_at = greatest(clock_timestamp(), st.last_at),
             last_token = EXCLUDED.last_token
-        RETURNING st.stream, st.last_id, st.last_at
+        RETURNING st.stream, st.last_id, st.last_at, st.epoch
     ), ins AS (
         INSERT INTO {messages} (stream, id, key, body, created_at)
         SELECT b.stream, b.last_id - i.upto + x.ord, x.key, x.body::json, b.last_at
@@ -433,7 +434,7 @@ _APPEND_KEYED_NEW: Final = """
         JOIN input AS i ON x.ord > i.upto - i.n AND x.ord <= i.upto
         JOIN bump AS b ON b.stream = i.stream
     )
-    SELECT bump.stream, bump.last_id, {bump_micros}, pg_notify($4::text, {notice})
+    SELECT bump.stream, bump.last_id, {bump_micros}, pg_notify($4::text, {notice}), bump.epoch
     FROM bump
 """
 
@@ -447,7 +448,7 @@ _APPEND_KEYED_NEW_ONE: Final = """
         ON CONFLICT (stream) DO UPDATE SET last_id = st.last_id + EXCLUDED.last_id,
             last_at = greatest(clock_timestamp(), st.last_at),
             last_token = EXCLUDED.last_token
-        RETURNING st.last_id, st.last_at
+        RETURNING st.last_id, st.last_at, st.epoch
     ), ins AS (
         INSERT INTO {messages} (stream, id, key, body, created_at)
         SELECT $1::text, bump.last_id - $2::bigint + x.ord, x.key, x.body::json, bump.last_at
@@ -455,7 +456,8 @@ _APPEND_KEYED_NEW_ONE: Final = """
             unnest(string_to_array($3::text, chr(30))), json_array_elements_text($6::json)
         ) WITH ORDINALITY AS x(body, key, ord)
     )
-    SELECT $1::text, bump.last_id, {bump_micros}, pg_notify($4::text, {notice}) FROM bump
+    SELECT $1::text, bump.last_id, {bump_micros}, pg_notify($4::text, {notice}), bump.epoch
+    FROM bump
 """
 
 _APPEND_KEYED: Final = """
@@ -494,13 +496,14 @@ _APPEND_KEYED: Final = """
         ON CONFLICT (stream) DO UPDATE SET last_id = st.last_id + EXCLUDED.last_id,
             last_at = greatest(clock_timestamp(), st.last_at),
             last_token = EXCLUDED.last_token
-        RETURNING st.stream, st.last_id, st.last_at, pg_notify($4::text, {keyed_notice})
+        RETURNING st.stream, st.last_id, st.last_at, st.epoch,
+            pg_notify($4::text, {keyed_notice})
     ), ins AS (
         INSERT INTO {messages} (stream, id, key, body, created_at)
         SELECT f.stream, b.last_id - f.of + f.n, f.key, f.body::json, b.last_at
         FROM fresh AS f JOIN bump AS b ON b.stream = f.stream
     )
-    SELECT b.stream, b.last_id, {b_micros}, NULL FROM bump AS b
+    SELECT b.stream, b.last_id, {b_micros}, NULL, b.epoch FROM bump AS b
     UNION ALL
     SELECT NULL, NULL, NULL,
         json_agg(json_build_array(
@@ -511,7 +514,8 @@ _APPEND_KEYED: Final = """
                 AND octet_length(d.stored::text) <= {conflict_inline}
                 THEN d.stored END,
             d.redacted
-        ))::text
+        ))::text,
+        NULL
     FROM d WHERE d.id IS NOT NULL HAVING count(*) > 0
 """
 

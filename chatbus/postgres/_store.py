@@ -26,7 +26,7 @@ from .._coalesce import Batch, GroupCommit, PendingAppend
 from .._codec import BadBody, pack_bodies
 from .._event import Event, decode_event_items
 from .._exceptions import BusError, OutcomeUnknown, StoreError, UndecodableMessage, store_error
-from .._message import Draft, Message, StreamInfo, check_read, check_stream
+from .._message import Appended, Draft, Message, StreamInfo, check_read, check_stream
 from .._options import EventRetention
 from .._retention import RetentionPage
 from . import _pq
@@ -244,8 +244,7 @@ class PostgresStore:
             if isinstance(entry.cause, BusError):
                 raise entry.cause
             raise store_error("append", entry.cause, stream=stream) from entry.cause
-        messages: list[Message] = entry.result
-        return messages
+        return Appended(entry.result, entry.epoch)
 
     async def read(self, stream: str, after: int, limit: int) -> list[Message]:
         """Return up to ``limit`` messages after ``after``; see :meth:`chatbus.Store.read`.

@@ -357,6 +357,9 @@ class Appender:
         created_at = from_micros(int(micros))
         keyed = any(member.payload.keyed for member in members)
         settle(stream, members, last_id, created_at, found if keyed else None)
+        if status != b"again":  # (a re-run reads the epoch as it is now, not as it was)
+            for member in members:
+                member.epoch = int(epoch)
         if self._durability == "durable":
             newest = max([last_id, *(message.id for message in found.values())])
             if newest > vis:

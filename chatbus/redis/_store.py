@@ -27,7 +27,7 @@ from .._coalesce import Batch, PendingAppend
 from .._codec import BadBody, decode_bodies, pack_bodies
 from .._event import Event, decode_event_items, encode_events, from_micros, to_micros
 from .._exceptions import BusError, StoreError, store_error
-from .._message import Draft, Message, StreamInfo, check_read, check_stream
+from .._message import Appended, Draft, Message, StreamInfo, check_read, check_stream
 from .._options import EventRetention
 from .._retention import RetentionPage
 from .._tasks import Backoff
@@ -265,8 +265,7 @@ class RedisStore:
             if isinstance(entry.cause, BusError):
                 raise entry.cause
             raise store_error("append", entry.cause, stream=stream) from entry.cause
-        messages: list[Message] = entry.result
-        return messages
+        return Appended(entry.result, entry.epoch)
 
     async def read(self, stream: str, after: int, limit: int) -> list[Message]:
         """Return up to ``limit`` messages after ``after``; see :meth:`chatbus.Store.read`.
