@@ -486,6 +486,38 @@ async def test_a_resync_while_a_run_is_gathered_skips_nothing():
             assert store.resyncs == 5
 
 
+def _hear_notices_while(monkeypatch, *, resets: bool) -> list[bool]:
+    """Make the Postgres and Redis listeners drop message notices while the returned
+    flag's ``[0]`` is False, and reset (delete) notices then too (``resets``) or
+    always."""
+    from chatbus.postgres import _listen as pg_listen
+    from chatbus.redis import _listen as redis_listen
+
+    heard = [True]
+    for module in (pg_listen, redis_listen):
+        names = ["parse_notice", *(["quick_notice"] if module is redis_listen else [])]
+        for name in [*names, *(["parse_reset"] if resets else [])]:
+            parse = getattr(module, name)
+            monkeypatch.setattr(
+                module, name, lambda payload, parse=parse: parse(payload) if heard[0] else None
+            )
+        if not resets:
+            monkeypatch.setattr(module, "parse_reset", lambda payload: None)
+    return heard
+
+
+async def _ends_deleted_with_nothing_more(subscription) -> None:
+    got: list[chatbus.Message] = []
+
+    async def drain() -> None:
+        async for message in subscription:
+            got.append(message)
+
+    with pytest.raises(chatbus.StreamDeleted):
+        await drain()
+    assert got == []
+
+
 @_TELLING_STORES
 async def test_a_page_of_a_new_epoch_never_reaches_another_subscription_through_the_cache(
     backend, monkeypatch
@@ -498,20 +530,7 @@ async def test_a_page_of_a_new_epoch_never_reaches_another_subscription_through_
     woken only by a later message's notice, so it finds the page in the cache before
     any read of its own (before the fix it delivered ids 2 and 3 of the new history
     after id 1 of the old)."""
-    from chatbus.postgres import _listen as pg_listen
-    from chatbus.redis import _listen as redis_listen
-
-    heard = [True]
-    for module, name in [
-        (pg_listen, "parse_notice"),
-        (redis_listen, "parse_notice"),
-        (redis_listen, "quick_notice"),
-    ]:
-        parse = getattr(module, name)
-        monkeypatch.setattr(module, "parse_reset", lambda payload: None)
-        monkeypatch.setattr(
-            module, name, lambda payload, parse=parse: parse(payload) if heard[0] else None
-        )
+    heard = _hear_notices_while(monkeypatch, resets=False)
     with trio.fail_after(20):
         async with backend.open_bus() as bus, backend.open_bus() as other:
             gate, reading = trio.Event(), trio.Event()
@@ -541,15 +560,8 @@ async def test_a_page_of_a_new_epoch_never_reaches_another_subscription_through_
                     assert newcomer.epoch not in (0, old.epoch)
                     heard[0] = True
                     await other.publish("room", "new history 3")  # wakes the follower
-                    got: list[chatbus.Message] = []
-
-                    async def drain() -> None:
-                        async for message in follower:
-                            got.append(message)
-
-                    with pytest.raises(chatbus.StreamDeleted):
-                        await drain()
-                    assert got == []  # not ids 2 and 3 of the new history
+                    # Not ids 2 and 3 of the new history:
+                    await _ends_deleted_with_nothing_more(follower)
 
 
 @_TELLING_STORES
@@ -562,21 +574,7 @@ async def test_a_local_publish_into_a_new_history_never_reaches_the_old_ones_sub
     old history through the bus's cache as the old one's next message: the store
     says which epoch the append wrote to, and the subscription ends with
     StreamDeleted (found in review: it delivered the message, then ended)."""
-    from chatbus.postgres import _listen as pg_listen
-    from chatbus.redis import _listen as redis_listen
-
-    heard = [True]
-    for module, name in [
-        (pg_listen, "parse_notice"),
-        (pg_listen, "parse_reset"),
-        (redis_listen, "parse_notice"),
-        (redis_listen, "quick_notice"),
-        (redis_listen, "parse_reset"),
-    ]:
-        parse = getattr(module, name)
-        monkeypatch.setattr(
-            module, name, lambda payload, parse=parse: parse(payload) if heard[0] else None
-        )
+    heard = _hear_notices_while(monkeypatch, resets=True)
     with trio.fail_after(20):
         async with backend.open_bus() as bus, backend.open_bus() as other:
             for i in range(5):
@@ -592,12 +590,4 @@ async def test_a_local_publish_into_a_new_history_never_reaches_the_old_ones_sub
                     await other.publish("room", f"new history {i}")
                 mine = await bus.publish("room", "mine")
                 assert mine.id == 6  # in the new history
-                got: list[chatbus.Message] = []
-
-                async def drain() -> None:
-                    async for message in follower:
-                        got.append(message)
-
-                with pytest.raises(chatbus.StreamDeleted):
-                    await drain()
-                assert got == []
+                await _ends_deleted_with_nothing_more(follower)  # not id 6
