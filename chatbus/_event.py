@@ -21,6 +21,7 @@ import enum
 import functools
 import json
 import math
+import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Final, NamedTuple, final, overload
 
@@ -197,9 +198,15 @@ def fast_body_json(body: object, max_event_bytes: int) -> str | None:
         # Deeper than MAX_BODY_DEPTH takes more brackets than that: a text no longer
         # (most streamed parts) needs no count. This runs once per emit.
         or (size > MAX_BODY_DEPTH and body_json.count("[") + body_json.count("{") > MAX_BODY_DEPTH)
+        or "u0000" in body_json  # maybe a NUL: make_event_draft says
     ):
         return None
     return body_json
+
+
+#: U+0000 as JSON text writes it: ``\u0000`` after an even number of backslashes
+#: (an odd number before it would make the first of them escape another).
+_ESCAPED_NUL: Final = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
 
 def make_event_draft(
@@ -231,6 +238,11 @@ def make_event_draft(
         raise MessageTooLarge(str(exc).replace("body is", "event body is", 1)) from None
     except InvalidMessage as exc:
         raise InvalidMessage(str(exc).replace("body", "event body", 1)) from None
+    if "u0000" in draft.body_json and _ESCAPED_NUL.search(draft.body_json):
+        # Refused on every backend alike: Postgres keeps events as jsonb, which cannot
+        # hold U+0000, and one such event failed its whole flush, or the appends it
+        # rode in (found by a review). A message body may hold it (json keeps it).
+        raise InvalidMessage("event body must not contain NUL characters (U+0000)")
     return EventDraft(draft.body_json, draft.key, None if ttl is None else float(ttl))
 
 

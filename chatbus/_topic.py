@@ -112,7 +112,7 @@ class Topic:
             elif self.subscribers and (known == 0 or (known is None and not len(self.cache))):
                 # Only with subscriptions: a topic without any may hear no notices (a
                 # watching notifier), so the first subscription must not trust its
-                # cache for the epoch (see validate).
+                # cache for the epoch (see validate, and Topics.release).
                 self.epoch = epoch
         if generation == self.cache.generation:
             self.cache.put(messages)
@@ -222,6 +222,12 @@ class Topics:
         if subscription is not None:
             topic.subscribers -= 1
             self.subscriptions.discard(subscription)
+            if topic.subscribers == 0:
+                # Notices may stop (a watching notifier unwatches) while a publisher
+                # keeps the cache: the next subscription's first look must not trust
+                # it for any epoch, 0 included (found by a review: a delete and a new
+                # history meanwhile, and the old messages were delivered as new).
+                topic.epoch = None
             if topic.subscribers == 0 and topic.watched and self.watcher is not None:
                 topic.watched = False
                 self.watcher[1](topic.name)

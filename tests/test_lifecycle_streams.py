@@ -591,3 +591,31 @@ async def test_a_local_publish_into_a_new_history_never_reaches_the_old_ones_sub
                 mine = await bus.publish("room", "mine")
                 assert mine.id == 6  # in the new history
                 await _ends_deleted_with_nothing_more(follower)  # not id 6
+
+
+@_TELLING_STORES
+async def test_a_cache_kept_by_a_publisher_alone_is_not_trusted_by_the_next_subscription(
+    backend, monkeypatch
+):
+    """A subscription opened and closed while the stream did not exist (epoch 0); then
+    this bus published with no subscription open (its cache kept the messages, and
+    its notices may stop: Redis unwatches the channel), and another process deleted
+    the stream and began a new history, its delete notice late. The next
+    subscription must get the new history, not the cache's old messages as its own
+    (found by a review: the cache, taken for "of the history created since" epoch 0,
+    served the deleted messages)."""
+    heard = _hear_notices_while(monkeypatch, resets=True)
+    with trio.fail_after(20):
+        async with backend.open_bus() as bus, backend.open_bus() as other:
+            async with bus.open_publisher("room") as pub:  # keeps the stream's topic
+                async with bus.open_subscriber("room") as sub:
+                    assert sub.epoch == 0
+                for i in range(3):
+                    await pub.publish({"old": i})
+                heard[0] = False
+                await other.delete_stream("room")
+                for i in range(3):
+                    await other.publish("room", {"new": i})
+                async with bus.open_subscriber("room", after=0) as sub:
+                    got = [(await sub.receive()).body for _ in range(3)]
+                assert got == [{"new": 0}, {"new": 1}, {"new": 2}]
