@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import collections
 import datetime
-import enum
 import functools
 import json
 import math
@@ -41,8 +40,6 @@ RETAINED_EVENT_BYTES: Final = DEFAULT_RETAINED_EVENT_BYTES
 MAX_PAYLOAD_BYTES: Final = 7900
 #: Most bytes of one encoded event: it must fit a notification on its own.
 MAX_EVENT_WIRE_BYTES: Final = MAX_PAYLOAD_BYTES - len('{"events":[]}') - 1
-#: Emitters one subscription remembers the last event of (see :class:`EmitterOrder`).
-TRACKED_EMITTERS: Final = 1024
 
 _EPOCH: Final = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
 _MICROSECOND: Final = datetime.timedelta(microseconds=1)
@@ -518,109 +515,3 @@ class RetainedEvents:
                 self._bytes -= oldest_keyed[1]
             else:  # pragma: no cover - len(self) > 0 implies one of them
                 break
-
-
-class Arrival(enum.Enum):
-    """How an event stands against what a consumer got from its emitter."""
-
-    NEW = enum.auto()
-    COPY = enum.auto()
-    LATE = enum.auto()
-
-
-#: Arrival's members as plain constants for the paths that run once per event: an
-#: enum member's lookup on its class costs about 90 ns on CPython 3.11, ten times a
-#: global's.
-_NEW: Final = Arrival.NEW
-_COPY: Final = Arrival.COPY
-_LATE: Final = Arrival.LATE
-
-
-@final
-@attrs.define(eq=False)
-class EmitterOrder:
-    """Per-emitter order for one consumer: the last event it got from each emitter.
-
-    An event whose ``seq`` is at or below its emitter's last one is not shown: it is a
-    copy (:attr:`Arrival.COPY`), or it arrived late (:attr:`Arrival.LATE`: its notice
-    was delayed or reordered), and shown now it would break its emitter's order. A
-    window over the last :data:`_WINDOW` seqs of each emitter tells the two apart, so
-    only events the consumer never saw count as stale.
-
-    Bounded: past ``capacity`` emitters the one heard from least recently is
-    forgotten, and from then on an event of an emitter not remembered must be newer
-    (``created_at``) than the last event got from any forgotten one. A forgotten
-    emitter's late event is refused that way too; so, rarely, is the first event of a
-    new emitter whose clock lags that much.
-    """
-
-    capacity: int = TRACKED_EMITTERS
-    #: emitter -> (last seq, window, its created_at); least recently heard first.
-    #: Bit i of the window: seq ``last - i`` was got (or counted late) already.
-    _last: collections.OrderedDict[str, tuple[int, int, datetime.datetime]] = attrs.field(
-        factory=collections.OrderedDict, init=False
-    )
-    #: The newest ``created_at`` among the forgotten emitters' last events.
-    _forgotten_until: datetime.datetime | None = attrs.field(default=None, init=False)
-    #: The emitter heard from last (the end of ``_last``).
-    _newest: str | None = attrs.field(default=None, init=False)
-
-    def take(self, event: Event) -> Arrival:
-        """:meth:`arrival`, and :meth:`received` if it is new: what a consumer about to
-        be handed ``event`` asks. O(1), and quickest for the next event of the emitter
-        heard from last."""
-        if event.emitter == self._newest:
-            seq, window, _ = self._last[event.emitter]
-            if event.seq == seq + 1:  # its next one: new, and the newest stays newest
-                self._last[event.emitter] = (
-                    event.seq,
-                    (window << 1 | 1) & _WINDOW_MASK,
-                    event.created_at,
-                )
-                return _NEW
-        arrival = self.arrival(event)
-        if arrival is _NEW:
-            self.received(event)
-        return arrival
-
-    def arrival(self, event: Event) -> Arrival:
-        """Whether ``event`` is new (to be shown), a copy, or late; a late one is
-        remembered as seen, so a copy of it is a copy."""
-        last = self._last.get(event.emitter)
-        if last is None:
-            forgotten = self._forgotten_until
-            if forgotten is not None and event.created_at <= forgotten:
-                return _LATE
-            return _NEW
-        seq, window, created_at = last
-        back = seq - event.seq
-        if back < 0:
-            return _NEW
-        if back < _WINDOW:
-            if window >> back & 1:
-                return _COPY
-            self._last[event.emitter] = (seq, window | 1 << back, created_at)
-        return _LATE
-
-    def received(self, event: Event) -> None:
-        """The consumer got ``event`` (a new one)."""
-        last = self._last
-        known = last.get(event.emitter)
-        window = 1
-        if known is not None and (ahead := event.seq - known[0]) < _WINDOW:
-            window = (known[1] << ahead | 1) & _WINDOW_MASK
-        last[event.emitter] = (event.seq, window, event.created_at)
-        last.move_to_end(event.emitter)
-        self._newest = event.emitter
-        if len(last) > self.capacity:
-            _, (_, _, created_at) = last.popitem(last=False)
-            if self._forgotten_until is None or created_at > self._forgotten_until:
-                self._forgotten_until = created_at
-
-    def __len__(self) -> int:
-        return len(self._last)
-
-
-#: Seqs per emitter whose copies :class:`EmitterOrder` tells from late events.
-_WINDOW: Final = 64
-_WINDOW_MASK: Final = (1 << _WINDOW) - 1

@@ -15,14 +15,13 @@ import trio
 import chatbus
 from chatbus._event import (
     MAX_EVENT_WIRE_BYTES,
-    Arrival,
-    EmitterOrder,
     decode_events,
     encode_event,
     from_micros,
     to_micros,
 )
 from chatbus._message import encode_body
+from chatbus._subscriber_events import Arrival, EmitterOrder
 from chatbus.memory import MemoryStore
 from chatbus.testing import FaultyNotifier
 
