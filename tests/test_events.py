@@ -25,17 +25,7 @@ from chatbus._subscriber_events import Arrival, EmitterOrder
 from chatbus.memory import MemoryStore
 from chatbus.testing import FaultyNotifier
 
-from support import collect
-
-
-async def items(sub, count: int, *, seconds: float = 10) -> list[object]:
-    """The next ``count`` items as ids (messages) and bodies (events)."""
-    out: list[object] = []
-    with trio.fail_after(seconds):
-        while len(out) < count:
-            item = await sub.receive()
-            out.append(item.id if isinstance(item, chatbus.Message) else item.body)
-    return out
+from support import collect, items
 
 
 async def test_unkeyed_event_sits_between_its_message_and_the_next(backend):

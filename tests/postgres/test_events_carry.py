@@ -7,6 +7,7 @@ by an absolute ``trio.fail_after``.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -19,6 +20,7 @@ import chatbus
 from chatbus.postgres import PostgresStore, open_postgres
 from chatbus.postgres._listen import ListenSession
 
+from support import items
 from support.pg import admin_execute, fresh_schema
 
 pytestmark = pytest.mark.postgres
@@ -60,21 +62,45 @@ class _Flushes:
             self._release.set()
 
 
+@asynccontextmanager
+async def _chat(*, watch: bool = True) -> AsyncIterator[tuple[Any, ...]]:
+    """Two processes over a fresh schema: this one with a bus and a publisher of
+    "chat", the other one watching it (``events=True``; None if not ``watch``).
+    Yields ``(schema, bus, publisher, remote subscription, joiner_sees)``, where
+    ``await joiner_sees(count)`` is what a joiner on a third bus of the other process
+    gets first (see :func:`support.items`)."""
+    async with (
+        fresh_schema() as (dsn, schema),
+        open_postgres(dsn, schema=schema) as (store, notifier),
+        open_postgres(dsn, schema=schema) as (remote_store, remote_notifier),
+        chatbus.open_bus(store=remote_store, notifier=remote_notifier) as watcher,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        remote = None
+        if watch:
+            remote = await stack.enter_async_context(watcher.open_subscriber("chat", events=True))
+
+        async def joiner_sees(count: int) -> list[Any]:
+            async with (
+                chatbus.open_bus(store=remote_store, notifier=remote_notifier) as joiner_bus,
+                joiner_bus.open_subscriber("chat", events=True) as joiner,
+            ):
+                return await items(joiner, count)
+
+        async with (
+            chatbus.open_bus(store=store, notifier=notifier) as bus,
+            bus.open_publisher("chat") as pub,
+        ):
+            yield schema, bus, pub, remote, joiner_sees
+
+
 async def test_a_publish_carries_its_streams_waiting_events_in_its_own_transaction(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """With the flusher stuck, the publish still goes, its events ahead of it."""
     flushes = _Flushes(monkeypatch)
     with trio.fail_after(30):
-        async with (
-            fresh_schema() as (dsn, schema),
-            open_postgres(dsn, schema=schema) as (store, notifier),
-            open_postgres(dsn, schema=schema) as (remote_store, remote_notifier),
-            chatbus.open_bus(store=remote_store, notifier=remote_notifier) as watcher,
-            watcher.open_subscriber("chat", events=True) as remote,
-            chatbus.open_bus(store=store, notifier=notifier) as bus,
-            bus.open_publisher("chat") as pub,
-        ):
+        async with _chat() as (_schema, bus, pub, remote, joiner_sees):
             await pub.publish("question")
             assert (await remote.receive()).id == 1  # type: ignore[union-attr]
             async with flushes.stalled(bus, "elsewhere"):
@@ -84,24 +110,13 @@ async def test_a_publish_carries_its_streams_waiting_events_in_its_own_transacti
                 with trio.fail_after(10):  # waited for the stuck flusher before
                     message = await pub.publish("answer")
                 assert message.id == 2
-                got = []
-                while len(got) < 5:
-                    item = await remote.receive()
-                    got.append(item.id if isinstance(item, chatbus.Message) else item.body)
+                got = await items(remote, 5)
                 assert got == [{"delta": 0}, {"delta": 1}, {"delta": 2}, {"state": "done"}, 2]
                 assert flushes.streams == []  # no transaction of their own
             assert remote.statistics().events_stale == 0
             # Retained by that transaction: a joiner on a third bus gets the state.
-            async with (
-                chatbus.open_bus(store=remote_store, notifier=remote_notifier) as joiner_bus,
-                joiner_bus.open_subscriber("chat", events=True) as joiner,
-            ):
-                seen = []
-                with trio.fail_after(10):
-                    while len(seen) < 3:
-                        item = await joiner.receive()
-                        seen.append(item.id if isinstance(item, chatbus.Message) else item.body)
-                assert seen == [1, 2, {"state": "done"}]
+            seen = await joiner_sees(3)
+            assert seen == [1, 2, {"state": "done"}]
 
 
 def _retained_keys(schema: str, stream: str) -> list[str | None]:
@@ -120,35 +135,17 @@ async def test_an_unkeyed_publish_retains_only_the_keyed_events_it_carries(
     (the cost of events beside messages). Keyed ones are retained as a flush would."""
     flushes = _Flushes(monkeypatch)
     with trio.fail_after(30):
-        async with (
-            fresh_schema() as (dsn, schema),
-            open_postgres(dsn, schema=schema) as (store, notifier),
-            open_postgres(dsn, schema=schema) as (remote_store, remote_notifier),
-            chatbus.open_bus(store=remote_store, notifier=remote_notifier) as watcher,
-            watcher.open_subscriber("chat", events=True) as remote,
-            chatbus.open_bus(store=store, notifier=notifier) as bus,
-            bus.open_publisher("chat") as pub,
-        ):
+        async with _chat() as (schema, bus, pub, remote, joiner_sees):
             async with flushes.stalled(bus, "elsewhere"):
                 await pub.emit({"delta": 0})
                 await pub.emit({"state": "typing"}, key="status")
                 assert (await pub.publish("answer")).id == 1
-                got = []
-                while len(got) < 3:
-                    item = await remote.receive()
-                    got.append(item.id if isinstance(item, chatbus.Message) else item.body)
+                got = await items(remote, 3)
                 assert got == [{"delta": 0}, {"state": "typing"}, 1]
                 assert flushes.streams == []  # carried, not flushed
             assert _retained_keys(schema, "chat") == ["status"]
-            async with (
-                chatbus.open_bus(store=remote_store, notifier=remote_notifier) as joiner_bus,
-                joiner_bus.open_subscriber("chat", events=True) as joiner,
-            ):
-                seen = []
-                while len(seen) < 2:
-                    item = await joiner.receive()
-                    seen.append(item.id if isinstance(item, chatbus.Message) else item.body)
-                assert seen == [1, {"state": "typing"}]
+            seen = await joiner_sees(2)
+            assert seen == [1, {"state": "typing"}]
 
 
 async def test_a_replayed_keyed_publish_still_retains_the_unkeyed_events_it_carries(
@@ -158,28 +155,15 @@ async def test_a_replayed_keyed_publish_still_retains_the_unkeyed_events_it_carr
     where the events it carries are positioned, and a joiner must still get them."""
     flushes = _Flushes(monkeypatch)
     with trio.fail_after(30):
-        async with (
-            fresh_schema() as (dsn, schema),
-            open_postgres(dsn, schema=schema) as (store, notifier),
-            open_postgres(dsn, schema=schema) as (remote_store, remote_notifier),
-            chatbus.open_bus(store=store, notifier=notifier) as bus,
-            bus.open_publisher("chat") as pub,
-        ):
+        async with _chat(watch=False) as (_, bus, pub, _, joiner_sees):
             first = await pub.publish("question", key="q-1")
             async with flushes.stalled(bus, "elsewhere"):
                 await pub.emit({"delta": "thinking"})
                 again = await pub.publish("question", key="q-1")
                 assert (again.id, again.replay) == (first.id, True)
                 assert flushes.streams == []  # carried by the replay's transaction
-            async with (
-                chatbus.open_bus(store=remote_store, notifier=remote_notifier) as joiner_bus,
-                joiner_bus.open_subscriber("chat", events=True) as joiner,
-            ):
-                seen = []
-                while len(seen) < 2:
-                    item = await joiner.receive()
-                    seen.append(item.id if isinstance(item, chatbus.Message) else item.body)
-                assert seen == [1, {"delta": "thinking"}]
+            seen = await joiner_sees(2)
+            assert seen == [1, {"delta": "thinking"}]
 
 
 async def test_a_flush_waits_for_the_append_carrying_its_streams_earlier_events(
@@ -199,15 +183,7 @@ async def test_a_flush_waits_for_the_append_carrying_its_streams_earlier_events(
 
     monkeypatch.setattr(PostgresStore, "append_carrying", slow_append_carrying)
     with trio.fail_after(30):
-        async with (
-            fresh_schema() as (dsn, schema),
-            open_postgres(dsn, schema=schema) as (store, notifier),
-            open_postgres(dsn, schema=schema) as (remote_store, remote_notifier),
-            chatbus.open_bus(store=remote_store, notifier=remote_notifier) as watcher,
-            watcher.open_subscriber("chat", events=True) as remote,
-            chatbus.open_bus(store=store, notifier=notifier) as bus,
-            bus.open_publisher("chat") as pub,
-        ):
+        async with _chat() as (_schema, bus, pub, remote, _joiner_sees):
             async with trio.open_nursery() as nursery:
                 async with flushes.stalled(bus, "elsewhere"):
                     await pub.emit("early")
@@ -219,11 +195,7 @@ async def test_a_flush_waits_for_the_append_carrying_its_streams_earlier_events(
                 await trio.sleep(0.2)
                 assert flushes.streams == []
                 release.set()
-            got = []
-            with trio.fail_after(10):
-                while len(got) < 3:
-                    item = await remote.receive()
-                    got.append(item.id if isinstance(item, chatbus.Message) else item.body)
+            got = await items(remote, 3)
             # (A keyed event may come before or after the message it followed: it is
             # delivered on arrival, the message once read.)
             assert got in (["early", 1, "late"], ["early", "late", 1])
@@ -239,15 +211,7 @@ async def test_an_event_left_for_an_append_that_never_comes_is_flushed_after_the
     (in a flush of its own) within the linger, not never."""
     flushes = _Flushes(monkeypatch)
     with trio.fail_after(30):
-        async with (
-            fresh_schema() as (dsn, schema),
-            open_postgres(dsn, schema=schema) as (store, notifier),
-            open_postgres(dsn, schema=schema) as (remote_store, remote_notifier),
-            chatbus.open_bus(store=remote_store, notifier=remote_notifier) as watcher,
-            watcher.open_subscriber("chat", events=True) as remote,
-            chatbus.open_bus(store=store, notifier=notifier) as bus,
-            bus.open_publisher("chat") as pub,
-        ):
+        async with _chat() as (_schema, _bus, pub, remote, _joiner_sees):
             await pub.publish("question")
             assert (await remote.receive()).id == 1  # type: ignore[union-attr]
             for i in range(3):  # the stream lingers: each time, the timer is kept
@@ -255,10 +219,7 @@ async def test_an_event_left_for_an_append_that_never_comes_is_flushed_after_the
                 await pub.emit({"delta": i})
                 await trio.lowlevel.checkpoint()
                 with trio.fail_after(2):
-                    got = []
-                    while len(got) < 2:
-                        item = await remote.receive()
-                        got.append(item.id if isinstance(item, chatbus.Message) else item.body)
+                    got = await items(remote, 2)
                 assert got == [i + 2, {"delta": i}]
             assert flushes.streams == [["chat"]] * 3
             assert remote.statistics().events_stale == 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 import textwrap
 import time
+from typing import Any
 
 import pytest
 import trio
@@ -429,24 +430,30 @@ async def _open_with(options: dict[str, object]) -> None:
         pass
 
 
-async def test_a_lost_reply_is_resolved_by_running_the_batch_again(nursery: trio.Nursery) -> None:
-    """The reply to the append is lost after the server ran it (the proxy cuts the
-    connection): the store runs the batch again with its token and returns the first
-    run's messages. Nothing is stored twice; no OutcomeUnknown."""
+async def _proxied(nursery: trio.Nursery) -> tuple[Any, str, str]:
+    """A TCP proxy (support.tcp_proxy) in front of the standalone test server:
+    ``(proxy, url through it, url of the server)``."""
     from chatbus.redis._open import parse_url
 
     from support.tcp_proxy import TcpProxy
 
     url = redis_url()
-    (host, port), *_ = parse_url(url)[0].addresses
+    server = parse_url(url)[0]
+    (host, port), *_ = server.addresses
     proxy = TcpProxy(host, port)
     await proxy.start(nursery)
+    return proxy, f"redis://127.0.0.1:{proxy.port}/{server.db}", url
+
+
+async def test_a_lost_reply_is_resolved_by_running_the_batch_again(nursery: trio.Nursery) -> None:
+    """The reply to the append is lost after the server ran it (the proxy cuts the
+    connection): the store runs the batch again with its token and returns the first
+    run's messages. Nothing is stored twice; no OutcomeUnknown."""
+    proxy, through, url = await _proxied(nursery)
     with trio.fail_after(20):
         async with (
             fresh_prefix(url) as prefix,
-            open_redis(
-                f"redis://127.0.0.1:{proxy.port}/{parse_url(url)[0].db}", prefix=prefix
-            ) as (store, _),
+            open_redis(through, prefix=prefix) as (store, _),
         ):
             await store.append("s", [draft("first")])
             proxy.lose_reply_to(b"lost-reply-marker")
@@ -462,20 +469,11 @@ async def test_a_keyed_batch_whose_reply_is_lost_is_stored_once(nursery: trio.Nu
     """As above with keys: the re-run returns the first run's messages (the key stored
     before the batch as a replay, the repeated one as its first draft's) and neither
     run's keys or entries are stored twice."""
-    from chatbus.redis._open import parse_url
-
-    from support.tcp_proxy import TcpProxy
-
-    url = redis_url()
-    (host, port), *_ = parse_url(url)[0].addresses
-    proxy = TcpProxy(host, port)
-    await proxy.start(nursery)
+    proxy, through, url = await _proxied(nursery)
     with trio.fail_after(20):
         async with (
             fresh_prefix(url) as prefix,
-            open_redis(
-                f"redis://127.0.0.1:{proxy.port}/{parse_url(url)[0].db}", prefix=prefix
-            ) as (store, _),
+            open_redis(through, prefix=prefix) as (store, _),
         ):
             await store.append("s", [draft("first", key="a")])
             proxy.lose_reply_to(b"lost-keyed-marker")
@@ -512,20 +510,11 @@ async def test_a_rerun_never_rebuilds_a_replay_from_what_changed_since(
     yes); else OutcomeUnknown. Never the replay rebuilt from the stream as it is now
     (a None body, or another message's: an IdempotencyConflict for an identical body,
     or an undecodable reply failing a batch that was stored). Found by a review."""
-    from chatbus.redis._open import parse_url
-
-    from support.tcp_proxy import TcpProxy
-
-    url = redis_url()
-    (host, port), *_ = parse_url(url)[0].addresses
-    proxy = TcpProxy(host, port)
-    await proxy.start(nursery)
+    proxy, through, url = await _proxied(nursery)
     with trio.fail_after(20):
         async with (
             fresh_prefix(url) as prefix,
-            open_redis(
-                f"redis://127.0.0.1:{proxy.port}/{parse_url(url)[0].db}", prefix=prefix
-            ) as (via, _),
+            open_redis(through, prefix=prefix) as (via, _),
             open_redis(url, prefix=prefix) as (direct, _),
         ):
             (first,) = await direct.append("s", [draft({"v": "A"}, key="a")])
@@ -578,19 +567,12 @@ async def test_a_refused_connection_is_a_store_error_and_a_lost_one_is_unknown(
     """Redis out of reach before the append was sent: a plain StoreError (nothing
     stored), at once. Lost while in flight, then out of reach for the re-run: an
     OutcomeUnknown that says so, after about command_timeout at most."""
-    from chatbus.redis._open import parse_url
-
-    from support.tcp_proxy import TcpProxy
-
-    url = redis_url()
-    (host, port), *_ = parse_url(url)[0].addresses
-    proxy = TcpProxy(host, port)
-    await proxy.start(nursery)
+    proxy, through, url = await _proxied(nursery)
     with trio.fail_after(20):
         async with (
             fresh_prefix(url) as prefix,
             open_redis(
-                f"redis://127.0.0.1:{proxy.port}/{parse_url(url)[0].db}",
+                through,
                 prefix=prefix,
                 command_timeout=1,
             ) as (store, _),

@@ -9,6 +9,16 @@ import trio
 import chatbus
 
 
+async def items(sub: chatbus.Subscriber, count: int, *, seconds: float = 10) -> list[object]:
+    """The next ``count`` items of ``sub``: messages as ids, events as bodies."""
+    out: list[object] = []
+    with trio.fail_after(seconds):
+        while len(out) < count:
+            item = await sub.receive()
+            out.append(item.id if isinstance(item, chatbus.Message) else item.body)
+    return out
+
+
 async def collect(sub: chatbus.Subscriber, count: int, *, seconds: float = 10) -> list[int]:
     """Receive ``count`` messages from ``sub`` (failing after ``seconds``); return ids."""
     ids = []
