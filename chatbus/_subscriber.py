@@ -550,15 +550,8 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
                 await self._check_epoch_retrying(backoff)
                 await backoff.sleep()  # the same epoch after all: look again, paced
                 return None
-            # The cache is shared by the bus's subscriptions of this stream: a page of
-            # another history than the one it holds (this subscription adopted it,
-            # opened before the stream existed) must not reach the others as theirs.
-            # They all check (reset: cache emptied, a resync), and the page is not
-            # cached (the generation moved). Else the cache is of this epoch now.
-            known = topic.epoch
-            if known and known != epoch:
-                topic.reset()
-            elif known == 0 or (known is None and not len(topic.cache)):
-                topic.epoch = epoch
+            # Not for the other subscriptions if another history's (the generation
+            # moves then: the page is not cached).
+            topic.met_epoch(epoch)
         topic.cache.put(page, generation)  # not if the history changed meanwhile
         return state.take(page, self._read_limit)

@@ -97,29 +97,39 @@ class Topic:
         ``generation`` is the cache's when the append began: if the stream's history
         changed meanwhile (a delete, trim or redaction; a resync), they are not
         trusted here and the subscriptions look in the store. ``epoch``, the history
-        they were stored in if the store said (see chatbus._message.Appended): if the
-        cache holds another (a delete and a new history whose notice has not come),
-        it is emptied and every subscription checks (:meth:`reset`), as for a store
-        page of another epoch.
+        they were stored in if the store said (see chatbus._message.Appended), goes
+        to :meth:`met_epoch`.
 
         Returns the highest id among them.
         """
         last_id = max(map(_ID, messages))
         if epoch is not None:
-            known = self.epoch
-            if known and known != epoch:
-                self.reset()  # moves the generation: nothing is cached below
-            elif self.subscribers and (known == 0 or (known is None and not len(self.cache))):
-                # Only with subscriptions: a topic without any may hear no notices (a
-                # watching notifier), so the first subscription must not trust its
-                # cache for the epoch (see validate, and Topics.release).
-                self.epoch = epoch
+            self.met_epoch(epoch)  # on a reset the generation moves: nothing is cached
         if generation == self.cache.generation:
             self.cache.put(messages)
             self.high_water = max(self.high_water, last_id)
             self.head_known = True
         self._wake()  # even if a notice already raised high_water: the cache grew
         return last_id
+
+    def met_epoch(self, epoch: int) -> None:
+        """A store page or a local commit of this stream came from ``epoch``.
+
+        The cache holds one history, shared by the bus's subscriptions of the stream
+        and fed by its commits: if it is another's (a delete and a new history whose
+        notice has not come; a subscription opened before the stream existed that
+        just adopted the new one), it is emptied and every subscription checks
+        (:meth:`reset`), instead of taking what came for its own. Else the cache is
+        of ``epoch`` from now on, if that was open: only with subscriptions, for a
+        topic without any may hear no notices (a watching notifier), and the next
+        subscription must not trust its cache then (see :meth:`validate` and
+        :meth:`Topics.release`).
+        """
+        known = self.epoch
+        if known and known != epoch:
+            self.reset()
+        elif self.subscribers and (known == 0 or (known is None and not len(self.cache))):
+            self.epoch = epoch
 
     def append_failed(self) -> None:
         """A local append failed: subscriptions waiting for it must look again."""
