@@ -15,7 +15,7 @@ import json
 import random
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Final, final
+from typing import Any, Final, NamedTuple, final
 
 import attrs
 import psycopg
@@ -42,6 +42,19 @@ _SENT_KEYS: Final = 16384
 #: statements look their keys up first: a workload where other processes send the
 #: same keys (deduplication) pays for a refused insert once in a while, not each time.
 _LOOKUP_AFTER_REFUSAL: Final = 64
+
+
+class _Outcome(NamedTuple):
+    """What an append statement settled for one stream (see _coalesce.settle)."""
+
+    stream: str
+    #: None: the statement stored nothing in the stream (every draft a replay).
+    last_id: int | None
+    created_at: datetime.datetime
+    #: The messages found under the batch's keys (None: none, no key repeated).
+    found: dict[str, Message] | None
+    #: The epoch the statement wrote to (None: it wrote nothing).
+    epoch: int | None
 
 
 class _MaybeCommitted(Exception):
@@ -80,18 +93,14 @@ class Appends:
         token = random.getrandbits(63)
         keyed = any(member.payload.keyed for member in batch)
         carry = CarriedEvents.joined([self.carried[m] for m in batch if m in self.carried])
-        rows: Sequence[tuple[str, int | None, datetime.datetime, dict[str, Message] | None]]
-        #: Per stream that stored something, the epoch the statement wrote to.
-        epochs: dict[str, int] = {}
+        rows: Sequence[_Outcome]
         try:
             if keyed:
                 request = KeyedRequest.of(groups)
                 look = self._keys_to_look_up(request)
                 for attempt in range(_KEYED_ATTEMPTS):
                     try:
-                        rows = await self._append_keyed_rows(
-                            groups, request, token, look, carry, epochs
-                        )
+                        rows = await self._append_keyed_rows(groups, request, token, look, carry)
                         break
                     except psycopg.errors.UniqueViolation:
                         # A key stored before that this store had not sent (see
@@ -105,14 +114,13 @@ class Appends:
                         look = b"t" * len(request.keys)
                         self.keyed_reruns += 1
             else:
-                rows = await self._append_rows(groups, token, carry, epochs)
+                rows = await self._append_rows(groups, token, carry)
         except _MaybeCommitted as lost:
             await self._resolve(groups, token, lost)
             return
-        for stream, last_id, created_at, found in rows:
+        for stream, last_id, created_at, found, epoch in rows:
             members = groups.pop(stream)
             settle(stream, members, last_id, created_at, found)
-            epoch = epochs.get(stream)
             for member in members:
                 member.epoch = epoch
         if groups:  # pragma: no cover - every upsert returns its row
@@ -123,10 +131,8 @@ class Appends:
         groups: dict[str, list[PendingAppend]],
         token: int,
         carry: CarriedEvents | None,
-        epochs: dict[str, int],
-    ) -> list[tuple[str, int, datetime.datetime, None]]:
-        """The unkeyed append statement; per stream ``(stream, last id, created_at, None)``
-        (and its epoch in ``epochs``)."""
+    ) -> list[_Outcome]:
+        """The unkeyed append statement's outcome per stream (nothing found)."""
         channel = self._channel.encode("utf-8")
         request = [
             (stream, sum(m.drafts for m in members), joined_bodies(members))
@@ -140,19 +146,22 @@ class Appends:
             if result.ntuples != 1:  # pragma: no cover - the upsert returns its row
                 return []
             last_id, micros = _pq.value(result, 0, 0), _pq.value(result, 0, 1)
-            epochs[stream] = int(_pq.value(result, 0, 3))
-            return [(stream, int(last_id), _pq.from_epoch_micros(int(micros)), None)]
+            created_at = _pq.from_epoch_micros(int(micros))
+            return [_Outcome(stream, int(last_id), created_at, None, int(_pq.value(result, 0, 3)))]
         document = compact_json(request)
         result = await self._run_append(
             self._queries.append_streams, [document.encode("utf-8"), channel, b"%d" % token], carry
         )
-        rows = []
-        for row in range(result.ntuples):
-            stream = _pq.value(result, row, 0).decode("utf-8")
-            epochs[stream] = int(_pq.value(result, row, 4))
-            created_at = _pq.from_epoch_micros(int(_pq.value(result, row, 2)))
-            rows.append((stream, int(_pq.value(result, row, 1)), created_at, None))
-        return rows
+        return [
+            _Outcome(
+                _pq.value(result, row, 0).decode("utf-8"),
+                int(_pq.value(result, row, 1)),
+                _pq.from_epoch_micros(int(_pq.value(result, row, 2))),
+                None,
+                int(_pq.value(result, row, 4)),
+            )
+            for row in range(result.ntuples)
+        ]
 
     def _keys_to_look_up(self, request: KeyedRequest) -> bytes | None:
         """Which keys of ``request`` to look up before inserting; remember its keys.
@@ -191,8 +200,7 @@ class Appends:
         token: int,
         look: bytes | None,
         carry: CarriedEvents | None,
-        epochs: dict[str, int],
-    ) -> list[tuple[str, int | None, datetime.datetime, dict[str, Message] | None]]:
+    ) -> list[_Outcome]:
         """A keyed append statement; per stream, also the messages found for its keys
         (None: none found, and no key repeated in the statement).
 
@@ -209,28 +217,27 @@ class Appends:
         else:
             query, params = queries.append_keyed_new, request.params(channel, token, None)
         result = await self._run_append(query, params, carry)
-        bumped: dict[str, tuple[int, datetime.datetime]] = {}
+        bumped: dict[str, tuple[int, datetime.datetime, int]] = {}
         found: dict[str, list[Found]] = {}
         for row in range(result.ntuples):
             name = result.get_value(row, 0)
             if name is None:  # the one row of keys found
                 found = request.found(json.loads(_pq.value(result, row, 3)))
             else:
-                stream = name.decode("utf-8")
-                bumped[stream] = (
+                bumped[name.decode("utf-8")] = (
                     int(_pq.value(result, row, 1)),
                     _pq.from_epoch_micros(int(_pq.value(result, row, 2))),
+                    int(_pq.value(result, row, 4)),
                 )
-                epochs[stream] = int(_pq.value(result, row, 4))
         rows = []
         for stream, members in groups.items():
-            head, created_at = bumped.get(stream, (None, _pq.EPOCH))
+            head, created_at, epoch = bumped.get(stream, (None, _pq.EPOCH, None))
             replayed: dict[str, Message] | None
             if stream_found := found.get(stream):
                 replayed = await self._replays(stream, stream_found, members)
             else:  # None: no key found nor repeated, every draft is new (see settle)
                 replayed = {} if stream in request.repeating else None
-            rows.append((stream, head, created_at, replayed))
+            rows.append(_Outcome(stream, head, created_at, replayed, epoch))
         return rows
 
     async def _replays(
