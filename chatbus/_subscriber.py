@@ -327,9 +327,13 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
     def _next_item(self) -> Message | Event | None:
         """Take what the consumer gets next, if it is here: an event due at the cursor
         goes before the next message; an event ahead of it waits for its message."""
-        if self._events and (event := self._event_queue.take(self._last_id)) is not None:
-            return event
         buffer = self._buffer
+        if (
+            self._events
+            and (event := self._event_queue.take(self._last_id, message_next=bool(buffer)))
+            is not None
+        ):
+            return event
         if not buffer:
             return None
         message = buffer.popleft()

@@ -141,7 +141,8 @@ class EventQueue:
     retained_limit: int = RETAINED_EVENTS
     #: The events not yet received.
     buffer: collections.deque[Event] = attrs.field(factory=collections.deque, init=False)
-    #: The retained events are in (or not wanted): live ones wait until then, being newer.
+    #: The retained events are in (or not wanted): live ones wait until then, being
+    #: newer, unless a message is due after them (see take).
     retained_fetched: bool = attrs.field(default=False, init=False)
     delivered: int = attrs.field(default=0, init=False)
     stale: int = attrs.field(default=0, init=False)
@@ -159,11 +160,17 @@ class EventQueue:
         self.retained_fetched = True
         self._early = None
 
-    def take(self, last_id: int) -> Event | None:
+    def take(self, last_id: int, *, message_next: bool = False) -> Event | None:
         """The event due before the message after ``last_id``, if one is here; events
-        ahead of it wait for their message."""
+        ahead of it wait for their message.
+
+        Until the retained events are in, the live ones wait for them (the retained
+        are older), unless ``message_next``: a message is buffered behind them, and
+        passing them would make them stale. Retained events sit at or after the
+        merge's cursor when they are fetched, past any such message, so none is due
+        before these."""
         events = self.buffer
-        while events and self.retained_fetched and events[0].after <= last_id:
+        while events and events[0].after <= last_id and (self.retained_fetched or message_next):
             event = events.popleft()
             if event.key is None and event.after < last_id:
                 self.stale += 1
