@@ -10,7 +10,7 @@ import trio.lowlevel
 
 import chatbus
 
-from support import assert_quiet, collect, dense
+from support import assert_quiet, collect, dense, items
 
 
 async def test_history_then_live(backend):
@@ -211,6 +211,23 @@ async def test_other_process_publishes_are_delivered(backend):
             await remote.publish("room", "theirs")
             assert await collect(sub, 2) == [6, 7]
             await assert_quiet(sub)
+
+
+async def test_a_subscription_reopened_at_once_hears_its_stream(backend):
+    """Closing a stream's last subscription and opening one again at once (a client
+    reconnecting) keeps the stream's notices and events coming, with no poll."""
+    async with (
+        backend.open_bus(poll_interval=None) as local,
+        backend.open_bus() as remote,
+        remote.open_publisher("room") as pub,
+    ):
+        for round in range(3):
+            async with local.open_subscriber("room", after=round):
+                pass
+            async with local.open_subscriber("room", after=round, events=True) as sub:
+                await pub.emit(f"part {round}")
+                await pub.publish(round)
+                assert await items(sub, 2, seconds=5) == [f"part {round}", round + 1]
 
 
 async def test_many_streams_many_subscribers(backend):

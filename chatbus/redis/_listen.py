@@ -15,6 +15,8 @@ Here every loss becomes a new session and a ``handler.resync()``.
 from __future__ import annotations
 
 import collections
+import functools
+import operator
 import random
 import re
 from collections.abc import Callable, Sequence
@@ -205,9 +207,18 @@ class ListenSession:
                 self.fail(f"sending SSUBSCRIBE failed: {exc!r}")
         return waits
 
-    async def unsubscribe(self, channel: bytes) -> None:
-        """SUNSUBSCRIBE ``channel`` (in the background: never raises; a session that
-        cannot is given up, and its replacement no longer subscribes the channel)."""
+    async def unsubscribe(self, channel: bytes, wanted: Callable[[], bool]) -> None:
+        """SUNSUBSCRIBE ``channel`` unless it is ``wanted`` again by now (in the
+        background: never raises; a session that cannot is given up, and its
+        replacement no longer subscribes the channel).
+
+        A subscription closed and opened again at once (a client reconnecting) watches
+        the stream again before this runs: its SSUBSCRIBE was skipped, the channel
+        being subscribed still, so this must not end it. Once this has marked the
+        channel as leaving (no checkpoint before), a new watch sends its SSUBSCRIBE
+        after this SUNSUBSCRIBE (the connection's sends keep their order)."""
+        if wanted():
+            return
         try:
             address = self.address_of(channel)
         except ListenLost as exc:
@@ -489,10 +500,11 @@ class RedisNotifier:
             return
         del self._watched[stream]
         channel = self.channel(stream).encode()
+        wanted = functools.partial(operator.contains, self._watched, stream)
         for session in self._sessions:
             if session.nursery is not None and not session.broken.is_set():
                 try:
-                    session.nursery.start_soon(session.unsubscribe, channel)
+                    session.nursery.start_soon(session.unsubscribe, channel, wanted)
                 except RuntimeError:  # closing already: its replacement won't subscribe
                     session.fail("closing")
 
