@@ -327,13 +327,9 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
     def _next_item(self) -> Message | Event | None:
         """Take what the consumer gets next, if it is here: an event due at the cursor
         goes before the next message; an event ahead of it waits for its message."""
-        buffer = self._buffer
-        if (
-            self._events
-            and (event := self._event_queue.take(self._last_id, message_next=bool(buffer)))
-            is not None
-        ):
+        if self._events and (event := self._event_queue.take(self._last_id)) is not None:
             return event
+        buffer = self._buffer
         if not buffer:
             return None
         message = buffer.popleft()
@@ -438,6 +434,11 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
         if self._epoch is None:
             await self._check_epoch_retrying(backoff)
         while True:
+            if self._with_events and not self._event_queue.retained_fetched:
+                # Before any message: a message handed on first could pass live events
+                # held for the retained ones, or come before an emitter's retained
+                # event whose later ones were then shown (it would arrive late).
+                await self._fetch_retained_events()
             # Take the event before looking, so a wake-up after the look is not lost.
             changed = topic.changed
             if topic.resyncs != self._seen_resyncs:
@@ -477,8 +478,6 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
                 if self._epoch == 0:  # the stream did not exist at open; it does now
                     await self._check_epoch_retrying(backoff)
                 await self._deliver(run)
-            elif self._with_events and not self._event_queue.retained_fetched:
-                await self._fetch_retained_events()
             else:
                 await changed.wait()
 
@@ -491,7 +490,9 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
                 await backoff.sleep()
 
     async def _fetch_retained_events(self) -> None:
-        """Caught up to the head: hand the consumer what the stream retained for joiners.
+        """Hand the consumer what the stream retained for joiners at its head (as this
+        bus knows it), before any message: those positioned ahead of the consumer
+        wait in the buffer for their message.
 
         Live events that arrived meanwhile are already buffered; copies are dropped.
         """
@@ -504,7 +505,9 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
             if self._events_flushed is not None:
                 await self._events_flushed()  # this bus's own emits are retained too
             async with self._topics.read_limiter:
-                events = await retained(self._stream, self._state.cursor)
+                topic = self._topic
+                head = max(self._state.cursor, 0 if topic is None else topic.high_water)
+                events = await retained(self._stream, head)
         except StoreError:
             self._store_errors += 1
             events = []  # best effort: events are hints for the eye, messages are not

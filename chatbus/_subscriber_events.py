@@ -141,8 +141,7 @@ class EventQueue:
     retained_limit: int = RETAINED_EVENTS
     #: The events not yet received.
     buffer: collections.deque[Event] = attrs.field(factory=collections.deque, init=False)
-    #: The retained events are in (or not wanted): live ones wait until then, being
-    #: newer, unless a message is due after them (see take).
+    #: The retained events are in (or not wanted): live ones wait until then, being newer.
     retained_fetched: bool = attrs.field(default=False, init=False)
     delivered: int = attrs.field(default=0, init=False)
     stale: int = attrs.field(default=0, init=False)
@@ -150,6 +149,10 @@ class EventQueue:
     #: Per emitter, the last of its events the consumer received: one at or below it
     #: is a copy, or too late for its emitter's order (dropped; bounded).
     _order: EmitterOrder = attrs.field(factory=EmitterOrder, init=False)
+    #: Room beyond ``limit`` while the retained block is worked through: its size,
+    #: until the buffer is down to ``limit`` again (bounded by the stream's retention).
+    #: A consumer keeping pace with the live events keeps its backlog, and loses none.
+    _retained_room: int = attrs.field(default=0, init=False)
     #: Origins of the live events pushed before the retained ones came (bounded):
     #: the retained copies of those are dropped, so what a slow consumer lost while
     #: catching up does not come back.
@@ -160,18 +163,14 @@ class EventQueue:
         self.retained_fetched = True
         self._early = None
 
-    def take(self, last_id: int, *, message_next: bool = False) -> Event | None:
+    def take(self, last_id: int) -> Event | None:
         """The event due before the message after ``last_id``, if one is here; events
-        ahead of it wait for their message.
-
-        Until the retained events are in, the live ones wait for them (the retained
-        are older), unless ``message_next``: a message is buffered behind them, and
-        passing them would make them stale. Retained events sit at or after the
-        merge's cursor when they are fetched, past any such message, so none is due
-        before these."""
+        ahead of it wait for their message."""
         events = self.buffer
-        while events and events[0].after <= last_id and (self.retained_fetched or message_next):
+        while events and self.retained_fetched and events[0].after <= last_id:
             event = events.popleft()
+            if self._retained_room and len(events) <= self.limit:
+                self._retained_room = 0
             if event.key is None and event.after < last_id:
                 self.stale += 1
                 continue
@@ -190,9 +189,11 @@ class EventQueue:
         ``last_id``.
 
         The retained events a joiner gets come all at once and may exceed the buffer
-        (they are bounded per stream): the start of a streamed reply is not dropped.
+        (they are bounded per stream): the start of a streamed reply is not dropped,
+        nor pushed out by live events while the consumer works through it.
         """
         buffer, order, early = self.buffer, self._order, self._early
+        before = len(buffer)
         if retained:
             self._early = None  # from now on, copies are dropped on delivery
         for event in events:
@@ -214,9 +215,11 @@ class EventQueue:
                 bisect.insort(buffer, event, key=_event_order)  # rare: mostly in order
             else:
                 buffer.append(event)
-            if not retained and len(buffer) > self.limit:
+            if not retained and len(buffer) > self.limit + self._retained_room:
                 buffer.popleft()
                 self.dropped += 1
+        if retained:
+            self._retained_room = len(buffer) - before
 
     def push_emitted(self, event: Event, last_id: int) -> None:
         """:meth:`push` for one event this bus has just emitted, without its copy check
@@ -237,7 +240,7 @@ class EventQueue:
             bisect.insort(buffer, event, key=_event_order)  # rare: another's clock ahead
         else:
             buffer.append(event)
-        if len(buffer) > self.limit:
+        if len(buffer) > self.limit + self._retained_room:
             buffer.popleft()
             self.dropped += 1
 

@@ -11,6 +11,7 @@ import itertools
 
 import pytest
 import trio
+import trio.testing
 
 import chatbus
 from chatbus._event import (
@@ -65,25 +66,57 @@ class _GatedStore:
         return getattr(self.inner, name)
 
 
-async def test_messages_never_pass_live_events_while_the_retained_ones_are_fetched():
-    # The merge task's first read came late, after message 2 (seen on a busy Redis):
-    # it delivered 1 and 2 together and only then fetched the retained events. The
-    # live events between 1 and 2, held until then, must still come between them,
-    # not be passed and counted stale.
+async def test_no_message_comes_before_the_retained_events():
+    # The subscription's first read is slow, then its fetch of the retained events
+    # (both seen on a busy Redis): messages 1 and 2 are there to deliver before the
+    # retained status is. Had 1 and 2 gone first, the live parts between them (held
+    # for the retained block) were passed and counted stale; had the parts gone
+    # first, the status (older, of the same emitter) arrived late and was dropped.
     store = _GatedStore()
     async with (
         chatbus.open_bus(store=store) as bus,
-        bus.open_subscriber("chat", events=True) as sub,
         bus.open_publisher("chat") as pub,
     ):
         await pub.publish("question")
-        for part in ("Hel", "lo", "!"):
-            await pub.emit(part)
-        await pub.publish("Hello!")
-        store.reads_open.set()  # the merge task reads, and waits for the retained
-        assert await items(sub, 5, seconds=5) == [1, "Hel", "lo", "!", 2]
-        assert sub.statistics().events_stale == 0
-        store.retained_open.set()
+        await pub.emit("thinking", key="status")
+        async with bus.open_subscriber("chat", events=True) as sub:
+            for part in ("Hel", "lo", "!"):
+                await pub.emit(part)
+            await pub.publish("Hello!")
+            store.reads_open.set()
+            await trio.testing.wait_all_tasks_blocked()
+            store.retained_open.set()
+            assert await items(sub, 6, seconds=5) == [1, "thinking", "Hel", "lo", "!", 2]
+            assert sub.statistics().events_stale == 0
+
+
+async def test_a_retained_block_beyond_the_buffer_is_not_pushed_out_by_live_events(backend):
+    # A joiner to a long streamed reply gets its parts so far (more than its event
+    # buffer holds), then the rest live, while it keeps pace with the emitter.
+    async with (
+        backend.open_bus() as worker,
+        backend.open_bus(event_buffer=8) as watcher,
+        worker.open_publisher("chat") as pub,
+    ):
+        await pub.publish("question")
+        async with (
+            backend.open_bus() as other,  # it hears them once they are retained
+            other.open_subscriber("chat", events=True) as probe,
+        ):
+            for i in range(30):
+                await pub.emit(i)
+            assert await items(probe, 31) == [1, *range(30)]
+        async with watcher.open_subscriber("chat", events=True) as sub:
+            got = await items(sub, 11)  # message 1 and the first 10 parts
+            for i in range(30, 50):
+                await pub.emit(i)
+                await trio.sleep(0.02)  # it reaches the watcher meanwhile
+                got += await items(sub, 1)
+            got += await items(sub, 20)
+            await pub.publish("answer")
+            got += await items(sub, 1)
+        assert got == [1, *range(50), 2]
+        assert sub.statistics().events_dropped == 0
 
 
 async def test_events_false_never_yields_an_event(backend):

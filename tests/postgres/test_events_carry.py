@@ -114,9 +114,10 @@ async def test_a_publish_carries_its_streams_waiting_events_in_its_own_transacti
                 assert got == [{"delta": 0}, {"delta": 1}, {"delta": 2}, {"state": "done"}, 2]
                 assert flushes.streams == []  # no transaction of their own
             assert remote.statistics().events_stale == 0
-            # Retained by that transaction: a joiner on a third bus gets the state.
+            # Retained by that transaction: a joiner on a third bus gets the state, in
+            # its place (emitted after message 1).
             seen = await joiner_sees(3)
-            assert seen == [1, 2, {"state": "done"}]
+            assert seen == [1, {"state": "done"}, 2]
 
 
 def _retained_keys(schema: str, stream: str) -> list[str | None]:
@@ -145,7 +146,7 @@ async def test_an_unkeyed_publish_retains_only_the_keyed_events_it_carries(
                 assert flushes.streams == []  # carried, not flushed
             assert _retained_keys(schema, "chat") == ["status"]
             seen = await joiner_sees(2)
-            assert seen == [1, {"state": "typing"}]
+            assert seen == [{"state": "typing"}, 1]  # in its place: emitted before 1
 
 
 async def test_a_replayed_keyed_publish_still_retains_the_unkeyed_events_it_carries(
