@@ -1,7 +1,8 @@
 """Option checks and the option records they fill.
 
-Owns: range, whole-number and identifier checks with one wording, and the frozen
-records holding a bus's validated options, each default stated once, here.
+Owns: range, whole-number and identifier checks with one wording, the frozen
+records holding a bus's validated options, each default stated once, here, and a
+URL's password hidden for messages.
 Imports nothing from chatbus but :mod:`chatbus._exceptions`'s layer (nothing at all).
 """
 
@@ -121,3 +122,14 @@ class BusOptions:
             )
         if self.trimmed_keys_for is not None:
             check_range("trimmed_keys_for", self.trimmed_keys_for, 0, 10 * 366 * 86_400)
+
+
+def redacted_url(url: str) -> str:
+    """``url`` (``scheme://[user[:password]@]hosts/...``) with its password as
+    ``***``, for messages that may end up in logs."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, hosts = rest.rpartition("@")
+    if not sep or not at or ":" not in userinfo:
+        return url
+    user = userinfo.partition(":")[0]
+    return f"{scheme}://{user}:***@{hosts}"

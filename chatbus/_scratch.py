@@ -22,6 +22,7 @@ from ._bus import Bus
 from ._exceptions import BusError
 from ._faults import FaultyNotifier, LaggingStore
 from ._open import open_bus
+from ._options import redacted_url
 from ._protocols import Notifier, Store
 from ._retention import Retention
 from .memory import MemoryNotifier, MemoryStore
@@ -329,7 +330,7 @@ async def _open_redis_world(
         async with open_pair():  # reachability: whatever the client raises, say why
             pass
     except (OSError, BusError) as exc:
-        raise BackendUnavailable(f"Redis not reachable at {url}: {exc}") from exc
+        raise BackendUnavailable(f"Redis not reachable at {redacted_url(url)}: {exc}") from exc
     try:
         yield ScratchBackend("redis", url, None, prefix, open_pair=open_pair, defaults=defaults)
     finally:

@@ -101,8 +101,12 @@ def message_json(message: chatbus.Message) -> dict[str, Any]:
 def event_json(event: chatbus.Event) -> dict[str, Any]:
     """The JSON shape of an event on the wire.
 
+    ``emitter`` and ``seq`` name the event once (:attr:`chatbus.Event.origin`): a page
+    that reconnects is a joiner again, and gets the retained parts of a reply in
+    progress once more; one that appends parts skips those it has shown.
+
     Returns:
-        ``{"stream", "after", "body", "key", "ttl", "created_at"}``.
+        ``{"stream", "after", "body", "key", "ttl", "created_at", "emitter", "seq"}``.
     """
     return {
         "stream": event.stream,
@@ -111,6 +115,8 @@ def event_json(event: chatbus.Event) -> dict[str, Any]:
         "key": event.key,
         "ttl": event.ttl,
         "created_at": _time(event.created_at),
+        "emitter": event.emitter,
+        "seq": event.seq,
     }
 
 

@@ -31,7 +31,9 @@ What goes on the wire:
   the last durable message it got and the history (epoch) it belongs to, and its
   ``EventSource`` resumes right after it, in that history only;
 - an event (``events=True``) is ``event: event`` with its JSON (:func:`event_json`)
-  and no ``id:`` line, so it never moves the resume point;
+  and no ``id:`` line, so it never moves the resume point (a page that reconnects
+  gets the retained parts of a reply in progress again: ``emitter`` and ``seq`` tell
+  it which it has shown);
 - ``event: status`` with ``{"state": "reconnecting"}`` when the store stops
   answering, and ``{"state": "ok"}`` once when it answers again (see below);
 - ``event: end`` with ``{"reason": ..., "error": ..., "detail": ...}`` when the

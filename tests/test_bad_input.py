@@ -180,5 +180,11 @@ async def test_bad_urls():
     with pytest.raises(TypeError, match="not both"):
         async with chatbus.open_bus("memory://", store=chatbus.memory.MemoryStore()):
             pass
+    from chatbus.redis import open_redis
+
+    with pytest.raises(ValueError, match=r"got 'rediss://:\*\*\*@h:1'") as caught:
+        async with open_redis("rediss://:s3cret@h:1"):
+            pass
+    assert "s3cret" not in str(caught.value)  # a URL's password is never shown
     async with chatbus.open_bus("memory://") as bus:
         await bus.publish("s", 1)

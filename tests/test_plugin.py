@@ -220,7 +220,7 @@ def test_required_by_marker(pytester: pytest.Pytester, monkeypatch: pytest.Monke
     run(pytester, source).assert_outcomes(failed=1, skipped=1)
 
 
-CLOSED_REDIS = "redis://127.0.0.1:1/0"  # nothing listens on port 1
+CLOSED_REDIS = "redis://:s3cret@127.0.0.1:1/0"  # nothing listens on port 1
 
 
 def test_unreachable_redis_skips_with_reason(
@@ -230,10 +230,11 @@ def test_unreachable_redis_skips_with_reason(
     args = ("--chatbus-backend", "redis", "--chatbus-dsn", CLOSED_REDIS)
     result = run(pytester, UNREACHABLE, *args)
     result.assert_outcomes(skipped=1)
-    result.stdout.fnmatch_lines(["SKIPPED*Redis not reachable at redis://127.0.0.1:1/0*"])
+    result.stdout.fnmatch_lines(["SKIPPED*Redis not reachable at redis://:***@127.0.0.1:1/0*"])
     result = run(pytester, UNREACHABLE, *args, "--chatbus-require")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*the chatbus backend is required, but Redis not reachable*"])
+    assert "s3cret" not in result.stdout.str()  # the password is never shown
 
 
 @pytest.mark.redis

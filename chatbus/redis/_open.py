@@ -26,7 +26,7 @@ from coredis.connection import TCPLocation
 from coredis.retry import NoRetryPolicy
 
 from .._exceptions import StoreError, store_error
-from .._options import check_identifier, check_int_range, check_range
+from .._options import check_identifier, check_int_range, check_range, redacted_url
 from .._tasks import unwrapped_groups
 from ._listen import RedisNotifier, Server
 from ._store import (
@@ -168,7 +168,9 @@ def parse_url(url: str) -> tuple[Server, dict[str, Any]]:
     parts = urllib.parse.urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme not in ("redis", "redis+cluster"):
-        raise ValueError(f"a Redis url starts with redis:// or redis+cluster://, got {url!r}")
+        raise ValueError(
+            f"a Redis url starts with redis:// or redis+cluster://, got {redacted_url(url)!r}"
+        )
     cluster = scheme == "redis+cluster"
     userinfo, _, hosts = parts.netloc.rpartition("@")
     username, _, password = userinfo.partition(":")

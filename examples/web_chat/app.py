@@ -48,7 +48,7 @@ import hypercorn.config
 import hypercorn.trio
 import trio
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
@@ -92,6 +92,8 @@ async def _json_body(request: Request) -> dict[str, Any]:
         raise BadRequest(f"body is not JSON: {exc}") from None
     except RecursionError:  # [[[[…]]]]: the decoder's recursion limit
         raise BadRequest("body is not JSON this app takes: nested too deeply") from None
+    except ValueError:  # an integer past Python's int_max_str_digits
+        raise BadRequest("body is not JSON this app takes: a number is too long") from None
     if not isinstance(value, dict):
         raise BadRequest("body must be a JSON object")
     return value
@@ -152,6 +154,8 @@ def _answers_bad_input(handler: Handler) -> Handler:
     async def wrapper(request: Request) -> Response:
         try:
             return await handler(request)
+        except ClientDisconnect:  # it went away mid-body: nobody reads an answer
+            return Response(status_code=400)
         except chatbus.IdempotencyConflict as exc:
             return _error(409, str(exc))
         except (BadRequest, ValueError) as exc:  # InvalidStream, InvalidMessage, …
@@ -373,6 +377,8 @@ def make_app(
         room = _room(request)
         body = await _json_body(request)
         name = _text_field(body, "name", limit=MAX_NAME, required=True)
+        if name is not None and "\x00" in name:  # it goes in the event's key and body
+            raise BadRequest("name must not contain NUL characters")
         await bus.emit(room, {"typing": name}, key=f"typing:{name}", ttl=typing_ttl)
         return Response(status_code=204)
 

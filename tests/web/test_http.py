@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import socket
 import time
 import uuid
 
@@ -67,12 +68,33 @@ def test_post_returns_201_and_a_repeated_key_the_original(client):
         (b'{"text": "hi", "name": "' + b"n" * 41 + b'"}', "name is longer"),
         (b'{"text": "' + b"x" * 20000 + b'"}', "over 16384 bytes"),
         (b"\xff\xfe", "not JSON"),
+        (b'{"text": ' + b"1" * 5000 + b"}", "a number is too long"),
     ],
 )
 def test_bad_post_bodies_get_400_with_a_reason(client, body, reason):
     r = client.post("/rooms/r/messages", content=body)
     assert r.status_code == 400, r.text
     assert reason in r.json()["error"]
+
+
+def test_a_typing_name_with_nul_gets_400_naming_the_name(client):
+    r = client.post("/rooms/r/typing", json={"name": "a\x00"})
+    assert r.status_code == 400 and r.json()["error"] == "name must not contain NUL characters"
+
+
+def test_a_client_gone_mid_body_is_no_app_error(start_app):
+    app = start_app()
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", app.port)) as sock:
+            sock.sendall(
+                b"POST /rooms/r/messages HTTP/1.1\r\nhost: x\r\n"
+                b"content-type: application/json\r\ncontent-length: 100\r\n\r\n"
+                b'{"text": "'
+            )
+    with httpx.Client(base_url=app.url, timeout=10) as client:
+        assert post(client, "r", "after them").status_code == 201  # still serving
+    time.sleep(0.3)
+    assert "Traceback" not in app.log.read_text()
 
 
 @pytest.mark.parametrize("room", ["%00x", "x" * 300])
