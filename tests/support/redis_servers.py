@@ -664,7 +664,7 @@ async def _in_thread(manager: contextlib.AbstractContextManager[Any]) -> AsyncIt
 
 
 def _cli_start(args: argparse.Namespace) -> int:
-    root = Path(args.state)
+    root = Path(args.state).absolute()
     root.mkdir(parents=True, exist_ok=True)
     watchdog = _start_watchdog(root, args.owner)
     exports: dict[str, str] = {}
@@ -688,7 +688,7 @@ def _cli_start(args: argparse.Namespace) -> int:
 
 
 def _cli_stop(args: argparse.Namespace) -> int:
-    root = Path(args.state)
+    root = Path(args.state).absolute()
     for pidfile in [*root.glob("*/redis.pid"), *root.glob("cluster/*/redis.pid")]:
         with contextlib.suppress(OSError, ValueError):
             server = RedisServer(port=0, directory=pidfile.parent, pid=int(pidfile.read_text()))
@@ -702,7 +702,7 @@ def _cli_stop(args: argparse.Namespace) -> int:
 
 
 def _cli_watch(args: argparse.Namespace) -> int:
-    root = Path(args.state)
+    root = Path(args.state).absolute()
     while root.exists() and _pid_alive(args.owner):
         time.sleep(0.5)
     _stop_servers_under(root)
