@@ -276,10 +276,12 @@ async def test_streams_on_the_hub_end_as_their_own_subscription_would(monkeypatc
         assert got[-1]["event"] == "end" and got[-1]["data"]["reason"] == "bus_closed"
 
 
-async def test_streams_outlive_a_hub_that_stops_and_join_the_next():
+async def test_streams_outlive_a_hub_that_stops_and_join_the_next(monkeypatch):
     """A hub whose subscription stops for no reason a stream ends with (here:
     cancelled) leaves its streams on subscriptions of their own, at their cursors,
     and they join the room's next hub, also one that was waiting to switch."""
+    may_switch, held = chatbus.sse._may_switch, [False]
+    monkeypatch.setattr(chatbus.sse, "_may_switch", lambda *a: not held[0] and may_switch(*a))
     async with chatbus.open_bus() as bus:
         on = chatbus.sse.sse_stream(bus, "room", Cursor(last=0), flush=0)
         await on.__anext__()
@@ -290,6 +292,7 @@ async def test_streams_outlive_a_hub_that_stops_and_join_the_next():
                 count += 1
                 await bus.publish("room", count)
                 await follow(on, count, got_on)
+        held[0] = True  # the next stream waits to switch (whenever its merge is done)
         waiting = chatbus.sse.sse_stream(bus, "room", Cursor(last=0), flush=0)
         await waiting.__anext__()
         got_waiting: list[dict[str, object]] = []
@@ -303,6 +306,7 @@ async def test_streams_outlive_a_hub_that_stops_and_join_the_next():
             await trio.testing.wait_all_tasks_blocked()  # it joined, waits for a message
             (first,) = chatbus._sse_hub._HUBS[bus].values()
             assert not on_hub(waiting) and first._members == 2
+            held[0] = False
             first._scope.cancel()
             start = count
             with trio.fail_after(10):
