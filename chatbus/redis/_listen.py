@@ -157,7 +157,7 @@ class ListenSession:
         link = self.links[address] = Link(conn, ping_channel(self.prefix, tag).encode())
         if self.nursery is not None:
             self.nursery.start_soon(self.serve_link, link, ping_timeout)
-        await self._subscribe(link, [link.ping_channel])
+        await self._subscribe(link, [link.ping_channel], ping_timeout)
         return link
 
     def has(self, channel: bytes) -> bool:
@@ -178,7 +178,7 @@ class ListenSession:
         waits: list[tuple[Link, trio.Event]] = []
         for address, wanted in by_link.items():
             link = await self.link(address, ping_timeout)
-            waits += [(link, wait) for wait in await self._subscribe(link, wanted)]
+            waits += [(link, wait) for wait in await self._subscribe(link, wanted, ping_timeout)]
             if self.nursery is None:  # opening: the ping's confirmation too
                 waits += [(link, wait) for wait in link.confirming.get(link.ping_channel, ())]
         with trio.move_on_after(ping_timeout) as scope:
@@ -191,7 +191,9 @@ class ListenSession:
         if scope.cancelled_caught:
             self.fail("SSUBSCRIBE was not confirmed in time")
 
-    async def _subscribe(self, link: Link, channels: Sequence[bytes]) -> list[trio.Event]:
+    async def _subscribe(
+        self, link: Link, channels: Sequence[bytes], ping_timeout: float
+    ) -> list[trio.Event]:
         waits, new = [], []
         for channel in channels:
             if channel in link.subscribed and not link.leaving[channel]:
@@ -201,10 +203,17 @@ class ListenSession:
             waits.append(wait)
             new.append(channel)
         if new:
-            try:
-                await link.conn.send([["SSUBSCRIBE", channel] for channel in new])
-            except OSError as exc:
-                self.fail(f"sending SSUBSCRIBE failed: {exc!r}")
+            # Shielded (and bounded): a caller cancelled here would leave waits for
+            # SSUBSCRIBEs never sent, and the next confirmation of such a channel
+            # would release the stale wait, not the one it answers (a later open
+            # then waited out ping_timeout, and the session was given up).
+            with trio.CancelScope(shield=True), trio.move_on_after(ping_timeout) as timer:
+                try:
+                    await link.conn.send([["SSUBSCRIBE", channel] for channel in new])
+                except OSError as exc:
+                    self.fail(f"sending SSUBSCRIBE failed: {exc!r}")
+            if timer.cancelled_caught:
+                self.fail("sending SSUBSCRIBE took longer than ping_timeout")
         return waits
 
     async def unsubscribe(self, channel: bytes, wanted: Callable[[], bool]) -> None:

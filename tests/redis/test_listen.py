@@ -73,6 +73,28 @@ async def test_watch_returns_once_the_subscription_is_confirmed(
         assert ("s0", 99) not in recorder.notices
 
 
+
+async def test_a_cancelled_watch_never_holds_up_the_next_one(
+    pair: tuple[RedisStore, RedisNotifier], nursery: trio.Nursery
+) -> None:
+    """A watch cancelled on its way (a client gone while its subscription opened)
+    leaves nothing that takes the next watch's confirmation: that one returns at once,
+    with no lost session and no resync."""
+    _, notifier = pair
+    await nursery.start(notifier.listen, Recorder())
+    await notifier.watch("kept")  # its connection is up: a watch goes straight to send
+    for n in range(5):
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await notifier.watch(f"s{n}")
+        notifier.unwatch(f"s{n}")
+    for n in range(5):
+        with trio.fail_after(0.5):  # ping_timeout is 1 s: a stuck watch waits it out
+            await notifier.watch(f"s{n}")
+        assert f"s{n}" in notifier.confirmed
+    assert notifier.reconnects == 0
+
+
 async def test_a_killed_listen_connection_resubscribes_and_resyncs(
     url: str, pair: tuple[RedisStore, RedisNotifier], nursery: trio.Nursery
 ) -> None:
