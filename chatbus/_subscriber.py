@@ -343,7 +343,7 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
     def push_events(self, events: list[Event], *, retained: bool = False) -> None:
         """(Called by the topic, never blocking.) Buffer events for the consumer
         (see :meth:`EventQueue.push`)."""
-        if self._closed:
+        if self._closed or self._in_doubt():
             return
         self._event_queue.push(events, self._last_id, retained=retained)
         self._wake_consumer()
@@ -351,11 +351,18 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
     def push_emitted(self, event: Event) -> None:
         """(Called by the topic, never blocking.) Buffer an event this bus has just
         emitted (see :meth:`EventQueue.push_emitted`)."""
-        if self._closed:
+        if self._closed or self._in_doubt():
             return
         self._event_queue.push_emitted(event, self._last_id)
         if self._messages_ready is not None:
             self._wake_consumer()
+
+    def _in_doubt(self) -> bool:
+        """Whether events are refused now: the stream's history was reset or notices
+        lost, and the epoch not checked since (the events may be of a new history),
+        or the merge task ended (a deleted stream's new history goes on)."""
+        topic = self._topic
+        return self._finished or (topic is not None and topic.resyncs != self._seen_resyncs)
 
     def __aiter__(self) -> Subscriber[Item]:
         return self
@@ -442,8 +449,11 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
             # Take the event before looking, so a wake-up after the look is not lost.
             changed = topic.changed
             if topic.resyncs != self._seen_resyncs:
-                self._seen_resyncs = topic.resyncs
+                # Seen only once checked: until then (and for good if the check ends
+                # this subscription) events are refused, maybe of a new history.
+                resyncs = topic.resyncs
                 await self._check_epoch_retrying(backoff)
+                self._seen_resyncs = resyncs
                 state.request_rescan()
             cursor = state.cursor
             run: list[Message] | None = state.from_cache(cache, limit)

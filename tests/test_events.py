@@ -119,6 +119,28 @@ async def test_a_retained_block_beyond_the_buffer_is_not_pushed_out_by_live_even
         assert sub.statistics().events_dropped == 0
 
 
+
+async def test_a_deleted_streams_subscription_never_gets_the_new_historys_events(backend):
+    # Its consumer is busy while the stream is deleted and a new conversation starts
+    # on the same name: what it reads next is the old history's, then StreamDeleted.
+    async with (
+        backend.open_bus() as worker,
+        backend.open_bus() as watcher,
+        watcher.open_subscriber("chat", events=True) as sub,
+    ):
+        await worker.publish("chat", "old")
+        await worker.emit("chat", "old state", key="status")
+        assert await items(sub, 2) == [1, "old state"]
+        await worker.delete_stream("chat")
+        await worker.publish("chat", "new")
+        await worker.emit("chat", "new state", key="status")
+        await worker.emit("chat", "new part")
+        await trio.sleep(0.3)  # the consumer is busy; everything has arrived
+        with pytest.raises(chatbus.StreamDeleted):
+            got = await items(sub, 1, seconds=5)
+            pytest.fail(f"got {got} after the delete")
+
+
 async def test_events_false_never_yields_an_event(backend):
     async with backend.open_bus() as bus, bus.open_subscriber("s") as sub:
         await bus.emit("s", "ignored")
