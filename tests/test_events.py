@@ -119,7 +119,6 @@ async def test_a_retained_block_beyond_the_buffer_is_not_pushed_out_by_live_even
         assert sub.statistics().events_dropped == 0
 
 
-
 async def test_a_deleted_streams_subscription_never_gets_the_new_historys_events(backend):
     # Its consumer is busy while the stream is deleted and a new conversation starts
     # on the same name: what it reads next is the old history's, then StreamDeleted.

@@ -73,7 +73,6 @@ async def test_watch_returns_once_the_subscription_is_confirmed(
         assert ("s0", 99) not in recorder.notices
 
 
-
 async def test_a_cancelled_watch_never_holds_up_the_next_one(
     pair: tuple[RedisStore, RedisNotifier], nursery: trio.Nursery
 ) -> None:
