@@ -459,8 +459,11 @@ class RetainedEvents:
                     unkeyed = self._unkeyed = collections.deque(kept)
                 unkeyed.append(pair)
             else:
-                replaced = keyed.pop(event.key, None)
+                replaced = keyed.get(event.key)
                 if replaced is not None:
+                    if replaced[0].created_at > event.created_at:
+                        continue  # a newer value (another bus's, flushed first) stays
+                    del keyed[event.key]
                     self._bytes -= replaced[1]
                 keyed[event.key] = pair
             added += pair[1]

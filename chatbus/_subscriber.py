@@ -441,11 +441,6 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
         if self._epoch is None:
             await self._check_epoch_retrying(backoff)
         while True:
-            if self._with_events and not self._event_queue.retained_fetched:
-                # Before any message: a message handed on first could pass live events
-                # held for the retained ones, or come before an emitter's retained
-                # event whose later ones were then shown (it would arrive late).
-                await self._fetch_retained_events()
             # Take the event before looking, so a wake-up after the look is not lost.
             changed = topic.changed
             if topic.resyncs != self._seen_resyncs:
@@ -455,6 +450,12 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
                 await self._check_epoch_retrying(backoff)
                 self._seen_resyncs = resyncs
                 state.request_rescan()
+            if self._with_events and not self._event_queue.retained_fetched:
+                # Before any message: a message handed on first could pass live events
+                # held for the retained ones, or come before an emitter's retained
+                # event whose later ones were then shown (it would arrive late).
+                await self._fetch_retained_events()
+                continue
             cursor = state.cursor
             run: list[Message] | None = state.from_cache(cache, limit)
             if not run and state.wants_store(topic.high_water):
@@ -521,6 +522,8 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
         except StoreError:
             self._store_errors += 1
             events = []  # best effort: events are hints for the eye, messages are not
+        if self._in_doubt():
+            return  # maybe of a new history: the merge checks first, then asks again
         self._event_queue.retained_fetched = True
         self.push_events(events, retained=True)
 

@@ -6,10 +6,14 @@ a separate "process" over the same store (on Postgres: its own pool and LISTEN).
 
 from __future__ import annotations
 
+import datetime
+import json
+
 import pytest
 import trio
 
 import chatbus
+from chatbus._event import encode_event, to_micros
 
 
 async def _joiner_items(
@@ -168,3 +172,26 @@ async def test_postgres_delete_stream_leaves_no_event_rows_behind():
             await bus.delete_stream("chat")
             assert rows("events") == {"other": 1}
             assert rows("event_totals") == {"other": 1}
+
+
+async def test_a_key_keeps_its_newest_value_whichever_flush_comes_last(backend):
+    # Two buses set one key a moment apart; the older value's flush (it lingered)
+    # reaches the store last. Joiners get the newer value, as live subscribers did.
+    async with backend.open_bus() as bus:
+        await bus.publish("chat", "m")
+        now = datetime.datetime.now(datetime.UTC)
+
+        def status(value: str, emitter: str, ms: int) -> tuple[chatbus.Event, str]:
+            at = now + datetime.timedelta(milliseconds=ms)
+            event = chatbus.Event(
+                stream="chat", after=1, body=value, key="status", ttl=None,
+                created_at=at, emitter=emitter, seq=1,
+            )  # fmt: skip
+            return event, encode_event(event, json.dumps(value), to_micros(at))
+
+        for event, text in (status("v2", "c", 2), status("v1", "a", 0)):
+            await bus.store.retain_events(  # type: ignore[attr-defined]
+                [event], [text], retention=chatbus.EventRetention()
+            )
+        retained = await bus.store.retained_events("chat", 1)  # type: ignore[attr-defined]
+        assert [event.body for event in retained] == ["v2"]

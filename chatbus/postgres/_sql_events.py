@@ -42,6 +42,7 @@ _RETAIN_EVENTS: Final = """
             emitter = EXCLUDED.emitter, seq = EXCLUDED.seq, after = EXCLUDED.after,
             encoded = EXCLUDED.encoded, micros = EXCLUDED.micros,
             expires_at = EXCLUDED.expires_at
+        WHERE EXCLUDED.micros >= r.micros  -- a newer value flushed first stays
     ), unkeyed AS (
         INSERT INTO {events} (stream, key, emitter, seq, after, encoded, micros, expires_at)
         SELECT i.stream, NULL, i.emitter, i.seq, i.after, i.encoded, i.micros,

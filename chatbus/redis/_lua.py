@@ -469,7 +469,8 @@ return out
 # flushing bus's EventRetention), then per event: slot ('k:' key, or 'u:' emitter and
 # zero-padded seq), after, created µs, expires µs (0: never), encoded; then the
 # payloads to publish. Unkeyed events are kept only while their after is the newest;
-# keyed ones replace their key's; at most those bounds per stream, oldest out.
+# keyed ones replace their key's unless it is newer; at most those bounds per stream,
+# oldest out.
 RETAIN_EVENTS: Final = Script(
     "retain_events",
     f"""
@@ -501,6 +502,10 @@ for i = 0, count - 1 do
       end
       newest = after
     end
+  else
+    -- A newer value of the key (another bus's, flushed first) stays.
+    local held = redis.call('ZSCORE', z, slot)
+    if held and tonumber(held) > tonumber(created) then keep = false end
   end
   if keep then
     drop(slot)
