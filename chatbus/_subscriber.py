@@ -5,7 +5,7 @@ from __future__ import annotations
 import collections
 from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import Generic, TypeVar, cast, final
+from typing import Final, Generic, TypeVar, cast, final
 
 import attrs
 import trio
@@ -72,6 +72,11 @@ class SubscriberStatistics:
     events_stale: int
     events_dropped: int
     events_buffered: int
+
+
+#: Tries of a subscription's retained-events fetch before it goes on without them
+#: (with the merge task's backoff: about five seconds of a store failing).
+_RETAINED_ATTEMPTS: Final = 16
 
 
 @final
@@ -454,7 +459,7 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
                 # Before any message: a message handed on first could pass live events
                 # held for the retained ones, or come before an emitter's retained
                 # event whose later ones were then shown (it would arrive late).
-                await self._fetch_retained_events()
+                await self._fetch_retained_events(backoff)
                 continue
             cursor = state.cursor
             run: list[Message] | None = state.from_cache(cache, limit)
@@ -500,7 +505,7 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
                 self._store_errors += 1
                 await backoff.sleep()
 
-    async def _fetch_retained_events(self) -> None:
+    async def _fetch_retained_events(self, backoff: Backoff) -> None:
         """Hand the consumer what the stream retained for joiners at its head (as this
         bus knows it), before any message: those positioned ahead of the consumer
         wait in the buffer for their message.
@@ -512,16 +517,23 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
             self._event_queue.no_retained()  # nothing retained: nothing to tell apart
             self._wake_consumer()
             return
-        try:
-            if self._events_flushed is not None:
-                await self._events_flushed()  # this bus's own emits are retained too
-            async with self._topics.read_limiter:
-                topic = self._topic
-                head = max(self._state.cursor, 0 if topic is None else topic.high_water)
-                events = await retained(self._stream, head)
-        except StoreError:
-            self._store_errors += 1
-            events = []  # best effort: events are hints for the eye, messages are not
+        for attempt in range(_RETAINED_ATTEMPTS):
+            try:
+                if self._events_flushed is not None:
+                    await self._events_flushed()  # this bus's own emits are retained too
+                async with self._topics.read_limiter:
+                    topic = self._topic
+                    head = max(self._state.cursor, 0 if topic is None else topic.high_water)
+                    events = await retained(self._stream, head)
+                break
+            except StoreError:
+                self._store_errors += 1
+                if attempt == _RETAINED_ATTEMPTS - 1:
+                    # Best effort: events are hints for the eye, messages are not, and
+                    # they wait for this.
+                    events = []
+                    break
+                await backoff.sleep()  # a store down a moment: the joiner's state
         if self._in_doubt():
             return  # maybe of a new history: the merge checks first, then asks again
         self._event_queue.retained_fetched = True

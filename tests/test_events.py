@@ -90,6 +90,33 @@ async def test_no_message_comes_before_the_retained_events():
             assert sub.statistics().events_stale == 0
 
 
+class _FailingRetained(_GatedStore):
+    """A memory store whose first ``retained_events`` calls fail."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.reads_open.set()
+        self.retained_open.set()
+        self.failures = failures
+
+    async def retained_events(self, stream, head):
+        if self.failures:
+            self.failures -= 1
+            raise chatbus.StoreError("the store is down a moment")
+        return await super().retained_events(stream, head)
+
+
+async def test_a_joiner_gets_the_retained_events_after_the_store_failed_a_moment():
+    store = _FailingRetained(3)
+    async with chatbus.open_bus(store=store) as bus, bus.open_publisher("chat") as pub:
+        await pub.publish("question")
+        await pub.emit("thinking", key="status")
+        await pub.emit("Hel")
+        async with bus.open_subscriber("chat", events=True) as sub:
+            assert await items(sub, 3) == [1, "thinking", "Hel"]
+            assert sub.statistics().store_errors == 3
+
+
 async def test_a_retained_block_beyond_the_buffer_is_not_pushed_out_by_live_events(backend):
     # A joiner to a long streamed reply gets its parts so far (more than its event
     # buffer holds), then the rest live, while it keeps pace with the emitter.
