@@ -137,6 +137,9 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
     _closed: bool = attrs.field(default=False, init=False)
     _error: BaseException | None = attrs.field(default=None, init=False)
     _seen_resyncs: int = attrs.field(default=0, init=False)
+    #: The topic's ``resyncs`` after the last look at the stream's info, if none came
+    #: while it was asked (see _stream_info); else None.
+    _looked_at_resyncs: int | None = attrs.field(default=None, init=False)
     _received: int = attrs.field(default=0, init=False)
     _store_errors: int = attrs.field(default=0, init=False)
     _last_id: int = attrs.field(init=False)
@@ -230,6 +233,10 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
             return
         check_epoch(info, self._epoch, self._after)
         self._epoch = info.epoch
+        if self._looked_at_resyncs is not None:
+            # Checked: events are taken from now on, not only once the merge task
+            # has run (until then those emitted right after the open were refused).
+            self._seen_resyncs = self._looked_at_resyncs
         topic.advance(info.head)
         if self._after < 0:  # last=n, of what is retained
             self._set_cursor(max(info.first_id - 1, info.head - (-self._after - 1)))
@@ -247,10 +254,15 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
         ask = getattr(self._store, "stream_info", None)
         if ask is None:
             return None
+        topic = self._topic
+        resyncs = 0 if topic is None else topic.resyncs
         async with self._topics.read_limiter:
             info: StreamInfo = await ask(self._stream)
-        if self._topic is not None:
-            self._topic.validate(info)
+        if topic is not None:
+            current = topic.resyncs == resyncs
+            topic.validate(info)  # may reset the topic: a resync this look covers
+            # Asked after every resync so far: the look covers them all, its own too.
+            self._looked_at_resyncs = topic.resyncs if current else None
         return info
 
     async def _check_epoch(self) -> StreamInfo | None:
