@@ -78,7 +78,18 @@ def _error(status: int, reason: str) -> JSONResponse:
     return JSONResponse({"error": reason}, status_code=status)
 
 
+class UnsupportedMediaType(BadRequest):
+    """A body that does not say it is JSON: answered 415 with the reason."""
+
+
 async def _json_body(request: Request) -> dict[str, Any]:
+    # Only a body that says it is JSON: a form or text/plain POST from another site
+    # needs no CORS preflight, one with this type does (a cross-site send is refused).
+    content_type = request.headers.get("content-type", "")
+    if content_type.partition(";")[0].strip().lower() != "application/json":
+        raise UnsupportedMediaType(
+            f"Content-Type must be application/json, got {content_type[:60]!r}"
+        )
     size = 0
     parts: list[bytes] = []
     async for part in request.stream():
@@ -158,6 +169,8 @@ def _answers_bad_input(handler: Handler) -> Handler:
             return Response(status_code=400)
         except chatbus.IdempotencyConflict as exc:
             return _error(409, str(exc))
+        except UnsupportedMediaType as exc:
+            return _error(415, str(exc))
         except (BadRequest, ValueError) as exc:  # InvalidStream, InvalidMessage, …
             return _error(400, str(exc))
         except (chatbus.StoreError, chatbus.OutcomeUnknown, chatbus.BusClosed) as exc:

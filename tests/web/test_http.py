@@ -15,6 +15,9 @@ from .conftest import postgres_or_skip
 
 httpx = pytest.importorskip("httpx", reason="needs httpx (pip install -e '.[test]')")
 
+#: The header of a raw JSON body (httpx's ``json=`` sets it itself).
+JSON = {"content-type": "application/json"}
+
 
 @pytest.fixture
 def client(start_app):
@@ -72,9 +75,27 @@ def test_post_returns_201_and_a_repeated_key_the_original(client):
     ],
 )
 def test_bad_post_bodies_get_400_with_a_reason(client, body, reason):
-    r = client.post("/rooms/r/messages", content=body)
+    r = client.post("/rooms/r/messages", content=body, headers=JSON)
     assert r.status_code == 400, r.text
     assert reason in r.json()["error"]
+
+
+@pytest.mark.parametrize("route", ["messages", "typing"])
+@pytest.mark.parametrize(
+    "content_type", [None, "text/plain", "application/x-www-form-urlencoded", "json"]
+)
+def test_a_body_not_said_to_be_json_gets_415_and_nothing_is_sent(client, route, content_type):
+    # A form or text/plain POST from another site needs no CORS preflight: refused.
+    headers = {} if content_type is None else {"content-type": content_type}
+    body = b'{"text": "hi", "name": "al"}'
+    r = client.post(f"/rooms/ct/{route}", content=body, headers=headers)
+    assert r.status_code == 415, r.text
+    assert "Content-Type must be application/json" in r.json()["error"]
+    assert client.get("/rooms/ct/messages").json()["messages"] == []
+    # The type's parameters and case do not matter.
+    ok = {"content-type": "Application/JSON; charset=utf-8"}
+    r = client.post(f"/rooms/ct/{route}", content=body, headers=ok)
+    assert r.status_code in (201, 204), r.text
 
 
 def test_a_typing_name_with_nul_gets_400_naming_the_name(client):
@@ -337,7 +358,7 @@ def test_two_processes_on_redis_share_a_room(start_app, kind):
 def test_deeply_nested_json_gets_400_not_500(client, route):
     """A 3 KB body nested 1,500 deep blew the JSON decoder's recursion limit: a 500."""
     deep = b'{"text": "x", "name": "al", "extra": ' + b"[" * 1500 + b"]" * 1500 + b"}"
-    r = client.post(f"/rooms/r/{route}", content=deep)
+    r = client.post(f"/rooms/r/{route}", content=deep, headers=JSON)
     assert r.status_code == 400, r.text
     assert "nested too deeply" in r.json()["error"]
 
