@@ -53,6 +53,10 @@ class SubscriberStatistics:
             for their emitter's order; copies are not counted).
         events_dropped: Events dropped because the consumer fell behind (the buffer
             of events is bounded; messages are never dropped).
+        events_refused: Events refused while the stream's history was in doubt
+            (after a notifier resync or a reset of the stream, until this
+            subscription had checked its epoch; or once it had ended): they might
+            have been of another history.
         events_buffered: Events waiting for the consumer now.
     """
 
@@ -71,6 +75,7 @@ class SubscriberStatistics:
     events_delivered: int
     events_stale: int
     events_dropped: int
+    events_refused: int
     events_buffered: int
 
 
@@ -142,6 +147,7 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
     _looked_at_resyncs: int | None = attrs.field(default=None, init=False)
     _received: int = attrs.field(default=0, init=False)
     _store_errors: int = attrs.field(default=0, init=False)
+    _events_refused: int = attrs.field(default=0, init=False)
     _last_id: int = attrs.field(init=False)
     #: The store failed at open: the merge task places an ``after=0`` cursor instead.
     _place_at_start: bool = attrs.field(default=False, init=False)
@@ -360,7 +366,10 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
     def push_events(self, events: list[Event], *, retained: bool = False) -> None:
         """(Called by the topic, never blocking.) Buffer events for the consumer
         (see :meth:`EventQueue.push`)."""
-        if self._closed or self._in_doubt():
+        if self._closed:
+            return
+        if self._in_doubt():
+            self._events_refused += len(events)
             return
         self._event_queue.push(events, self._last_id, retained=retained)
         self._wake_consumer()
@@ -368,7 +377,10 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
     def push_emitted(self, event: Event) -> None:
         """(Called by the topic, never blocking.) Buffer an event this bus has just
         emitted (see :meth:`EventQueue.push_emitted`)."""
-        if self._closed or self._in_doubt():
+        if self._closed:
+            return
+        if self._in_doubt():
+            self._events_refused += 1
             return
         self._event_queue.push_emitted(event, self._last_id)
         if self._messages_ready is not None:
@@ -418,6 +430,7 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
             events_delivered=self._event_queue.delivered,
             events_stale=self._event_queue.stale,
             events_dropped=self._event_queue.dropped,
+            events_refused=self._events_refused,
             events_buffered=len(self._events),
         )
 

@@ -128,6 +128,32 @@ async def test_events_emitted_right_after_the_open_are_not_refused():
             assert await items(sub, 5, seconds=5) == [1, "Hel", "lo", "!", 2]
 
 
+async def test_events_refused_while_the_history_is_in_doubt_are_counted():
+    # After a notifier resync a subscription takes no events until it has checked the
+    # stream's epoch (they may be of a new history); those it refused meanwhile, this
+    # bus's own too, were lost without a trace: now they are counted.
+    store = _GatedInfo()
+    store.info_open.set()
+    async with (
+        chatbus.open_bus(store=store) as bus,
+        bus.open_publisher("chat") as pub,
+    ):
+        await pub.publish("question")
+        async with bus.open_subscriber("chat", events=True) as sub:
+            assert await items(sub, 1) == [1]
+            store.info_open = trio.Event()
+            bus._router.resync()  # notices may have been lost: the epoch is checked
+            await trio.testing.wait_all_tasks_blocked()
+            await pub.emit("while in doubt")
+            store.info_open.set()
+            await trio.testing.wait_all_tasks_blocked()
+            await pub.emit("once checked")
+            await pub.publish("answer")
+            assert await items(sub, 2) == ["once checked", 2]
+            stats = sub.statistics()
+            assert (stats.events_refused, stats.events_stale, stats.events_dropped) == (1, 0, 0)
+
+
 class _FailingRetained(_GatedStore):
     """A memory store whose first ``retained_events`` calls fail."""
 
