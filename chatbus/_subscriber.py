@@ -37,7 +37,8 @@ class SubscriberStatistics:
         stream: The stream subscribed to.
         cursor: Id of the last message the consumer received.
         fetched: Id of the last message fetched for the consumer (>= cursor).
-        high_water: Highest id the bus knows to be committed in the stream.
+        high_water: Highest id the bus knows to be committed in the stream (0 after
+            a reset or resync until it learns the head again: then below ``cursor``).
         delivered: Messages the consumer has received.
         buffered: Messages fetched but not yet received by the consumer (bounded).
         duplicates_skipped: Messages dropped because their id was at or below the cursor.
