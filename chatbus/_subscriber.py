@@ -148,7 +148,6 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
     _looked_at_resyncs: int | None = attrs.field(default=None, init=False)
     _received: int = attrs.field(default=0, init=False)
     _store_errors: int = attrs.field(default=0, init=False)
-    _events_refused: int = attrs.field(default=0, init=False)
     _last_id: int = attrs.field(init=False)
     #: The store failed at open: the merge task places an ``after=0`` cursor instead.
     _place_at_start: bool = attrs.field(default=False, init=False)
@@ -370,7 +369,7 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
         if self._closed:
             return
         if self._in_doubt():
-            self._events_refused += len(events)
+            self._event_queue.refuse(events)
             return
         self._event_queue.push(events, self._last_id, retained=retained)
         self._wake_consumer()
@@ -381,7 +380,7 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
         if self._closed:
             return
         if self._in_doubt():
-            self._events_refused += 1
+            self._event_queue.refuse((event,))
             return
         self._event_queue.push_emitted(event, self._last_id)
         if self._messages_ready is not None:
@@ -431,7 +430,7 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
             events_delivered=self._event_queue.delivered,
             events_stale=self._event_queue.stale,
             events_dropped=self._event_queue.dropped,
-            events_refused=self._events_refused,
+            events_refused=self._event_queue.refused,
             events_buffered=len(self._events),
         )
 

@@ -14,6 +14,7 @@ import bisect
 import collections
 import datetime
 import enum
+from collections.abc import Sequence
 from typing import Any, Final, final
 
 import attrs
@@ -146,6 +147,8 @@ class EventQueue:
     delivered: int = attrs.field(default=0, init=False)
     stale: int = attrs.field(default=0, init=False)
     dropped: int = attrs.field(default=0, init=False)
+    #: Events refused while the history was in doubt (see Subscriber._in_doubt).
+    refused: int = attrs.field(default=0, init=False)
     #: Per emitter, the last of its events the consumer received: one at or below it
     #: is a copy, or too late for its emitter's order (dropped; bounded).
     _order: EmitterOrder = attrs.field(factory=EmitterOrder, init=False)
@@ -158,10 +161,25 @@ class EventQueue:
     #: catching up does not come back.
     _early: dict[tuple[str, int], None] | None = attrs.field(factory=dict, init=False)
 
+    #: Origins of the events refused before the retained ones came (bounded): those
+    #: the retained block brings back are not counted refused.
+    _refused_early: dict[tuple[str, int], None] | None = attrs.field(factory=dict, init=False)
+
     def no_retained(self) -> None:
         """No retained events will come (none kept, or this is no joiner): live ones go."""
         self.retained_fetched = True
-        self._early = None
+        self._early = self._refused_early = None
+
+    def refuse(self, events: Sequence[Event]) -> None:
+        """Count ``events`` refused (the history in doubt); a joiner's retained block,
+        asked again once the doubt is cleared, may bring them back."""
+        self.refused += len(events)
+        refused_early = self._refused_early
+        if refused_early is not None and not self.retained_fetched:
+            for event in events:
+                refused_early[event.origin] = None
+                if len(refused_early) > self.retained_limit:  # a stream retains no more
+                    del refused_early[next(iter(refused_early))]
 
     def take(self, last_id: int) -> Event | None:
         """The event due before the message after ``last_id``, if one is here; events
@@ -194,9 +212,14 @@ class EventQueue:
         """
         buffer, order, early = self.buffer, self._order, self._early
         before = len(buffer)
+        refused_early = self._refused_early if retained else None
         if retained:
             self._early = None  # from now on, copies are dropped on delivery
+            self._refused_early = None
         for event in events:
+            if refused_early and event.origin in refused_early:
+                self.refused -= 1  # back after all: counted as whatever it is now
+                del refused_early[event.origin]
             if event.key is None and event.after < last_id:
                 self.stale += 1
                 continue

@@ -154,6 +154,31 @@ async def test_events_refused_while_the_history_is_in_doubt_are_counted():
             assert (stats.events_refused, stats.events_stale, stats.events_dropped) == (1, 0, 0)
 
 
+async def test_events_refused_and_then_fetched_as_retained_are_not_counted_refused():
+    # A joiner's fetch of the retained events is slow, and a resync comes meanwhile:
+    # events emitted then are refused, and come again in the fetch asked once the
+    # epoch is checked. They were counted twice: refused, and delivered.
+    store = _GatedStore()
+    store.reads_open.set()
+    async with (
+        chatbus.open_bus(store=store) as bus,
+        bus.open_publisher("chat") as pub,
+    ):
+        await pub.publish("question")
+        async with bus.open_subscriber("chat", events=True) as sub:
+            await trio.testing.wait_all_tasks_blocked()  # fetching the retained events
+            bus._router.resync()
+            await pub.emit("X")
+            await pub.emit("K", key="status")
+            assert sub.statistics().events_refused == 2
+            store.retained_open.set()
+            assert await items(sub, 3) == [1, "X", "K"]
+            await pub.publish("answer")
+            assert await items(sub, 1) == [2]
+            stats = sub.statistics()
+            assert (stats.events_delivered, stats.events_refused) == (2, 0)
+
+
 class _FailingRetained(_GatedStore):
     """A memory store whose first ``retained_events`` calls fail."""
 
