@@ -85,11 +85,18 @@ class UnsupportedMediaType(BadRequest):
 async def _json_body(request: Request) -> dict[str, Any]:
     # Only a body that says it is JSON: a form or text/plain POST from another site
     # needs no CORS preflight, one with this type does (a cross-site send is refused).
-    content_type = request.headers.get("content-type", "")
-    if content_type.partition(";")[0].strip().lower() != "application/json":
+    types = request.headers.getlist("content-type")
+    if len(types) > 1:
+        raise BadRequest("more than one Content-Type header")
+    content_type = types[0] if types else ""
+    media_type, _, parameters = content_type.partition(";")
+    if media_type.strip().lower() != "application/json":
         raise UnsupportedMediaType(
             f"Content-Type must be application/json, got {content_type[:60]!r}"
         )
+    charset = _charset(parameters)
+    if charset is not None and charset not in ("utf-8", "utf8"):
+        raise UnsupportedMediaType(f"JSON is read as UTF-8 only, not charset {charset[:40]!r}")
     size = 0
     parts: list[bytes] = []
     async for part in request.stream():
@@ -108,6 +115,15 @@ async def _json_body(request: Request) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise BadRequest("body must be a JSON object")
     return value
+
+
+def _charset(parameters: str) -> str | None:
+    """The ``charset`` parameter of a Content-Type's ``parameters``, lower case."""
+    for parameter in parameters.split(";"):
+        name, _, value = parameter.partition("=")
+        if name.strip().lower() == "charset":
+            return value.strip().strip('"').lower()
+    return None
 
 
 def _text_field(body: dict[str, Any], name: str, *, limit: int, required: bool) -> str | None:

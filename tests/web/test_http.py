@@ -98,6 +98,17 @@ def test_a_body_not_said_to_be_json_gets_415_and_nothing_is_sent(client, route, 
     assert r.status_code in (201, 204), r.text
 
 
+def test_two_content_types_or_another_charset_are_refused(client):
+    body = b'{"text": "hi"}'
+    two = [("content-type", "application/json"), ("content-type", "text/plain")]
+    r = client.post("/rooms/ct2/messages", content=body, headers=two)
+    assert r.status_code == 400 and "more than one Content-Type" in r.json()["error"]
+    latin = {"content-type": "application/json; charset=latin-1"}
+    r = client.post("/rooms/ct2/messages", content=body, headers=latin)
+    assert r.status_code == 415 and "UTF-8 only" in r.json()["error"]
+    assert client.get("/rooms/ct2/messages").json()["messages"] == []
+
+
 def test_a_typing_name_with_nul_gets_400_naming_the_name(client):
     r = client.post("/rooms/r/typing", json={"name": "a\x00"})
     assert r.status_code == 400 and r.json()["error"] == "name must not contain NUL characters"
