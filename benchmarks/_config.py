@@ -79,6 +79,9 @@ class Sizes:
     events_latency_seconds: float = 5.0
     events_latency_warmup_seconds: float = 1.0
     events_durable_messages: int = 20_000
+    #: The pacer of the events beside durable messages wakes at most this often
+    #: (seconds), emitting what is due (see benchmarks.events.emit_paced).
+    events_tick: float = 0.002
 
 
 def quick_sizes() -> Sizes:
