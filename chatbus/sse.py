@@ -87,9 +87,10 @@ store, a TCP black hole, whose calls never return), makes every stream of the bu
 ``reconnecting``; only an answer to a call begun after the last failure makes it say
 ``ok``, once (an attempt in flight is no answer; a failure of a call begun before a
 later answer is stale). A stream opened while the store is down sends the ``: chatbus``
-comment and ``retry:`` at once with the ``reconnecting`` status, retries opening its
-subscription (pings between tries), and sends its ``id:`` start once it opens: never
-an aborted response.
+comment and ``retry:`` with the ``reconnecting`` status as soon as the probe knows (a
+first try to open is given up then, not waited out to a pool timeout), retries opening
+its subscription (pings between tries), and sends its ``id:`` start once it opens:
+never an aborted response.
 
 Why the generator is safe to hand to a framework: the subscription's merge task runs
 in the bus's nursery, so the generator opens no cancel scope or nursery across a
@@ -169,6 +170,8 @@ _STATUS_POLL: Final = 0.5
 _OPEN_DEADLINE: Final = 10.0
 # Pause between attempts to open a subscription while the store is unreachable.
 _REOPEN_PAUSE: Final = 1.0
+# How often an opening stream not yet told of an outage asks the probe.
+_DOWN_POLL: Final = 0.25
 # Most frames joined into one chunk when the subscription has more ready.
 _MAX_COALESCE: Final = 64
 # Caught-up streams take the room's shared ring (``_sse_hub``); False: each keeps a
@@ -352,8 +355,23 @@ async def _frames(
                 if subscriber is None:
                     subscriber = open_subscriber(resume)
                 async with contextlib.AsyncExitStack() as stack:
-                    with trio.move_on_after(_OPEN_DEADLINE):
-                        sub = await stack.enter_async_context(subscriber)
+                    with trio.move_on_after(_OPEN_DEADLINE) as opening:
+                        if health.reconnecting:  # told: it may take as long as it takes
+                            sub = await stack.enter_async_context(subscriber)
+                        else:
+                            # Not told yet: give up this try once the probe says the
+                            # store is down (a pool timeout, a frozen store take far
+                            # longer), so the client hears of it as soon as the probe.
+                            refused: Exception | None = None
+                            async with trio.open_nursery() as watch:
+                                watch.start_soon(_cancel_when_down, probe, opening)
+                                try:
+                                    sub = await stack.enter_async_context(subscriber)
+                                except Exception as exc:  # raised as is, not in a group
+                                    refused = exc
+                                watch.cancel_scope.cancel()
+                            if refused is not None:
+                                raise refused
                         opened = True
                     subscriber = None  # entered (or given up): the next try opens anew
                     if not opened:
@@ -520,6 +538,13 @@ def _may_switch(sub: _AnySubscriber, events: bool) -> bool:
     if sub.statistics().events_buffered:
         return False
     return not events or sub._event_queue.retained_fetched
+
+
+async def _cancel_when_down(probe: _HealthProbe, scope: trio.CancelScope) -> None:
+    """Cancel ``scope`` (a subscription opening) once ``probe`` says the store is down."""
+    while not probe.down(trio.current_time()):  # noqa: ASYNC110 (no event to wait on)
+        await trio.sleep(_DOWN_POLL)
+    scope.cancel()
 
 
 def _buffered(sub: chatbus.Subscriber[Any]) -> int:

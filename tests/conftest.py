@@ -67,10 +67,27 @@ async def _backend(name: str) -> AsyncIterator[Backend]:
         pytest.param("redis-cluster", marks=pytest.mark.redis),
     ]
 )
-async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
+def backend_name(request: pytest.FixtureRequest) -> str:
+    """Each backend's name in turn, once its server answers: else the test is skipped
+    (or failed, under $CHATBUS_REQUIRE_…) here, in a plain fixture, since pytest-trio
+    re-raises a skip from an async one without its reason."""
+    name: str = request.param
+    if name == "postgres":
+        from support.pg import pg_dsn
+
+        pg_dsn()
+    elif name in ("redis", "redis-cluster"):
+        from support.redis import url_for
+
+        url_for(name)
+    return name
+
+
+@pytest.fixture
+async def backend(backend_name: str) -> AsyncIterator[Backend]:
     """Each backend in turn; Postgres tests get a fresh schema, Redis ones a fresh key
     prefix (servers from $CHATBUS_TEST_REDIS_URL and $CHATBUS_TEST_REDIS_CLUSTER_URL)."""
-    async with _backend(request.param) as backend:
+    async with _backend(backend_name) as backend:
         yield backend
 
 

@@ -263,7 +263,7 @@ async def test_delete_racing_publishers_leaves_streams_consistent(backend):
 
 #: The backends whose store (not the bus) carries a redaction to other processes.
 _TELLING_STORES = pytest.mark.parametrize(
-    "backend",
+    "backend_name",
     [
         pytest.param("postgres", marks=pytest.mark.postgres),
         pytest.param("redis", marks=pytest.mark.redis),
@@ -272,7 +272,7 @@ _TELLING_STORES = pytest.mark.parametrize(
     indirect=True,
 )
 _REDIS = pytest.mark.parametrize(
-    "backend",
+    "backend_name",
     [
         pytest.param("redis", marks=pytest.mark.redis),
         pytest.param("redis-cluster", marks=pytest.mark.redis),

@@ -581,6 +581,31 @@ async def test_a_stream_opened_while_the_store_is_down_says_so_and_recovers(auto
         await gen.aclose()
 
 
+@pytest.mark.parametrize("mode", ["refuse", "freeze"])
+async def test_a_stream_opened_during_an_outage_says_so_as_soon_as_the_probe_knows(
+    autojump_clock, mode
+):
+    """Review: alone in its process, a stream opened while the store was down said
+    nothing until its open gave up (5 s for a pool timeout, 10 s for a frozen store);
+    the probe knew after PROBE_DEADLINE. Then once the store answers: its messages."""
+    store = Outage(fail_after=5.0)
+    async with chatbus.open_bus(store=store, poll_interval=1.0) as bus:
+        await bus.publish("room", 1)
+        store.set(mode)
+        opened = trio.current_time()
+        gen = chatbus.sse.sse_stream(bus, "room", parse_cursor(after="0"), heartbeat=1.0)
+        during = await statuses(gen, 15)
+        assert [state for _, state in during] == ["reconnecting"]
+        assert during[0][0] - opened <= chatbus.sse.PROBE_DEADLINE + 0.5
+        store.set("up")
+        frames = []
+        while not any(f.get("event") == "message" for f in frames):
+            frames.extend(parse(await gen.__anext__()))
+        assert [f["data"]["state"] for f in frames if f.get("event") == "status"] == ["ok"]
+        assert [mid(f) for f in frames if f.get("event") == "message"] == ["1"]
+        await gen.aclose()
+
+
 async def test_nothing_lost_when_the_idle_poll_expires_around_a_burst(monkeypatch):
     """The poll timeout must never cancel a receive() that has taken a message."""
     monkeypatch.setattr(chatbus.sse, "_STATUS_POLL", 1e-4)
