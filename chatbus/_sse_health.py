@@ -85,6 +85,9 @@ class _HealthProbe:
         finally:
             self._running = False
             self._began = None
+            # What it knew goes stale once nobody asks: a stream opened after the
+            # store came back must not start with "reconnecting" (the next probe says).
+            self._failed = False
 
 
 _PROBES: Final[weakref.WeakKeyDictionary[chatbus.Bus, _HealthProbe]] = weakref.WeakKeyDictionary()

@@ -606,6 +606,31 @@ async def test_a_stream_opened_during_an_outage_says_so_as_soon_as_the_probe_kno
         await gen.aclose()
 
 
+async def test_a_stream_opened_after_an_outage_ended_unwatched_starts_without_a_status(
+    autojump_clock,
+):
+    """Review: the probe stopped (its last stream closed) while the store was down and
+    kept that; a stream opened after the store came back began with "reconnecting"."""
+    store = Outage(fail_after=1.0)
+    async with chatbus.open_bus(store=store, poll_interval=1.0) as bus:
+        await bus.publish("room", 1)
+        store.set("refuse")
+        gen = chatbus.sse.sse_stream(bus, "room", parse_cursor(after="0"), heartbeat=1.0)
+        assert [state for _, state in await statuses(gen, 8)] == ["reconnecting"]
+        await gen.aclose()
+        await trio.sleep(10)  # nobody watches: the probe stops
+        store.set("up")
+        await bus.publish("room", 2)
+        gen = chatbus.sse.sse_stream(bus, "room", parse_cursor(after="0"), heartbeat=1.0)
+        frames = []
+        while len([f for f in frames if f.get("event") == "message"]) < 2:
+            frames.extend(parse(await gen.__anext__()))
+        for _ in range(3):  # pings, and any status the probe has to give
+            frames.extend(parse(await gen.__anext__()))
+        assert not [f for f in frames if f.get("event") == "status"]
+        await gen.aclose()
+
+
 async def test_nothing_lost_when_the_idle_poll_expires_around_a_burst(monkeypatch):
     """The poll timeout must never cancel a receive() that has taken a message."""
     monkeypatch.setattr(chatbus.sse, "_STATUS_POLL", 1e-4)

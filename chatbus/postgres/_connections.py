@@ -12,7 +12,7 @@ import contextlib
 import functools
 import logging
 import weakref
-from typing import Any, final
+from typing import Any, Final, final
 
 import attrs
 import psycopg
@@ -27,6 +27,13 @@ from ._aio import AioRunner
 from ._sql import statement_name
 
 logger = logging.getLogger("chatbus.postgres")
+
+#: Longest wait for the server to cancel an interrupted statement (a cancel request
+#: on a connection of its own: milliseconds on a live server). A server that does not
+#: answer (a TCP black hole) holds whoever waits for the recovery that long (an SSE
+#: stream telling its client the store is down, a subscription being closed): then
+#: the connection goes, as it would anyway.
+_CANCEL_TIMEOUT: Final = 1.0
 
 
 @final
@@ -157,7 +164,7 @@ class LentConnections:
         again; else give it to the pool, which rolls it back, resets or closes it.
         A statement not fully sent yet cannot be cancelled (the server is still
         reading it): the connection goes at once. Runs even when the caller is
-        being cancelled, bounded by a few seconds.
+        being cancelled, bounded by about a second (_CANCEL_TIMEOUT).
         """
         with shielded_cleanup():
             pgconn = conn.pgconn
@@ -167,7 +174,9 @@ class LentConnections:
                     and pgconn.transaction_status == pq.TransactionStatus.ACTIVE
                     and _pq.fully_sent(pgconn)
                 ):
-                    await self._aio.run(functools.partial(conn.cancel_safe, timeout=4.0))
+                    await self._aio.run(
+                        functools.partial(conn.cancel_safe, timeout=_CANCEL_TIMEOUT)
+                    )
                     await _pq.drain(pgconn)
             except Exception:
                 # Not idle after all (or the loop is gone): discarded below.

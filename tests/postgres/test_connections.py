@@ -24,6 +24,7 @@ from chatbus.postgres import (
 )
 
 from support.pg import (
+    TcpProxy,
     admin_execute,
     draft,
     eventually,
@@ -234,3 +235,24 @@ async def test_created_at_is_the_stored_timestamp_to_the_microsecond(store: Post
         for message in returned:
             assert message.created_at == read[message.id] == stored[message.id]
         assert len({m.created_at.microsecond for m in returned}) > 1  # not truncated
+
+
+async def test_a_call_cancelled_while_the_server_is_silent_ends_within_about_a_second() -> None:
+    """Review: with the server a TCP black hole, a cancelled call (an SSE stream giving
+    up its open once the store is known down, a subscription being closed) waited 4 s
+    for a cancel request the server would never answer. The wait is bounded by
+    _CANCEL_TIMEOUT (1 s); the connection then goes."""
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            proxy = TcpProxy.to_dsn(pg_dsn())
+            await proxy.start(nursery)
+            async with fresh_postgres_pair(dsn=proxy.dsn(pg_dsn())) as (store, _):
+                await store.heads(["warm"])  # a lent connection, ready
+                proxy.freeze()
+                began = trio.current_time()
+                with trio.move_on_after(0.5):
+                    await store.heads(["warm"])
+                assert trio.current_time() - began < 0.5 + 1.0 + 1.0
+                await proxy.up()
+                assert await store.heads(["warm"]) == {"warm": 0}  # a fresh connection serves
+            nursery.cancel_scope.cancel()
