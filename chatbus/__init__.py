@@ -51,7 +51,7 @@ from ._publisher import Publisher as Publisher
 from ._publisher import PublisherStatistics as PublisherStatistics
 from ._retention import Retention as Retention
 from ._subscriber import Subscriber as Subscriber
-from ._subscriber import SubscriberStatistics as SubscriberStatistics
+from ._subscriber_statistics import SubscriberStatistics as SubscriberStatistics
 from ._util import fixup_module_metadata as _fixup_module_metadata
 
 __version__ = "0.1.0.dev0"
