@@ -9,12 +9,15 @@ No I/O; imports only :mod:`chatbus._message`.
 
 from __future__ import annotations
 
+import datetime
 import json
 import re
 from collections.abc import Callable, Sequence
-from typing import Any, Final
+from typing import Any, Final, final
 
-from ._message import Draft, Message, check_stream
+import attrs
+
+from ._message import Draft, Message, check_stream, make_message
 
 #: Joins the bodies of a batch into one value. A control character: valid JSON text
 #: never contains it raw (not even inside strings), so splitting on it gives back
@@ -148,6 +151,104 @@ def parse_notice(payload: bytes | str) -> tuple[str, int] | None:
     except ValueError:
         return None
     return stream, last_id
+
+
+#: At most this many bytes of bodies and keys ride in a notice (see
+#: :class:`CommittedNotice`): with the header and the longest stream name, escaped,
+#: a payload stays well under Postgres's 8,000-byte limit on one NOTIFY.
+NOTICE_DATA_BYTES: Final = 4096
+#: How a committed notice begins (a plain one has a space after ``"stream"``).
+COMMITTED_NOTICE_PREFIX: Final = b'{"stream":"'
+_COMMITTED_HEADER: Final = re.compile(
+    rb'\{"stream":"([^"\\\x00-\x1f]+)","last_id":([1-9][0-9]{0,18}),"epoch":([1-9][0-9]{0,18}),'
+    rb'"at":(-?[0-9]{1,19}),"n":([1-9][0-9]{0,6}),'
+)
+_UNIX_EPOCH: Final = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
+
+
+def committed_notice_tail(packed: bytes, count: int, keys: bytes | None = None) -> bytes | None:
+    """What the client adds to a committed notice: ``,"n":…,"bodies":[…](,"keys":[…])}``.
+
+    ``packed``: the batch's bodies joined with :data:`BODY_SEPARATOR` (UTF-8: the
+    separator byte never occurs inside a multi-byte character); ``keys``: their keys
+    as a JSON array. None when they are too big to ride in the notice
+    (:data:`NOTICE_DATA_BYTES`): the notice is then a plain one.
+    """
+    if len(packed) + (0 if keys is None else len(keys)) > NOTICE_DATA_BYTES:
+        return None
+    tail = b',"n":%d,"bodies":[%s]' % (count, packed.replace(b"\x1e", b","))
+    return tail + b',"keys":' + keys + b"}" if keys is not None else tail + b"}"
+
+
+@final
+@attrs.frozen
+class CommittedNotice:
+    """A notice that carries the messages it announces: ``count`` messages ending at
+    ``last_id``, committed in ``epoch`` at ``micros`` (µs since the Unix epoch).
+
+    A Postgres append of one stream sends it (the server writes the header, the client
+    the bodies and keys: :func:`committed_notice_tail`) in the append's transaction,
+    so it exists only if they committed. A subscriber in another process can then take
+    them without reading the store; the bodies are decoded only then
+    (:meth:`messages`), never by a bus that has no use for them.
+    """
+
+    stream: str
+    last_id: int
+    epoch: int
+    count: int
+    micros: int
+    payload: bytes
+
+    def messages(self) -> list[Message] | None:
+        """The announced messages, decoded; None if the payload does not hold them."""
+        data = _json_object(self.payload)
+        if data is None:
+            return None
+        bodies, keys = data.get("bodies"), data.get("keys", [None] * self.count)
+        if not (isinstance(bodies, list) and isinstance(keys, list)):
+            return None
+        if not len(bodies) == len(keys) == self.count:
+            return None
+        if not all(key is None or type(key) is str for key in keys):
+            return None
+        created_at = _UNIX_EPOCH + datetime.timedelta(microseconds=self.micros)
+        stream, first = self.stream, self.last_id - self.count + 1
+        return [
+            make_message(stream, first + offset, body, key, created_at)
+            for offset, (body, key) in enumerate(zip(bodies, keys, strict=True))
+        ]
+
+
+def parse_committed_notice(payload: bytes) -> CommittedNotice | None:
+    """Read the header of a :class:`CommittedNotice` (its bodies wait); None if
+    ``payload`` is not one."""
+    if (match := _COMMITTED_HEADER.match(payload)) is not None:
+        try:
+            stream = check_stream(match[1].decode("utf-8"))
+        except ValueError:  # UnicodeDecodeError, InvalidStream
+            return None
+        last_id, count = int(match[2]), int(match[5])
+        if count > last_id:
+            return None
+        return CommittedNotice(stream, last_id, int(match[3]), count, int(match[4]), payload)
+    if not payload.startswith(COMMITTED_NOTICE_PREFIX):
+        return None
+    data = _json_object(payload)  # a stream name with escapes: the exact way
+    if data is None:
+        return None
+    fields = [data.get(name) for name in ("last_id", "epoch", "n", "at")]
+    if not all(type(value) is int for value in fields):
+        return None
+    ints: list[int] = fields  # type: ignore[assignment]  # checked just above
+    last_id, epoch, count, micros = ints
+    if not (1 <= count <= last_id and epoch >= 1):
+        return None
+    try:
+        stream = check_stream(data.get("stream"))
+    except ValueError:
+        return None
+    return CommittedNotice(stream, last_id, epoch, count, micros, payload)
 
 
 def encode_reset(stream: str, first_id: int | None = None) -> str:

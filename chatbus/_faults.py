@@ -17,6 +17,7 @@ from typing import Any, final
 import attrs
 import trio
 
+from ._codec import CommittedNotice
 from ._event import Event
 from ._message import Draft, Message
 from ._options import check_int_range, check_range
@@ -165,6 +166,13 @@ class _FaultyHandler:
 
     def notice(self, stream: str, last_id: int) -> None:
         self._mistreat(functools.partial(self.target.notice, stream, last_id))
+
+    def committed(self, notice: CommittedNotice) -> None:
+        target = getattr(self.target, "committed", None)
+        if target is None:
+            self.notice(notice.stream, notice.last_id)
+        else:
+            self._mistreat(functools.partial(target, notice))
 
     def events(self, events: Sequence[Event]) -> None:
         target = getattr(self.target, "events", None)

@@ -15,6 +15,7 @@ import attrs
 import trio
 
 from ._cache import DurableCache
+from ._codec import CommittedNotice
 from ._event import Event
 from ._exceptions import BusClosed
 from ._message import Message, StreamInfo
@@ -111,6 +112,19 @@ class Topic:
             self.head_known = True
         self._wake()  # even if a notice already raised high_water: the cache grew
         return last_id
+
+    def notified(self, messages: list[Message]) -> None:
+        """Another process committed ``messages`` (ids above :attr:`high_water`, of the
+        cache's epoch: see :meth:`Router.committed`): cache them, wake subscriptions.
+
+        Ids the cache holds already (read from the store meanwhile) are left as read.
+        """
+        cache, last_id = self.cache, messages[-1].id
+        if messages[0].id <= cache.top:
+            messages = [message for message in messages if message.id > cache.top]
+        if messages:
+            cache.put(messages)
+        self.advance(last_id)
 
     def met_epoch(self, epoch: int) -> None:
         """A store page or a local commit of this stream came from ``epoch``.
@@ -282,6 +296,32 @@ class Router:
         if topic is not None:
             topic.advance(last_id)
 
+    def committed(self, notice: CommittedNotice) -> None:
+        """A notice that carries the messages it announces (another process's append).
+
+        They go in the cache, sparing the subscriptions a store read, only where that
+        is sure to be right: the topic has subscriptions, knows its epoch and it is the
+        notice's (the same history), no local append is in flight (its commit fills the
+        cache at no cost), and every one of them is news (above :attr:`Topic.high_water`:
+        a notice overtaken by a redaction or a later notice, under a notifier that
+        reorders, is not trusted). Else it is a plain notice, and the bodies are never
+        decoded.
+        """
+        self.notices += 1
+        topic = self.topics.get(notice.stream)
+        if topic is None:
+            return
+        if (
+            topic.subscribers
+            and not topic.appending
+            and topic.epoch == notice.epoch
+            and notice.last_id - notice.count >= topic.high_water
+            and (messages := notice.messages())
+        ):
+            topic.notified(messages)
+        else:
+            topic.advance(notice.last_id)
+
     def resync(self) -> None:
         # Anything may have happened while notices were lost: a delete, a trim, a
         # redaction. So nothing known of any stream is trusted any more: every topic
@@ -304,6 +344,9 @@ class Router:
         topic = self.topics.get(stream)
         if topic is not None:
             topic.cache.forget(id)
+            # Message id exists: a committed notice of it that comes after this (a
+            # notifier that reorders) holds its old body and must not be cached.
+            topic.advance(id)
 
     def events(self, events: Sequence[Event]) -> None:
         by_stream: dict[str, list[Event]] = {}

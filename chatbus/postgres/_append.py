@@ -24,6 +24,7 @@ import trio
 from psycopg import pq
 
 from .._coalesce import PendingAppend, settle
+from .._codec import committed_notice_tail
 from .._exceptions import OutcomeUnknown, StoreError
 from .._message import Message
 from . import _pq
@@ -140,8 +141,15 @@ class Appends:
         ]
         if len(request) == 1:
             ((stream, n, packed),) = request
-            params = [stream.encode("utf-8"), b"%d" % n, packed.encode("utf-8"), channel]
-            params.append(b"%d" % token)
+            bodies = packed.encode("utf-8")
+            params = [
+                stream.encode("utf-8"),
+                b"%d" % n,
+                bodies,
+                channel,
+                b"%d" % token,
+                committed_notice_tail(bodies, n),
+            ]
             result = await self._run_append(self._queries.append_unkeyed, params, carry)
             if result.ntuples != 1:  # pragma: no cover - the upsert returns its row
                 return []
@@ -210,6 +218,7 @@ class Appends:
         stored before. A stream the statement stored nothing in has no last id (None).
         """
         channel, queries = self._channel.encode("utf-8"), self._queries
+        params: Sequence[bytes | None]
         if look is not None:
             query, params = queries.append_keyed, request.params(channel, token, look)
         elif len(groups) == 1:
@@ -267,7 +276,7 @@ class Appends:
         return replays(stream, found, sent, bodies)
 
     async def _run_append(
-        self, query: bytes, params: list[bytes], carry: CarriedEvents | None = None
+        self, query: bytes, params: Sequence[bytes | None], carry: CarriedEvents | None = None
     ) -> pq.abc.PGresult:
         """:meth:`_run_prepared` for an append: a reply lost once sent is _MaybeCommitted.
 

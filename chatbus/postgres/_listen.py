@@ -17,7 +17,13 @@ import attrs
 import trio
 from psycopg import pq, sql
 
-from .._codec import parse_notice, parse_redacted, parse_reset
+from .._codec import (
+    COMMITTED_NOTICE_PREFIX,
+    parse_committed_notice,
+    parse_notice,
+    parse_redacted,
+    parse_reset,
+)
 from .._event import Event, decode_events
 from .._listener import Beat, ListenLost, Liveness, Reconnecting
 from .._protocols import NoticeHandler
@@ -141,8 +147,15 @@ class ListenSession:
                 if events:
                     self.handler.events(events)
                 return bool(events)
-            parsed = parse_notice(payload)
-            if parsed is not None:
+            if payload.startswith(COMMITTED_NOTICE_PREFIX) and (
+                committed := parse_committed_notice(payload)
+            ):
+                self.notices += 1
+                if (take := getattr(self.handler, "committed", None)) is not None:
+                    take(committed)
+                else:
+                    self.handler.notice(committed.stream, committed.last_id)
+            elif (parsed := parse_notice(payload)) is not None:
                 self.notices += 1
                 self.handler.notice(*parsed)
             elif (reset := parse_reset(payload)) is not None:

@@ -191,6 +191,26 @@ def _notice(stream: str, last_id: str) -> sql.Composable:
     )
 
 
+def _notice_carrying(stream: str, tail: str) -> sql.Composable:
+    """The notice of a one-stream append: a plain one, or, when the client sent
+    ``tail`` (the batch's count, bodies and keys: chatbus._codec.committed_notice_tail),
+    a committed notice: the server's header (stream, last id, epoch, created_at µs),
+    then the tail (see chatbus._codec.CommittedNotice)."""
+    return sql.SQL(
+        "CASE WHEN {tail} IS NULL THEN {plain} ELSE concat({open}, to_json({stream}),"
+        " {last}, bump.last_id, {epoch}, bump.epoch, {at}, {micros}, {tail}) END"
+    ).format(
+        tail=sql.SQL(tail),
+        plain=_notice(stream, "bump.last_id"),
+        open=sql.Literal('{"stream":'),
+        stream=sql.SQL(stream),
+        last=sql.Literal(',"last_id":'),
+        epoch=sql.Literal(',"epoch":'),
+        at=sql.Literal(',"at":'),
+        micros=_micros("bump.last_at"),
+    )
+
+
 #: Most rows one statement of a trim or delete removes (each its own transaction,
 #: so no lock is held long on a hot stream).
 LIFECYCLE_BATCH: Final = 5000
@@ -237,14 +257,16 @@ class Queries:
         """Compose every statement for ``schema``."""
         names = _names(schema)
         return cls(
-            append_unkeyed=_bytes(_APPEND_UNKEYED, names, _notice("$1::text", "bump.last_id")),
+            append_unkeyed=_bytes(
+                _APPEND_UNKEYED, names, _notice_carrying("$1::text", "$6::text")
+            ),
             append_streams=_bytes(_APPEND_STREAMS, names, _notice("bump.stream", "bump.last_id")),
             append_keyed=_bytes(_APPEND_KEYED, names),
             append_keyed_new=_bytes(
                 _APPEND_KEYED_NEW, names, _notice("bump.stream", "bump.last_id")
             ),
             append_keyed_new_one=_bytes(
-                _APPEND_KEYED_NEW_ONE, names, _notice("$1::text", "bump.last_id")
+                _APPEND_KEYED_NEW_ONE, names, _notice_carrying("$1::text", "$7::text")
             ),
             read=_bytes(_READ, names),
             heads=_bytes(_HEADS, names),
@@ -313,7 +335,8 @@ def _bytes(
 # just reserved, and notify once. The SET of ON CONFLICT DO UPDATE is evaluated once
 # the row lock is held, so clock_timestamp() there is later than the previous batch's
 # commit: created_at never decreases in id order (greatest() also rides out a clock
-# stepped back). $5 is the batch's token (see _OUTCOME).
+# stepped back). $5 is the batch's token (see _OUTCOME); $6 NULL, or what makes the
+# notice a committed one, carrying the batch (see _notice_carrying).
 _APPEND_UNKEYED: Final = """
     WITH bump AS (
         INSERT INTO {streams} AS st (stream, last_id, last_at, last_token)
@@ -439,8 +462,9 @@ _APPEND_KEYED_NEW: Final = """
 """
 
 # _APPEND_KEYED_NEW for one stream (the usual batch at a low rate): $1 the stream, $2
-# how many drafts, $3 the bodies, $4 the channel, $5 the token, $6 the keys; the
-# unkeyed single-stream statement's shape, so it costs about as much.
+# how many drafts, $3 the bodies, $4 the channel, $5 the token, $6 the keys, $7 as $6
+# of _APPEND_UNKEYED; the unkeyed single-stream statement's shape, so it costs about
+# as much.
 _APPEND_KEYED_NEW_ONE: Final = """
     WITH bump AS (
         INSERT INTO {streams} AS st (stream, last_id, last_at, last_token)

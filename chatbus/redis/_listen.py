@@ -25,7 +25,13 @@ from typing import ClassVar, Final, final
 import attrs
 import trio
 
-from .._codec import parse_notice, parse_redacted, parse_reset
+from .._codec import (
+    COMMITTED_NOTICE_PREFIX,
+    parse_committed_notice,
+    parse_notice,
+    parse_redacted,
+    parse_reset,
+)
 from .._event import Event, decode_events
 from .._exceptions import InvalidStream
 from .._listener import Beat, ListenLost, Liveness, Reconnecting
@@ -304,7 +310,15 @@ class ListenSession:
             if events:
                 handler.events(events)
             return bool(events)
-        if (parsed := quick_notice(payload) or parse_notice(payload)) is not None:
+        if payload.startswith(COMMITTED_NOTICE_PREFIX) and (
+            committed := parse_committed_notice(payload)
+        ):
+            self.notices += 1
+            if (take := getattr(handler, "committed", None)) is not None:
+                take(committed)
+            else:
+                handler.notice(committed.stream, committed.last_id)
+        elif (parsed := quick_notice(payload) or parse_notice(payload)) is not None:
             self.notices += 1
             handler.notice(*parsed)
         elif (reset := parse_reset(payload)) is not None:

@@ -18,6 +18,8 @@ from typing import Final, final
 
 import attrs
 
+from .._codec import NOTICE_DATA_BYTES
+
 #: Fewest token records kept per stream (see APPEND): a re-run of a batch whose
 #: record was dropped since cannot be told from a new one.
 TOKENS_KEPT: Final = 64
@@ -146,6 +148,18 @@ local function notice(stream, last_id)
 end
 """
 
+# A committed notice (see chatbus._codec.CommittedNotice): the notice of a batch
+# that carries its new messages (bodies as sent, JSON text; keys, null for none) and
+# the epoch and created_at µs they were stored with.
+_COMMITTED_NOTICE = """
+local function committed_notice(stream, last_id, epoch, at, bodies, keys)
+  return '{"stream":' .. cjson.encode(stream) .. ',"last_id":' .. str(last_id)
+    .. ',"epoch":' .. epoch .. ',"at":' .. at .. ',"n":' .. #bodies
+    .. ',"bodies":[' .. table.concat(bodies, ',') .. '],"keys":['
+    .. table.concat(keys, ',') .. ']}'
+end
+"""
+
 # Append a batch to each of several streams (APPEND: on a Cluster, streams of one
 # slot; on one server, any). KEYS: per stream, its meta, entries, keys, tokens, token
 # order, redactions. ARGV: durable (1/0), window µs (0 on a first run), token records
@@ -185,6 +199,7 @@ end
 # first run's record), 'unknown'.
 _APPEND_BODY: Final = (
     _FIND
+    + _COMMITTED_NOTICE
     + """
 local durable, window, keep = ARGV[1] == '1', tonumber(ARGV[2]), tonumber(ARGV[3])
 local clock = redis.call('TIME')
@@ -271,6 +286,8 @@ local function append(kb, ab)
   local records = {}
   local record_parts = {}
   local found = {}
+  -- The new messages' bodies and keys, for a committed notice, while small enough.
+  local nbodies, nkeys, carried = {}, {}, 0
   for i = 1, n do
     local key = ARGV[ab + 4 + i]
     local old = nil
@@ -283,6 +300,12 @@ local function append(kb, ab)
     end
     if old == nil then
       head = head + 1
+      if carried <= @NOTICE_DATA_BYTES@ then
+        local body = ARGV[ab + 4 + n + i]
+        nbodies[#nbodies + 1] = body
+        if key == '' then nkeys[#nkeys + 1] = 'null' else nkeys[#nkeys + 1] = cjson.encode(key) end
+        carried = carried + #body + #key
+      end
       if key == '' then
         redis.call('XADD', x, '0-' .. head, 'b', ARGV[ab + 4 + n + i], 't', snow)
       else
@@ -347,7 +370,11 @@ local function append(kb, ab)
     mset[#mset + 1] = 'vis'
     mset[#mset + 1] = vis
     redis.call('HSET', m, unpack(mset))
-    redis.call('SPUBLISH', channel, notice(stream, head))
+    if carried > 0 and carried <= @NOTICE_DATA_BYTES@ then
+      redis.call('SPUBLISH', channel, committed_notice(stream, head, epoch, snow, nbodies, nkeys))
+    else
+      redis.call('SPUBLISH', channel, notice(stream, head))
+    end
   else
     redis.call('HSET', m, unpack(mset))
   end
@@ -371,6 +398,7 @@ return out
     .replace("@TOKENS_RENEW_US@", str(TOKENS_RENEW_SECONDS * 1_000_000))
     .replace("@KEY_CHUNK@", str(KEY_CHUNK))
     .replace("@KEYS_HASH_NOTE@", KEYS_HASH_NOTE)
+    .replace("@NOTICE_DATA_BYTES@", str(NOTICE_DATA_BYTES))
 )
 APPEND: Final = Script("append", "local K = KEYS\n" + _APPEND_BODY)
 APPEND_SLOTS: Final = Script(

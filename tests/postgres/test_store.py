@@ -22,6 +22,7 @@ from psycopg import sql
 import chatbus
 import chatbus.postgres._pq
 from chatbus import Message
+from chatbus._codec import NOTICE_DATA_BYTES, parse_committed_notice
 from chatbus._message import Draft
 from chatbus.postgres import (
     PostgresNotifier,
@@ -336,8 +337,10 @@ async def test_bodies_round_trip_exactly(store: PostgresStore) -> None:
             assert [json.dumps(m.body, sort_keys=True) for m in messages] == expected
 
 
-async def test_notify_payload_stays_small() -> None:
-    """The payload carries the stream and id only, whatever the body."""
+async def test_notify_payload_stays_under_the_server_limit() -> None:
+    """A notice carries the stream and last id, and the batch's bodies and keys only up
+    to NOTICE_DATA_BYTES: with the longest stream name, escaped at worst, it stays
+    under Postgres's 8,000 bytes whatever the bodies."""
     with trio.fail_after(10):
         async with fresh_postgres_pair() as (store, _):
             conn = await trio.to_thread.run_sync(
@@ -347,19 +350,28 @@ async def test_notify_payload_stays_small() -> None:
                 conn.execute(f'LISTEN "{store.channel}"')
                 longest_stream = "🎉" * 256
                 await store.append(longest_stream, [draft({"text": "é" * 200_000})])
-                await store.append(longest_stream, [draft({"text": "é" * 1000})])
+                # As many bytes of bodies and keys as a notice carries:
+                body = "é" * ((NOTICE_DATA_BYTES - 200) // 2)
+                await store.append(longest_stream, [draft(body, key="k" * 180)])
                 escaped = "\x01" * 256  # escapes to \u0001 in JSON: the worst case
-                await store.append(escaped, [draft(1)])
+                await store.append(escaped, [draft(body, key="k" * 180)])
                 payloads = await trio.to_thread.run_sync(
                     lambda: [n.payload for n in conn.notifies(timeout=1.0, stop_after=3)]
                 )
             finally:
                 conn.close()
         assert len(payloads) == 3
-        assert all(len(p.encode()) < 2000 for p in payloads), [len(p) for p in payloads]
+        assert all(len(p.encode()) < 7000 for p in payloads), [len(p) for p in payloads]
         assert json.loads(payloads[0]) == {"stream": longest_stream, "last_id": 1}
-        assert json.loads(payloads[1]) == {"stream": longest_stream, "last_id": 2}
-        assert json.loads(payloads[2]) == {"stream": escaped, "last_id": 1}
+        for payload, stream, last_id in [
+            (payloads[1], longest_stream, 2),
+            (payloads[2], escaped, 1),
+        ]:
+            notice = parse_committed_notice(payload.encode("utf-8"))
+            assert notice is not None
+            assert (notice.stream, notice.last_id, notice.count) == (stream, last_id, 1)
+            [message] = notice.messages() or []
+            assert (message.body, message.key) == (body, "k" * 180)
 
 
 @pytest.mark.parametrize("keyed", [False, True])
