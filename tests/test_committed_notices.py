@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import datetime
 import json
+from typing import Any
 
 import pytest
 import trio
+from conftest import Backend
 
 from chatbus import Message
 from chatbus._cache import DurableCache
@@ -183,3 +185,29 @@ async def test_a_committed_notice_wakes_the_subscriptions() -> None:
             await trio.testing.wait_all_tasks_blocked()
             router.committed(_notice(1))
             await woken.wait()
+
+
+@pytest.mark.parametrize(
+    "backend_name",
+    [
+        pytest.param("postgres", marks=pytest.mark.postgres),
+        pytest.param("redis", marks=pytest.mark.redis),
+        pytest.param("redis-cluster", marks=pytest.mark.redis),
+    ],
+    indirect=True,
+)
+async def test_a_subscriber_of_another_bus_takes_them_without_reading_the_store(
+    backend: Backend,
+) -> None:
+    with trio.fail_after(30):
+        async with backend.open_bus() as writer, backend.open_bus() as reader:
+            await writer.publish("room", {"i": 0})
+            async with reader.open_subscriber("room") as sub:
+                received: list[Any] = [(await anext(aiter(sub))).body]
+                reads_at_start = sub.statistics().store_reads
+                async with writer.open_publisher("room") as pub:
+                    for i in range(1, 30):
+                        await pub.publish({"i": i}, key=f"k{i}" if i % 2 else None)
+                        received.append((await anext(aiter(sub))).body)
+                assert received == [{"i": i} for i in range(30)]
+                assert sub.statistics().store_reads == reads_at_start

@@ -36,7 +36,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 import chatbus
-from chatbus._codec import encode_notice
+from chatbus._codec import CommittedNotice, encode_notice
 from chatbus._message import Draft, Message, make_draft
 from chatbus.postgres import PostgresNotifier, PostgresStore, channel_for_schema, open_postgres
 
@@ -202,6 +202,16 @@ class Recorder:
 
     def ids(self, stream: str) -> list[int]:
         return [last_id for s, last_id in self.notices if s == stream]
+
+
+@attrs.define(eq=False)
+class CommittedRecorder(Recorder):
+    """A Recorder that also keeps the notices carrying their messages apart."""
+
+    committed_notices: list[CommittedNotice] = attrs.Factory(list)
+
+    def committed(self, notice: CommittedNotice) -> None:
+        self.committed_notices.append(notice)
 
 
 @asynccontextmanager
