@@ -146,12 +146,19 @@ class SubscriberProcess:
 
 @contextlib.asynccontextmanager
 async def subscriber_process(
-    dsn: str, schema: str, stream: str, *, events: bool = False, backend: str = "postgres"
+    dsn: str,
+    schema: str,
+    stream: str,
+    *,
+    events: bool = False,
+    backend: str = "postgres",
+    plain_notices: bool = False,
 ) -> AsyncIterator[SubscriberProcess]:
     """Start the subscriber child on ``stream`` and wait until it is subscribed.
 
     ``backend`` is ``postgres`` (``dsn`` and ``schema``) or ``redis`` (``dsn`` is the
-    server's URL, ``schema`` the key prefix).
+    server's URL, ``schema`` the key prefix). ``plain_notices``: the child takes no
+    messages from notices (it reads the store after each).
 
     The child is killed on the way out if it is still running.
     """
@@ -168,6 +175,7 @@ async def subscriber_process(
         "--backend",
         backend,
         *(["--events"] if events else []),
+        *(["--plain-notices"] if plain_notices else []),
     ]
     process = await trio.lowlevel.open_process(
         command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL

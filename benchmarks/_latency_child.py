@@ -4,7 +4,8 @@ Subscribes to ``--stream`` in ``--schema`` (for ``--backend redis``: ``--dsn`` i
 server's URL and ``--schema`` the key prefix; with ``--events``: for events, as the
 events scenario measures them), prints ``ready``, then collects latencies
 (``time.time()`` at receipt minus the scheduled send time in the body) until the end
-marker, and prints them as one JSON object.
+marker, and prints them as one JSON object. With ``--plain-notices`` it takes no
+messages from notices (see chatbus._codec.CommittedNotice): the baseline.
 """
 
 from __future__ import annotations
@@ -19,6 +20,15 @@ import trio
 
 from ._backends import open_backend_bus
 from .latency import collect
+
+
+def _plain_notices() -> None:
+    """Take every notice as a plain one, as before committed notices: each makes the
+    subscription read the store (the same-run baseline of the latency scenario). The
+    listeners call ``committed`` only where the bus's router has it."""
+    from chatbus._topic import Router
+
+    del Router.committed
 
 
 async def _main(dsn: str, schema: str, stream: str, events: bool, backend: str) -> None:
@@ -46,7 +56,10 @@ def main() -> None:
     parser.add_argument("--stream", required=True)
     parser.add_argument("--events", action="store_true")
     parser.add_argument("--backend", choices=("postgres", "redis"), default="postgres")
+    parser.add_argument("--plain-notices", action="store_true")
     args = parser.parse_args()
+    if args.plain_notices:
+        _plain_notices()
     trio.run(_main, args.dsn, args.schema, args.stream, args.events, args.backend)
 
 

@@ -122,15 +122,18 @@ async def _memory_run(sizes: Sizes) -> Collected:
     return result
 
 
-async def _remote_run(sizes: Sizes, backend: str, url: str, keyed: bool) -> Collected:
-    """One run with the subscriber in another OS process (Postgres or Redis at ``url``)."""
+async def _remote_run(
+    sizes: Sizes, backend: str, url: str, keyed: bool, plain: bool = False
+) -> Collected:
+    """One run with the subscriber in another OS process (Postgres or Redis at ``url``);
+    ``plain``: the subscriber takes no messages from notices (reads the store)."""
     rate = sizes.latency_rate
     warmup = int(sizes.latency_warmup_seconds * rate)
     count = int(sizes.latency_seconds * rate)
     schema = _pg.scratch_schema("lat")  # the Postgres schema, or the Redis key prefix
     async with (
         _backends.open_backend_bus(backend, url, schema=schema) as bus,
-        subscriber_process(url, schema, STREAM, backend=backend) as child,
+        subscriber_process(url, schema, STREAM, backend=backend, plain_notices=plain) as child,
     ):
         async with bus.open_publisher(STREAM) as publisher:
             await offer_load(
@@ -146,7 +149,7 @@ async def _remote_run(sizes: Sizes, backend: str, url: str, keyed: bool) -> Coll
 def _rows(
     backend: str,
     runs: list[Collected],
-    target_ms: float,
+    target_ms: float | None,
     note: str,
     *,
     prefix: str = "",
@@ -159,7 +162,7 @@ def _rows(
     per_baseline = [summarize(run.latencies) for run in baseline]
     rows = []
     for metric in metrics:
-        is_p99 = metric == "p99"
+        is_p99 = metric == "p99" and target_ms is not None
         rows.append(
             measured(
                 scenario="latency",
@@ -232,9 +235,11 @@ def run(context: Context, backend: str) -> list[Row]:
 def _remote_rows(sizes: Sizes, backend: str, url: str, offered: str) -> list[Row]:
     unkeyed: list[Collected] = []
     keyed: list[Collected] = []
+    plain: list[Collected] = []
     for _ in range(sizes.repeats):
         unkeyed.append(trio.run(_remote_run, sizes, backend, url, False))
         keyed.append(trio.run(_remote_run, sizes, backend, url, True))
+        plain.append(trio.run(_remote_run, sizes, backend, url, False, True))
     offered += ", subscriber in another process"
     target = TARGET_MS[backend]
     return [
@@ -256,6 +261,17 @@ def _remote_rows(sizes: Sizes, backend: str, url: str, offered: str) -> list[Row
             metric="keyed sender lag p99",
             unit="ms",
             samples=[summarize(run.lags)["p99"] for run in keyed],
+        ),
+        *_rows(
+            backend,
+            plain,
+            None,
+            offered + ", unkeyed, the subscriber reading the store after every notice"
+            " (no messages taken from notices; runs interleaved with the above)",
+            prefix="plain notices ",
+            metrics=("p50", "p99"),
+            baseline=unkeyed,
+            baseline_name="committed notices",
         ),
     ]
 
