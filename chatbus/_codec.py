@@ -166,29 +166,17 @@ _COMMITTED_HEADER: Final = re.compile(
 _UNIX_EPOCH: Final = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
 
 
-def committed_notice_tail(packed: bytes, count: int, keys: bytes | None = None) -> bytes | None:
-    """What the client adds to a committed notice: ``,"n":…,"bodies":[…](,"keys":[…])}``.
-
-    ``packed``: the batch's bodies joined with :data:`BODY_SEPARATOR` (UTF-8: the
-    separator byte never occurs inside a multi-byte character); ``keys``: their keys
-    as a JSON array. None when they are too big to ride in the notice
-    (:data:`NOTICE_DATA_BYTES`): the notice is then a plain one.
-    """
-    if len(packed) + (0 if keys is None else len(keys)) > NOTICE_DATA_BYTES:
-        return None
-    tail = b',"n":%d,"bodies":[%s]' % (count, packed.replace(b"\x1e", b","))
-    return tail + b',"keys":' + keys + b"}" if keys is not None else tail + b"}"
-
-
 @final
 @attrs.frozen
 class CommittedNotice:
     """A notice that carries the messages it announces: ``count`` messages ending at
     ``last_id``, committed in ``epoch`` at ``micros`` (µs since the Unix epoch).
 
-    A Postgres append of one stream sends it (the server writes the header, the client
-    the bodies and keys: :func:`committed_notice_tail`) in the append's transaction,
-    so it exists only if they committed. A subscriber in another process can then take
+    Written by the append itself (Postgres: the append statement's NOTIFY, in its
+    transaction; Redis: the append script), so it exists only if they committed, for a
+    stream whose new bodies and keys come to at most :data:`NOTICE_DATA_BYTES`. Its
+    text: ``{"stream":…,"last_id":…,"epoch":…,"at":…,"n":…,"bodies":[…],"keys":[…]}``
+    (``keys`` may be left out: none). A subscriber in another process can then take
     them without reading the store; the bodies are decoded only then
     (:meth:`messages`), never by a bus that has no use for them.
     """

@@ -24,7 +24,6 @@ import trio
 from psycopg import pq
 
 from .._coalesce import PendingAppend, settle
-from .._codec import committed_notice_tail
 from .._exceptions import OutcomeUnknown, StoreError
 from .._message import Message
 from . import _pq
@@ -141,15 +140,8 @@ class Appends:
         ]
         if len(request) == 1:
             ((stream, n, packed),) = request
-            bodies = packed.encode("utf-8")
-            params = [
-                stream.encode("utf-8"),
-                b"%d" % n,
-                bodies,
-                channel,
-                b"%d" % token,
-                committed_notice_tail(bodies, n),
-            ]
+            params = [stream.encode("utf-8"), b"%d" % n, packed.encode("utf-8"), channel]
+            params.append(b"%d" % token)
             result = await self._run_append(self._queries.append_unkeyed, params, carry)
             if result.ntuples != 1:  # pragma: no cover - the upsert returns its row
                 return []
@@ -218,7 +210,6 @@ class Appends:
         stored before. A stream the statement stored nothing in has no last id (None).
         """
         channel, queries = self._channel.encode("utf-8"), self._queries
-        params: Sequence[bytes | None]
         if look is not None:
             query, params = queries.append_keyed, request.params(channel, token, look)
         elif len(groups) == 1:

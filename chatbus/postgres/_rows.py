@@ -17,7 +17,7 @@ import attrs
 from psycopg import pq
 
 from .._coalesce import Batch, PendingAppend, keys_unique
-from .._codec import BODY_SEPARATOR, committed_notice_tail
+from .._codec import BODY_SEPARATOR
 from .._message import Message, make_message
 from . import _pq
 
@@ -115,18 +115,16 @@ class KeyedRequest:
             params.append(look)
         return params
 
-    def params_one(self, channel: bytes, token: int) -> list[bytes | None]:
+    def params_one(self, channel: bytes, token: int) -> list[bytes]:
         """The parameters of ``_sql._APPEND_KEYED_NEW_ONE`` (a request of one stream)."""
         ((stream, count),) = self.counts
-        bodies, keys = self.packed.encode("utf-8"), compact_json(self.keys).encode("utf-8")
         return [
             str(stream).encode("utf-8"),
             b"%d" % int(count),
-            bodies,
+            self.packed.encode("utf-8"),
             channel,
             b"%d" % token,
-            keys,
-            committed_notice_tail(bodies, int(count), keys),
+            compact_json(self.keys).encode("utf-8"),
         ]
 
     def found(self, rows: list[list[Any]]) -> dict[str, list[Found]]:

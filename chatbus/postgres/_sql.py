@@ -17,6 +17,7 @@ from typing import Final, final
 import attrs
 from psycopg import sql
 
+from .._codec import NOTICE_DATA_BYTES
 from .._event import MAX_PAYLOAD_BYTES
 from ._sql_events import (
     _LOCK_EVENT_STREAMS,
@@ -191,23 +192,35 @@ def _notice(stream: str, last_id: str) -> sql.Composable:
     )
 
 
-def _notice_carrying(stream: str, tail: str) -> sql.Composable:
-    """The notice of a one-stream append: a plain one, or, when the client sent
-    ``tail`` (the batch's count, bodies and keys: chatbus._codec.committed_notice_tail),
-    a committed notice: the server's header (stream, last id, epoch, created_at µs),
-    then the tail (see chatbus._codec.CommittedNotice)."""
+def _notice_carrying(stream: str, count: str, packed: str, keys: str | None) -> sql.Composable:
+    """The notice of an append to one stream of ``count`` drafts (bodies ``packed`` as
+    sent, keys ``keys`` a JSON array or None for none): a committed notice carrying them
+    (chatbus._codec.CommittedNotice: stream, last id, epoch, created_at µs, count,
+    bodies, keys) when the bodies and keys come to at most NOTICE_DATA_BYTES, else a
+    plain one. Built here from what the statement has anyway: nothing more is sent."""
+    size = sql.SQL("octet_length({packed})").format(packed=sql.SQL(packed))
+    if keys is not None:
+        size = sql.SQL("{size} + octet_length({keys})").format(size=size, keys=sql.SQL(keys))
     return sql.SQL(
-        "CASE WHEN {tail} IS NULL THEN {plain} ELSE concat({open}, to_json({stream}),"
-        " {last}, bump.last_id, {epoch}, bump.epoch, {at}, {micros}, {tail}) END"
+        "CASE WHEN {size} <= {limit} THEN concat({open}, to_json({stream}), {last},"
+        " bump.last_id, {epoch}, bump.epoch, {at}, {micros}, {n}, {count}, {bodies},"
+        " replace({packed}, chr(30), ','), {keys_open}, {keys}, '}}') ELSE {plain} END"
     ).format(
-        tail=sql.SQL(tail),
-        plain=_notice(stream, "bump.last_id"),
+        size=size,
+        limit=sql.Literal(NOTICE_DATA_BYTES),
         open=sql.Literal('{"stream":'),
         stream=sql.SQL(stream),
         last=sql.Literal(',"last_id":'),
         epoch=sql.Literal(',"epoch":'),
         at=sql.Literal(',"at":'),
         micros=_micros("bump.last_at"),
+        n=sql.Literal(',"n":'),
+        count=sql.SQL(count),
+        bodies=sql.Literal(',"bodies":['),
+        packed=sql.SQL(packed),
+        keys_open=sql.Literal("]" if keys is None else '],"keys":'),
+        keys=sql.SQL("''" if keys is None else keys),
+        plain=_notice(stream, "bump.last_id"),
     )
 
 
@@ -258,15 +271,23 @@ class Queries:
         names = _names(schema)
         return cls(
             append_unkeyed=_bytes(
-                _APPEND_UNKEYED, names, _notice_carrying("$1::text", "$6::text")
+                _APPEND_UNKEYED,
+                names,
+                _notice_carrying("$1::text", "$2::bigint", "$3::text", None),
             ),
-            append_streams=_bytes(_APPEND_STREAMS, names, _notice("bump.stream", "bump.last_id")),
+            append_streams=_bytes(
+                _APPEND_STREAMS,
+                names,
+                _notice_carrying("bump.stream", "input.n", "input.packed", None),
+            ),
             append_keyed=_bytes(_APPEND_KEYED, names),
             append_keyed_new=_bytes(
                 _APPEND_KEYED_NEW, names, _notice("bump.stream", "bump.last_id")
             ),
             append_keyed_new_one=_bytes(
-                _APPEND_KEYED_NEW_ONE, names, _notice_carrying("$1::text", "$7::text")
+                _APPEND_KEYED_NEW_ONE,
+                names,
+                _notice_carrying("$1::text", "$2::bigint", "$3::text", "$6::text"),
             ),
             read=_bytes(_READ, names),
             heads=_bytes(_HEADS, names),
@@ -335,8 +356,8 @@ def _bytes(
 # just reserved, and notify once. The SET of ON CONFLICT DO UPDATE is evaluated once
 # the row lock is held, so clock_timestamp() there is later than the previous batch's
 # commit: created_at never decreases in id order (greatest() also rides out a clock
-# stepped back). $5 is the batch's token (see _OUTCOME); $6 NULL, or what makes the
-# notice a committed one, carrying the batch (see _notice_carrying).
+# stepped back). $5 is the batch's token (see _OUTCOME). A small batch's notice
+# carries it (see _notice_carrying).
 _APPEND_UNKEYED: Final = """
     WITH bump AS (
         INSERT INTO {streams} AS st (stream, last_id, last_at, last_token)
@@ -359,7 +380,8 @@ _APPEND_UNKEYED: Final = """
 # upserted in ORDER BY stream COLLATE "C": the ModifyTable node takes each row lock as
 # the sorted rows reach it, so every multi-stream statement, in every process, locks
 # its rows in the same order and two of them cannot deadlock (a single-stream
-# statement holds one row). One pg_notify per stream, with that stream's new last id.
+# statement holds one row). One pg_notify per stream, with that stream's new last id
+# (and its messages, when small: see _notice_carrying).
 _APPEND_STREAMS: Final = """
     WITH input AS MATERIALIZED (
         SELECT s.value->>0 AS stream, (s.value->>1)::bigint AS n, s.value->>2 AS packed
@@ -379,7 +401,7 @@ _APPEND_STREAMS: Final = """
             unnest(string_to_array(input.packed, chr(30))) WITH ORDINALITY AS b(body, ord)
     )
     SELECT bump.stream, bump.last_id, {bump_micros}, pg_notify($2::text, {notice}), bump.epoch
-    FROM bump
+    FROM bump JOIN input ON input.stream = bump.stream
 """
 
 # Appends with idempotency keys, any number of streams, in ONE statement: no client
@@ -462,9 +484,8 @@ _APPEND_KEYED_NEW: Final = """
 """
 
 # _APPEND_KEYED_NEW for one stream (the usual batch at a low rate): $1 the stream, $2
-# how many drafts, $3 the bodies, $4 the channel, $5 the token, $6 the keys, $7 as $6
-# of _APPEND_UNKEYED; the unkeyed single-stream statement's shape, so it costs about
-# as much.
+# how many drafts, $3 the bodies, $4 the channel, $5 the token, $6 the keys; the
+# unkeyed single-stream statement's shape, so it costs about as much.
 _APPEND_KEYED_NEW_ONE: Final = """
     WITH bump AS (
         INSERT INTO {streams} AS st (stream, last_id, last_at, last_token)

@@ -22,7 +22,7 @@ from chatbus.postgres import (
 )
 
 from support.pg import (
-    Recorder,
+    CommittedRecorder,
     admin_execute,
     check_dense,
     draft,
@@ -38,7 +38,7 @@ pytestmark = pytest.mark.postgres
 async def test_concurrent_appends_are_coalesced_across_streams() -> None:
     async with fresh_postgres_pair(max_connections=4, max_in_flight=1) as (store, notifier):
         assert store.max_in_flight == 1
-        recorder = Recorder()
+        recorder = CommittedRecorder()
         returned: list[list[Message]] = []
         with trio.fail_after(30):
             async with trio.open_nursery() as listening:
@@ -73,12 +73,23 @@ async def test_concurrent_appends_are_coalesced_across_streams() -> None:
                         (m for b in returned for m in b if m.stream == stream), key=lambda m: m.id
                     )
                     assert stored == mine
-                # One notice per stream per statement, ending at each stream's head.
-                await eventually(
-                    lambda: all(recorder.ids(s)[-1:] == [heads[s]] for s in by_stream)
-                )
+
+                # One notice per stream per statement, ending at each stream's head,
+                # each carrying its messages (every batch is small), merged or not.
+                def ids(stream: str) -> list[int]:
+                    return [n.last_id for n in recorder.committed_notices if n.stream == stream]
+
+                await eventually(lambda: all(ids(s)[-1:] == [heads[s]] for s in by_stream))
+                assert recorder.notices == []
                 for stream in by_stream:
-                    assert recorder.ids(stream) == sorted(recorder.ids(stream))
+                    assert ids(stream) == sorted(ids(stream))
+                    carried = [
+                        m
+                        for n in recorder.committed_notices
+                        if n.stream == stream
+                        for m in n.messages() or []
+                    ]
+                    assert carried == await store.read(stream, 0, 1000)
                 listening.cancel_scope.cancel()
 
 
