@@ -177,9 +177,7 @@ class EventQueue:
         refused_early = self._refused_early
         if refused_early is not None and not self.retained_fetched:
             for event in events:
-                refused_early[event.origin] = None
-                if len(refused_early) > self.retained_limit:  # a stream retains no more
-                    del refused_early[next(iter(refused_early))]
+                _remember(refused_early, event.origin, self.retained_limit)
 
     def take(self, last_id: int) -> Event | None:
         """The event due before the message after ``last_id``, if one is here; events
@@ -231,9 +229,7 @@ class EventQueue:
                     if event.origin in early:
                         continue
                 else:
-                    early[event.origin] = None
-                    if len(early) > self.retained_limit:  # a stream retains no more
-                        del early[next(iter(early))]
+                    _remember(early, event.origin, self.retained_limit)
             if buffer and _event_order(event) < _event_order(buffer[-1]):
                 bisect.insort(buffer, event, key=_event_order)  # rare: mostly in order
             else:
@@ -252,9 +248,7 @@ class EventQueue:
             return
         early = self._early
         if early is not None:
-            early[event.emitter, event.seq] = None
-            if len(early) > self.retained_limit:
-                del early[next(iter(early))]
+            _remember(early, (event.emitter, event.seq), self.retained_limit)
         buffer = self.buffer
         if buffer and (
             event.after < (last := buffer[-1]).after
@@ -266,6 +260,14 @@ class EventQueue:
         if len(buffer) > self.limit + self._retained_room:
             buffer.popleft()
             self.dropped += 1
+
+
+def _remember(origins: dict[tuple[str, int], None], origin: tuple[str, int], limit: int) -> None:
+    """Add ``origin`` to a bounded record of event origins: beyond ``limit`` (what a
+    stream retains, so no retained block can hold more) the oldest goes."""
+    origins[origin] = None
+    if len(origins) > limit:
+        del origins[next(iter(origins))]
 
 
 def _event_order(event: Event) -> tuple[int, Any]:
