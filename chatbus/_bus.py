@@ -121,7 +121,9 @@ class Bus(metaclass=NoPublicConstructor):
             self._service_scopes,
             self._options.max_event_bytes,
         )
-        self._router = Router(self._topics.by_name, self._emitter.id)
+        self._router = Router(
+            self._topics.by_name, self._emitter.id, deafened=self._topics.set_deaf
+        )
 
     @property
     def store(self) -> Store:

@@ -38,6 +38,10 @@ class DurableCache:
     top: int = attrs.field(default=0, init=False)
     #: Bumped whenever what the cache holds is invalidated (see the module header).
     generation: int = attrs.field(default=0, init=False)
+    #: The bus's notifier is not hearing (its connection lost, until it is back and
+    #: resyncs): a change made elsewhere meanwhile would go unseen, so the cache keeps
+    #: and serves nothing (see chatbus._topic.Router.lost).
+    deaf: bool = attrs.field(default=False, init=False)
 
     def put(self, messages: Iterable[Message], generation: int | None = None) -> None:
         """Remember committed ``messages``, evicting the lowest ids beyond capacity.
@@ -47,7 +51,7 @@ class DurableCache:
             generation: The :attr:`generation` when they were read or appended: if
                 the cache was invalidated since, they may be stale and are ignored.
         """
-        if generation is not None and generation != self.generation:
+        if self.deaf or (generation is not None and generation != self.generation):
             return
         by_id = self._by_id
         floor, top = self.floor, self.top
@@ -93,6 +97,8 @@ class DurableCache:
 
         An empty list means "cannot prove anything": read the store.
         """
+        if self.deaf:
+            return []
         by_id = self._by_id
         run: list[Message] = []
         next_id = cursor + 1

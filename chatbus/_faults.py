@@ -182,6 +182,10 @@ class _FaultyHandler:
     def resync(self) -> None:
         self.target.resync()
 
+    def lost(self) -> None:
+        if (lost := getattr(self.target, "lost", None)) is not None:
+            lost()
+
     def reset(self, stream: str) -> None:
         # History changes pass straight through, like resyncs (they are rare, and a
         # lost one is found by the poll or the next resync anyway).

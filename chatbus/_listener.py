@@ -73,6 +73,10 @@ class Reconnecting(Generic[_S]):
                 logger.warning("chatbus %s connection lost (%s); reconnecting", self.name, exc)
             finally:
                 self.close(session)
+            # Notices are being lost from now on: the handler trusts nothing it would
+            # learn of from one until the resync (see chatbus._topic.Router.lost).
+            if (lost := getattr(handler, "lost", None)) is not None:
+                lost()
             session = await self._reopen()
             self.reconnected()
             handler.resync()

@@ -153,7 +153,15 @@ class EpochReader(Protocol):
 
 
 class NoticeHandler(Protocol):
-    """What a notifier's listener reports to. Both methods are synchronous and cheap."""
+    """What a notifier's listener reports to. Every method is synchronous and cheap.
+
+    A bus's handler also has optional methods a listener calls where present (looked
+    up with ``getattr``): ``committed(notice)`` for a notice that carries its messages
+    (:class:`chatbus._codec.CommittedNotice`; else ``notice(stream, last_id)``),
+    ``reset(stream)``, ``trimmed(stream, first_id)``, ``redacted(stream, id)`` for
+    history changes, and ``lost()`` as soon as the listener knows it stopped hearing
+    (its ``resync()`` follows once it hears again).
+    """
 
     def notice(self, stream: str, last_id: int) -> None:
         """Stream ``stream`` has committed messages up to ``last_id`` (a hint)."""

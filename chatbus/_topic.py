@@ -199,7 +199,13 @@ class Topics:
     watcher: tuple[Callable[[str], Awaitable[None]], Callable[[str], None]] | None = None
     #: Open subscriptions, to end them when the bus closes.
     subscriptions: set[Stoppable] = attrs.field(factory=set, init=False)
+    #: The notifier is not hearing (see Router.lost): new topics' caches start deaf.
+    deaf: bool = attrs.field(default=False, init=False)
     closed: bool = attrs.field(default=False, init=False)
+
+    def set_deaf(self, deaf: bool) -> None:
+        """See :attr:`deaf` (the router's ``deafened``)."""
+        self.deaf = deaf
 
     def check_open(self) -> None:
         """Raise :class:`BusClosed` if the bus is closed."""
@@ -212,6 +218,7 @@ class Topics:
         topic = self.by_name.get(stream)
         if topic is None:
             topic = self.by_name[stream] = Topic(stream, DurableCache(self.cache_size))
+            topic.cache.deaf = self.deaf
         topic.users += 1
         if subscription is not None:
             topic.subscribers += 1
@@ -289,6 +296,9 @@ class Router:
     notices: int = 0
     resyncs: int = 0
     events_received: int = 0
+    #: Told True at :meth:`lost` and False at :meth:`resync` (Topics.deaf: topics made
+    #: meanwhile start deaf too).
+    deafened: Callable[[bool], None] = lambda deaf: None
 
     def notice(self, stream: str, last_id: int) -> None:
         self.notices += 1
@@ -322,12 +332,26 @@ class Router:
         else:
             topic.advance(notice.last_id)
 
+    def lost(self) -> None:
+        """The notifier stopped hearing (its connection lost): until it is back and
+        resyncs, a delete, trim or redaction made elsewhere goes unseen. So every
+        cache is emptied and kept empty (deaf) meanwhile, and subscriptions read the
+        store, rather than serve what such a change may have made stale (found by a
+        review: a subscription opened right after a redaction elsewhere got the old
+        body from the cache while the listener reconnected)."""
+        self.deafened(True)
+        for topic in self.topics.values():
+            topic.cache.deaf = True
+            topic.reset()
+
     def resync(self) -> None:
         # Anything may have happened while notices were lost: a delete, a trim, a
         # redaction. So nothing known of any stream is trusted any more: every topic
         # is reset, its cache emptied, its subscriptions check their epoch and rescan.
         self.resyncs += 1
+        self.deafened(False)
         for topic in self.topics.values():
+            topic.cache.deaf = False
             topic.reset()
 
     def reset(self, stream: str) -> None:
