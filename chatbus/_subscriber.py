@@ -216,7 +216,7 @@ class Subscriber(Generic[Item], metaclass=NoPublicConstructor):
             info: StreamInfo = await ask(self._stream)
         if topic is not None:
             current = topic.resyncs == resyncs
-            topic.validate(info)  # may reset the topic: a resync this look covers
+            topic.validate(info, current=current)  # may reset: a resync this look covers
             # Asked after every resync so far: the look covers them all, its own too.
             self._looked_at_resyncs = topic.resyncs if current else None
         return info

@@ -160,18 +160,20 @@ class Topic:
         self.epoch = None
         self.resync()
 
-    def validate(self, info: StreamInfo) -> None:
+    def validate(self, info: StreamInfo, *, current: bool = True) -> None:
         """A fresh look at the stream (a subscription asked its info): drop what the
         cache holds of another history, should a delete or trim notice have been lost
         and the resync that follows not have come yet (a connection silently dead).
 
         The first look cannot tell which history a non-empty cache holds: it empties it.
         After a look at a stream that did not exist (epoch 0), what was cached is of the
-        history created since.
+        history created since. ``current``: no reset came while it was asked; else its
+        epoch may be of a history deleted meanwhile, and is not taken for the cache's.
         """
         if len(self.cache) > 0 if self.epoch is None else self.epoch not in (0, info.epoch):
             self.reset()
-        self.epoch = info.epoch
+        if current:  # else the topic was reset while it was asked: info may be older
+            self.epoch = info.epoch
         self.cache.forget_below(info.first_id)
 
     def resync(self) -> None:

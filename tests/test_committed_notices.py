@@ -17,7 +17,7 @@ import pytest
 import trio
 from conftest import Backend
 
-from chatbus import Message
+from chatbus import Message, StreamInfo
 from chatbus._cache import DurableCache
 from chatbus._codec import (
     CommittedNotice,
@@ -202,3 +202,17 @@ async def test_a_subscriber_of_another_bus_takes_them_without_reading_the_store(
                         received.append((await anext(aiter(sub))).body)
                 assert received == [{"i": i} for i in range(30)]
                 assert sub.statistics().store_reads == reads_at_start
+
+
+def test_a_look_overtaken_by_a_reset_does_not_make_old_notices_trusted() -> None:
+    # A subscription asks the stream's info; a delete's reset arrives before the
+    # answer, which is of the old history: its epoch must not become the cache's, or
+    # a late notice of the old history (a notifier that reorders) would be cached.
+    router, topic = _router(epoch=None)
+    info = StreamInfo(stream="room", head=3, first_id=1, epoch=EPOCH, exists=True)
+    topic.validate(info, current=False)
+    router.committed(_notice(4))
+    assert len(topic.cache) == 0
+    topic.validate(info)
+    router.committed(_notice(5))
+    assert [m.id for m in topic.cache.run_after(4, 10)] == [5]
