@@ -60,6 +60,7 @@ async def test_pubsub_connections_killed_repeatedly_while_messages_flow(topology
                 ]
                 for round_ in range(rounds):
                     # At least the two subscribing buses' listeners (more in a cluster).
+                    resyncs = [bus.statistics().resyncs for bus in (first, second)]
                     assert world.kill_clients("TYPE", "pubsub") >= 2
                     async with trio.open_nursery() as burst:
                         for stream in streams:
@@ -68,6 +69,15 @@ async def test_pubsub_connections_killed_repeatedly_while_messages_flow(topology
                     done = (round_ + 1) * per_round
                     with trio.fail_after(15):  # the burst arrives, through a resync if need be
                         await eventually(lambda d=done: all(len(r) >= d for r in received))
+                        # It may come before the listeners are back (their subscriptions
+                        # read the store once the loss is known): wait for them, so the
+                        # next kill finds them.
+                        await eventually(
+                            lambda r=resyncs: all(
+                                bus.statistics().resyncs > before
+                                for bus, before in zip((first, second), r, strict=True)
+                            )
+                        )
             for messages in received:
                 assert [m.id for m in messages] == list(range(1, total + 1))
                 bodies = [(m.body["r"], m.body["i"]) for m in messages]
