@@ -174,6 +174,10 @@ class Topic:
             self.reset()
         if current:  # else the topic was reset while it was asked: info may be older
             self.epoch = info.epoch
+            # Ids up to the head exist: a notice of them that comes late (after a
+            # resync, from a notifier that delays) is not news, and its bodies may be
+            # older than the store's (review: a redaction undone in the cache).
+            self.advance(info.head)
         self.cache.forget_below(info.first_id)
 
     def resync(self) -> None:

@@ -119,10 +119,20 @@ class ListenSession:
     notices: int = 0
 
     def fail(self, reason: str) -> None:
-        """Give the session up: it is replaced, and the handler resynced."""
+        """Give the session up: it is replaced, and the handler resynced.
+
+        Whoever waits for a confirmation this session will never get is released (a
+        watch returns: the replacement subscribes again; found by a review: a watch
+        waited out ``ping_timeout`` when the connection was killed under it).
+        """
         if not self.broken.is_set():
             self.reason = reason
             self.broken.set()
+            for link in self.links.values():
+                for waits in link.confirming.values():
+                    for wait in waits:
+                        wait.set()
+                link.confirming.clear()
 
     def close(self) -> None:
         self.fail("closed")
@@ -183,6 +193,8 @@ class ListenSession:
             by_link.setdefault(self.address_of(channel), []).append(channel)
         waits: list[tuple[Link, trio.Event]] = []
         for address, wanted in by_link.items():
+            if self.broken.is_set():  # nothing would confirm (see fail): returns at once
+                return
             link = await self.link(address, ping_timeout)
             waits += [(link, wait) for wait in await self._subscribe(link, wanted, ping_timeout)]
             if self.nursery is None:  # opening: the ping's confirmation too
@@ -200,7 +212,10 @@ class ListenSession:
     async def _subscribe(
         self, link: Link, channels: Sequence[bytes], ping_timeout: float
     ) -> list[trio.Event]:
-        waits, new = [], []
+        waits: list[trio.Event] = []
+        new: list[bytes] = []
+        if self.broken.is_set():  # given up meanwhile: nothing would confirm (see fail)
+            return waits
         for channel in channels:
             if channel in link.subscribed and not link.leaving[channel]:
                 continue
