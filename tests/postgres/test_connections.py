@@ -17,6 +17,7 @@ import trio
 from psycopg import sql
 
 import chatbus
+import chatbus.postgres._connections
 import chatbus.postgres._pq
 from chatbus._message import Draft, make_draft
 from chatbus.postgres import (
@@ -175,21 +176,38 @@ async def test_cancelled_callers_do_not_leak_pool_connections() -> None:
                     nursery.start_soon(store.read, "s", 0, 1)
 
 
-async def test_statement_cancelled_while_being_sent_returns_promptly() -> None:
+async def test_statement_cancelled_while_being_sent_returns_promptly(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """A statement still in libpq's send buffer cannot be cancelled on the server (it
-    has not arrived): the connection must go at once, not after a wasted wait."""
-    async with fresh_postgres_pair(max_connections=2) as (store, _):
-        with trio.fail_after(30):
-            await store.append("s", [draft(0)])  # lends a connection, prepares the append
-            big = Draft(body_json='"' + "x" * 50_000_000 + '"', key=None)
-            started = time.perf_counter()
-            with trio.CancelScope() as scope:
-                scope.cancel()  # the first wait is the one for the socket to take more
-                await store.append("s", [big])
-            assert time.perf_counter() - started < 2
-            assert [m.id for m in await store.read("s", 0, 10)] == [1]
-            [m] = await store.append("s", [draft(1)])
-            assert m.id == 2
+    has not arrived): the connection must go at once, not after a wasted wait.
+
+    The server is behind a frozen proxy, so the socket takes a few MB of the 50 MB
+    statement and no more (straight to the server, a backend on the other core could
+    read all of it before the first wait, and the statement then ran: a flaky test).
+    A cancel request would wait 5 s here: the bound below tells the two apart."""
+    monkeypatch.setattr(chatbus.postgres._connections, "_CANCEL_TIMEOUT", 5.0)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            proxy = TcpProxy.to_dsn(pg_dsn())
+            await proxy.start(nursery)
+            async with fresh_postgres_pair(dsn=proxy.dsn(pg_dsn()), max_connections=2) as (
+                store,
+                _,
+            ):
+                await store.append("s", [draft(0)])  # lends a connection, prepares the append
+                big = Draft(body_json='"' + "x" * 50_000_000 + '"', key=None)
+                proxy.freeze()
+                started = time.perf_counter()
+                with trio.CancelScope() as scope:
+                    scope.cancel()  # the first wait is the one for the socket to take more
+                    await store.append("s", [big])
+                assert time.perf_counter() - started < 2
+                await proxy.up()
+                assert [m.id for m in await store.read("s", 0, 10)] == [1]
+                [m] = await store.append("s", [draft(1)])
+                assert m.id == 2
+            nursery.cancel_scope.cancel()
 
 
 async def test_statement_prepared_again_after_deallocate_all() -> None:
