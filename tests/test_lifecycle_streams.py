@@ -343,11 +343,11 @@ async def test_a_read_of_a_new_epoch_is_a_history_reset_before_its_notice(backen
     it arrives (another connection) never hands its page on as the rest of the old
     history: the subscription ends with HistoryReset. Here the reset notices are
     lost, so the read is the only way to learn it."""
-    from chatbus.redis import _listen
+    from chatbus.redis import _session
 
-    parse_reset = _listen.parse_reset
+    parse_reset = _session.parse_reset
     monkeypatch.setattr(
-        _listen,
+        _session,
         "parse_reset",
         lambda payload: None if b'"reset"' in payload else parse_reset(payload),
     )

@@ -36,7 +36,7 @@ from ._sql import Queries
 #: How often a keyed statement runs again after losing a same-key race.
 _KEYED_ATTEMPTS: Final = 5
 #: How many ``(stream, key)`` pairs a store remembers having sent: a batch with none
-#: of them is inserted without looking its keys up first (see _sql._APPEND_KEYED_NEW).
+#: of them is inserted without looking its keys up first (see _sql_append._APPEND_KEYED_NEW).
 _SENT_KEYS: Final = 16384
 #: After the unique index refused a key this store had not sent, this many keyed
 #: statements look their keys up first: a workload where other processes send the
@@ -104,8 +104,8 @@ class Appends:
                         break
                     except psycopg.errors.UniqueViolation:
                         # A key stored before that this store had not sent (see
-                        # _sql._APPEND_KEYED_NEW), or a same-key append that committed
-                        # while this one waited for the lock (see _sql._APPEND_KEYED);
+                        # _sql_append._APPEND_KEYED_NEW), or a same-key append that committed
+                        # while this one waited for the lock (see _sql_append._APPEND_KEYED);
                         # nothing was stored: again, looking every key up.
                         if attempt == _KEYED_ATTEMPTS - 1:
                             raise
@@ -204,8 +204,8 @@ class Appends:
         """A keyed append statement; per stream, also the messages found for its keys
         (None: none found, and no key repeated in the statement).
 
-        ``look``: the statement that looks up the keys marked ``t`` (_sql._APPEND_KEYED);
-        None: the one that inserts every key at once (_sql._APPEND_KEYED_NEW, or its
+        ``look``: the statement that looks up the keys marked ``t`` (_sql_append._APPEND_KEYED);
+        None: the one that inserts every key at once (_sql_append._APPEND_KEYED_NEW, or its
         one-stream form). Each raises UniqueViolation if a key not looked up was
         stored before. A stream the statement stored nothing in has no last id (None).
         """

@@ -101,7 +101,7 @@ class KeyedRequest:
         return cls(counts, streams, keys, BODY_SEPARATOR.join(packs), frozenset(repeating))
 
     def params(self, channel: bytes, token: int, look: bytes | None) -> list[bytes]:
-        """The parameters of a keyed statement: ``_sql._APPEND_KEYED_NEW``'s, and with
+        """The parameters of a keyed statement: ``_sql_append._APPEND_KEYED_NEW``'s, and with
         ``look`` (per draft sent, ``t`` to look its key up, else ``f``) ``_APPEND_KEYED``'s.
         """
         params = [
@@ -116,7 +116,7 @@ class KeyedRequest:
         return params
 
     def params_one(self, channel: bytes, token: int) -> list[bytes]:
-        """The parameters of ``_sql._APPEND_KEYED_NEW_ONE`` (a request of one stream)."""
+        """The parameters of ``_sql_append._APPEND_KEYED_NEW_ONE`` (a request of one stream)."""
         ((stream, count),) = self.counts
         return [
             str(stream).encode("utf-8"),

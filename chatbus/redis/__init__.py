@@ -78,12 +78,12 @@ Durability (``durability=``):
   ``WAITAOF``; the replicas are what makes it durable.)
 """
 
-from ._listen import LISTEN_CLIENT_NAME as LISTEN_CLIENT_NAME
 from ._listen import RedisNotifier as RedisNotifier
 from ._lua import stream_tag as stream_tag
 from ._open import drop_prefix as drop_prefix
 from ._open import open_backend as open_backend
 from ._open import open_redis as open_redis
+from ._session import LISTEN_CLIENT_NAME as LISTEN_CLIENT_NAME
 from ._store import RedisStore as RedisStore
 from ._store import RedisStoreStatistics as RedisStoreStatistics
 

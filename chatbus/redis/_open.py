@@ -28,7 +28,8 @@ from coredis.retry import NoRetryPolicy
 from .._exceptions import StoreError, store_error
 from .._options import check_identifier, check_int_range, check_range, redacted_url
 from .._tasks import unwrapped_groups
-from ._listen import RedisNotifier, Server
+from ._listen import RedisNotifier
+from ._session import Server
 from ._store import (
     REDIS_ERRORS,
     Client,

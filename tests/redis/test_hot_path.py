@@ -19,8 +19,8 @@ from chatbus.redis._append import (
     DEFAULT_MAX_IN_FLIGHT,
     default_max_in_flight,
 )
-from chatbus.redis._listen import quick_notice
 from chatbus.redis._resp import Parser, Push, RespError, encode, hash_slot
+from chatbus.redis._session import quick_notice
 
 from support.pg import draft
 from support.redis import fresh_redis_pair, redis_cluster_url, redis_url

@@ -133,7 +133,8 @@ def test_listen_connections_are_named() -> None:
 async def test_the_cluster_layout_is_asked_of_known_nodes_when_no_seed_answers() -> None:
     """After a failover the seeds of the URL may all be gone: the listener then asks
     the nodes the last CLUSTER SLOTS named."""
-    from chatbus.redis._listen import ListenLost, Server, cluster_slots
+    from chatbus._listener import ListenLost
+    from chatbus.redis._session import Server, cluster_slots
 
     server, _ = parse_url(redis_cluster_url())
     with trio.fail_after(10):
