@@ -4,12 +4,11 @@ Owns: how a batch's JSON bodies travel as one text value (:func:`pack_bodies`) a
 are decoded in one go (:func:`decode_bodies`), how a keyed batch splits into stored
 and new messages (:func:`plan_keyed_batch`), and the notice payload
 (``{"stream": …, "last_id": …}``: :func:`encode_notice`, :func:`parse_notice`).
-No I/O; imports only :mod:`chatbus._message`.
+No I/O; imports only :mod:`chatbus._message` and :mod:`chatbus._event`.
 """
 
 from __future__ import annotations
 
-import datetime
 import json
 import re
 from collections.abc import Callable, Sequence
@@ -17,6 +16,7 @@ from typing import Any, Final, final
 
 import attrs
 
+from ._event import from_micros
 from ._message import Draft, Message, check_stream, make_message
 
 #: Joins the bodies of a batch into one value. A control character: valid JSON text
@@ -163,7 +163,6 @@ _COMMITTED_HEADER: Final = re.compile(
     rb'\{"stream":"([^"\\\x00-\x1f]+)","last_id":([1-9][0-9]{0,18}),"epoch":([1-9][0-9]{0,18}),'
     rb'"at":(-?[0-9]{1,19}),"n":([1-9][0-9]{0,6}),'
 )
-_UNIX_EPOCH: Final = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
 
 
 @final
@@ -200,7 +199,7 @@ class CommittedNotice:
             return None
         if not all(key is None or type(key) is str for key in keys):
             return None
-        created_at = _UNIX_EPOCH + datetime.timedelta(microseconds=self.micros)
+        created_at = from_micros(self.micros)
         stream, first = self.stream, self.last_id - self.count + 1
         return [
             make_message(stream, first + offset, body, key, created_at)

@@ -1,7 +1,8 @@
 """The reconnecting listener every networked notifier runs, and its liveness machine.
 
 Owns: the loop "open a session, serve it until it is lost, back off, open another,
-resync" (:func:`listen_reconnecting`) and the pure ping schedule that decides when a
+resync" (:class:`Reconnecting`), how a payload is handed to the handler
+(:func:`hand_over`), and the pure ping schedule that decides when a
 silent session is dead (:class:`Liveness`). A backend supplies only how to open,
 serve and close one session. Imports :mod:`chatbus._exceptions`, :mod:`chatbus._tasks`
 and :mod:`chatbus._protocols`; no I/O of its own.
@@ -17,6 +18,13 @@ from typing import Generic, TypeVar, final
 import attrs
 import trio
 
+from ._codec import (
+    COMMITTED_NOTICE_PREFIX,
+    parse_committed_notice,
+    parse_notice,
+    parse_redacted,
+    parse_reset,
+)
 from ._exceptions import StoreError
 from ._protocols import NoticeHandler
 from ._tasks import Backoff
@@ -28,6 +36,41 @@ _S = TypeVar("_S")
 
 class ListenLost(Exception):
     """The listening session failed or went silent; a new one must be opened."""
+
+
+def hand_over(
+    handler: NoticeHandler,
+    payload: bytes,
+    read_notice: Callable[[bytes], tuple[str, int] | None] | None = None,
+) -> bool:
+    """Give ``handler`` what a payload other than events says: a notice (carrying its
+    messages, or plain: ``read_notice`` reads those, else :func:`parse_notice`) or a
+    history change (a delete, a
+    trim, a redaction; to the handler's optional methods). Returns whether it was a
+    notice; anything else is ignored."""
+    if payload.startswith(COMMITTED_NOTICE_PREFIX) and (
+        committed := parse_committed_notice(payload)
+    ):
+        if (take := getattr(handler, "committed", None)) is not None:
+            take(committed)
+        else:
+            handler.notice(committed.stream, committed.last_id)
+        return True
+    if (parsed := (read_notice or parse_notice)(payload)) is not None:
+        handler.notice(*parsed)
+        return True
+    if (reset := parse_reset(payload)) is not None:
+        stream, first_id = reset
+        if first_id is None:
+            if (on_reset := getattr(handler, "reset", None)) is not None:
+                on_reset(stream)
+        elif (on_trim := getattr(handler, "trimmed", None)) is not None:
+            on_trim(stream, first_id)
+    elif (redaction := parse_redacted(payload)) is not None and (
+        on_redacted := getattr(handler, "redacted", None)
+    ) is not None:
+        on_redacted(*redaction)  # every bus's cache drops the body
+    return False
 
 
 @final

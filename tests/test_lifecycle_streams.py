@@ -343,11 +343,11 @@ async def test_a_read_of_a_new_epoch_is_a_history_reset_before_its_notice(backen
     it arrives (another connection) never hands its page on as the rest of the old
     history: the subscription ends with HistoryReset. Here the reset notices are
     lost, so the read is the only way to learn it."""
-    from chatbus.redis import _session
+    from chatbus import _listener
 
-    parse_reset = _session.parse_reset
+    parse_reset = _listener.parse_reset
     monkeypatch.setattr(
-        _session,
+        _listener,
         "parse_reset",
         lambda payload: None if b'"reset"' in payload else parse_reset(payload),
     )
@@ -487,23 +487,43 @@ async def test_a_resync_while_a_run_is_gathered_skips_nothing():
 
 
 def _hear_notices_while(monkeypatch, *, resets: bool) -> list[bool]:
-    """Make the Postgres and Redis listeners drop message notices while the returned
-    flag's ``[0]`` is False, and reset (delete) notices then too (``resets``) or
-    always."""
-    from chatbus.postgres import _listen as pg_listen
-    from chatbus.redis import _listen as redis_listen
+    """Make the Postgres and Redis listeners drop message notices (committed or plain)
+    while the returned flag's ``[0]`` is False, and reset (delete) notices then too
+    (``resets``) or always."""
+    from chatbus import _listener
+    from chatbus.redis import _session
 
     heard = [True]
-    for module in (pg_listen, redis_listen):
-        names = ["parse_notice", *(["quick_notice"] if module is redis_listen else [])]
-        for name in [*names, *(["parse_reset"] if resets else [])]:
-            parse = getattr(module, name)
-            monkeypatch.setattr(
-                module, name, lambda payload, parse=parse: parse(payload) if heard[0] else None
-            )
-        if not resets:
-            monkeypatch.setattr(module, "parse_reset", lambda payload: None)
+    readers = [(_listener, "parse_committed_notice"), (_listener, "parse_notice")]
+    readers += [(_session, "quick_notice"), (_session, "parse_notice")]
+    if resets:
+        readers.append((_listener, "parse_reset"))
+    else:
+        monkeypatch.setattr(_listener, "parse_reset", lambda payload: None)
+    for module, name in readers:
+        parse = getattr(module, name)
+        monkeypatch.setattr(
+            module, name, lambda payload, parse=parse: parse(payload) if heard[0] else None
+        )
     return heard
+
+
+@_TELLING_STORES
+async def test_the_hearing_switch_drops_every_message_notice(backend, monkeypatch):
+    """The tests below rely on _hear_notices_while really losing notices, committed
+    (carrying their messages) or plain: not one reaches the bus while it is off."""
+    heard = _hear_notices_while(monkeypatch, resets=True)
+    with trio.fail_after(20):
+        async with backend.open_bus() as bus, backend.open_bus() as other:
+            async with bus.open_subscriber("room") as sub:
+                await other.publish("room", "heard")
+                assert (await sub.receive()).body == "heard"
+                heard[0] = False
+                before = bus.statistics().notices
+                for i in range(5):
+                    await other.publish("room", [i] * i)  # one-stream batches, small
+                await trio.sleep(0.3)
+                assert bus.statistics().notices == before
 
 
 async def _ends_deleted_with_nothing_more(subscription) -> None:

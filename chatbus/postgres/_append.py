@@ -267,7 +267,7 @@ class Appends:
         return replays(stream, found, sent, bodies)
 
     async def _run_append(
-        self, query: bytes, params: Sequence[bytes | None], carry: CarriedEvents | None = None
+        self, query: bytes, params: list[bytes], carry: CarriedEvents | None = None
     ) -> pq.abc.PGresult:
         """:meth:`_run_prepared` for an append: a reply lost once sent is _MaybeCommitted.
 

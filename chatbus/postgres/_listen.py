@@ -17,15 +17,8 @@ import attrs
 import trio
 from psycopg import pq, sql
 
-from .._codec import (
-    COMMITTED_NOTICE_PREFIX,
-    parse_committed_notice,
-    parse_notice,
-    parse_redacted,
-    parse_reset,
-)
 from .._event import Event, decode_events
-from .._listener import Beat, ListenLost, Liveness, Reconnecting
+from .._listener import Beat, ListenLost, Liveness, Reconnecting, hand_over
 from .._protocols import NoticeHandler
 from .._tasks import Backoff
 from . import _pq
@@ -147,31 +140,7 @@ class ListenSession:
                 if events:
                     self.handler.events(events)
                 return bool(events)
-            if payload.startswith(COMMITTED_NOTICE_PREFIX) and (
-                committed := parse_committed_notice(payload)
-            ):
-                self.notices += 1
-                if (take := getattr(self.handler, "committed", None)) is not None:
-                    take(committed)
-                else:
-                    self.handler.notice(committed.stream, committed.last_id)
-            elif (parsed := parse_notice(payload)) is not None:
-                self.notices += 1
-                self.handler.notice(*parsed)
-            elif (reset := parse_reset(payload)) is not None:
-                stream, first_id = reset
-                if first_id is None:
-                    handle = getattr(self.handler, "reset", None)
-                    if handle is not None:
-                        handle(stream)
-                else:
-                    trimmed = getattr(self.handler, "trimmed", None)
-                    if trimmed is not None:
-                        trimmed(stream, first_id)
-            elif (redaction := parse_redacted(payload)) is not None:
-                redacted = getattr(self.handler, "redacted", None)
-                if redacted is not None:
-                    redacted(*redaction)
+            self.notices += hand_over(self.handler, payload)
         elif notify.relname == self.ping_channel and notify.extra == self.ping_token:
             self.ping_answered = True
         return False

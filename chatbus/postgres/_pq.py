@@ -36,11 +36,7 @@ EPOCH: Final = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
 
 
 async def execute(
-    pgconn: pq.abc.PGconn,
-    query: bytes,
-    params: Sequence[bytes | None],
-    *,
-    name: bytes | None = None,
+    pgconn: pq.abc.PGconn, query: bytes, params: Sequence[bytes], *, name: bytes | None = None
 ) -> pq.abc.PGresult:
     """Run one statement with text ``params`` and return its result, checked.
 
@@ -60,7 +56,7 @@ async def execute(
 
 
 async def execute_pipeline(
-    pgconn: pq.abc.PGconn, statements: Sequence[tuple[bytes, Sequence[bytes | None]]]
+    pgconn: pq.abc.PGconn, statements: Sequence[tuple[bytes, Sequence[bytes]]]
 ) -> list[pq.abc.PGresult]:
     """Run prepared ``statements`` (name, text params) as ONE transaction in ONE round
     trip (libpq pipeline mode, a single Sync) and return their results, checked.

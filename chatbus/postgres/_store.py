@@ -568,7 +568,7 @@ class PostgresStore:
         return return_value
 
     async def _run_prepared(
-        self, query: bytes, params: Sequence[bytes | None], *, sent: list[bool] | None = None
+        self, query: bytes, params: list[bytes], *, sent: list[bool] | None = None
     ) -> pq.abc.PGresult:
         """Run ``query`` as a prepared statement on a lent connection; psycopg errors as is.
 

@@ -21,15 +21,11 @@ import attrs
 import trio
 
 from .._codec import (
-    COMMITTED_NOTICE_PREFIX,
-    parse_committed_notice,
     parse_notice,
-    parse_redacted,
-    parse_reset,
 )
 from .._event import decode_events
 from .._exceptions import InvalidStream
-from .._listener import Beat, ListenLost, Liveness
+from .._listener import Beat, ListenLost, Liveness, hand_over
 from .._message import check_stream
 from .._protocols import NoticeHandler
 from ._lua import ping_channel
@@ -63,6 +59,10 @@ def quick_notice(payload: bytes) -> tuple[str, int] | None:
     except (UnicodeDecodeError, InvalidStream):
         return None
     return stream, int(match[2])
+
+
+def _read_notice(payload: bytes) -> tuple[str, int] | None:
+    return quick_notice(payload) or parse_notice(payload)
 
 
 @final
@@ -319,29 +319,7 @@ class ListenSession:
             if events:
                 handler.events(events)
             return bool(events)
-        if payload.startswith(COMMITTED_NOTICE_PREFIX) and (
-            committed := parse_committed_notice(payload)
-        ):
-            self.notices += 1
-            if (take := getattr(handler, "committed", None)) is not None:
-                take(committed)
-            else:
-                handler.notice(committed.stream, committed.last_id)
-        elif (parsed := quick_notice(payload) or parse_notice(payload)) is not None:
-            self.notices += 1
-            handler.notice(*parsed)
-        elif (reset := parse_reset(payload)) is not None:
-            stream, first_id = reset
-            if first_id is None:
-                if (on_reset := getattr(handler, "reset", None)) is not None:
-                    on_reset(stream)
-            elif (on_trim := getattr(handler, "trimmed", None)) is not None:
-                on_trim(stream, first_id)
-        elif (redaction := parse_redacted(payload)) is not None and (
-            on_redacted := getattr(handler, "redacted", None)
-        ) is not None:
-            # Sent by the redact script: every bus's cache drops the body.
-            on_redacted(*redaction)
+        self.notices += hand_over(handler, payload, _read_notice)
         return False
 
     async def serve_link(self, link: Link, ping_timeout: float) -> None:
